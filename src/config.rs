@@ -1,0 +1,353 @@
+//! Server configuration: defaults < TOML file < `BOOTTORRENT_*` environment < flags.
+//!
+//! clap merges environment and flags (both land in [`crate::cli::ServeArgs`]); this module
+//! owns the defaults and the file, merges the three, and validates the result once.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::ServeArgs;
+
+/// Everything `boottorrent serve` needs to run. Built by [`Config::load`].
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory for the database, tokens and the server key. Created if missing.
+    pub data_dir: PathBuf,
+    /// Plain MQTT listener for agents and operator tools.
+    pub mqtt_listen: SocketAddr,
+    /// MQTT over TLS listener; only opened when `tls_cert` and `tls_key` are set.
+    pub mqtts_listen: SocketAddr,
+    /// HTTP listener: REST API, tracker, dashboard, metrics.
+    pub http_listen: SocketAddr,
+    /// BitTorrent listener of the server's seeder.
+    pub bt_listen: SocketAddr,
+    /// URL agents and peers use to reach the HTTP listener (goes into `.torrent` files and
+    /// commands). Default: `http://<http_listen>` with `0.0.0.0` replaced by this host's name.
+    pub public_url: Option<String>,
+    /// PEM certificate chain for the MQTT TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for the MQTT TLS listener.
+    pub tls_key: Option<PathBuf>,
+    /// rumqttd configuration file replacing the embedded `broker.toml`.
+    pub broker_config: Option<PathBuf>,
+    /// Password agents use on MQTT (username = their machine id). Generated into
+    /// `<data_dir>/enroll.token` when unset.
+    pub enroll_token: Option<Secret>,
+    /// Token of the operator: MQTT password of user `admin` and HTTP bearer token. Generated
+    /// into `<data_dir>/admin.token` when unset.
+    pub admin_token: Option<Secret>,
+    /// Register machines on their first signed `startup` (trust on first use). When false,
+    /// new machines and changed keys wait for `boottorrent machines approve ID`.
+    pub auto_approve: bool,
+    /// Seconds between agent heartbeats; three missed intervals mark a machine offline.
+    pub heartbeat_interval_secs: u32,
+    /// Seconds an envelope's timestamp may differ from the server's clock before it is
+    /// dropped as stale (or from the future).
+    pub replay_window_secs: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            mqtt_listen: ([0, 0, 0, 0], 1883).into(),
+            mqtts_listen: ([0, 0, 0, 0], 8883).into(),
+            http_listen: ([0, 0, 0, 0], 8080).into(),
+            bt_listen: ([0, 0, 0, 0], 6881).into(),
+            public_url: None,
+            tls_cert: None,
+            tls_key: None,
+            broker_config: None,
+            enroll_token: None,
+            admin_token: None,
+            auto_approve: true,
+            heartbeat_interval_secs: 30,
+            replay_window_secs: 300,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Spelled out so that adding a field forces a decision here; tokens print as
+        // `Secret(..)` through their own Debug.
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("mqtt_listen", &self.mqtt_listen)
+            .field("mqtts_listen", &self.mqtts_listen)
+            .field("http_listen", &self.http_listen)
+            .field("bt_listen", &self.bt_listen)
+            .field("public_url", &self.public_url)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("broker_config", &self.broker_config)
+            .field("enroll_token", &self.enroll_token)
+            .field("admin_token", &self.admin_token)
+            .field("auto_approve", &self.auto_approve)
+            .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
+            .field("replay_window_secs", &self.replay_window_secs)
+            .finish()
+    }
+}
+
+/// A token that never appears in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a token; callers validate it with [`Secret::validate`].
+    pub fn new(token: String) -> Self {
+        Secret(token)
+    }
+
+    /// The token itself, for comparison and for writing it where the operator asked.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Refuses tokens that are too short to resist guessing or that could not be typed in a
+    /// header or on a command line.
+    pub fn validate(&self, what: &str) -> anyhow::Result<()> {
+        if self.0.len() < 16 {
+            bail!(
+                "{what} is {} characters long; use at least 16",
+                self.0.len()
+            );
+        }
+        if !self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            bail!("{what} must be printable ASCII without spaces");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Config {
+    /// Merges defaults, the config file (if `--config` names one) and the command line
+    /// (flags, or their `BOOTTORRENT_*` variables), then validates the result.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
+        let mut config = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply(args);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML config file; unknown keys are errors so that typos do not pass silently.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    fn apply(&mut self, args: &ServeArgs) {
+        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        fn set_opt<T: Clone>(slot: &mut Option<T>, value: &Option<T>) {
+            if value.is_some() {
+                *slot = value.clone();
+            }
+        }
+        set(&mut self.data_dir, &args.data_dir);
+        set(&mut self.mqtt_listen, &args.mqtt_listen);
+        set(&mut self.mqtts_listen, &args.mqtts_listen);
+        set(&mut self.http_listen, &args.http_listen);
+        set(&mut self.bt_listen, &args.bt_listen);
+        set_opt(&mut self.public_url, &args.public_url);
+        set_opt(&mut self.tls_cert, &args.tls_cert);
+        set_opt(&mut self.tls_key, &args.tls_key);
+        set_opt(&mut self.broker_config, &args.broker_config);
+        set_opt(
+            &mut self.enroll_token,
+            &args.enroll_token.clone().map(Secret::new),
+        );
+        set_opt(
+            &mut self.admin_token,
+            &args.admin_token.clone().map(Secret::new),
+        );
+        set(&mut self.auto_approve, &args.auto_approve);
+        set(
+            &mut self.heartbeat_interval_secs,
+            &args.heartbeat_interval_secs,
+        );
+        set(&mut self.replay_window_secs, &args.replay_window_secs);
+    }
+
+    /// Checks what serde cannot: pairs of settings that only make sense together, ranges.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => bail!("tls_cert is set but tls_key is not; set both or neither"),
+            (None, Some(_)) => bail!("tls_key is set but tls_cert is not; set both or neither"),
+            _ => {}
+        }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("public_url {url:?} must start with http:// or https://");
+        }
+        if self.heartbeat_interval_secs == 0 {
+            bail!("heartbeat_interval_secs must be at least 1");
+        }
+        if self.replay_window_secs == 0 {
+            bail!("replay_window_secs must be at least 1");
+        }
+        if let Some(t) = &self.enroll_token {
+            t.validate("enroll_token")?;
+        }
+        if let Some(t) = &self.admin_token {
+            t.validate("admin_token")?;
+        }
+        Ok(())
+    }
+
+    /// The URL agents and peers use for HTTP, without a trailing slash.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let port = self.http_listen.port();
+                let host = if self.http_listen.ip().is_unspecified() {
+                    hostname().unwrap_or_else(|| "127.0.0.1".to_owned())
+                } else {
+                    self.http_listen.ip().to_string()
+                };
+                format!("http://{host}:{port}")
+            }
+        }
+    }
+
+    /// The default configuration as commented TOML, for `boottorrent config`.
+    pub fn default_toml() -> String {
+        DEFAULT_CONFIG_TOML.to_owned()
+    }
+}
+
+/// Commented default configuration; a test checks that it parses to `Config::default()`.
+const DEFAULT_CONFIG_TOML: &str = r#"# BootTorrent server configuration (boottorrent serve --config FILE).
+# Every key is optional; environment variables BOOTTORRENT_<KEY> and flags override the file.
+
+# Directory for the database, tokens and the server key.
+data_dir = "./data"
+# MQTT listener for agents and operator tools.
+mqtt_listen = "0.0.0.0:1883"
+# MQTT over TLS; opened only when tls_cert and tls_key are set.
+mqtts_listen = "0.0.0.0:8883"
+# HTTP: REST API, tracker, dashboard, metrics.
+http_listen = "0.0.0.0:8080"
+# BitTorrent listener of the server's seeder.
+bt_listen = "0.0.0.0:6881"
+# URL agents and peers use to reach HTTP (default: http://<this host>:<http port>).
+# public_url = "http://boottorrent.lab.example:8080"
+# PEM certificate chain and private key for the MQTT TLS listener.
+# tls_cert = "/etc/boottorrent/server.crt"
+# tls_key = "/etc/boottorrent/server.key"
+# rumqttd configuration replacing the embedded broker.toml.
+# broker_config = "/etc/boottorrent/broker.toml"
+# Agents' MQTT password (username = machine id); generated into <data_dir>/enroll.token if unset.
+# enroll_token = "..."
+# Operator token: MQTT password of user "admin" and HTTP bearer token; generated into
+# <data_dir>/admin.token if unset.
+# admin_token = "..."
+# Register machines on their first signed startup (trust on first use).
+auto_approve = true
+# Seconds between agent heartbeats; three missed intervals mark a machine offline.
+heartbeat_interval_secs = 30
+# Seconds an envelope's timestamp may differ from the server clock.
+replay_window_secs = 300
+"#;
+
+/// This host's name, for the default public URL.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let mut full = vec!["serve"];
+        full.extend_from_slice(argv);
+        Wrapper::parse_from(full).args
+    }
+
+    #[test]
+    fn commented_default_parses_to_default() {
+        let parsed: Config = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/bt\"\nmqtt_listen = \"127.0.0.1:2000\"\nauto_approve = false\n",
+        )
+        .unwrap();
+        let args = serve_args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--mqtt-listen",
+            "127.0.0.1:3000",
+        ]);
+        let config = Config::load(&args).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/bt"));
+        assert_eq!(config.mqtt_listen, "127.0.0.1:3000".parse().unwrap());
+        assert!(!config.auto_approve);
+        assert_eq!(config.http_listen, Config::default().http_listen);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "mqtt_listn = \"127.0.0.1:2000\"\n").unwrap();
+        let err = Config::from_file(&file).unwrap_err();
+        assert!(format!("{err:#}").contains("mqtt_listn"), "{err:#}");
+    }
+
+    #[test]
+    fn half_a_tls_pair_is_refused() {
+        let args = serve_args(&["--tls-cert", "/tmp/c.pem"]);
+        let err = Config::load(&args).unwrap_err();
+        assert!(err.to_string().contains("tls_key"), "{err}");
+    }
+
+    #[test]
+    fn short_tokens_are_refused_and_hidden_from_debug() {
+        let args = serve_args(&["--admin-token", "short"]);
+        assert!(Config::load(&args).is_err());
+        let config = Config {
+            admin_token: Some(Secret::new("a-very-secret-admin-token".into())),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("a-very-secret"));
+    }
+}

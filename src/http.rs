@@ -1,0 +1,337 @@
+//! The HTTP listener: REST API, health and metrics. Later issues add the tracker, the
+//! dashboard and `.torrent` downloads to this same router.
+//!
+//! Reads go straight to the store (redb snapshots run beside the orchestrator's writes);
+//! mutations go through the orchestrator, the single writer of machine state.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use boottorrent_proto::{HeldImage, MachineId, PublicKeyBytes, VerifyingKey, ZoneId};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::credentials::token_matches;
+use crate::metrics::Metrics;
+use crate::orchestrator;
+use crate::registry::{Approval, ApproveError};
+use crate::store::{KeyRecord, LogEntry, MachineRecord, Store};
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub admin_token: Secret,
+    pub server_key: VerifyingKey,
+    pub orchestrator: orchestrator::Handle,
+}
+
+/// The router with every route of this issue.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/server-key", get(server_key))
+        .route("/api/v1/machines", get(list_machines))
+        .route("/api/v1/machines/{id}", get(show_machine))
+        .route("/api/v1/machines/{id}/approve", post(approve_machine))
+        .route("/api/v1/events", get(recent_events))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// An API failure: a status and a message, rendered as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn internal(context: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "{context}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{context}: {error}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+        }
+        let mut response = (
+            self.status,
+            Json(Body {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// A machine id taken from the path, validated once here.
+struct MachinePath(MachineId);
+
+impl FromRequestParts<AppState> for MachinePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Path(raw): Path<String> = Path::from_request_parts(parts, state)
+            .await
+            .map_err(|e: PathRejection| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        raw.parse::<MachineId>()
+            .map(MachinePath)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("machine id {raw:?}: {e}")))
+    }
+}
+
+/// Proof that the request carried the admin token.
+struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(token) if token_matches(&state.admin_token, token.trim()) => Ok(Admin),
+            Some(_) => {
+                state.metrics.http_unauthorized();
+                Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token"))
+            }
+            None => {
+                state.metrics.http_unauthorized();
+                Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "this endpoint needs `Authorization: Bearer <admin token>` (see <data-dir>/admin.token)",
+                ))
+            }
+        }
+    }
+}
+
+/// A machine as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct MachineView {
+    pub id: MachineId,
+    pub online: bool,
+    pub zones: Vec<ZoneId>,
+    /// RFC 3339 time of the last accepted message.
+    pub last_seen: String,
+    pub first_seen: String,
+    pub images: Vec<HeldImage>,
+    pub hostname: String,
+    pub os: String,
+    pub agent_version: String,
+    pub ips: Vec<std::net::IpAddr>,
+    pub macs: Vec<String>,
+    pub free_disk_bytes: u64,
+    /// `approved`, `pending` (new machine waiting), or `key_changed` (known machine presented
+    /// another key, waiting).
+    pub key_state: &'static str,
+    pub public_key: Option<PublicKeyBytes>,
+    pub pending_key: Option<PublicKeyBytes>,
+}
+
+impl MachineView {
+    fn new(m: MachineRecord, k: KeyRecord) -> Self {
+        let key_state = match (&k.approved, &k.pending) {
+            (Some(_), None) => "approved",
+            (Some(_), Some(_)) => "key_changed",
+            (None, _) => "pending",
+        };
+        MachineView {
+            id: m.id,
+            online: m.online,
+            zones: m.zones,
+            last_seen: rfc3339(m.last_seen_ms),
+            first_seen: rfc3339(m.first_seen_ms),
+            images: m.images,
+            hostname: m.hostname,
+            os: m.os,
+            agent_version: m.agent_version,
+            ips: m.ips,
+            macs: m.macs,
+            free_disk_bytes: m.free_disk_bytes,
+            key_state,
+            public_key: k.approved,
+            pending_key: k.pending,
+        }
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let machines = state
+        .store
+        .machines()
+        .map_err(|e| ApiError::internal("reading machines", e))?;
+    let online = machines.iter().filter(|(m, _)| m.online).count();
+    let body = state.metrics.render(machines.len(), online);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
+
+async fn server_key(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "algorithm": "ed25519",
+        "public_key": hex::encode(state.server_key.as_bytes()),
+    }))
+}
+
+async fn list_machines(State(state): State<AppState>) -> Result<Json<Vec<MachineView>>, ApiError> {
+    let machines = state
+        .store
+        .machines()
+        .map_err(|e| ApiError::internal("reading machines", e))?;
+    Ok(Json(
+        machines
+            .into_iter()
+            .map(|(m, k)| MachineView::new(m, k))
+            .collect(),
+    ))
+}
+
+async fn show_machine(
+    State(state): State<AppState>,
+    MachinePath(id): MachinePath,
+) -> Result<Json<MachineView>, ApiError> {
+    match state.store.machine(&id) {
+        Ok(Some((m, k))) => Ok(Json(MachineView::new(m, k))),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no machine {id}"),
+        )),
+        Err(e) => Err(ApiError::internal("reading machine", e)),
+    }
+}
+
+async fn approve_machine(
+    State(state): State<AppState>,
+    _admin: Admin,
+    MachinePath(id): MachinePath,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let result = state
+        .orchestrator
+        .approve(id.clone())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let (outcome, key) = match result {
+        Ok(Approval::Approved(key)) => ("approved", key),
+        Ok(Approval::AlreadyApproved(key)) => ("already_approved", key),
+        Err(e @ ApproveError::UnknownMachine(_)) => {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, e.to_string()));
+        }
+        Err(e @ ApproveError::NothingToApprove(_)) => {
+            return Err(ApiError::new(StatusCode::CONFLICT, e.to_string()));
+        }
+        Err(ApproveError::Store(e)) => return Err(ApiError::internal("storing the approval", e)),
+    };
+    Ok(Json(serde_json::json!({
+        "id": id,
+        "outcome": outcome,
+        "public_key": key,
+    })))
+}
+
+/// Query of `GET /api/v1/events`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    limit: Option<usize>,
+}
+
+/// The largest page of the event log one request may ask for.
+const MAX_EVENTS: usize = 1000;
+
+/// The newest entries of the machine event log (registrations, approvals, offline, boot
+/// reports), oldest first.
+async fn recent_events(
+    State(state): State<AppState>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<EventView>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit {limit} is out of range: ask for 1 to {MAX_EVENTS} events"),
+        ));
+    }
+    let entries = state
+        .store
+        .recent_log(limit)
+        .map_err(|e| ApiError::internal("reading the event log", e))?;
+    Ok(Json(entries.into_iter().map(EventView::from).collect()))
+}
+
+/// An event log entry as the API shows it.
+#[derive(Serialize)]
+struct EventView {
+    seq: u64,
+    at: String,
+    machine: Option<MachineId>,
+    kind: String,
+    detail: String,
+}
+
+impl From<LogEntry> for EventView {
+    fn from(e: LogEntry) -> Self {
+        EventView {
+            seq: e.seq,
+            at: rfc3339(e.at_ms),
+            machine: e.machine,
+            kind: e.kind,
+            detail: e.detail,
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! `boottorrent`: the server appliance and the operator's command line.
+
+use clap::Parser;
+
+mod broker;
+mod cli;
+mod client;
+mod config;
+mod credentials;
+mod http;
+mod metrics;
+mod orchestrator;
+mod registry;
+mod server;
+mod store;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BOOTTORRENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        cli::Command::Serve(args) => {
+            let config = config::Config::load(&args)?;
+            runtime.block_on(server::run(config))
+        }
+        cli::Command::Machines(command) => runtime.block_on(client::machines(command)),
+        cli::Command::Config => {
+            print!("{}", config::Config::default_toml());
+            Ok(())
+        }
+    }
+}

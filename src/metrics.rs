@@ -1,0 +1,223 @@
+//! Counters of what the server accepted and refused, served at `GET /metrics` in the
+//! Prometheus text format. Lock-free: every subsystem bumps them from its own task.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why an MQTT event was dropped. Each reason has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The topic is not one of BootTorrent's event topics.
+    BadTopic,
+    /// The payload does not decode as an envelope of the topic's event type.
+    Malformed,
+    /// The envelope's `from` differs from the machine id in the topic.
+    SenderMismatch,
+    /// A non-`startup` event from a machine the server does not know.
+    UnknownMachine,
+    /// The machine (or its new key) waits for the operator's approval.
+    Unapproved,
+    /// A known machine presented a different key than the approved one.
+    KeyMismatch,
+    /// The signature does not verify.
+    BadSignature,
+    /// The timestamp is outside the replay window.
+    Stale,
+    /// The seq is not above the last accepted one.
+    Replayed,
+    /// The event was valid but could not be stored; it is not acknowledged.
+    StoreFailed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::BadTopic,
+        DropReason::Malformed,
+        DropReason::SenderMismatch,
+        DropReason::UnknownMachine,
+        DropReason::Unapproved,
+        DropReason::KeyMismatch,
+        DropReason::BadSignature,
+        DropReason::Stale,
+        DropReason::Replayed,
+        DropReason::StoreFailed,
+    ];
+
+    /// Label value in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::BadTopic => "bad_topic",
+            DropReason::Malformed => "malformed",
+            DropReason::SenderMismatch => "sender_mismatch",
+            DropReason::UnknownMachine => "unknown_machine",
+            DropReason::Unapproved => "unapproved",
+            DropReason::KeyMismatch => "key_mismatch",
+            DropReason::BadSignature => "bad_signature",
+            DropReason::Stale => "stale",
+            DropReason::Replayed => "replayed",
+            DropReason::StoreFailed => "store_failed",
+        }
+    }
+}
+
+/// The server's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    events_received: AtomicU64,
+    events_accepted: AtomicU64,
+    events_dropped: [AtomicU64; DropReason::ALL.len()],
+    commands_published: AtomicU64,
+    commands_failed: AtomicU64,
+    mqtt_logins_refused: AtomicU64,
+    http_unauthorized: AtomicU64,
+}
+
+/// A copy of the counters at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub events_received: u64,
+    pub events_accepted: u64,
+    pub events_dropped: Vec<(DropReason, u64)>,
+    pub commands_published: u64,
+    pub commands_failed: u64,
+    pub mqtt_logins_refused: u64,
+    pub http_unauthorized: u64,
+}
+
+impl Metrics {
+    pub fn event_received(&self) {
+        self.events_received.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn event_accepted(&self) {
+        self.events_accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn event_dropped(&self, reason: DropReason) {
+        let i = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.events_dropped[i].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn command_published(&self) {
+        self.commands_published.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn command_failed(&self) {
+        self.commands_failed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn mqtt_login_refused(&self) {
+        self.mqtt_logins_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn http_unauthorized(&self) {
+        self.http_unauthorized.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Snapshot {
+            events_received: get(&self.events_received),
+            events_accepted: get(&self.events_accepted),
+            events_dropped: DropReason::ALL
+                .iter()
+                .zip(&self.events_dropped)
+                .map(|(r, c)| (*r, get(c)))
+                .collect(),
+            commands_published: get(&self.commands_published),
+            commands_failed: get(&self.commands_failed),
+            mqtt_logins_refused: get(&self.mqtt_logins_refused),
+            http_unauthorized: get(&self.http_unauthorized),
+        }
+    }
+
+    /// The Prometheus text exposition of every counter, plus the gauges the caller measured.
+    pub fn render(&self, machines_known: usize, machines_online: usize) -> String {
+        let s = self.snapshot();
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        counter(
+            "boottorrent_mqtt_events_received_total",
+            "MQTT events the orchestrator read from the broker.",
+            s.events_received,
+        );
+        counter(
+            "boottorrent_mqtt_events_accepted_total",
+            "MQTT events that verified and were applied.",
+            s.events_accepted,
+        );
+        counter(
+            "boottorrent_mqtt_commands_published_total",
+            "Signed commands handed to the broker.",
+            s.commands_published,
+        );
+        counter(
+            "boottorrent_mqtt_commands_failed_total",
+            "Commands that could not be encoded or handed to the broker.",
+            s.commands_failed,
+        );
+        counter(
+            "boottorrent_mqtt_logins_refused_total",
+            "MQTT logins refused (wrong password or invalid username).",
+            s.mqtt_logins_refused,
+        );
+        counter(
+            "boottorrent_http_unauthorized_total",
+            "HTTP requests refused for a missing or wrong admin token.",
+            s.http_unauthorized,
+        );
+        let name = "boottorrent_mqtt_events_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} MQTT events dropped, by reason.\n# TYPE {name} counter"
+        );
+        for (reason, value) in &s.events_dropped {
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {value}", reason.as_str());
+        }
+        for (name, help, value) in [
+            (
+                "boottorrent_machines",
+                "Machines known to the server.",
+                machines_known,
+            ),
+            (
+                "boottorrent_machines_online",
+                "Machines currently online.",
+                machines_online,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter() {
+        let m = Metrics::default();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            for _ in 0..=i {
+                m.event_dropped(*r);
+            }
+        }
+        let text = m.render(3, 1);
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            let line = format!(
+                "boottorrent_mqtt_events_dropped_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                i + 1
+            );
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        assert!(text.contains("boottorrent_machines_online 1\n"));
+    }
+}

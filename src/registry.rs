@@ -1,0 +1,616 @@
+//! The machine registry: turns MQTT events into machine state, and decides who is trusted.
+//!
+//! Trust works per machine key. A machine's first `startup` carries its Ed25519 public key and
+//! is signed with it, which proves the sender holds the private key. With auto-approve (trust
+//! on first use) that key is approved at once; otherwise it waits for the operator. Every
+//! later event must be signed by the approved key. A known machine that presents a different
+//! key is refused until the operator approves the new one, so the shared enrollment token
+//! alone never lets anyone speak for a machine that already exists.
+//!
+//! The registry is synchronous and owns the write side of machines and keys; the
+//! orchestrator feeds it batches from the broker and publishes what it returns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use boottorrent_proto::{
+    Command, CommandKind, Encoding, Envelope, Event, MachineConfiguration, MachineId, Presence,
+    PublicKeyBytes, ReplayError, ReplayGuard, Scope, SenderId, SeqCounter, SigningKey, Topic,
+    decode_event, detect, verifying_key_from_bytes,
+};
+use sha2::{Digest, Sha256};
+
+use crate::metrics::{DropReason, Metrics};
+use crate::store::{Batch, KeyRecord, MachineRecord, Store, StoreError};
+
+/// A command ready for the broker.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: Topic,
+    pub payload: Vec<u8>,
+}
+
+/// Settings the registry needs from the server config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub auto_approve: bool,
+    pub heartbeat_interval_secs: u32,
+    pub replay_window_ms: i64,
+}
+
+/// Result of an operator's approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// The waiting key is now the machine's key.
+    Approved(PublicKeyBytes),
+    /// Nothing was waiting; the machine's key was already approved.
+    AlreadyApproved(PublicKeyBytes),
+}
+
+/// Why an approval could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum ApproveError {
+    #[error("no machine {0} is known; it must send a startup first")]
+    UnknownMachine(MachineId),
+    #[error("machine {0} has no key waiting for approval and none approved")]
+    NothingToApprove(MachineId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What happened to one event.
+enum Verdict {
+    Accepted,
+    Dropped(DropReason, String),
+}
+
+pub struct Registry {
+    store: Store,
+    settings: Settings,
+    server_key: SigningKey,
+    seq: SeqCounter,
+    guard: ReplayGuard,
+    /// Config hash last sent to each machine since this process started; a machine that has
+    /// not got its current configuration gets it on its next accepted event.
+    configured: HashMap<MachineId, String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    /// Builds the registry and restores each machine's last accepted seq, so that envelopes
+    /// captured before a restart cannot be replayed after it.
+    pub fn new(
+        store: Store,
+        settings: Settings,
+        server_key: SigningKey,
+        metrics: Arc<Metrics>,
+        now_ms: i64,
+    ) -> Result<Registry, StoreError> {
+        let mut guard = ReplayGuard::new(settings.replay_window_ms);
+        for (machine, _) in store.machines()? {
+            if machine.last_seq > 0 {
+                guard.restore(SenderId::from(machine.id.clone()), machine.last_seq);
+            }
+        }
+        Ok(Registry {
+            store,
+            settings,
+            server_key,
+            seq: SeqCounter::from_clock(micros(now_ms)),
+            guard,
+            configured: HashMap::new(),
+            metrics,
+        })
+    }
+
+    /// Applies a batch of `(topic, payload)` events in one transaction and returns the
+    /// commands to publish once it committed.
+    pub fn handle_batch(&mut self, events: &[(Vec<u8>, Vec<u8>)], now_ms: i64) -> Vec<Outgoing> {
+        let store = self.store.clone();
+        let mut verdicts = Vec::with_capacity(events.len());
+        let result = store.write(|batch| {
+            let mut out = Vec::new();
+            for (topic, payload) in events {
+                self.metrics.event_received();
+                let verdict = self.handle(batch, topic, payload, now_ms, &mut out)?;
+                verdicts.push(verdict);
+            }
+            Ok(out)
+        });
+        match result {
+            Ok(out) => {
+                for verdict in verdicts {
+                    match verdict {
+                        Verdict::Accepted => self.metrics.event_accepted(),
+                        Verdict::Dropped(reason, why) => {
+                            self.metrics.event_dropped(reason);
+                            tracing::debug!(reason = reason.as_str(), "dropped event: {why}");
+                        }
+                    }
+                }
+                out
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = events.len(), "could not store a batch of events; they are dropped and machines will re-send their state");
+                for _ in events {
+                    self.metrics.event_dropped(DropReason::StoreFailed);
+                }
+                // Machines configured in the failed batch must be configured again.
+                self.configured.clear();
+                Vec::new()
+            }
+        }
+    }
+
+    /// Handles one event inside the batch's transaction. Only store errors are `Err`.
+    fn handle(
+        &mut self,
+        batch: &mut Batch<'_>,
+        topic: &[u8],
+        payload: &[u8],
+        now_ms: i64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Verdict, StoreError> {
+        use Verdict::Dropped;
+        let topic_text = match std::str::from_utf8(topic) {
+            Ok(t) => t,
+            Err(_) => return Ok(Dropped(DropReason::BadTopic, "topic is not UTF-8".into())),
+        };
+        let (machine, kind) = match topic_text.parse::<Topic>() {
+            Ok(Topic::Event { machine, kind }) => (machine, kind),
+            Ok(Topic::Command { .. }) => {
+                return Ok(Dropped(
+                    DropReason::BadTopic,
+                    format!("{topic_text:?} is a command topic"),
+                ));
+            }
+            Err(e) => {
+                return Ok(Dropped(
+                    DropReason::BadTopic,
+                    format!("{topic_text:?}: {e}"),
+                ));
+            }
+        };
+        let envelope = match decode_event(kind, payload) {
+            Ok(env) => env,
+            Err(e) => {
+                return Ok(Dropped(
+                    DropReason::Malformed,
+                    format!("{kind:?} from {machine}: {e}"),
+                ));
+            }
+        };
+        if envelope.from.as_str() != machine.as_str() {
+            return Ok(Dropped(
+                DropReason::SenderMismatch,
+                format!("envelope from {} on the topic of {machine}", envelope.from),
+            ));
+        }
+        let topic = Topic::Event {
+            machine: machine.clone(),
+            kind,
+        };
+        let existing = batch.machine(&machine)?;
+
+        if let Event::Startup(startup) = &envelope.body {
+            return self.startup(
+                batch, &topic, &machine, &envelope, startup, existing, payload, now_ms, out,
+            );
+        }
+
+        let Some((mut record, keys)) = existing else {
+            return Ok(Dropped(
+                DropReason::UnknownMachine,
+                format!("{kind:?} from unknown machine {machine}"),
+            ));
+        };
+        let Some(approved) = keys.approved else {
+            return Ok(Dropped(
+                DropReason::Unapproved,
+                format!("{kind:?} from {machine}, which waits for approval"),
+            ));
+        };
+        if let Err(why) = verify(&envelope, &topic, &approved) {
+            return Ok(Dropped(
+                DropReason::BadSignature,
+                format!("{kind:?} from {machine}: {why}"),
+            ));
+        }
+
+        // The last will was signed when the agent connected, so it is older than what the
+        // agent sent after it and would fail the replay checks. A correctly signed will is
+        // accepted whatever its age; replaying one can do no more than this: mark the machine
+        // offline until its next heartbeat.
+        if let Event::Status(status) = &envelope.body
+            && status.presence == Presence::Offline
+        {
+            if record.online {
+                record.online = false;
+                batch.put_machine(&record)?;
+                batch.log(
+                    now_ms,
+                    Some(&machine),
+                    "offline",
+                    "last will: connection lost",
+                )?;
+            }
+            self.configured.remove(&machine);
+            return Ok(Verdict::Accepted);
+        }
+
+        if let Some(verdict) = self.replay_check(&envelope, now_ms) {
+            return Ok(verdict);
+        }
+        record.last_seq = envelope.seq;
+        record.last_seen_ms = now_ms;
+        let was_online = record.online;
+        record.online = true;
+        match &envelope.body {
+            Event::Heartbeat(hb) => record.images = hb.images.clone(),
+            Event::Progress(p) => {
+                if let Some(held) = record.images.iter_mut().find(|h| h.image == p.image) {
+                    held.bytes_done = p.bytes_done;
+                    held.bytes_total = p.bytes_total;
+                    held.state = p.state;
+                }
+            }
+            Event::Status(_) | Event::Startup(_) => {}
+            Event::Boot(report) => {
+                let outcome = if report.ok { "succeeded" } else { "failed" };
+                batch.log(
+                    now_ms,
+                    Some(&machine),
+                    "boot",
+                    format!("boot action {outcome}: {}", report.message),
+                )?;
+            }
+            Event::Error(report) => {
+                batch.log(
+                    now_ms,
+                    Some(&machine),
+                    "error",
+                    format!("{}: {}", report.code, report.message),
+                )?;
+            }
+            Event::Shutdown(s) => {
+                record.online = false;
+                self.configured.remove(&machine);
+                batch.log(now_ms, Some(&machine), "shutdown", s.reason.clone())?;
+            }
+        }
+        if record.online && !was_online {
+            batch.log(
+                now_ms,
+                Some(&machine),
+                "online",
+                format!("{kind:?} received"),
+            )?;
+        }
+        batch.put_machine(&record)?;
+        self.guard.record(&envelope.from, envelope.seq);
+        if record.online {
+            self.configure_if_needed(&record, now_ms, out);
+        }
+        Ok(Verdict::Accepted)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn startup(
+        &mut self,
+        batch: &mut Batch<'_>,
+        topic: &Topic,
+        machine: &MachineId,
+        envelope: &Envelope<Event>,
+        startup: &boottorrent_proto::Startup,
+        existing: Option<(MachineRecord, KeyRecord)>,
+        payload: &[u8],
+        now_ms: i64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Verdict, StoreError> {
+        use Verdict::Dropped;
+        let presented = startup.public_key;
+        // Verified with the key it carries: this proves possession of that key, nothing more.
+        if let Err(why) = verify(envelope, topic, &presented) {
+            return Ok(Dropped(
+                DropReason::BadSignature,
+                format!("startup from {machine}: {why}"),
+            ));
+        }
+        if let Some(verdict) = self.replay_check(envelope, now_ms) {
+            return Ok(verdict);
+        }
+        let (mut record, mut keys, is_new) = match existing {
+            Some((record, keys)) => (record, keys, false),
+            None => (
+                MachineRecord::new(machine.clone(), now_ms),
+                KeyRecord::default(),
+                true,
+            ),
+        };
+        let trusted = keys.approved == Some(presented);
+        if !trusted {
+            if keys.approved.is_none() && self.settings.auto_approve {
+                keys.approved = Some(presented);
+                keys.approved_at_ms = Some(now_ms);
+                keys.pending = None;
+                batch.log(
+                    now_ms,
+                    Some(machine),
+                    "registered",
+                    format!("key {} trusted on first use", short(&presented)),
+                )?;
+            } else {
+                let known = keys.approved.is_some();
+                if keys.pending != Some(presented) {
+                    keys.pending = Some(presented);
+                    let (kind, detail) = if known {
+                        (
+                            "key_changed",
+                            format!(
+                                "presented new key {} instead of {}; run `boottorrent machines approve {machine}` if the machine was reinstalled",
+                                short(&presented),
+                                keys.approved.as_ref().map(short).unwrap_or_default()
+                            ),
+                        )
+                    } else {
+                        (
+                            "awaiting_approval",
+                            format!(
+                                "new machine with key {}; run `boottorrent machines approve {machine}`",
+                                short(&presented)
+                            ),
+                        )
+                    };
+                    tracing::warn!(machine = %machine, "{detail}");
+                    batch.log(now_ms, Some(machine), kind, detail)?;
+                }
+                if is_new {
+                    // Shown to the operator to help decide; not trusted for anything else.
+                    apply_startup(&mut record, startup);
+                    record.online = false;
+                    batch.put_machine(&record)?;
+                }
+                batch.put_keys(machine, &keys)?;
+                self.guard.record(&envelope.from, envelope.seq);
+                let reason = if known {
+                    DropReason::KeyMismatch
+                } else {
+                    DropReason::Unapproved
+                };
+                return Ok(Dropped(
+                    reason,
+                    format!("startup from {machine} with a key that is not approved"),
+                ));
+            }
+            batch.put_keys(machine, &keys)?;
+        }
+        let was_online = record.online;
+        apply_startup(&mut record, startup);
+        record.online = true;
+        record.last_seen_ms = now_ms;
+        record.last_seq = envelope.seq;
+        record.prefers_json = detect(payload) == Ok(Encoding::Json);
+        if !is_new && !was_online {
+            batch.log(
+                now_ms,
+                Some(machine),
+                "online",
+                format!("startup, agent {}", startup.agent_version),
+            )?;
+        }
+        batch.put_machine(&record)?;
+        self.guard.record(&envelope.from, envelope.seq);
+        // A startup means the agent lost whatever it had: always answer it.
+        self.configured.remove(machine);
+        self.configure_if_needed(&record, now_ms, out);
+        Ok(Verdict::Accepted)
+    }
+
+    fn replay_check(&self, envelope: &Envelope<Event>, now_ms: i64) -> Option<Verdict> {
+        match self
+            .guard
+            .check(&envelope.from, envelope.ts, envelope.seq, now_ms)
+        {
+            Ok(()) => None,
+            Err(e @ ReplayError::Replayed { .. }) => Some(Verdict::Dropped(
+                DropReason::Replayed,
+                format!("from {}: {e}", envelope.from),
+            )),
+            Err(e) => Some(Verdict::Dropped(
+                DropReason::Stale,
+                format!("from {}: {e}", envelope.from),
+            )),
+        }
+    }
+
+    /// Queues the machine's configuration unless it already has the current one.
+    fn configure_if_needed(
+        &mut self,
+        record: &MachineRecord,
+        now_ms: i64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let config = self.configuration(record);
+        if self.configured.get(&record.id) == Some(&config.config_hash) {
+            return;
+        }
+        let hash = config.config_hash.clone();
+        let topic = Topic::Command {
+            scope: Scope::Machine(record.id.clone()),
+            kind: CommandKind::MachineConfiguration,
+        };
+        match self.sign(
+            topic,
+            Command::MachineConfiguration(config),
+            encoding_of(record),
+            now_ms,
+        ) {
+            Some(outgoing) => {
+                out.push(outgoing);
+                self.configured.insert(record.id.clone(), hash);
+            }
+            None => self.metrics.command_failed(),
+        }
+    }
+
+    /// The configuration a machine should have.
+    fn configuration(&self, record: &MachineRecord) -> MachineConfiguration {
+        let mut config = MachineConfiguration {
+            zones: record.zones.clone(),
+            heartbeat_interval_secs: self.settings.heartbeat_interval_secs,
+            download_limit_bps: None,
+            upload_limit_bps: None,
+            config_hash: String::new(),
+        };
+        // The hash lets an agent (and this registry) tell whether it has the current
+        // configuration without comparing every field.
+        let encoded = boottorrent_proto::encode(&config, Encoding::MessagePack).unwrap_or_default();
+        config.config_hash = hex::encode(&Sha256::digest(&encoded)[..8]);
+        config
+    }
+
+    /// Signs a command for `topic` with the server key.
+    fn sign(
+        &mut self,
+        topic: Topic,
+        command: Command,
+        encoding: Encoding,
+        now_ms: i64,
+    ) -> Option<Outgoing> {
+        let seq = self.seq.next(micros(now_ms));
+        let signed = Envelope::sign(
+            &topic,
+            SenderId::server(),
+            now_ms,
+            seq,
+            command,
+            &self.server_key,
+        )
+        .and_then(|env| env.encode(encoding));
+        match signed {
+            Ok(payload) => Some(Outgoing { topic, payload }),
+            Err(e) => {
+                tracing::error!(topic = %topic, error = %e, "could not encode a command");
+                None
+            }
+        }
+    }
+
+    /// Approves the key a machine is waiting with, and queues its configuration.
+    pub fn approve(
+        &mut self,
+        machine: &MachineId,
+        now_ms: i64,
+    ) -> Result<(Approval, Vec<Outgoing>), ApproveError> {
+        let store = self.store.clone();
+        let approval = store.write(|batch| {
+            let Some((_, mut keys)) = batch.machine(machine)? else {
+                return Ok(Err(ApproveError::UnknownMachine(machine.clone())));
+            };
+            let Some(pending) = keys.pending.take() else {
+                return Ok(match keys.approved {
+                    Some(key) => Ok(Approval::AlreadyApproved(key)),
+                    None => Err(ApproveError::NothingToApprove(machine.clone())),
+                });
+            };
+            let previous = keys.approved.replace(pending);
+            keys.approved_at_ms = Some(now_ms);
+            batch.put_keys(machine, &keys)?;
+            let detail = match previous {
+                Some(old) => format!(
+                    "operator approved key {} replacing {}",
+                    short(&pending),
+                    short(&old)
+                ),
+                None => format!("operator approved key {}", short(&pending)),
+            };
+            batch.log(now_ms, Some(machine), "approved", detail)?;
+            Ok(Ok(Approval::Approved(pending)))
+        })??;
+        let mut out = Vec::new();
+        if let Approval::Approved(_) = approval {
+            // The agent's startup was refused moments ago and it may be waiting: answer it now
+            // rather than at its next heartbeat.
+            if let Some((record, _)) = self.store.machine(machine)? {
+                self.configured.remove(machine);
+                self.configure_if_needed(&record, now_ms, &mut out);
+            }
+        }
+        Ok((approval, out))
+    }
+
+    /// Marks offline every machine that missed three heartbeat intervals.
+    pub fn sweep_offline(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        let limit_ms = 3 * i64::from(self.settings.heartbeat_interval_secs) * 1000;
+        let stale: Vec<MachineId> = self
+            .store
+            .machines()?
+            .into_iter()
+            .filter(|(m, _)| m.online && now_ms - m.last_seen_ms > limit_ms)
+            .map(|(m, _)| m.id)
+            .collect();
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let count = self.store.write(|batch| {
+            let mut count = 0;
+            for id in &stale {
+                // Re-read inside the transaction: an event may have arrived since.
+                if let Some((mut record, _)) = batch.machine(id)?
+                    && record.online
+                    && now_ms - record.last_seen_ms > limit_ms
+                {
+                    record.online = false;
+                    batch.put_machine(&record)?;
+                    batch.log(
+                        now_ms,
+                        Some(id),
+                        "offline",
+                        format!(
+                            "no heartbeat for {} s",
+                            (now_ms - record.last_seen_ms) / 1000
+                        ),
+                    )?;
+                    count += 1;
+                }
+            }
+            Ok(count)
+        })?;
+        for id in &stale {
+            self.configured.remove(id);
+        }
+        Ok(count)
+    }
+}
+
+fn verify(envelope: &Envelope<Event>, topic: &Topic, key: &PublicKeyBytes) -> Result<(), String> {
+    let key = verifying_key_from_bytes(key).map_err(|e| e.to_string())?;
+    envelope.verify(topic, &key).map_err(|e| e.to_string())
+}
+
+fn apply_startup(record: &mut MachineRecord, startup: &boottorrent_proto::Startup) {
+    record.hostname = startup.hostname.clone();
+    record.os = startup.os.clone();
+    record.agent_version = startup.agent_version.clone();
+    record.ips = startup.ips.clone();
+    record.macs = startup.macs.clone();
+    record.free_disk_bytes = startup.free_disk_bytes;
+    record.images = startup.images.clone();
+}
+
+fn encoding_of(record: &MachineRecord) -> Encoding {
+    if record.prefers_json {
+        Encoding::Json
+    } else {
+        Encoding::MessagePack
+    }
+}
+
+/// A key's first 8 hex digits, enough to tell keys apart in a log line.
+fn short(key: &PublicKeyBytes) -> String {
+    hex::encode(&key.0[..4])
+}
+
+fn micros(now_ms: i64) -> u64 {
+    u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000)
+}

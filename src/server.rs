@@ -1,0 +1,145 @@
+//! `boottorrent serve`: starts every subsystem under one shutdown tree.
+//!
+//! Tasks: the orchestrator (broker link, registry) and the HTTP server, each with a child
+//! token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on its
+//! own threads and cannot be stopped; it ends with the process. SIGINT or SIGTERM cancels the
+//! root token; a second signal, or tasks still running after `SHUTDOWN_DEADLINE`, forces exit.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Settings};
+use crate::store::Store;
+use crate::{broker, http, orchestrator};
+
+/// How long running tasks get to finish after a shutdown signal.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs the server until a shutdown signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let credentials = Credentials::load_or_create(&config)?;
+    let db_path = config.data_dir.join("boottorrent.redb");
+    let store = Store::open(&db_path).with_context(|| {
+        format!(
+            "opening the database; is another boottorrent using data directory {}?",
+            config.data_dir.display()
+        )
+    })?;
+    let metrics = Arc::new(Metrics::default());
+    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding the HTTP listener on {}", config.http_listen))?;
+
+    let link = tokio::task::block_in_place(|| {
+        broker::start(
+            &config,
+            credentials.enroll_token.clone(),
+            credentials.admin_token.clone(),
+            metrics.clone(),
+        )
+    })?;
+    let registry = Registry::new(
+        store.clone(),
+        Settings {
+            auto_approve: config.auto_approve,
+            heartbeat_interval_secs: config.heartbeat_interval_secs,
+            replay_window_ms: i64::from(config.replay_window_secs) * 1000,
+        },
+        credentials.server_key.clone(),
+        metrics.clone(),
+        orchestrator::now_ms(),
+    )
+    .context("loading machines from the database")?;
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (handle, requests) = orchestrator::channel();
+    // Check for silent machines often enough that "offline" is at most a few seconds late.
+    let sweep_every = Duration::from_secs(u64::from(config.heartbeat_interval_secs).clamp(1, 10));
+    spawn(&tasks, &shutdown, "orchestrator", {
+        let token = shutdown.child_token();
+        let metrics = metrics.clone();
+        async move { orchestrator::run(link, registry, requests, metrics, sweep_every, token).await }
+    });
+    let state = http::AppState {
+        store,
+        metrics,
+        admin_token: credentials.admin_token.clone(),
+        server_key: credentials.server_key.verifying_key(),
+        orchestrator: handle,
+    };
+    spawn(&tasks, &shutdown, "http", {
+        let token = shutdown.child_token();
+        async move {
+            http::serve(http_listener, state, token)
+                .await
+                .context("serving HTTP")
+        }
+    });
+    tasks.close();
+    tracing::info!(
+        mqtt = %config.mqtt_listen,
+        mqtts = %config.tls_cert.as_ref().map(|_| config.mqtts_listen.to_string()).unwrap_or_else(|| "off".into()),
+        http = %config.http_listen,
+        public_url = %config.public_url(),
+        data_dir = %config.data_dir.display(),
+        "boottorrent ready"
+    );
+
+    tokio::select! {
+        _ = signal() => tracing::info!("shutting down (a second signal forces exit)"),
+        _ = shutdown.cancelled() => tracing::error!("a subsystem failed; shutting down"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = tasks.wait() => {}
+        _ = signal() => anyhow::bail!("second signal: exiting without waiting for tasks"),
+        _ = tokio::time::sleep(SHUTDOWN_DEADLINE) => {
+            anyhow::bail!("tasks still running {} s after shutdown; exiting", SHUTDOWN_DEADLINE.as_secs())
+        }
+    }
+    Ok(())
+}
+
+/// Spawns a named task; if it fails, its error is logged and the whole server shuts down,
+/// because a server without its orchestrator or HTTP API is not doing its job.
+fn spawn<F>(tasks: &TaskTracker, shutdown: &CancellationToken, name: &'static str, task: F)
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = task.await {
+            tracing::error!(task = name, "{e:#}");
+            shutdown.cancel();
+        }
+    });
+}
+
+async fn signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

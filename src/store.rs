@@ -1,0 +1,387 @@
+//! Persistent state in one redb file: machines, their keys, and an append-only event log.
+//!
+//! Values are JSON so that an operator can inspect a copy of the file with any redb tool and
+//! so that adding a field does not need a migration (`#[serde(default)]`). Every write is one
+//! redb transaction with the default durability (fsync on commit): once a caller has seen
+//! `Ok`, a `kill -9` cannot lose it. The orchestrator is the only writer of machines and keys;
+//! the HTTP API reads through snapshots, which redb serves concurrently with a write.
+
+use std::path::{Path, PathBuf};
+
+use boottorrent_proto::{HeldImage, MachineId, PublicKeyBytes, ZoneId};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
+const MACHINE_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("machine_keys");
+const EVENT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("event_log");
+
+/// What went wrong with the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: Box<redb::DatabaseError>,
+    },
+    // Boxed: redb's error is large and travels through every store call.
+    #[error("database error: {0}")]
+    Db(Box<redb::Error>),
+    #[error("corrupt record {key:?} in table {table}: {source}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("encoding record {key:?} for table {table}: {source}")]
+    Encode {
+        table: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// What the server knows about a machine, from its own reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MachineRecord {
+    pub id: MachineId,
+    pub hostname: String,
+    pub os: String,
+    pub agent_version: String,
+    pub ips: Vec<std::net::IpAddr>,
+    pub macs: Vec<String>,
+    pub free_disk_bytes: u64,
+    pub images: Vec<HeldImage>,
+    pub zones: Vec<ZoneId>,
+    pub online: bool,
+    /// Unix milliseconds of the first accepted message.
+    pub first_seen_ms: i64,
+    /// Unix milliseconds of the last accepted message.
+    pub last_seen_ms: i64,
+    /// Highest envelope seq accepted; restores the replay guard after a restart.
+    pub last_seq: u64,
+    /// The agent spoke JSON in its last startup, so commands to it are JSON too.
+    pub prefers_json: bool,
+}
+
+impl MachineRecord {
+    /// A machine seen for the first time at `now_ms`.
+    pub fn new(id: MachineId, now_ms: i64) -> Self {
+        MachineRecord {
+            id,
+            hostname: String::new(),
+            os: String::new(),
+            agent_version: String::new(),
+            ips: Vec::new(),
+            macs: Vec::new(),
+            free_disk_bytes: 0,
+            images: Vec::new(),
+            zones: Vec::new(),
+            online: false,
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+            last_seq: 0,
+            prefers_json: false,
+        }
+    }
+}
+
+impl Default for MachineRecord {
+    fn default() -> Self {
+        // Only serde uses this, to fill fields missing from older records; `id` is always
+        // present in stored records.
+        MachineRecord::new(MachineId::try_from("unknown").expect("valid id literal"), 0)
+    }
+}
+
+/// A machine's signing keys: the one it is trusted with, and one waiting for the operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KeyRecord {
+    /// Key whose signatures are accepted.
+    pub approved: Option<PublicKeyBytes>,
+    /// Key presented in a correctly self-signed `startup` but not approved yet: a new machine
+    /// while auto-approve is off, or a known machine whose key changed.
+    pub pending: Option<PublicKeyBytes>,
+    /// Unix milliseconds when `approved` was set.
+    pub approved_at_ms: Option<i64>,
+}
+
+/// One line of the append-only event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Position in the log, assigned on append.
+    #[serde(default)]
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub machine: Option<MachineId>,
+    /// Short machine-readable kind, e.g. `registered`, `offline`, `key_changed`.
+    pub kind: String,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+/// The database handle; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: std::sync::Arc<Database>,
+}
+
+impl Store {
+    /// Opens (or creates) the database and its tables.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let tx = db.begin_write()?;
+        tx.open_table(MACHINES)?;
+        tx.open_table(MACHINE_KEYS)?;
+        tx.open_table(EVENT_LOG)?;
+        tx.commit()?;
+        Ok(Store {
+            db: std::sync::Arc::new(db),
+        })
+    }
+
+    /// Every machine with its keys, ordered by id.
+    pub fn machines(&self) -> Result<Vec<(MachineRecord, KeyRecord)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let machines = tx.open_table(MACHINES)?;
+        let keys = tx.open_table(MACHINE_KEYS)?;
+        let mut out = Vec::new();
+        for row in machines.iter()? {
+            let (id, value) = row?;
+            let record: MachineRecord = decode("machines", id.value(), value.value())?;
+            let key = match keys.get(id.value())? {
+                Some(v) => decode("machine_keys", id.value(), v.value())?,
+                None => KeyRecord::default(),
+            };
+            out.push((record, key));
+        }
+        Ok(out)
+    }
+
+    /// One machine with its keys.
+    pub fn machine(
+        &self,
+        id: &MachineId,
+    ) -> Result<Option<(MachineRecord, KeyRecord)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let machines = tx.open_table(MACHINES)?;
+        let Some(value) = machines.get(id.as_str())? else {
+            return Ok(None);
+        };
+        let record = decode("machines", id.as_str(), value.value())?;
+        let keys = tx.open_table(MACHINE_KEYS)?;
+        let key = match keys.get(id.as_str())? {
+            Some(v) => decode("machine_keys", id.as_str(), v.value())?,
+            None => KeyRecord::default(),
+        };
+        Ok(Some((record, key)))
+    }
+
+    /// The newest `limit` log entries, oldest first.
+    pub fn recent_log(&self, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let log = tx.open_table(EVENT_LOG)?;
+        let mut out = Vec::new();
+        for row in log.iter()?.rev().take(limit) {
+            let (seq, value) = row?;
+            let mut entry: LogEntry = decode("event_log", &seq.value().to_string(), value.value())?;
+            entry.seq = seq.value();
+            out.push(entry);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Runs `f` in one write transaction and commits it; nothing of it is kept if `f` fails.
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self.db.begin_write()?;
+        let out = {
+            let mut batch = Batch {
+                machines: tx.open_table(MACHINES)?,
+                keys: tx.open_table(MACHINE_KEYS)?,
+                log: tx.open_table(EVENT_LOG)?,
+            };
+            f(&mut batch)?
+        };
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// The tables of one write transaction.
+pub struct Batch<'tx> {
+    machines: redb::Table<'tx, &'static str, &'static [u8]>,
+    keys: redb::Table<'tx, &'static str, &'static [u8]>,
+    log: redb::Table<'tx, u64, &'static [u8]>,
+}
+
+impl Batch<'_> {
+    /// Reads a machine as this transaction sees it.
+    pub fn machine(
+        &self,
+        id: &MachineId,
+    ) -> Result<Option<(MachineRecord, KeyRecord)>, StoreError> {
+        let Some(value) = self.machines.get(id.as_str())? else {
+            return Ok(None);
+        };
+        let record = decode("machines", id.as_str(), value.value())?;
+        let key = match self.keys.get(id.as_str())? {
+            Some(v) => decode("machine_keys", id.as_str(), v.value())?,
+            None => KeyRecord::default(),
+        };
+        Ok(Some((record, key)))
+    }
+
+    pub fn put_machine(&mut self, record: &MachineRecord) -> Result<(), StoreError> {
+        let bytes = encode("machines", record.id.as_str(), record)?;
+        self.machines.insert(record.id.as_str(), bytes.as_slice())?;
+        Ok(())
+    }
+
+    pub fn put_keys(&mut self, id: &MachineId, keys: &KeyRecord) -> Result<(), StoreError> {
+        let bytes = encode("machine_keys", id.as_str(), keys)?;
+        self.keys.insert(id.as_str(), bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Appends to the event log; the entry's `seq` is assigned here.
+    pub fn log(
+        &mut self,
+        at_ms: i64,
+        machine: Option<&MachineId>,
+        kind: &str,
+        detail: impl Into<String>,
+    ) -> Result<(), StoreError> {
+        let seq = match self.log.last()? {
+            Some((k, _)) => k.value() + 1,
+            None => 1,
+        };
+        let entry = LogEntry {
+            seq,
+            at_ms,
+            machine: machine.cloned(),
+            kind: kind.to_owned(),
+            detail: detail.into(),
+        };
+        let bytes = encode("event_log", &seq.to_string(), &entry)?;
+        self.log.insert(seq, bytes.as_slice())?;
+        Ok(())
+    }
+}
+
+fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        table,
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn encode<T: Serialize>(table: &'static str, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+        table,
+        key: key.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> MachineId {
+        MachineId::try_from(s).unwrap()
+    }
+
+    #[test]
+    fn machines_and_log_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .write(|b| {
+                    let mut m = MachineRecord::new(id("pc-01"), 1000);
+                    m.hostname = "pc-01.lab".into();
+                    b.put_machine(&m)?;
+                    b.put_keys(
+                        &m.id,
+                        &KeyRecord {
+                            approved: Some(boottorrent_proto::Bytes([7; 32])),
+                            ..KeyRecord::default()
+                        },
+                    )?;
+                    b.log(1000, Some(&m.id), "registered", "first startup")?;
+                    b.log(1001, Some(&m.id), "online", "")
+                })
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let (m, k) = store.machine(&id("pc-01")).unwrap().unwrap();
+        assert_eq!(m.hostname, "pc-01.lab");
+        assert_eq!(k.approved, Some(boottorrent_proto::Bytes([7; 32])));
+        let log = store.recent_log(10).unwrap();
+        assert_eq!(
+            log.iter()
+                .map(|e| (e.seq, e.kind.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(1, "registered"), (2, "online")]
+        );
+        assert!(store.machine(&id("pc-02")).unwrap().is_none());
+    }
+
+    #[test]
+    fn failed_batch_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let result: Result<(), StoreError> = store.write(|b| {
+            b.put_machine(&MachineRecord::new(id("pc-01"), 1))?;
+            Err(StoreError::Corrupt {
+                table: "machines",
+                key: "x".into(),
+                source: serde_json::from_str::<u8>("x").unwrap_err(),
+            })
+        });
+        assert!(result.is_err());
+        assert!(store.machines().unwrap().is_empty());
+    }
+
+    #[test]
+    fn second_open_of_the_same_file_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let _first = Store::open(&path).unwrap();
+        let err = Store::open(&path).err().unwrap();
+        assert!(err.to_string().contains("db.redb"), "{err}");
+    }
+}

@@ -1,0 +1,371 @@
+//! Helpers for end-to-end tests: the real `boottorrent` binary on free ports, real
+//! `mosquitto_pub`/`mosquitto_sub` processes, and agents whose envelopes the test signs.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use boottorrent_proto::{
+    Encoding, Envelope, Event, EventKind, Heartbeat, MachineId, Presence, SenderId, SeqCounter,
+    SigningKey, Startup, Status, Topic, generate_signing_key,
+};
+
+/// How long a test waits for something that should happen "at once".
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `PATIENCE`.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Fails with a clear message when a tool the tests need is missing: a missing tool is a
+/// failure, never a skip (`scripts/test` installs them).
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed; run scripts/test, which installs it"
+    );
+}
+
+/// A `boottorrent serve` process.
+pub struct Server {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub http_port: u16,
+    pub mqtt_port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts the server on fresh ports with `data_dir`, waits until HTTP answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        require_tool("mosquitto_pub");
+        require_tool("mosquitto_sub");
+        let http_port = free_port();
+        let mqtt_port = free_port();
+        let log = data_dir.with_extension(format!("{http_port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_boottorrent"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--mqtt-listen")
+            .arg(format!("127.0.0.1:{mqtt_port}"))
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--bt-listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .args(extra)
+            .env("BOOTTORRENT_LOG", "info,boottorrent=debug")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("starting boottorrent");
+        let mut server = Server {
+            child: Some(child),
+            data_dir: data_dir.to_owned(),
+            http_port,
+            mqtt_port,
+            log,
+        };
+        wait_for("the server to answer /healthz", || {
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited with {status}:\n{}", server.log_text());
+            }
+            reqwest::blocking::get(server.url("/healthz"))
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        reqwest::blocking::get(self.url(path))
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    pub fn machine(&self, id: &str) -> Option<serde_json::Value> {
+        let response = reqwest::blocking::get(self.url(&format!("/api/v1/machines/{id}"))).unwrap();
+        if response.status() == 404 {
+            return None;
+        }
+        assert!(response.status().is_success(), "{}", response.status());
+        Some(response.json().unwrap())
+    }
+
+    pub fn token(&self, file: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.token("admin.token")
+    }
+
+    pub fn enroll_token(&self) -> String {
+        self.token("enroll.token")
+    }
+
+    /// A counter from `/metrics`, by its full name with labels.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::blocking::get(self.url("/metrics"))
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.metric(&format!(
+            "boottorrent_mqtt_events_dropped_total{{reason=\"{reason}\"}}"
+        ))
+    }
+
+    /// Sends one message with `mosquitto_pub` as the given agent (QoS 1), payload on stdin.
+    pub fn publish_as(&self, user: &str, password: &str, topic: &str, payload: &[u8]) -> Output {
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args(["-u", user, "-P", password, "-q", "1", "-t", topic, "-s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running mosquitto_pub");
+        child.stdin.take().unwrap().write_all(payload).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Sends as machine `user` with the enrollment token and asserts the broker took it.
+    pub fn publish(&self, user: &str, topic: &str, payload: &[u8]) {
+        let out = self.publish_as(user, &self.enroll_token(), topic, payload);
+        assert!(
+            out.status.success(),
+            "mosquitto_pub failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Subscribes as `admin` and returns once the broker confirmed the subscription.
+    pub fn subscribe(&self, topic: &str) -> Subscription {
+        // mosquitto_sub block-buffers its debug lines on a pipe; line-buffer them so that the
+        // SUBACK line arrives when it happens, not when the process exits. stdbuf execs, so
+        // the child's pid stays mosquitto_sub's.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args(["-u", "admin", "-P", &self.admin_token()])
+            .args(["-t", topic, "-q", "1", "-d", "-F", "%t %x"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running mosquitto_sub");
+        let mut lines = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = lines.read_line(&mut line).unwrap();
+            assert!(n > 0, "mosquitto_sub exited before subscribing");
+            // With -d, "Subscribed (mid: 1): 1" follows the SUBACK line.
+            if line.starts_with("Subscribed (") {
+                break;
+            }
+        }
+        Subscription { child, lines }
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running `mosquitto_sub`.
+pub struct Subscription {
+    child: Child,
+    lines: BufReader<ChildStdout>,
+}
+
+impl Subscription {
+    /// The next message as (topic, payload), skipping mosquitto_sub's debug lines.
+    pub fn next(&mut self) -> (String, Vec<u8>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut line = String::new();
+        // Read on this thread but bound the wait: the child is killed on timeout, which ends
+        // the read with EOF.
+        let pid = self.child.id();
+        let watchdog = std::thread::spawn(move || {
+            if rx.recv_timeout(PATIENCE).is_err() {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        });
+        let result = loop {
+            line.clear();
+            let n = self.lines.read_line(&mut line).unwrap();
+            if n == 0 {
+                break None;
+            }
+            if line.starts_with("Client ") || line.trim().is_empty() {
+                continue;
+            }
+            let (topic, hex_payload) = line
+                .trim_end()
+                .split_once(' ')
+                .unwrap_or((line.trim_end(), ""));
+            break Some((
+                topic.to_owned(),
+                hex::decode(hex_payload).expect("hex payload"),
+            ));
+        };
+        let _ = tx.send(());
+        watchdog.join().unwrap();
+        result.expect("no message arrived within the patience limit")
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wall-clock Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// An agent simulated by the test: its own key, seq counter and envelopes.
+pub struct Agent {
+    pub id: MachineId,
+    pub key: SigningKey,
+    seq: SeqCounter,
+}
+
+impl Agent {
+    pub fn new(id: &str) -> Agent {
+        Agent {
+            id: id.parse().unwrap(),
+            key: generate_signing_key().unwrap(),
+            seq: SeqCounter::from_clock(now_ms() as u64 * 1000),
+        }
+    }
+
+    pub fn event_topic(&self, kind: EventKind) -> Topic {
+        Topic::Event {
+            machine: self.id.clone(),
+            kind,
+        }
+    }
+
+    /// An envelope signed by this agent, for any topic (so tests can also mis-address them).
+    pub fn sign_for(
+        &mut self,
+        topic: &Topic,
+        body: Event,
+        key: &SigningKey,
+        ts: i64,
+        encoding: Encoding,
+    ) -> Vec<u8> {
+        let seq = self.seq.next(now_ms() as u64 * 1000);
+        Envelope::sign(topic, SenderId::from(self.id.clone()), ts, seq, body, key)
+            .unwrap()
+            .encode(encoding)
+            .unwrap()
+    }
+
+    pub fn event(&mut self, body: Event, encoding: Encoding) -> (String, Vec<u8>) {
+        let topic = self.event_topic(body.kind());
+        let key = self.key.clone();
+        let bytes = self.sign_for(&topic, body, &key, now_ms(), encoding);
+        (topic.to_string(), bytes)
+    }
+
+    pub fn startup_body(&self) -> Event {
+        Event::Startup(Startup {
+            agent_version: "0.1.0-test".into(),
+            hostname: format!("{}.lab", self.id),
+            os: "linux".into(),
+            ips: vec!["10.1.0.7".parse().unwrap()],
+            macs: vec!["52:54:00:12:34:56".into()],
+            free_disk_bytes: 512 << 30,
+            images: vec![],
+            public_key: boottorrent_proto::Bytes(self.key.verifying_key().to_bytes()),
+        })
+    }
+
+    pub fn startup(&mut self) -> (String, Vec<u8>) {
+        let body = self.startup_body();
+        self.event(body, Encoding::MessagePack)
+    }
+
+    pub fn heartbeat(&mut self) -> (String, Vec<u8>) {
+        self.event(
+            Event::Heartbeat(Heartbeat {
+                uptime_secs: 60,
+                images: vec![],
+            }),
+            Encoding::MessagePack,
+        )
+    }
+
+    pub fn status(&mut self, presence: Presence, encoding: Encoding) -> (String, Vec<u8>) {
+        self.event(Event::Status(Status { presence }), encoding)
+    }
+}
+
+/// Runs the `boottorrent` binary as a client command.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_boottorrent"))
+        .args(args)
+        .output()
+        .expect("running boottorrent")
+}

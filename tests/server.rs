@@ -1,0 +1,589 @@
+//! End-to-end tests of `boottorrent serve`: the real binary, real mosquitto clients.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use boottorrent_proto::{
+    Command as BtCommand, CommandKind, Encoding, Event, Heartbeat, Presence, Scope, Topic,
+    VerifyingKey, decode_command, generate_signing_key,
+};
+use common::{Agent, Server, cli, now_ms, wait_for};
+use rand::{Rng, SeedableRng};
+
+fn server_key(server: &Server) -> VerifyingKey {
+    let body = server.get_json("/api/v1/server-key");
+    let bytes: [u8; 32] = hex::decode(body["public_key"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    VerifyingKey::from_bytes(&bytes).unwrap()
+}
+
+fn config_topic(agent: &Agent) -> Topic {
+    Topic::Command {
+        scope: Scope::Machine(agent.id.clone()),
+        kind: CommandKind::MachineConfiguration,
+    }
+}
+
+/// Registers `agent` and returns the verified configuration the server answered with.
+fn register(server: &Server, agent: &mut Agent) -> boottorrent_proto::MachineConfiguration {
+    let topic = config_topic(agent);
+    let mut sub = server.subscribe(&topic.to_string());
+    let (t, payload) = agent.startup();
+    server.publish(agent.id.as_str(), &t, &payload);
+    let (got_topic, bytes) = sub.next();
+    assert_eq!(got_topic, topic.to_string());
+    let envelope = decode_command(CommandKind::MachineConfiguration, &bytes).unwrap();
+    envelope.verify(&topic, &server_key(server)).unwrap();
+    assert_eq!(envelope.from.as_str(), "server");
+    match envelope.body {
+        BtCommand::MachineConfiguration(c) => c,
+        other => panic!("expected machine_configuration, got {other:?}"),
+    }
+}
+
+#[test]
+fn signed_startup_registers_the_machine_and_is_answered_with_signed_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--heartbeat-interval-secs", "42"],
+    );
+    let mut agent = Agent::new("pc-101-01");
+
+    let config = register(&server, &mut agent);
+    assert_eq!(config.heartbeat_interval_secs, 42);
+    assert!(!config.config_hash.is_empty());
+
+    let list = server.get_json("/api/v1/machines");
+    let machines = list.as_array().unwrap();
+    assert_eq!(machines.len(), 1, "{list}");
+    let m = &machines[0];
+    assert_eq!(m["id"], "pc-101-01");
+    assert_eq!(m["online"], true);
+    assert_eq!(m["hostname"], "pc-101-01.lab");
+    assert_eq!(m["key_state"], "approved");
+    assert!(m["zones"].is_array() && m["images"].is_array());
+    assert!(m["last_seen"].as_str().unwrap().starts_with("20"), "{m}");
+    assert_eq!(
+        m["public_key"],
+        hex::encode(agent.key.verifying_key().to_bytes())
+    );
+
+    let listed = cli(&["machines", "list", "--server", &server.url("")]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && text.contains("pc-101-01"),
+        "{text}"
+    );
+    assert_eq!(
+        server.metric("boottorrent_mqtt_commands_published_total"),
+        1
+    );
+}
+
+#[test]
+fn json_startup_is_answered_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let mut agent = Agent::new("pc-json");
+    let topic = config_topic(&agent);
+    let mut sub = server.subscribe(&topic.to_string());
+    let body = agent.startup_body();
+    let (t, payload) = agent.event(body, Encoding::Json);
+    assert_eq!(payload.first(), Some(&b'{'));
+    server.publish("pc-json", &t, &payload);
+    let (_, bytes) = sub.next();
+    assert_eq!(
+        bytes.first(),
+        Some(&b'{'),
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let envelope = decode_command(CommandKind::MachineConfiguration, &bytes).unwrap();
+    envelope.verify(&topic, &server_key(&server)).unwrap();
+}
+
+#[test]
+fn forged_replayed_and_random_events_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let mut agent = Agent::new("pc-1");
+    register(&server, &mut agent);
+    let enroll = server.enroll_token();
+
+    // Signed with a key that is not the machine's.
+    let intruder = generate_signing_key().unwrap();
+    let topic = agent.event_topic(boottorrent_proto::EventKind::Heartbeat);
+    let forged = agent.sign_for(
+        &topic,
+        Event::Heartbeat(Heartbeat {
+            uptime_secs: 1,
+            images: vec![],
+        }),
+        &intruder,
+        now_ms(),
+        Encoding::MessagePack,
+    );
+    server.publish("pc-1", &topic.to_string(), &forged);
+    wait_for("the forged heartbeat to be counted", || {
+        (server.dropped("bad_signature") == 1).then_some(())
+    });
+
+    // A genuine heartbeat, sent twice: the copy is a replay.
+    let (t, heartbeat) = agent.heartbeat();
+    server.publish("pc-1", &t, &heartbeat);
+    server.publish("pc-1", &t, &heartbeat);
+    wait_for("the replayed heartbeat to be counted", || {
+        (server.dropped("replayed") == 1).then_some(())
+    });
+
+    // A genuine envelope published on another machine's topic.
+    let other = Topic::Event {
+        machine: "pc-2".parse().unwrap(),
+        kind: boottorrent_proto::EventKind::Heartbeat,
+    };
+    server.publish("pc-1", &other.to_string(), &heartbeat);
+    wait_for("the misaddressed envelope to be counted", || {
+        (server.dropped("sender_mismatch") == 1).then_some(())
+    });
+
+    // An envelope from 10 minutes ago.
+    let old = agent.sign_for(
+        &topic,
+        Event::Heartbeat(Heartbeat {
+            uptime_secs: 1,
+            images: vec![],
+        }),
+        &agent.key.clone(),
+        now_ms() - 600_000,
+        Encoding::MessagePack,
+    );
+    server.publish("pc-1", &topic.to_string(), &old);
+    wait_for("the stale envelope to be counted", || {
+        (server.dropped("stale") == 1).then_some(())
+    });
+
+    // 1,000 random payloads on 100 random boottorrent/ topics, ten per mosquitto_pub (-l sends
+    // each input line as one message).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xb007);
+    let kinds = [
+        "startup",
+        "heartbeat",
+        "progress",
+        "status",
+        "boot",
+        "error",
+        "shutdown",
+        "nope",
+    ];
+    let before = server.metric("boottorrent_mqtt_events_received_total");
+    for i in 0..100 {
+        let topic = match i % 4 {
+            0 => format!(
+                "boottorrent/evt/machine/pc-{}/{}",
+                rng.random_range(0..5),
+                kinds[rng.random_range(0..kinds.len())]
+            ),
+            1 => format!(
+                "boottorrent/evt/machine/pc-1/{}",
+                kinds[rng.random_range(0..kinds.len())]
+            ),
+            2 => format!("boottorrent/evt/{}/x", rng.random_range(0..1000)),
+            _ => format!(
+                "boottorrent/evt/machine/{}",
+                "a".repeat(rng.random_range(1..80))
+            ),
+        };
+        let mut lines = Vec::new();
+        for _ in 0..10 {
+            let len = rng.random_range(1..300);
+            let mut payload: Vec<u8> = (0..len).map(|_| rng.random::<u8>()).collect();
+            // Start some payloads like real encodings so that the decoders get past byte one.
+            match rng.random_range(0..3) {
+                0 => payload[0] = b'{',
+                1 => payload[0] = 0x86,
+                _ => {}
+            }
+            payload.retain(|b| *b != b'\n' && *b != 0);
+            if payload.is_empty() {
+                payload.push(b'{');
+            }
+            lines.extend_from_slice(&payload);
+            lines.push(b'\n');
+        }
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+            .args(["-u", "pc-1", "-P", &enroll, "-q", "1", "-t", &topic, "-l"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&lines).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for("1,000 random events to be read", || {
+        (server.metric("boottorrent_mqtt_events_received_total") >= before + 1000).then_some(())
+    });
+    let dropped: u64 = [
+        "bad_topic",
+        "malformed",
+        "sender_mismatch",
+        "unknown_machine",
+        "bad_signature",
+    ]
+    .iter()
+    .map(|r| server.dropped(r))
+    .sum();
+    assert!(dropped >= 1000 + 2, "only {dropped} dropped");
+    assert_eq!(
+        server.metric("boottorrent_mqtt_events_accepted_total"),
+        2,
+        "startup and one heartbeat"
+    );
+
+    // Still serving: a fresh genuine heartbeat is accepted.
+    let (t, heartbeat) = agent.heartbeat();
+    server.publish("pc-1", &t, &heartbeat);
+    wait_for("a genuine heartbeat after the junk", || {
+        (server.metric("boottorrent_mqtt_events_accepted_total") == 3).then_some(())
+    });
+    assert_eq!(server.machine("pc-1").unwrap()["online"], true);
+    assert!(server.machine("pc-2").is_none());
+}
+
+#[test]
+fn machines_survive_kill_9_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut agent = Agent::new("pc-7");
+    let mut server = Server::start(&data, &[]);
+    let (enroll, admin) = (server.enroll_token(), server.admin_token());
+    register(&server, &mut agent);
+    let key_before = server.get_json("/api/v1/server-key");
+    // The configuration was sent after the registration committed; kill without warning.
+    server.kill9();
+
+    let server = Server::start(&data, &[]);
+    let m = server.machine("pc-7").expect("machine kept across kill -9");
+    assert_eq!(m["key_state"], "approved");
+    assert_eq!(server.enroll_token(), enroll);
+    assert_eq!(server.admin_token(), admin);
+    assert_eq!(server.get_json("/api/v1/server-key"), key_before);
+
+    // The replay guard is restored too: the old startup is refused, a new one accepted.
+    let log = server.get_json("/api/v1/machines");
+    assert_eq!(log.as_array().unwrap().len(), 1);
+    register(&server, &mut agent);
+}
+
+#[test]
+fn wrong_mqtt_passwords_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let enroll = server.enroll_token();
+    let admin = server.admin_token();
+    let topic = "boottorrent/evt/machine/pc-1/heartbeat";
+
+    for (user, pass) in [
+        ("pc-1", "wrong-password-123456"),
+        ("admin", enroll.as_str()),
+        ("pc-1", admin.as_str()),
+        ("bad/name", enroll.as_str()),
+    ] {
+        let out = server.publish_as(user, pass, topic, b"x");
+        assert!(!out.status.success(), "{user} got in with a wrong password");
+        // rumqttd closes the connection instead of answering CONNACK "not authorised", so
+        // mosquitto_pub reports a lost connection; the counter below proves it was our check.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("not authorised") || err.contains("connection was lost"),
+            "{err}"
+        );
+    }
+    assert_eq!(server.metric("boottorrent_mqtt_logins_refused_total"), 4);
+    assert!(
+        server
+            .publish_as("pc-1", &enroll, topic, b"x")
+            .status
+            .success()
+    );
+    assert!(
+        server
+            .publish_as("admin", &admin, topic, b"x")
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn bad_tls_files_stop_startup_and_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("server.crt");
+    let key = dir.path().join("server.key.pem");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64 !!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.crt");
+    for (cert, expect) in [(&cert, "server.crt"), (&missing, "missing.crt")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_boottorrent"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--mqtt-listen",
+                &format!("127.0.0.1:{}", common::free_port()),
+            ])
+            .args([
+                "--http-listen",
+                &format!("127.0.0.1:{}", common::free_port()),
+            ])
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "serve accepted a bad certificate");
+        assert!(err.contains(expect), "error does not name {expect}: {err}");
+    }
+}
+
+#[test]
+fn approval_gates_new_machines_and_changed_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--auto-approve", "false"]);
+    let mut agent = Agent::new("pc-9");
+    let (t, startup) = agent.startup();
+    server.publish("pc-9", &t, &startup);
+    let m = wait_for("the pending machine", || server.machine("pc-9"));
+    assert_eq!(m["key_state"], "pending");
+    assert_eq!(m["online"], false);
+    assert_eq!(server.dropped("unapproved"), 1);
+    // Not approved yet: its heartbeats do nothing.
+    let (t, hb) = agent.heartbeat();
+    server.publish("pc-9", &t, &hb);
+    wait_for("the unapproved heartbeat", || {
+        (server.dropped("unapproved") == 2).then_some(())
+    });
+
+    // Approving needs the admin token.
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .post(server.url("/api/v1/machines/pc-9/approve"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(server.url("/api/v1/machines/pc-9/approve"))
+        .bearer_auth("wrong-token-wrong-token")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().unwrap().contains("\"error\""));
+
+    // The CLI finds the token in the data directory; the waiting agent gets its config.
+    let mut sub = server.subscribe(&config_topic(&agent).to_string());
+    let out = cli(&[
+        "machines",
+        "approve",
+        "pc-9",
+        "--server",
+        &server.url(""),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("approved"));
+    let (_, bytes) = sub.next();
+    decode_command(CommandKind::MachineConfiguration, &bytes)
+        .unwrap()
+        .verify(&config_topic(&agent), &server_key(&server))
+        .unwrap();
+    assert_eq!(server.machine("pc-9").unwrap()["key_state"], "approved");
+    let (t, hb) = agent.heartbeat();
+    server.publish("pc-9", &t, &hb);
+    wait_for("the approved machine online", || {
+        (server.machine("pc-9").unwrap()["online"] == true).then_some(())
+    });
+
+    // Same id, new key (reinstalled, or an impostor): refused until approved.
+    let mut impostor = Agent::new("pc-9");
+    let (t, startup) = impostor.startup();
+    server.publish("pc-9", &t, &startup);
+    wait_for("the key change", || {
+        (server.dropped("key_mismatch") == 1).then_some(())
+    });
+    let m = server.machine("pc-9").unwrap();
+    assert_eq!(m["key_state"], "key_changed");
+    assert_eq!(
+        m["public_key"],
+        hex::encode(agent.key.verifying_key().to_bytes())
+    );
+    let (t, hb) = impostor.heartbeat();
+    server.publish("pc-9", &t, &hb);
+    wait_for("the impostor's heartbeat refused", || {
+        (server.dropped("bad_signature") == 1).then_some(())
+    });
+
+    let unknown = cli(&[
+        "machines",
+        "approve",
+        "pc-404",
+        "--server",
+        &server.url(""),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
+}
+
+#[test]
+fn signed_last_will_and_missed_heartbeats_mark_machines_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--heartbeat-interval-secs", "1"],
+    );
+    let mut agent = Agent::new("pc-will");
+    // The will is signed before connecting, as an agent does; JSON so it fits an argument.
+    let (will_topic, will) = agent.status(Presence::Offline, Encoding::Json);
+    register(&server, &mut agent);
+    let mut holder = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args([
+            "-u",
+            "pc-will",
+            "-P",
+            &server.enroll_token(),
+            "-t",
+            "boottorrent/cmd/machine/pc-will/#",
+        ])
+        .args(["--will-topic", &will_topic, "--will-qos", "1"])
+        .arg("--will-payload")
+        .arg(std::str::from_utf8(&will).unwrap())
+        .spawn()
+        .unwrap();
+    let (t, hb) = agent.heartbeat();
+    server.publish("pc-will", &t, &hb);
+    wait_for("the machine online", || {
+        (server.machine("pc-will").unwrap()["online"] == true).then_some(())
+    });
+    // The connection dies without DISCONNECT: the broker publishes the will.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    wait_for("the will to mark it offline", || {
+        (server.machine("pc-will").unwrap()["online"] == false).then_some(())
+    });
+
+    // Back with a heartbeat, then silence: three missed 1 s intervals mark it offline.
+    let (t, hb) = agent.heartbeat();
+    server.publish("pc-will", &t, &hb);
+    wait_for("the machine online again", || {
+        (server.machine("pc-will").unwrap()["online"] == true).then_some(())
+    });
+    wait_for("missed heartbeats to mark it offline", || {
+        (server.machine("pc-will").unwrap()["online"] == false).then_some(())
+    });
+}
+
+#[test]
+fn api_errors_are_json_with_the_right_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    for (path, status) in [
+        ("/api/v1/machines/no%2Fslash", 400),
+        ("/api/v1/machines/unknown-pc", 404),
+        ("/api/v1/nothing", 404),
+    ] {
+        let r = reqwest::blocking::get(server.url(path)).unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        let body: serde_json::Value = r.json().unwrap();
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
+    let r = reqwest::blocking::Client::new()
+        .post(server.url("/api/v1/machines/unknown-pc/approve"))
+        .bearer_auth(server.admin_token())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(server.metric("boottorrent_http_unauthorized_total"), 0);
+}
+
+#[test]
+fn a_burst_of_10000_events_is_all_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let mut agent = Agent::new("pc-burst");
+    register(&server, &mut agent);
+    // JSON never contains a raw newline, so `mosquitto_pub -l` sends one envelope per line.
+    let mut lines = Vec::new();
+    let mut topic = String::new();
+    for i in 0..10_000 {
+        let (t, bytes) = agent.event(
+            Event::Heartbeat(Heartbeat {
+                uptime_secs: i,
+                images: vec![],
+            }),
+            Encoding::Json,
+        );
+        topic = t;
+        lines.extend_from_slice(&bytes);
+        lines.push(b'\n');
+    }
+    let started = std::time::Instant::now();
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args([
+            "-u",
+            "pc-burst",
+            "-P",
+            &server.enroll_token(),
+            "-q",
+            "1",
+            "-t",
+            &topic,
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&lines).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("all 10,000 heartbeats to be accepted", || {
+        (server.metric("boottorrent_mqtt_events_accepted_total") == 10_001).then_some(())
+    });
+    println!(
+        "10,000 signed heartbeats published and applied in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.dropped("replayed"), 0);
+}
