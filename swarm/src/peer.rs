@@ -1,0 +1,591 @@
+//! One peer connection: a task that owns the socket after the handshake.
+//!
+//! It reads messages, keeps its own view of what it asked for and what it was asked, and
+//! talks to the torrent through the torrent's state lock (never held across an `.await`) and
+//! the `Cmd` channel (haves, offers, choke decisions, endgame cancels, close). Disk work runs
+//! on the blocking pool. Any protocol violation ends the connection and is counted; nothing a
+//! peer sends can panic or stall the engine beyond its own connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::picker::{PeerKey, Received};
+use crate::session::{Mode, TorrentState};
+use crate::torrent::{Cmd, Torrent};
+use crate::wire::{BlockRef, Handshake, MAX_BLOCK_LEN, Message, MessageCodec};
+use crate::{BLOCK_LEN, Bitfield};
+
+/// Requests a peer may queue with us before it counts as flooding.
+const MAX_QUEUED_REQUESTS: usize = 2048;
+/// Our request pipeline: at least this many blocks in flight per peer...
+const MIN_PIPELINE: usize = 16;
+/// ...and at most this many (8 MiB), enough for 1 Gbit/s at 60 ms round trip.
+const MAX_PIPELINE: usize = 512;
+/// A peer silent this long is gone.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
+/// We send a keep-alive after this much silence of ours.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(60);
+/// Requests unanswered this long go back to the picker for other peers.
+const SNUB_AFTER: Duration = Duration::from_secs(20);
+/// Longest a single write may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a connection ended.
+enum End {
+    /// Normal: closed by either side, shutdown, ban, duplicate.
+    Closed(String),
+    /// The peer broke the protocol.
+    Violation(String),
+}
+
+impl Torrent {
+    /// Runs a handshaken connection until it ends.
+    pub(crate) async fn run_peer(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        addr: SocketAddr,
+        theirs: Handshake,
+        outbound: bool,
+    ) {
+        let Some((key, cmds)) = self.register(addr, theirs.peer_id, outbound) else {
+            tracing::debug!(peer = %addr, "connection not admitted");
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut conn = Connection {
+            torrent: self.clone(),
+            key,
+            addr,
+            fast: theirs.supports_fast(),
+            in_zone: self.shared.in_zone(addr.ip()),
+            peer_choking: true,
+            am_interested: false,
+            am_choking: true,
+            outstanding: HashMap::new(),
+            last_block_at: Instant::now(),
+            requests: VecDeque::new(),
+            got_first_message: false,
+            download_rate: 0.0,
+            rate_window: (Instant::now(), 0),
+        };
+        let run = self.run_token();
+        let end = conn.run(stream, cmds, run).await;
+        match &end {
+            End::Closed(why) => tracing::debug!(peer = %addr, "connection closed: {why}"),
+            End::Violation(why) => {
+                self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %addr, "dropped peer: {why}");
+            }
+        }
+        self.unregister(key);
+    }
+}
+
+struct Connection {
+    torrent: Arc<Torrent>,
+    key: PeerKey,
+    addr: SocketAddr,
+    fast: bool,
+    in_zone: bool,
+    peer_choking: bool,
+    am_interested: bool,
+    am_choking: bool,
+    /// Our requests in flight, with when they were sent.
+    outstanding: HashMap<BlockRef, Instant>,
+    last_block_at: Instant,
+    /// Its requests waiting to be served.
+    requests: VecDeque<BlockRef>,
+    got_first_message: bool,
+    /// Bytes per second received from this peer, smoothed; sizes the pipeline.
+    download_rate: f64,
+    rate_window: (Instant, u64),
+}
+
+type Sink = FramedWrite<tokio::net::tcp::OwnedWriteHalf, MessageCodec>;
+
+impl Connection {
+    async fn run(
+        &mut self,
+        stream: TcpStream,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        run: tokio_util::sync::CancellationToken,
+    ) -> End {
+        let (read, write) = stream.into_split();
+        let mut reader = FramedRead::new(read, MessageCodec::new());
+        let mut sink = FramedWrite::new(write, MessageCodec::new());
+        if let Err(e) = self.introduce(&mut sink).await {
+            return e;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_recv = Instant::now();
+        let mut last_send = Instant::now();
+        loop {
+            let serving = !self.am_choking && !self.requests.is_empty();
+            let mut ticked = false;
+            let result = tokio::select! {
+                biased;
+                _ = run.cancelled() => return End::Closed("torrent stopped or paused".into()),
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => self.command(cmd, &mut sink).await,
+                    None => return End::Closed("torrent gone".into()),
+                },
+                msg = reader.next() => match msg {
+                    None => return End::Closed("peer closed the connection".into()),
+                    Some(Err(e)) => return End::Violation(format!("reading: {e}")),
+                    Some(Ok(msg)) => {
+                        last_recv = Instant::now();
+                        self.message(msg, &mut sink).await
+                    }
+                },
+                _ = tick.tick() => {
+                    if last_recv.elapsed() > IDLE_TIMEOUT {
+                        return End::Closed("idle".into());
+                    }
+                    if last_send.elapsed() > KEEPALIVE_EVERY {
+                        send(&mut sink, Message::KeepAlive).await
+                    } else {
+                        ticked = true;
+                        self.snub_check(&mut sink).await
+                    }
+                }
+                // Serving is not cancel-safe (a popped request would be lost), so the select
+                // only decides that it is our turn; the work runs after.
+                _ = std::future::ready(()), if serving => self.serve_one(&mut sink).await,
+            };
+            if let Err(end) = result {
+                return end;
+            }
+            // Every branch but a quiet tick sent something (or may have).
+            if !ticked {
+                last_send = Instant::now();
+            }
+        }
+    }
+
+    /// What we have, right after the handshake.
+    async fn introduce(&mut self, sink: &mut Sink) -> Result<(), End> {
+        let have = self.torrent.lock().picker.have().clone();
+        let msg = if self.torrent.mode == Mode::SuperSeed {
+            // A super-seeder hides what it has and offers pieces one by one.
+            if self.fast {
+                Message::HaveNone
+            } else {
+                Message::Bitfield(Bitfield::new(have.len()).as_bytes().to_vec().into())
+            }
+        } else if self.fast && have.is_full() {
+            Message::HaveAll
+        } else if self.fast && have.count() == 0 {
+            Message::HaveNone
+        } else {
+            Message::Bitfield(have.as_bytes().to_vec().into())
+        };
+        send(sink, msg).await?;
+        if self.torrent.mode == Mode::SuperSeed {
+            let mut st = self.torrent.lock();
+            self.torrent.offer(&mut st, self.key);
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, cmd: Cmd, sink: &mut Sink) -> Result<(), End> {
+        match cmd {
+            Cmd::Have(piece) => {
+                send(sink, Message::Have(piece)).await?;
+                self.update_interest(sink).await?;
+                self.fill_requests(sink).await
+            }
+            Cmd::Offer(piece) => send(sink, Message::Have(piece)).await,
+            Cmd::Choke => {
+                self.am_choking = true;
+                if self.fast {
+                    // BEP 6: a choke no longer cancels requests implicitly; reject each.
+                    for r in std::mem::take(&mut self.requests) {
+                        send(sink, Message::Reject(r)).await?;
+                    }
+                } else {
+                    self.requests.clear();
+                }
+                send(sink, Message::Choke).await
+            }
+            Cmd::Unchoke => {
+                self.am_choking = false;
+                send(sink, Message::Unchoke).await
+            }
+            Cmd::Cancel(block) => {
+                if self.outstanding.remove(&block).is_some() {
+                    send(sink, Message::Cancel(block)).await?;
+                }
+                self.fill_requests(sink).await
+            }
+            Cmd::Close(why) => Err(End::Closed(why.into())),
+        }
+    }
+
+    async fn message(&mut self, msg: Message, sink: &mut Sink) -> Result<(), End> {
+        let geometry = self.torrent.meta.geometry;
+        let pieces = geometry.piece_count();
+        let first = !self.got_first_message;
+        self.got_first_message = true;
+        match msg {
+            Message::KeepAlive => Ok(()),
+            Message::Bitfield(bytes) => {
+                if !first {
+                    return Err(End::Violation("bitfield after the first message".into()));
+                }
+                let has = Bitfield::from_bytes(&bytes, pieces)
+                    .map_err(|e| End::Violation(e.to_string()))?;
+                self.set_has(has);
+                self.update_interest(sink).await
+            }
+            Message::HaveAll | Message::HaveNone => {
+                if !self.fast || !first {
+                    return Err(End::Violation("have_all/have_none out of place".into()));
+                }
+                let has = if matches!(msg, Message::HaveAll) {
+                    Bitfield::full(pieces)
+                } else {
+                    Bitfield::new(pieces)
+                };
+                self.set_has(has);
+                self.update_interest(sink).await
+            }
+            Message::Have(piece) => {
+                if piece >= pieces {
+                    return Err(End::Violation(format!(
+                        "have for piece {piece}; the torrent has {pieces}"
+                    )));
+                }
+                {
+                    let mut st = self.torrent.lock();
+                    let in_zone = self.in_zone;
+                    let State { peers, picker, .. } = &mut *st;
+                    if let Some(slot) = peers.get_mut(&self.key)
+                        && slot.has.set(piece)
+                    {
+                        picker.add_piece(piece, in_zone);
+                    }
+                    self.torrent.seen(&mut st, self.key, piece);
+                    let both_complete = st.picker.is_complete()
+                        && st.peers.get(&self.key).is_some_and(|p| p.has.is_full());
+                    if both_complete && self.torrent.mode != Mode::SuperSeed {
+                        return Err(End::Closed("both complete".into()));
+                    }
+                }
+                self.update_interest(sink).await?;
+                self.fill_requests(sink).await
+            }
+            Message::Choke => {
+                self.peer_choking = true;
+                if !self.fast {
+                    // BEP 3: a choke discards every pending request.
+                    self.release_outstanding();
+                }
+                Ok(())
+            }
+            Message::Unchoke => {
+                self.peer_choking = false;
+                self.fill_requests(sink).await
+            }
+            Message::Interested | Message::NotInterested => {
+                let interested = matches!(msg, Message::Interested);
+                let mut st = self.torrent.lock();
+                self.torrent.interest_changed(&mut st, self.key, interested);
+                Ok(())
+            }
+            Message::Request(r) => self.request(r, sink).await,
+            Message::Cancel(r) => {
+                self.requests.retain(|q| *q != r);
+                Ok(())
+            }
+            Message::Reject(r) => {
+                if !self.fast {
+                    return Err(End::Violation("reject without the fast extension".into()));
+                }
+                if self.outstanding.remove(&r).is_some() {
+                    self.torrent.lock().picker.release(self.key, r);
+                }
+                Ok(())
+            }
+            Message::Piece {
+                piece,
+                offset,
+                data,
+            } => self.piece(piece, offset, data, sink).await,
+            // Hints we do not need: our picker knows better what the fleet lacks.
+            Message::SuggestPiece(_)
+            | Message::AllowedFast(_)
+            | Message::Port(_)
+            | Message::Extended { .. } => Ok(()),
+        }
+    }
+
+    fn set_has(&mut self, has: Bitfield) {
+        let mut st = self.torrent.lock();
+        let in_zone = self.in_zone;
+        let State { peers, picker, .. } = &mut *st;
+        if let Some(slot) = peers.get_mut(&self.key) {
+            picker.add_availability(&has, in_zone);
+            // Offers made before we knew what it had: the ones it already holds are moot.
+            slot.offers.retain(|(p, _)| !has.get(*p));
+            slot.has = has;
+        }
+        self.torrent.offer(&mut st, self.key);
+    }
+
+    async fn update_interest(&mut self, sink: &mut Sink) -> Result<(), End> {
+        let want = {
+            let st = self.torrent.lock();
+            st.phase == TorrentState::Downloading
+                && st
+                    .peers
+                    .get(&self.key)
+                    .is_some_and(|p| st.picker.wants_from(&p.has))
+        };
+        if want != self.am_interested {
+            self.am_interested = want;
+            let msg = if want {
+                Message::Interested
+            } else {
+                Message::NotInterested
+            };
+            send(sink, msg).await?;
+        }
+        Ok(())
+    }
+
+    /// Requests more blocks while the pipeline has room.
+    async fn fill_requests(&mut self, sink: &mut Sink) -> Result<(), End> {
+        if self.peer_choking || !self.am_interested {
+            return Ok(());
+        }
+        // Enough requests to cover about a second of this peer's rate.
+        let depth = ((self.download_rate / f64::from(BLOCK_LEN)) as usize)
+            .clamp(MIN_PIPELINE, MAX_PIPELINE);
+        if self.outstanding.len() >= depth {
+            return Ok(());
+        }
+        // Top up in batches so picking (a scan over pieces) is not done per block.
+        if self.outstanding.len() > depth / 2 && !self.outstanding.is_empty() {
+            return Ok(());
+        }
+        let picked = {
+            let mut st = self.torrent.lock();
+            let State { peers, picker, .. } = &mut *st;
+            match peers.get(&self.key) {
+                Some(slot) => picker.pick(
+                    self.key,
+                    &slot.has,
+                    self.in_zone,
+                    depth - self.outstanding.len(),
+                ),
+                None => Vec::new(),
+            }
+        };
+        let now = Instant::now();
+        for r in picked {
+            self.outstanding.insert(r, now);
+            send(sink, Message::Request(r)).await?;
+        }
+        Ok(())
+    }
+
+    fn release_outstanding(&mut self) {
+        if !self.outstanding.is_empty() {
+            self.outstanding.clear();
+            self.torrent.lock().picker.release_all(self.key);
+        }
+    }
+
+    async fn snub_check(&mut self, sink: &mut Sink) -> Result<(), End> {
+        if !self.outstanding.is_empty() && self.last_block_at.elapsed() > SNUB_AFTER {
+            tracing::debug!(peer = %self.addr, "peer sent nothing for our requests; handing them to others");
+            for r in self.outstanding.keys().copied().collect::<Vec<_>>() {
+                send(sink, Message::Cancel(r)).await?;
+            }
+            self.release_outstanding();
+            self.last_block_at = Instant::now();
+        }
+        let (since, bytes) = self.rate_window;
+        let secs = since.elapsed().as_secs_f64();
+        if secs >= 1.0 {
+            self.download_rate = 0.5 * self.download_rate + 0.5 * (bytes as f64 / secs);
+            self.rate_window = (Instant::now(), 0);
+        }
+        self.fill_requests(sink).await
+    }
+
+    async fn request(&mut self, r: BlockRef, sink: &mut Sink) -> Result<(), End> {
+        let geometry = self.torrent.meta.geometry;
+        if !geometry.contains(r.piece, r.offset, r.len, MAX_BLOCK_LEN) {
+            return Err(End::Violation(format!(
+                "request for {}+{} len {} outside the torrent",
+                r.piece, r.offset, r.len
+            )));
+        }
+        let servable = {
+            let st = self.torrent.lock();
+            let offered = self.torrent.mode != Mode::SuperSeed
+                || st
+                    .peers
+                    .get(&self.key)
+                    .is_some_and(|p| p.offered.contains(&r.piece));
+            st.picker.have().get(r.piece) && offered
+        };
+        if self.am_choking || !servable {
+            // BEP 6 answers with a reject; plain BEP 3 peers just get nothing.
+            if self.fast {
+                send(sink, Message::Reject(r)).await?;
+            }
+            return Ok(());
+        }
+        if self.requests.len() >= MAX_QUEUED_REQUESTS {
+            return Err(End::Violation(format!(
+                "more than {MAX_QUEUED_REQUESTS} requests queued"
+            )));
+        }
+        self.requests.push_back(r);
+        Ok(())
+    }
+
+    async fn serve_one(&mut self, sink: &mut Sink) -> Result<(), End> {
+        let Some(r) = self.requests.pop_front() else {
+            return Ok(());
+        };
+        if let Some(limit) = &self.torrent.shared.upload {
+            limit.acquire(u64::from(r.len)).await;
+        }
+        let storage = self.torrent.storage.clone();
+        let data =
+            tokio::task::spawn_blocking(move || storage.read_block(r.piece, r.offset, r.len))
+                .await
+                .map_err(|e| End::Closed(format!("reading block: {e}")))?;
+        let data = match data {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(peer = %self.addr, "{e}");
+                return Err(End::Closed(format!("reading block: {e}")));
+            }
+        };
+        send(
+            sink,
+            Message::Piece {
+                piece: r.piece,
+                offset: r.offset,
+                data: data.into(),
+            },
+        )
+        .await?;
+        self.torrent
+            .uploaded
+            .fetch_add(u64::from(r.len), Ordering::Relaxed);
+        if let Some(slot) = self.torrent.lock().peers.get_mut(&self.key) {
+            slot.uploaded += u64::from(r.len);
+        }
+        Ok(())
+    }
+
+    async fn piece(
+        &mut self,
+        piece: u32,
+        offset: u32,
+        data: bytes::Bytes,
+        sink: &mut Sink,
+    ) -> Result<(), End> {
+        let len = data.len() as u32;
+        let block = BlockRef { piece, offset, len };
+        if let Some(limit) = &self.torrent.shared.download {
+            limit.acquire(u64::from(len)).await;
+        }
+        self.torrent
+            .downloaded
+            .fetch_add(u64::from(len), Ordering::Relaxed);
+        self.rate_window.1 += u64::from(len);
+        self.last_block_at = Instant::now();
+        if self.outstanding.remove(&block).is_none() {
+            // Cancelled in endgame and sent anyway, or never asked: drop the bytes.
+            tracing::debug!(peer = %self.addr, ?block, "dropped a block we no longer wait for");
+            return Ok(());
+        }
+        let received = {
+            let mut st = self.torrent.lock();
+            if let Some(slot) = st.peers.get_mut(&self.key) {
+                slot.downloaded += u64::from(len);
+            }
+            st.picker.received(self.key, block)
+        };
+        let (cancel, done) = match received {
+            Received::Unexpected => {
+                tracing::debug!(peer = %self.addr, ?block, "dropped a block another peer delivered first");
+                return self.fill_requests(sink).await;
+            }
+            Received::Block { cancel } => (cancel, false),
+            Received::PieceDone { cancel } => (cancel, true),
+        };
+        let storage = self.torrent.storage.clone();
+        let written =
+            tokio::task::spawn_blocking(move || storage.write_block(piece, offset, &data)).await;
+        let written = match written {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            // A full or failing disk stops the torrent, not the process.
+            tracing::error!(torrent = %self.torrent.info_hash(), "{e}");
+            let mut st = self.torrent.lock();
+            st.phase = TorrentState::Error(e.clone());
+            self.torrent.run_token().cancel();
+            return Err(End::Closed(e));
+        }
+        {
+            let st = self.torrent.lock();
+            for key in cancel {
+                if let Some(p) = st.peers.get(&key) {
+                    let _ = p.tx.send(Cmd::Cancel(block));
+                }
+            }
+        }
+        if done {
+            let storage = self.torrent.storage.clone();
+            let expected = self.torrent.meta.piece_hashes[piece as usize];
+            let ok = tokio::task::spawn_blocking(move || storage.verify_piece(piece, &expected))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let ok = match ok {
+                Ok(ok) => ok,
+                Err(e) => {
+                    tracing::error!(torrent = %self.torrent.info_hash(), "verifying piece {piece}: {e}");
+                    false
+                }
+            };
+            let mut st = self.torrent.lock();
+            let senders = st.picker.verified(piece, ok);
+            if ok {
+                self.torrent.piece_verified(&mut st, piece);
+            } else {
+                tracing::warn!(torrent = %self.torrent.info_hash(), piece, "piece failed its hash; fetching it again");
+                self.torrent.blame(&mut st, &senders);
+            }
+        }
+        self.fill_requests(sink).await
+    }
+}
+
+use crate::torrent::State;
+
+async fn send(sink: &mut Sink, msg: Message) -> Result<(), End> {
+    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Closed(format!("writing: {e}"))),
+        Err(_) => Err(End::Closed("peer stopped reading".into())),
+    }
+}

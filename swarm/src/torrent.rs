@@ -1,0 +1,871 @@
+//! One torrent in a session: its shared state, its lifecycle task, the choker, the super-seed
+//! offers and the announcer. Peer connections (`peer`) read and change the state through the
+//! methods here; the lock is never held across an `.await`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::announce::{AnnounceRequest, Event};
+use crate::metainfo::Metainfo;
+use crate::picker::{PeerKey, Picker};
+use crate::session::{AddTorrent, Mode, PeerStats, Shared, SwarmError, TorrentState, TorrentStats};
+use crate::storage::{Access, Storage};
+use crate::wire::{BlockRef, HANDSHAKE_LEN, Handshake};
+use crate::{Bitfield, InfoHash, PeerId};
+
+/// Interested peers take turns in the upload slots this often.
+const ROTATE_EVERY: Duration = Duration::from_secs(10);
+/// Resume data is saved this often while pieces arrive.
+const SAVE_EVERY: Duration = Duration::from_secs(15);
+/// Hash failures a peer may cause before it is banned.
+const STRIKES_TO_BAN: u32 = 2;
+/// Super-seeding: pieces a peer may hold on offer that nobody else has been seen with yet.
+const SUPER_SEED_OFFERS: usize = 4;
+/// Super-seeding: an offer the peer has held this long is released even if no other peer
+/// picked it up, so a lone leecher is not starved.
+const SUPER_SEED_RELEASE: Duration = Duration::from_secs(3);
+/// How long a failed address waits before the next attempt.
+const RETRY_AFTER: Duration = Duration::from_secs(15);
+/// Time allowed to announce `stopped` on shutdown.
+const STOP_ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Commands from the torrent to one connection task.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// We verified this piece: tell the peer.
+    Have(u32),
+    /// Super-seeding: offer this piece (a HAVE the peer may request).
+    Offer(u32),
+    Choke,
+    Unchoke,
+    /// Another peer delivered this block first (endgame).
+    Cancel(BlockRef),
+    /// Close the connection (banned, duplicate, paused, both complete).
+    Close(&'static str),
+}
+
+/// A connected peer as the torrent sees it.
+pub(crate) struct PeerSlot {
+    pub addr: SocketAddr,
+    pub peer_id: PeerId,
+    pub outbound: bool,
+    pub tx: mpsc::UnboundedSender<Cmd>,
+    pub has: Bitfield,
+    pub in_zone: bool,
+    /// We are choking it (no uploads).
+    pub am_choking: bool,
+    /// It wants pieces from us.
+    pub interested: bool,
+    /// When it was last unchoked or started waiting; the choker rotates by this.
+    pub since: Instant,
+    pub downloaded: u64,
+    pub uploaded: u64,
+    /// Super-seeding: pieces offered and not yet seen elsewhere, with when the peer got them.
+    pub offers: Vec<(u32, Option<Instant>)>,
+    /// Super-seeding: every piece ever offered to it; it may request only these.
+    pub offered: HashSet<u32>,
+}
+
+/// Where we know a peer address from, and how connecting to it went.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    connected: bool,
+    connecting: bool,
+    retry_at: Option<Instant>,
+}
+
+pub(crate) struct State {
+    pub picker: Picker,
+    pub peers: HashMap<PeerKey, PeerSlot>,
+    next_key: PeerKey,
+    candidates: HashMap<SocketAddr, Candidate>,
+    banned_ids: HashSet<PeerId>,
+    banned_addrs: HashSet<SocketAddr>,
+    strikes: HashMap<PeerId, u32>,
+    pub phase: TorrentState,
+    /// Super-seeding: how often each piece was offered.
+    offer_count: Vec<u32>,
+    dirty: bool,
+}
+
+impl State {
+    fn unchoked_interested(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| !p.am_choking && p.interested)
+            .count()
+    }
+}
+
+pub(crate) struct Torrent {
+    pub shared: Arc<Shared>,
+    pub meta: Metainfo,
+    pub mode: Mode,
+    path: PathBuf,
+    resume_path: PathBuf,
+    pub storage: Arc<Storage>,
+    state: Mutex<State>,
+    stats_tx: watch::Sender<TorrentStats>,
+    pub downloaded: AtomicU64,
+    pub uploaded: AtomicU64,
+    hash_failures: AtomicU64,
+    banned: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    /// Cancelled when the torrent is removed or the session stops.
+    cancel: CancellationToken,
+    /// Cancelled on pause; peers run under it.
+    run: Mutex<CancellationToken>,
+    /// Wakes the announcer for `completed`.
+    completed: tokio::sync::Notify,
+    done: tokio::sync::Notify,
+}
+
+impl Torrent {
+    pub fn start(
+        shared: Arc<Shared>,
+        add: AddTorrent,
+        resume_path: PathBuf,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Torrent>, SwarmError> {
+        let geometry = add.metainfo.geometry;
+        let access = match add.mode {
+            Mode::Download => Access::ReadWrite,
+            Mode::Seed | Mode::SuperSeed => Access::ReadOnly,
+        };
+        let storage = Arc::new(Storage::open(&add.path, geometry, access)?);
+        let pieces = geometry.piece_count();
+        let stats = TorrentStats {
+            state: TorrentState::Checking { pieces_checked: 0 },
+            bytes_done: 0,
+            bytes_total: geometry.total_len,
+            pieces_done: 0,
+            downloaded: 0,
+            uploaded: 0,
+            download_rate: 0,
+            upload_rate: 0,
+            hash_failures: 0,
+            banned: 0,
+            protocol_errors: 0,
+            peers: Vec::new(),
+        };
+        let mut candidates = HashMap::new();
+        for addr in &add.peers {
+            candidates.insert(*addr, Candidate::new());
+        }
+        let run = cancel.child_token();
+        let torrent = Arc::new(Torrent {
+            meta: add.metainfo,
+            mode: add.mode,
+            path: add.path,
+            resume_path,
+            storage,
+            state: Mutex::new(State {
+                picker: Picker::new(geometry, Bitfield::new(pieces)),
+                peers: HashMap::new(),
+                next_key: 1,
+                candidates,
+                banned_ids: HashSet::new(),
+                banned_addrs: HashSet::new(),
+                strikes: HashMap::new(),
+                phase: TorrentState::Checking { pieces_checked: 0 },
+                offer_count: vec![0; pieces as usize],
+                dirty: false,
+            }),
+            stats_tx: watch::channel(stats).0,
+            downloaded: AtomicU64::new(0),
+            uploaded: AtomicU64::new(0),
+            hash_failures: AtomicU64::new(0),
+            banned: AtomicU64::new(0),
+            protocol_errors: AtomicU64::new(0),
+            cancel,
+            run: Mutex::new(run),
+            completed: tokio::sync::Notify::new(),
+            done: tokio::sync::Notify::new(),
+            shared: shared.clone(),
+        });
+        let t = torrent.clone();
+        let use_tracker = add.use_tracker;
+        shared
+            .tasks
+            .spawn(async move { t.lifecycle(use_tracker).await });
+        Ok(torrent)
+    }
+
+    pub fn info_hash(&self) -> InfoHash {
+        self.meta.info_hash
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn resume_path(&self) -> &Path {
+        &self.resume_path
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<TorrentStats> {
+        self.stats_tx.subscribe()
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn run_token(&self) -> CancellationToken {
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn pause(&self) {
+        let mut st = self.lock();
+        if matches!(st.phase, TorrentState::Downloading | TorrentState::Seeding) {
+            st.phase = TorrentState::Paused;
+            self.run_token().cancel();
+        }
+        drop(st);
+        self.publish_stats(0, 0);
+    }
+
+    pub fn resume(&self) {
+        let mut st = self.lock();
+        if st.phase == TorrentState::Paused {
+            *self.run.lock().unwrap_or_else(|e| e.into_inner()) = self.cancel.child_token();
+            st.phase = if st.picker.is_complete() {
+                TorrentState::Seeding
+            } else {
+                TorrentState::Downloading
+            };
+        }
+        drop(st);
+        self.publish_stats(0, 0);
+    }
+
+    pub fn add_peers(&self, peers: &[SocketAddr]) {
+        let mut st = self.lock();
+        for addr in peers {
+            st.candidates.entry(*addr).or_insert_with(Candidate::new);
+        }
+    }
+
+    /// Stops the torrent and waits for its lifecycle task to finish.
+    pub async fn stop(&self) {
+        let done = self.done.notified();
+        self.cancel.cancel();
+        done.await;
+    }
+
+    /// Resume check, then the 1 s tick until cancelled.
+    async fn lifecycle(self: Arc<Self>, use_tracker: bool) {
+        if let Err(e) = self.check().await {
+            tracing::error!(torrent = %self.info_hash(), "{e}");
+            self.lock().phase = TorrentState::Error(e);
+            self.publish_stats(0, 0);
+            self.cancel.cancelled().await;
+            self.done.notify_waiters();
+            return;
+        }
+        if use_tracker && !self.meta.announce.is_empty() {
+            let t = self.clone();
+            self.shared.tasks.spawn(async move { t.announcer().await });
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = (0u64, 0u64, Instant::now());
+        let mut last_rotate = Instant::now();
+        let mut last_save = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let (down, up) = (
+                self.downloaded.load(Ordering::Relaxed),
+                self.uploaded.load(Ordering::Relaxed),
+            );
+            let secs = last.2.elapsed().as_secs_f64().max(0.001);
+            let rates = (
+                ((down - last.0) as f64 / secs) as u64,
+                ((up - last.1) as f64 / secs) as u64,
+            );
+            last = (down, up, Instant::now());
+            self.publish_stats(rates.0, rates.1);
+            if self.lock().phase == TorrentState::Paused {
+                continue;
+            }
+            if last_rotate.elapsed() >= ROTATE_EVERY {
+                last_rotate = Instant::now();
+                self.rechoke(true);
+            }
+            if self.mode == Mode::SuperSeed {
+                self.release_stale_offers();
+            }
+            self.connect_candidates();
+            if last_save.elapsed() >= SAVE_EVERY {
+                last_save = Instant::now();
+                self.save_resume().await;
+            }
+        }
+        self.save_resume().await;
+        self.done.notify_waiters();
+    }
+
+    async fn check(self: &Arc<Self>) -> Result<(), String> {
+        let t = self.clone();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let result = tokio::task::spawn_blocking(move || {
+            let progress = |n: u32| {
+                t.stats_tx.send_modify(|s| {
+                    s.state = TorrentState::Checking { pieces_checked: n };
+                });
+            };
+            crate::storage::check_existing(
+                &t.path,
+                t.meta.geometry,
+                t.meta.info_hash,
+                &t.meta.piece_hashes,
+                &t.resume_path,
+                threads,
+                &progress,
+            )
+        })
+        .await
+        .map_err(|e| format!("checking {}: {e}", self.path.display()))?
+        .map_err(|e| e.to_string())?;
+        let have = result.have;
+        tracing::info!(
+            torrent = %self.info_hash(),
+            path = %self.path.display(),
+            pieces = have.count(),
+            of = have.len(),
+            fast_path = result.fast_path,
+            "checked existing data"
+        );
+        let mut st = self.lock();
+        if self.mode != Mode::Download && !have.is_full() {
+            return Err(format!(
+                "cannot seed {}: only {} of {} pieces match the torrent; is it the right file?",
+                self.path.display(),
+                have.count(),
+                have.len()
+            ));
+        }
+        st.phase = if have.is_full() {
+            TorrentState::Seeding
+        } else {
+            TorrentState::Downloading
+        };
+        st.picker = Picker::new(self.meta.geometry, have);
+        st.dirty = !result.fast_path;
+        drop(st);
+        self.publish_stats(0, 0);
+        Ok(())
+    }
+
+    async fn save_resume(&self) {
+        let have = {
+            let mut st = self.lock();
+            if !st.dirty || self.mode != Mode::Download {
+                return;
+            }
+            st.dirty = false;
+            st.picker.have().clone()
+        };
+        let storage = self.storage.clone();
+        let (resume, path, info_hash) = (
+            self.resume_path.clone(),
+            self.path.clone(),
+            self.info_hash(),
+        );
+        let saved = tokio::task::spawn_blocking(move || {
+            storage.sync()?;
+            crate::storage::save_resume(&resume, info_hash, &path, &have)
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(torrent = %info_hash, "saving resume data: {e}; the next start re-checks the file")
+            }
+            Err(e) => tracing::warn!(torrent = %info_hash, "saving resume data: {e}"),
+        }
+    }
+
+    pub fn publish_stats(&self, download_rate: u64, upload_rate: u64) {
+        let st = self.lock();
+        let peers = st
+            .peers
+            .values()
+            .map(|p| PeerStats {
+                addr: p.addr,
+                client: client_name(&p.peer_id),
+                downloaded: p.downloaded,
+                uploaded: p.uploaded,
+                pieces: p.has.count(),
+                in_zone: p.in_zone,
+            })
+            .collect();
+        let stats = TorrentStats {
+            state: st.phase.clone(),
+            bytes_done: st.picker.bytes_done(),
+            bytes_total: self.meta.geometry.total_len,
+            pieces_done: st.picker.have().count(),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            download_rate,
+            upload_rate,
+            hash_failures: self.hash_failures.load(Ordering::Relaxed),
+            banned: self.banned.load(Ordering::Relaxed),
+            protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
+            peers,
+        };
+        drop(st);
+        self.stats_tx.send_replace(stats);
+    }
+
+    /// Opens connections to known addresses we are not connected to, up to the peer limit.
+    fn connect_candidates(self: &Arc<Self>) {
+        let mut st = self.lock();
+        let phase_ok = matches!(st.phase, TorrentState::Downloading | TorrentState::Seeding);
+        if !phase_ok {
+            return;
+        }
+        // A complete peer only serves: it waits for leechers to come to it.
+        if st.picker.is_complete() {
+            return;
+        }
+        let room = self.shared.config.max_peers.saturating_sub(
+            st.peers.len() + st.candidates.values().filter(|c| c.connecting).count(),
+        );
+        let now = Instant::now();
+        let own = self.shared.local_addr;
+        let mut chosen: Vec<SocketAddr> = st
+            .candidates
+            .iter()
+            .filter(|(addr, c)| {
+                !c.connected
+                    && !c.connecting
+                    && c.retry_at.is_none_or(|t| t <= now)
+                    && !is_self(**addr, own)
+            })
+            .map(|(a, _)| *a)
+            .filter(|a| !st.banned_addrs.contains(a))
+            .collect();
+        // Zone peers first.
+        chosen.sort_by_key(|a| !self.shared.in_zone(a.ip()));
+        chosen.truncate(room);
+        for addr in chosen {
+            if let Some(c) = st.candidates.get_mut(&addr) {
+                c.connecting = true;
+            }
+            let t = self.clone();
+            self.shared.tasks.spawn(async move {
+                let result = t.outbound(addr).await;
+                let mut st = t.lock();
+                if let Some(c) = st.candidates.get_mut(&addr) {
+                    c.connecting = false;
+                    c.connected = false;
+                    if let Err(e) = &result {
+                        tracing::debug!(peer = %addr, "connecting failed: {e}");
+                        c.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    } else {
+                        c.retry_at = Some(Instant::now() + Duration::from_secs(2));
+                    }
+                }
+            });
+        }
+    }
+
+    async fn outbound(self: &Arc<Self>, addr: SocketAddr) -> Result<(), String> {
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let ours = Handshake::new(self.info_hash(), self.shared.peer_id);
+        let mut buf = [0u8; HANDSHAKE_LEN];
+        tokio::time::timeout(Duration::from_secs(10), async {
+            stream.write_all(&ours.encode()).await?;
+            stream.read_exact(&mut buf).await
+        })
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| format!("handshake: {e}"))?;
+        let theirs = Handshake::decode(&buf).map_err(|e| e.to_string())?;
+        if theirs.info_hash != self.info_hash() {
+            return Err(format!("peer answered for torrent {}", theirs.info_hash));
+        }
+        if theirs.peer_id == self.shared.peer_id {
+            // Our own address came back from the tracker; never try it again.
+            self.lock().banned_addrs.insert(addr);
+            return Err("connected to ourselves".into());
+        }
+        if let Some(c) = self.lock().candidates.get_mut(&addr) {
+            c.connected = true;
+        }
+        self.run_peer(stream, addr, theirs, true).await;
+        Ok(())
+    }
+
+    /// Registers a handshaken connection; `None` when it must be closed at once (banned,
+    /// duplicate, full). The receiver carries the torrent's commands to the connection.
+    pub fn register(
+        &self,
+        addr: SocketAddr,
+        peer_id: PeerId,
+        outbound: bool,
+    ) -> Option<(PeerKey, mpsc::UnboundedReceiver<Cmd>)> {
+        let mut st = self.lock();
+        if st.banned_ids.contains(&peer_id)
+            || !matches!(st.phase, TorrentState::Downloading | TorrentState::Seeding)
+        {
+            return None;
+        }
+        if st.peers.len() >= self.shared.config.max_peers {
+            return None;
+        }
+        // Two of our peers often dial each other at once. Keep the connection opened by the
+        // side with the smaller peer id; both sides reach the same verdict.
+        let ours = self.shared.peer_id;
+        let dup = st
+            .peers
+            .iter()
+            .find(|(_, p)| p.peer_id == peer_id)
+            .map(|(k, p)| (*k, p.outbound));
+        if let Some((key, existing_outbound)) = dup {
+            let opener = |we_opened: bool| if we_opened { ours.0 } else { peer_id.0 };
+            if opener(outbound) < opener(existing_outbound) {
+                if let Some(p) = st.peers.get(&key) {
+                    let _ = p.tx.send(Cmd::Close("duplicate connection"));
+                }
+            } else {
+                return None;
+            }
+        }
+        let key = st.next_key;
+        st.next_key += 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pieces = self.meta.geometry.piece_count();
+        st.peers.insert(
+            key,
+            PeerSlot {
+                addr,
+                peer_id,
+                outbound,
+                tx,
+                has: Bitfield::new(pieces),
+                in_zone: self.shared.in_zone(addr.ip()),
+                am_choking: true,
+                interested: false,
+                since: Instant::now(),
+                downloaded: 0,
+                uploaded: 0,
+                offers: Vec::new(),
+                offered: HashSet::new(),
+            },
+        );
+        Some((key, rx))
+    }
+
+    /// Forgets a closed connection.
+    pub fn unregister(&self, key: PeerKey) {
+        let mut st = self.lock();
+        if let Some(slot) = st.peers.remove(&key) {
+            st.picker.remove_peer(key, &slot.has, slot.in_zone);
+            if !slot.am_choking && slot.interested {
+                self.fill_slots(&mut st);
+            }
+        }
+    }
+
+    /// Records a hash failure against every sender of the piece; bans repeat offenders.
+    pub fn blame(&self, st: &mut State, senders: &[PeerKey]) {
+        self.hash_failures.fetch_add(1, Ordering::Relaxed);
+        for key in senders {
+            let Some(slot) = st.peers.get(key) else {
+                continue;
+            };
+            let (id, addr) = (slot.peer_id, slot.addr);
+            let strikes = st.strikes.entry(id).or_insert(0);
+            *strikes += 1;
+            tracing::warn!(peer = %addr, strikes = *strikes, "peer sent a piece that failed its hash");
+            if *strikes >= STRIKES_TO_BAN {
+                st.banned_ids.insert(id);
+                if slot.outbound {
+                    st.banned_addrs.insert(addr);
+                }
+                let _ = slot.tx.send(Cmd::Close("banned: sent corrupt data"));
+                self.banned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %addr, "banned peer for sending corrupt data");
+            }
+        }
+    }
+
+    /// A piece passed its hash: tell every peer, and note completion.
+    pub fn piece_verified(&self, st: &mut State, piece: u32) {
+        st.dirty = true;
+        for slot in st.peers.values() {
+            let _ = slot.tx.send(Cmd::Have(piece));
+        }
+        if st.picker.is_complete() && st.phase == TorrentState::Downloading {
+            st.phase = TorrentState::Seeding;
+            tracing::info!(torrent = %self.info_hash(), "download complete");
+            self.completed.notify_one();
+            // Seeds have nothing to give each other.
+            for slot in st.peers.values() {
+                if slot.has.is_full() {
+                    let _ = slot.tx.send(Cmd::Close("both complete"));
+                }
+            }
+        }
+    }
+
+    /// Called when a peer's interest in us changed.
+    pub fn interest_changed(&self, st: &mut State, key: PeerKey, interested: bool) {
+        let Some(slot) = st.peers.get_mut(&key) else {
+            return;
+        };
+        slot.interested = interested;
+        if !interested {
+            if !slot.am_choking {
+                slot.am_choking = true;
+                let _ = slot.tx.send(Cmd::Choke);
+            }
+        } else {
+            slot.since = Instant::now();
+        }
+        self.fill_slots(st);
+    }
+
+    /// Unchokes waiting peers while slots are free; longest waiting first.
+    fn fill_slots(&self, st: &mut State) {
+        let slots = self.shared.config.upload_slots.max(1);
+        let mut free = slots.saturating_sub(st.unchoked_interested());
+        if free == 0 {
+            return;
+        }
+        let mut waiting: Vec<(Instant, PeerKey)> = st
+            .peers
+            .iter()
+            .filter(|(_, p)| p.am_choking && p.interested)
+            .map(|(k, p)| (p.since, *k))
+            .collect();
+        waiting.sort();
+        for (_, key) in waiting {
+            if free == 0 {
+                break;
+            }
+            if let Some(p) = st.peers.get_mut(&key) {
+                p.am_choking = false;
+                p.since = Instant::now();
+                let _ = p.tx.send(Cmd::Unchoke);
+                free -= 1;
+            }
+        }
+    }
+
+    /// Every `ROTATE_EVERY`: when peers wait, the longest-served make room for them.
+    fn rechoke(&self, rotate: bool) {
+        let mut st = self.lock();
+        if rotate {
+            let waiting = st
+                .peers
+                .values()
+                .filter(|p| p.am_choking && p.interested)
+                .count();
+            if waiting > 0 {
+                let mut served: Vec<(Instant, PeerKey)> = st
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| {
+                        !p.am_choking && p.interested && p.since.elapsed() >= ROTATE_EVERY
+                    })
+                    .map(|(k, p)| (p.since, *k))
+                    .collect();
+                served.sort();
+                for (_, key) in served.into_iter().take(waiting) {
+                    if let Some(p) = st.peers.get_mut(&key) {
+                        p.am_choking = true;
+                        p.since = Instant::now();
+                        let _ = p.tx.send(Cmd::Choke);
+                    }
+                }
+            }
+        }
+        self.fill_slots(&mut st);
+    }
+
+    /// Super-seeding: tops up `key`'s offers to `SUPER_SEED_OFFERS`. A piece goes first to
+    /// the peer it was offered least to, so each piece leaves the seeder about once.
+    pub fn offer(&self, st: &mut State, key: PeerKey) {
+        if self.mode != Mode::SuperSeed {
+            return;
+        }
+        loop {
+            let Some(slot) = st.peers.get(&key) else {
+                return;
+            };
+            if slot.offers.len() >= SUPER_SEED_OFFERS || slot.has.is_full() {
+                return;
+            }
+            let pieces = self.meta.geometry.piece_count();
+            let best = (0..pieces)
+                .filter(|&i| !slot.has.get(i) && !slot.offered.contains(&i))
+                .min_by_key(|&i| {
+                    let seen = st.peers.values().filter(|p| p.has.get(i)).count() as u32;
+                    (st.offer_count[i as usize] + seen, rand::random::<u16>())
+                });
+            let Some(piece) = best else {
+                return;
+            };
+            st.offer_count[piece as usize] += 1;
+            let slot = st.peers.get_mut(&key).expect("checked above");
+            slot.offers.push((piece, None));
+            slot.offered.insert(piece);
+            let _ = slot.tx.send(Cmd::Offer(piece));
+        }
+    }
+
+    /// Super-seeding: `from` announced `piece`. Offers of that piece held by other peers
+    /// are fulfilled (the piece now spreads without us), so they get new ones.
+    pub fn seen(&self, st: &mut State, from: PeerKey, piece: u32) {
+        if self.mode != Mode::SuperSeed {
+            return;
+        }
+        let mut refill = Vec::new();
+        for (key, slot) in st.peers.iter_mut() {
+            if *key == from {
+                for offer in slot.offers.iter_mut() {
+                    if offer.0 == piece && offer.1.is_none() {
+                        offer.1 = Some(Instant::now());
+                    }
+                }
+                continue;
+            }
+            let before = slot.offers.len();
+            slot.offers.retain(|(p, _)| *p != piece);
+            if slot.offers.len() != before {
+                refill.push(*key);
+            }
+        }
+        refill.push(from);
+        for key in refill {
+            self.offer(st, key);
+        }
+    }
+
+    fn release_stale_offers(&self) {
+        let mut st = self.lock();
+        let mut refill = Vec::new();
+        for (key, slot) in st.peers.iter_mut() {
+            let before = slot.offers.len();
+            slot.offers
+                .retain(|(_, got)| got.is_none_or(|t| t.elapsed() < SUPER_SEED_RELEASE));
+            if slot.offers.len() != before || slot.offers.len() < SUPER_SEED_OFFERS {
+                refill.push(*key);
+            }
+        }
+        for key in refill {
+            self.offer(&mut st, key);
+        }
+    }
+
+    async fn announcer(self: Arc<Self>) {
+        let mut event = Event::Started;
+        let mut urls = self.meta.announce.clone();
+        let mut sent_completed = self.lock().picker.is_complete();
+        loop {
+            let paused = self.lock().phase == TorrentState::Paused;
+            let interval = if paused {
+                Duration::from_secs(5)
+            } else {
+                match self.announce_once(&mut urls, event).await {
+                    Some(interval) => {
+                        event = Event::Periodic;
+                        interval
+                    }
+                    None => Duration::from_secs(15),
+                }
+            };
+            let completed = self.completed.notified();
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+                _ = completed, if !sent_completed => {
+                    sent_completed = true;
+                    event = Event::Completed;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(
+            STOP_ANNOUNCE_TIMEOUT,
+            self.announce_once(&mut urls, Event::Stopped),
+        )
+        .await;
+    }
+
+    /// Announces to the first tracker that answers (moving it to the front); returns the
+    /// interval it asked for.
+    async fn announce_once(&self, urls: &mut [String], event: Event) -> Option<Duration> {
+        let left = {
+            let st = self.lock();
+            self.meta.geometry.total_len - st.picker.bytes_done()
+        };
+        let request = AnnounceRequest {
+            info_hash: self.info_hash(),
+            peer_id: self.shared.peer_id,
+            port: self.shared.local_addr.port(),
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+            left,
+            event,
+            numwant: Some(200),
+        };
+        for i in 0..urls.len() {
+            match self.shared.tracker.announce(&urls[i], &request).await {
+                Ok(response) => {
+                    urls[..=i].rotate_right(1);
+                    tracing::debug!(torrent = %self.info_hash(), peers = response.peers.len(), ?event, "announced");
+                    self.add_peers(&response.peers);
+                    return Some(response.interval.min(Duration::from_secs(300)));
+                }
+                Err(e) => tracing::warn!(torrent = %self.info_hash(), "{e}"),
+            }
+        }
+        None
+    }
+}
+
+impl Candidate {
+    fn new() -> Candidate {
+        Candidate {
+            connected: false,
+            connecting: false,
+            retry_at: None,
+        }
+    }
+}
+
+fn is_self(addr: SocketAddr, own: SocketAddr) -> bool {
+    addr.port() == own.port()
+        && (addr.ip() == own.ip() || own.ip().is_unspecified() && addr.ip().is_loopback())
+}
+
+/// The printable client prefix of a peer id.
+fn client_name(id: &PeerId) -> String {
+    id.0.iter()
+        .take_while(|b| b.is_ascii_graphic())
+        .take(10)
+        .map(|&b| b as char)
+        .collect()
+}

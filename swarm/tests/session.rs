@@ -1,0 +1,207 @@
+//! The session API driven in-process: two engines talking over loopback TCP (a real wire,
+//! no tracker), checking what the server and the agent rely on: stats, pause and resume,
+//! removal with the file, and refusing to seed a file that does not match.
+
+use std::path::Path;
+use std::time::Duration;
+
+use boottorrent_swarm::metainfo::Metainfo;
+use boottorrent_swarm::session::{
+    AddTorrent, Mode, Session, SessionConfig, TorrentHandle, TorrentState, TorrentStats,
+};
+use sha1::{Digest, Sha1};
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A single-file torrent of `data`, bencoded by hand so the test needs no creator.
+fn torrent_for(name: &str, data: &[u8], piece_len: usize) -> Metainfo {
+    let mut pieces = Vec::new();
+    for chunk in data.chunks(piece_len) {
+        pieces.extend_from_slice(&Sha1::digest(chunk));
+    }
+    let mut info = Vec::new();
+    info.extend_from_slice(
+        format!("d6:lengthi{}e4:name{}:{}", data.len(), name.len(), name).as_bytes(),
+    );
+    info.extend_from_slice(
+        format!("12:piece lengthi{piece_len}e6:pieces{}:", pieces.len()).as_bytes(),
+    );
+    info.extend_from_slice(&pieces);
+    info.push(b'e');
+    let mut bytes = b"d4:info".to_vec();
+    bytes.extend_from_slice(&info);
+    bytes.push(b'e');
+    Metainfo::from_bytes(&bytes).expect("hand-made torrent parses")
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rand::Rng::fill(&mut rand::rng(), &mut data[..]);
+    data
+}
+
+async fn session(config: SessionConfig) -> (Session, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let session = Session::start(
+        SessionConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..config
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (session, shutdown)
+}
+
+/// Waits until `check` holds for the torrent's stats, failing after `LIMIT`.
+async fn wait_stats(
+    handle: &TorrentHandle,
+    what: &str,
+    check: impl Fn(&TorrentStats) -> bool,
+) -> TorrentStats {
+    let mut stats = handle.stats();
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            {
+                let s = stats.borrow_and_update();
+                if check(&s) {
+                    return s.clone();
+                }
+            }
+            stats.changed().await.expect("torrent still running");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "timed out waiting for {what}: {:?}",
+            handle.stats().borrow()
+        )
+    })
+}
+
+fn add(
+    session: &Session,
+    meta: &Metainfo,
+    path: &Path,
+    mode: Mode,
+    peers: &[&Session],
+) -> TorrentHandle {
+    session
+        .add(AddTorrent {
+            metainfo: meta.clone(),
+            path: path.to_owned(),
+            mode,
+            peers: peers.iter().map(|s| s.local_addr()).collect(),
+            use_tracker: false,
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leecher_gets_identical_bytes_and_remove_deletes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(3 * 1024 * 1024 + 1234);
+    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
+    let source = dir.path().join("source.vhdx");
+    std::fs::write(&source, &data).unwrap();
+    let (seeder, stop_seeder) = session(SessionConfig::default()).await;
+    let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
+    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
+
+    let (leecher, stop_leecher) = session(SessionConfig::default()).await;
+    let target = dir.path().join("out/image.vhdx");
+    let handle = add(&leecher, &meta, &target, Mode::Download, &[&seeder]);
+    let done = wait_stats(&handle, "completion", |s| s.state == TorrentState::Seeding).await;
+    assert_eq!(done.bytes_done, data.len() as u64);
+    assert_eq!(done.pieces_done, meta.geometry.piece_count());
+    assert!(done.downloaded >= data.len() as u64);
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    let up = wait_stats(&seeding, "the seeder's upload count", |s| {
+        s.uploaded >= data.len() as u64
+    })
+    .await;
+    assert_eq!(up.hash_failures, 0);
+
+    leecher.remove(meta.info_hash, true).await.unwrap();
+    assert!(!target.exists(), "remove(delete_file) leaves the file");
+    assert!(
+        leecher.remove(meta.info_hash, false).await.is_err(),
+        "removed twice"
+    );
+    stop_leecher.cancel();
+    stop_seeder.cancel();
+    tokio::time::timeout(LIMIT, async {
+        leecher.stopped().await;
+        seeder.stopped().await;
+    })
+    .await
+    .expect("sessions stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_disconnects_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(4 * 1024 * 1024);
+    let meta = torrent_for("paused.img", &data, 256 * 1024);
+    let source = dir.path().join("source.img");
+    std::fs::write(&source, &data).unwrap();
+    // Slow enough to catch it half way.
+    let (seeder, _stop_seeder) = session(SessionConfig {
+        upload_limit_bps: Some(1024 * 1024),
+        ..SessionConfig::default()
+    })
+    .await;
+    add(&seeder, &meta, &source, Mode::Seed, &[]);
+    let (leecher, _stop_leecher) = session(SessionConfig::default()).await;
+    let target = dir.path().join("paused.img");
+    let handle = add(&leecher, &meta, &target, Mode::Download, &[&seeder]);
+    wait_stats(&handle, "some progress", |s| s.pieces_done >= 1).await;
+
+    handle.pause();
+    let paused = wait_stats(&handle, "paused with no peers", |s| {
+        s.state == TorrentState::Paused && s.peers.is_empty()
+    })
+    .await;
+    assert!(
+        paused.bytes_done < data.len() as u64,
+        "finished before the pause"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let still = handle.stats().borrow().clone();
+    assert_eq!(
+        still.pieces_done, paused.pieces_done,
+        "progress while paused"
+    );
+
+    handle.resume();
+    wait_stats(&handle, "completion after resume", |s| {
+        s.state == TorrentState::Seeding
+    })
+    .await;
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeding_a_file_that_does_not_match_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(512 * 1024);
+    let meta = torrent_for("wrong.img", &data, 64 * 1024);
+    let source = dir.path().join("wrong.img");
+    let mut other = data.clone();
+    other[100_000] ^= 0xff;
+    std::fs::write(&source, &other).unwrap();
+    let (seeder, _stop) = session(SessionConfig::default()).await;
+    let handle = add(&seeder, &meta, &source, Mode::SuperSeed, &[]);
+    let s = wait_stats(&handle, "the error", |s| {
+        matches!(s.state, TorrentState::Error(_))
+    })
+    .await;
+    let TorrentState::Error(message) = s.state else {
+        unreachable!()
+    };
+    assert!(message.contains("7 of 8 pieces"), "{message}");
+    assert!(message.contains("wrong.img"), "{message}");
+}
