@@ -73,7 +73,7 @@ impl Torrent {
             outstanding: HashMap::new(),
             last_block_at: Instant::now(),
             requests: VecDeque::new(),
-            got_first_message: false,
+            got_availability: false,
             download_rate: 0.0,
             rate_window: (Instant::now(), 0),
         };
@@ -104,7 +104,8 @@ struct Connection {
     last_block_at: Instant,
     /// Its requests waiting to be served.
     requests: VecDeque<BlockRef>,
-    got_first_message: bool,
+    /// It sent its bitfield, have_all, have_none or a have already.
+    got_availability: bool,
     /// Bytes per second received from this peer, smoothed; sizes the pipeline.
     download_rate: f64,
     rate_window: (Instant, u64),
@@ -233,8 +234,15 @@ impl Connection {
     async fn message(&mut self, msg: Message, sink: &mut Sink) -> Result<(), End> {
         let geometry = self.torrent.meta.geometry;
         let pieces = geometry.piece_count();
-        let first = !self.got_first_message;
-        self.got_first_message = true;
+        // Availability (bitfield, have_all, have_none) comes once, before any have; aria2c
+        // sends it after its BEP 10 extension handshake, so "first message" is too strict.
+        let first = !self.got_availability;
+        if matches!(
+            msg,
+            Message::Bitfield(_) | Message::HaveAll | Message::HaveNone | Message::Have(_)
+        ) {
+            self.got_availability = true;
+        }
         match msg {
             Message::KeepAlive => Ok(()),
             Message::Bitfield(bytes) => {

@@ -33,7 +33,7 @@ const STRIKES_TO_BAN: u32 = 2;
 const SUPER_SEED_OFFERS: usize = 4;
 /// Super-seeding: an offer the peer has held this long is released even if no other peer
 /// picked it up, so a lone leecher is not starved.
-const SUPER_SEED_RELEASE: Duration = Duration::from_secs(3);
+const SUPER_SEED_RELEASE: Duration = Duration::from_millis(1500);
 /// How long a failed address waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(15);
 /// Time allowed to announce `stopped` on shutdown.
@@ -375,7 +375,8 @@ impl Torrent {
     async fn save_resume(&self) {
         let have = {
             let mut st = self.lock();
-            if !st.dirty || self.mode != Mode::Download {
+            // A seed's record spares the next start a full re-hash of a large image.
+            if !st.dirty {
                 return;
             }
             st.dirty = false;
@@ -387,8 +388,11 @@ impl Torrent {
             self.path.clone(),
             self.info_hash(),
         );
+        let writable = self.mode == Mode::Download;
         let saved = tokio::task::spawn_blocking(move || {
-            storage.sync()?;
+            if writable {
+                storage.sync()?;
+            }
             crate::storage::save_resume(&resume, info_hash, &path, &have)
         })
         .await;
@@ -742,13 +746,23 @@ impl Torrent {
         if self.mode != Mode::SuperSeed {
             return;
         }
+        // Nobody else lacks the piece (a lone leecher, or the last one): there is no one to
+        // wait for, so the holder's offer is done at once.
+        let needed_elsewhere = st
+            .peers
+            .iter()
+            .any(|(key, p)| *key != from && !p.has.get(piece));
         let mut refill = Vec::new();
         for (key, slot) in st.peers.iter_mut() {
             if *key == from {
-                for offer in slot.offers.iter_mut() {
-                    if offer.0 == piece && offer.1.is_none() {
-                        offer.1 = Some(Instant::now());
+                if needed_elsewhere {
+                    for offer in slot.offers.iter_mut() {
+                        if offer.0 == piece && offer.1.is_none() {
+                            offer.1 = Some(Instant::now());
+                        }
                     }
+                } else {
+                    slot.offers.retain(|(p, _)| *p != piece);
                 }
                 continue;
             }
