@@ -30,8 +30,14 @@ pub enum Command {
     /// List, inspect and approve machines (talks to a running server's HTTP API).
     #[command(subcommand)]
     Machines(MachinesCommand),
+    /// Add, list, inspect and remove catalogued images (talks to a running server's HTTP API).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Print the default configuration file, with a comment on every setting.
     Config,
+    /// Make .torrent files locally, with the engine the image catalog uses (no server needed).
+    #[command(subcommand)]
+    Torrent(TorrentCommand),
 }
 
 /// Settings of `boottorrent serve`. Every one is optional here: unset means "take it from the
@@ -88,6 +94,10 @@ pub struct ServeArgs {
     /// Seconds an envelope's timestamp may be off before it is dropped [default: 300].
     #[arg(long, env = "BOOTTORRENT_REPLAY_WINDOW_SECS", value_name = "SECS")]
     pub replay_window_secs: Option<u32>,
+    /// Seconds between tracker announces of each peer; peers silent for two intervals are
+    /// dropped [default: 60].
+    #[arg(long, env = "BOOTTORRENT_ANNOUNCE_INTERVAL_SECS", value_name = "SECS")]
+    pub announce_interval_secs: Option<u32>,
 }
 
 /// How the client commands reach the server.
@@ -119,6 +129,47 @@ pub struct ClientArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Add a golden image: a file on the SERVER's disk. The server validates the VHDX
+    /// (file identifier, header CRC-32C, region table, metadata), hashes it into a private
+    /// torrent and starts seeding it. Shows the import's progress; the same file or the same
+    /// content added again is the same image. Needs the admin token.
+    Add {
+        /// Path of the image on the server (made absolute from the current directory).
+        file: std::path::PathBuf,
+        /// Name shown in the catalog and used as the torrent's file name [default: the file
+        /// name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Import a file that is not a VHDX (a raw disk image, say) without validation.
+        #[arg(long)]
+        raw: bool,
+        /// Return once the import started instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List catalogued images: state, size, info hash, seeder upload.
+    List(ClientArgs),
+    /// Show everything the server knows about one image, as JSON.
+    Show {
+        /// Image id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove an image from the catalog and stop seeding it; the file stays on disk. Needs
+    /// the admin token.
+    Rm {
+        /// Image id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum MachinesCommand {
     /// List every known machine: online state, last contact, key state, zones, images.
     List(ClientArgs),
@@ -137,4 +188,95 @@ pub enum MachinesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TorrentCommand {
+    /// Hash one file into a single-file .torrent.
+    ///
+    /// Reads the file once, hashing its pieces with SHA-1 on every core (or --threads). Unless
+    /// --piece-size is given, the piece size is the power of two between 1 MiB and 16 MiB that
+    /// gives about 1,000 to 2,000 pieces. The torrent's info dictionary holds only length, name,
+    /// piece length, pieces and (with --private) private, so its info hash is the one any
+    /// standard creator computes for the same file, name, piece size and private flag.
+    ///
+    /// Writes FILE.torrent unless -o is given, then prints the info hash, piece size, piece
+    /// count and time taken. A progress bar shows on a terminal.
+    Create(TorrentCreateArgs),
+}
+
+/// Arguments of `boottorrent torrent create`.
+#[derive(Debug, Clone, Args)]
+pub struct TorrentCreateArgs {
+    /// The file to share.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Where to write the torrent; an existing file is replaced [default: FILE.torrent].
+    #[arg(short, long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// Tracker announce URL
+    /// [default: <public-url>/announce, or http://127.0.0.1:8080/announce without one].
+    #[arg(long, value_name = "URL")]
+    pub announce: Option<String>,
+    /// URL of the server whose tracker the torrent names when --announce is not given.
+    #[arg(long, env = "BOOTTORRENT_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+    /// Piece size: a power of two from 16 KiB to 64 MiB, in bytes or with a K/M suffix (KiB,
+    /// MiB) [default: chosen from the file size].
+    #[arg(long, value_name = "BYTES", value_parser = parse_piece_size)]
+    pub piece_size: Option<u32>,
+    /// Set the private flag (BEP 27): clients get peers only from the tracker, never from DHT
+    /// or peer exchange.
+    #[arg(long)]
+    pub private: bool,
+    /// SHA-1 hashing threads; 0 uses every core.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+    /// Name stored in the torrent, under which downloaders save the file [default: FILE's name].
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// A byte count, optionally with a binary suffix: `1048576`, `1024K`, `1M`, `1MiB`.
+fn parse_piece_size(text: &str) -> Result<u32, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match lower.trim_end_matches("ib").trim_end_matches('b') {
+        t if t.ends_with('k') => (&t[..t.len() - 1], 1024),
+        t if t.ends_with('m') => (&t[..t.len() - 1], 1024 * 1024),
+        t => (t, 1),
+    };
+    digits
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("{text:?} is not a size in bytes (such as 1048576, 1024K or 1M)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_sizes_parse_with_and_without_suffixes() {
+        for (text, bytes) in [
+            ("1048576", 1 << 20),
+            ("1024K", 1 << 20),
+            ("1M", 1 << 20),
+            ("1MiB", 1 << 20),
+            ("16k", 16 << 10),
+            ("4 MB", 4 << 20),
+        ] {
+            assert_eq!(parse_piece_size(text), Ok(bytes), "{text}");
+        }
+        for text in ["", "M", "1G", "-1", "1.5M", "8192M"] {
+            assert!(parse_piece_size(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

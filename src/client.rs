@@ -1,9 +1,10 @@
-//! The operator's client commands: `boottorrent machines ...` against the HTTP API.
+//! The operator's client commands: `boottorrent machines ...` and `boottorrent image ...`
+//! against the HTTP API.
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cli::{ClientArgs, MachinesCommand};
+use crate::cli::{ClientArgs, ImageCommand, MachinesCommand};
 use crate::credentials::read_admin_token;
 
 /// Runs one `machines` subcommand and prints its result.
@@ -22,20 +23,13 @@ pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&machine)?);
         }
         MachinesCommand::Approve { id, client } => {
-            let token = match &client.token {
-                Some(t) => t.clone(),
-                None => read_admin_token(&client.data_dir)?,
-            };
-            let url = url(&client, &format!("/api/v1/machines/{id}/approve"))?;
-            let response = reqwest::Client::new()
-                .post(&url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .with_context(|| {
-                    format!("connecting to {url}; is the server running? (--server)")
-                })?;
-            let body = answer(&url, response).await?;
+            let body = send(
+                &client,
+                reqwest::Method::POST,
+                &format!("/api/v1/machines/{id}/approve"),
+                None,
+            )
+            .await?;
             if client.json {
                 println!("{}", serde_json::to_string_pretty(&body)?);
             } else {
@@ -46,6 +40,157 @@ pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs one `image` subcommand and prints its result.
+pub async fn images(command: ImageCommand) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Add {
+            file,
+            name,
+            raw,
+            no_wait,
+            client,
+        } => {
+            let path = std::path::absolute(&file)
+                .with_context(|| format!("resolving {}", file.display()))?;
+            let body = serde_json::json!({ "path": path, "name": name, "raw": raw });
+            let image = send(&client, reqwest::Method::POST, "/api/v1/images", Some(body)).await?;
+            let id = image["id"].as_str().unwrap_or_default().to_owned();
+            let image = if no_wait {
+                image
+            } else {
+                wait_for_import(&client, &id, &image).await?
+            };
+            if client.json {
+                println!("{}", serde_json::to_string_pretty(&image)?);
+                return Ok(());
+            }
+            match image["state"].as_str() {
+                Some("duplicate") => println!(
+                    "{} has the same content as image {}; nothing new was added",
+                    path.display(),
+                    image["same_as"].as_str().unwrap_or("?")
+                ),
+                Some("failed") => bail!(
+                    "importing {} failed: {}",
+                    path.display(),
+                    image["error"].as_str().unwrap_or("no reason given")
+                ),
+                state => println!(
+                    "image {id}: {} ({} bytes, info hash {}, {})",
+                    image["name"].as_str().unwrap_or(""),
+                    image["size"],
+                    image["info_hash"].as_str().unwrap_or("not yet known"),
+                    state.unwrap_or("?")
+                ),
+            }
+        }
+        ImageCommand::List(client) => {
+            let list = get(&client, "/api/v1/images").await?;
+            if client.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_images(list.as_array().map(Vec::as_slice).unwrap_or_default());
+            }
+        }
+        ImageCommand::Show { id, client } => {
+            let image = get(&client, &format!("/api/v1/images/{id}")).await?;
+            println!("{}", serde_json::to_string_pretty(&image)?);
+        }
+        ImageCommand::Rm { id, client } => {
+            send(
+                &client,
+                reqwest::Method::DELETE,
+                &format!("/api/v1/images/{id}"),
+                None,
+            )
+            .await?;
+            println!("image {id} removed from the catalog (its file is left where it is)");
+        }
+    }
+    Ok(())
+}
+
+/// Polls an import until it ends, with a progress bar on a terminal.
+async fn wait_for_import(client: &ClientArgs, id: &str, first: &Value) -> anyhow::Result<Value> {
+    use std::io::IsTerminal;
+    let total = first["size"].as_u64().unwrap_or(0);
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "hashing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        eprintln!("importing {id} ({total} bytes)...");
+        None
+    };
+    let mut image = first.clone();
+    while image["state"] == "importing" {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        image = get(client, &format!("/api/v1/images/{id}")).await?;
+        if let Some(bar) = &bar {
+            bar.set_position(image["import_done"].as_u64().unwrap_or(0));
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(image)
+}
+
+/// A request that needs the admin token; returns the JSON answer (`null` for 204).
+async fn send(
+    client: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let token = match &client.token {
+        Some(t) => t.clone(),
+        None => read_admin_token(&client.data_dir)?,
+    };
+    let url = url(client, path)?;
+    let mut request = reqwest::Client::new()
+        .request(method, &url)
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("connecting to {url}; is the server running? (--server)"))?;
+    if response.status() == reqwest::StatusCode::NO_CONTENT {
+        return Ok(Value::Null);
+    }
+    answer(&url, response).await
+}
+
+fn print_images(images: &[Value]) {
+    if images.is_empty() {
+        println!("no images yet: add one with `boottorrent image add FILE`");
+        return;
+    }
+    println!(
+        "{:<32} {:<11} {:>14} {:<40} {:>6} NAME",
+        "ID", "STATE", "SIZE", "INFO HASH", "PEERS"
+    );
+    for i in images {
+        println!(
+            "{:<32} {:<11} {:>14} {:<40} {:>6} {}",
+            i["id"].as_str().unwrap_or(""),
+            i["state"].as_str().unwrap_or(""),
+            i["size"].as_u64().unwrap_or(0),
+            i["info_hash"].as_str().unwrap_or("-"),
+            i["peers"].as_u64().unwrap_or(0),
+            i["name"].as_str().unwrap_or(""),
+        );
+    }
 }
 
 fn url(client: &ClientArgs, path: &str) -> anyhow::Result<String> {

@@ -49,6 +49,9 @@ pub struct Config {
     /// Seconds an envelope's timestamp may differ from the server's clock before it is
     /// dropped as stale (or from the future).
     pub replay_window_secs: u32,
+    /// Seconds between a peer's tracker announces (`interval`); `min interval` is half of
+    /// it, and peers silent for two intervals are forgotten.
+    pub announce_interval_secs: u32,
 }
 
 impl Default for Config {
@@ -68,6 +71,7 @@ impl Default for Config {
             auto_approve: true,
             heartbeat_interval_secs: 30,
             replay_window_secs: 300,
+            announce_interval_secs: 60,
         }
     }
 }
@@ -91,6 +95,7 @@ impl fmt::Debug for Config {
             .field("auto_approve", &self.auto_approve)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("replay_window_secs", &self.replay_window_secs)
+            .field("announce_interval_secs", &self.announce_interval_secs)
             .finish()
     }
 }
@@ -187,6 +192,10 @@ impl Config {
             &args.heartbeat_interval_secs,
         );
         set(&mut self.replay_window_secs, &args.replay_window_secs);
+        set(
+            &mut self.announce_interval_secs,
+            &args.announce_interval_secs,
+        );
     }
 
     /// Checks what serde cannot: pairs of settings that only make sense together, ranges.
@@ -206,6 +215,12 @@ impl Config {
         }
         if self.replay_window_secs == 0 {
             bail!("replay_window_secs must be at least 1");
+        }
+        if !(10..=3600).contains(&self.announce_interval_secs) {
+            bail!(
+                "announce_interval_secs is {}; use 10 to 3600 seconds",
+                self.announce_interval_secs
+            );
         }
         if let Some(t) = &self.enroll_token {
             t.validate("enroll_token")?;
@@ -270,6 +285,8 @@ auto_approve = true
 heartbeat_interval_secs = 30
 # Seconds an envelope's timestamp may differ from the server clock.
 replay_window_secs = 300
+# Seconds between tracker announces of each peer; peers silent for two intervals are dropped.
+announce_interval_secs = 60
 "#;
 
 /// This host's name, for the default public URL.

@@ -1,5 +1,5 @@
-//! The HTTP listener: REST API, health and metrics. Later issues add the tracker, the
-//! dashboard and `.torrent` downloads to this same router.
+//! The HTTP listener: REST API, health and metrics, the BitTorrent tracker (`/announce`,
+//! `/scrape`) and `.torrent` downloads. The dashboard joins this same router later.
 //!
 //! Reads go straight to the store (redb snapshots run beside the orchestrator's writes);
 //! mutations go through the orchestrator, the single writer of machine state.
@@ -7,18 +7,21 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use boottorrent_proto::{HeldImage, MachineId, PublicKeyBytes, VerifyingKey, ZoneId};
+use boottorrent_proto::{HeldImage, ImageId, MachineId, PublicKeyBytes, VerifyingKey, ZoneId};
+use boottorrent_tracker::swarm::Tracker;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::{Catalog, CatalogError, ImageView};
 use crate::config::Secret;
 use crate::credentials::token_matches;
+use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
 use crate::orchestrator;
 use crate::registry::{Approval, ApproveError};
@@ -32,6 +35,9 @@ pub struct AppState {
     pub admin_token: Secret,
     pub server_key: VerifyingKey,
     pub orchestrator: orchestrator::Handle,
+    pub catalog: Arc<Catalog>,
+    pub tracker: Arc<Tracker>,
+    pub locality: Arc<ServerLocality>,
 }
 
 /// The router with every route of this issue.
@@ -44,6 +50,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/machines/{id}", get(show_machine))
         .route("/api/v1/machines/{id}/approve", post(approve_machine))
         .route("/api/v1/events", get(recent_events))
+        .route("/api/v1/images", get(list_images).post(add_image))
+        .route("/api/v1/images/{id}", get(show_image).delete(remove_image))
+        .route("/torrents/{file}", get(torrent_file))
+        .route("/announce", get(announce))
+        .route("/scrape", get(scrape))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
 }
@@ -54,9 +65,13 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    // The tracker needs each peer's address: it hands out the TCP source, never a claimed IP.
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 /// An API failure: a status and a message, rendered as `{"error": "..."}`.
@@ -217,7 +232,20 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         .machines()
         .map_err(|e| ApiError::internal("reading machines", e))?;
     let online = machines.iter().filter(|(m, _)| m.online).count();
-    let body = state.metrics.render(machines.len(), online);
+    let mut body = state.metrics.render(machines.len(), online);
+    let t = state.tracker.counters();
+    body.push_str(&format!(
+        "# HELP boottorrent_tracker_announces_total Announce requests, failed ones included.\n\
+         # TYPE boottorrent_tracker_announces_total counter\n\
+         boottorrent_tracker_announces_total {}\n\
+         # HELP boottorrent_tracker_scrapes_total Scrape requests, failed ones included.\n\
+         # TYPE boottorrent_tracker_scrapes_total counter\n\
+         boottorrent_tracker_scrapes_total {}\n\
+         # HELP boottorrent_tracker_failures_total Tracker requests answered with a failure reason.\n\
+         # TYPE boottorrent_tracker_failures_total counter\n\
+         boottorrent_tracker_failures_total {}\n",
+        t.announces, t.scrapes, t.failures
+    ));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
@@ -334,4 +362,151 @@ impl From<LogEntry> for EventView {
             detail: e.detail,
         }
     }
+}
+
+/// An image id taken from the path, validated once here.
+struct ImagePath(ImageId);
+
+impl FromRequestParts<AppState> for ImagePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Path(raw): Path<String> = Path::from_request_parts(parts, state)
+            .await
+            .map_err(|e: PathRejection| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        raw.parse::<ImageId>()
+            .map(ImagePath)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("image id {raw:?}: {e}")))
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            CatalogError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            CatalogError::Store(e) => ApiError::internal("reading the catalog", e),
+        }
+    }
+}
+
+async fn list_images(State(state): State<AppState>) -> Result<Json<Vec<ImageView>>, ApiError> {
+    Ok(Json(state.catalog.list()?))
+}
+
+async fn show_image(
+    State(state): State<AppState>,
+    ImagePath(id): ImagePath,
+) -> Result<Json<ImageView>, ApiError> {
+    Ok(Json(state.catalog.get(&id)?))
+}
+
+/// Body of `POST /api/v1/images`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddImage {
+    /// Absolute path of the file on the server's disk.
+    path: std::path::PathBuf,
+    name: Option<String>,
+    #[serde(default)]
+    raw: bool,
+}
+
+/// Starts importing a file on the server's disk; answers 202 with the image (state
+/// `importing`), or 200 when the same unchanged file is already catalogued.
+async fn add_image(
+    State(state): State<AppState>,
+    _admin: Admin,
+    body: Result<Json<AddImage>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<ImageView>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let catalog = state.catalog.clone();
+    // VHDX validation reads the file's headers: keep it off the async workers.
+    let view = tokio::task::spawn_blocking(move || catalog.add(&body.path, body.name, body.raw))
+        .await
+        .map_err(|e| ApiError::internal("adding the image", e))??;
+    let status = if view.state == "importing" {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view)))
+}
+
+async fn remove_image(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ImagePath(id): ImagePath,
+) -> Result<StatusCode, ApiError> {
+    state.catalog.remove(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /torrents/{info_hash}.torrent`.
+async fn torrent_file(
+    State(state): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let hash = file
+        .strip_suffix(".torrent")
+        .filter(|h| h.len() == 40 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("{file:?} is not <40 hex digits of an info hash>.torrent"),
+            )
+        })?;
+    match state.catalog.torrent(hash)? {
+        Some(bytes) => Ok((
+            [
+                (header::CONTENT_TYPE, "application/x-bittorrent".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{hash}.torrent\""),
+                ),
+            ],
+            bytes,
+        )
+            .into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no catalogued image has info hash {hash}"),
+        )),
+    }
+}
+
+/// `GET /announce`: answered in the tracker protocol's own way (bencoded, failures included).
+async fn announce(
+    State(state): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let answer = state.tracker.announce(
+        query.as_deref().unwrap_or(""),
+        remote.ip(),
+        state.locality.as_ref(),
+        std::time::Instant::now(),
+    );
+    tracker_response(answer)
+}
+
+/// `GET /scrape` (BEP 48).
+async fn scrape(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let answer = state
+        .tracker
+        .scrape(query.as_deref().unwrap_or(""), std::time::Instant::now());
+    tracker_response(answer)
+}
+
+fn tracker_response(answer: boottorrent_tracker::announce::Answer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            boottorrent_tracker::announce::CONTENT_TYPE,
+        )],
+        answer.body,
+    )
+        .into_response()
 }

@@ -3,16 +3,20 @@
 use clap::Parser;
 
 mod broker;
+mod catalog;
 mod cli;
 mod client;
 mod config;
 mod credentials;
 mod http;
+mod locality;
 mod metrics;
 mod orchestrator;
 mod registry;
 mod server;
 mod store;
+mod torrent_cmd;
+mod vhdx;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
@@ -42,6 +46,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
             runtime.block_on(server::run(config))
         }
         cli::Command::Machines(command) => runtime.block_on(client::machines(command)),
+        cli::Command::Image(command) => runtime.block_on(client::images(command)),
+        cli::Command::Torrent(command) => torrent_cmd::run(command),
         cli::Command::Config => {
             print!("{}", config::Config::default_toml());
             Ok(())

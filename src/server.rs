@@ -1,7 +1,8 @@
 //! `boottorrent serve`: starts every subsystem under one shutdown tree.
 //!
-//! Tasks: the orchestrator (broker link, registry) and the HTTP server, each with a child
-//! token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on its
+//! Tasks: the orchestrator (broker link, registry), the HTTP server (API, tracker), the
+//! tracker's peer expiry and the seeder (our swarm engine, super-seeding the catalog), each
+//! with a child token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on its
 //! own threads and cannot be stopped; it ends with the process. SIGINT or SIGTERM cancels the
 //! root token; a second signal, or tasks still running after `SHUTDOWN_DEADLINE`, forces exit.
 
@@ -10,11 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use boottorrent_swarm::session::{Session, SessionConfig};
+use boottorrent_tracker::swarm::{Tracker, TrackerConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::credentials::Credentials;
+use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Settings};
 use crate::store::Store;
@@ -66,6 +71,60 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let seeder = Session::start(
+        SessionConfig {
+            listen: config.bt_listen,
+            state_dir: Some(config.data_dir.join("resume")),
+            // The server serves a whole lab: every interested machine gets a slot.
+            upload_slots: 64,
+            max_peers: 1024,
+            ..SessionConfig::default()
+        },
+        shutdown.child_token(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "starting the seeder on {}: is the port in use?",
+            config.bt_listen
+        )
+    })?;
+    let interval = config.announce_interval_secs;
+    let tracker = Arc::new(Tracker::new(TrackerConfig {
+        interval_secs: interval,
+        min_interval_secs: (interval / 2).max(1),
+        ..TrackerConfig::default()
+    }));
+    let catalog = Catalog::start(
+        store.clone(),
+        seeder.clone(),
+        tracker.clone(),
+        config.public_url(),
+    )
+    .context("loading the image catalog")?;
+    let locality = Arc::new(ServerLocality::new(
+        store.clone(),
+        seeder.local_addr().port(),
+    ));
+    spawn(&tasks, &shutdown, "seeder", async move {
+        seeder.stopped().await;
+        Ok(())
+    });
+    spawn(&tasks, &shutdown, "tracker-expiry", {
+        let token = shutdown.child_token();
+        let tracker = tracker.clone();
+        async move {
+            // Peers expire after two intervals; sweeping a few times per interval keeps the
+            // peer lists honest without scanning on every announce.
+            let every = Duration::from_secs(u64::from(interval.max(4)) / 4);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(every) => tracker.expire(std::time::Instant::now()),
+                }
+            }
+        }
+    });
     let (handle, requests) = orchestrator::channel();
     // Check for silent machines often enough that "offline" is at most a few seconds late.
     let sweep_every = Duration::from_secs(u64::from(config.heartbeat_interval_secs).clamp(1, 10));
@@ -80,6 +139,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         admin_token: credentials.admin_token.clone(),
         server_key: credentials.server_key.verifying_key(),
         orchestrator: handle,
+        catalog,
+        tracker,
+        locality,
     };
     spawn(&tasks, &shutdown, "http", {
         let token = shutdown.child_token();
@@ -94,6 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mqtt = %config.mqtt_listen,
         mqtts = %config.tls_cert.as_ref().map(|_| config.mqtts_listen.to_string()).unwrap_or_else(|| "off".into()),
         http = %config.http_listen,
+        bt = %config.bt_listen,
         public_url = %config.public_url(),
         data_dir = %config.data_dir.display(),
         "boottorrent ready"

@@ -1,4 +1,5 @@
-//! Persistent state in one redb file: machines, their keys, and an append-only event log.
+//! Persistent state in one redb file: machines, their keys, an append-only event log, and the
+//! image catalog (records and their `.torrent` bytes).
 //!
 //! Values are JSON so that an operator can inspect a copy of the file with any redb tool and
 //! so that adding a field does not need a migration (`#[serde(default)]`). Every write is one
@@ -8,13 +9,16 @@
 
 use std::path::{Path, PathBuf};
 
-use boottorrent_proto::{HeldImage, MachineId, PublicKeyBytes, ZoneId};
+use boottorrent_proto::{HeldImage, ImageId, MachineId, PublicKeyBytes, ZoneId};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
 const MACHINE_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("machine_keys");
 const EVENT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("event_log");
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+/// `.torrent` bytes by info hash (hex), kept apart so listing images stays cheap.
+const TORRENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("torrents");
 
 /// What went wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +129,53 @@ pub struct KeyRecord {
     pub approved_at_ms: Option<i64>,
 }
 
+/// Where a catalogued image stands, as stored. Seeding problems found at run time (file gone
+/// or changed) are reported by the catalog on top of `Ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageState {
+    /// Being validated and hashed.
+    Importing,
+    /// Hashed, stored and seeded.
+    Ready,
+    /// The import failed; `error` says why.
+    Failed,
+    /// Same content as another image (`same_as`); kept so the adding client can learn that.
+    Duplicate,
+}
+
+/// A catalogued image: a file on the server's disk and its torrent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub id: ImageId,
+    /// Human-readable name; the torrent's file name.
+    pub name: String,
+    /// Absolute path of the file on the server.
+    pub path: PathBuf,
+    /// Imported without VHDX validation.
+    pub raw: bool,
+    /// File size in bytes.
+    pub size: u64,
+    /// The disk's virtual size (VHDX metadata), bytes.
+    pub virtual_size: Option<u64>,
+    /// The disk's logical sector size (VHDX metadata), bytes.
+    pub logical_sector_size: Option<u32>,
+    /// Torrent piece size in bytes; 0 until hashed.
+    pub piece_size: u32,
+    pub info_hash: Option<boottorrent_proto::InfoHash>,
+    pub sha256: Option<boottorrent_proto::Sha256>,
+    pub state: ImageState,
+    /// Why the import failed.
+    pub error: Option<String>,
+    /// For `Duplicate`: the image with the same content.
+    pub same_as: Option<ImageId>,
+    /// Unix milliseconds when it was added.
+    pub added_ms: i64,
+    /// The file's modification time when hashed (Unix milliseconds); a different one at start
+    /// means the file changed behind our back.
+    pub file_mtime_ms: i64,
+}
+
 /// One line of the append-only event log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -157,6 +208,8 @@ impl Store {
         tx.open_table(MACHINES)?;
         tx.open_table(MACHINE_KEYS)?;
         tx.open_table(EVENT_LOG)?;
+        tx.open_table(IMAGES)?;
+        tx.open_table(TORRENTS)?;
         tx.commit()?;
         Ok(Store {
             db: std::sync::Arc::new(db),
@@ -213,6 +266,69 @@ impl Store {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// Every catalogued image, ordered by id.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(IMAGES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (id, value) = row?;
+            out.push(decode("images", id.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One image.
+    pub fn image(&self, id: &ImageId) -> Result<Option<ImageRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(IMAGES)?;
+        match table.get(id.as_str())? {
+            Some(v) => Ok(Some(decode("images", id.as_str(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores an image record, and its torrent when given, in one transaction.
+    pub fn put_image(
+        &self,
+        record: &ImageRecord,
+        torrent: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let bytes = encode("images", record.id.as_str(), record)?;
+            tx.open_table(IMAGES)?
+                .insert(record.id.as_str(), bytes.as_slice())?;
+            if let (Some(torrent), Some(hash)) = (torrent, &record.info_hash) {
+                tx.open_table(TORRENTS)?
+                    .insert(hex::encode(hash.0).as_str(), torrent)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes an image and its torrent.
+    pub fn delete_image(&self, record: &ImageRecord) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            tx.open_table(IMAGES)?.remove(record.id.as_str())?;
+            if let Some(hash) = &record.info_hash {
+                tx.open_table(TORRENTS)?
+                    .remove(hex::encode(hash.0).as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The `.torrent` of an image, by its info hash in hex.
+    pub fn torrent(&self, info_hash_hex: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(TORRENTS)?;
+        Ok(table.get(info_hash_hex)?.map(|v| v.value().to_vec()))
     }
 
     /// Runs `f` in one write transaction and commits it; nothing of it is kept if `f` fails.

@@ -246,13 +246,32 @@ impl Connection {
         match msg {
             Message::KeepAlive => Ok(()),
             Message::Bitfield(bytes) => {
-                if !first {
-                    return Err(End::Violation("bitfield after the first message".into()));
-                }
                 let has = Bitfield::from_bytes(&bytes, pieces)
                     .map_err(|e| End::Violation(e.to_string()))?;
-                self.set_has(has);
-                self.update_interest(sink).await
+                if first {
+                    self.set_has(has);
+                    return self.update_interest(sink).await;
+                }
+                // aria2c, having said have_none, announces its first piece with a bitfield
+                // instead of a have. Taken as a batch of haves; pieces never disappear.
+                let known = self
+                    .torrent
+                    .lock()
+                    .peers
+                    .get(&self.key)
+                    .map(|p| p.has.clone());
+                if let Some(known) = known {
+                    if let Some(lost) = known.iter_set().find(|&i| !has.get(i)) {
+                        return Err(End::Violation(format!(
+                            "a later bitfield drops piece {lost} it announced before"
+                        )));
+                    }
+                    for piece in has.iter_set().filter(|&i| !known.get(i)) {
+                        self.peer_has_piece(piece)?;
+                    }
+                }
+                self.update_interest(sink).await?;
+                self.fill_requests(sink).await
             }
             Message::HaveAll | Message::HaveNone => {
                 if !self.fast || !first {
@@ -272,22 +291,7 @@ impl Connection {
                         "have for piece {piece}; the torrent has {pieces}"
                     )));
                 }
-                {
-                    let mut st = self.torrent.lock();
-                    let in_zone = self.in_zone;
-                    let State { peers, picker, .. } = &mut *st;
-                    if let Some(slot) = peers.get_mut(&self.key)
-                        && slot.has.set(piece)
-                    {
-                        picker.add_piece(piece, in_zone);
-                    }
-                    self.torrent.seen(&mut st, self.key, piece);
-                    let both_complete = st.picker.is_complete()
-                        && st.peers.get(&self.key).is_some_and(|p| p.has.is_full());
-                    if both_complete && self.torrent.mode != Mode::SuperSeed {
-                        return Err(End::Closed("both complete".into()));
-                    }
-                }
+                self.peer_has_piece(piece)?;
                 self.update_interest(sink).await?;
                 self.fill_requests(sink).await
             }
@@ -334,6 +338,26 @@ impl Connection {
             | Message::Port(_)
             | Message::Extended { .. } => Ok(()),
         }
+    }
+
+    /// The peer announced `piece`: availability, super-seed bookkeeping, and closing a
+    /// connection between two complete peers.
+    fn peer_has_piece(&mut self, piece: u32) -> Result<(), End> {
+        let mut st = self.torrent.lock();
+        let in_zone = self.in_zone;
+        let State { peers, picker, .. } = &mut *st;
+        if let Some(slot) = peers.get_mut(&self.key)
+            && slot.has.set(piece)
+        {
+            picker.add_piece(piece, in_zone);
+        }
+        self.torrent.seen(&mut st, self.key, piece);
+        let both_complete =
+            st.picker.is_complete() && st.peers.get(&self.key).is_some_and(|p| p.has.is_full());
+        if both_complete && self.torrent.mode != Mode::SuperSeed {
+            return Err(End::Closed("both complete".into()));
+        }
+        Ok(())
     }
 
     fn set_has(&mut self, has: Bitfield) {

@@ -57,17 +57,38 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub http_port: u16,
     pub mqtt_port: u16,
+    pub bt_port: u16,
     pub log: PathBuf,
 }
 
 impl Server {
     /// Starts the server on fresh ports with `data_dir`, waits until HTTP answers.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_on(data_dir, free_port(), free_port(), free_port(), extra)
+    }
+
+    /// Starts again on the same ports and data directory (after `kill9`), as a restarted
+    /// appliance would: torrents made before carry this server's URL.
+    pub fn restart(&self, extra: &[&str]) -> Server {
+        Server::start_on(
+            &self.data_dir,
+            self.http_port,
+            self.mqtt_port,
+            self.bt_port,
+            extra,
+        )
+    }
+
+    fn start_on(
+        data_dir: &Path,
+        http_port: u16,
+        mqtt_port: u16,
+        bt_port: u16,
+        extra: &[&str],
+    ) -> Server {
         require_tool("mosquitto_pub");
         require_tool("mosquitto_sub");
-        let http_port = free_port();
-        let mqtt_port = free_port();
-        let log = data_dir.with_extension(format!("{http_port}.log"));
+        let log = data_dir.with_extension(format!("{http_port}.{}.log", now_ms()));
         let child = Command::new(env!("CARGO_BIN_EXE_boottorrent"))
             .arg("serve")
             .arg("--data-dir")
@@ -77,7 +98,7 @@ impl Server {
             .arg("--http-listen")
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--bt-listen")
-            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg(format!("127.0.0.1:{bt_port}"))
             .args(extra)
             .env("BOOTTORRENT_LOG", "info,boottorrent=debug")
             .stdout(std::fs::File::create(&log).unwrap())
@@ -89,6 +110,7 @@ impl Server {
             data_dir: data_dir.to_owned(),
             http_port,
             mqtt_port,
+            bt_port,
             log,
         };
         wait_for("the server to answer /healthz", || {

@@ -1,5 +1,14 @@
-//! BootTorrent's BitTorrent tracker logic: bencode types, announce and scrape, the swarm
-//! store, the peer handout policy and `.torrent` creation.
+//! BootTorrent's BitTorrent tracker logic and `.torrent` creation.
 //!
-//! Empty until the "Images and the tracker" issue fills it; it is a workspace member now so
-//! that the crate layout of DESIGN.md holds from the first commit.
+//! - [`create`]: hashing a file into a single-file metainfo (SHA-1 pieces and the SHA-256 of
+//!   the whole file in one read, on every core), written with bendy.
+//! - [`announce`]: parsing announce and scrape queries, bencoding answers and failures.
+//! - [`swarm`]: the peers of each catalogued torrent, their expiry and the handout policy
+//!   (same zone or subnet first, incomplete before complete, the server's seeder last).
+//!
+//! Pure logic with no HTTP server and no async runtime: the server mounts it on its own
+//! HTTP listener.
+
+pub mod announce;
+pub mod create;
+pub mod swarm;

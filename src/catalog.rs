@@ -1,0 +1,465 @@
+//! The image catalog: golden images on the server's disk, validated, hashed into private
+//! torrents, stored in redb, announced to our tracker and seeded by our swarm engine.
+//!
+//! An import runs on the blocking pool (one sequential read: SHA-1 pieces and the file's
+//! SHA-256); its progress lives in memory and the record says `importing` until it is done,
+//! so a server killed mid-import restarts the import on its next start. The seeder super-seeds
+//! every ready image from its read-only file; its resume records (in `<data>/resume`) spare a
+//! restart the re-hash of an unchanged image, and a changed or vanished file shows up as an
+//! error of that image instead of being served.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use boottorrent_proto::{Bytes, ImageId};
+use boottorrent_swarm::metainfo::Metainfo;
+use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, TorrentState};
+use boottorrent_tracker::create::{CreateOptions, create};
+use boottorrent_tracker::swarm::Tracker;
+use serde::Serialize;
+
+use crate::store::{ImageRecord, ImageState, Store, StoreError};
+use crate::vhdx;
+
+/// Why a catalog operation failed; the HTTP layer maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The request is wrong: missing file, not a VHDX, bad name.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such image.
+    #[error("no image {0}")]
+    NotFound(ImageId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An image as the API shows it: the stored record plus live import and seeding state.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageView {
+    pub id: ImageId,
+    pub name: String,
+    pub path: PathBuf,
+    pub raw: bool,
+    pub size: u64,
+    pub virtual_size: Option<u64>,
+    pub logical_sector_size: Option<u32>,
+    pub piece_size: u32,
+    pub info_hash: Option<boottorrent_proto::InfoHash>,
+    pub sha256: Option<boottorrent_proto::Sha256>,
+    /// `importing`, `ready` (seeding), `failed`, `duplicate`, `checking` (seeder verifying the
+    /// file), or `unavailable` (the file vanished or changed; see `error`).
+    pub state: String,
+    pub error: Option<String>,
+    pub same_as: Option<ImageId>,
+    /// Import progress: bytes hashed so far.
+    pub import_done: u64,
+    /// URL of the `.torrent`.
+    pub torrent_url: Option<String>,
+    /// Bytes the seeder uploaded since the server started.
+    pub uploaded: u64,
+    /// Peers connected to the seeder.
+    pub peers: usize,
+}
+
+/// The catalog; shared by the HTTP handlers.
+pub struct Catalog {
+    store: Store,
+    seeder: Session,
+    tracker: Arc<Tracker>,
+    public_url: String,
+    /// Bytes hashed so far, per importing image.
+    progress: Mutex<HashMap<ImageId, u64>>,
+    seeding: Mutex<HashMap<ImageId, TorrentHandle>>,
+}
+
+impl Catalog {
+    /// Loads the catalog, starts seeding every ready image and resumes interrupted imports.
+    pub fn start(
+        store: Store,
+        seeder: Session,
+        tracker: Arc<Tracker>,
+        public_url: String,
+    ) -> Result<Arc<Catalog>, StoreError> {
+        let catalog = Arc::new(Catalog {
+            store,
+            seeder,
+            tracker,
+            public_url,
+            progress: Mutex::new(HashMap::new()),
+            seeding: Mutex::new(HashMap::new()),
+        });
+        for record in catalog.store.images()? {
+            match record.state {
+                ImageState::Ready => catalog.seed(&record),
+                ImageState::Importing => {
+                    tracing::info!(image = %record.id, "resuming an import the last run did not finish");
+                    catalog.spawn_import(record);
+                }
+                ImageState::Failed | ImageState::Duplicate => {}
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Validates `path` and starts importing it. The same file added again, or a file with
+    /// the same content, is the same image.
+    pub fn add(
+        self: &Arc<Self>,
+        path: &Path,
+        name: Option<String>,
+        raw: bool,
+    ) -> Result<ImageView, CatalogError> {
+        if !path.is_absolute() {
+            return Err(CatalogError::Invalid(format!(
+                "path {} must be absolute: it is read by the server, not by the client",
+                path.display()
+            )));
+        }
+        let meta = std::fs::metadata(path).map_err(|e| {
+            CatalogError::Invalid(format!("cannot read {} on the server: {e}", path.display()))
+        })?;
+        if !meta.is_file() {
+            return Err(CatalogError::Invalid(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        if meta.len() == 0 {
+            return Err(CatalogError::Invalid(format!(
+                "{} is empty; there is nothing to deploy",
+                path.display()
+            )));
+        }
+        let (virtual_size, logical_sector_size) = if raw {
+            (None, None)
+        } else {
+            let info = vhdx::inspect(path).map_err(|e| {
+                CatalogError::Invalid(format!(
+                    "{e}; add it with raw=true (--raw) to import a file that is not a VHDX"
+                ))
+            })?;
+            (Some(info.virtual_size), Some(info.logical_sector_size))
+        };
+        let name = match name {
+            Some(n) => n,
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into()),
+        };
+        if name.is_empty() || name.contains(['/', '\\', '\0']) || name == "." || name == ".." {
+            return Err(CatalogError::Invalid(format!(
+                "name {name:?} must be a plain file name"
+            )));
+        }
+        let mtime = mtime_ms(&meta);
+        // The same unchanged file again: the image it already is.
+        for existing in self.store.images()? {
+            if existing.path == path
+                && existing.size == meta.len()
+                && existing.file_mtime_ms == mtime
+                && matches!(existing.state, ImageState::Ready | ImageState::Importing)
+            {
+                return Ok(self.view(existing));
+            }
+        }
+        let record = ImageRecord {
+            id: new_id(&name),
+            name,
+            path: path.to_owned(),
+            raw,
+            size: meta.len(),
+            virtual_size,
+            logical_sector_size,
+            piece_size: 0,
+            info_hash: None,
+            sha256: None,
+            state: ImageState::Importing,
+            error: None,
+            same_as: None,
+            added_ms: crate::orchestrator::now_ms(),
+            file_mtime_ms: mtime,
+        };
+        self.store.put_image(&record, None)?;
+        tracing::info!(image = %record.id, path = %path.display(), "importing image");
+        self.spawn_import(record.clone());
+        Ok(self.view(record))
+    }
+
+    fn spawn_import(self: &Arc<Self>, record: ImageRecord) {
+        let catalog = self.clone();
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.id.clone(), 0);
+        tokio::task::spawn_blocking(move || catalog.import(record));
+    }
+
+    /// Hashes the file and stores the result; runs on the blocking pool.
+    fn import(self: Arc<Self>, mut record: ImageRecord) {
+        let started = std::time::Instant::now();
+        let options = CreateOptions {
+            announce: format!("{}/announce", self.public_url),
+            piece_len: None,
+            private: true,
+            threads: 0,
+            name: Some(record.name.clone()),
+            sha256: true,
+        };
+        let id = record.id.clone();
+        let progress = |done: u64| {
+            if let Some(p) = self
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&id)
+            {
+                *p = done;
+            }
+        };
+        let result = create(&record.path, &options, &progress);
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&record.id);
+        let created = match result {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(image = %record.id, "import failed: {e}");
+                record.state = ImageState::Failed;
+                record.error = Some(e.to_string());
+                if let Err(e) = self.store.put_image(&record, None) {
+                    tracing::error!(image = %record.id, "storing the failed import: {e}");
+                }
+                return;
+            }
+        };
+        record.piece_size = created.piece_len;
+        record.size = created.length;
+        record.info_hash = Some(Bytes(created.info_hash));
+        record.sha256 = created.sha256.map(Bytes);
+        let duplicate = self.store.images().ok().and_then(|all| {
+            all.into_iter().find(|other| {
+                other.id != record.id
+                    && other.state == ImageState::Ready
+                    && other.sha256.is_some()
+                    && other.sha256 == record.sha256
+            })
+        });
+        let outcome = match duplicate {
+            Some(other) => {
+                tracing::info!(image = %record.id, same_as = %other.id, "same content as an existing image");
+                record.state = ImageState::Duplicate;
+                record.same_as = Some(other.id);
+                self.store.put_image(&record, None)
+            }
+            None => {
+                record.state = ImageState::Ready;
+                self.store.put_image(&record, Some(&created.torrent))
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(image = %record.id, "storing the imported image: {e}");
+            return;
+        }
+        if record.state == ImageState::Ready {
+            tracing::info!(
+                image = %record.id,
+                info_hash = %hex::encode(created.info_hash),
+                pieces = created.piece_count,
+                secs = started.elapsed().as_secs_f64(),
+                "image imported"
+            );
+            self.seed(&record);
+        }
+    }
+
+    /// Serves a ready image: tracker whitelist and super-seeder.
+    fn seed(&self, record: &ImageRecord) {
+        let Some(info_hash) = record.info_hash else {
+            return;
+        };
+        self.tracker.allow(info_hash.0);
+        let torrent = match self.store.torrent(&hex::encode(info_hash.0)) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                tracing::error!(image = %record.id, "its .torrent is missing from the database; remove and add the image again");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(image = %record.id, "reading its .torrent: {e}");
+                return;
+            }
+        };
+        let metainfo = match Metainfo::from_bytes(&torrent) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(image = %record.id, "its stored .torrent does not parse: {e}");
+                return;
+            }
+        };
+        match self.seeder.add(AddTorrent {
+            metainfo,
+            path: record.path.clone(),
+            mode: Mode::SuperSeed,
+            peers: Vec::new(),
+            use_tracker: true,
+        }) {
+            Ok(handle) => {
+                self.seeding
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(record.id.clone(), handle);
+            }
+            Err(e) => {
+                tracing::error!(image = %record.id, "cannot seed {}: {e}", record.path.display())
+            }
+        }
+    }
+
+    /// Every image except duplicates, ordered by id.
+    pub fn list(&self) -> Result<Vec<ImageView>, CatalogError> {
+        Ok(self
+            .store
+            .images()?
+            .into_iter()
+            .filter(|r| r.state != ImageState::Duplicate)
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    /// One image.
+    pub fn get(&self, id: &ImageId) -> Result<ImageView, CatalogError> {
+        match self.store.image(id)? {
+            Some(r) => Ok(self.view(r)),
+            None => Err(CatalogError::NotFound(id.clone())),
+        }
+    }
+
+    /// Stops seeding and forgets the image; the file itself stays where it is.
+    pub async fn remove(&self, id: &ImageId) -> Result<(), CatalogError> {
+        let record = self
+            .store
+            .image(id)?
+            .ok_or_else(|| CatalogError::NotFound(id.clone()))?;
+        let handle = self
+            .seeding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(handle) = handle {
+            let _ = self.seeder.remove(handle.info_hash(), false).await;
+        }
+        // A duplicate shares its info hash with the image it duplicates: keep that torrent.
+        if record.state != ImageState::Duplicate {
+            if let Some(hash) = record.info_hash {
+                self.tracker.disallow(hash.0);
+            }
+            self.store.delete_image(&record)?;
+        } else {
+            let mut alias = record.clone();
+            alias.info_hash = None;
+            self.store.delete_image(&alias)?;
+        }
+        tracing::info!(image = %id, "image removed from the catalog");
+        Ok(())
+    }
+
+    /// The `.torrent` of a catalogued image.
+    pub fn torrent(&self, info_hash_hex: &str) -> Result<Option<Vec<u8>>, CatalogError> {
+        Ok(self.store.torrent(&info_hash_hex.to_ascii_lowercase())?)
+    }
+
+    fn view(&self, r: ImageRecord) -> ImageView {
+        let import_done = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&r.id)
+            .copied()
+            .unwrap_or(if r.state == ImageState::Ready {
+                r.size
+            } else {
+                0
+            });
+        let stats = self
+            .seeding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&r.id)
+            .map(|h| h.stats().borrow().clone());
+        let mut error = r.error.clone();
+        let state = match (r.state, &stats) {
+            (ImageState::Importing, _) => "importing",
+            (ImageState::Failed, _) => "failed",
+            (ImageState::Duplicate, _) => "duplicate",
+            (ImageState::Ready, None) => {
+                error = Some(format!(
+                    "not seeding: {} could not be opened; is it still there?",
+                    r.path.display()
+                ));
+                "unavailable"
+            }
+            (ImageState::Ready, Some(s)) => match &s.state {
+                TorrentState::Checking { .. } => "checking",
+                TorrentState::Error(e) => {
+                    error = Some(e.clone());
+                    "unavailable"
+                }
+                _ => "ready",
+            },
+        };
+        ImageView {
+            torrent_url: r
+                .info_hash
+                .map(|h| format!("{}/torrents/{}.torrent", self.public_url, hex::encode(h.0))),
+            uploaded: stats.as_ref().map_or(0, |s| s.uploaded),
+            peers: stats.as_ref().map_or(0, |s| s.peers.len()),
+            state: state.to_owned(),
+            error,
+            import_done,
+            id: r.id,
+            name: r.name,
+            path: r.path,
+            raw: r.raw,
+            size: r.size,
+            virtual_size: r.virtual_size,
+            logical_sector_size: r.logical_sector_size,
+            piece_size: r.piece_size,
+            info_hash: r.info_hash,
+            sha256: r.sha256,
+            same_as: r.same_as,
+        }
+    }
+}
+
+/// A readable, unique id: the name's safe characters and a random suffix.
+fn new_id(name: &str) -> ImageId {
+    let stem: String = name
+        .rsplit_once('.')
+        .map_or(name, |(stem, _)| stem)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    let suffix: u32 = rand::random();
+    let id = format!("{}-{:08x}", stem.trim_matches('-'), suffix);
+    id.trim_start_matches('-')
+        .parse()
+        .unwrap_or_else(|_| format!("img-{suffix:08x}").parse().expect("valid id"))
+}
+
+fn mtime_ms(meta: &std::fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
+}

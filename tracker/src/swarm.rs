@@ -1,0 +1,625 @@
+//! The peers of every catalogued torrent and the [`Tracker`] facade the server's HTTP handlers
+//! call.
+//!
+//! Locking: torrents live in [`SHARDS`] mutex-protected maps, chosen by the first byte of the
+//! info hash (uniform, since it is a SHA-1), so announces for different torrents rarely
+//! contend. A call takes at most one shard lock and never calls out while holding it: the
+//! [`Locality`] lookups happen before locking and the bencoding after unlocking. Counters are
+//! relaxed atomics outside the shards.
+//!
+//! Time is always passed in (`now`), never read, so expiry is tested with a fake clock and the
+//! server decides which clock counts.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use crate::announce::{
+    self, AnnounceReply, Answer, Event, HandoutPeer, NOT_IN_CATALOG, PeerForm, ScrapeEntry,
+};
+
+/// Most peers one torrent may hold. A lab fleet is hundreds of machines; the cap bounds memory
+/// when something (a misconfigured NAT, a hostile script) invents peers faster than they
+/// expire.
+pub const MAX_PEERS_PER_TORRENT: usize = 10_000;
+
+/// Number of lock shards. A power of two well above the core count of a server appliance.
+pub const SHARDS: usize = 16;
+
+/// Tracker settings, normally part of the server's config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerConfig {
+    /// Seconds between a client's announces (`interval`). Peers silent for two intervals are
+    /// forgotten.
+    pub interval_secs: u32,
+    /// Seconds a client must wait at least between announces (`min interval`).
+    pub min_interval_secs: u32,
+    /// Peers handed out when the client sends no `numwant`.
+    pub numwant_default: u32,
+    /// Most peers handed out in one answer, whatever the client asks.
+    pub numwant_max: u32,
+    /// Longest query string accepted, in bytes; longer ones are refused before parsing.
+    pub max_query_len: usize,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            interval_secs: 60,
+            min_interval_secs: 30,
+            numwant_default: 50,
+            numwant_max: 200,
+            max_query_len: 4096,
+        }
+    }
+}
+
+/// What the server knows about where an address sits, which the handout policy uses to keep
+/// traffic inside a zone and off the server.
+pub trait Locality: Send + Sync {
+    /// Zone id of an address, if the server knows one.
+    fn zone_of(&self, ip: IpAddr) -> Option<String>;
+    /// The server's own seeder (handed out last).
+    fn is_server_seeder(&self, addr: SocketAddr) -> bool;
+}
+
+/// A [`Locality`] that knows nothing: handout falls back to subnets and no peer is treated as
+/// the server's seeder.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLocality;
+
+impl Locality for NoLocality {
+    fn zone_of(&self, _ip: IpAddr) -> Option<String> {
+        None
+    }
+
+    fn is_server_seeder(&self, _addr: SocketAddr) -> bool {
+        false
+    }
+}
+
+/// Request counters since the tracker was created, for the server's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Announce requests received, including those answered with a failure.
+    pub announces: u64,
+    /// Scrape requests received, including those answered with a failure.
+    pub scrapes: u64,
+    /// Requests answered with a `failure reason`: malformed, not catalogued or a full swarm.
+    pub failures: u64,
+}
+
+/// One torrent's swarm as a scrape would report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwarmStats {
+    /// Seeders: peers whose last announce had `left=0`.
+    pub complete: u32,
+    /// Leechers.
+    pub incomplete: u32,
+    /// Downloads completed since the torrent was allowed.
+    pub downloaded: u64,
+}
+
+/// The tracker: which torrents are served, their peers, and the counters.
+///
+/// `Send + Sync`; share it behind an `Arc` between request handlers.
+#[derive(Debug)]
+pub struct Tracker {
+    config: TrackerConfig,
+    shards: Box<[Shard]>,
+    announces: AtomicU64,
+    scrapes: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// The torrents whose first info-hash byte falls in one shard.
+type Shard = Mutex<HashMap<[u8; 20], Swarm>>;
+
+/// One torrent's peers, keyed by the address they can be reached at.
+#[derive(Debug, Default)]
+struct Swarm {
+    peers: HashMap<SocketAddr, Peer>,
+    /// Peers with `left=0`, kept in step with `peers` so counts cost nothing.
+    complete: usize,
+    downloaded: u64,
+    /// No peer can have expired before this instant (a lower bound, tightened at each sweep),
+    /// so most announces skip the expiry scan. `None`: nothing can expire.
+    sweep_due: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    peer_id: [u8; 20],
+    complete: bool,
+    last_seen: Instant,
+    /// Looked up at announce time: handout then compares strings instead of asking the server
+    /// about every candidate on every announce.
+    zone: Option<Arc<str>>,
+    server_seeder: bool,
+}
+
+/// Who is asking, as far as handout is concerned.
+struct Requester {
+    addr: SocketAddr,
+    peer_id: [u8; 20],
+    zone: Option<Arc<str>>,
+    complete: bool,
+}
+
+/// Handout groups in the order they are served.
+const NEAR_INCOMPLETE: usize = 0;
+const NEAR_COMPLETE: usize = 1;
+const FAR_INCOMPLETE: usize = 2;
+const FAR_COMPLETE: usize = 3;
+const SERVER_SEEDER: usize = 4;
+const GROUPS: usize = 5;
+
+impl Tracker {
+    /// A tracker that serves no torrent until [`allow`](Tracker::allow)ed.
+    pub fn new(config: TrackerConfig) -> Tracker {
+        Tracker {
+            config,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            announces: AtomicU64::new(0),
+            scrapes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// The configuration it was created with.
+    pub fn config(&self) -> &TrackerConfig {
+        &self.config
+    }
+
+    /// Serves `info_hash` (a catalogued image). Allowing an already allowed torrent keeps its
+    /// peers, so the catalog can re-sync freely.
+    pub fn allow(&self, info_hash: [u8; 20]) {
+        self.shard(&info_hash).entry(info_hash).or_default();
+    }
+
+    /// Stops serving `info_hash` (a removed image) and forgets its peers.
+    pub fn disallow(&self, info_hash: [u8; 20]) {
+        self.shard(&info_hash).remove(&info_hash);
+    }
+
+    /// Whether `info_hash` is served.
+    pub fn is_allowed(&self, info_hash: [u8; 20]) -> bool {
+        self.shard(&info_hash).contains_key(&info_hash)
+    }
+
+    /// Answers `GET /announce`.
+    ///
+    /// `query` is the raw query string after `?`, `remote` the TCP peer's address: the peer
+    /// is recorded at `remote` and the port it announced, never at an `ip` it claims.
+    /// IPv4-mapped IPv6 addresses (from a dual-stack listener) count as IPv4.
+    pub fn announce(
+        &self,
+        query: &str,
+        remote: IpAddr,
+        locality: &dyn Locality,
+        now: Instant,
+    ) -> Answer {
+        self.announces.fetch_add(1, Ordering::Relaxed);
+        let request = match announce::parse_announce(query, self.config.max_query_len) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::debug!(%remote, %error, "malformed announce");
+                return self.fail(400, &error.to_string());
+            }
+        };
+        let remote = remote.to_canonical();
+        let addr = SocketAddr::new(remote, request.port);
+        let complete = request.left == 0;
+        let stopped = request.event == Event::Stopped;
+        // Asked before locking: the server's answer may take a database or CIDR lookup.
+        let (zone, server_seeder) = if stopped {
+            (None, false)
+        } else {
+            (
+                locality.zone_of(remote).map(Arc::from),
+                locality.is_server_seeder(addr),
+            )
+        };
+        let numwant = if stopped {
+            0
+        } else {
+            request
+                .numwant
+                .unwrap_or(self.config.numwant_default)
+                .min(self.config.numwant_max) as usize
+        };
+        let ttl = self.ttl();
+
+        let (peers, stats) = {
+            let mut shard = self.shard(&request.info_hash);
+            let Some(swarm) = shard.get_mut(&request.info_hash) else {
+                drop(shard);
+                return self.fail(200, NOT_IN_CATALOG);
+            };
+            swarm.sweep(now, ttl);
+            if stopped {
+                swarm.remove(&addr);
+            } else {
+                let peer = Peer {
+                    peer_id: request.peer_id,
+                    complete,
+                    last_seen: now,
+                    zone: zone.clone(),
+                    server_seeder,
+                };
+                if !swarm.upsert(addr, peer, request.event, ttl) {
+                    drop(shard);
+                    tracing::debug!(%addr, "swarm full, refusing a new peer");
+                    return self.fail(
+                        200,
+                        &format!(
+                            "this torrent already has {MAX_PEERS_PER_TORRENT} peers; try again later"
+                        ),
+                    );
+                }
+            }
+            let requester = Requester {
+                addr,
+                peer_id: request.peer_id,
+                zone,
+                complete,
+            };
+            (
+                swarm.handout(&requester, numwant, &mut rand::rng()),
+                swarm.stats(),
+            )
+        };
+
+        let form = if request.compact {
+            PeerForm::Compact
+        } else {
+            PeerForm::Dict {
+                peer_ids: !request.no_peer_id,
+            }
+        };
+        announce::encode_announce(&AnnounceReply {
+            interval_secs: self.config.interval_secs,
+            min_interval_secs: self.config.min_interval_secs,
+            complete: stats.complete,
+            incomplete: stats.incomplete,
+            peers: &peers,
+            form,
+            ipv6_requester: remote.is_ipv6(),
+        })
+    }
+
+    /// Answers `GET /scrape` (BEP 48). Hashes that are not catalogued are left out of `files`
+    /// rather than revealed as unknown one by one; if none is catalogued, the answer is the
+    /// same failure an announce would get.
+    pub fn scrape(&self, query: &str, now: Instant) -> Answer {
+        self.scrapes.fetch_add(1, Ordering::Relaxed);
+        let request = match announce::parse_scrape(query, self.config.max_query_len) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::debug!(%error, "malformed scrape");
+                return self.fail(400, &error.to_string());
+            }
+        };
+        let ttl = self.ttl();
+        let entries: Vec<ScrapeEntry> = request
+            .info_hashes
+            .iter()
+            .filter_map(|info_hash| {
+                let mut shard = self.shard(info_hash);
+                let swarm = shard.get_mut(info_hash)?;
+                swarm.sweep(now, ttl);
+                let stats = swarm.stats();
+                Some(ScrapeEntry {
+                    info_hash: *info_hash,
+                    complete: stats.complete,
+                    incomplete: stats.incomplete,
+                    downloaded: stats.downloaded,
+                })
+            })
+            .collect();
+        if entries.is_empty() {
+            return self.fail(200, NOT_IN_CATALOG);
+        }
+        announce::encode_scrape(&entries)
+    }
+
+    /// A snapshot of the request counters.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            announces: self.announces.load(Ordering::Relaxed),
+            scrapes: self.scrapes.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Drops peers not seen for two intervals in every torrent. Announces and scrapes already
+    /// do this for the torrents they touch; calling this periodically frees the memory of
+    /// torrents nobody asks about any more.
+    pub fn expire(&self, now: Instant) {
+        let ttl = self.ttl();
+        for shard in self.shards.iter() {
+            for swarm in lock(shard).values_mut() {
+                swarm.sweep(now, ttl);
+            }
+        }
+    }
+
+    /// The counts a scrape would report for `info_hash`, or `None` if it is not served.
+    /// Reads without expiring, so peers may linger until the next announce, scrape or
+    /// [`expire`](Tracker::expire) of that torrent.
+    pub fn swarm_stats(&self, info_hash: [u8; 20]) -> Option<SwarmStats> {
+        self.shard(&info_hash).get(&info_hash).map(Swarm::stats)
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.interval_secs) * 2)
+    }
+
+    fn shard(&self, info_hash: &[u8; 20]) -> MutexGuard<'_, HashMap<[u8; 20], Swarm>> {
+        lock(&self.shards[usize::from(info_hash[0]) % SHARDS])
+    }
+
+    fn fail(&self, status: u16, reason: &str) -> Answer {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        Answer::failure(status, reason)
+    }
+}
+
+/// Nothing panics while a shard is locked, but if something ever did, the map is still
+/// consistent enough to serve: a tracker that stops answering is worse than one peer's stale
+/// entry.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Swarm {
+    fn stats(&self) -> SwarmStats {
+        SwarmStats {
+            complete: count(self.complete),
+            incomplete: count(self.peers.len().saturating_sub(self.complete)),
+            downloaded: self.downloaded,
+        }
+    }
+
+    /// Records an announce. Returns false, changing nothing, if the peer is new and the swarm
+    /// is full.
+    fn upsert(&mut self, addr: SocketAddr, peer: Peer, event: Event, ttl: Duration) -> bool {
+        let was_complete = match self.peers.get(&addr) {
+            Some(previous) => Some(previous.complete),
+            None if self.peers.len() >= MAX_PEERS_PER_TORRENT => return false,
+            None => None,
+        };
+        // A download finished if the client says so, or if a peer we knew as a leecher now
+        // reports `left=0` (clients that never send `completed`). A peer that arrives already
+        // complete without `completed` is a seeder joining, not a download.
+        if peer.complete
+            && was_complete != Some(true)
+            && (was_complete.is_some() || event == Event::Completed)
+        {
+            self.downloaded += 1;
+        }
+        match (was_complete, peer.complete) {
+            (Some(true), false) => self.complete = self.complete.saturating_sub(1),
+            (Some(false) | None, true) => self.complete += 1,
+            _ => {}
+        }
+        if let Some(due) = peer.last_seen.checked_add(ttl) {
+            self.sweep_due = Some(self.sweep_due.map_or(due, |current| current.min(due)));
+        }
+        let previous = self.peers.insert(addr, peer);
+        // Clocks passed in from several threads may arrive out of order; a peer never becomes
+        // older by announcing.
+        if let (Some(previous), Some(current)) = (previous, self.peers.get_mut(&addr)) {
+            current.last_seen = current.last_seen.max(previous.last_seen);
+        }
+        true
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) {
+        if self.peers.remove(addr).is_some_and(|peer| peer.complete) {
+            self.complete = self.complete.saturating_sub(1);
+        }
+    }
+
+    /// Forgets peers silent for longer than `ttl`, if any can be.
+    fn sweep(&mut self, now: Instant, ttl: Duration) {
+        if self.sweep_due.is_none_or(|due| now <= due) {
+            return;
+        }
+        self.peers
+            .retain(|_, peer| now.saturating_duration_since(peer.last_seen) <= ttl);
+        self.complete = self.peers.values().filter(|peer| peer.complete).count();
+        self.sweep_due = self
+            .peers
+            .values()
+            .filter_map(|peer| peer.last_seen.checked_add(ttl))
+            .min();
+        if self.peers.capacity() > 4 * self.peers.len().max(64) {
+            self.peers.shrink_to_fit();
+        }
+    }
+
+    /// Up to `numwant` peers for `requester`, in handout order: same zone (or, where zones are
+    /// unknown, same subnet) first, leechers before seeders within that, everyone else next in
+    /// the same way, the server's own seeder last, random within each group so that load
+    /// spreads. Only peers of the requester's address family are candidates: we know one
+    /// address per peer, and an IPv4 peer is no use to a client on IPv6 and vice versa. A
+    /// seeder gets only leechers, since seeders have nothing to give each other.
+    fn handout(
+        &self,
+        requester: &Requester,
+        numwant: usize,
+        rng: &mut impl Rng,
+    ) -> Vec<HandoutPeer> {
+        if numwant == 0 {
+            return Vec::new();
+        }
+        // One reservoir per group keeps a uniform random sample of at most `numwant` peers, so
+        // a huge swarm costs one pass and no allocation proportional to its size.
+        let mut groups: [Reservoir; GROUPS] = Default::default();
+        for (addr, peer) in &self.peers {
+            if *addr == requester.addr
+                || peer.peer_id == requester.peer_id
+                || addr.is_ipv4() != requester.addr.is_ipv4()
+                || (requester.complete && peer.complete)
+            {
+                continue;
+            }
+            let group = if peer.server_seeder {
+                SERVER_SEEDER
+            } else {
+                match (is_near(requester, addr.ip(), peer), peer.complete) {
+                    (true, false) => NEAR_INCOMPLETE,
+                    (true, true) => NEAR_COMPLETE,
+                    (false, false) => FAR_INCOMPLETE,
+                    (false, true) => FAR_COMPLETE,
+                }
+            };
+            groups[group].offer(
+                HandoutPeer {
+                    addr: *addr,
+                    peer_id: peer.peer_id,
+                },
+                numwant,
+                rng,
+            );
+        }
+        let mut handout = Vec::with_capacity(numwant.min(self.peers.len()));
+        for group in &mut groups {
+            let take = (numwant - handout.len()).min(group.items.len());
+            // Reservoir sampling leaves the first `numwant` offers in arrival order; shuffle
+            // so that the cut below keeps a random subset in a random order.
+            group.items.shuffle(rng);
+            handout.extend_from_slice(&group.items[..take]);
+            if handout.len() == numwant {
+                break;
+            }
+        }
+        handout
+    }
+}
+
+/// Same zone when both zones are known; otherwise the same /24 (IPv4) or /64 (IPv6), which in
+/// a lab usually means the same switch.
+fn is_near(requester: &Requester, ip: IpAddr, peer: &Peer) -> bool {
+    match (&requester.zone, &peer.zone) {
+        (Some(mine), Some(theirs)) => mine == theirs,
+        _ => same_subnet(requester.addr.ip(), ip),
+    }
+}
+
+fn same_subnet(a: IpAddr, b: IpAddr) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => a.octets()[..3] == b.octets()[..3],
+        (IpAddr::V6(a), IpAddr::V6(b)) => a.octets()[..8] == b.octets()[..8],
+        _ => false,
+    }
+}
+
+/// Counts are bounded by [`MAX_PEERS_PER_TORRENT`]; saturating keeps that assumption from
+/// ever becoming a panic.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Algorithm R: a uniform random sample of everything offered, at most `cap` items.
+#[derive(Default)]
+struct Reservoir {
+    items: Vec<HandoutPeer>,
+    seen: usize,
+}
+
+impl Reservoir {
+    fn offer(&mut self, item: HandoutPeer, cap: usize, rng: &mut impl Rng) {
+        self.seen += 1;
+        if self.items.len() < cap {
+            self.items.push(item);
+        } else {
+            let slot = rng.random_range(0..self.seen);
+            if slot < cap {
+                self.items[slot] = item;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn peer(ip: &str, port: u16) -> HandoutPeer {
+        HandoutPeer {
+            addr: SocketAddr::new(ip.parse().unwrap(), port),
+            peer_id: [port as u8; 20],
+        }
+    }
+
+    #[test]
+    fn reservoir_is_a_uniform_sample() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut hits = [0u32; 20];
+        for _ in 0..5_000 {
+            let mut reservoir = Reservoir::default();
+            for port in 0..20 {
+                reservoir.offer(peer("10.0.0.1", port), 5, &mut rng);
+            }
+            assert_eq!(reservoir.items.len(), 5);
+            for item in &reservoir.items {
+                hits[usize::from(item.addr.port())] += 1;
+            }
+        }
+        // Each of 20 items should be chosen 5,000 * 5/20 = 1,250 times.
+        for (port, &n) in hits.iter().enumerate() {
+            assert!((1_050..=1_450).contains(&n), "item {port} chosen {n} times");
+        }
+    }
+
+    #[test]
+    fn subnets() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(same_subnet(ip("10.1.2.3"), ip("10.1.2.200")));
+        assert!(!same_subnet(ip("10.1.2.3"), ip("10.1.3.3")));
+        assert!(same_subnet(ip("fd00:1:2:3::1"), ip("fd00:1:2:3:ffff::9")));
+        assert!(!same_subnet(ip("fd00:1:2:3::1"), ip("fd00:1:2:4::1")));
+        assert!(!same_subnet(ip("10.1.2.3"), ip("::ffff:10.1.2.3")));
+    }
+
+    #[test]
+    fn counts_follow_transitions() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(120);
+        let mut swarm = Swarm::default();
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let entry = |complete| Peer {
+            peer_id: [1; 20],
+            complete,
+            last_seen: now,
+            zone: None,
+            server_seeder: false,
+        };
+        assert!(swarm.upsert(addr, entry(false), Event::Started, ttl));
+        assert_eq!((swarm.stats().complete, swarm.stats().incomplete), (0, 1));
+        // Finished without sending `completed`: still a download.
+        assert!(swarm.upsert(addr, entry(true), Event::Periodic, ttl));
+        assert_eq!(swarm.stats().downloaded, 1);
+        assert_eq!((swarm.stats().complete, swarm.stats().incomplete), (1, 0));
+        // A late `completed` for the same transition is not counted twice.
+        assert!(swarm.upsert(addr, entry(true), Event::Completed, ttl));
+        assert_eq!(swarm.stats().downloaded, 1);
+        swarm.remove(&addr);
+        assert_eq!(
+            swarm.stats(),
+            SwarmStats {
+                downloaded: 1,
+                ..SwarmStats::default()
+            }
+        );
+    }
+}
