@@ -149,10 +149,8 @@ impl Catalog {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into()),
         };
-        if name.is_empty() || name.contains(['/', '\\', '\0']) || name == "." || name == ".." {
-            return Err(CatalogError::Invalid(format!(
-                "name {name:?} must be a plain file name"
-            )));
+        if let Err(reason) = boottorrent_swarm::metainfo::check_file_name(&name) {
+            return Err(CatalogError::Invalid(format!("name {name:?} {reason}")));
         }
         let mtime = mtime_ms(&meta);
         // The same unchanged file again: the image it already is.

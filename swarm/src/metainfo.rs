@@ -185,16 +185,22 @@ impl Metainfo {
 fn parse_name(raw: &[u8]) -> Result<String, MetainfoError> {
     let name = std::str::from_utf8(raw)
         .map_err(|_| invalid("info.name", show_bytes(raw), "is not UTF-8"))?;
-    let reason = if name.is_empty() {
-        "must not be empty"
+    check_file_name(name).map_err(|reason| invalid("info.name", show_bytes(raw), reason))?;
+    Ok(name.to_owned())
+}
+
+/// The rule for a torrent's file name, shared by everything that makes or reads one: a single
+/// path component. Returns why a name breaks it.
+pub fn check_file_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        Err("must not be empty")
     } else if name == "." || name == ".." {
-        "must not be \".\" or \"..\""
+        Err("must not be \".\" or \"..\"")
     } else if name.contains(['/', '\\', '\0']) {
-        "must be a single file name, without '/', '\\' or NUL"
+        Err("must be a single file name, without '/', '\\' or NUL")
     } else {
-        return Ok(name.to_owned());
-    };
-    Err(invalid("info.name", show_bytes(raw), reason))
+        Ok(())
+    }
 }
 
 /// Collects `announce` and `announce-list`. Tiers only order failover, and we announce to every

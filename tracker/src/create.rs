@@ -369,18 +369,12 @@ fn torrent_name(path: &Path, given: Option<&str>) -> Result<String, CreateError>
                 .to_owned()
         }
     };
-    // The same rules our swarm engine applies when it reads a torrent: a name that could point
+    // The rule our swarm engine applies when it reads a torrent: a name that could point
     // elsewhere in a downloader's directory is refused rather than silently rewritten.
-    let reason = if name.is_empty() {
-        "is empty"
-    } else if name == "." || name == ".." {
-        "must not be \".\" or \"..\""
-    } else if name.contains(['/', '\\', '\0']) {
-        "must be a single file name, without '/', '\\' or NUL"
-    } else {
-        return Ok(name);
-    };
-    Err(invalid(name, reason))
+    match boottorrent_swarm::metainfo::check_file_name(&name) {
+        Ok(()) => Ok(name),
+        Err(reason) => Err(invalid(name, reason)),
+    }
 }
 
 /// The `info` dictionary, in bencode's sorted key order.
