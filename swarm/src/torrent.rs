@@ -315,6 +315,8 @@ impl Torrent {
             }
         }
         self.save_resume().await;
+        // The last word: exact totals for whoever reports them after the stop.
+        self.publish_stats(0, 0);
         self.done.notify_waiters();
     }
 
