@@ -1,16 +1,31 @@
 //! `boottorrent-agent`: the thin agent preinstalled in the golden image.
 //!
-//! This first version only manages the machine's identity: the Ed25519 key whose public half
-//! the server pins at the machine's first `startup`. Joining the swarm, reporting over MQTT
-//! and switching the boot target come with the agent's own issue.
+//! `run` connects to the BootTorrent server over MQTT ([`link`]), announces the machine
+//! ([`inventory`]), verifies the server's commands with the pinned key ([`identity`]) and
+//! reports back. `enroll` pins the server key, `identity` prints the machine's key, `config`
+//! prints the configuration ([`config`]), `service` registers the Windows service.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
-use boottorrent_proto::{generate_signing_key, signing_key_from_hex, signing_key_to_hex};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+// Used by the download code once it is wired in; until then only its tests run it.
+mod boot;
+mod config;
+mod downloads;
+mod identity;
+mod inventory;
+mod link;
+mod service;
+
+use config::{Config, Overrides};
 
 /// BootTorrent agent: joins the image swarm and reports to the BootTorrent server.
 #[derive(Debug, Parser)]
@@ -22,19 +37,76 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: connect to the server, report, and carry out its commands.
+    Run {
+        #[command(flatten)]
+        settings: Overrides,
+    },
+    /// Fetch the server's public key from its HTTP API, show its fingerprint, and pin it in
+    /// <data-dir>/server.pub. Also creates this machine's key if it has none yet.
+    Enroll {
+        #[command(flatten)]
+        settings: Overrides,
+        /// Replace a different key pinned before (after the server was reinstalled).
+        #[arg(long)]
+        replace: bool,
+    },
     /// Print this machine's public key, creating the key file on first use.
     ///
     /// The server trusts the key on the machine's first startup (or after the operator
     /// approves it); keep the file across re-imaging, or approve the new key on the server.
     Identity {
-        /// Private key file (64 hex digits, mode 0600).
-        #[arg(long, env = "BOOTTORRENT_AGENT_KEY", default_value = "./agent.key")]
-        key_file: PathBuf,
+        /// Private key file (64 hex digits, mode 0600) [default: <data-dir>/agent.key].
+        #[arg(long, env = "BOOTTORRENT_AGENT_KEY", value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Overrides,
+    },
+    /// Print the commented default configuration, or with --effective the merged one.
+    Config {
+        /// Print the configuration after merging the file, environment and flags (the
+        /// enrollment token masked) instead of the defaults.
+        #[arg(long)]
+        effective: bool,
+        #[command(flatten)]
+        settings: Overrides,
+    },
+    /// Register or remove the Windows service (on Linux, use the systemd unit in assets/).
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceAction {
+    /// Register the agent as an automatically started Windows service reading FILE.
+    Install {
+        /// The configuration file the service reads [default: the platform's default].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Stop and remove the Windows service.
+    Uninstall,
+    /// The service's entry point; started by the service control manager.
+    #[command(hide = true)]
+    Run {
+        #[command(flatten)]
+        settings: Box<Overrides>,
     },
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BOOTTORRENT_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match dispatch(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -43,32 +115,196 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Identity { key_file } => {
-            let key = match std::fs::read_to_string(&key_file) {
-                Ok(text) => signing_key_from_hex(&text)
-                    .with_context(|| format!("reading the machine key {}", key_file.display()))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let key = generate_signing_key()
-                        .map_err(|e| anyhow::anyhow!("generating the machine key: {e}"))?;
-                    let mut file = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&key_file)
-                        .with_context(|| format!("creating {}", key_file.display()))?;
-                    writeln!(file, "{}", signing_key_to_hex(&key))
-                        .and_then(|()| file.sync_all())
-                        .with_context(|| format!("writing {}", key_file.display()))?;
-                    key
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading {}", key_file.display()));
-                }
+        Command::Run { settings } => {
+            let config = Config::load(&settings)?;
+            run_agent(config, Box::pin(termination_signal()))
+        }
+        Command::Enroll { settings, replace } => enroll(&Config::load(&settings)?, replace),
+        Command::Identity { key_file, settings } => {
+            let key_file = match key_file {
+                Some(file) => file,
+                None => Config::load(&settings)?.key_file(),
             };
+            let key = identity::load_or_create_key(&key_file)?;
             println!("{}", hex::encode(key.verifying_key().to_bytes()));
             Ok(())
         }
+        Command::Config {
+            effective,
+            settings,
+        } => {
+            if effective {
+                print!("{}", Config::load(&settings)?.to_toml_masked()?);
+            } else {
+                print!("{}", Config::default_toml());
+            }
+            Ok(())
+        }
+        Command::Service { action } => match action {
+            ServiceAction::Install { config } => {
+                service::install(&config.unwrap_or_else(config::default_config_path))?;
+                println!(
+                    "installed the service {}; it starts at the next boot (or `sc start {}`)",
+                    service::SERVICE_NAME,
+                    service::SERVICE_NAME
+                );
+                Ok(())
+            }
+            ServiceAction::Uninstall => service::uninstall(),
+            ServiceAction::Run { settings } => {
+                let config = Config::load(&settings)?;
+                service::run_service(move |stop| {
+                    run_agent(
+                        config,
+                        Box::pin(async move {
+                            let _ = stop.await;
+                        }),
+                    )
+                })
+            }
+        },
+    }
+}
+
+/// `enroll`: pins the server key, refusing to silently replace a different one.
+fn enroll(config: &Config, replace: bool) -> anyhow::Result<()> {
+    let url = config.http_url()?;
+    let runtime = runtime()?;
+    let key = runtime.block_on(identity::fetch_server_key(&url))?;
+    let path = config.server_key_file();
+    let fingerprint = identity::fingerprint(&key);
+    match identity::read_server_key_file(&path)? {
+        Some(old) if old == key => {
+            println!("the server key was already pinned in {}", path.display());
+        }
+        Some(old) if !replace => bail!(
+            "{} pins a different server key ({}) than {url} presents now ({fingerprint}); if the \
+             server was reinstalled, run `boottorrent-agent enroll --replace`",
+            path.display(),
+            identity::fingerprint(&old)
+        ),
+        _ => identity::store_server_key(&path, &key)?,
+    }
+    let machine_key = identity::load_or_create_key(&config.key_file())?;
+    println!("server       {url}");
+    println!("server key   {}", key.to_hex());
+    println!("fingerprint  {fingerprint}");
+    println!("pinned in    {}", path.display());
+    println!(
+        "machine key  {} ({})",
+        hex::encode(machine_key.verifying_key().to_bytes()),
+        config.machine_id()?
+    );
+    Ok(())
+}
+
+/// Runs the agent until `stop` resolves (a signal, or the Windows service being stopped).
+fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> anyhow::Result<()> {
+    let identity = identity::Identity::load(&config)?;
+    // Checked here so that a missing setting stops start-up instead of a retry loop.
+    config.server()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    tracing::info!(
+        machine = %identity.machine,
+        data_dir = %config.data_dir.display(),
+        server_key = %identity::fingerprint(&identity.server_key.to_bytes().into()),
+        "starting boottorrent-agent {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let (commands_tx, mut commands_rx) = mpsc::channel::<boottorrent_proto::Command>(64);
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let swarm = boottorrent_swarm::session::Session::start(
+            boottorrent_swarm::session::SessionConfig {
+                listen: config.bt_listen,
+                download_limit_bps: config.download_limit_bps,
+                upload_limit_bps: config.upload_limit_bps,
+                state_dir: Some(config.data_dir.join("resume")),
+                ..boottorrent_swarm::session::SessionConfig::default()
+            },
+            shutdown.child_token(),
+        )
+        .await
+        .with_context(|| format!("starting the swarm engine on {}", config.bt_listen))?;
+        let backend = boot::Backend::from_config(config.boot_backend, config.boot_command.as_deref())?;
+        let downloads = downloads::Downloads::start(
+            swarm.clone(),
+            config.data_dir.clone(),
+            config.http_url()?,
+            backend,
+            events_tx,
+        );
+        let held: link::HeldFn = {
+            let downloads = downloads.clone();
+            Arc::new(move || downloads.held())
+        };
+        tokio::spawn(async move {
+            use boottorrent_proto::Command;
+            while let Some(command) = commands_rx.recv().await {
+                match command {
+                    Command::ArtifactAssignment(a) => downloads.assign(a).await,
+                    Command::ArtifactUnassignment(u) => downloads.unassign(u).await,
+                    other => tracing::info!(kind = %other.kind(), "command not handled by this agent version"),
+                }
+            }
+        });
+        let mut link = tokio::spawn(link::run(
+            config,
+            identity,
+            commands_tx,
+            events_rx,
+            held,
+            shutdown.child_token(),
+        ));
+        tokio::select! {
+            result = &mut link => return result.context("the MQTT session task failed")?,
+            () = stop => tracing::info!("stopping"),
+        }
+        shutdown.cancel();
+        // A second signal forces the exit, for an operator who does not want to wait.
+        tokio::spawn(async {
+            termination_signal().await;
+            eprintln!("second signal: exiting at once");
+            std::process::exit(130);
+        });
+        match tokio::time::timeout(Duration::from_secs(10), link).await {
+            Ok(result) => result.context("the MQTT session task failed")?,
+            Err(_) => bail!("the MQTT session did not stop within 10 s"),
+        }
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves on SIGINT or SIGTERM (Ctrl-C elsewhere).
+async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -15,7 +15,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -295,7 +294,7 @@ impl Storage {
             self.set_len(want)?;
             len = want;
         }
-        let allocated = meta.blocks().saturating_mul(512);
+        let allocated = platform::allocated_bytes(meta);
         if len == want && allocated >= want {
             return Ok(());
         }
@@ -349,14 +348,12 @@ impl Storage {
     pub fn read_block(&self, piece: u32, offset: u32, len: u32) -> Result<Vec<u8>, StorageError> {
         let at = self.block_offset(piece, offset, u64::from(len))?;
         let mut buf = vec![0; len as usize];
-        self.file
-            .read_exact_at(&mut buf, at)
-            .map_err(|source| StorageError::Read {
-                path: self.path.clone(),
-                offset: at,
-                len: u64::from(len),
-                source,
-            })?;
+        platform::read_exact_at(&self.file, &mut buf, at).map_err(|source| StorageError::Read {
+            path: self.path.clone(),
+            offset: at,
+            len: u64::from(len),
+            source,
+        })?;
         Ok(buf)
     }
 
@@ -369,14 +366,12 @@ impl Storage {
         }
         let len = data.len() as u64;
         let at = self.block_offset(piece, offset, len)?;
-        self.file
-            .write_all_at(data, at)
-            .map_err(|source| StorageError::Write {
-                path: self.path.clone(),
-                offset: at,
-                len,
-                source,
-            })
+        platform::write_all_at(&self.file, data, at).map_err(|source| StorageError::Write {
+            path: self.path.clone(),
+            offset: at,
+            len,
+            source,
+        })
     }
 
     /// Reads piece `piece` back and compares its SHA-1 with `expected`.
@@ -636,13 +631,14 @@ fn hash_piece(
     let mut done = 0;
     while done < size {
         let n = (size - done).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], start + done)
-            .map_err(|source| StorageError::Read {
+        platform::read_exact_at(file, &mut buf[..n], start + done).map_err(|source| {
+            StorageError::Read {
                 path: path.to_owned(),
                 offset: start + done,
                 len: n as u64,
                 source,
-            })?;
+            }
+        })?;
         hasher.update(&buf[..n]);
         done += n as u64;
     }
@@ -826,7 +822,83 @@ fn load_resume(resume_path: &Path) -> Result<ResumeRecord, ResumeRejected> {
 
 /// Modification time in nanoseconds since the epoch, exactly as the filesystem stores it.
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
-    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+    platform::mtime_ns(meta)
+}
+
+/// Positional I/O and file metadata, the same on Unix and on Windows (where the agent runs).
+mod platform {
+    use std::fs::{File, Metadata};
+    use std::io;
+
+    #[cfg(unix)]
+    pub fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+    }
+
+    #[cfg(unix)]
+    pub fn write_all_at(file: &File, data: &[u8], at: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(file, data, at)
+    }
+
+    /// Bytes the filesystem has reserved for the file.
+    #[cfg(unix)]
+    pub fn allocated_bytes(meta: &Metadata) -> u64 {
+        std::os::unix::fs::MetadataExt::blocks(meta).saturating_mul(512)
+    }
+
+    #[cfg(unix)]
+    pub fn mtime_ns(meta: &Metadata) -> i128 {
+        use std::os::unix::fs::MetadataExt;
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+    }
+
+    #[cfg(windows)]
+    pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> io::Result<()> {
+        use std::os::windows::fs::FileExt;
+        while !buf.is_empty() {
+            match file.seek_read(buf, at) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    at += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(windows)]
+    pub fn write_all_at(file: &File, mut data: &[u8], mut at: u64) -> io::Result<()> {
+        use std::os::windows::fs::FileExt;
+        while !data.is_empty() {
+            match file.seek_write(data, at) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    data = &data[n..];
+                    at += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Windows does not say; the file's length stands in, so sizing is skipped when it fits.
+    #[cfg(windows)]
+    pub fn allocated_bytes(meta: &Metadata) -> u64 {
+        meta.len()
+    }
+
+    #[cfg(windows)]
+    pub fn mtime_ns(meta: &Metadata) -> i128 {
+        meta.modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i128)
+    }
 }
 
 /// The directory holding `path`; `.` for a bare file name.
@@ -878,11 +950,14 @@ fn preallocate(_file: &File, _len: u64) -> io::Result<()> {
 
 /// Errors meaning "this filesystem cannot preallocate", as opposed to "no space".
 fn preallocation_unsupported(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::Unsupported
-        || matches!(
-            e.raw_os_error(),
-            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
-        )
+    #[cfg(unix)]
+    let refused = matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+    );
+    #[cfg(not(unix))]
+    let refused = false;
+    e.kind() == io::ErrorKind::Unsupported || refused
 }
 
 #[cfg(test)]
@@ -962,7 +1037,10 @@ mod tests {
         assert_eq!(s.geometry(), g);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), g.total_len);
-        assert!(meta.blocks() * 512 >= g.total_len, "space is reserved");
+        assert!(
+            platform::allocated_bytes(&meta) >= g.total_len,
+            "space is reserved"
+        );
         drop(s);
 
         std::fs::write(&path, vec![7; 3 * PIECE as usize]).unwrap();

@@ -1,0 +1,674 @@
+//! Agent configuration: defaults < TOML file < `BOOTTORRENT_AGENT_*` environment < flags.
+//!
+//! clap merges the environment and the flags into [`Overrides`]; this module owns the
+//! defaults and the file, merges the three, and validates the result once ([`Config::load`]).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use boottorrent_proto::{MachineId, PublicKeyBytes, verifying_key_from_bytes};
+use serde::{Deserialize, Serialize};
+
+/// Name of the machine's private key file in the data directory.
+pub const KEY_FILE: &str = "agent.key";
+/// Name of the pinned server public key file in the data directory (written by `enroll`).
+pub const SERVER_KEY_FILE: &str = "server.pub";
+
+/// Everything the agent runs with. Built by [`Config::load`].
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Host name or IP address of the BootTorrent server, for MQTT and (by default) HTTP.
+    /// Required by `run`.
+    pub server: Option<String>,
+    /// MQTT port of the server. Default: 1883, or 8883 when `tls_ca` is set.
+    pub mqtt_port: Option<u16>,
+    /// Base URL of the server's HTTP API and tracker. Default: `http://<server>:8080`.
+    pub http_url: Option<String>,
+    /// PEM file with the certificate authority that signed the broker's certificate; when
+    /// set, MQTT runs over TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// The server's enrollment token: the MQTT password (the username is the machine id).
+    pub enroll_token: Option<Secret>,
+    /// This machine's id, `[A-Za-z0-9._-]{1,64}`. Default: the host name with every other
+    /// character replaced by `-`, cut to 64 characters.
+    pub machine_id: Option<MachineId>,
+    /// Directory for images and state; the machine key (`agent.key`) and the pinned server
+    /// key (`server.pub`) live here. Created if missing.
+    pub data_dir: PathBuf,
+    /// Address the BitTorrent peer listens on for other machines.
+    pub bt_listen: SocketAddr,
+    /// What happens after an image is staged and its action asks to boot it.
+    pub boot_backend: BootBackend,
+    /// Program the `command` backend runs (it gets `BOOTTORRENT_IMAGE_PATH` and friends in its
+    /// environment).
+    pub boot_command: Option<PathBuf>,
+    /// Download cap in bytes per second; unset for none. The server's
+    /// `machine_configuration` may lower it.
+    pub download_limit_bps: Option<u64>,
+    /// Upload cap in bytes per second; unset for none. The server's `machine_configuration`
+    /// may lower it.
+    pub upload_limit_bps: Option<u64>,
+    /// Seconds between heartbeats until the server's `machine_configuration` says otherwise.
+    pub heartbeat_interval_secs: u32,
+    /// Seconds between MQTT keepalive pings; the broker publishes the agent's last will
+    /// (`offline`) after 1.5 times this without a packet.
+    pub mqtt_keepalive_secs: u16,
+    /// Seconds a command's timestamp may differ from this machine's clock before it is
+    /// ignored as stale (or from the future).
+    pub replay_window_secs: u32,
+    /// The server's Ed25519 public key, 64 hex digits. Default: the key `enroll` stored in
+    /// `<data_dir>/server.pub`.
+    pub server_key: Option<PublicKeyBytes>,
+}
+
+/// Which boot backend runs after staging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BootBackend {
+    /// Only stage images; never touch the boot configuration.
+    None,
+    /// Run `boot_command` with the image in its environment (Linux sites: grub-reboot, kexec).
+    Command,
+    /// Add a native VHD boot entry with `bcdedit`.
+    Windows,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: None,
+            mqtt_port: None,
+            http_url: None,
+            tls_ca: None,
+            enroll_token: None,
+            machine_id: None,
+            data_dir: default_data_dir(),
+            bt_listen: ([0, 0, 0, 0], 6881).into(),
+            boot_backend: if cfg!(windows) {
+                BootBackend::Windows
+            } else {
+                BootBackend::None
+            },
+            boot_command: None,
+            download_limit_bps: None,
+            upload_limit_bps: None,
+            heartbeat_interval_secs: 10,
+            mqtt_keepalive_secs: 30,
+            replay_window_secs: 300,
+            server_key: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Spelled out so that adding a field forces a decision here; the token prints as
+        // `Secret(..)`.
+        f.debug_struct("Config")
+            .field("server", &self.server)
+            .field("mqtt_port", &self.mqtt_port)
+            .field("http_url", &self.http_url)
+            .field("tls_ca", &self.tls_ca)
+            .field("enroll_token", &self.enroll_token)
+            .field("machine_id", &self.machine_id)
+            .field("data_dir", &self.data_dir)
+            .field("bt_listen", &self.bt_listen)
+            .field("boot_backend", &self.boot_backend)
+            .field("boot_command", &self.boot_command)
+            .field("download_limit_bps", &self.download_limit_bps)
+            .field("upload_limit_bps", &self.upload_limit_bps)
+            .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
+            .field("mqtt_keepalive_secs", &self.mqtt_keepalive_secs)
+            .field("replay_window_secs", &self.replay_window_secs)
+            .field("server_key", &self.server_key)
+            .finish()
+    }
+}
+
+/// A token that never appears in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a token.
+    pub fn new(token: String) -> Self {
+        Secret(token)
+    }
+
+    /// The token itself, for the MQTT login.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Settings from the environment and the command line; clap fills each from its flag or,
+/// failing that, its `BOOTTORRENT_AGENT_*` variable.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// TOML configuration file [default: /etc/boottorrent/agent.toml on Linux,
+    /// %ProgramData%\BootTorrent\agent.toml on Windows; a missing default file is fine].
+    #[arg(long, env = "BOOTTORRENT_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// BootTorrent server host (MQTT and HTTP).
+    #[arg(long, env = "BOOTTORRENT_AGENT_SERVER", value_name = "HOST")]
+    pub server: Option<String>,
+    /// MQTT port of the server [default: 1883, or 8883 with --tls-ca].
+    #[arg(long, env = "BOOTTORRENT_AGENT_MQTT_PORT", value_name = "PORT")]
+    pub mqtt_port: Option<u16>,
+    /// Base URL of the server's HTTP API [default: http://HOST:8080].
+    #[arg(long, env = "BOOTTORRENT_AGENT_HTTP_URL", value_name = "URL")]
+    pub http_url: Option<String>,
+    /// CA certificate (PEM) of the broker; enables MQTT over TLS.
+    #[arg(long, env = "BOOTTORRENT_AGENT_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// The server's enrollment token (MQTT password).
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_ENROLL_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub enroll_token: Option<Secret>,
+    /// This machine's id [default: the host name, sanitised].
+    #[arg(long, env = "BOOTTORRENT_AGENT_MACHINE_ID", value_name = "ID")]
+    pub machine_id: Option<MachineId>,
+    /// Directory for images and state [default: /var/lib/boottorrent, or
+    /// %ProgramData%\BootTorrent on Windows].
+    #[arg(long, env = "BOOTTORRENT_AGENT_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// BitTorrent listen address [default: 0.0.0.0:6881].
+    #[arg(long, env = "BOOTTORRENT_AGENT_BT_LISTEN", value_name = "ADDR")]
+    pub bt_listen: Option<SocketAddr>,
+    /// Boot backend run after staging [default: windows on Windows, none elsewhere].
+    #[arg(long, env = "BOOTTORRENT_AGENT_BOOT_BACKEND", value_enum)]
+    pub boot_backend: Option<BootBackend>,
+    /// Program the `command` boot backend runs.
+    #[arg(long, env = "BOOTTORRENT_AGENT_BOOT_COMMAND", value_name = "PROGRAM")]
+    pub boot_command: Option<PathBuf>,
+    /// Download cap, bytes per second.
+    #[arg(long, env = "BOOTTORRENT_AGENT_DOWNLOAD_LIMIT_BPS", value_name = "BPS")]
+    pub download_limit_bps: Option<u64>,
+    /// Upload cap, bytes per second.
+    #[arg(long, env = "BOOTTORRENT_AGENT_UPLOAD_LIMIT_BPS", value_name = "BPS")]
+    pub upload_limit_bps: Option<u64>,
+    /// Seconds between heartbeats until the server sets it [default: 10].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_HEARTBEAT_INTERVAL_SECS",
+        value_name = "SECS"
+    )]
+    pub heartbeat_interval_secs: Option<u32>,
+    /// Seconds between MQTT keepalive pings [default: 30].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_MQTT_KEEPALIVE_SECS",
+        value_name = "SECS"
+    )]
+    pub mqtt_keepalive_secs: Option<u16>,
+    /// Seconds a command's timestamp may be off this machine's clock [default: 300].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_REPLAY_WINDOW_SECS",
+        value_name = "SECS"
+    )]
+    pub replay_window_secs: Option<u32>,
+    /// The server's public key, 64 hex digits [default: <data-dir>/server.pub].
+    #[arg(long, env = "BOOTTORRENT_AGENT_SERVER_KEY", value_name = "HEX", value_parser = parse_public_key)]
+    pub server_key: Option<PublicKeyBytes>,
+}
+
+impl Config {
+    /// Defaults, then the config file, then `overrides`; validated. The machine id is
+    /// filled in from the host name when nothing set it.
+    pub fn load(overrides: &Overrides) -> anyhow::Result<Config> {
+        let mut config = match &overrides.config {
+            Some(path) => Config::from_file(path)?,
+            None => {
+                let path = default_config_path();
+                if path.exists() {
+                    Config::from_file(&path)?
+                } else {
+                    Config::default()
+                }
+            }
+        };
+        config.apply(overrides.clone());
+        if config.machine_id.is_none() {
+            let host = hostname()
+                .context("finding this machine's host name for its default id; set --machine-id")?;
+            config.machine_id = Some(sanitize_machine_id(&host));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// Replaces every field that `overrides` sets.
+    pub fn apply(&mut self, overrides: Overrides) {
+        let Overrides {
+            config: _,
+            server,
+            mqtt_port,
+            http_url,
+            tls_ca,
+            enroll_token,
+            machine_id,
+            data_dir,
+            bt_listen,
+            boot_backend,
+            boot_command,
+            download_limit_bps,
+            upload_limit_bps,
+            heartbeat_interval_secs,
+            mqtt_keepalive_secs,
+            replay_window_secs,
+            server_key,
+        } = overrides;
+        fn set<T>(slot: &mut T, value: Option<T>) {
+            if let Some(v) = value {
+                *slot = v;
+            }
+        }
+        fn set_opt<T>(slot: &mut Option<T>, value: Option<T>) {
+            if value.is_some() {
+                *slot = value;
+            }
+        }
+        set_opt(&mut self.server, server);
+        set_opt(&mut self.mqtt_port, mqtt_port);
+        set_opt(&mut self.http_url, http_url);
+        set_opt(&mut self.tls_ca, tls_ca);
+        set_opt(&mut self.enroll_token, enroll_token);
+        set_opt(&mut self.machine_id, machine_id);
+        set(&mut self.data_dir, data_dir);
+        set(&mut self.bt_listen, bt_listen);
+        set(&mut self.boot_backend, boot_backend);
+        set_opt(&mut self.boot_command, boot_command);
+        set_opt(&mut self.download_limit_bps, download_limit_bps);
+        set_opt(&mut self.upload_limit_bps, upload_limit_bps);
+        set(&mut self.heartbeat_interval_secs, heartbeat_interval_secs);
+        set(&mut self.mqtt_keepalive_secs, mqtt_keepalive_secs);
+        set(&mut self.replay_window_secs, replay_window_secs);
+        set_opt(&mut self.server_key, server_key);
+    }
+
+    /// Checks what can be checked without the network.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(server) = &self.server
+            && (server.is_empty() || server.contains(['/', ' ']))
+        {
+            bail!("server must be a host name or IP address, found {server:?}");
+        }
+        if let Some(url) = &self.http_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("http_url must start with http:// or https://, found {url:?}");
+        }
+        if self.heartbeat_interval_secs == 0 {
+            bail!("heartbeat_interval_secs must be at least 1");
+        }
+        if self.mqtt_keepalive_secs == 0 {
+            bail!("mqtt_keepalive_secs must be at least 1 (0 would let a dead agent look alive)");
+        }
+        if self.boot_backend == BootBackend::Command && self.boot_command.is_none() {
+            bail!("boot_backend = \"command\" needs boot_command (--boot-command PROGRAM)");
+        }
+        if let Some(key) = &self.server_key {
+            verifying_key_from_bytes(key).context("server_key")?;
+        }
+        Ok(())
+    }
+
+    /// The server host, or an error saying how to set it.
+    pub fn server(&self) -> anyhow::Result<&str> {
+        self.server.as_deref().context(
+            "no server configured: set `server` in the config file, BOOTTORRENT_AGENT_SERVER or --server HOST",
+        )
+    }
+
+    /// The MQTT port: the configured one, else 8883 with TLS and 1883 without.
+    pub fn mqtt_port(&self) -> u16 {
+        self.mqtt_port
+            .unwrap_or(if self.tls_ca.is_some() { 8883 } else { 1883 })
+    }
+
+    /// The HTTP base URL without a trailing `/`: the configured one, else
+    /// `http://<server>:8080`.
+    pub fn http_url(&self) -> anyhow::Result<String> {
+        match &self.http_url {
+            Some(url) => Ok(url.trim_end_matches('/').to_owned()),
+            None => {
+                let host = self.server().context("no http_url configured either")?;
+                // A bare IPv6 address needs brackets in a URL.
+                if host.contains(':') && !host.starts_with('[') {
+                    Ok(format!("http://[{host}]:8080"))
+                } else {
+                    Ok(format!("http://{host}:8080"))
+                }
+            }
+        }
+    }
+
+    /// The machine id; [`Config::load`] always sets it.
+    pub fn machine_id(&self) -> anyhow::Result<&MachineId> {
+        self.machine_id
+            .as_ref()
+            .context("no machine id: set --machine-id")
+    }
+
+    /// The machine key file.
+    pub fn key_file(&self) -> PathBuf {
+        self.data_dir.join(KEY_FILE)
+    }
+
+    /// The pinned server key file.
+    pub fn server_key_file(&self) -> PathBuf {
+        self.data_dir.join(SERVER_KEY_FILE)
+    }
+
+    /// The configuration as TOML, with the token masked: what `config --effective` prints.
+    pub fn to_toml_masked(&self) -> anyhow::Result<String> {
+        let mut shown = self.clone();
+        if shown.enroll_token.is_some() {
+            shown.enroll_token = Some(Secret::new("(set)".into()));
+        }
+        toml::to_string(&shown).context("formatting the configuration as TOML")
+    }
+
+    /// The default configuration as commented TOML, for `boottorrent-agent config`.
+    pub fn default_toml() -> String {
+        let d = Config::default();
+        let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        format!(
+            r#"# BootTorrent agent configuration (boottorrent-agent run --config FILE).
+# Every key is optional; environment variables BOOTTORRENT_AGENT_<KEY> and flags override the file.
+
+# Host name or IP address of the BootTorrent server (MQTT and HTTP). Required by `run`.
+# server = "boottorrent.lab.example"
+# MQTT port of the server (default: 1883, or 8883 when tls_ca is set).
+# mqtt_port = 1883
+# Base URL of the server's HTTP API and tracker (default: http://<server>:8080).
+# http_url = "http://boottorrent.lab.example:8080"
+# PEM certificate authority of the broker's certificate; when set, MQTT runs over TLS.
+# tls_ca = "/etc/boottorrent/ca.pem"
+# The server's enrollment token: the MQTT password (the username is the machine id).
+# enroll_token = "..."
+# This machine's id, [A-Za-z0-9._-]{{1,64}} (default: the host name, other characters as "-").
+# machine_id = "pc-101-01"
+# Directory for images and state; agent.key (this machine's key) and server.pub live here.
+data_dir = {data_dir}
+# Address the BitTorrent peer listens on.
+bt_listen = "{bt_listen}"
+# After staging, when the action asks to boot: "none", "command" or "windows" (bcdedit).
+boot_backend = "{backend}"
+# Program the "command" backend runs, with BOOTTORRENT_IMAGE_PATH, BOOTTORRENT_IMAGE_ID,
+# BOOTTORRENT_DEPLOYMENT_ID and BOOTTORRENT_ACTION in its environment.
+# boot_command = "/usr/local/sbin/boottorrent-boot"
+# Download and upload caps, bytes per second (default: none).
+# download_limit_bps = 12500000
+# upload_limit_bps = 12500000
+# Seconds between heartbeats until the server's machine_configuration sets it.
+heartbeat_interval_secs = {heartbeat}
+# Seconds between MQTT keepalive pings; the broker reports the agent offline after 1.5 times this.
+mqtt_keepalive_secs = {keepalive}
+# Seconds a command's timestamp may differ from this machine's clock.
+replay_window_secs = {window}
+# The server's Ed25519 public key, 64 hex digits (default: <data_dir>/server.pub, written by
+# `boottorrent-agent enroll`).
+# server_key = "..."
+"#,
+            data_dir = quote(&d.data_dir.to_string_lossy()),
+            bt_listen = d.bt_listen,
+            backend = match d.boot_backend {
+                BootBackend::None => "none",
+                BootBackend::Command => "command",
+                BootBackend::Windows => "windows",
+            },
+            heartbeat = d.heartbeat_interval_secs,
+            keepalive = d.mqtt_keepalive_secs,
+            window = d.replay_window_secs,
+        )
+    }
+}
+
+fn parse_public_key(text: &str) -> Result<PublicKeyBytes, String> {
+    PublicKeyBytes::from_hex(text.trim()).map_err(|e| format!("expected 64 hex digits: {e}"))
+}
+
+/// Where `--config` points when not given.
+pub fn default_config_path() -> PathBuf {
+    if cfg!(windows) {
+        program_data().join("BootTorrent").join("agent.toml")
+    } else {
+        PathBuf::from("/etc/boottorrent/agent.toml")
+    }
+}
+
+/// Where `data_dir` points when not set.
+pub fn default_data_dir() -> PathBuf {
+    if cfg!(windows) {
+        program_data().join("BootTorrent")
+    } else {
+        PathBuf::from("/var/lib/boottorrent")
+    }
+}
+
+fn program_data() -> PathBuf {
+    std::env::var_os("ProgramData")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(r"C:\ProgramData"))
+}
+
+/// A valid machine id from a host name: characters outside `[A-Za-z0-9._-]` become `-`,
+/// the result is cut to 64 characters, and an empty name becomes `machine`.
+pub fn sanitize_machine_id(host: &str) -> MachineId {
+    let cleaned: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    let cleaned = if cleaned.is_empty() {
+        "machine".to_owned()
+    } else {
+        cleaned
+    };
+    cleaned
+        .parse()
+        .expect("only [A-Za-z0-9._-], 1 to 64 characters, remain")
+}
+
+/// This machine's host name.
+pub fn hostname() -> Option<String> {
+    #[cfg(unix)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success
+        // when the name fits, and we stop at the first NUL or the buffer's end regardless.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc != 0 {
+            return None;
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let name = String::from_utf8_lossy(&buf[..end]).trim().to_owned();
+        (!name.is_empty()).then_some(name)
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        overrides: Overrides,
+    }
+
+    fn overrides(argv: &[&str]) -> Overrides {
+        let mut full = vec!["agent"];
+        full.extend_from_slice(argv);
+        Wrapper::try_parse_from(full).unwrap().overrides
+    }
+
+    #[test]
+    fn commented_default_parses_to_default() {
+        let parsed: Config = toml::from_str(&Config::default_toml()).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn commented_default_mentions_every_key() {
+        let full = Config {
+            server: Some("s".into()),
+            mqtt_port: Some(1),
+            http_url: Some("http://s".into()),
+            tls_ca: Some("/ca".into()),
+            enroll_token: Some(Secret::new("t".into())),
+            machine_id: Some("m".parse().unwrap()),
+            boot_command: Some("/b".into()),
+            download_limit_bps: Some(1),
+            upload_limit_bps: Some(1),
+            server_key: Some(PublicKeyBytes::from([1; 32])),
+            ..Config::default()
+        };
+        let value = toml::Value::try_from(&full).unwrap();
+        let text = Config::default_toml();
+        for key in value.as_table().unwrap().keys() {
+            assert!(
+                text.contains(&format!("\n{key} = ")) || text.contains(&format!("\n# {key} = ")),
+                "{key} missing"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "server = \"from-file\"\nmqtt_port = 2000\nheartbeat_interval_secs = 7\nmachine_id = \"pc-file\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&overrides(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--mqtt-port",
+            "3000",
+        ]))
+        .unwrap();
+        assert_eq!(config.server.as_deref(), Some("from-file"));
+        assert_eq!(config.mqtt_port(), 3000);
+        assert_eq!(config.heartbeat_interval_secs, 7);
+        assert_eq!(config.machine_id().unwrap().as_str(), "pc-file");
+        assert_eq!(
+            config.mqtt_keepalive_secs,
+            Config::default().mqtt_keepalive_secs
+        );
+        assert_eq!(config.http_url().unwrap(), "http://from-file:8080");
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error_naming_it() {
+        let err = Config::load(&overrides(&["--config", "/nonexistent/agent-x.toml"])).unwrap_err();
+        assert!(format!("{err:#}").contains("agent-x.toml"), "{err:#}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "sever = \"x\"\n").unwrap();
+        let err = Config::from_file(&file).unwrap_err();
+        assert!(format!("{err:#}").contains("sever"), "{err:#}");
+    }
+
+    #[test]
+    fn validation() {
+        let bad = |argv: &[&str]| {
+            let mut args = vec!["--machine-id", "m"];
+            args.extend_from_slice(argv);
+            Config::load(&overrides(&args)).unwrap_err().to_string()
+        };
+        assert!(bad(&["--heartbeat-interval-secs", "0"]).contains("heartbeat"));
+        assert!(bad(&["--boot-backend", "command"]).contains("boot_command"));
+        assert!(bad(&["--http-url", "ftp://x"]).contains("http_url"));
+        assert!(bad(&["--server", "a/b"]).contains("server"));
+        // Small-order key.
+        let mut weak = "00".repeat(32);
+        weak.replace_range(0..2, "01");
+        assert!(bad(&["--server-key", &weak]).contains("server_key"));
+        assert!(Wrapper::try_parse_from(["agent", "--machine-id", "bad id"]).is_err());
+    }
+
+    #[test]
+    fn tls_changes_the_default_port_and_ipv6_gets_brackets() {
+        let mut config = Config {
+            server: Some("fd00::1".into()),
+            ..Config::default()
+        };
+        assert_eq!(config.mqtt_port(), 1883);
+        assert_eq!(config.http_url().unwrap(), "http://[fd00::1]:8080");
+        config.tls_ca = Some("/ca.pem".into());
+        assert_eq!(config.mqtt_port(), 8883);
+        assert!(Config::default().http_url().is_err());
+    }
+
+    #[test]
+    fn machine_ids_are_sanitised() {
+        assert_eq!(sanitize_machine_id("pc-101.lab").as_str(), "pc-101.lab");
+        assert_eq!(sanitize_machine_id("PC 101/ä").as_str(), "PC-101--");
+        assert_eq!(sanitize_machine_id("").as_str(), "machine");
+        assert_eq!(sanitize_machine_id(&"x".repeat(100)).as_str().len(), 64);
+        assert_eq!(sanitize_machine_id(" host\n").as_str(), "host");
+    }
+
+    #[test]
+    fn the_token_is_hidden() {
+        let config = Config {
+            enroll_token: Some(Secret::new("very-secret-token".into())),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("very-secret"));
+        assert!(!config.to_toml_masked().unwrap().contains("very-secret"));
+    }
+}

@@ -1,0 +1,422 @@
+//! The images this machine holds: assignments from the server, downloaded and seeded with our
+//! swarm engine, persisted so that a restart or a power cut resumes from what is on disk.
+//!
+//! One task per assignment follows its torrent's stats and turns them into `progress` events
+//! (every `PROGRESS_EVERY`), then, once the file is complete and verified, reports it staged and
+//! runs the boot backend when the assignment's action asks for it. The assignments live in
+//! `<data>/assignments.json`, rewritten atomically on every change.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boottorrent_proto::{
+    AfterDownload, ArtifactAssignment, ArtifactUnassignment, BootReport, ErrorReport, Event,
+    HeldImage, ImageId, ImageState, Progress,
+};
+use boottorrent_swarm::InfoHash;
+use boottorrent_swarm::metainfo::Metainfo;
+use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, TorrentState};
+use tokio::sync::mpsc;
+
+use crate::boot::{self, Backend, BootRequest};
+
+/// How often a download reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(1500);
+/// Room kept free on the data disk beyond the image itself.
+const DISK_MARGIN: u64 = 256 << 20;
+
+/// One assignment and where it stands.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Held {
+    assignment: ArtifactAssignment,
+    path: PathBuf,
+    state: ImageState,
+    /// The boot action already ran; a restart must not reboot the machine again.
+    booted: bool,
+}
+
+/// The agent's downloads.
+pub struct Downloads {
+    session: Session,
+    data_dir: PathBuf,
+    http_url: String,
+    http: reqwest::Client,
+    boot: Backend,
+    events: mpsc::Sender<Event>,
+    held: Mutex<HashMap<ImageId, Held>>,
+    handles: Mutex<HashMap<ImageId, TorrentHandle>>,
+}
+
+impl Downloads {
+    /// Loads what the last run held and starts those torrents again (resuming from disk).
+    pub fn start(
+        session: Session,
+        data_dir: PathBuf,
+        http_url: String,
+        boot: Backend,
+        events: mpsc::Sender<Event>,
+    ) -> Arc<Downloads> {
+        let downloads = Arc::new(Downloads {
+            session,
+            http_url: http_url.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
+            boot,
+            events,
+            held: Mutex::new(load(&data_dir)),
+            handles: Mutex::new(HashMap::new()),
+            data_dir,
+        });
+        let resumed: Vec<Held> = downloads.lock_held().values().cloned().collect();
+        for held in resumed {
+            let d = downloads.clone();
+            tokio::spawn(async move { d.fetch(held.assignment).await });
+        }
+        downloads
+    }
+
+    /// What this machine holds, for `startup` and `heartbeat`.
+    pub fn held(&self) -> Vec<HeldImage> {
+        let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        self.lock_held()
+            .values()
+            .map(|h| {
+                let done = handles
+                    .get(&h.assignment.image)
+                    .map_or(0, |t| t.stats().borrow().bytes_done);
+                HeldImage {
+                    image: h.assignment.image.clone(),
+                    info_hash: h.assignment.info_hash,
+                    state: h.state,
+                    bytes_done: if h.state == ImageState::Downloading {
+                        done
+                    } else {
+                        h.assignment.size
+                    },
+                    bytes_total: h.assignment.size,
+                }
+            })
+            .collect()
+    }
+
+    /// Handles `artifact_assignment`; the same assignment twice does the work once.
+    pub async fn assign(self: &Arc<Self>, assignment: ArtifactAssignment) {
+        {
+            let held = self.lock_held();
+            if let Some(h) = held.get(&assignment.image)
+                && h.assignment.info_hash == assignment.info_hash
+            {
+                tracing::info!(image = %assignment.image, "already assigned; nothing to do");
+                return;
+            }
+        }
+        let d = self.clone();
+        tokio::spawn(async move { d.fetch(assignment).await });
+    }
+
+    /// Handles `artifact_unassignment`: stops the torrent and deletes the image.
+    pub async fn unassign(&self, unassignment: ArtifactUnassignment) {
+        let held = self.lock_held().remove(&unassignment.image);
+        self.persist();
+        let handle = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&unassignment.image);
+        if let Some(handle) = handle {
+            let _ = self.session.remove(handle.info_hash(), true).await;
+        } else if let Some(h) = held {
+            let _ = tokio::fs::remove_file(&h.path).await;
+        }
+        tracing::info!(image = %unassignment.image, "image unassigned and deleted");
+    }
+
+    async fn fetch(self: Arc<Self>, assignment: ArtifactAssignment) {
+        let image = assignment.image.clone();
+        let deployment = assignment.deployment.clone();
+        if let Err(e) = self.try_fetch(assignment).await {
+            tracing::error!(image = %image, "{e}");
+            if let Some(h) = self.lock_held().get_mut(&image) {
+                h.state = ImageState::Failed;
+            }
+            self.persist();
+            self.send(Event::Error(ErrorReport {
+                code: e.code.into(),
+                message: e.message,
+                deployment: Some(deployment),
+            }))
+            .await;
+        }
+    }
+
+    async fn try_fetch(self: &Arc<Self>, assignment: ArtifactAssignment) -> Result<(), Failure> {
+        let torrent = self.torrent_for(&assignment).await?;
+        let path = self.image_path(&assignment, &torrent)?;
+        let already = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let free = free_bytes(&self.data_dir);
+        let needed = assignment.size.saturating_sub(already) + DISK_MARGIN;
+        if let Some(free) = free
+            && free < needed
+        {
+            return Err(Failure::new(
+                "disk_full",
+                format!(
+                    "not enough disk for image {} in {}: {} bytes free, {} needed",
+                    assignment.image,
+                    self.data_dir.display(),
+                    free,
+                    needed
+                ),
+            ));
+        }
+        let booted = self
+            .lock_held()
+            .get(&assignment.image)
+            .is_some_and(|h| h.booted && h.assignment.info_hash == assignment.info_hash);
+        self.lock_held().insert(
+            assignment.image.clone(),
+            Held {
+                assignment: assignment.clone(),
+                path: path.clone(),
+                state: ImageState::Downloading,
+                booted,
+            },
+        );
+        self.persist();
+        let handle = self
+            .session
+            .add(AddTorrent {
+                metainfo: torrent,
+                path: path.clone(),
+                mode: Mode::Download,
+                peers: Vec::new(),
+                use_tracker: true,
+            })
+            .map_err(|e| Failure::new("swarm", format!("starting the download: {e}")))?;
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(assignment.image.clone(), handle.clone());
+        self.follow(assignment, handle, path).await
+    }
+
+    /// Reports progress until the download completes, then stages and boots.
+    async fn follow(
+        &self,
+        assignment: ArtifactAssignment,
+        handle: TorrentHandle,
+        path: PathBuf,
+    ) -> Result<(), Failure> {
+        let mut stats = handle.stats();
+        let mut every = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            every.tick().await;
+            let s = stats.borrow_and_update().clone();
+            let state = match &s.state {
+                TorrentState::Error(e) => {
+                    return Err(Failure::new("download", e.clone()));
+                }
+                TorrentState::Seeding => ImageState::Staged,
+                _ => ImageState::Downloading,
+            };
+            self.send(Event::Progress(Progress {
+                deployment: assignment.deployment.clone(),
+                image: assignment.image.clone(),
+                bytes_done: s.bytes_done,
+                bytes_total: s.bytes_total,
+                download_bps: s.download_rate,
+                upload_bps: s.upload_rate,
+                peers: s.peers.len() as u32,
+                state,
+            }))
+            .await;
+            if state == ImageState::Staged {
+                break;
+            }
+            if !self.lock_held().contains_key(&assignment.image) {
+                return Ok(()); // unassigned meanwhile
+            }
+        }
+        let run_boot = {
+            let mut held = self.lock_held();
+            let Some(h) = held.get_mut(&assignment.image) else {
+                return Ok(());
+            };
+            h.state = ImageState::Staged;
+            let run = !h.booted && assignment.action != AfterDownload::Stage;
+            h.booted = true;
+            run
+        };
+        self.persist();
+        tracing::info!(image = %assignment.image, "image staged; seeding it to peers");
+        if run_boot {
+            let outcome = boot::run(
+                &self.boot,
+                &BootRequest {
+                    image_path: path,
+                    image_id: assignment.image.to_string(),
+                    image_name: assignment.name.clone(),
+                    deployment_id: assignment.deployment.to_string(),
+                    action: assignment.action,
+                },
+            )
+            .await;
+            if !outcome.ok {
+                self.send(Event::Error(ErrorReport {
+                    code: "boot_failed".into(),
+                    message: outcome.message.clone(),
+                    deployment: Some(assignment.deployment.clone()),
+                }))
+                .await;
+            }
+            self.send(Event::Boot(BootReport {
+                deployment: Some(assignment.deployment),
+                image: Some(assignment.image),
+                ok: outcome.ok,
+                message: outcome.message,
+            }))
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Fetches the `.torrent` named by the assignment and checks it is the one announced.
+    async fn torrent_for(&self, a: &ArtifactAssignment) -> Result<Metainfo, Failure> {
+        let url = if a.torrent_url.starts_with("http://") || a.torrent_url.starts_with("https://") {
+            a.torrent_url.clone()
+        } else {
+            format!(
+                "{}/{}",
+                self.http_url,
+                a.torrent_url.trim_start_matches('/')
+            )
+        };
+        let fetch = async {
+            let response = self.http.get(&url).send().await?.error_for_status()?;
+            response.bytes().await
+        };
+        let bytes = fetch.await.map_err(|e| {
+            Failure::new("torrent_fetch", format!("fetching the torrent {url}: {e}"))
+        })?;
+        let meta = Metainfo::from_bytes(&bytes)
+            .map_err(|e| Failure::new("torrent_invalid", format!("torrent from {url}: {e}")))?;
+        if meta.info_hash != InfoHash(a.info_hash.0) {
+            return Err(Failure::new(
+                "torrent_mismatch",
+                format!(
+                    "torrent from {url} has info hash {}, the assignment says {}",
+                    meta.info_hash,
+                    hex::encode(a.info_hash.0)
+                ),
+            ));
+        }
+        Ok(meta)
+    }
+
+    /// Where the image goes: the assignment's save path if relative to the data dir, else the
+    /// torrent's name under `<data>/images`.
+    fn image_path(&self, a: &ArtifactAssignment, meta: &Metainfo) -> Result<PathBuf, Failure> {
+        let images = self.data_dir.join("images");
+        let name = Path::new(&a.save_path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| boottorrent_swarm::metainfo::check_file_name(n).is_ok())
+            .unwrap_or_else(|| meta.name.clone());
+        Ok(images.join(name))
+    }
+
+    async fn send(&self, event: Event) {
+        if self.events.send(event).await.is_err() {
+            tracing::debug!("the MQTT link is gone; event dropped");
+        }
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<ImageId, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the assignments atomically, so a power cut leaves the old or the new list.
+    fn persist(&self) {
+        let list: Vec<Held> = self.lock_held().values().cloned().collect();
+        let path = self.data_dir.join("assignments.json");
+        let tmp = self.data_dir.join("assignments.json.tmp");
+        let result = serde_json::to_vec_pretty(&list)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(e) = result {
+            tracing::error!(
+                "saving {}: {e}; a restart may forget an assignment",
+                path.display()
+            );
+        }
+    }
+}
+
+fn load(data_dir: &Path) -> HashMap<ImageId, Held> {
+    let path = data_dir.join("assignments.json");
+    let list: Vec<Held> = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::error!(
+                    "{} is corrupt ({e}); starting with no assignments",
+                    path.display()
+                );
+                Vec::new()
+            }
+        },
+        Err(_) => Vec::new(),
+    };
+    list.into_iter()
+        .map(|h| (h.assignment.image.clone(), h))
+        .collect()
+}
+
+/// Free bytes on the filesystem holding `dir`, if the OS tells.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// A failed download, as an `error` event's code and message.
+#[derive(Debug)]
+struct Failure {
+    code: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: &'static str, message: String) -> Failure {
+        Failure { code, message }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}

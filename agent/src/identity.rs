@@ -1,0 +1,246 @@
+//! Who this machine is and whom it trusts: its own Ed25519 key, and the server's pinned
+//! public key.
+//!
+//! The machine key signs every event; the server trusts it at the machine's first `startup`
+//! (or once the operator approves it), so it must survive restarts: it lives in
+//! `<data_dir>/agent.key`, mode 0600, made on first use. The server key verifies every
+//! command; it is pinned from the config (`server_key`) or from `<data_dir>/server.pub`, which
+//! `boottorrent-agent enroll` writes after showing its fingerprint.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use boottorrent_proto::{
+    MachineId, PublicKeyBytes, SigningKey, VerifyingKey, generate_signing_key,
+    signing_key_from_hex, signing_key_to_hex, verifying_key_from_bytes,
+};
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+
+/// This machine's identity and the server key it trusts.
+pub struct Identity {
+    /// The machine id: MQTT username, topic segment and envelope sender.
+    pub machine: MachineId,
+    /// The machine's private key; signs every event.
+    pub key: SigningKey,
+    /// The server's public key; every command must verify with it.
+    pub server_key: VerifyingKey,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("machine", &self.machine)
+            .field(
+                "public_key",
+                &hex::encode(self.key.verifying_key().as_bytes()),
+            )
+            .field("server_key", &hex::encode(self.server_key.as_bytes()))
+            .finish()
+    }
+}
+
+impl Identity {
+    /// Loads (or on first start creates) the machine key, and the pinned server key.
+    pub fn load(config: &Config) -> anyhow::Result<Identity> {
+        let machine = config.machine_id()?.clone();
+        let server_key = pinned_server_key(config)?;
+        let key = load_or_create_key(&config.key_file())?;
+        Ok(Identity {
+            machine,
+            key,
+            server_key,
+        })
+    }
+}
+
+/// The machine key in `path`, created (mode 0600, with its directory) when missing.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => signing_key_from_hex(&text)
+            .with_context(|| format!("reading the machine key {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating the directory {}", dir.display()))?;
+            }
+            let key = generate_signing_key()
+                .map_err(|e| anyhow::anyhow!("generating the machine key: {e}"))?;
+            let mut file = create_private(path)
+                .with_context(|| format!("creating the machine key {}", path.display()))?;
+            writeln!(file, "{}", signing_key_to_hex(&key))
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing the machine key {}", path.display()))?;
+            tracing::info!(file = %path.display(), "created this machine's key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the machine key {}", path.display())),
+    }
+}
+
+/// Creates a new file readable only by its owner (on Unix; on Windows the data directory's
+/// ACL, which grants SYSTEM and Administrators, protects it).
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
+}
+
+/// The server key to verify commands with: `server_key` from the config, else the key in
+/// `<data_dir>/server.pub`; neither is an error telling to run `enroll`.
+pub fn pinned_server_key(config: &Config) -> anyhow::Result<VerifyingKey> {
+    let bytes = match config.server_key {
+        Some(key) => key,
+        None => {
+            let path = config.server_key_file();
+            match read_server_key_file(&path)? {
+                Some(key) => key,
+                None => bail!(
+                    "no server key is pinned: run `boottorrent-agent enroll` (it fetches the key \
+                     from the server's /api/v1/server-key and stores it in {}), or set server_key \
+                     in the config",
+                    path.display()
+                ),
+            }
+        }
+    };
+    verifying_key_from_bytes(&bytes).context("the pinned server key")
+}
+
+/// The key in a `server.pub` file, `None` when the file does not exist.
+pub fn read_server_key_file(path: &Path) -> anyhow::Result<Option<PublicKeyBytes>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => PublicKeyBytes::from_hex(text.trim())
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| {
+                format!(
+                    "reading the server key {}: expected 64 hex digits",
+                    path.display()
+                )
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the server key {}", path.display())),
+    }
+}
+
+/// Writes `key` to `path` atomically (temporary file, then rename).
+pub fn store_server_key(path: &Path, key: &PublicKeyBytes) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the directory {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("pub.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        writeln!(file, "{}", key.to_hex())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("writing the server key {}", path.display()))
+}
+
+/// A short, readable digest of a public key for comparing it by eye:
+/// `SHA256:` and the first 16 bytes of its SHA-256 in groups of four hex digits.
+pub fn fingerprint(key: &PublicKeyBytes) -> String {
+    let digest = Sha256::digest(key.0);
+    let groups: Vec<String> = digest[..16].chunks(2).map(hex::encode).collect();
+    format!("SHA256:{}", groups.join(":"))
+}
+
+/// Fetches the server's public key from `GET {http_url}/api/v1/server-key`.
+pub async fn fetch_server_key(http_url: &str) -> anyhow::Result<PublicKeyBytes> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        public_key: String,
+    }
+    let url = format!("{}/api/v1/server-key", http_url.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .context("building the HTTP client")?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("fetching {url}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!("fetching {url}: the server answered {status}");
+    }
+    let answer: Answer = response
+        .json()
+        .await
+        .with_context(|| format!("reading the answer of {url}"))?;
+    let key = PublicKeyBytes::from_hex(answer.public_key.trim())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("{url} returned a public key that is not 64 hex digits"))?;
+    verifying_key_from_bytes(&key).with_context(|| format!("the key from {url}"))?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_stable_and_readable() {
+        // sha256 of 32 zero bytes starts 66687aadf862bd776c8fc18b8e9f8e20.
+        assert_eq!(
+            fingerprint(&PublicKeyBytes::from([0; 32])),
+            "SHA256:6668:7aad:f862:bd77:6c8f:c18b:8e9f:8e20"
+        );
+        assert_ne!(
+            fingerprint(&PublicKeyBytes::from([1; 32])),
+            fingerprint(&PublicKeyBytes::from([0; 32]))
+        );
+    }
+
+    #[test]
+    fn server_key_file_round_trips_and_missing_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("server.pub");
+        assert_eq!(read_server_key_file(&path).unwrap(), None);
+        let key = PublicKeyBytes::from(generate_signing_key().unwrap().verifying_key().to_bytes());
+        store_server_key(&path, &key).unwrap();
+        assert_eq!(read_server_key_file(&path).unwrap(), Some(key));
+        std::fs::write(&path, "nope").unwrap();
+        let err = read_server_key_file(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("server.pub"), "{err:#}");
+    }
+
+    #[test]
+    fn no_pinned_key_says_to_enroll() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let err = pinned_server_key(&config).unwrap_err();
+        assert!(err.to_string().contains("enroll"), "{err}");
+    }
+
+    #[test]
+    fn key_is_created_once_in_a_new_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new").join("agent.key");
+        let first = load_or_create_key(&path).unwrap();
+        let second = load_or_create_key(&path).unwrap();
+        assert_eq!(first.to_bytes(), second.to_bytes());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The agent against the real server: `boottorrent serve` and two `boottorrent-agent run`
+//! processes on loopback, commands published with `mosquitto_pub`.
+//!
+
+mod common;
+
+use std::process::Command;
+use std::time::Instant;
+
+use boottorrent_proto::{BootCommand, Command as ProtoCommand, generate_signing_key};
+use common::*;
+
+#[test]
+fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(dir);
+
+    // Agent a pins the server key with `enroll`; agent b from its config (environment).
+    let out = output({
+        let mut c = agent(&["enroll", "--config"]);
+        c.arg(dir.join("none.toml"))
+            .args(["--http-url", &server.url(""), "--machine-id", "pc-a"])
+            .arg("--data-dir")
+            .arg(dir.join("pc-a"));
+        std::fs::write(dir.join("none.toml"), "").unwrap();
+        c
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let server_key_hex = hex::encode(server.key().verifying_key().to_bytes());
+    assert!(stdout.contains("fingerprint  SHA256:"), "{stdout}");
+    assert!(stdout.contains(&server_key_hex), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("pc-a/server.pub"))
+            .unwrap()
+            .trim(),
+        server_key_hex
+    );
+
+    let mut a = run_agent(dir, &server, "pc-a", &[]);
+    let mut b = run_agent(dir, &server, "pc-b", &["--server-key", &server_key_hex]);
+    wait_for("both agents to show online", || {
+        (server.online("pc-a") == Some(true) && server.online("pc-b") == Some(true)).then_some(())
+    });
+    let machine: serde_json::Value = reqwest::blocking::get(server.url("/api/v1/machines/pc-b"))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(machine["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert!(!machine["os"].as_str().unwrap().is_empty(), "{machine}");
+    assert!(
+        machine["free_disk_bytes"].as_u64().unwrap() > 0,
+        "{machine}"
+    );
+    // The server's configuration arrived and was verified with the pinned key.
+    wait_for("pc-b to apply the server's configuration", || {
+        b.log_text()
+            .contains("applied the server's configuration")
+            .then_some(())
+    });
+
+    // SIGKILL: no goodbye; the broker publishes the last will.
+    a.kill9();
+    let killed = Instant::now();
+    wait_for("pc-a to show offline", || {
+        (server.online("pc-a") == Some(false)).then_some(())
+    });
+    let took = killed.elapsed();
+    assert!(
+        took.as_secs_f64() <= 1.5 * KEEPALIVE_SECS as f64,
+        "offline after {took:?}, more than 1.5 x the {KEEPALIVE_SECS} s keepalive"
+    );
+    assert_eq!(server.online("pc-b"), Some(true));
+
+    // A command signed by another key is ignored, and the agent says why.
+    let topic = "boottorrent/cmd/machine/pc-b/boot";
+    let boot = ProtoCommand::Boot(BootCommand {
+        image: "img-1".parse().unwrap(),
+        deployment: None,
+    });
+    let seq = now_ms() as u64 * 1000;
+    let forged = signed_command(topic, boot.clone(), &generate_signing_key().unwrap(), seq);
+    server.publish(topic, &forged);
+    wait_for("pc-b to log the forged command", || {
+        b.log_text()
+            .contains("ignored boot command on boottorrent/cmd/machine/pc-b/boot: envelope signature does not verify")
+            .then_some(())
+    });
+    assert!(!b.log_text().contains("received boot command"));
+
+    // The same command signed by the server is taken, once: a replay is ignored.
+    let genuine = signed_command(topic, boot, &server.key(), seq + 1);
+    server.publish(topic, &genuine);
+    wait_for("pc-b to take the genuine command", || {
+        b.log_text().contains("received boot command").then_some(())
+    });
+    server.publish(topic, &genuine);
+    wait_for("pc-b to log the replay", || {
+        b.log_text()
+            .contains("is not above the last accepted")
+            .then_some(())
+    });
+    assert_eq!(b.log_text().matches("received boot command").count(), 1);
+
+    // SIGTERM: a clean exit that tells the server.
+    let status = b.terminate();
+    assert!(status.success(), "{status}:\n{}", b.log_text());
+    wait_for("pc-b to show offline after its shutdown", || {
+        (server.online("pc-b") == Some(false)).then_some(())
+    });
+    assert!(
+        b.log_text().contains("MQTT session closed"),
+        "{}",
+        b.log_text()
+    );
+}
+
+#[test]
+fn the_agent_reconnects_after_the_broker_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut server = Server::start(dir);
+    let key = hex::encode(server.key().verifying_key().to_bytes());
+    let agent_r = run_agent(dir, &server, "pc-r", &["--server-key", &key]);
+    wait_for("pc-r online", || {
+        (server.online("pc-r") == Some(true)).then_some(())
+    });
+
+    // The same server again on the same ports and data directory.
+    server.proc.kill9();
+    let mut command = Command::new(server_binary());
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&server.data_dir)
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{}", server.mqtt_port))
+        .arg("--http-listen")
+        .arg(format!("127.0.0.1:{}", server.http_port))
+        .arg("--bt-listen")
+        .arg(format!("127.0.0.1:{}", free_port()));
+    server.proc = spawn(command, dir.join("server2.log"));
+    wait_for("the restarted server to answer", || {
+        reqwest::blocking::get(server.url("/healthz"))
+            .ok()
+            .filter(|r| r.status().is_success())
+    });
+    // The agent comes back by itself and announces itself again (a second startup).
+    wait_for("pc-r to reconnect and announce itself again", || {
+        let log = agent_r.log_text();
+        (log.matches("connected to the broker").count() >= 2 && server.online("pc-r") == Some(true))
+            .then_some(())
+    });
+    // And it subscribed again: a command reaches it.
+    let topic = "boottorrent/cmd/machine/pc-r/boot";
+    let boot = ProtoCommand::Boot(BootCommand {
+        image: "img-1".parse().unwrap(),
+        deployment: None,
+    });
+    server.publish(
+        topic,
+        &signed_command(topic, boot, &server.key(), now_ms() as u64 * 1000),
+    );
+    wait_for("pc-r to receive a command after reconnecting", || {
+        agent_r
+            .log_text()
+            .contains("received boot command")
+            .then_some(())
+    });
+}

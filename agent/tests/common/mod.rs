@@ -1,0 +1,273 @@
+//! Shared by the agent's end-to-end tests: the real server binary on free ports, agents as
+//! processes, commands signed with the server's key and published with `mosquitto_pub`.
+//!
+//! The server binary is not a dependency of the agent (it must not be), so cargo does not
+//! build it for these tests: it is taken from the workspace's `target/debug`, which
+//! `cargo test --workspace` (what `scripts/test` runs) builds first.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use boottorrent_proto::{
+    Command as ProtoCommand, Encoding, Envelope, SenderId, SigningKey, Topic, signing_key_from_hex,
+};
+
+pub const PATIENCE: Duration = Duration::from_secs(20);
+/// The agents' MQTT keepalive in this test.
+pub const KEEPALIVE_SECS: u64 = 5;
+
+pub fn server_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug").join("boottorrent");
+    assert!(
+        path.exists(),
+        "the server binary {} is missing: run `cargo build -p boottorrent` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed; run scripts/test, which installs it"
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A child process killed when dropped, logging to a file.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the agent did not exit after SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn spawn(mut command: Command, log: PathBuf) -> Proc {
+    let file = std::fs::File::create(&log).unwrap();
+    let child = command
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    Proc {
+        child: Some(child),
+        log,
+    }
+}
+
+pub struct Server {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    pub http_port: u16,
+    pub mqtt_port: u16,
+}
+
+impl Server {
+    pub fn start(dir: &Path) -> Server {
+        require_tool("mosquitto_pub");
+        let data_dir = dir.join("server");
+        let (http_port, mqtt_port, bt_port) = (free_port(), free_port(), free_port());
+        let mut command = Command::new(server_binary());
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--mqtt-listen")
+            .arg(format!("127.0.0.1:{mqtt_port}"))
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--bt-listen")
+            .arg(format!("127.0.0.1:{bt_port}"))
+            .env("BOOTTORRENT_LOG", "info,boottorrent=debug");
+        let mut server = Server {
+            proc: spawn(command, dir.join("server.log")),
+            data_dir,
+            http_port,
+            mqtt_port,
+        };
+        wait_for("the server to answer /healthz", || {
+            if let Some(status) = server.proc.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited with {status}:\n{}", server.proc.log_text());
+            }
+            reqwest::blocking::get(server.url("/healthz"))
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    pub fn token(&self, file: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn key(&self) -> SigningKey {
+        signing_key_from_hex(&std::fs::read_to_string(self.data_dir.join("server.key")).unwrap())
+            .unwrap()
+    }
+
+    /// Whether each machine is online, from `GET /api/v1/machines`.
+    pub fn online(&self, id: &str) -> Option<bool> {
+        let machines: serde_json::Value = reqwest::blocking::get(self.url("/api/v1/machines"))
+            .ok()?
+            .json()
+            .ok()?;
+        machines
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == id)
+            .and_then(|m| m["online"].as_bool())
+    }
+
+    /// Publishes as `admin` with `mosquitto_pub` (QoS 1), payload on stdin.
+    pub fn publish(&self, topic: &str, payload: &[u8]) {
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args(["-u", "admin", "-P", &self.token("admin.token")])
+            .args(["-q", "1", "-t", topic, "-s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running mosquitto_pub");
+        child.stdin.take().unwrap().write_all(payload).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_pub failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+pub fn agent(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_boottorrent-agent"));
+    command.args(args).env("BOOTTORRENT_AGENT_LOG", "info");
+    command
+}
+
+pub fn output(mut command: Command) -> Output {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Starts `boottorrent-agent run` for machine `id` with its own data dir.
+pub fn run_agent(dir: &Path, server: &Server, id: &str, extra: &[&str]) -> Proc {
+    let data_dir = dir.join(id);
+    let config = dir.join(format!("{id}.toml"));
+    std::fs::write(&config, "").unwrap();
+    let mut command = agent(&["run"]);
+    command
+        .arg("--config")
+        .arg(&config)
+        .args(["--server", "127.0.0.1"])
+        .args(["--mqtt-port", &server.mqtt_port.to_string()])
+        .args(["--http-url", &server.url("")])
+        .args(["--machine-id", id])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--bt-listen", "127.0.0.1:0"])
+        .args(["--heartbeat-interval-secs", "1"])
+        .args(["--mqtt-keepalive-secs", &KEEPALIVE_SECS.to_string()])
+        .args(extra)
+        .env(
+            "BOOTTORRENT_AGENT_ENROLL_TOKEN",
+            server.token("enroll.token"),
+        );
+    spawn(command, dir.join(format!("{id}.log")))
+}
+
+pub fn signed_command(topic: &str, body: ProtoCommand, key: &SigningKey, seq: u64) -> Vec<u8> {
+    let topic: Topic = topic.parse().unwrap();
+    Envelope::sign(&topic, SenderId::server(), now_ms(), seq, body, key)
+        .unwrap()
+        .encode(Encoding::MessagePack)
+        .unwrap()
+}
