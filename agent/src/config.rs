@@ -52,6 +52,9 @@ pub struct Config {
     /// Upload cap in bytes per second; unset for none. The server's `machine_configuration`
     /// may lower it.
     pub upload_limit_bps: Option<u64>,
+    /// Bytes to keep free on the data disk beyond an image; an assignment that would eat into
+    /// it is refused with an `error` event instead of filling the disk.
+    pub disk_reserve_bytes: u64,
     /// Seconds between heartbeats until the server's `machine_configuration` says otherwise.
     pub heartbeat_interval_secs: u32,
     /// Seconds between MQTT keepalive pings; the broker publishes the agent's last will
@@ -96,6 +99,7 @@ impl Default for Config {
             boot_command: None,
             download_limit_bps: None,
             upload_limit_bps: None,
+            disk_reserve_bytes: 256 << 20,
             heartbeat_interval_secs: 10,
             mqtt_keepalive_secs: 30,
             replay_window_secs: 300,
@@ -121,6 +125,7 @@ impl fmt::Debug for Config {
             .field("boot_command", &self.boot_command)
             .field("download_limit_bps", &self.download_limit_bps)
             .field("upload_limit_bps", &self.upload_limit_bps)
+            .field("disk_reserve_bytes", &self.disk_reserve_bytes)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("mqtt_keepalive_secs", &self.mqtt_keepalive_secs)
             .field("replay_window_secs", &self.replay_window_secs)
@@ -210,6 +215,13 @@ pub struct Overrides {
     /// Upload cap, bytes per second.
     #[arg(long, env = "BOOTTORRENT_AGENT_UPLOAD_LIMIT_BPS", value_name = "BPS")]
     pub upload_limit_bps: Option<u64>,
+    /// Bytes kept free on the data disk beyond an image [default: 268435456].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_DISK_RESERVE_BYTES",
+        value_name = "BYTES"
+    )]
+    pub disk_reserve_bytes: Option<u64>,
     /// Seconds between heartbeats until the server sets it [default: 10].
     #[arg(
         long,
@@ -284,6 +296,7 @@ impl Config {
             boot_command,
             download_limit_bps,
             upload_limit_bps,
+            disk_reserve_bytes,
             heartbeat_interval_secs,
             mqtt_keepalive_secs,
             replay_window_secs,
@@ -311,6 +324,7 @@ impl Config {
         set_opt(&mut self.boot_command, boot_command);
         set_opt(&mut self.download_limit_bps, download_limit_bps);
         set_opt(&mut self.upload_limit_bps, upload_limit_bps);
+        set(&mut self.disk_reserve_bytes, disk_reserve_bytes);
         set(&mut self.heartbeat_interval_secs, heartbeat_interval_secs);
         set(&mut self.mqtt_keepalive_secs, mqtt_keepalive_secs);
         set(&mut self.replay_window_secs, replay_window_secs);
@@ -432,6 +446,8 @@ boot_backend = "{backend}"
 # Download and upload caps, bytes per second (default: none).
 # download_limit_bps = 12500000
 # upload_limit_bps = 12500000
+# Bytes kept free on the data disk beyond an image; larger assignments are refused.
+disk_reserve_bytes = 268435456
 # Seconds between heartbeats until the server's machine_configuration sets it.
 heartbeat_interval_secs = {heartbeat}
 # Seconds between MQTT keepalive pings; the broker reports the agent offline after 1.5 times this.

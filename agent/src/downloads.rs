@@ -24,8 +24,6 @@ use crate::boot::{self, Backend, BootRequest};
 
 /// How often a download reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(1500);
-/// Room kept free on the data disk beyond the image itself.
-const DISK_MARGIN: u64 = 256 << 20;
 
 /// One assignment and where it stands.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -44,6 +42,8 @@ pub struct Downloads {
     http_url: String,
     http: reqwest::Client,
     boot: Backend,
+    /// Bytes kept free on the data disk beyond an image.
+    disk_reserve: u64,
     events: mpsc::Sender<Event>,
     held: Mutex<HashMap<ImageId, Held>>,
     handles: Mutex<HashMap<ImageId, TorrentHandle>>,
@@ -56,6 +56,7 @@ impl Downloads {
         data_dir: PathBuf,
         http_url: String,
         boot: Backend,
+        disk_reserve: u64,
         events: mpsc::Sender<Event>,
     ) -> Arc<Downloads> {
         let downloads = Arc::new(Downloads {
@@ -66,6 +67,7 @@ impl Downloads {
                 .build()
                 .unwrap_or_default(),
             boot,
+            disk_reserve,
             events,
             held: Mutex::new(load(&data_dir)),
             handles: Mutex::new(HashMap::new()),
@@ -158,7 +160,7 @@ impl Downloads {
         let path = self.image_path(&assignment, &torrent)?;
         let already = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let free = free_bytes(&self.data_dir);
-        let needed = assignment.size.saturating_sub(already) + DISK_MARGIN;
+        let needed = assignment.size.saturating_sub(already) + self.disk_reserve;
         if let Some(free) = free
             && free < needed
         {

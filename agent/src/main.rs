@@ -43,7 +43,7 @@ enum Command {
         settings: Overrides,
     },
     /// Fetch the server's public key from its HTTP API, show its fingerprint, and pin it in
-    /// <data-dir>/server.pub. Also creates this machine's key if it has none yet.
+    /// <data-dir>/server.pub. Makes no machine key, so it is safe in a golden image.
     Enroll {
         #[command(flatten)]
         settings: Overrides,
@@ -187,16 +187,12 @@ fn enroll(config: &Config, replace: bool) -> anyhow::Result<()> {
         ),
         _ => identity::store_server_key(&path, &key)?,
     }
-    let machine_key = identity::load_or_create_key(&config.key_file())?;
+    // No machine key is made here: enrolling happens in the golden image, and a key made
+    // there would be shared by every machine cloned from it. `run` makes it on first start.
     println!("server       {url}");
     println!("server key   {}", key.to_hex());
     println!("fingerprint  {fingerprint}");
     println!("pinned in    {}", path.display());
-    println!(
-        "machine key  {} ({})",
-        hex::encode(machine_key.verifying_key().to_bytes()),
-        config.machine_id()?
-    );
     Ok(())
 }
 
@@ -236,6 +232,7 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
             config.data_dir.clone(),
             config.http_url()?,
             backend,
+            config.disk_reserve_bytes,
             events_tx,
         );
         let held: link::HeldFn = {

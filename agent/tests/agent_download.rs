@@ -44,79 +44,20 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let server = Server::start(dir);
-    let vhdx = make_vhdx(dir, 24 << 20);
-
-    // Catalogue the image through the server's CLI.
-    let added = output({
-        let mut c = Command::new(server_binary());
-        c.args(["image", "add", "--json", "--server", &server.url("")])
-            .arg("--data-dir")
-            .arg(&server.data_dir)
-            .arg(&vhdx);
-        c
-    });
-    let image: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
-    assert_eq!(image["state"], "ready", "{image}");
+    let (image, vhdx) = catalogue(&server, dir, 24 << 20);
     let size = image["size"].as_u64().unwrap();
-
     for id in ["lab-a", "lab-b"] {
-        output({
-            let mut c = agent(&["enroll", "--http-url", &server.url("")]);
-            c.arg("--data-dir").arg(dir.join(id));
-            c
-        });
+        enroll(&server, dir, id);
     }
     let _a = run_agent(dir, &server, "lab-a", &[]);
     let _b = run_agent(dir, &server, "lab-b", &[]);
     for id in ["lab-a", "lab-b"] {
         wait_for("the agents online", || server.online(id).filter(|o| *o));
     }
-
     // Watch their progress events as the operator's tools would.
-    let mut sub = Command::new("stdbuf")
-        .args(["-oL", "mosquitto_sub"])
-        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
-        .args(["-u", "admin", "-P", &server.token("admin.token")])
-        .args(["-t", "boottorrent/evt/machine/+/progress", "-F", "%t %x"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = sub.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-
-    let info_hash: [u8; 20] = hex::decode(image["info_hash"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let sha256: [u8; 32] = hex::decode(image["sha256"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let assignment = ArtifactAssignment {
-        deployment: "dep-1".parse().unwrap(),
-        image: image["id"].as_str().unwrap().parse().unwrap(),
-        name: "golden.vhdx".into(),
-        info_hash: Bytes(info_hash),
-        size,
-        sha256: Bytes(sha256),
-        torrent_url: image["torrent_url"].as_str().unwrap().to_owned(),
-        save_path: "golden.vhdx".into(),
-        action: AfterDownload::Stage,
-    };
-    let topic = "boottorrent/cmd/global/artifact_assignment";
-    let seq = now_ms() as u64 * 1000 + 999;
-    let payload = signed_command(
-        topic,
-        ProtoCommand::ArtifactAssignment(assignment),
-        &server.key(),
-        seq,
-    );
-    server.publish(topic, &payload);
+    let progress = Events::watch(&server, EventKind::Progress);
+    // One message on the global topic reaches both.
+    assign(&server, &image, None);
 
     let source = std::fs::read(&vhdx).unwrap();
     for id in ["lab-a", "lab-b"] {
@@ -128,14 +69,10 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
                 .map(|_| ())
         });
     }
-    // Progress events arrived, decodable and for this image.
     let mut seen = 0;
-    while let Ok(line) = rx.try_recv() {
-        let (topic, hex_payload) = line.split_once(' ').unwrap();
+    while let Ok((topic, event)) = progress.rx.try_recv() {
         assert!(topic.ends_with("/progress"), "{topic}");
-        let envelope = decode_event(EventKind::Progress, &hex::decode(hex_payload).unwrap())
-            .expect("a progress envelope");
-        let Event::Progress(p) = envelope.body else {
+        let Event::Progress(p) = event else {
             panic!("not progress")
         };
         assert_eq!(p.bytes_total, size);
@@ -143,21 +80,19 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
     }
     assert!(seen >= 2, "only {seen} progress events seen");
     // The machines fed each other: the server sent less than two full copies.
+    let id = image["id"].as_str().unwrap().to_owned();
     let uploaded = wait_for("the seeder's counter", || {
-        let v: serde_json::Value = reqwest::blocking::get(
-            server.url(&format!("/api/v1/images/{}", image["id"].as_str().unwrap())),
-        )
-        .ok()?
-        .json()
-        .ok()?;
+        let v: serde_json::Value =
+            reqwest::blocking::get(server.url(&format!("/api/v1/images/{id}")))
+                .ok()?
+                .json()
+                .ok()?;
         v["uploaded"].as_u64().filter(|u| *u > 0)
     });
     assert!(
         uploaded < 2 * size,
         "the server uploaded {uploaded} bytes for two machines of a {size}-byte image"
     );
-    let _ = sub.kill();
-    let _ = sub.wait();
 }
 
 /// `wait_for` with room for a transfer on a busy 2-core machine.
@@ -170,4 +105,210 @@ fn wait_for_long(what: &str, mut check: impl FnMut() -> Option<()>) {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// `mosquitto_sub` on the agents' events of one kind; lines of (topic, decoded envelope body).
+struct Events {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<(String, Event)>,
+}
+
+impl Events {
+    fn watch(server: &Server, kind: EventKind) -> Events {
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+            .args(["-u", "admin", "-P", &server.token("admin.token")])
+            .args(["-t", &format!("boottorrent/evt/machine/+/{kind}")])
+            .args(["-F", "%t %x"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let Some((topic, payload)) = line.split_once(' ') else {
+                    continue;
+                };
+                let Ok(bytes) = hex::decode(payload) else {
+                    continue;
+                };
+                if let Ok(envelope) = decode_event(kind, &bytes) {
+                    let _ = tx.send((topic.to_owned(), envelope.body));
+                }
+            }
+        });
+        // Give the subscription a moment to be in place before anything is published.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Events { child, rx }
+    }
+
+    fn next(&self, what: &str) -> (String, Event) {
+        self.rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no {what} event within 60 s"))
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Catalogues a VHDX on the server and returns the API's view of it.
+fn catalogue(server: &Server, dir: &Path, len: usize) -> (serde_json::Value, std::path::PathBuf) {
+    let vhdx = make_vhdx(dir, len);
+    let added = output({
+        let mut c = Command::new(server_binary());
+        c.args(["image", "add", "--json", "--server", &server.url("")])
+            .arg("--data-dir")
+            .arg(&server.data_dir)
+            .arg(&vhdx);
+        c
+    });
+    let image: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(image["state"], "ready", "{image}");
+    (image, vhdx)
+}
+
+/// Signs an assignment of `image` for `machine` (every machine when `None`) and publishes it.
+fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
+    let hex20: [u8; 20] = hex::decode(image["info_hash"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let hex32: [u8; 32] = hex::decode(image["sha256"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let assignment = ArtifactAssignment {
+        deployment: "dep-2".parse().unwrap(),
+        image: image["id"].as_str().unwrap().parse().unwrap(),
+        name: "golden.vhdx".into(),
+        info_hash: Bytes(hex20),
+        size: image["size"].as_u64().unwrap(),
+        sha256: Bytes(hex32),
+        torrent_url: image["torrent_url"].as_str().unwrap().to_owned(),
+        save_path: "golden.vhdx".into(),
+        action: AfterDownload::Stage,
+    };
+    let topic = match machine {
+        Some(m) => format!("boottorrent/cmd/machine/{m}/artifact_assignment"),
+        None => "boottorrent/cmd/global/artifact_assignment".to_owned(),
+    };
+    let seq = now_ms() as u64 * 1000 + 777;
+    let payload = signed_command(
+        &topic,
+        ProtoCommand::ArtifactAssignment(assignment),
+        &server.key(),
+        seq,
+    );
+    server.publish(&topic, &payload);
+}
+
+fn enroll(server: &Server, dir: &Path, id: &str) {
+    output({
+        let mut c = agent(&["enroll", "--http-url", &server.url("")]);
+        c.arg("--data-dir").arg(dir.join(id));
+        c
+    });
+}
+
+#[test]
+fn not_enough_disk_is_an_error_event_and_nothing_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(dir);
+    let (image, _) = catalogue(&server, dir, 4 << 20);
+    enroll(&server, dir, "lab-full");
+    // A reserve larger than any disk: the real free space never suffices.
+    let _agent = run_agent(
+        dir,
+        &server,
+        "lab-full",
+        &["--disk-reserve-bytes", "1000000000000000000"],
+    );
+    wait_for("the agent online", || {
+        server.online("lab-full").filter(|o| *o)
+    });
+    let errors = Events::watch(&server, EventKind::Error);
+    assign(&server, &image, Some("lab-full"));
+    let (topic, event) = errors.next("error");
+    assert!(topic.contains("lab-full"), "{topic}");
+    let Event::Error(report) = event else {
+        panic!("not an error report")
+    };
+    assert_eq!(report.code, "disk_full", "{report:?}");
+    assert!(report.message.contains("bytes free"), "{report:?}");
+    assert!(
+        !dir.join("lab-full/images/golden.vhdx").exists(),
+        "a download started anyway"
+    );
+}
+
+#[test]
+fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(dir);
+    let (image, vhdx) = catalogue(&server, dir, 24 << 20);
+    let size = image["size"].as_u64().unwrap();
+    enroll(&server, dir, "lab-r");
+    let slow = ["--download-limit-bps", "2000000"];
+    let mut first = run_agent(dir, &server, "lab-r", &slow);
+    wait_for("the agent online", || server.online("lab-r").filter(|o| *o));
+    let progress = Events::watch(&server, EventKind::Progress);
+    assign(&server, &image, Some("lab-r"));
+    let had = loop {
+        let (_, event) = progress.next("progress");
+        if let Event::Progress(p) = event
+            && p.bytes_done >= size / 2
+        {
+            break p.bytes_done;
+        }
+    };
+    first.kill9();
+
+    let _second = run_agent(dir, &server, "lab-r", &[]);
+    let path = dir.join("lab-r/images/golden.vhdx");
+    let source = std::fs::read(&vhdx).unwrap();
+    wait_for_long("the resumed download to complete", || {
+        std::fs::read(&path)
+            .ok()
+            .filter(|d| *d == source)
+            .map(|_| ())
+    });
+    // Everything came from the server's seeder: had it started over, it would have sent the
+    // first run's share twice. (All-zero pieces of the VHDX need no transfer at all, so the
+    // total may be under the size.) The seeder's counters tick once a second.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let id = image["id"].as_str().unwrap().to_owned();
+    let v: serde_json::Value = reqwest::blocking::get(server.url(&format!("/api/v1/images/{id}")))
+        .unwrap()
+        .json()
+        .unwrap();
+    let uploaded = v["uploaded"].as_u64().unwrap();
+    assert!(uploaded > 0, "{v}");
+    // Bytes that must travel: pieces that are not all zeros (a fresh file already has those).
+    let piece = v["piece_size"].as_u64().unwrap() as usize;
+    let needed: u64 = source
+        .chunks(piece)
+        .filter(|c| c.iter().any(|b| *b != 0))
+        .map(|c| c.len() as u64)
+        .sum();
+    let zeros = size - needed;
+    // Starting over would send again what the first run fetched: at least `had - zeros`.
+    let first_run = had.saturating_sub(zeros);
+    assert!(
+        first_run > 4 << 20,
+        "the first run fetched too little to tell: {first_run}"
+    );
+    assert!(
+        uploaded < needed + first_run / 2,
+        "the seeder sent {uploaded} bytes; {needed} were needed and the agent had fetched \
+         {first_run} before it was killed"
+    );
 }
