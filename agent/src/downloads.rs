@@ -2,8 +2,9 @@
 //! swarm engine, persisted so that a restart or a power cut resumes from what is on disk.
 //!
 //! One task per assignment follows its torrent's stats and turns them into `progress` events
-//! (every `PROGRESS_EVERY`), then, once the file is complete and verified, reports it staged and
-//! runs the boot backend when the assignment's action asks for it. The assignments live in
+//! (every `PROGRESS_EVERY`), then, once every piece is in, checks the whole file's SHA-256
+//! (`verifying`), reports it staged and runs the boot backend when the assignment's action
+//! asks for it. The assignments live in
 //! `<data>/assignments.json`, rewritten atomically on every change.
 
 use std::collections::HashMap;
@@ -175,10 +176,13 @@ impl Downloads {
                 ),
             ));
         }
-        let booted = self
+        let (booted, staged) = self
             .lock_held()
             .get(&assignment.image)
-            .is_some_and(|h| h.booted && h.assignment.info_hash == assignment.info_hash);
+            .filter(|h| h.assignment.info_hash == assignment.info_hash)
+            .map_or((false, false), |h| {
+                (h.booted, h.state == ImageState::Staged)
+            });
         self.lock_held().insert(
             assignment.image.clone(),
             Held {
@@ -203,7 +207,7 @@ impl Downloads {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(assignment.image.clone(), handle.clone());
-        self.follow(assignment, handle, path).await
+        self.follow(assignment, handle, path, staged).await
     }
 
     /// Reports progress until the download completes, then stages and boots.
@@ -212,6 +216,7 @@ impl Downloads {
         assignment: ArtifactAssignment,
         handle: TorrentHandle,
         path: PathBuf,
+        already_verified: bool,
     ) -> Result<(), Failure> {
         let mut stats = handle.stats();
         let mut every = tokio::time::interval(PROGRESS_EVERY);
@@ -242,6 +247,13 @@ impl Downloads {
             if !self.lock_held().contains_key(&assignment.image) {
                 return Ok(()); // unassigned meanwhile
             }
+        }
+        // Pieces were checked one by one (SHA-1); the whole file is checked against the
+        // image's SHA-256 too, so the boot step only ever sees the exact golden image. A
+        // restart does not re-read an image verified before: the swarm's resume check already
+        // re-hashes a file that changed.
+        if !already_verified {
+            self.verify(&assignment, &path).await?;
         }
         let run_boot = {
             let mut held = self.lock_held();
@@ -282,6 +294,39 @@ impl Downloads {
                 message: outcome.message,
             }))
             .await;
+        }
+        Ok(())
+    }
+
+    /// Reports `verifying` and compares the file's SHA-256 with the assignment's.
+    async fn verify(&self, assignment: &ArtifactAssignment, path: &Path) -> Result<(), Failure> {
+        self.send(Event::Progress(Progress {
+            deployment: assignment.deployment.clone(),
+            image: assignment.image.clone(),
+            bytes_done: assignment.size,
+            bytes_total: assignment.size,
+            download_bps: 0,
+            upload_bps: 0,
+            peers: 0,
+            state: ImageState::Verifying,
+        }))
+        .await;
+        let file = path.to_owned();
+        let digest = tokio::task::spawn_blocking(move || sha256_of(&file))
+            .await
+            .map_err(|e| Failure::new("verify", format!("hashing {}: {e}", path.display())))?
+            .map_err(|e| Failure::new("verify", format!("hashing {}: {e}", path.display())))?;
+        if digest != assignment.sha256.0 {
+            return Err(Failure::new(
+                "sha256_mismatch",
+                format!(
+                    "{} has SHA-256 {} but image {} should have {}",
+                    path.display(),
+                    hex::encode(digest),
+                    assignment.image,
+                    hex::encode(assignment.sha256.0)
+                ),
+            ));
         }
         Ok(())
     }
@@ -382,6 +427,23 @@ fn load(data_dir: &Path) -> HashMap<ImageId, Held> {
     list.into_iter()
         .map(|h| (h.assignment.image.clone(), h))
         .collect()
+}
+
+/// SHA-256 of a whole file, read in large chunks.
+fn sha256_of(path: &Path) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().into())
 }
 
 /// Free bytes on the filesystem holding `dir`, if the OS tells.

@@ -174,8 +174,8 @@ fn catalogue(server: &Server, dir: &Path, len: usize) -> (serde_json::Value, std
     (image, vhdx)
 }
 
-/// Signs an assignment of `image` for `machine` (every machine when `None`) and publishes it.
-fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
+/// The assignment of `image` the server would send.
+fn assignment_of(image: &serde_json::Value) -> ArtifactAssignment {
     let hex20: [u8; 20] = hex::decode(image["info_hash"].as_str().unwrap())
         .unwrap()
         .try_into()
@@ -184,7 +184,7 @@ fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
         .unwrap()
         .try_into()
         .unwrap();
-    let assignment = ArtifactAssignment {
+    ArtifactAssignment {
         deployment: "dep-2".parse().unwrap(),
         image: image["id"].as_str().unwrap().parse().unwrap(),
         name: "golden.vhdx".into(),
@@ -194,7 +194,11 @@ fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
         torrent_url: image["torrent_url"].as_str().unwrap().to_owned(),
         save_path: "golden.vhdx".into(),
         action: AfterDownload::Stage,
-    };
+    }
+}
+
+/// Signs an assignment for `machine` (every machine when `None`) and publishes it.
+fn publish_assignment(server: &Server, assignment: ArtifactAssignment, machine: Option<&str>) {
     let topic = match machine {
         Some(m) => format!("boottorrent/cmd/machine/{m}/artifact_assignment"),
         None => "boottorrent/cmd/global/artifact_assignment".to_owned(),
@@ -207,6 +211,10 @@ fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
         seq,
     );
     server.publish(&topic, &payload);
+}
+
+fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
+    publish_assignment(server, assignment_of(image), machine);
 }
 
 fn enroll(server: &Server, dir: &Path, id: &str) {
@@ -311,4 +319,25 @@ fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
         "the seeder sent {uploaded} bytes; {needed} were needed and the agent had fetched \
          {first_run} before it was killed"
     );
+}
+
+#[test]
+fn an_image_whose_sha256_does_not_match_is_not_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(dir);
+    let (image, _) = catalogue(&server, dir, 2 << 20);
+    enroll(&server, dir, "lab-v");
+    let _agent = run_agent(dir, &server, "lab-v", &[]);
+    wait_for("the agent online", || server.online("lab-v").filter(|o| *o));
+    let errors = Events::watch(&server, EventKind::Error);
+    let mut assignment = assignment_of(&image);
+    assignment.sha256 = Bytes([7; 32]);
+    publish_assignment(&server, assignment, Some("lab-v"));
+    let (_, event) = errors.next("error");
+    let Event::Error(report) = event else {
+        panic!("not an error report")
+    };
+    assert_eq!(report.code, "sha256_mismatch", "{report:?}");
+    assert!(report.message.contains("0707"), "{report:?}");
 }
