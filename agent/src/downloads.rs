@@ -160,7 +160,7 @@ impl Downloads {
         let torrent = self.torrent_for(&assignment).await?;
         let path = self.image_path(&assignment, &torrent)?;
         let already = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let free = free_bytes(&self.data_dir);
+        let free = crate::inventory::free_disk_bytes(&self.data_dir).ok();
         let needed = assignment.size.saturating_sub(already) + self.disk_reserve;
         if let Some(free) = free
             && free < needed
@@ -444,26 +444,6 @@ fn sha256_of(path: &Path) -> std::io::Result<[u8; 32]> {
         hasher.update(&buf[..n]);
     }
     Ok(hasher.finalize().into())
-}
-
-/// Free bytes on the filesystem holding `dir`, if the OS tells.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return None;
-        }
-        Some(st.f_bavail as u64 * st.f_frsize as u64)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        None
-    }
 }
 
 /// A failed download, as an `error` event's code and message.

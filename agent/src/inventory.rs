@@ -71,11 +71,32 @@ fn free_disk_bytes_at(path: &Path) -> io::Result<u64> {
     Ok(u64::from(stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
-#[cfg(not(unix))]
+#[cfg(windows)]
+fn free_disk_bytes_at(path: &Path) -> io::Result<u64> {
+    use std::os::windows::ffi::OsStrExt;
+    let wide: Vec<u16> = path.as_os_str().encode_wide().chain(Some(0)).collect();
+    let mut available: u64 = 0;
+    // SAFETY: `wide` is NUL-terminated and lives across the call; the out-pointers are valid
+    // and the two we do not need may be null.
+    let ok = unsafe {
+        windows_sys::Win32::Storage::FileSystem::GetDiskFreeSpaceExW(
+            wide.as_ptr(),
+            &mut available,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    if ok == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(available)
+}
+
+#[cfg(not(any(unix, windows)))]
 fn free_disk_bytes_at(_path: &Path) -> io::Result<u64> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
-        "free disk space is only read on Unix so far",
+        "free disk space is not read on this platform",
     ))
 }
 
