@@ -138,6 +138,65 @@ impl Downloads {
         tracing::info!(image = %unassignment.image, "image unassigned and deleted");
     }
 
+    /// Handles the `boot` command: boots a staged image with the boot backend, once and now
+    /// (the `reboot` action). An image this machine does not hold staged is an `error` event.
+    pub async fn boot(&self, command: boottorrent_proto::BootCommand) {
+        let held = self.lock_held().get(&command.image).cloned();
+        let Some(held) = held.filter(|h| h.state == ImageState::Staged) else {
+            self.send(Event::Error(ErrorReport {
+                code: "image_not_staged".into(),
+                message: format!(
+                    "cannot boot image {}: this machine does not hold it staged",
+                    command.image
+                ),
+                deployment: command.deployment,
+            }))
+            .await;
+            return;
+        };
+        let outcome = boot::run(
+            &self.boot,
+            &BootRequest {
+                image_path: held.path.clone(),
+                image_id: command.image.to_string(),
+                image_name: held.assignment.name.clone(),
+                deployment_id: command
+                    .deployment
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                action: AfterDownload::Reboot,
+            },
+        )
+        .await;
+        self.report_boot(command.deployment, command.image, outcome)
+            .await;
+    }
+
+    /// Sends the `boot` event of a backend run, and an `error` event when it failed.
+    async fn report_boot(
+        &self,
+        deployment: Option<boottorrent_proto::DeploymentId>,
+        image: ImageId,
+        outcome: boot::BootOutcome,
+    ) {
+        if !outcome.ok {
+            self.send(Event::Error(ErrorReport {
+                code: "boot_failed".into(),
+                message: outcome.message.clone(),
+                deployment: deployment.clone(),
+            }))
+            .await;
+        }
+        self.send(Event::Boot(BootReport {
+            deployment,
+            image: Some(image),
+            ok: outcome.ok,
+            message: outcome.message,
+        }))
+        .await;
+    }
+
     async fn fetch(self: Arc<Self>, assignment: ArtifactAssignment) {
         let image = assignment.image.clone();
         let deployment = assignment.deployment.clone();
@@ -279,21 +338,8 @@ impl Downloads {
                 },
             )
             .await;
-            if !outcome.ok {
-                self.send(Event::Error(ErrorReport {
-                    code: "boot_failed".into(),
-                    message: outcome.message.clone(),
-                    deployment: Some(assignment.deployment.clone()),
-                }))
+            self.report_boot(Some(assignment.deployment), assignment.image, outcome)
                 .await;
-            }
-            self.send(Event::Boot(BootReport {
-                deployment: Some(assignment.deployment),
-                image: Some(assignment.image),
-                ok: outcome.ok,
-                message: outcome.message,
-            }))
-            .await;
         }
         Ok(())
     }

@@ -245,6 +245,7 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
                 match command {
                     Command::ArtifactAssignment(a) => downloads.assign(a).await,
                     Command::ArtifactUnassignment(u) => downloads.unassign(u).await,
+                    Command::Boot(b) => downloads.boot(b).await,
                     other => tracing::info!(kind = %other.kind(), "command not handled by this agent version"),
                 }
             }

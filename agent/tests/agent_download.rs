@@ -341,3 +341,82 @@ fn an_image_whose_sha256_does_not_match_is_not_staged() {
     assert_eq!(report.code, "sha256_mismatch", "{report:?}");
     assert!(report.message.contains("0707"), "{report:?}");
 }
+
+#[test]
+fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(dir);
+    let (image, _) = catalogue(&server, dir, 2 << 20);
+    // The site's boot program: records what it was told, one line per run.
+    let record = dir.join("boots.log");
+    let script = dir.join("boot.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID $BOOTTORRENT_DEPLOYMENT_ID $BOOTTORRENT_IMAGE_PATH\" >> {}\n",
+            record.display()
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&script, perms).unwrap();
+    enroll(&server, dir, "lab-boot");
+    let _agent = run_agent(
+        dir,
+        &server,
+        "lab-boot",
+        &[
+            "--boot-backend",
+            "command",
+            "--boot-command",
+            script.to_str().unwrap(),
+        ],
+    );
+    wait_for("the agent online", || {
+        server.online("lab-boot").filter(|o| *o)
+    });
+    let boots = Events::watch(&server, EventKind::Boot);
+    let mut assignment = assignment_of(&image);
+    assignment.action = AfterDownload::SetBoot;
+    publish_assignment(&server, assignment, Some("lab-boot"));
+    let (_, event) = boots.next("boot");
+    let Event::Boot(report) = event else {
+        panic!("not a boot report")
+    };
+    assert!(report.ok, "{report:?}");
+    let id = image["id"].as_str().unwrap();
+    let image_path = dir.join("lab-boot/images/golden.vhdx");
+    let lines = std::fs::read_to_string(&record).unwrap();
+    assert_eq!(
+        lines.trim(),
+        format!("set-boot {id} dep-2 {}", image_path.display())
+    );
+
+    // Booting it on command: the same program, action reboot.
+    let topic = "boottorrent/cmd/machine/lab-boot/boot";
+    let payload = signed_command(
+        topic,
+        ProtoCommand::Boot(boottorrent_proto::BootCommand {
+            image: id.parse().unwrap(),
+            deployment: None,
+        }),
+        &server.key(),
+        now_ms() as u64 * 1000 + 888,
+    );
+    server.publish(topic, &payload);
+    let (_, event) = boots.next("boot");
+    let Event::Boot(report) = event else {
+        panic!("not a boot report")
+    };
+    assert!(report.ok, "{report:?}");
+    let lines = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        lines
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with(&format!("reboot {id}"))),
+        "{lines}"
+    );
+}
