@@ -459,32 +459,54 @@ pub struct AnnounceReply<'a> {
 /// `peers` is always present, even when empty or when the requester is on IPv6, because some
 /// clients treat an answer without it as broken.
 pub fn encode_announce(reply: &AnnounceReply<'_>) -> Answer {
+    let PeerForm::Dict { peer_ids } = reply.form else {
+        return Answer {
+            status: 200,
+            body: compact_answer(reply),
+        };
+    };
     let mut encoder = Encoder::new();
     let result = encoder.emit_dict(|mut dict| {
         dict.emit_pair(b"complete", reply.complete)?;
         dict.emit_pair(b"incomplete", reply.incomplete)?;
         dict.emit_pair(b"interval", reply.interval_secs)?;
         dict.emit_pair(b"min interval", reply.min_interval_secs)?;
-        match reply.form {
-            PeerForm::Compact => {
-                let (compact4, compact6) = compact_peers(reply.peers);
-                dict.emit_pair_with(b"peers", |e| e.emit_bytes(&compact4))?;
-                if reply.ipv6_requester || !compact6.is_empty() {
-                    dict.emit_pair_with(b"peers6", |e| e.emit_bytes(&compact6))?;
+        dict.emit_pair_with(b"peers", |e| {
+            e.emit_list(|list| {
+                for peer in reply.peers {
+                    list.emit_with(|e| dict_peer(e, peer, peer_ids))?;
                 }
                 Ok(())
-            }
-            PeerForm::Dict { peer_ids } => dict.emit_pair_with(b"peers", |e| {
-                e.emit_list(|list| {
-                    for peer in reply.peers {
-                        list.emit_with(|e| dict_peer(e, peer, peer_ids))?;
-                    }
-                    Ok(())
-                })
-            }),
-        }
+            })
+        })
     });
     finish(200, encoder, result)
+}
+
+/// The compact answer, which nearly every client asks for, written straight into one buffer:
+/// its keys are fixed and already in bencode order, and bendy's general encoder (a scratch
+/// allocation and a key-order check per dictionary) was a tenth of an announce's CPU time.
+fn compact_answer(reply: &AnnounceReply<'_>) -> Vec<u8> {
+    use std::io::Write;
+    let (compact4, compact6) = compact_peers(reply.peers);
+    let mut out = Vec::with_capacity(96 + compact4.len() + compact6.len());
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        out,
+        "d8:completei{}e10:incompletei{}e8:intervali{}e12:min intervali{}e5:peers{}:",
+        reply.complete,
+        reply.incomplete,
+        reply.interval_secs,
+        reply.min_interval_secs,
+        compact4.len()
+    );
+    out.extend_from_slice(&compact4);
+    if reply.ipv6_requester || !compact6.is_empty() {
+        let _ = write!(out, "6:peers6{}:", compact6.len());
+        out.extend_from_slice(&compact6);
+    }
+    out.push(b'e');
+    out
 }
 
 fn compact_peers(peers: &[HandoutPeer]) -> (Vec<u8>, Vec<u8>) {
