@@ -100,42 +100,19 @@ impl fmt::Debug for Config {
     }
 }
 
-/// A token that never appears in logs or `Debug` output.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
+pub use boottorrent_proto::Secret;
 
-impl Secret {
-    /// Wraps a token; callers validate it with [`Secret::validate`].
-    pub fn new(token: String) -> Self {
-        Secret(token)
+/// Refuses tokens that are too short to resist guessing or that could not be typed in a
+/// header or on a command line.
+pub fn validate_token(token: &Secret, what: &str) -> anyhow::Result<()> {
+    let t = token.expose();
+    if t.len() < 16 {
+        bail!("{what} is {} characters long; use at least 16", t.len());
     }
-
-    /// The token itself, for comparison and for writing it where the operator asked.
-    pub fn expose(&self) -> &str {
-        &self.0
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!("{what} must be printable ASCII without spaces");
     }
-
-    /// Refuses tokens that are too short to resist guessing or that could not be typed in a
-    /// header or on a command line.
-    pub fn validate(&self, what: &str) -> anyhow::Result<()> {
-        if self.0.len() < 16 {
-            bail!(
-                "{what} is {} characters long; use at least 16",
-                self.0.len()
-            );
-        }
-        if !self.0.bytes().all(|b| b.is_ascii_graphic()) {
-            bail!("{what} must be printable ASCII without spaces");
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(..)")
-    }
+    Ok(())
 }
 
 impl Config {
@@ -223,10 +200,10 @@ impl Config {
             );
         }
         if let Some(t) = &self.enroll_token {
-            t.validate("enroll_token")?;
+            validate_token(t, "enroll_token")?;
         }
         if let Some(t) = &self.admin_token {
-            t.validate("admin_token")?;
+            validate_token(t, "admin_token")?;
         }
         Ok(())
     }

@@ -81,8 +81,7 @@ fn token_file(dir: &Path, name: &str, what: &str) -> anyhow::Result<Secret> {
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let token = Secret::new(text.trim().to_owned());
-            token
-                .validate(what)
+            crate::config::validate_token(&token, what)
                 .with_context(|| format!("checking {}", path.display()))?;
             Ok(token)
         }

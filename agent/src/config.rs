@@ -6,7 +6,6 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{Context, bail};
 use boottorrent_proto::{MachineId, PublicKeyBytes, verifying_key_from_bytes};
@@ -134,36 +133,7 @@ impl fmt::Debug for Config {
     }
 }
 
-/// A token that never appears in logs or `Debug` output.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a token.
-    pub fn new(token: String) -> Self {
-        Secret(token)
-    }
-
-    /// The token itself, for the MQTT login.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(..)")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_owned()))
-    }
-}
+pub use boottorrent_proto::Secret;
 
 /// Settings from the environment and the command line; clap fills each from its flag or,
 /// failing that, its `BOOTTORRENT_AGENT_*` variable.

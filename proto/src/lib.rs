@@ -29,6 +29,7 @@ pub mod id;
 pub mod keys;
 pub mod message;
 pub mod replay;
+pub mod secret;
 pub mod topic;
 
 pub use codec::*;
@@ -38,4 +39,5 @@ pub use id::*;
 pub use keys::*;
 pub use message::*;
 pub use replay::*;
+pub use secret::Secret;
 pub use topic::*;
