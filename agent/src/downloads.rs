@@ -217,7 +217,7 @@ impl Downloads {
 
     async fn try_fetch(self: &Arc<Self>, assignment: ArtifactAssignment) -> Result<(), Failure> {
         let torrent = self.torrent_for(&assignment).await?;
-        let path = self.image_path(&assignment, &torrent)?;
+        let path = self.image_path(&assignment, &torrent);
         let already = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let free = crate::inventory::free_disk_bytes(&self.data_dir).ok();
         let needed = assignment.size.saturating_sub(already) + self.disk_reserve;
@@ -410,16 +410,17 @@ impl Downloads {
         Ok(meta)
     }
 
-    /// Where the image goes: the assignment's save path if relative to the data dir, else the
-    /// torrent's name under `<data>/images`.
-    fn image_path(&self, a: &ArtifactAssignment, meta: &Metainfo) -> Result<PathBuf, Failure> {
+    /// Where the image goes: under `<data>/images`, named by the file name of the assignment's
+    /// save path when that is a safe single name, else by the torrent's name. Only the name is
+    /// taken, so a command can never make the agent write outside its data dir.
+    fn image_path(&self, a: &ArtifactAssignment, meta: &Metainfo) -> PathBuf {
         let images = self.data_dir.join("images");
         let name = Path::new(&a.save_path)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .filter(|n| boottorrent_swarm::metainfo::check_file_name(n).is_ok())
             .unwrap_or_else(|| meta.name.clone());
-        Ok(images.join(name))
+        images.join(name)
     }
 
     async fn send(&self, event: Event) {
