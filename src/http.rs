@@ -53,10 +53,26 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/images", get(list_images).post(add_image))
         .route("/api/v1/images/{id}", get(show_image).delete(remove_image))
         .route("/torrents/{file}", get(torrent_file))
-        .route("/announce", get(announce))
-        .route("/scrape", get(scrape))
+        .merge(tracker_routes(&state))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
+}
+
+/// What the tracker's handlers need, apart: they are the hot path (a fleet announces every
+/// interval), and cloning the whole [`AppState`] per request showed up in profiles.
+struct TrackerState {
+    tracker: Arc<Tracker>,
+    locality: Arc<ServerLocality>,
+}
+
+fn tracker_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/announce", get(announce))
+        .route("/scrape", get(scrape))
+        .with_state(Arc::new(TrackerState {
+            tracker: state.tracker.clone(),
+            locality: state.locality.clone(),
+        }))
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled.
@@ -477,7 +493,7 @@ async fn torrent_file(
 
 /// `GET /announce`: answered in the tracker protocol's own way (bencoded, failures included).
 async fn announce(
-    State(state): State<AppState>,
+    State(state): State<Arc<TrackerState>>,
     ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -491,7 +507,7 @@ async fn announce(
 }
 
 /// `GET /scrape` (BEP 48).
-async fn scrape(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+async fn scrape(State(state): State<Arc<TrackerState>>, RawQuery(query): RawQuery) -> Response {
     let answer = state
         .tracker
         .scrape(query.as_deref().unwrap_or(""), std::time::Instant::now());

@@ -120,10 +120,16 @@ pub struct Tracker {
 /// The torrents whose first info-hash byte falls in one shard.
 type Shard = Mutex<HashMap<[u8; 20], Swarm>>;
 
-/// One torrent's peers, keyed by the address they can be reached at.
+/// One torrent's peers.
+///
+/// The peers sit in one dense vector, found by address through `index`: handout reads a
+/// window of the vector instead of walking a hash map, and on a server with many torrents that
+/// walk (one cache miss per peer) was most of an announce's cost.
 #[derive(Debug, Default)]
 struct Swarm {
-    peers: HashMap<SocketAddr, Peer>,
+    peers: Vec<(SocketAddr, Peer)>,
+    /// Position of each peer in `peers`.
+    index: HashMap<SocketAddr, usize>,
     /// Peers with `left=0`, kept in step with `peers` so counts cost nothing.
     complete: usize,
     downloaded: u64,
@@ -389,8 +395,9 @@ impl Swarm {
     /// Records an announce. Returns false, changing nothing, if the peer is new and the swarm
     /// is full.
     fn upsert(&mut self, addr: SocketAddr, peer: Peer, event: Event, ttl: Duration) -> bool {
-        let was_complete = match self.peers.get(&addr) {
-            Some(previous) => Some(previous.complete),
+        let slot = self.index.get(&addr).copied();
+        let was_complete = match slot {
+            Some(i) => Some(self.peers[i].1.complete),
             None if self.peers.len() >= MAX_PEERS_PER_TORRENT => return false,
             None => None,
         };
@@ -411,17 +418,31 @@ impl Swarm {
         if let Some(due) = peer.last_seen.checked_add(ttl) {
             self.sweep_due = Some(self.sweep_due.map_or(due, |current| current.min(due)));
         }
-        let previous = self.peers.insert(addr, peer);
-        // Clocks passed in from several threads may arrive out of order; a peer never becomes
-        // older by announcing.
-        if let (Some(previous), Some(current)) = (previous, self.peers.get_mut(&addr)) {
-            current.last_seen = current.last_seen.max(previous.last_seen);
+        match slot {
+            Some(i) => {
+                let current = &mut self.peers[i].1;
+                // Clocks passed in from several threads may arrive out of order; a peer never
+                // becomes older by announcing.
+                let last_seen = current.last_seen.max(peer.last_seen);
+                *current = Peer { last_seen, ..peer };
+            }
+            None => {
+                self.index.insert(addr, self.peers.len());
+                self.peers.push((addr, peer));
+            }
         }
         true
     }
 
     fn remove(&mut self, addr: &SocketAddr) {
-        if self.peers.remove(addr).is_some_and(|peer| peer.complete) {
+        let Some(i) = self.index.remove(addr) else {
+            return;
+        };
+        let (_, peer) = self.peers.swap_remove(i);
+        if let Some((moved, _)) = self.peers.get(i) {
+            self.index.insert(*moved, i);
+        }
+        if peer.complete {
             self.complete = self.complete.saturating_sub(1);
         }
     }
@@ -432,12 +453,18 @@ impl Swarm {
             return;
         }
         self.peers
-            .retain(|_, peer| now.saturating_duration_since(peer.last_seen) <= ttl);
-        self.complete = self.peers.values().filter(|peer| peer.complete).count();
+            .retain(|(_, peer)| now.saturating_duration_since(peer.last_seen) <= ttl);
+        self.index = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, _))| (*addr, i))
+            .collect();
+        self.complete = self.peers.iter().filter(|(_, peer)| peer.complete).count();
         self.sweep_due = self
             .peers
-            .values()
-            .filter_map(|peer| peer.last_seen.checked_add(ttl))
+            .iter()
+            .filter_map(|(_, peer)| peer.last_seen.checked_add(ttl))
             .min();
         if self.peers.capacity() > 4 * self.peers.len().max(64) {
             self.peers.shrink_to_fit();
@@ -450,19 +477,25 @@ impl Swarm {
     /// spreads. Only peers of the requester's address family are candidates: we know one
     /// address per peer, and an IPv4 peer is no use to a client on IPv6 and vice versa. A
     /// seeder gets only leechers, since seeders have nothing to give each other.
+    ///
+    /// The scan starts at a random position and wraps around, so each group's share is a
+    /// window starting at a random member: every member is equally likely to be handed out,
+    /// and the scan stops as soon as the first group is full, which in a lab (everyone in one
+    /// zone) means reading `numwant` peers rather than the whole swarm.
     fn handout(
         &self,
         requester: &Requester,
         numwant: usize,
         rng: &mut impl Rng,
     ) -> Vec<HandoutPeer> {
-        if numwant == 0 {
+        if numwant == 0 || self.peers.is_empty() {
             return Vec::new();
         }
-        // One reservoir per group keeps a uniform random sample of at most `numwant` peers, so
-        // a huge swarm costs one pass and no allocation proportional to its size.
-        let mut groups: [Reservoir; GROUPS] = Default::default();
-        for (addr, peer) in &self.peers {
+        let (before, after) = self.peers.split_at(rng.random_range(0..self.peers.len()));
+        // The first group goes straight into the answer; the others wait in case it is short.
+        let mut handout = Vec::with_capacity(numwant.min(self.peers.len()));
+        let mut later: [Vec<HandoutPeer>; GROUPS] = Default::default();
+        for (addr, peer) in after.iter().chain(before) {
             if *addr == requester.addr
                 || peer.peer_id == requester.peer_id
                 || addr.is_ipv4() != requester.addr.is_ipv4()
@@ -480,25 +513,27 @@ impl Swarm {
                     (false, true) => FAR_COMPLETE,
                 }
             };
-            groups[group].offer(
-                HandoutPeer {
-                    addr: *addr,
-                    peer_id: peer.peer_id,
-                },
-                numwant,
-                rng,
-            );
-        }
-        let mut handout = Vec::with_capacity(numwant.min(self.peers.len()));
-        for group in &mut groups {
-            let take = (numwant - handout.len()).min(group.items.len());
-            // Reservoir sampling leaves the first `numwant` offers in arrival order; shuffle
-            // so that the cut below keeps a random subset in a random order.
-            group.items.shuffle(rng);
-            handout.extend_from_slice(&group.items[..take]);
-            if handout.len() == numwant {
-                break;
+            let candidate = HandoutPeer {
+                addr: *addr,
+                peer_id: peer.peer_id,
+            };
+            if group == NEAR_INCOMPLETE {
+                handout.push(candidate);
+                if handout.len() == numwant {
+                    break;
+                }
+            } else if later[group].len() < numwant {
+                later[group].push(candidate);
             }
+        }
+        // Each window is in vector order; shuffle what is taken so that clients which try
+        // only the first few peers do not all pick the same ones.
+        handout.shuffle(rng);
+        for group in &mut later[NEAR_INCOMPLETE + 1..] {
+            let take = (numwant - handout.len()).min(group.len());
+            let taken = &mut group[..take];
+            taken.shuffle(rng);
+            handout.extend_from_slice(taken);
         }
         handout
     }
@@ -527,57 +562,63 @@ fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Algorithm R: a uniform random sample of everything offered, at most `cap` items.
-#[derive(Default)]
-struct Reservoir {
-    items: Vec<HandoutPeer>,
-    seen: usize,
-}
-
-impl Reservoir {
-    fn offer(&mut self, item: HandoutPeer, cap: usize, rng: &mut impl Rng) {
-        self.seen += 1;
-        if self.items.len() < cap {
-            self.items.push(item);
-        } else {
-            let slot = rng.random_range(0..self.seen);
-            if slot < cap {
-                self.items[slot] = item;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
-    fn peer(ip: &str, port: u16) -> HandoutPeer {
-        HandoutPeer {
-            addr: SocketAddr::new(ip.parse().unwrap(), port),
-            peer_id: [port as u8; 20],
-        }
-    }
-
     #[test]
-    fn reservoir_is_a_uniform_sample() {
+    fn handout_is_fair_and_leaves_out_the_requester() {
         let mut rng = StdRng::seed_from_u64(7);
-        let mut hits = [0u32; 20];
-        for _ in 0..5_000 {
-            let mut reservoir = Reservoir::default();
-            for port in 0..20 {
-                reservoir.offer(peer("10.0.0.1", port), 5, &mut rng);
-            }
-            assert_eq!(reservoir.items.len(), 5);
-            for item in &reservoir.items {
-                hits[usize::from(item.addr.port())] += 1;
+        let now = Instant::now();
+        let ttl = Duration::from_secs(120);
+        let mut swarm = Swarm::default();
+        for port in 1..=200u16 {
+            let mut entry = Peer {
+                peer_id: [0; 20],
+                complete: port % 10 == 0,
+                last_seen: now,
+                zone: None,
+                server_seeder: false,
+            };
+            entry.peer_id[..2].copy_from_slice(&port.to_be_bytes());
+            assert!(swarm.upsert(
+                SocketAddr::new("10.0.0.1".parse().unwrap(), port),
+                entry,
+                Event::Started,
+                ttl
+            ));
+        }
+        // Some peers leave, which moves others inside the vector.
+        for port in [3, 50, 199] {
+            swarm.remove(&SocketAddr::new("10.0.0.1".parse().unwrap(), port));
+        }
+        let requester = Requester {
+            addr: SocketAddr::new("10.0.0.1".parse().unwrap(), 7),
+            peer_id: [9; 20],
+            zone: None,
+            complete: false,
+        };
+        let mut hits = [0u32; 201];
+        for _ in 0..4_000 {
+            let handout = swarm.handout(&requester, 20, &mut rng);
+            assert_eq!(handout.len(), 20);
+            let distinct: std::collections::HashSet<_> = handout.iter().map(|p| p.addr).collect();
+            assert_eq!(distinct.len(), 20, "duplicates in {handout:?}");
+            for peer in handout {
+                assert!(peer.addr.port() % 10 != 0, "a seeder before the leechers");
+                hits[usize::from(peer.addr.port())] += 1;
             }
         }
-        // Each of 20 items should be chosen 5,000 * 5/20 = 1,250 times.
+        // 177 leechers besides the requester, 20 of them per answer: each should be handed out
+        // 4,000 * 20 / 177 = about 452 times.
         for (port, &n) in hits.iter().enumerate() {
-            assert!((1_050..=1_450).contains(&n), "item {port} chosen {n} times");
+            if [0, 3, 7, 50, 199].contains(&port) || port % 10 == 0 {
+                assert_eq!(n, 0, "port {port}");
+            } else {
+                assert!((330..=580).contains(&n), "port {port} handed out {n} times");
+            }
         }
     }
 
