@@ -33,6 +33,43 @@ pub enum Command {
     /// Add, list, inspect and remove catalogued images (talks to a running server's HTTP API).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Send an image to a zone, to some machines or to every machine (talks to a running
+    /// server's HTTP API).
+    ///
+    /// Every targeted machine downloads the image from the swarm, verifies it and then does
+    /// the --action. Prints `deployment ID started: IMAGE to TARGET, action ACTION, N machines`
+    /// (the server's JSON with --json) and returns; follow the deployment with --watch here, or
+    /// later with `boottorrent status ID --watch`. Needs the admin token.
+    ///
+    /// Exit status: 0 once the server accepted the deployment (with --watch: as for `status`);
+    /// 1 when it refused it (unknown image, zone or machine; image not ready; wrong token) or
+    /// could not be reached; 2 for a command line error.
+    Deploy(DeployArgs),
+    /// List, inspect and cancel deployments (talks to a running server's HTTP API).
+    ///
+    /// Without a subcommand, lists them like `deployments list`.
+    Deployments(DeploymentsArgs),
+    /// List, inspect, define and remove zones: named groups of machines, by machine id and/or
+    /// subnet (talks to a running server's HTTP API).
+    ///
+    /// Without a subcommand, lists them like `zones list`.
+    Zones(ZonesArgs),
+    /// Show how far deployments got, per machine; with --watch, follow them live to the end.
+    ///
+    /// Without DEPLOYMENT it shows the running deployments, or the newest one when none runs.
+    /// Without --watch it prints one line per machine (state, bytes, percent, download rate)
+    /// and a total (the server's JSON with --json). With --watch it draws a progress bar per
+    /// machine on a terminal; when stdout is not a terminal it prints one line per state change
+    /// instead: first each machine's history (`pc-01: pending`, `pc-01: pending ->
+    /// downloading`), then every change as it happens (`pc-01: downloading -> verifying`,
+    /// `pc-03: downloading -> failed (REASON)`). Either way it ends with a summary line,
+    /// `deployment ID STATE: N machines: 2 booted, 1 failed (pc-03: REASON)`. A lost connection
+    /// to the server is retried every second.
+    ///
+    /// Exit status: 0 when the deployments completed, or are still running without a failed
+    /// machine (without --watch); 1 when a machine failed, a deployment failed or was
+    /// cancelled, or the server could not be asked; 2 for a command line error.
+    Status(StatusArgs),
     /// Print the default configuration file, with a comment on every setting.
     Config,
     /// Make .torrent files locally, with the engine the image catalog uses (no server needed).
@@ -190,6 +227,181 @@ pub enum MachinesCommand {
     },
 }
 
+/// Arguments of `boottorrent deploy`.
+#[derive(Debug, Clone, Args)]
+pub struct DeployArgs {
+    /// The image: its id, or its name when no other image has that name (`boottorrent image
+    /// list` shows both). It must be fully imported.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    #[command(flatten)]
+    pub target: DeployTarget,
+    /// What each machine does once the image is downloaded and verified.
+    #[arg(long, value_enum, default_value_t = DeployAction::Stage)]
+    pub action: DeployAction,
+    /// Stay and follow the deployment to its end, exactly like `boottorrent status ID --watch`
+    /// (same output and exit status).
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Who a deployment is for: exactly one of the three.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct DeployTarget {
+    /// Every member of this zone, also machines that join it while the deployment runs
+    /// (`boottorrent zones list` shows the zones).
+    #[arg(long, value_name = "ZONE", value_parser = parse_id)]
+    pub zone: Option<String>,
+    /// This machine; repeat the flag for several. Every one must be known to the server
+    /// (`boottorrent machines list`).
+    #[arg(long = "machine", value_name = "MACHINE", value_parser = parse_id)]
+    pub machines: Vec<String>,
+    /// Every machine of the fleet, also machines that appear while the deployment runs.
+    #[arg(long)]
+    pub global: bool,
+}
+
+/// What agents do with a verified image (`action` in the API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeployAction {
+    /// Keep the image ready on disk; the boot order is left alone. Machines end `staged`.
+    Stage,
+    /// Also make the image the machine's default boot entry, used from its next restart.
+    /// Machines end `booted` once the entry is set.
+    #[value(name = "set-boot", alias = "set_boot")]
+    SetBoot,
+    /// Also boot into the image once, now: the machine restarts. Machines end `booted`.
+    Reboot,
+}
+
+impl DeployAction {
+    /// The spelling of the API.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            DeployAction::Stage => "stage",
+            DeployAction::SetBoot => "set_boot",
+            DeployAction::Reboot => "reboot",
+        }
+    }
+}
+
+/// `boottorrent deployments [SUBCOMMAND]`; the flags here serve the bare form (a list).
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DeploymentsArgs {
+    #[command(subcommand)]
+    pub command: Option<DeploymentsCommand>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DeploymentsCommand {
+    /// List deployments, newest first: image, target, action, state, how many machines are in
+    /// each state, creation time.
+    List(ClientArgs),
+    /// Show one deployment: image, target, action, state, totals, and a line per machine
+    /// (state, progress, download rate, error). With --json, the server's JSON.
+    Show {
+        /// Deployment id (`boottorrent deployments list` shows them).
+        #[arg(value_parser = parse_id)]
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a deployment: the agents stop and delete what they fetched for it. Cancelling
+    /// twice is harmless. Prints where its machines stood. Needs the admin token.
+    Cancel {
+        /// Deployment id (`boottorrent deployments list` shows them).
+        #[arg(value_parser = parse_id)]
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `boottorrent zones [SUBCOMMAND]`; the flags here serve the bare form (a list).
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ZonesArgs {
+    #[command(subcommand)]
+    pub command: Option<ZonesCommand>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ZonesCommand {
+    /// List zones: where each comes from (config file or API), its member count, its machine
+    /// ids, subnets and images.
+    List(ClientArgs),
+    /// Show one zone: its definition and the machines that are members now.
+    Show {
+        /// Zone id.
+        #[arg(value_parser = parse_id)]
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Create a zone, or replace one (also a zone from the config file) with exactly what is
+    /// given here. Give at least one --machine or --subnet. Every member is kept holding each
+    /// --image, staged. Prints the zone as saved, with the machines that are members now. Needs
+    /// the admin token.
+    Set {
+        /// Zone id.
+        #[arg(value_parser = parse_id)]
+        id: String,
+        #[command(flatten)]
+        members: ZoneMembers,
+        /// An image every member should hold (staged): its id, or its name when no other image
+        /// has that name. Repeat for several.
+        #[arg(long = "image", value_name = "IMAGE")]
+        images: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a zone; the deployments of its images are cancelled. A zone from the config file
+    /// comes back at the server's next start. Needs the admin token.
+    Rm {
+        /// Zone id.
+        #[arg(value_parser = parse_id)]
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Who is in a zone: at least one machine id or subnet.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = true)]
+pub struct ZoneMembers {
+    /// A machine that is a member; repeat for several.
+    #[arg(long = "machine", value_name = "MACHINE", value_parser = parse_id)]
+    pub machines: Vec<String>,
+    /// A subnet in CIDR form (10.1.0.0/24): machines reporting an address inside are members.
+    /// Repeat for several.
+    #[arg(long = "subnet", value_name = "CIDR")]
+    pub subnets: Vec<String>,
+}
+
+/// Arguments of `boottorrent status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Deployment id [default: the running deployments, or the newest one].
+    #[arg(value_name = "DEPLOYMENT", value_parser = parse_id)]
+    pub deployment: Option<String>,
+    /// Follow live until every shown deployment completed, failed or was cancelled. With
+    /// --json the state change lines and the summary go to stderr, and stdout gets only the
+    /// final JSON (an object with DEPLOYMENT, else a list).
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TorrentCommand {
     /// Hash one file into a single-file .torrent.
@@ -237,6 +449,14 @@ pub struct TorrentCreateArgs {
     pub name: Option<String>,
 }
 
+/// An id as the API takes them (`[A-Za-z0-9._-]{1,64}`), checked here because it goes into a
+/// URL path, where `/` or `?` would silently ask for something else.
+fn parse_id(text: &str) -> Result<String, String> {
+    boottorrent_proto::validate_id(text)
+        .map(|()| text.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 /// A byte count, optionally with a binary suffix: `1048576`, `1024K`, `1M`, `1MiB`.
 fn parse_piece_size(text: &str) -> Result<u32, String> {
     let lower = text.trim().to_ascii_lowercase();
@@ -278,5 +498,124 @@ mod tests {
     fn the_command_line_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    fn parse(line: &str) -> Result<Command, clap::error::ErrorKind> {
+        Cli::try_parse_from(line.split_whitespace())
+            .map(|cli| cli.command)
+            .map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn a_deployment_has_exactly_one_target() {
+        use clap::error::ErrorKind;
+        assert_eq!(
+            parse("boottorrent deploy win11").err(),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        for line in [
+            "boottorrent deploy win11 --zone lab --global",
+            "boottorrent deploy win11 --zone lab --machine pc-01",
+            "boottorrent deploy win11 --machine pc-01 --global",
+        ] {
+            assert_eq!(
+                parse(line).err(),
+                Some(ErrorKind::ArgumentConflict),
+                "{line}"
+            );
+        }
+        let Ok(Command::Deploy(args)) =
+            parse("boottorrent deploy win11 --machine pc-01 --machine pc-02")
+        else {
+            panic!("repeated --machine is one target");
+        };
+        assert_eq!(args.target.machines, ["pc-01", "pc-02"]);
+        assert_eq!(args.action, DeployAction::Stage);
+        assert!(!args.watch);
+        // Ids go into URL paths: a slash would ask for something else.
+        assert_eq!(
+            parse("boottorrent deploy win11 --zone a/b").err(),
+            Some(ErrorKind::ValueValidation)
+        );
+    }
+
+    #[test]
+    fn actions_take_both_spellings_and_send_the_apis() {
+        for (flag, api) in [
+            ("stage", "stage"),
+            ("set-boot", "set_boot"),
+            ("set_boot", "set_boot"),
+            ("reboot", "reboot"),
+        ] {
+            let line = format!("boottorrent deploy win11 --global --action {flag} --watch");
+            let Ok(Command::Deploy(args)) = parse(&line) else {
+                panic!("{line}");
+            };
+            assert_eq!(args.action.api_name(), api);
+            assert!(args.target.global && args.watch);
+        }
+        assert_eq!(
+            parse("boottorrent deploy win11 --global --action boot").err(),
+            Some(clap::error::ErrorKind::InvalidValue)
+        );
+    }
+
+    #[test]
+    fn list_is_the_default_subcommand() {
+        let Ok(Command::Deployments(args)) = parse("boottorrent deployments --json") else {
+            panic!("bare deployments");
+        };
+        assert!(args.command.is_none() && args.client.json);
+        let Ok(Command::Zones(args)) = parse("boottorrent zones") else {
+            panic!("bare zones");
+        };
+        assert!(args.command.is_none());
+        assert!(matches!(
+            parse("boottorrent deployments cancel d-1 --token t"),
+            Ok(Command::Deployments(DeploymentsArgs {
+                command: Some(DeploymentsCommand::Cancel { .. }),
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn a_zone_needs_a_machine_or_a_subnet() {
+        use clap::error::ErrorKind;
+        for line in [
+            "boottorrent zones set lab",
+            "boottorrent zones set lab --image win11",
+        ] {
+            assert_eq!(
+                parse(line).err(),
+                Some(ErrorKind::MissingRequiredArgument),
+                "{line}"
+            );
+        }
+        let Ok(Command::Zones(ZonesArgs {
+            command: Some(ZonesCommand::Set {
+                members, images, ..
+            }),
+            ..
+        })) = parse("boottorrent zones set lab --subnet 10.1.0.0/24 --machine pc-01 --image a")
+        else {
+            panic!("zones set");
+        };
+        assert_eq!(members.subnets, ["10.1.0.0/24"]);
+        assert_eq!(members.machines, ["pc-01"]);
+        assert_eq!(images, ["a"]);
+    }
+
+    #[test]
+    fn status_takes_an_optional_deployment() {
+        let Ok(Command::Status(args)) = parse("boottorrent status") else {
+            panic!("bare status");
+        };
+        assert!(args.deployment.is_none() && !args.watch);
+        let Ok(Command::Status(args)) = parse("boottorrent status d-1 --watch") else {
+            panic!("status d-1 --watch");
+        };
+        assert_eq!(args.deployment.as_deref(), Some("d-1"));
+        assert!(args.watch);
     }
 }

@@ -1,5 +1,6 @@
 //! The operator's client commands: `boottorrent machines ...` and `boottorrent image ...`
-//! against the HTTP API.
+//! against the HTTP API, and the request helpers every client command uses (deployments and
+//! zones are in `deploy_cmd`, `status` in `status`).
 
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -144,7 +145,7 @@ async fn wait_for_import(client: &ClientArgs, id: &str, first: &Value) -> anyhow
 }
 
 /// A request that needs the admin token; returns the JSON answer (`null` for 204).
-async fn send(
+pub(crate) async fn send(
     client: &ClientArgs,
     method: reqwest::Method,
     path: &str,
@@ -193,7 +194,7 @@ fn print_images(images: &[Value]) {
     }
 }
 
-fn url(client: &ClientArgs, path: &str) -> anyhow::Result<String> {
+pub(crate) fn url(client: &ClientArgs, path: &str) -> anyhow::Result<String> {
     let base = client.server.trim_end_matches('/');
     if !base.starts_with("http://") {
         bail!("--server {base:?}: only http:// URLs are supported by this client");
@@ -201,7 +202,7 @@ fn url(client: &ClientArgs, path: &str) -> anyhow::Result<String> {
     Ok(format!("{base}{path}"))
 }
 
-async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
+pub(crate) async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
     let url = url(client, path)?;
     let response = reqwest::get(&url)
         .await
@@ -209,18 +210,46 @@ async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
     answer(&url, response).await
 }
 
+/// An error answer of the server. It stays a type (inside `anyhow::Error`) so that a command
+/// can put a 404 or a 401 in its own terms: which id is unknown, how to list what exists.
+#[derive(Debug, thiserror::Error)]
+#[error("{url}: HTTP {status}: {}", message.as_deref().unwrap_or("no message"))]
+pub(crate) struct HttpError {
+    pub url: String,
+    pub status: reqwest::StatusCode,
+    /// The API's `error` text; `None` when the body was not the API's JSON, as from a server
+    /// too old to have the route.
+    pub message: Option<String>,
+}
+
 /// The JSON body of a successful response, or the server's `error` message as the error.
 async fn answer(url: &str, response: reqwest::Response) -> anyhow::Result<Value> {
     let status = response.status();
+    let response = succeeded(url, response).await?;
     let body: Value = response
         .json()
         .await
         .with_context(|| format!("reading the answer of {url} (HTTP {status})"))?;
-    if !status.is_success() {
-        let message = body["error"].as_str().unwrap_or("no message");
-        bail!("{url}: HTTP {status}: {message}");
-    }
     Ok(body)
+}
+
+/// The response if its status is a success, else its error as an [`HttpError`].
+pub(crate) async fn succeeded(
+    url: &str,
+    response: reqwest::Response,
+) -> anyhow::Result<reqwest::Response> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body: Option<Value> = response.json().await.ok();
+    let message = body.and_then(|b| b["error"].as_str().map(str::to_owned));
+    Err(HttpError {
+        url: url.to_owned(),
+        status,
+        message,
+    }
+    .into())
 }
 
 fn print_table(machines: &[Value]) {

@@ -52,6 +52,10 @@ pub struct Config {
     /// Seconds between a peer's tracker announces (`interval`); `min interval` is half of
     /// it, and peers silent for two intervals are forgotten.
     pub announce_interval_secs: u32,
+    /// Seconds without progress after which a deploying machine is shown `stalled`.
+    pub stall_timeout_secs: u32,
+    /// Zones defined in the file (`[[zones]]`); the API can add more and replace these.
+    pub zones: Vec<crate::zone::ConfigZone>,
 }
 
 impl Default for Config {
@@ -72,6 +76,8 @@ impl Default for Config {
             heartbeat_interval_secs: 30,
             replay_window_secs: 300,
             announce_interval_secs: 60,
+            stall_timeout_secs: 300,
+            zones: Vec::new(),
         }
     }
 }
@@ -96,6 +102,8 @@ impl fmt::Debug for Config {
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("replay_window_secs", &self.replay_window_secs)
             .field("announce_interval_secs", &self.announce_interval_secs)
+            .field("stall_timeout_secs", &self.stall_timeout_secs)
+            .field("zones", &self.zones)
             .finish()
     }
 }
@@ -193,6 +201,24 @@ impl Config {
         if self.replay_window_secs == 0 {
             bail!("replay_window_secs must be at least 1");
         }
+        if self.stall_timeout_secs < 10 {
+            bail!(
+                "stall_timeout_secs is {}; use at least 10 seconds (agents report every 1.5 s)",
+                self.stall_timeout_secs
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for zone in &self.zones {
+            if !seen.insert(&zone.id) {
+                bail!("zone {} is defined twice in [[zones]]", zone.id);
+            }
+            crate::zone::Zone::new(
+                zone.id.clone(),
+                zone.spec.clone(),
+                crate::zone::Source::Config,
+            )
+            .map_err(|e| anyhow::anyhow!("[[zones]]: {e}"))?;
+        }
         if !(10..=3600).contains(&self.announce_interval_secs) {
             bail!(
                 "announce_interval_secs is {}; use 10 to 3600 seconds",
@@ -264,6 +290,16 @@ heartbeat_interval_secs = 30
 replay_window_secs = 300
 # Seconds between tracker announces of each peer; peers silent for two intervals are dropped.
 announce_interval_secs = 60
+# Seconds without progress after which a deploying machine is shown as stalled.
+stall_timeout_secs = 300
+
+# Zones: machines by id and/or by subnet (CIDR), optionally with images every member should
+# hold. The API (boottorrent zones set ...) can add zones and replace these.
+# [[zones]]
+# id = "room-101"
+# subnets = ["10.1.1.0/24"]
+# machines = ["pc-101-01"]
+# images = []
 "#;
 
 /// This host's name, for the default public URL.

@@ -13,7 +13,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use boottorrent_proto::{HeldImage, ImageId, MachineId, PublicKeyBytes, VerifyingKey, ZoneId};
+use boottorrent_proto::{
+    DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBytes, VerifyingKey, ZoneId,
+};
 use boottorrent_tracker::swarm::Tracker;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -21,15 +23,20 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Catalog, CatalogError, ImageView};
 use crate::config::Secret;
 use crate::credentials::token_matches;
+use crate::deployment::{Action, Deployment, ImageRef, OverallState, Target};
+use crate::fleet::{FleetError, Live, NewDeployment};
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
 use crate::orchestrator;
 use crate::registry::{Approval, ApproveError};
 use crate::store::{KeyRecord, LogEntry, MachineRecord, Store};
+use crate::zone::{Zone, ZoneSpec};
 
 /// Shared state of every handler.
 #[derive(Clone)]
 pub struct AppState {
+    /// Live events for `GET /api/v1/events`, sent by the orchestrator.
+    pub live: tokio::sync::broadcast::Sender<Live>,
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub admin_token: Secret,
@@ -49,7 +56,21 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/machines", get(list_machines))
         .route("/api/v1/machines/{id}", get(show_machine))
         .route("/api/v1/machines/{id}/approve", post(approve_machine))
-        .route("/api/v1/events", get(recent_events))
+        .route("/api/v1/log", get(recent_log))
+        .route("/api/v1/events", get(live_events))
+        .route("/api/v1/zones", get(list_zones))
+        .route(
+            "/api/v1/zones/{id}",
+            get(show_zone).put(put_zone).delete(delete_zone),
+        )
+        .route(
+            "/api/v1/deployments",
+            get(list_deployments).post(create_deployment),
+        )
+        .route(
+            "/api/v1/deployments/{id}",
+            get(show_deployment).delete(cancel_deployment),
+        )
         .route("/api/v1/images", get(list_images).post(add_image))
         .route("/api/v1/images/{id}", get(show_image).delete(remove_image))
         .route("/torrents/{file}", get(torrent_file))
@@ -137,19 +158,41 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A machine id taken from the path, validated once here.
-struct MachinePath(MachineId);
+/// An id taken from the path, validated once here.
+struct IdPath<T>(T);
 
-impl FromRequestParts<AppState> for MachinePath {
+/// The ids a path can carry, with the word an error message uses for them.
+trait PathId: std::str::FromStr<Err = boottorrent_proto::IdError> {
+    const WHAT: &'static str;
+}
+
+impl PathId for MachineId {
+    const WHAT: &'static str = "machine";
+}
+impl PathId for ImageId {
+    const WHAT: &'static str = "image";
+}
+impl PathId for ZoneId {
+    const WHAT: &'static str = "zone";
+}
+impl PathId for DeploymentId {
+    const WHAT: &'static str = "deployment";
+}
+
+impl<T: PathId> FromRequestParts<AppState> for IdPath<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Path(raw): Path<String> = Path::from_request_parts(parts, state)
             .await
             .map_err(|e: PathRejection| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-        raw.parse::<MachineId>()
-            .map(MachinePath)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("machine id {raw:?}: {e}")))
+        raw.parse::<T>().map(IdPath).map_err(|e| {
+            let shown: String = raw.chars().take(80).collect();
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{} id {shown:?}: {e}", T::WHAT),
+            )
+        })
     }
 }
 
@@ -287,7 +330,7 @@ async fn list_machines(State(state): State<AppState>) -> Result<Json<Vec<Machine
 
 async fn show_machine(
     State(state): State<AppState>,
-    MachinePath(id): MachinePath,
+    IdPath(id): IdPath<MachineId>,
 ) -> Result<Json<MachineView>, ApiError> {
     match state.store.machine(&id) {
         Ok(Some((m, k))) => Ok(Json(MachineView::new(m, k))),
@@ -302,7 +345,7 @@ async fn show_machine(
 async fn approve_machine(
     State(state): State<AppState>,
     _admin: Admin,
-    MachinePath(id): MachinePath,
+    IdPath(id): IdPath<MachineId>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let result = state
         .orchestrator
@@ -327,7 +370,7 @@ async fn approve_machine(
     })))
 }
 
-/// Query of `GET /api/v1/events`.
+/// Query of `GET /api/v1/log`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
@@ -339,7 +382,7 @@ const MAX_EVENTS: usize = 1000;
 
 /// The newest entries of the machine event log (registrations, approvals, offline, boot
 /// reports), oldest first.
-async fn recent_events(
+async fn recent_log(
     State(state): State<AppState>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<EventView>>, ApiError> {
@@ -380,22 +423,6 @@ impl From<LogEntry> for EventView {
     }
 }
 
-/// An image id taken from the path, validated once here.
-struct ImagePath(ImageId);
-
-impl FromRequestParts<AppState> for ImagePath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Path(raw): Path<String> = Path::from_request_parts(parts, state)
-            .await
-            .map_err(|e: PathRejection| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-        raw.parse::<ImageId>()
-            .map(ImagePath)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("image id {raw:?}: {e}")))
-    }
-}
-
 impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         match e {
@@ -412,7 +439,7 @@ async fn list_images(State(state): State<AppState>) -> Result<Json<Vec<ImageView
 
 async fn show_image(
     State(state): State<AppState>,
-    ImagePath(id): ImagePath,
+    IdPath(id): IdPath<ImageId>,
 ) -> Result<Json<ImageView>, ApiError> {
     Ok(Json(state.catalog.get(&id)?))
 }
@@ -452,7 +479,7 @@ async fn add_image(
 async fn remove_image(
     State(state): State<AppState>,
     _admin: Admin,
-    ImagePath(id): ImagePath,
+    IdPath(id): IdPath<ImageId>,
 ) -> Result<StatusCode, ApiError> {
     state.catalog.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -525,4 +552,292 @@ fn tracker_response(answer: boottorrent_tracker::announce::Answer) -> Response {
         answer.body,
     )
         .into_response()
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
+            FleetError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            FleetError::Store(e) => ApiError::internal("storing the change", e),
+        }
+    }
+}
+
+/// The orchestrator's answer, or 503 when it is not running.
+fn answered<T>(result: anyhow::Result<Result<T, FleetError>>) -> Result<T, ApiError> {
+    result
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// A JSON body, or a 400 that says what is wrong with it.
+fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    body.map(|Json(b)| b)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+/// Finds a catalogued image by id or by its unique name, and checks it can be deployed.
+fn deployable_image(state: &AppState, wanted: &str) -> Result<ImageRef, ApiError> {
+    let images = state.catalog.list()?;
+    let by_id: Vec<&ImageView> = images.iter().filter(|i| i.id.as_str() == wanted).collect();
+    let by_name: Vec<&ImageView> = images.iter().filter(|i| i.name == wanted).collect();
+    let image = match (by_id.as_slice(), by_name.as_slice()) {
+        ([image], _) | ([], [image]) => *image,
+        ([], []) => {
+            let shown: String = wanted.chars().take(80).collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no image {shown:?} in the catalog; `boottorrent image list` shows the images"
+                ),
+            ));
+        }
+        (_, several) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{} images are named {wanted:?} ({}); give the id",
+                    several.len(),
+                    several
+                        .iter()
+                        .map(|i| i.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    };
+    match (&image.info_hash, &image.sha256, &image.torrent_url) {
+        (Some(info_hash), Some(sha256), Some(torrent_url)) if image.state == "ready" => {
+            Ok(ImageRef {
+                id: image.id.clone(),
+                name: image.name.clone(),
+                info_hash: *info_hash,
+                sha256: *sha256,
+                size: image.size,
+                torrent_url: torrent_url.clone(),
+            })
+        }
+        _ => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "image {} is {}{}; only ready images can be deployed",
+                image.id,
+                image.state,
+                image
+                    .error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// Body of `POST /api/v1/deployments`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDeployment {
+    image: String,
+    target: Target,
+    #[serde(default)]
+    action: Action,
+}
+
+async fn create_deployment(
+    State(state): State<AppState>,
+    _admin: Admin,
+    body: Result<Json<CreateDeployment>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let body = json_body(body)?;
+    if let Target::Global(false) = body.target {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "target {\"global\": false} targets nothing; use {\"global\": true}",
+        ));
+    }
+    if let Target::Machines(list) = &body.target
+        && list.is_empty()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "target names no machines; give at least one machine id",
+        ));
+    }
+    let image = deployable_image(&state, &body.image)?;
+    let deployment = answered(
+        state
+            .orchestrator
+            .deploy(NewDeployment {
+                image,
+                target: body.target,
+                action: body.action,
+            })
+            .await,
+    )?;
+    Ok((StatusCode::CREATED, Json(deployment.view())))
+}
+
+async fn list_deployments(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let mut all = state
+        .store
+        .deployments()
+        .map_err(|e| ApiError::internal("reading deployments", e))?;
+    // Ids start with the creation time.
+    all.reverse();
+    Ok(Json(all.iter().map(Deployment::view).collect()))
+}
+
+async fn show_deployment(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<DeploymentId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.store.deployment(&id) {
+        Ok(Some(d)) => Ok(Json(d.view())),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no deployment {id}; `boottorrent deployments list` shows them"),
+        )),
+        Err(e) => Err(ApiError::internal("reading the deployment", e)),
+    }
+}
+
+async fn cancel_deployment(
+    State(state): State<AppState>,
+    _admin: Admin,
+    IdPath(id): IdPath<DeploymentId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let deployment = answered(state.orchestrator.cancel(id).await)?;
+    Ok(Json(deployment.view()))
+}
+
+/// A zone with its current members.
+fn zone_view(zone: &Zone, machines: &[(MachineRecord, KeyRecord)]) -> serde_json::Value {
+    let members: Vec<&MachineId> = machines
+        .iter()
+        .filter(|(m, _)| m.zones.contains(&zone.id))
+        .map(|(m, _)| &m.id)
+        .collect();
+    serde_json::json!({
+        "id": zone.id,
+        "machines": zone.machines,
+        "subnets": zone.subnets,
+        "images": zone.images,
+        "source": zone.source,
+        "members": members,
+    })
+}
+
+fn machines_of(state: &AppState) -> Result<Vec<(MachineRecord, KeyRecord)>, ApiError> {
+    state
+        .store
+        .machines()
+        .map_err(|e| ApiError::internal("reading machines", e))
+}
+
+async fn list_zones(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let zones = state
+        .store
+        .zones()
+        .map_err(|e| ApiError::internal("reading zones", e))?;
+    let machines = machines_of(&state)?;
+    Ok(Json(
+        zones.iter().map(|z| zone_view(z, &machines)).collect(),
+    ))
+}
+
+async fn show_zone(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<ZoneId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let zones = state
+        .store
+        .zones()
+        .map_err(|e| ApiError::internal("reading zones", e))?;
+    let zone = zones.iter().find(|z| z.id == id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no zone {id}; `boottorrent zones list` shows the zones"),
+        )
+    })?;
+    Ok(Json(zone_view(zone, &machines_of(&state)?)))
+}
+
+async fn put_zone(
+    State(state): State<AppState>,
+    _admin: Admin,
+    IdPath(id): IdPath<ZoneId>,
+    body: Result<Json<ZoneSpec>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let spec = json_body(body)?;
+    // Checked here so that a bad image leaves the zone as it was.
+    let images = spec
+        .images
+        .iter()
+        .map(|image| deployable_image(&state, image.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let zone = answered(state.orchestrator.put_zone(id, spec, images).await)?;
+    Ok(Json(zone_view(&zone, &machines_of(&state)?)))
+}
+
+async fn delete_zone(
+    State(state): State<AppState>,
+    _admin: Admin,
+    IdPath(id): IdPath<ZoneId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let zone = answered(state.orchestrator.delete_zone(id).await)?;
+    Ok(Json(zone_view(&zone, &[])))
+}
+
+/// `GET /api/v1/events`: server-sent events. A new watcher first gets every running
+/// deployment, then live changes. One that falls more than the channel's capacity behind is
+/// told so with a `lagged` event and goes on with the newest.
+async fn live_events(
+    State(state): State<AppState>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    // Subscribe before reading the store, so nothing falls between the two.
+    let rx = state.live.subscribe();
+    let running: Vec<Sse> = state
+        .store
+        .deployments()
+        .map_err(|e| ApiError::internal("reading deployments", e))?
+        .iter()
+        .filter(|d| d.overall() == OverallState::Running)
+        .map(|d| {
+            Sse::default()
+                .event("deployment")
+                .data(d.view().to_string())
+        })
+        .collect();
+    let initial = futures_util::stream::iter(running.into_iter().map(Ok));
+    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = match rx.recv().await {
+            Ok(live) => Sse::default().event(live.kind).data(live.data),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Sse::default()
+                .event("lagged")
+                .data(serde_json::json!({ "missed": n }).to_string()),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(event), rx))
+    });
+    Ok(
+        axum::response::sse::Sse::new(futures_util::StreamExt::chain(initial, live)).keep_alive(
+            KeepAlive::new()
+                .interval(std::time::Duration::from_secs(15))
+                .text("keep-alive"),
+        ),
+    )
 }

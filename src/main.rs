@@ -8,15 +8,20 @@ mod cli;
 mod client;
 mod config;
 mod credentials;
+mod deploy_cmd;
+mod deployment;
+mod fleet;
 mod http;
 mod locality;
 mod metrics;
 mod orchestrator;
 mod registry;
 mod server;
+mod status;
 mod store;
 mod torrent_cmd;
 mod vhdx;
+mod zone;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
@@ -47,6 +52,10 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         }
         cli::Command::Machines(command) => runtime.block_on(client::machines(command)),
         cli::Command::Image(command) => runtime.block_on(client::images(command)),
+        cli::Command::Deploy(args) => runtime.block_on(deploy_cmd::deploy(args)),
+        cli::Command::Deployments(args) => runtime.block_on(deploy_cmd::deployments(args)),
+        cli::Command::Zones(args) => runtime.block_on(deploy_cmd::zones(args)),
+        cli::Command::Status(args) => runtime.block_on(status::run(args)),
         cli::Command::Torrent(command) => torrent_cmd::run(command),
         cli::Command::Config => {
             print!("{}", config::Config::default_toml());

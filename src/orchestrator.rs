@@ -1,9 +1,10 @@
 //! The orchestrator: the server's only connection to the broker.
 //!
-//! One task owns the in-process rumqttd link and the [`Registry`]. It waits on three things:
-//! notifications from the broker (events from machines), requests from the HTTP API (which
-//! must go through here because the registry is the single writer of machine state), and a
-//! timer that marks silent machines offline.
+//! One task owns the in-process rumqttd link, the [`Registry`] (machines and trust) and the
+//! [`Fleet`] (zones and deployments). It waits on three things: notifications from the broker
+//! (events from machines), requests from the HTTP API (which must go through here because
+//! this task is the single writer of that state), and a timer that marks silent machines
+//! offline and quiet deployments stalled.
 //!
 //! Events are drained in batches: everything the broker has queued, up to `MAX_BATCH`, is
 //! applied in one database transaction, so a burst of thousands of events costs a handful of
@@ -14,25 +15,49 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use boottorrent_proto::{EVENTS_FILTER, MachineId};
+use boottorrent_proto::{DeploymentId, EVENTS_FILTER, MachineId, ZoneId};
 use futures_util::FutureExt;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Running;
+use crate::deployment::{Deployment, ImageRef};
+use crate::fleet::{Fleet, FleetError, Live, NewDeployment};
 use crate::metrics::Metrics;
 use crate::registry::{Approval, ApproveError, Outgoing, Registry};
+use crate::zone::{Zone, ZoneSpec};
 
 /// Most events applied in one transaction.
 const MAX_BATCH: usize = 1024;
+
+type Reply<T> = oneshot::Sender<Result<T, FleetError>>;
 
 /// What the HTTP API asks of the orchestrator.
 pub enum Request {
     Approve {
         machine: MachineId,
         reply: oneshot::Sender<Result<Approval, ApproveError>>,
+    },
+    Deploy {
+        request: NewDeployment,
+        reply: Reply<Deployment>,
+    },
+    Cancel {
+        id: DeploymentId,
+        reply: Reply<Deployment>,
+    },
+    PutZone {
+        id: ZoneId,
+        spec: ZoneSpec,
+        /// The zone's images, resolved and checked by the API.
+        images: Vec<ImageRef>,
+        reply: Reply<Zone>,
+    },
+    DeleteZone {
+        id: ZoneId,
+        reply: Reply<Zone>,
     },
 }
 
@@ -43,18 +68,53 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// Sends a request and waits for its answer.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> anyhow::Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("the orchestrator is not running"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the orchestrator stopped before answering"))
+    }
+
+    pub async fn deploy(
+        &self,
+        request: NewDeployment,
+    ) -> anyhow::Result<Result<Deployment, FleetError>> {
+        self.ask(|reply| Request::Deploy { request, reply }).await
+    }
+
+    pub async fn cancel(&self, id: DeploymentId) -> anyhow::Result<Result<Deployment, FleetError>> {
+        self.ask(|reply| Request::Cancel { id, reply }).await
+    }
+
+    pub async fn put_zone(
+        &self,
+        id: ZoneId,
+        spec: ZoneSpec,
+        images: Vec<ImageRef>,
+    ) -> anyhow::Result<Result<Zone, FleetError>> {
+        self.ask(|reply| Request::PutZone {
+            id,
+            spec,
+            images,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete_zone(&self, id: ZoneId) -> anyhow::Result<Result<Zone, FleetError>> {
+        self.ask(|reply| Request::DeleteZone { id, reply }).await
+    }
+
     /// Approves a machine's waiting key; resolves once the approval is stored.
     pub async fn approve(
         &self,
         machine: MachineId,
     ) -> anyhow::Result<Result<Approval, ApproveError>> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Approve { machine, reply })
-            .await
-            .map_err(|_| anyhow::anyhow!("the orchestrator is not running"))?;
-        rx.await
-            .map_err(|_| anyhow::anyhow!("the orchestrator stopped before answering"))
+        self.ask(|reply| Request::Approve { machine, reply }).await
     }
 }
 
@@ -65,10 +125,13 @@ pub fn channel() -> (Handle, mpsc::Receiver<Request>) {
 }
 
 /// Runs until `shutdown` is cancelled.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     link: Running,
     mut registry: Registry,
+    mut fleet: Fleet,
     mut requests: mpsc::Receiver<Request>,
+    live: broadcast::Sender<Live>,
     metrics: Arc<Metrics>,
     sweep_every: Duration,
     shutdown: CancellationToken,
@@ -101,32 +164,122 @@ pub async fn run(
                     }
                 }
                 if !batch.is_empty() {
-                    let out = tokio::task::block_in_place(|| registry.handle_batch(&batch, now_ms()));
+                    let now = now_ms();
+                    let out = tokio::task::block_in_place(|| {
+                        let outcome = registry.handle_batch(&batch, fleet.zones(), now);
+                        let mut out = outcome.out;
+                        out.extend(fleet.apply(&outcome.accepted, registry.signer(), now));
+                        for (machine, online) in outcome.presence {
+                            show_presence(&live, &machine, online, now);
+                        }
+                        out
+                    });
                     batch.clear();
                     publish(&mut link_tx, out, &metrics);
                 }
             }
-            Some(request) = requests.recv() => match request {
-                Request::Approve { machine, reply } => {
-                    let result = tokio::task::block_in_place(|| registry.approve(&machine, now_ms()));
-                    let answer = result.map(|(approval, out)| {
-                        publish(&mut link_tx, out, &metrics);
-                        approval
-                    });
-                    let _ = reply.send(answer);
-                }
-            },
+            Some(request) = requests.recv() => {
+                let out = tokio::task::block_in_place(|| serve(request, &mut registry, &mut fleet));
+                publish(&mut link_tx, out, &metrics);
+            }
             _ = sweep.tick() => {
-                match tokio::task::block_in_place(|| registry.sweep_offline(now_ms())) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(machines = n, "marked machines offline after missed heartbeats"),
-                    Err(e) => tracing::error!(error = %e, "could not mark silent machines offline"),
-                }
+                let now = now_ms();
+                tokio::task::block_in_place(|| {
+                    match registry.sweep_offline(now) {
+                        Ok(offline) if offline.is_empty() => {}
+                        Ok(offline) => {
+                            tracing::info!(machines = offline.len(), "marked machines offline after missed heartbeats");
+                            for machine in offline {
+                                show_presence(&live, &machine, false, now);
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "could not mark silent machines offline"),
+                    }
+                    fleet.sweep(now);
+                });
             }
         }
     }
     tracing::info!("orchestrator stopped");
     Ok(())
+}
+
+/// Answers one API request; returns the commands it produced.
+fn serve(request: Request, registry: &mut Registry, fleet: &mut Fleet) -> Vec<Outgoing> {
+    let now = now_ms();
+    let mut out = Vec::new();
+    match request {
+        Request::Approve { machine, reply } => {
+            let answer = registry.approve(&machine, now).map(|(approval, more)| {
+                out = more;
+                approval
+            });
+            let _ = reply.send(answer);
+        }
+        Request::Deploy { request, reply } => {
+            let answer = fleet
+                .create(request, registry.signer(), now)
+                .map(|(d, more)| {
+                    out = more;
+                    d
+                });
+            let _ = reply.send(answer);
+        }
+        Request::Cancel { id, reply } => {
+            let answer = fleet.cancel(&id, registry.signer(), now).map(|(d, more)| {
+                out = more;
+                d
+            });
+            let _ = reply.send(answer);
+        }
+        Request::PutZone {
+            id,
+            spec,
+            images,
+            reply,
+        } => {
+            let answer = fleet
+                .put_zone(id, spec, &images, registry.signer(), now)
+                .and_then(|(zone, more)| {
+                    out = more;
+                    rezone(registry, fleet, now, &mut out)?;
+                    Ok(zone)
+                });
+            let _ = reply.send(answer);
+        }
+        Request::DeleteZone { id, reply } => {
+            let answer = fleet
+                .delete_zone(&id, registry.signer(), now)
+                .and_then(|(zone, more)| {
+                    out = more;
+                    rezone(registry, fleet, now, &mut out)?;
+                    Ok(zone)
+                });
+            let _ = reply.send(answer);
+        }
+    }
+    out
+}
+
+/// After the zones changed: new memberships, configurations for the machines that moved, and
+/// their deployments reconciled (a machine that joined a zone gets its images now rather than
+/// at its next heartbeat).
+fn rezone(
+    registry: &mut Registry,
+    fleet: &mut Fleet,
+    now: i64,
+    out: &mut Vec<Outgoing>,
+) -> Result<(), FleetError> {
+    let moved = registry.rezone(fleet.zones(), now, out)?;
+    fleet.rezoned(&moved, registry.signer(), now, out);
+    Ok(())
+}
+
+fn show_presence(live: &broadcast::Sender<Live>, machine: &MachineId, online: bool, at_ms: i64) {
+    let _ = live.send(Live::new(
+        "machine",
+        &serde_json::json!({ "id": machine, "online": online, "at_ms": at_ms }),
+    ));
 }
 
 /// Adds a forwarded publish to the batch, or reschedules the link after `Unschedule`.

@@ -22,12 +22,68 @@ use sha2::{Digest, Sha256};
 
 use crate::metrics::{DropReason, Metrics};
 use crate::store::{Batch, KeyRecord, MachineRecord, Store, StoreError};
+use crate::zone::{self, Zone};
 
 /// A command ready for the broker.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub topic: Topic,
     pub payload: Vec<u8>,
+}
+
+/// Signs commands with the server key. There is one per server: agents refuse a repeated
+/// `seq`, so every command must take its number from the same counter.
+pub struct Signer {
+    key: SigningKey,
+    seq: SeqCounter,
+}
+
+impl Signer {
+    pub fn new(key: SigningKey, now_ms: i64) -> Signer {
+        Signer {
+            key,
+            seq: SeqCounter::from_clock(micros(now_ms)),
+        }
+    }
+
+    /// Signs and encodes `command` for `topic`; `None` (logged) if it cannot be encoded.
+    pub fn sign(
+        &mut self,
+        topic: Topic,
+        command: Command,
+        encoding: Encoding,
+        now_ms: i64,
+    ) -> Option<Outgoing> {
+        let seq = self.seq.next(micros(now_ms));
+        let signed = Envelope::sign(&topic, SenderId::server(), now_ms, seq, command, &self.key)
+            .and_then(|env| env.encode(encoding));
+        match signed {
+            Ok(payload) => Some(Outgoing { topic, payload }),
+            Err(e) => {
+                tracing::error!(topic = %topic, error = %e, "could not encode a command");
+                None
+            }
+        }
+    }
+}
+
+/// An event from a trusted machine, after the registry applied it, for the deployments.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The machine as stored after the event.
+    pub machine: MachineRecord,
+    pub event: Event,
+}
+
+/// What a batch of events produced.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Commands to publish.
+    pub out: Vec<Outgoing>,
+    /// Events from trusted machines, in arrival order.
+    pub accepted: Vec<Accepted>,
+    /// Machines that went online (`true`) or offline.
+    pub presence: Vec<(MachineId, bool)>,
 }
 
 /// Settings the registry needs from the server config.
@@ -67,8 +123,7 @@ enum Verdict {
 pub struct Registry {
     store: Store,
     settings: Settings,
-    server_key: SigningKey,
-    seq: SeqCounter,
+    signer: Signer,
     guard: ReplayGuard,
     /// Config hash last sent to each machine since this process started; a machine that has
     /// not got its current configuration gets it on its next accepted event.
@@ -95,8 +150,7 @@ impl Registry {
         Ok(Registry {
             store,
             settings,
-            server_key,
-            seq: SeqCounter::from_clock(micros(now_ms)),
+            signer: Signer::new(server_key, now_ms),
             guard,
             configured: HashMap::new(),
             metrics,
@@ -105,17 +159,22 @@ impl Registry {
 
     /// Applies a batch of `(topic, payload)` events in one transaction and returns the
     /// commands to publish once it committed.
-    pub fn handle_batch(&mut self, events: &[(Vec<u8>, Vec<u8>)], now_ms: i64) -> Vec<Outgoing> {
+    pub fn handle_batch(
+        &mut self,
+        events: &[(Vec<u8>, Vec<u8>)],
+        zones: &[Zone],
+        now_ms: i64,
+    ) -> BatchOutcome {
         let store = self.store.clone();
         let mut verdicts = Vec::with_capacity(events.len());
         let result = store.write(|batch| {
-            let mut out = Vec::new();
+            let mut outcome = BatchOutcome::default();
             for (topic, payload) in events {
                 self.metrics.event_received();
-                let verdict = self.handle(batch, topic, payload, now_ms, &mut out)?;
+                let verdict = self.handle(batch, topic, payload, zones, now_ms, &mut outcome)?;
                 verdicts.push(verdict);
             }
-            Ok(out)
+            Ok(outcome)
         });
         match result {
             Ok(out) => {
@@ -137,7 +196,7 @@ impl Registry {
                 }
                 // Machines configured in the failed batch must be configured again.
                 self.configured.clear();
-                Vec::new()
+                BatchOutcome::default()
             }
         }
     }
@@ -148,8 +207,9 @@ impl Registry {
         batch: &mut Batch<'_>,
         topic: &[u8],
         payload: &[u8],
+        zones: &[Zone],
         now_ms: i64,
-        out: &mut Vec<Outgoing>,
+        outcome: &mut BatchOutcome,
     ) -> Result<Verdict, StoreError> {
         use Verdict::Dropped;
         let topic_text = match std::str::from_utf8(topic) {
@@ -194,7 +254,8 @@ impl Registry {
 
         if let Event::Startup(startup) = &envelope.body {
             return self.startup(
-                batch, &topic, &machine, &envelope, startup, existing, payload, now_ms, out,
+                batch, &topic, &machine, &envelope, startup, existing, payload, zones, now_ms,
+                outcome,
             );
         }
 
@@ -233,6 +294,7 @@ impl Registry {
                     "offline",
                     "last will: connection lost",
                 )?;
+                outcome.presence.push((machine.clone(), false));
             }
             self.configured.remove(&machine);
             return Ok(Verdict::Accepted);
@@ -286,11 +348,18 @@ impl Registry {
                 format!("{kind:?} received"),
             )?;
         }
+        if record.online != was_online {
+            outcome.presence.push((machine.clone(), record.online));
+        }
         batch.put_machine(&record)?;
         self.guard.record(&envelope.from, envelope.seq);
         if record.online {
-            self.configure_if_needed(&record, now_ms, out);
+            self.configure_if_needed(&record, now_ms, &mut outcome.out);
         }
+        outcome.accepted.push(Accepted {
+            machine: record,
+            event: envelope.body,
+        });
         Ok(Verdict::Accepted)
     }
 
@@ -304,8 +373,9 @@ impl Registry {
         startup: &boottorrent_proto::Startup,
         existing: Option<(MachineRecord, KeyRecord)>,
         payload: &[u8],
+        zones: &[Zone],
         now_ms: i64,
-        out: &mut Vec<Outgoing>,
+        outcome: &mut BatchOutcome,
     ) -> Result<Verdict, StoreError> {
         use Verdict::Dropped;
         let presented = startup.public_key;
@@ -366,7 +436,7 @@ impl Registry {
                 }
                 if is_new {
                     // Shown to the operator to help decide; not trusted for anything else.
-                    apply_startup(&mut record, startup);
+                    apply_startup(&mut record, startup, zones);
                     record.online = false;
                     batch.put_machine(&record)?;
                 }
@@ -385,7 +455,7 @@ impl Registry {
             batch.put_keys(machine, &keys)?;
         }
         let was_online = record.online;
-        apply_startup(&mut record, startup);
+        apply_startup(&mut record, startup, zones);
         record.online = true;
         record.last_seen_ms = now_ms;
         record.last_seq = envelope.seq;
@@ -398,11 +468,18 @@ impl Registry {
                 format!("startup, agent {}", startup.agent_version),
             )?;
         }
+        if !was_online {
+            outcome.presence.push((machine.clone(), true));
+        }
         batch.put_machine(&record)?;
         self.guard.record(&envelope.from, envelope.seq);
         // A startup means the agent lost whatever it had: always answer it.
         self.configured.remove(machine);
-        self.configure_if_needed(&record, now_ms, out);
+        self.configure_if_needed(&record, now_ms, &mut outcome.out);
+        outcome.accepted.push(Accepted {
+            machine: record,
+            event: Event::Startup(startup.clone()),
+        });
         Ok(Verdict::Accepted)
     }
 
@@ -439,7 +516,7 @@ impl Registry {
             scope: Scope::Machine(record.id.clone()),
             kind: CommandKind::MachineConfiguration,
         };
-        match self.sign(
+        match self.signer.sign(
             topic,
             Command::MachineConfiguration(config),
             encoding_of(record),
@@ -469,31 +546,9 @@ impl Registry {
         config
     }
 
-    /// Signs a command for `topic` with the server key.
-    fn sign(
-        &mut self,
-        topic: Topic,
-        command: Command,
-        encoding: Encoding,
-        now_ms: i64,
-    ) -> Option<Outgoing> {
-        let seq = self.seq.next(micros(now_ms));
-        let signed = Envelope::sign(
-            &topic,
-            SenderId::server(),
-            now_ms,
-            seq,
-            command,
-            &self.server_key,
-        )
-        .and_then(|env| env.encode(encoding));
-        match signed {
-            Ok(payload) => Some(Outgoing { topic, payload }),
-            Err(e) => {
-                tracing::error!(topic = %topic, error = %e, "could not encode a command");
-                None
-            }
-        }
+    /// The server's one command signer, lent to whoever else sends commands.
+    pub fn signer(&mut self) -> &mut Signer {
+        &mut self.signer
     }
 
     /// Approves the key a machine is waiting with, and queues its configuration.
@@ -539,8 +594,8 @@ impl Registry {
         Ok((approval, out))
     }
 
-    /// Marks offline every machine that missed three heartbeat intervals.
-    pub fn sweep_offline(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+    /// Marks offline every machine that missed three heartbeat intervals; returns them.
+    pub fn sweep_offline(&mut self, now_ms: i64) -> Result<Vec<MachineId>, StoreError> {
         let limit_ms = 3 * i64::from(self.settings.heartbeat_interval_secs) * 1000;
         let stale: Vec<MachineId> = self
             .store
@@ -550,10 +605,10 @@ impl Registry {
             .map(|(m, _)| m.id)
             .collect();
         if stale.is_empty() {
-            return Ok(0);
+            return Ok(stale);
         }
-        let count = self.store.write(|batch| {
-            let mut count = 0;
+        let offline = self.store.write(|batch| {
+            let mut offline = Vec::new();
             for id in &stale {
                 // Re-read inside the transaction: an event may have arrived since.
                 if let Some((mut record, _)) = batch.machine(id)?
@@ -571,15 +626,54 @@ impl Registry {
                             (now_ms - record.last_seen_ms) / 1000
                         ),
                     )?;
-                    count += 1;
+                    offline.push(id.clone());
                 }
             }
-            Ok(count)
+            Ok(offline)
         })?;
         for id in &stale {
             self.configured.remove(id);
         }
-        Ok(count)
+        Ok(offline)
+    }
+
+    /// Recomputes every machine's zones after the zones changed, stores the machines whose
+    /// membership moved and queues their new configuration. Returns those machines.
+    pub fn rezone(
+        &mut self,
+        zones: &[Zone],
+        now_ms: i64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Vec<MachineRecord>, StoreError> {
+        let moved = self.store.write(|batch| {
+            let mut moved = Vec::new();
+            for (mut record, _) in self.store.machines()? {
+                let zones = zone::membership(zones, &record.id, &record.ips);
+                if zones != record.zones {
+                    batch.log(
+                        now_ms,
+                        Some(&record.id),
+                        "zones",
+                        format!(
+                            "zones now [{}]",
+                            zones
+                                .iter()
+                                .map(|z| z.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )?;
+                    record.zones = zones;
+                    batch.put_machine(&record)?;
+                    moved.push(record);
+                }
+            }
+            Ok(moved)
+        })?;
+        for record in moved.iter().filter(|r| r.online) {
+            self.configure_if_needed(record, now_ms, out);
+        }
+        Ok(moved)
     }
 }
 
@@ -588,7 +682,8 @@ fn verify(envelope: &Envelope<Event>, topic: &Topic, key: &PublicKeyBytes) -> Re
     envelope.verify(topic, &key).map_err(|e| e.to_string())
 }
 
-fn apply_startup(record: &mut MachineRecord, startup: &boottorrent_proto::Startup) {
+fn apply_startup(record: &mut MachineRecord, startup: &boottorrent_proto::Startup, zones: &[Zone]) {
+    record.zones = zone::membership(zones, &record.id, &startup.ips);
     record.hostname = startup.hostname.clone();
     record.os = startup.os.clone();
     record.agent_version = startup.agent_version.clone();
@@ -598,7 +693,8 @@ fn apply_startup(record: &mut MachineRecord, startup: &boottorrent_proto::Startu
     record.images = startup.images.clone();
 }
 
-fn encoding_of(record: &MachineRecord) -> Encoding {
+/// The encoding a machine speaks.
+pub fn encoding_of(record: &MachineRecord) -> Encoding {
     if record.prefers_json {
         Encoding::Json
     } else {

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::credentials::Credentials;
+use crate::fleet::Fleet;
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Settings};
@@ -68,6 +69,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         orchestrator::now_ms(),
     )
     .context("loading machines from the database")?;
+    // Live events for `GET /api/v1/events`; a watcher that falls this far behind skips ahead.
+    let (live, _) = tokio::sync::broadcast::channel(1024);
+    let fleet = Fleet::load(
+        store.clone(),
+        &config.zones,
+        config.stall_timeout_secs,
+        live.clone(),
+    )
+    .context("loading zones and deployments from the database")?;
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -131,9 +141,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     spawn(&tasks, &shutdown, "orchestrator", {
         let token = shutdown.child_token();
         let metrics = metrics.clone();
-        async move { orchestrator::run(link, registry, requests, metrics, sweep_every, token).await }
+        let live = live.clone();
+        async move {
+            orchestrator::run(
+                link,
+                registry,
+                fleet,
+                requests,
+                live,
+                metrics,
+                sweep_every,
+                token,
+            )
+            .await
+        }
     });
     let state = http::AppState {
+        live,
         store,
         metrics,
         admin_token: credentials.admin_token.clone(),

@@ -1,5 +1,5 @@
-//! Persistent state in one redb file: machines, their keys, an append-only event log, and the
-//! image catalog (records and their `.torrent` bytes).
+//! Persistent state in one redb file: machines, their keys, an append-only event log, the
+//! image catalog (records and their `.torrent` bytes), zones and deployments.
 //!
 //! Values are JSON so that an operator can inspect a copy of the file with any redb tool and
 //! so that adding a field does not need a migration (`#[serde(default)]`). Every write is one
@@ -9,7 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use boottorrent_proto::{HeldImage, ImageId, MachineId, PublicKeyBytes, ZoneId};
+use boottorrent_proto::{DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBytes, ZoneId};
+
+use crate::deployment::Deployment;
+use crate::zone::Zone;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -19,6 +22,9 @@ const EVENT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("event_log")
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 /// `.torrent` bytes by info hash (hex), kept apart so listing images stays cheap.
 const TORRENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("torrents");
+const ZONES: TableDefinition<&str, &[u8]> = TableDefinition::new("zones");
+/// Deployments by id, each with its machines' states and transitions.
+const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 
 /// What went wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +216,8 @@ impl Store {
         tx.open_table(EVENT_LOG)?;
         tx.open_table(IMAGES)?;
         tx.open_table(TORRENTS)?;
+        tx.open_table(ZONES)?;
+        tx.open_table(DEPLOYMENTS)?;
         tx.commit()?;
         Ok(Store {
             db: std::sync::Arc::new(db),
@@ -270,14 +278,7 @@ impl Store {
 
     /// Every catalogued image, ordered by id.
     pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(IMAGES)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            let (id, value) = row?;
-            out.push(decode("images", id.value(), value.value())?);
-        }
-        Ok(out)
+        all(&self.db, IMAGES, "images")
     }
 
     /// One image.
@@ -331,6 +332,25 @@ impl Store {
         Ok(table.get(info_hash_hex)?.map(|v| v.value().to_vec()))
     }
 
+    /// Every zone, ordered by id.
+    pub fn zones(&self) -> Result<Vec<Zone>, StoreError> {
+        all(&self.db, ZONES, "zones")
+    }
+
+    /// Every deployment, ordered by id (which starts with the creation time).
+    pub fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        all(&self.db, DEPLOYMENTS, "deployments")
+    }
+
+    pub fn deployment(&self, id: &DeploymentId) -> Result<Option<Deployment>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(DEPLOYMENTS)?;
+        table
+            .get(id.as_str())?
+            .map(|v| decode("deployments", id.as_str(), v.value()))
+            .transpose()
+    }
+
     /// Runs `f` in one write transaction and commits it; nothing of it is kept if `f` fails.
     pub fn write<T>(
         &self,
@@ -342,6 +362,8 @@ impl Store {
                 machines: tx.open_table(MACHINES)?,
                 keys: tx.open_table(MACHINE_KEYS)?,
                 log: tx.open_table(EVENT_LOG)?,
+                zones: tx.open_table(ZONES)?,
+                deployments: tx.open_table(DEPLOYMENTS)?,
             };
             f(&mut batch)?
         };
@@ -355,6 +377,8 @@ pub struct Batch<'tx> {
     machines: redb::Table<'tx, &'static str, &'static [u8]>,
     keys: redb::Table<'tx, &'static str, &'static [u8]>,
     log: redb::Table<'tx, u64, &'static [u8]>,
+    zones: redb::Table<'tx, &'static str, &'static [u8]>,
+    deployments: redb::Table<'tx, &'static str, &'static [u8]>,
 }
 
 impl Batch<'_> {
@@ -386,6 +410,26 @@ impl Batch<'_> {
         Ok(())
     }
 
+    pub fn put_zone(&mut self, zone: &Zone) -> Result<(), StoreError> {
+        let bytes = encode("zones", zone.id.as_str(), zone)?;
+        self.zones.insert(zone.id.as_str(), bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Removes a zone; returns it as it was.
+    pub fn delete_zone(&mut self, id: &ZoneId) -> Result<Option<Zone>, StoreError> {
+        let old = self.zones.remove(id.as_str())?;
+        old.map(|v| decode("zones", id.as_str(), v.value()))
+            .transpose()
+    }
+
+    pub fn put_deployment(&mut self, deployment: &Deployment) -> Result<(), StoreError> {
+        let bytes = encode("deployments", deployment.id.as_str(), deployment)?;
+        self.deployments
+            .insert(deployment.id.as_str(), bytes.as_slice())?;
+        Ok(())
+    }
+
     /// Appends to the event log; the entry's `seq` is assigned here.
     pub fn log(
         &mut self,
@@ -409,6 +453,22 @@ impl Batch<'_> {
         self.log.insert(seq, bytes.as_slice())?;
         Ok(())
     }
+}
+
+/// Every record of a string-keyed table.
+fn all<T: DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+    name: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let tx = db.begin_read()?;
+    let table = tx.open_table(table)?;
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (key, value) = row?;
+        out.push(decode(name, key.value(), value.value())?);
+    }
+    Ok(out)
 }
 
 fn decode<T: DeserializeOwned>(

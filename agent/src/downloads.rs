@@ -48,6 +48,10 @@ pub struct Downloads {
     events: mpsc::Sender<Event>,
     held: Mutex<HashMap<ImageId, Held>>,
     handles: Mutex<HashMap<ImageId, TorrentHandle>>,
+    /// Assignments whose torrent is being fetched and which are not in `held` yet: the server
+    /// may repeat an assignment (a broadcast and a reconciliation crossing), and a second
+    /// download of the same torrent would fail the first.
+    starting: Mutex<std::collections::HashSet<ImageId>>,
 }
 
 impl Downloads {
@@ -72,6 +76,7 @@ impl Downloads {
             events,
             held: Mutex::new(load(&data_dir)),
             handles: Mutex::new(HashMap::new()),
+            starting: Mutex::new(std::collections::HashSet::new()),
             data_dir,
         });
         let resumed: Vec<Held> = downloads.lock_held().values().cloned().collect();
@@ -106,14 +111,21 @@ impl Downloads {
             .collect()
     }
 
-    /// Handles `artifact_assignment`; the same assignment twice does the work once.
+    /// Handles `artifact_assignment`; the same assignment twice does the work once. An image
+    /// that failed is tried again.
     pub async fn assign(self: &Arc<Self>, assignment: ArtifactAssignment) {
         {
             let held = self.lock_held();
             if let Some(h) = held.get(&assignment.image)
                 && h.assignment.info_hash == assignment.info_hash
+                && h.state != ImageState::Failed
             {
                 tracing::info!(image = %assignment.image, "already assigned; nothing to do");
+                return;
+            }
+            let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+            if !starting.insert(assignment.image.clone()) {
+                tracing::info!(image = %assignment.image, "already being started; nothing to do");
                 return;
             }
         }
@@ -200,7 +212,9 @@ impl Downloads {
     async fn fetch(self: Arc<Self>, assignment: ArtifactAssignment) {
         let image = assignment.image.clone();
         let deployment = assignment.deployment.clone();
-        if let Err(e) = self.try_fetch(assignment).await {
+        let result = self.try_fetch(assignment).await;
+        self.started(&image);
+        if let Err(e) = result {
             tracing::error!(image = %image, "{e}");
             if let Some(h) = self.lock_held().get_mut(&image) {
                 h.state = ImageState::Failed;
@@ -252,6 +266,16 @@ impl Downloads {
             },
         );
         self.persist();
+        // A retry after a failure: the failed torrent is still in the session. The file stays;
+        // the new torrent checks what of it is good.
+        let previous = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&assignment.image);
+        if let Some(previous) = previous {
+            let _ = self.session.remove(previous.info_hash(), false).await;
+        }
         let handle = self
             .session
             .add(AddTorrent {
@@ -266,6 +290,7 @@ impl Downloads {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(assignment.image.clone(), handle.clone());
+        self.started(&assignment.image);
         self.follow(assignment, handle, path, staged).await
     }
 
@@ -282,13 +307,14 @@ impl Downloads {
         loop {
             every.tick().await;
             let s = stats.borrow_and_update().clone();
-            let state = match &s.state {
+            match &s.state {
                 TorrentState::Error(e) => {
                     return Err(Failure::new("download", e.clone()));
                 }
-                TorrentState::Seeding => ImageState::Staged,
-                _ => ImageState::Downloading,
-            };
+                // Every piece is in; `staged` is reported once the whole file is verified.
+                TorrentState::Seeding => break,
+                _ => {}
+            }
             self.send(Event::Progress(Progress {
                 deployment: assignment.deployment.clone(),
                 image: assignment.image.clone(),
@@ -297,12 +323,9 @@ impl Downloads {
                 download_bps: s.download_rate,
                 upload_bps: s.upload_rate,
                 peers: s.peers.len() as u32,
-                state,
+                state: ImageState::Downloading,
             }))
             .await;
-            if state == ImageState::Staged {
-                break;
-            }
             if !self.lock_held().contains_key(&assignment.image) {
                 return Ok(()); // unassigned meanwhile
             }
@@ -326,6 +349,18 @@ impl Downloads {
         };
         self.persist();
         tracing::info!(image = %assignment.image, "image staged; seeding it to peers");
+        let s = stats.borrow().clone();
+        self.send(Event::Progress(Progress {
+            deployment: assignment.deployment.clone(),
+            image: assignment.image.clone(),
+            bytes_done: assignment.size,
+            bytes_total: assignment.size,
+            download_bps: 0,
+            upload_bps: s.upload_rate,
+            peers: s.peers.len() as u32,
+            state: ImageState::Staged,
+        }))
+        .await;
         if run_boot {
             let outcome = boot::run(
                 &self.boot,
@@ -421,6 +456,14 @@ impl Downloads {
             .filter(|n| boottorrent_swarm::metainfo::check_file_name(n).is_ok())
             .unwrap_or_else(|| meta.name.clone());
         images.join(name)
+    }
+
+    /// The assignment is in `held` (or failed): repeats are recognised there from now on.
+    fn started(&self, image: &ImageId) {
+        self.starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(image);
     }
 
     async fn send(&self, event: Event) {

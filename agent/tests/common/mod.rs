@@ -135,13 +135,29 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub http_port: u16,
     pub mqtt_port: u16,
+    pub bt_port: u16,
 }
 
 impl Server {
     pub fn start(dir: &Path) -> Server {
+        Server::start_with(dir, &[])
+    }
+
+    /// Starts the server with extra `serve` flags.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
         require_tool("mosquitto_pub");
-        let data_dir = dir.join("server");
         let (http_port, mqtt_port, bt_port) = (free_port(), free_port(), free_port());
+        Server::launch(dir, [http_port, mqtt_port, bt_port], extra)
+    }
+
+    /// Starts the server again on the same ports and data dir (after [`Proc::kill9`]).
+    pub fn restart(&mut self, dir: &Path, extra: &[&str]) {
+        let next = Server::launch(dir, [self.http_port, self.mqtt_port, self.bt_port], extra);
+        *self = next;
+    }
+
+    fn launch(dir: &Path, [http_port, mqtt_port, bt_port]: [u16; 3], extra: &[&str]) -> Server {
+        let data_dir = dir.join("server");
         let mut command = Command::new(server_binary());
         command
             .arg("serve")
@@ -153,12 +169,30 @@ impl Server {
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--bt-listen")
             .arg(format!("127.0.0.1:{bt_port}"))
+            .args(extra)
             .env("BOOTTORRENT_LOG", "info,boottorrent=debug");
+        // Each start logs to its own file, so a restart keeps the first run's log.
+        let mut n = 0;
+        let log = loop {
+            let log = dir.join(format!(
+                "server{}.log",
+                if n == 0 {
+                    String::new()
+                } else {
+                    format!("-{n}")
+                }
+            ));
+            if !log.exists() {
+                break log;
+            }
+            n += 1;
+        };
         let mut server = Server {
-            proc: spawn(command, dir.join("server.log")),
+            proc: spawn(command, log),
             data_dir,
             http_port,
             mqtt_port,
+            bt_port,
         };
         wait_for("the server to answer /healthz", || {
             if let Some(status) = server.proc.child.as_mut().unwrap().try_wait().unwrap() {
@@ -169,6 +203,16 @@ impl Server {
                 .filter(|r| r.status().is_success())
         });
         server
+    }
+
+    /// Runs a `boottorrent` client command against this server.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(server_binary());
+        c.args(args)
+            .args(["--server", &self.url("")])
+            .arg("--data-dir")
+            .arg(&self.data_dir);
+        c
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -240,6 +284,14 @@ pub fn output(mut command: Command) -> Output {
 
 /// Starts `boottorrent-agent run` for machine `id` with its own data dir.
 pub fn run_agent(dir: &Path, server: &Server, id: &str, extra: &[&str]) -> Proc {
+    spawn(
+        run_agent_command(dir, server, id, extra),
+        dir.join(format!("{id}.log")),
+    )
+}
+
+/// The command [`run_agent`] runs, for a test to add to.
+pub fn run_agent_command(dir: &Path, server: &Server, id: &str, extra: &[&str]) -> Command {
     let data_dir = dir.join(id);
     let config = dir.join(format!("{id}.toml"));
     std::fs::write(&config, "").unwrap();
@@ -261,7 +313,7 @@ pub fn run_agent(dir: &Path, server: &Server, id: &str, extra: &[&str]) -> Proc 
             "BOOTTORRENT_AGENT_ENROLL_TOKEN",
             server.token("enroll.token"),
         );
-    spawn(command, dir.join(format!("{id}.log")))
+    command
 }
 
 pub fn signed_command(topic: &str, body: ProtoCommand, key: &SigningKey, seq: u64) -> Vec<u8> {

@@ -1,0 +1,686 @@
+//! Deployments: an image sent to a target (global, a zone, a list of machines) with an action,
+//! and where each machine of the target stands.
+//!
+//! This module is the state machine only: it turns agents' reports into per-machine
+//! transitions and never does I/O. The orchestrator feeds it, stores every changed deployment
+//! in the same transaction as the events that changed it, and publishes the commands.
+//!
+//! Per machine: `pending → downloading → verifying → staged`, and for `set_boot` / `reboot` on
+//! `→ booting → booted`; or `failed` with the agent's reason; or `stalled` when no progress
+//! arrived for a while, which new progress undoes. A cancelled deployment accepts nothing.
+
+use std::collections::BTreeMap;
+
+use boottorrent_proto::{
+    AfterDownload, ArtifactAssignment, DeploymentId, ImageId, ImageState, InfoHash, MachineId,
+    Sha256, ZoneId,
+};
+use serde::{Deserialize, Serialize};
+
+/// Who a deployment is for, as the operator gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Target {
+    /// Every machine (`{"global": true}`).
+    Global(bool),
+    /// Every member of a zone, also those that join later.
+    Zone(ZoneId),
+    /// These machines.
+    Machines(Vec<MachineId>),
+}
+
+impl Target {
+    /// Whether machines that appear later join the deployment.
+    pub fn is_open(&self) -> bool {
+        !matches!(self, Target::Machines(_))
+    }
+
+    /// Whether a machine in `zones` is targeted.
+    pub fn includes(&self, machine: &MachineId, zones: &[ZoneId]) -> bool {
+        match self {
+            Target::Global(_) => true,
+            Target::Zone(zone) => zones.contains(zone),
+            Target::Machines(list) => list.contains(machine),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Global(_) => f.write_str("every machine"),
+            Target::Zone(zone) => write!(f, "zone {zone}"),
+            Target::Machines(list) => write!(f, "{} machine(s)", list.len()),
+        }
+    }
+}
+
+/// What agents do once the image is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Keep it ready.
+    #[default]
+    Stage,
+    /// Make it the next boot entry.
+    SetBoot,
+    /// Make it the next boot entry and reboot into it.
+    Reboot,
+}
+
+impl Action {
+    pub fn after_download(self) -> AfterDownload {
+        match self {
+            Action::Stage => AfterDownload::Stage,
+            Action::SetBoot => AfterDownload::SetBoot,
+            Action::Reboot => AfterDownload::Reboot,
+        }
+    }
+
+    /// The state a machine ends in when all went well.
+    pub fn final_state(self) -> MachineState {
+        match self {
+            Action::Stage => MachineState::Staged,
+            Action::SetBoot | Action::Reboot => MachineState::Booted,
+        }
+    }
+}
+
+/// Where one machine of a deployment stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineState {
+    Pending,
+    Downloading,
+    Verifying,
+    Staged,
+    Booting,
+    Booted,
+    Failed,
+    Stalled,
+    Cancelled,
+}
+
+impl MachineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::Pending => "pending",
+            MachineState::Downloading => "downloading",
+            MachineState::Verifying => "verifying",
+            MachineState::Staged => "staged",
+            MachineState::Booting => "booting",
+            MachineState::Booted => "booted",
+            MachineState::Failed => "failed",
+            MachineState::Stalled => "stalled",
+            MachineState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The deployment as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverallState {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// One state change of one machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub state: MachineState,
+    pub at_ms: i64,
+}
+
+/// One machine of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineProgress {
+    pub id: MachineId,
+    pub state: MachineState,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub download_bps: u64,
+    pub upload_bps: u64,
+    pub peers: u32,
+    /// The agent's reason when failed, or why stalled.
+    pub error: Option<String>,
+    /// When progress last moved (bytes or state): what `stalled` measures from.
+    pub updated_ms: i64,
+    pub transitions: Vec<Transition>,
+}
+
+/// A transition that just happened, for the live event stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub deployment: DeploymentId,
+    pub machine: MachineId,
+    pub state: MachineState,
+    pub at_ms: i64,
+    pub error: Option<String>,
+}
+
+/// What agents need to know about the deployed image, copied into the deployment so that a
+/// machine that comes back days later gets the same bytes even if the catalog changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub id: ImageId,
+    pub name: String,
+    pub info_hash: InfoHash,
+    pub sha256: Sha256,
+    pub size: u64,
+    pub torrent_url: String,
+}
+
+/// A deployment as stored. The per-machine map lives inside it: a deployment is read and
+/// written whole, and one transaction per event batch writes each touched deployment once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: DeploymentId,
+    pub image: ImageRef,
+    pub target: Target,
+    pub action: Action,
+    pub created_ms: i64,
+    pub cancelled_ms: Option<i64>,
+    /// Made by a zone's `images` (desired state) rather than by an operator's request.
+    #[serde(default)]
+    pub zone_image: bool,
+    pub machines: BTreeMap<MachineId, MachineProgress>,
+}
+
+impl Deployment {
+    pub fn new(
+        id: DeploymentId,
+        image: ImageRef,
+        target: Target,
+        action: Action,
+        now_ms: i64,
+    ) -> Deployment {
+        Deployment {
+            id,
+            image,
+            target,
+            action,
+            created_ms: now_ms,
+            cancelled_ms: None,
+            zone_image: false,
+            machines: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled_ms.is_some()
+    }
+
+    /// The command that tells agents to fetch the image.
+    pub fn assignment(&self) -> ArtifactAssignment {
+        ArtifactAssignment {
+            deployment: self.id.clone(),
+            image: self.image.id.clone(),
+            name: self.image.name.clone(),
+            info_hash: self.image.info_hash,
+            size: self.image.size,
+            sha256: self.image.sha256,
+            torrent_url: self.image.torrent_url.clone(),
+            save_path: self.image.name.clone(),
+            action: self.action.after_download(),
+        }
+    }
+
+    /// Adds a machine as `pending`; false if it was already in.
+    pub fn add_machine(&mut self, machine: &MachineId, bytes_total: u64, now_ms: i64) -> bool {
+        if self.machines.contains_key(machine) {
+            return false;
+        }
+        self.machines.insert(
+            machine.clone(),
+            MachineProgress {
+                id: machine.clone(),
+                state: MachineState::Pending,
+                bytes_done: 0,
+                bytes_total,
+                download_bps: 0,
+                upload_bps: 0,
+                peers: 0,
+                error: None,
+                updated_ms: now_ms,
+                transitions: vec![Transition {
+                    state: MachineState::Pending,
+                    at_ms: now_ms,
+                }],
+            },
+        );
+        true
+    }
+
+    /// Whether a machine still needs its assignment delivered: it has not got anywhere yet,
+    /// or went quiet.
+    pub fn wants_assignment(&self, machine: &MachineId) -> bool {
+        !self.is_cancelled()
+            && self.machines.get(machine).is_some_and(|m| {
+                matches!(
+                    m.state,
+                    MachineState::Pending | MachineState::Downloading | MachineState::Stalled
+                )
+            })
+    }
+
+    /// Applies a `progress` report.
+    pub fn on_progress(
+        &mut self,
+        machine: &MachineId,
+        report: &boottorrent_proto::Progress,
+        now_ms: i64,
+    ) -> Vec<Change> {
+        let action = self.action;
+        let mut changes = Vec::new();
+        let Some((id, m)) = self.live_machine(machine) else {
+            return changes;
+        };
+        let moved = report.bytes_done != m.bytes_done;
+        m.bytes_done = report.bytes_done;
+        m.bytes_total = report.bytes_total;
+        m.download_bps = report.download_bps;
+        m.upload_bps = report.upload_bps;
+        m.peers = report.peers;
+        if moved {
+            m.updated_ms = now_ms;
+        }
+        let reported = match report.state {
+            ImageState::Downloading => MachineState::Downloading,
+            ImageState::Verifying => MachineState::Verifying,
+            ImageState::Staged | ImageState::Seeding => MachineState::Staged,
+            // The agent follows a failure with an `error` event that carries the reason.
+            ImageState::Failed => return changes,
+        };
+        // Reports may repeat or arrive late (QoS 0, restarts): never step back to an earlier
+        // stage of the pipeline. `stalled` and `failed` are left only on new progress (or, for
+        // stalled, a later stage than the one that stalled).
+        let rank = |s: MachineState| match s {
+            MachineState::Pending | MachineState::Failed | MachineState::Stalled => 0,
+            MachineState::Downloading => 1,
+            MachineState::Verifying => 2,
+            MachineState::Staged => 3,
+            MachineState::Booting => 4,
+            MachineState::Booted | MachineState::Cancelled => 5,
+        };
+        let advance = match m.state {
+            MachineState::Failed => moved,
+            MachineState::Stalled => {
+                let before = m.transitions.iter().rev().nth(1).map(|t| t.state);
+                moved || before.is_none_or(|b| rank(reported) > rank(b))
+            }
+            current => rank(reported) > rank(current),
+        };
+        if advance {
+            transition(id, m, reported, None, now_ms, &mut changes);
+            if reported == MachineState::Staged && action != Action::Stage {
+                // The agent runs the boot action right after staging.
+                transition(id, m, MachineState::Booting, None, now_ms, &mut changes);
+            }
+        }
+        changes
+    }
+
+    /// Applies a `boot` report (the result of the boot action).
+    pub fn on_boot(
+        &mut self,
+        machine: &MachineId,
+        ok: bool,
+        message: &str,
+        now_ms: i64,
+    ) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if let Some((id, m)) = self.live_machine(machine) {
+            let (state, error) = if ok {
+                (MachineState::Booted, None)
+            } else {
+                (MachineState::Failed, Some(format!("boot: {message}")))
+            };
+            transition(id, m, state, error, now_ms, &mut changes);
+        }
+        changes
+    }
+
+    /// Applies an `error` report for this deployment.
+    pub fn on_error(
+        &mut self,
+        machine: &MachineId,
+        code: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if let Some((id, m)) = self.live_machine(machine)
+            && m.state != MachineState::Failed
+        {
+            let error = Some(format!("{code}: {message}"));
+            transition(id, m, MachineState::Failed, error, now_ms, &mut changes);
+        }
+        changes
+    }
+
+    /// Marks machines whose download, verification or boot made no progress for `timeout_ms`.
+    pub fn sweep_stalled(&mut self, now_ms: i64, timeout_ms: i64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if self.is_cancelled() {
+            return changes;
+        }
+        for m in self.machines.values_mut() {
+            if matches!(
+                m.state,
+                MachineState::Downloading | MachineState::Verifying | MachineState::Booting
+            ) && now_ms - m.updated_ms > timeout_ms
+            {
+                let error = Some(format!(
+                    "no progress for {} s while {}",
+                    (now_ms - m.updated_ms) / 1000,
+                    m.state.as_str()
+                ));
+                transition(
+                    &self.id,
+                    m,
+                    MachineState::Stalled,
+                    error,
+                    now_ms,
+                    &mut changes,
+                );
+            }
+        }
+        changes
+    }
+
+    /// Cancels: every machine not yet in its final state is `cancelled`.
+    pub fn cancel(&mut self, now_ms: i64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if self.is_cancelled() {
+            return changes;
+        }
+        self.cancelled_ms = Some(now_ms);
+        let done = self.action.final_state();
+        for m in self.machines.values_mut() {
+            if m.state != done {
+                transition(
+                    &self.id,
+                    m,
+                    MachineState::Cancelled,
+                    None,
+                    now_ms,
+                    &mut changes,
+                );
+            }
+        }
+        changes
+    }
+
+    /// The machine's entry, if the deployment is live and the machine in it.
+    fn live_machine(
+        &mut self,
+        machine: &MachineId,
+    ) -> Option<(&DeploymentId, &mut MachineProgress)> {
+        if self.cancelled_ms.is_some() {
+            return None;
+        }
+        Some((&self.id, self.machines.get_mut(machine)?))
+    }
+
+    pub fn overall(&self) -> OverallState {
+        if self.is_cancelled() {
+            return OverallState::Cancelled;
+        }
+        let done = self.action.final_state();
+        let mut failed = false;
+        for m in self.machines.values() {
+            match m.state {
+                s if s == done => {}
+                MachineState::Failed => failed = true,
+                _ => return OverallState::Running,
+            }
+        }
+        if failed {
+            OverallState::Failed
+        } else if self.machines.is_empty() {
+            // An open target with no member yet is waiting for machines, not done.
+            OverallState::Running
+        } else {
+            OverallState::Completed
+        }
+    }
+
+    /// The API's view: the record plus what is derived from it.
+    pub fn view(&self) -> serde_json::Value {
+        let mut counts = BTreeMap::<&str, u64>::new();
+        let (mut done, mut total, mut rate) = (0u64, 0u64, 0u64);
+        for m in self.machines.values() {
+            *counts.entry(m.state.as_str()).or_default() += 1;
+            done = done.saturating_add(m.bytes_done);
+            total = total.saturating_add(m.bytes_total);
+            if matches!(m.state, MachineState::Downloading) {
+                rate = rate.saturating_add(m.download_bps);
+            }
+        }
+        serde_json::json!({
+            "id": self.id,
+            "image": self.image.id,
+            "image_name": self.image.name,
+            "info_hash": self.image.info_hash,
+            "target": self.target,
+            "action": self.action,
+            "created_ms": self.created_ms,
+            "cancelled_ms": self.cancelled_ms,
+            "zone_image": self.zone_image,
+            "state": self.overall(),
+            "counts": counts,
+            "bytes_done": done,
+            "bytes_total": total,
+            "download_bps": rate,
+            "machines": self.machines.values().collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn transition(
+    deployment: &DeploymentId,
+    m: &mut MachineProgress,
+    state: MachineState,
+    error: Option<String>,
+    now_ms: i64,
+    changes: &mut Vec<Change>,
+) {
+    if m.state == state {
+        return;
+    }
+    m.state = state;
+    m.error = error.clone();
+    m.updated_ms = now_ms;
+    m.transitions.push(Transition {
+        state,
+        at_ms: now_ms,
+    });
+    changes.push(Change {
+        deployment: deployment.clone(),
+        machine: m.id.clone(),
+        state,
+        at_ms: now_ms,
+        error,
+    });
+}
+
+/// A fresh deployment id: creation time first, so ids sort by age, and a random suffix so two
+/// in the same millisecond differ.
+pub fn new_id(now_ms: i64) -> DeploymentId {
+    let suffix: u16 = rand::random();
+    format!("d-{now_ms}-{suffix:04x}")
+        .parse()
+        .expect("digits, hex and dashes make a valid id")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boottorrent_proto::Progress;
+
+    fn m(s: &str) -> MachineId {
+        s.parse().unwrap()
+    }
+
+    fn deployment(action: Action) -> Deployment {
+        let image = ImageRef {
+            id: "img".parse().unwrap(),
+            name: "img.vhdx".into(),
+            info_hash: boottorrent_proto::Bytes([1; 20]),
+            sha256: boottorrent_proto::Bytes([2; 32]),
+            size: 100,
+            torrent_url: "http://server/torrents/01.torrent".into(),
+        };
+        let mut d = Deployment::new(
+            "d-1".parse().unwrap(),
+            image,
+            Target::Zone("lab".parse().unwrap()),
+            action,
+            0,
+        );
+        d.add_machine(&m("pc-01"), 100, 0);
+        d.add_machine(&m("pc-02"), 100, 0);
+        d
+    }
+
+    fn progress(done: u64, state: ImageState) -> Progress {
+        Progress {
+            deployment: "d-1".parse().unwrap(),
+            image: "img".parse().unwrap(),
+            bytes_done: done,
+            bytes_total: 100,
+            download_bps: 10,
+            upload_bps: 0,
+            peers: 1,
+            state,
+        }
+    }
+
+    fn states(changes: &[Change]) -> Vec<&str> {
+        changes.iter().map(|c| c.state.as_str()).collect()
+    }
+
+    #[test]
+    fn set_boot_walks_the_whole_pipeline() {
+        let mut d = deployment(Action::SetBoot);
+        let pc = m("pc-01");
+        assert_eq!(
+            states(&d.on_progress(&pc, &progress(10, ImageState::Downloading), 1)),
+            ["downloading"]
+        );
+        assert!(
+            d.on_progress(&pc, &progress(50, ImageState::Downloading), 2)
+                .is_empty()
+        );
+        assert_eq!(
+            states(&d.on_progress(&pc, &progress(100, ImageState::Verifying), 3)),
+            ["verifying"]
+        );
+        assert_eq!(
+            states(&d.on_progress(&pc, &progress(100, ImageState::Staged), 4)),
+            ["staged", "booting"]
+        );
+        // A late `downloading` report does not step back.
+        assert!(
+            d.on_progress(&pc, &progress(90, ImageState::Downloading), 5)
+                .is_empty()
+        );
+        assert_eq!(states(&d.on_boot(&pc, true, "ok", 6)), ["booted"]);
+        assert_eq!(d.overall(), OverallState::Running, "pc-02 is pending");
+        let t: Vec<_> = d.machines[&pc]
+            .transitions
+            .iter()
+            .map(|t| (t.state.as_str(), t.at_ms))
+            .collect();
+        assert_eq!(
+            t,
+            [
+                ("pending", 0),
+                ("downloading", 1),
+                ("verifying", 3),
+                ("staged", 4),
+                ("booting", 4),
+                ("booted", 6)
+            ]
+        );
+        d.on_error(&m("pc-02"), "disk_full", "no room", 7);
+        assert_eq!(d.overall(), OverallState::Failed);
+        assert_eq!(
+            d.machines[&m("pc-02")].error.as_deref(),
+            Some("disk_full: no room")
+        );
+    }
+
+    #[test]
+    fn stage_ends_at_staged_and_completes() {
+        let mut d = deployment(Action::Stage);
+        for pc in ["pc-01", "pc-02"] {
+            assert_eq!(
+                states(&d.on_progress(&m(pc), &progress(100, ImageState::Staged), 1)),
+                ["staged"]
+            );
+        }
+        assert_eq!(d.overall(), OverallState::Completed);
+        let view = d.view();
+        assert_eq!(view["state"], "completed");
+        assert_eq!(view["counts"]["staged"], 2);
+        assert_eq!(view["bytes_done"], 200);
+    }
+
+    #[test]
+    fn stalled_after_silence_and_back_on_progress() {
+        let mut d = deployment(Action::Stage);
+        let pc = m("pc-01");
+        d.on_progress(&pc, &progress(10, ImageState::Downloading), 1_000);
+        // Same bytes again: a report, but no progress.
+        d.on_progress(&pc, &progress(10, ImageState::Downloading), 50_000);
+        assert!(d.sweep_stalled(60_000, 60_000).is_empty());
+        assert_eq!(states(&d.sweep_stalled(61_001, 60_000)), ["stalled"]);
+        assert!(d.machines[&pc].error.as_deref().unwrap().contains("60 s"));
+        assert!(
+            d.on_progress(&pc, &progress(10, ImageState::Downloading), 62_000)
+                .is_empty()
+        );
+        assert_eq!(
+            states(&d.on_progress(&pc, &progress(11, ImageState::Downloading), 63_000)),
+            ["downloading"]
+        );
+        assert_eq!(d.machines[&pc].error, None);
+    }
+
+    #[test]
+    fn cancel_freezes_the_deployment() {
+        let mut d = deployment(Action::Stage);
+        d.on_progress(&m("pc-01"), &progress(100, ImageState::Staged), 1);
+        assert_eq!(states(&d.cancel(2)), ["cancelled"], "pc-01 was done");
+        assert!(d.cancel(3).is_empty());
+        assert!(
+            d.on_progress(&m("pc-02"), &progress(5, ImageState::Downloading), 4)
+                .is_empty()
+        );
+        assert!(!d.wants_assignment(&m("pc-02")));
+        assert_eq!(d.overall(), OverallState::Cancelled);
+    }
+
+    #[test]
+    fn wire_names() {
+        assert_eq!(
+            serde_json::to_value(Target::Zone("lab".parse().unwrap())).unwrap(),
+            serde_json::json!({"zone": "lab"})
+        );
+        assert_eq!(
+            serde_json::from_value::<Target>(serde_json::json!({"machines": ["a", "b"]})).unwrap(),
+            Target::Machines(vec![m("a"), m("b")])
+        );
+        assert!(serde_json::from_value::<Target>(serde_json::json!({"zone": "a b"})).is_err());
+        assert_eq!(
+            serde_json::to_value(Action::SetBoot).unwrap(),
+            serde_json::json!("set_boot")
+        );
+        let id = new_id(1_764_028_800_123);
+        assert!(id.as_str().starts_with("d-1764028800123-"), "{id}");
+    }
+}
