@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// dropped [default: 60].
     #[arg(long, env = "BOOTTORRENT_ANNOUNCE_INTERVAL_SECS", value_name = "SECS")]
     pub announce_interval_secs: Option<u32>,
+    /// Seconds without progress after which a deploying machine is shown as stalled
+    /// [default: 300].
+    #[arg(long, env = "BOOTTORRENT_STALL_TIMEOUT_SECS", value_name = "SECS")]
+    pub stall_timeout_secs: Option<u32>,
 }
 
 /// How the client commands reach the server.

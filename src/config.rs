@@ -181,6 +181,7 @@ impl Config {
             &mut self.announce_interval_secs,
             &args.announce_interval_secs,
         );
+        set(&mut self.stall_timeout_secs, &args.stall_timeout_secs);
     }
 
     /// Checks what serde cannot: pairs of settings that only make sense together, ranges.
@@ -212,12 +213,8 @@ impl Config {
             if !seen.insert(&zone.id) {
                 bail!("zone {} is defined twice in [[zones]]", zone.id);
             }
-            crate::zone::Zone::new(
-                zone.id.clone(),
-                zone.spec.clone(),
-                crate::zone::Source::Config,
-            )
-            .map_err(|e| anyhow::anyhow!("[[zones]]: {e}"))?;
+            zone.to_zone()
+                .map_err(|e| anyhow::anyhow!("[[zones]]: {e}"))?;
         }
         if !(10..=3600).contains(&self.announce_interval_secs) {
             bail!(
@@ -293,13 +290,12 @@ announce_interval_secs = 60
 # Seconds without progress after which a deploying machine is shown as stalled.
 stall_timeout_secs = 300
 
-# Zones: machines by id and/or by subnet (CIDR), optionally with images every member should
-# hold. The API (boottorrent zones set ...) can add zones and replace these.
+# Zones: machines by id and/or by subnet (CIDR). The API (boottorrent zones set ...) can add
+# zones, replace these, and give a zone images every member should hold (--image).
 # [[zones]]
 # id = "room-101"
 # subnets = ["10.1.1.0/24"]
 # machines = ["pc-101-01"]
-# images = []
 "#;
 
 /// This host's name, for the default public URL.
@@ -330,6 +326,34 @@ mod tests {
     fn commented_default_parses_to_default() {
         let parsed: Config = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn zones_in_the_file_are_checked_where_they_enter() {
+        let good: Config = toml::from_str(
+            "[[zones]]\nid = \"room-101\"\nsubnets = [\"10.1.1.0/24\"]\n\n[[zones]]\nid = \"lab\"\nmachines = [\"pc-01\"]\n",
+        )
+        .unwrap();
+        good.validate().unwrap();
+        assert_eq!(good.zones.len(), 2);
+        assert_eq!(good.zones[0].subnets[0].to_string(), "10.1.1.0/24");
+
+        let twice: Config =
+            toml::from_str("[[zones]]\nid = \"a\"\nmachines = [\"x\"]\n[[zones]]\nid = \"a\"\nmachines = [\"y\"]\n")
+                .unwrap();
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("zone a is defined twice"), "{err}");
+        let empty: Config = toml::from_str("[[zones]]\nid = \"a\"\n").unwrap();
+        let err = empty.validate().unwrap_err().to_string();
+        assert!(err.contains("neither machines nor subnets"), "{err}");
+        for bad in [
+            "[[zones]]\nid = \"a b\"\nmachines = [\"x\"]\n",
+            "[[zones]]\nid = \"a\"\nsubnets = [\"10.1.1.1/24\"]\n",
+            "[[zones]]\nid = \"a\"\nmachines = [\"x\"]\ncolour = \"red\"\n",
+            "[[zones]]\nid = \"a\"\nmachines = [\"x\"]\nimages = [\"img\"]\n",
+        ] {
+            assert!(toml::from_str::<Config>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

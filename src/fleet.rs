@@ -98,7 +98,7 @@ impl Fleet {
                     continue;
                 }
                 // Checked when the config was loaded.
-                if let Ok(zone) = Zone::new(cz.id.clone(), cz.spec.clone(), Source::Config) {
+                if let Ok(zone) = cz.to_zone() {
                     batch.put_zone(&zone)?;
                 }
             }

@@ -100,12 +100,33 @@ pub struct Zone {
     pub source: Source,
 }
 
-/// A zone in the config file: the spec plus its id.
+/// A zone in the config file: who is in it. Images to hold are set through the API
+/// (`boottorrent zones set ID --image ...`), which checks them against the catalog; the file
+/// is read before the catalog is. (Fields spelled out rather than a flattened [`ZoneSpec`]:
+/// serde cannot refuse unknown keys through `flatten`, and a typo in a config file must not
+/// pass silently.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConfigZone {
     pub id: ZoneId,
-    #[serde(flatten)]
-    pub spec: ZoneSpec,
+    #[serde(default)]
+    pub machines: Vec<MachineId>,
+    #[serde(default)]
+    pub subnets: Vec<Subnet>,
+}
+
+impl ConfigZone {
+    pub fn to_zone(&self) -> Result<Zone, String> {
+        Zone::new(
+            self.id.clone(),
+            ZoneSpec {
+                machines: self.machines.clone(),
+                subnets: self.subnets.clone(),
+                images: Vec::new(),
+            },
+            Source::Config,
+        )
+    }
 }
 
 impl Zone {

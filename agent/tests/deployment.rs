@@ -482,3 +482,54 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
         200
     );
 }
+
+#[test]
+fn a_machine_that_joins_a_zone_later_gets_the_zones_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start_with(dir, SERVE);
+    let (image, vhdx) = catalogue(&server, dir, 3 << 20);
+    let _first = start_agent(dir, &server, "zj-1", &[]);
+    let _second = start_agent(dir, &server, "zj-2", &[]);
+    // Desired state: every member of the zone holds the image.
+    output(server.cli(&["zones", "set", "zj", "--machine", "zj-1", "--image", &image]));
+    let list = get(&server, "/api/v1/deployments");
+    let d = &list.as_array().unwrap()[0];
+    assert_eq!(d["zone_image"], true, "{d:#}");
+    assert_eq!(d["target"], serde_json::json!({"zone": "zj"}));
+    let id = d["id"].as_str().unwrap().to_owned();
+    wait_state(&server, &id, "completed");
+    assert_eq!(machine_state(&deployment(&server, &id), "zj-2"), "absent");
+
+    // zj-2 joins: it is added to the zone's deployment and fetches the image.
+    output(server.cli(&[
+        "zones",
+        "set",
+        "zj",
+        "--machine",
+        "zj-1",
+        "--machine",
+        "zj-2",
+        "--image",
+        &image,
+    ]));
+    wait_long("zj-2 staged", || {
+        (machine_state(&deployment(&server, &id), "zj-2") == "staged").then_some(())
+    });
+    assert_eq!(deployment(&server, &id)["state"], "completed");
+    assert_eq!(
+        std::fs::read(dir.join("zj-2/images/golden.vhdx")).unwrap(),
+        std::fs::read(&vhdx).unwrap()
+    );
+    // The zone's membership went to the agent too: its machine record says so.
+    let machine = get(&server, "/api/v1/machines/zj-2");
+    assert_eq!(machine["zones"], serde_json::json!(["zj"]));
+    // Only one deployment: setting the zone again did not start another.
+    assert_eq!(
+        get(&server, "/api/v1/deployments")
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
