@@ -229,6 +229,16 @@ pub enum MachinesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The server's event log, oldest first: registrations, approvals, machines going online
+    /// and offline, boot results, errors agents reported (e.g. `corrupt_peer`: a machine that
+    /// served data failing its hash check), zone and deployment changes.
+    Log {
+        /// How many of the newest entries (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Arguments of `boottorrent deploy`.

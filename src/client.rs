@@ -23,6 +23,22 @@ pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
             let machine = get(&client, &format!("/api/v1/machines/{id}")).await?;
             println!("{}", serde_json::to_string_pretty(&machine)?);
         }
+        MachinesCommand::Log { limit, client } => {
+            let log = get(&client, &format!("/api/v1/log?limit={limit}")).await?;
+            if client.json {
+                println!("{}", serde_json::to_string_pretty(&log)?);
+            } else {
+                for e in log.as_array().map(Vec::as_slice).unwrap_or_default() {
+                    println!(
+                        "{}  {:<12} {:<18} {}",
+                        e["at"].as_str().unwrap_or("?"),
+                        e["machine"].as_str().unwrap_or("-"),
+                        e["kind"].as_str().unwrap_or("?"),
+                        e["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         MachinesCommand::Approve { id, client } => {
             let body = send(
                 &client,

@@ -327,6 +327,7 @@ impl Registry {
                 )?;
             }
             Event::Error(report) => {
+                tracing::warn!(machine = %machine, code = %report.code, deployment = ?report.deployment.as_ref().map(|d| d.as_str()), "agent reports: {}", report.message);
                 batch.log(
                     now_ms,
                     Some(&machine),

@@ -304,15 +304,36 @@ impl Downloads {
     ) -> Result<(), Failure> {
         let mut stats = handle.stats();
         let mut every = tokio::time::interval(PROGRESS_EVERY);
+        let mut bans_reported = 0;
         loop {
             every.tick().await;
             let s = stats.borrow_and_update().clone();
+            // The operator should learn which machine serves bad data: its disk or memory is
+            // failing, or its image was tampered with. Not tied to the deployment, which goes
+            // on with the other peers.
+            for peer in s.banned_peers.iter().skip(bans_reported) {
+                self.send(Event::Error(ErrorReport {
+                    code: "corrupt_peer".into(),
+                    message: format!(
+                        "peer {} sent pieces of image {} that failed their hash check; it is banned",
+                        peer.ip(),
+                        assignment.image
+                    ),
+                    deployment: None,
+                }))
+                .await;
+            }
+            bans_reported = s.banned_peers.len();
             match &s.state {
                 TorrentState::Error(e) => {
                     return Err(Failure::new("download", e.clone()));
                 }
                 // Every piece is in; `staged` is reported once the whole file is verified.
                 TorrentState::Seeding => break,
+                // Re-reading what a resumed download already has: until that is done the
+                // verified byte count is not known, and reporting it as 0 would look like the
+                // download started over.
+                TorrentState::Checking { .. } => continue,
                 _ => {}
             }
             self.send(Event::Progress(Progress {

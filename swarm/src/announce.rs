@@ -400,6 +400,10 @@ impl TrackerClient {
             // Trackers are on the lab LAN; a proxy from the environment, meant for the
             // internet, would only stand between us and them.
             .no_proxy()
+            // No idle connections kept: announces are a minute or more apart, and trackers
+            // such as opentracker close every connection after answering, so a kept one is
+            // usually dead by the next announce (seen as "connection reset" on reuse).
+            .pool_max_idle_per_host(0)
             .build()
             // Without a TLS backend compiled in, building can only fail on resources that
             // `reqwest::Client::new` would panic on just the same.

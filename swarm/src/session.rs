@@ -217,6 +217,9 @@ pub struct TorrentStats {
     pub hash_failures: u64,
     /// Peers banned for sending bad data.
     pub banned: u64,
+    /// Addresses of the banned peers, in the order they were banned (an inbound peer's port
+    /// is its ephemeral one; the address names the host).
+    pub banned_peers: Vec<SocketAddr>,
     /// Connections dropped for breaking the protocol.
     pub protocol_errors: u64,
     /// Connected peers.

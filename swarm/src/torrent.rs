@@ -91,6 +91,8 @@ pub(crate) struct State {
     candidates: HashMap<SocketAddr, Candidate>,
     banned_ids: HashSet<PeerId>,
     banned_addrs: HashSet<SocketAddr>,
+    /// Every banned peer's address, for the stats.
+    banned_log: Vec<SocketAddr>,
     strikes: HashMap<PeerId, u32>,
     pub phase: TorrentState,
     /// Super-seeding: how often each piece was offered.
@@ -155,6 +157,7 @@ impl Torrent {
             upload_rate: 0,
             hash_failures: 0,
             banned: 0,
+            banned_peers: Vec::new(),
             protocol_errors: 0,
             peers: Vec::new(),
         };
@@ -176,6 +179,7 @@ impl Torrent {
                 candidates,
                 banned_ids: HashSet::new(),
                 banned_addrs: HashSet::new(),
+                banned_log: Vec::new(),
                 strikes: HashMap::new(),
                 phase: TorrentState::Checking { pieces_checked: 0 },
                 offer_count: vec![0; pieces as usize],
@@ -432,6 +436,7 @@ impl Torrent {
             upload_rate,
             hash_failures: self.hash_failures.load(Ordering::Relaxed),
             banned: self.banned.load(Ordering::Relaxed),
+            banned_peers: st.banned_log.clone(),
             protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
             peers,
         };
@@ -611,6 +616,7 @@ impl Torrent {
                     st.banned_addrs.insert(addr);
                 }
                 let _ = slot.tx.send(Cmd::Close("banned: sent corrupt data"));
+                st.banned_log.push(addr);
                 self.banned.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %addr, "banned peer for sending corrupt data");
             }
