@@ -127,6 +127,17 @@ pub enum OverallState {
     Cancelled,
 }
 
+impl OverallState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverallState::Running => "running",
+            OverallState::Completed => "completed",
+            OverallState::Failed => "failed",
+            OverallState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// One state change of one machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {

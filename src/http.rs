@@ -305,6 +305,47 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
          boottorrent_tracker_failures_total {}\n",
         t.announces, t.scrapes, t.failures
     ));
+    let deployments = state
+        .store
+        .deployments()
+        .map_err(|e| ApiError::internal("reading deployments", e))?;
+    let by_state = [
+        OverallState::Running,
+        OverallState::Completed,
+        OverallState::Failed,
+        OverallState::Cancelled,
+    ]
+    .map(|wanted| {
+        let n = deployments.iter().filter(|d| d.overall() == wanted).count();
+        (wanted.as_str(), n as u64)
+    });
+    crate::metrics::family(
+        &mut body,
+        "boottorrent_deployments",
+        "Deployments, by overall state.",
+        "gauge",
+        "state",
+        by_state,
+    );
+    let images = state.catalog.list()?;
+    crate::metrics::family(
+        &mut body,
+        "boottorrent_seeder_uploaded_bytes_total",
+        "Bytes of each image the server's seeder uploaded since it started.",
+        "counter",
+        "image",
+        images.iter().map(|i| (i.id.as_str(), i.uploaded)),
+    );
+    let import_states = ["importing", "ready", "failed", "unavailable", "checking"]
+        .map(|s| (s, images.iter().filter(|i| i.state == s).count() as u64));
+    crate::metrics::family(
+        &mut body,
+        "boottorrent_images",
+        "Catalogued images, by state (importing: an import job is running).",
+        "gauge",
+        "state",
+        import_states,
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 

@@ -168,14 +168,16 @@ impl Metrics {
             "HTTP requests refused for a missing or wrong admin token.",
             s.http_unauthorized,
         );
-        let name = "boottorrent_mqtt_events_dropped_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} MQTT events dropped, by reason.\n# TYPE {name} counter"
+        family(
+            &mut out,
+            "boottorrent_mqtt_events_dropped_total",
+            "MQTT events dropped, by reason.",
+            "counter",
+            "reason",
+            s.events_dropped
+                .iter()
+                .map(|(reason, value)| (reason.as_str(), *value)),
         );
-        for (reason, value) in &s.events_dropped {
-            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {value}", reason.as_str());
-        }
         for (name, help, value) in [
             (
                 "boottorrent_machines",
@@ -187,6 +189,11 @@ impl Metrics {
                 "Machines currently online.",
                 machines_online,
             ),
+            (
+                "boottorrent_machines_offline",
+                "Machines known but not connected.",
+                machines_known.saturating_sub(machines_online),
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -194,6 +201,22 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// Writes one metric family with one label: `name{label="value"} n` per row. Label values
+/// must be ids or fixed words (nothing here escapes quotes).
+pub fn family<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    label: &str,
+    rows: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (value, n) in rows {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
     }
 }
 

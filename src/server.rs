@@ -40,7 +40,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let db_path = config.data_dir.join("boottorrent.redb");
     let store = Store::open(&db_path).with_context(|| {
         format!(
-            "opening the database; is another boottorrent using data directory {}?",
+            "opening the database of data directory {}",
             config.data_dir.display()
         )
     })?;

@@ -25,11 +25,17 @@ const TORRENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("torrents");
 const ZONES: TableDefinition<&str, &[u8]> = TableDefinition::new("zones");
 /// Deployments by id, each with its machines' states and transitions.
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+/// Facts about the file itself; `schema_version` for now.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The layout this build reads and writes. Version 1 added zones, deployments and this
+/// version number; files made before it have no number and count as version 0.
+pub const SCHEMA_VERSION: u64 = 1;
 
 /// What went wrong with the database.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("opening database {path}: {source}")]
+    #[error("opening database {path}: {source} (is another boottorrent using it?)")]
     Open {
         path: PathBuf,
         source: Box<redb::DatabaseError>,
@@ -37,6 +43,10 @@ pub enum StoreError {
     // Boxed: redb's error is large and travels through every store call.
     #[error("database error: {0}")]
     Db(Box<redb::Error>),
+    #[error(
+        "database {path} has schema version {found}, newer than the {SCHEMA_VERSION} this boottorrent understands; run the newer boottorrent that wrote it, or restore a backup made before the upgrade"
+    )]
+    TooNew { path: PathBuf, found: u64 },
     #[error("corrupt record {key:?} in table {table}: {source}")]
     Corrupt {
         table: &'static str,
@@ -211,6 +221,32 @@ impl Store {
             source: Box::new(source),
         })?;
         let tx = db.begin_write()?;
+        let found = tx
+            .open_table(META)?
+            .get("schema_version")?
+            .map(|v| v.value());
+        match found {
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(StoreError::TooNew {
+                    path: path.to_owned(),
+                    found,
+                });
+            }
+            Some(SCHEMA_VERSION) => {}
+            older => {
+                // Version 0 to 1: the new tables are created below and nothing else changed;
+                // later migrations go here, each in this same transaction, so a crash leaves
+                // the file as it was.
+                tracing::info!(
+                    path = %path.display(),
+                    from = older.unwrap_or(0),
+                    to = SCHEMA_VERSION,
+                    "migrating the database"
+                );
+                tx.open_table(META)?
+                    .insert("schema_version", SCHEMA_VERSION)?;
+            }
+        }
         tx.open_table(MACHINES)?;
         tx.open_table(MACHINE_KEYS)?;
         tx.open_table(EVENT_LOG)?;
@@ -550,6 +586,52 @@ mod tests {
         });
         assert!(result.is_err());
         assert!(store.machines().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unversioned_file_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        // A file as the first releases wrote it: tables, no version.
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(MACHINES)
+                .unwrap()
+                .insert("pc-01", br#"{"id": "pc-01", "hostname": "old"}"#.as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(
+                store.machine(&id("pc-01")).unwrap().unwrap().0.hostname,
+                "old"
+            );
+            assert!(store.deployments().unwrap().is_empty());
+        }
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_read().unwrap();
+            let meta = tx.open_table(META).unwrap();
+            assert_eq!(
+                meta.get("schema_version").unwrap().unwrap().value(),
+                SCHEMA_VERSION
+            );
+        }
+        // A file from a future release.
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", SCHEMA_VERSION + 1)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Store::open(&path).err().unwrap().to_string();
+        assert!(err.contains("schema version 2"), "{err}");
+        assert!(err.contains("newer"), "{err}");
     }
 
     #[test]

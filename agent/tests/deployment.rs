@@ -202,6 +202,35 @@ fn a_zone_deployment_with_set_boot_reaches_booted_on_three_agents() {
         );
     }
     assert!(shown.contains("booted"), "{shown}");
+
+    // Prometheus sees the deployment and what the seeder sent.
+    let metrics = reqwest::blocking::get(server.url("/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("boottorrent_deployments{state=\"completed\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("boottorrent_machines_online 3\n"),
+        "{metrics}"
+    );
+    let uploaded: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "boottorrent_seeder_uploaded_bytes_total{{image=\"{image}\"}} "
+            ))
+        })
+        .unwrap_or_else(|| panic!("no seeder line for {image}:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(uploaded > 0, "{metrics}");
+    assert!(
+        metrics.contains("boottorrent_images{state=\"ready\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]
