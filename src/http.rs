@@ -1,5 +1,5 @@
 //! The HTTP listener: REST API, health and metrics, the BitTorrent tracker (`/announce`,
-//! `/scrape`) and `.torrent` downloads. The dashboard joins this same router later.
+//! `/scrape`), `.torrent` downloads and the dashboard.
 //!
 //! Reads go straight to the store (redb snapshots run beside the orchestrator's writes);
 //! mutations go through the orchestrator, the single writer of machine state.
@@ -37,6 +37,9 @@ use crate::zone::{Zone, ZoneSpec};
 pub struct AppState {
     /// Live events for `GET /api/v1/events`, sent by the orchestrator.
     pub live: tokio::sync::broadcast::Sender<Live>,
+    /// Cancelled when the server stops: ends the event streams, which would otherwise hold
+    /// the graceful shutdown until its deadline.
+    pub shutdown: CancellationToken,
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub admin_token: Secret,
@@ -75,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/images/{id}", get(show_image).delete(remove_image))
         .route("/torrents/{file}", get(torrent_file))
         .merge(tracker_routes(&state))
+        .merge(crate::dashboard::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
 }
@@ -874,11 +878,13 @@ async fn live_events(
         };
         Some((Ok(event), rx))
     });
-    Ok(
-        axum::response::sse::Sse::new(futures_util::StreamExt::chain(initial, live)).keep_alive(
-            KeepAlive::new()
-                .interval(std::time::Duration::from_secs(15))
-                .text("keep-alive"),
-        ),
-    )
+    let events = futures_util::StreamExt::take_until(
+        futures_util::StreamExt::chain(initial, live),
+        state.shutdown.clone().cancelled_owned(),
+    );
+    Ok(axum::response::sse::Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(std::time::Duration::from_secs(15))
+            .text("keep-alive"),
+    ))
 }

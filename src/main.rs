@@ -8,6 +8,7 @@ mod cli;
 mod client;
 mod config;
 mod credentials;
+mod dashboard;
 mod deploy_cmd;
 mod deployment;
 mod fleet;

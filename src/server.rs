@@ -158,6 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     let state = http::AppState {
         live,
+        shutdown: shutdown.child_token(),
         store,
         metrics,
         admin_token: credentials.admin_token.clone(),

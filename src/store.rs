@@ -13,7 +13,7 @@ use boottorrent_proto::{DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBy
 
 use crate::deployment::Deployment;
 use crate::zone::Zone;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
@@ -236,13 +236,16 @@ impl Store {
             older => {
                 // Version 0 to 1: the new tables are created below and nothing else changed;
                 // later migrations go here, each in this same transaction, so a crash leaves
-                // the file as it was.
-                tracing::info!(
-                    path = %path.display(),
-                    from = older.unwrap_or(0),
-                    to = SCHEMA_VERSION,
-                    "migrating the database"
-                );
+                // the file as it was. A new file has only the table just opened.
+                let fresh = tx.list_tables()?.all(|t| t.name() == "meta");
+                if !fresh {
+                    tracing::info!(
+                        path = %path.display(),
+                        from = older.unwrap_or(0),
+                        to = SCHEMA_VERSION,
+                        "migrating the database"
+                    );
+                }
                 tx.open_table(META)?
                     .insert("schema_version", SCHEMA_VERSION)?;
             }

@@ -1,0 +1,206 @@
+//! The operator's web dashboard end to end: the real server and two agents as processes, and
+//! a headless Chromium (driven by `dashboard_browser.py` through selenium) that deploys an
+//! image from the page and watches both machines reach `staged` on it. Afterwards the API must
+//! show the deployment the page made. The browser's screenshot is kept as a test artifact in
+//! `target/test-artifacts/dashboard.png`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Heartbeats every 2 s: the server re-sends a lost assignment at a heartbeat.
+const SERVE: &[&str] = &["--heartbeat-interval-secs", "2"];
+
+/// The browser script waits up to 90 s for the machines; this bounds a hung browser.
+const BROWSER_PATIENCE: Duration = Duration::from_secs(240);
+
+const PYTHON: &str = "/usr/bin/python3";
+
+/// The browser stack comes from Debian packages that scripts/test installs; without it this
+/// test fails, saying what to install, rather than passing without having looked.
+fn require_browser() {
+    for (path, package) in [
+        ("/usr/bin/chromium", "chromium"),
+        ("/usr/bin/chromedriver", "chromium-driver"),
+        (PYTHON, "python3"),
+    ] {
+        assert!(
+            Path::new(path).exists(),
+            "{path} is missing (Debian package {package}); run scripts/test, which installs it"
+        );
+    }
+    let selenium = Command::new(PYTHON)
+        .args(["-c", "import selenium"])
+        .output()
+        .unwrap();
+    assert!(
+        selenium.status.success(),
+        "{PYTHON} cannot import selenium (Debian package python3-selenium); run scripts/test, \
+         which installs it:\n{}",
+        String::from_utf8_lossy(&selenium.stderr)
+    );
+}
+
+fn screenshot_path() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // The workspace's target dir: the agent crate sits one level below the workspace.
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .join("target")
+        });
+    let dir = target.join("test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("dashboard.png")
+}
+
+/// Catalogues a VHDX of `len` varied bytes, made by qemu-img, with the CLI; returns the
+/// image's id and the file.
+fn catalogue(server: &Server, dir: &Path, len: usize) -> (String, PathBuf) {
+    require_tool("qemu-img");
+    let raw = dir.join("golden.raw");
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&raw, &data).unwrap();
+    let vhdx = dir.join("golden.vhdx");
+    output({
+        let mut c = Command::new("qemu-img");
+        c.args(["convert", "-f", "raw", "-O", "vhdx"])
+            .arg(&raw)
+            .arg(&vhdx);
+        c
+    });
+    let added = output(server.cli(&["image", "add", "--json", vhdx.to_str().unwrap()]));
+    let image: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(image["state"], "ready", "{image}");
+    (image["id"].as_str().unwrap().to_owned(), vhdx)
+}
+
+/// Enrolls (pins the server's key) and starts an agent; waits until the server has it online.
+fn start_agent(dir: &Path, server: &Server, id: &str) -> Proc {
+    output({
+        let mut c = agent(&["enroll", "--http-url", &server.url("")]);
+        c.arg("--data-dir").arg(dir.join(id));
+        c
+    });
+    let agent = run_agent(dir, server, id, &[]);
+    wait_for("the agent online", || server.online(id).filter(|o| *o));
+    agent
+}
+
+fn get(server: &Server, path: &str) -> serde_json::Value {
+    reqwest::blocking::get(server.url(path))
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+/// Runs the browser script, its output going to `log`; kills it if it outlives
+/// [`BROWSER_PATIENCE`]. Returns whether it succeeded, and its output.
+fn run_browser(args: &[&str], log: &Path) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboard_browser.py");
+    let file = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(PYTHON)
+        .arg(&script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {PYTHON} {}: {e}", script.display()));
+    let deadline = Instant::now() + BROWSER_PATIENCE;
+    let success = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.success();
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    (success, std::fs::read_to_string(log).unwrap_or_default())
+}
+
+#[test]
+fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
+    require_browser();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start_with(dir, SERVE);
+    let (image, vhdx) = catalogue(&server, dir, 4 << 20);
+    let machines = ["pc-01", "pc-02"];
+    let _agents: Vec<Proc> = machines
+        .iter()
+        .map(|id| start_agent(dir, &server, id))
+        .collect();
+    assert_eq!(get(&server, "/api/v1/deployments"), serde_json::json!([]));
+
+    let screenshot = screenshot_path();
+    let _ = std::fs::remove_file(&screenshot);
+    let started = Instant::now();
+    let (ok, shown) = run_browser(
+        &[
+            &server.url(""),
+            &server.token("admin.token"),
+            &image,
+            screenshot.to_str().unwrap(),
+        ],
+        &dir.join("browser.log"),
+    );
+    assert!(
+        ok,
+        "the dashboard test in the browser failed after {:.1?}:\n{shown}\n--- server log (end) ---\n{}",
+        started.elapsed(),
+        tail(&server.proc.log_text(), 60)
+    );
+    // Shown with --nocapture: what the page showed along the way.
+    println!("{shown}");
+    assert!(
+        screenshot.exists(),
+        "no screenshot at {}",
+        screenshot.display()
+    );
+
+    // The page made the deployment (there was none before), to exactly these machines, and the
+    // server agrees with what the page showed.
+    let id = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("deployment "))
+        .unwrap_or_else(|| panic!("the browser script named no deployment:\n{shown}"))
+        .trim()
+        .to_owned();
+    let all = get(&server, "/api/v1/deployments");
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all:#}");
+    let d = get(&server, &format!("/api/v1/deployments/{id}"));
+    assert_eq!(d["image"], image.as_str(), "{d:#}");
+    assert_eq!(d["action"], "stage", "{d:#}");
+    assert_eq!(
+        d["target"],
+        serde_json::json!({ "machines": machines }),
+        "{d:#}"
+    );
+    assert_eq!(d["state"], "completed", "{d:#}");
+    assert_eq!(d["counts"], serde_json::json!({ "staged": 2 }), "{d:#}");
+    let source = std::fs::read(&vhdx).unwrap();
+    for m in machines {
+        assert_eq!(
+            std::fs::read(dir.join(m).join("images/golden.vhdx")).unwrap(),
+            source,
+            "{m}'s copy"
+        );
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

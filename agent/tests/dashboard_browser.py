@@ -1,0 +1,212 @@
+#!/usr/bin/python3
+"""Drives the BootTorrent dashboard in headless Chromium, as an operator would.
+
+Usage: dashboard_browser.py SERVER_URL ADMIN_TOKEN IMAGE_ID SCREENSHOT_PATH
+
+Opens the page, checks that a wrong admin token is refused with the API's message, enters the
+right one, deploys IMAGE_ID (action stage) to every machine the page shows online, ticking them
+in the form's machine list, and waits until the page shows each of them `staged` in the
+deployment and holding the image in the machines table. Everything is read from the page's
+DOM, never from the API: the point is that the page shows what happens. Prints
+`deployment <id>` and exits 0; on any failure prints why, the page's visible error text and
+the browser's console log, and exits 1. The screenshot is saved either way.
+
+Run by agent/tests/dashboard.rs with the system python (/usr/bin/python3) and Debian's
+chromium, chromium-driver and python3-selenium, which scripts/test installs.
+"""
+
+import os
+import sys
+import time
+import traceback
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# Machines need a few seconds for a small image; the rest is slack for a loaded CI machine.
+STAGED_WITHIN_SECS = 90
+PAGE_READY_SECS = 30
+
+
+class Failure(Exception):
+    """A check on the page failed; the message says which."""
+
+
+def wait(what, secs, check, interval=0.2):
+    """Calls check() until it returns something truthy; raises Failure after secs."""
+    deadline = time.monotonic() + secs
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Failure(f"timed out after {secs} s waiting for {what}")
+        time.sleep(interval)
+
+
+def start_browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # CI runs as root, where Chromium's sandbox cannot start; /dev/shm may be tiny in containers.
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1400,1300", "--disable-gpu", "--no-first-run"):
+        options.add_argument(arg)
+    # Keeps the console's messages for the failure report.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def error_banner(driver):
+    """The page's error message, if one is shown."""
+    from selenium.webdriver.common.by import By
+
+    if not driver.find_element(By.ID, "error").is_displayed():
+        return ""
+    return driver.find_element(By.ID, "error-text").text.strip()
+
+
+def drive(driver, url, token, image):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    css = driver.find_elements
+    driver.get(url.rstrip("/") + "/")
+
+    wait("the live event stream to connect (#conn live)", PAGE_READY_SECS,
+         lambda: driver.find_element(By.ID, "conn").get_attribute("data-state") == "open")
+
+    def online_machines():
+        rows = css(By.CSS_SELECTOR, '#machines-table tr[data-machine][data-online="true"]')
+        return [row.get_attribute("data-machine") for row in rows] if len(rows) >= 2 else None
+
+    machines = wait("two machines shown online", PAGE_READY_SECS, online_machines)
+    wait(f"image {image} offered in the deploy form", PAGE_READY_SECS,
+         lambda: css(By.CSS_SELECTOR, f'#deploy-image option[value="{image}"]'))
+
+    def fill_form():
+        Select(driver.find_element(By.ID, "deploy-image")).select_by_value(image)
+        driver.find_element(By.CSS_SELECTOR, 'input[name="target-kind"][value="machines"]').click()
+        for machine in machines:
+            box = driver.find_element(By.CSS_SELECTOR, f'#deploy-machines input[value="{machine}"]')
+            if not box.is_selected():
+                box.click()
+        Select(driver.find_element(By.ID, "deploy-action")).select_by_value("stage")
+
+    def use_token(value):
+        driver.find_element(By.ID, "token-input").send_keys(value)
+        driver.find_element(By.ID, "token-save").click()
+        wait("the deploy button to be enabled by the token", 5,
+             lambda: driver.find_element(By.ID, "deploy-submit").is_enabled())
+
+    # A wrong token first: the page must show the API's refusal and ask for the token again.
+    use_token("not-the-admin-token")
+    fill_form()
+    driver.find_element(By.ID, "deploy-submit").click()
+    refusal = wait("the page to show the refused token", 10, lambda: error_banner(driver))
+    if "HTTP 401" not in refusal or not driver.find_element(By.ID, "token-form").is_displayed():
+        raise Failure(f"a refused token should show the API's 401 and the token form: {refusal!r}")
+    print(f"wrong token refused: {refusal}", flush=True)
+
+    use_token(token)
+    if error_banner(driver):
+        raise Failure(f"the refusal is still shown after entering a new token: {error_banner(driver)}")
+    fill_form()
+    driver.find_element(By.ID, "deploy-submit").click()
+
+    def created():
+        shown = error_banner(driver)
+        if shown:
+            raise Failure(f"the page shows an error after Deploy: {shown}")
+        return driver.find_element(By.ID, "deploy-form").get_attribute("data-last-deployment")
+
+    deployment = wait("the page to show the new deployment's id", 15, created)
+    print(f"deployment {deployment}", flush=True)
+
+    def staged():
+        states = {}
+        for machine in machines:
+            rows = css(By.CSS_SELECTOR,
+                       f'#deployment-list [data-deployment="{deployment}"] tr[data-machine="{machine}"]')
+            states[machine] = rows[0].get_attribute("data-state") if rows else "absent"
+            if states[machine] == "failed":
+                raise Failure(f"{machine} failed: {rows[0].text}")
+        print(f"  page shows {states}", flush=True)
+        return all(s == "staged" for s in states.values())
+
+    wait(f"the page to show {', '.join(machines)} staged", STAGED_WITHIN_SECS, staged, interval=1)
+    wait("the page to show the deployment completed", 15, lambda: driver.find_element(
+        By.CSS_SELECTOR, f'#deployment-list [data-deployment="{deployment}"]'
+    ).get_attribute("data-state") == "completed")
+
+    # The machines table shows the image held, from the agents' heartbeats (polled).
+    def held():
+        return all(css(By.CSS_SELECTOR,
+                       f'#machines-table tr[data-machine="{machine}"] .held[data-image="{image}"]'
+                       ':is([data-state="staged"], [data-state="seeding"])')
+                   for machine in machines)
+
+    wait("the machines table to show the image held by both machines", 20, held, interval=0.5)
+
+
+def report(driver):
+    """What an engineer needs to see why the page did not get there."""
+    try:
+        print(f"page error banner: {error_banner(driver) or '(none)'}")
+        print("page text:\n" + driver.find_element("tag name", "body").text[:4000])
+    except Exception as e:  # the page itself may be gone
+        print(f"could not read the page: {e}")
+    try:
+        print("browser console:")
+        for entry in driver.get_log("browser"):
+            print(f"  {entry.get('level')} {entry.get('message')}")
+    except Exception as e:
+        print(f"could not read the browser console: {e}")
+
+
+def main(argv):
+    if len(argv) != 5:
+        print(__doc__, file=sys.stderr)
+        return 2
+    url, token, image, screenshot = argv[1:]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        print("python3-selenium is not installed for /usr/bin/python3; "
+              "run scripts/test, which installs it")
+        return 1
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.path.exists(path):
+            print(f"{path} is missing: apt package {package}; run scripts/test, which installs it")
+            return 1
+
+    try:
+        driver = start_browser()
+    except Exception:
+        traceback.print_exc()
+        print("headless Chromium did not start (see above)")
+        return 1
+    try:
+        drive(driver, url, token, image)
+        ok = True
+    except Exception as e:
+        print(f"FAILED: {e}")
+        if not isinstance(e, Failure):
+            traceback.print_exc(file=sys.stdout)
+        report(driver)
+        ok = False
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(screenshot)), exist_ok=True)
+        driver.save_screenshot(screenshot)
+        print(f"screenshot: {screenshot}")
+    except Exception as e:
+        print(f"could not save the screenshot: {e}")
+        ok = False
+    finally:
+        driver.quit()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,442 @@
+// BootTorrent dashboard: plain DOM, no framework, no build step (it runs air-gapped).
+//
+// Where the data comes from: machines, images and zones are fetched at start, on every
+// (re)connect of the live event stream and every few seconds; deployments are fetched at start
+// and on (re)connect, then kept current by the `deployment`, `transition` and `machine` events
+// of GET /api/v1/events. Actions send the admin token the operator typed, kept in
+// sessionStorage so it is gone with the tab.
+"use strict";
+
+const POLL_MS = 5000;
+const TOKEN_KEY = "boottorrent.adminToken";
+// Older finished deployments are left out: a lab accumulates hundreds over a term.
+const SHOWN_DEPLOYMENTS = 30;
+
+const state = {
+  machines: new Map(), // id -> machine, as GET /api/v1/machines shows it
+  images: new Map(), // id -> image
+  zones: [],
+  deployments: new Map(), // id -> deployment, as in the API and the events
+};
+let source = null; // the EventSource
+
+const $ = (id) => document.getElementById(id);
+
+// Builds an element. Text always goes in as text nodes, never as HTML: host names and error
+// messages come from agents. `data-*` values are written as they are ("true", "false");
+// other true/false values are HTML boolean attributes (open, checked): present or absent.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined) continue;
+    if (k.startsWith("data-")) node.setAttribute(k, String(v));
+    else if (k === "class") node.className = v;
+    else if (v !== false) node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
+  }
+  return node;
+}
+
+// ---- formatting ----
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i === 0 ? n : n.toFixed(1)) + " " + units[i];
+}
+const rate = (bps) => (bps > 0 ? bytes(bps) + "/s" : "–");
+const pct = (done, total) => (total > 0 ? Math.min(100, Math.floor((done * 100) / total)) : 0);
+
+function duration(secs) {
+  if (!isFinite(secs) || secs < 0) return "–";
+  const s = Math.round(secs);
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+}
+
+function ago(ms) {
+  if (!ms) return "–";
+  const s = (Date.now() - ms) / 1000;
+  return s < 5 ? "just now" : duration(s) + " ago";
+}
+
+function bar(done, total) {
+  return el("span", { class: "bar" },
+    el("progress", { max: total || 1, value: Math.min(done, total || 1) }),
+    " " + pct(done, total) + "%");
+}
+
+function targetText(t) {
+  if (t.zone) return "zone " + t.zone;
+  if (t.machines) return "machines " + t.machines.join(", ");
+  return "every machine";
+}
+
+const imageName = (id) => (state.images.get(id) || {}).name || id.slice(0, 12);
+
+// Seconds until the last downloading machine is done at its current rate (what the operator
+// waits for), or Infinity when one of them is not moving.
+function remainingSecs(machines) {
+  let worst = 0;
+  for (const m of machines) {
+    if (m.state !== "downloading") continue;
+    worst = Math.max(worst, m.download_bps > 0 ? (m.bytes_total - m.bytes_done) / m.download_bps : Infinity);
+  }
+  return worst;
+}
+
+// ---- messages ----
+
+function showError(message, from) {
+  $("error-text").textContent = message;
+  $("error").dataset.from = from || "action";
+  $("error").hidden = false;
+}
+function clearError(from) {
+  if (!from || $("error").dataset.from === from) $("error").hidden = true;
+}
+function notice(message) {
+  $("notice").textContent = message;
+  $("notice").hidden = false;
+}
+
+// ---- API ----
+
+const token = () => sessionStorage.getItem(TOKEN_KEY);
+
+// Calls the API; throws an Error whose message is the API's own `{"error": ...}` text.
+async function api(method, path, body) {
+  const headers = {};
+  if (method !== "GET") {
+    if (!token()) throw new Error("Enter the admin token first.");
+    headers.Authorization = "Bearer " + token();
+  }
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, {
+      method, headers, cache: "no-store",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (e) {
+    throw new Error(`The server did not answer ${method} ${path} (${e.message}).`);
+  }
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { /* not JSON: shown raw below */ }
+  if (!response.ok) {
+    const why = (data && data.error) || text || response.statusText;
+    if (response.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      renderAuth();
+      throw new Error(`The server refused the admin token: ${why} (HTTP 401). Enter it again.`);
+    }
+    throw new Error(`${why} (HTTP ${response.status})`);
+  }
+  return data;
+}
+
+// A list fetched before an event may arrive after it: keep whichever copy saw the later change.
+function freshness(d) {
+  let t = Math.max(d.created_ms || 0, d.cancelled_ms || 0);
+  for (const m of d.machines || []) {
+    t = Math.max(t, m.updated_ms || 0);
+    const last = m.transitions && m.transitions[m.transitions.length - 1];
+    if (last) t = Math.max(t, last.at_ms);
+  }
+  return t;
+}
+function mergeDeployment(d) {
+  const old = state.deployments.get(d.id);
+  if (old && freshness(old) > freshness(d)) return false;
+  state.deployments.set(d.id, d);
+  return true;
+}
+
+async function refreshLists(withDeployments) {
+  try {
+    const [machines, images, zones] = await Promise.all([
+      api("GET", "/api/v1/machines"), api("GET", "/api/v1/images"), api("GET", "/api/v1/zones"),
+    ]);
+    state.machines = new Map(machines.map((m) => [m.id, m]));
+    state.images = new Map(images.map((i) => [i.id, i]));
+    state.zones = zones;
+    if (withDeployments) (await api("GET", "/api/v1/deployments")).forEach(mergeDeployment);
+    clearError("poll");
+    renderAll();
+  } catch (e) {
+    showError(e.message, "poll");
+  }
+}
+
+// ---- rendering ----
+
+function renderAll() {
+  renderMachines();
+  renderZones();
+  renderImages();
+  renderDeployForm();
+  renderDeployments();
+}
+
+function fillTable(id, rows, columns, emptyText) {
+  $(id).tBodies[0].replaceChildren(...(rows.length ? rows
+    : [el("tr", {}, el("td", { colspan: columns, class: "empty" }, emptyText))]));
+}
+
+function heldView(h) {
+  return el("div", { class: "held", "data-image": h.image, "data-state": h.state },
+    imageName(h.image) + " ", el("span", { class: "state", "data-state": h.state }, h.state),
+    h.state === "downloading" ? bar(h.bytes_done, h.bytes_total) : null);
+}
+
+function renderMachines() {
+  const machines = [...state.machines.values()].sort((a, b) => a.id.localeCompare(b.id));
+  $("machines-count").textContent = `${machines.filter((m) => m.online).length} of ${machines.length} online`;
+  fillTable("machines-table", machines.map((m) => el("tr", { "data-machine": m.id, "data-online": m.online },
+    el("td", {}, m.id, m.hostname && m.hostname !== m.id ? el("small", {}, " " + m.hostname) : null),
+    el("td", {}, el("span", { class: m.online ? "online" : "offline" }, m.online ? "online" : "offline")),
+    el("td", {}, m.zones.join(", ") || "–"),
+    el("td", {}, m.images.length ? m.images.map(heldView) : "–"),
+    el("td", { title: m.last_seen }, ago(Date.parse(m.last_seen))),
+    el("td", {}, m.agent_version || "–"),
+    el("td", { class: "key-" + m.key_state }, m.key_state))), 7, "No machine has registered yet.");
+}
+
+function renderZones() {
+  fillTable("zones-table", state.zones.map((z) => el("tr", { "data-zone": z.id },
+    el("td", {}, z.id),
+    el("td", {}, z.machines.join(", ") || "–"),
+    el("td", {}, z.subnets.join(", ") || "–"),
+    el("td", {}, z.images.map(imageName).join(", ") || "–"),
+    el("td", {}, `${z.members.length}: ${z.members.join(", ")}`),
+    el("td", {}, z.source))), 6, "No zones.");
+}
+
+function renderImages() {
+  const images = [...state.images.values()].sort((a, b) => a.name.localeCompare(b.name));
+  fillTable("images-table", images.map((i) => el("tr", { "data-image": i.id, "data-state": i.state },
+    el("td", {}, i.name),
+    el("td", { class: "mono", title: i.id }, i.id.slice(0, 12)),
+    el("td", { title: i.error || "" }, el("span", { class: "state", "data-state": i.state }, i.state),
+      i.error ? el("div", { class: "error-cell" }, i.error) : null),
+    el("td", {}, bytes(i.size)),
+    el("td", {}, i.state === "importing" ? bar(i.import_done, i.size) : "–"),
+    el("td", {}, i.peers))), 6, "No images: `boottorrent image add FILE` adds one.");
+}
+
+// Replaces a <select>'s options only when they changed, keeping the operator's choice.
+function syncSelect(select, options, emptyText) {
+  const key = JSON.stringify(options);
+  if (select.dataset.key === key) return;
+  const keep = select.value;
+  select.replaceChildren(...(options.length
+    ? options.map(([value, text]) => el("option", { value }, text))
+    : [el("option", { value: "" }, emptyText)]));
+  if (options.some(([value]) => value === keep)) select.value = keep;
+  select.dataset.key = key;
+}
+
+function renderDeployForm() {
+  const ready = [...state.images.values()].filter((i) => i.state === "ready");
+  syncSelect($("deploy-image"), ready.map((i) => [i.id, `${i.name} (${bytes(i.size)})`]), "no ready image");
+  const zones = state.zones.map((z) => [z.id, `${z.id} (${z.members.length} machines)`]);
+  syncSelect($("deploy-zone"), zones, "no zone");
+  // The machine checkboxes are rebuilt only when the set of machines changed, keeping ticks.
+  const box = $("deploy-machines");
+  const ids = [...state.machines.keys()].sort();
+  if (box.dataset.key === ids.join(",")) return;
+  const ticked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
+  box.replaceChildren(...ids.map((id) => el("label", { class: "choice" },
+    el("input", { type: "checkbox", name: "deploy-machine", value: id, checked: ticked.has(id) }),
+    " " + id)));
+  box.dataset.key = ids.join(",");
+}
+
+function machineProgressRow(m) {
+  const moving = m.state === "downloading";
+  return el("tr", { "data-machine": m.id, "data-state": m.state },
+    el("td", {}, m.id),
+    el("td", {}, el("span", { class: "state", "data-state": m.state }, m.state)),
+    el("td", {}, bar(m.bytes_done, m.bytes_total)),
+    el("td", {}, `${bytes(m.bytes_done)} / ${bytes(m.bytes_total)}`),
+    el("td", {}, moving ? rate(m.download_bps) : "–"),
+    el("td", {}, moving ? duration(remainingSecs([m])) : "–"),
+    el("td", {}, m.peers),
+    el("td", { class: "error-cell" }, m.error || ""));
+}
+
+function deploymentView(d, open) {
+  const counts = Object.entries(d.counts || {}).map(([s, n]) => `${n} ${s}`).join(", ");
+  return el("details", { class: "deployment", "data-deployment": d.id, "data-state": d.state, open },
+    el("summary", {},
+      el("strong", {}, d.image_name || d.image), " → ", targetText(d.target), " ",
+      el("span", { class: "action" }, d.action.replace("_", " ")), " ",
+      el("span", { class: "state", "data-state": d.state }, d.state), " ",
+      el("span", { class: "counts" }, counts), " ",
+      bar(d.bytes_done, d.bytes_total), " ",
+      el("span", { class: "rate", title: "download rate" }, rate(d.download_bps)), " ",
+      el("span", { class: "eta", title: "time left" },
+        d.state === "running" ? "ETA " + duration(remainingSecs(d.machines)) : ""), " ",
+      el("small", { class: "mono" }, d.id), " ",
+      d.state === "running" ? el("button", { type: "button", "data-cancel": d.id }, "Cancel") : null),
+    el("table", { class: "dep-machines" },
+      el("thead", {}, el("tr", {}, ["machine", "state", "progress", "bytes", "rate", "ETA", "peers", "error"]
+        .map((h) => el("th", {}, h)))),
+      el("tbody", {}, d.machines.map(machineProgressRow))));
+}
+
+// Running and failed deployments start unfolded; a fold the operator chose is kept.
+const defaultOpen = (d) => d.state === "running" || d.state === "failed";
+
+function renderDeployment(d) {
+  const old = $("deployment-list").querySelector(`[data-deployment="${d.id}"]`);
+  if (old) old.replaceWith(deploymentView(d, old.open));
+  else renderDeployments();
+}
+
+function renderDeployments() {
+  const list = $("deployment-list");
+  const open = new Map([...list.querySelectorAll("[data-deployment]")]
+    .map((e) => [e.dataset.deployment, e.open]));
+  const all = [...state.deployments.values()].sort((a, b) => b.created_ms - a.created_ms);
+  const shown = all.filter((d, i) => i < SHOWN_DEPLOYMENTS || d.state === "running");
+  if (!shown.length) return list.replaceChildren(el("p", { class: "empty" }, "No deployments yet."));
+  const hidden = all.length - shown.length;
+  list.replaceChildren(
+    ...shown.map((d) => deploymentView(d, open.has(d.id) ? open.get(d.id) : defaultOpen(d))),
+    hidden ? el("p", { class: "empty" }, `${hidden} older deployments not shown.`) : []);
+}
+
+function renderAuth() {
+  const t = token();
+  $("token-form").hidden = !!t;
+  $("token-state").hidden = !t;
+  $("deploy-submit").disabled = !t;
+  $("deploy-submit").title = t ? "" : "enter the admin token first";
+}
+
+function setConn(s) {
+  $("conn").dataset.state = s;
+  $("conn").textContent = { open: "live", connecting: "reconnecting…", closed: "disconnected" }[s];
+}
+
+// ---- live events ----
+
+function onEvent(type, handle) {
+  source.addEventListener(type, (e) => {
+    try { handle(JSON.parse(e.data)); } catch (err) { console.error(`bad ${type} event`, err, e.data); }
+  });
+}
+
+function connect() {
+  source = new EventSource("/api/v1/events");
+  source.addEventListener("open", () => { setConn("open"); refreshLists(true); });
+  source.addEventListener("error", () => {
+    // While CONNECTING the browser retries by itself; CLOSED means it gave up (the server
+    // answered with an error), so start over after a pause.
+    if (source.readyState === EventSource.CLOSED) { setConn("closed"); setTimeout(connect, POLL_MS); }
+    else setConn("connecting");
+  });
+  onEvent("deployment", (d) => { if (mergeDeployment(d)) renderDeployment(d); });
+  // A `deployment` event with the whole view follows every transition and replaces this; the
+  // transition is applied first only so that the row changes without waiting for it.
+  onEvent("transition", (t) => {
+    const d = state.deployments.get(t.deployment);
+    const m = d && d.machines.find((x) => x.id === t.machine);
+    if (!m) return;
+    d.counts[m.state] = (d.counts[m.state] || 1) - 1;
+    if (!d.counts[m.state]) delete d.counts[m.state];
+    d.counts[t.state] = (d.counts[t.state] || 0) + 1;
+    Object.assign(m, { state: t.state, error: t.error });
+    m.transitions.push({ state: t.state, at_ms: t.at_ms });
+    renderDeployment(d);
+  });
+  onEvent("machine", (m) => {
+    const known = state.machines.get(m.id);
+    if (!known) return refreshLists(false);
+    known.online = m.online;
+    renderMachines();
+  });
+  // This watcher fell behind and missed events: start again from the lists.
+  onEvent("lagged", () => refreshLists(true));
+}
+
+// ---- actions ----
+
+async function deploy(ev) {
+  ev.preventDefault();
+  clearError();
+  const form = $("deploy-form");
+  const kind = form.elements["target-kind"].value;
+  let target = { global: true };
+  if (kind === "zone") {
+    if (!$("deploy-zone").value) return showError("There is no zone to deploy to.");
+    target = { zone: $("deploy-zone").value };
+  } else if (kind === "machines") {
+    // An empty list goes to the API too, which says what is wrong with it.
+    const ticked = form.querySelectorAll("input[name=deploy-machine]:checked");
+    target = { machines: [...ticked].map((i) => i.value) };
+  }
+  if (!$("deploy-image").value) return showError("There is no ready image to deploy.");
+  $("deploy-submit").disabled = true;
+  try {
+    const d = await api("POST", "/api/v1/deployments",
+      { image: $("deploy-image").value, target, action: $("deploy-action").value });
+    mergeDeployment(d);
+    renderDeployments();
+    form.dataset.lastDeployment = d.id;
+    notice(`Deployment ${d.id} started: ${d.image_name} to ${targetText(d.target)}.`);
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    renderAuth();
+  }
+}
+
+async function cancel(id) {
+  if (!confirm(`Cancel deployment ${id}? The agents stop and delete what they fetched for it.`)) return;
+  clearError();
+  try {
+    const d = await api("DELETE", "/api/v1/deployments/" + encodeURIComponent(id));
+    if (mergeDeployment(d)) renderDeployment(d);
+    notice(`Deployment ${id} cancelled.`);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function init() {
+  $("token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
+    $("token-input").value = "";
+    clearError();
+    renderAuth();
+  });
+  $("token-clear").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); renderAuth(); });
+  $("error-close").addEventListener("click", () => clearError());
+  $("deploy-form").addEventListener("submit", deploy);
+  // Choosing a zone or ticking a machine picks that kind of target.
+  const pick = (kind) => () => { $("deploy-form").elements["target-kind"].value = kind; };
+  $("deploy-zone").addEventListener("change", pick("zone"));
+  $("deploy-machines").addEventListener("change", pick("machines"));
+  $("deployment-list").addEventListener("click", (ev) => {
+    const button = ev.target.closest("[data-cancel]");
+    if (!button) return;
+    ev.preventDefault(); // the button sits in a <summary>: do not fold the deployment too
+    cancel(button.dataset.cancel);
+  });
+  renderAuth();
+  refreshLists(true);
+  connect();
+  // Polling covers what has no event (held images, import progress, last seen); deployments
+  // too while the event stream is down.
+  setInterval(() => refreshLists(source.readyState !== EventSource.OPEN), POLL_MS);
+}
+
+init();
