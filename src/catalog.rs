@@ -217,6 +217,9 @@ impl Catalog {
                 *p = done;
             }
         };
+        let before = std::fs::metadata(&record.path)
+            .ok()
+            .map(|m| (m.len(), mtime_ms(&m)));
         let result = create(&record.path, &options, &progress);
         self.progress
             .lock()
@@ -270,6 +273,26 @@ impl Catalog {
                 secs = started.elapsed().as_secs_f64(),
                 "image imported"
             );
+            // The pieces were hashed just now: the seeder need not read the file again, unless
+            // it changed while it was being read (then the hashes may not match it, and the
+            // seeder's own check finds out).
+            let after = std::fs::metadata(&record.path)
+                .ok()
+                .map(|m| (m.len(), mtime_ms(&m)));
+            if before.is_some() && before == after {
+                let trusted = Metainfo::from_bytes(&created.torrent)
+                    .map_err(|e| e.to_string())
+                    .and_then(|meta| {
+                        self.seeder
+                            .trust_complete(&meta, &record.path)
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = trusted {
+                    tracing::warn!(image = %record.id, "the seeder will re-hash the image: {e}");
+                }
+            } else {
+                tracing::warn!(image = %record.id, path = %record.path.display(), "the file changed while it was imported; the seeder re-hashes it");
+            }
             self.seed(&record);
         }
     }

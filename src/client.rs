@@ -147,7 +147,9 @@ async fn wait_for_import(client: &ClientArgs, id: &str, first: &Value) -> anyhow
         None
     };
     let mut image = first.clone();
-    while image["state"] == "importing" {
+    // `checking`: imported, and the seeder is reading its resume record (or, for a file that
+    // changed during the import, re-hashing it); the image is ready to deploy only after.
+    while image["state"] == "importing" || image["state"] == "checking" {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         image = get(client, &format!("/api/v1/images/{id}")).await?;
         if let Some(bar) = &bar {

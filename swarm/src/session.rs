@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -333,6 +333,34 @@ impl Session {
         self.shared.peer_id
     }
 
+    /// Where the resume record of a torrent's file lives.
+    fn resume_path(&self, info_hash: InfoHash, data_path: &Path) -> PathBuf {
+        match &self.shared.config.state_dir {
+            Some(dir) => dir.join(format!("{info_hash}.resume")),
+            None => {
+                let mut p = data_path.as_os_str().to_owned();
+                p.push(".resume");
+                PathBuf::from(p)
+            }
+        }
+    }
+
+    /// Records that the file at `data_path` holds every piece of `metainfo`, so that adding
+    /// it skips the re-hash. For a caller that has just hashed the file itself (the server's
+    /// catalog, which made the torrent from it): re-reading a 50 GB image right after would
+    /// double an import. The record is void as soon as the file's length or modification time
+    /// changes, like any resume record.
+    pub fn trust_complete(&self, metainfo: &Metainfo, data_path: &Path) -> Result<(), SwarmError> {
+        let have = crate::Bitfield::full(metainfo.geometry.piece_count());
+        crate::storage::save_resume(
+            &self.resume_path(metainfo.info_hash, data_path),
+            metainfo.info_hash,
+            data_path,
+            &have,
+        )?;
+        Ok(())
+    }
+
     /// Adds a torrent and starts it: checks the file, then downloads or seeds.
     pub fn add(&self, add: AddTorrent) -> Result<TorrentHandle, SwarmError> {
         let info_hash = add.metainfo.info_hash;
@@ -340,14 +368,7 @@ impl Session {
         if torrents.contains_key(&info_hash) {
             return Err(SwarmError::Duplicate(info_hash));
         }
-        let resume_path = match &self.shared.config.state_dir {
-            Some(dir) => dir.join(format!("{info_hash}.resume")),
-            None => {
-                let mut p = add.path.clone().into_os_string();
-                p.push(".resume");
-                PathBuf::from(p)
-            }
-        };
+        let resume_path = self.resume_path(info_hash, &add.path);
         let torrent = Torrent::start(
             self.shared.clone(),
             add,

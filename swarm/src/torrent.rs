@@ -115,6 +115,11 @@ pub(crate) struct Torrent {
     pub mode: Mode,
     path: PathBuf,
     resume_path: PathBuf,
+    /// The download's file did not exist before this torrent made it: it holds nothing, and
+    /// reading back the zeros it was preallocated with would only cost time (for a lab of
+    /// machines starting together, seconds of every core) and could even match pieces of an
+    /// image that hold zeros.
+    fresh: bool,
     pub storage: Arc<Storage>,
     state: Mutex<State>,
     stats_tx: watch::Sender<TorrentStats>,
@@ -144,6 +149,9 @@ impl Torrent {
             Mode::Download => Access::ReadWrite,
             Mode::Seed | Mode::SuperSeed => Access::ReadOnly,
         };
+        let fresh = access == Access::ReadWrite
+            && std::fs::symlink_metadata(&add.path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
         let storage = Arc::new(Storage::open(&add.path, geometry, access)?);
         let pieces = geometry.piece_count();
         let stats = TorrentStats {
@@ -171,6 +179,7 @@ impl Torrent {
             mode: add.mode,
             path: add.path,
             resume_path,
+            fresh,
             storage,
             state: Mutex::new(State {
                 picker: Picker::new(geometry, Bitfield::new(pieces)),
@@ -330,6 +339,12 @@ impl Torrent {
             .map(|n| n.get())
             .unwrap_or(1);
         let result = tokio::task::spawn_blocking(move || {
+            if t.fresh {
+                return Ok(crate::storage::CheckResult {
+                    have: Bitfield::new(t.meta.geometry.piece_count()),
+                    fast_path: false,
+                });
+            }
             let progress = |n: u32| {
                 t.stats_tx.send_modify(|s| {
                     s.state = TorrentState::Checking { pieces_checked: n };
