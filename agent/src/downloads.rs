@@ -306,7 +306,23 @@ impl Downloads {
         let mut every = tokio::time::interval(PROGRESS_EVERY);
         let mut bans_reported = 0;
         loop {
-            every.tick().await;
+            // Progress goes out on the tick; the end of the download is acted on at once (a
+            // lab waits for its last machine, and the tick alone would add up to its period).
+            tokio::select! {
+                _ = every.tick() => {}
+                changed = stats.changed() => {
+                    if changed.is_err() {
+                        return Ok(()); // the torrent was removed: unassigned meanwhile
+                    }
+                    let done = matches!(
+                        stats.borrow().state,
+                        TorrentState::Seeding | TorrentState::Error(_)
+                    );
+                    if !done {
+                        continue;
+                    }
+                }
+            }
             let s = stats.borrow_and_update().clone();
             // The operator should learn which machine serves bad data: its disk or memory is
             // failing, or its image was tampered with. Not tied to the deployment, which goes
