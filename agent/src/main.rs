@@ -246,6 +246,8 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
                     Command::ArtifactAssignment(a) => downloads.assign(a).await,
                     Command::ArtifactUnassignment(u) => downloads.unassign(u).await,
                     Command::Boot(b) => downloads.boot(b).await,
+                    // Applied by the link itself (zones, heartbeat interval), before it gets here.
+                    Command::MachineConfiguration(_) => {}
                     other => tracing::info!(kind = %other.kind(), "command not handled by this agent version"),
                 }
             }
