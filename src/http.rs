@@ -698,20 +698,8 @@ async fn create_deployment(
     body: Result<Json<CreateDeployment>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let body = json_body(body)?;
-    if let Target::Global(false) = body.target {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "target {\"global\": false} targets nothing; use {\"global\": true}",
-        ));
-    }
-    if let Target::Machines(list) = &body.target
-        && list.is_empty()
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "target names no machines; give at least one machine id",
-        ));
-    }
+    // The target itself (empty, `global: false`, unknown zone or machines) is checked by the
+    // fleet, which knows the zones and machines.
     let image = deployable_image(&state, &body.image)?;
     let deployment = answered(
         state

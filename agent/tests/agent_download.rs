@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use boottorrent_proto::{
@@ -13,31 +12,6 @@ use boottorrent_proto::{
     decode_event,
 };
 use common::*;
-
-/// A VHDX of `len` random bytes, made by qemu-img.
-fn make_vhdx(dir: &Path, len: usize) -> std::path::PathBuf {
-    require_tool("qemu-img");
-    let raw = dir.join("golden.raw");
-    let mut data = vec![0u8; len];
-    for (i, b) in data.iter_mut().enumerate() {
-        // Varied content (not zeros, which VHDX would store sparsely).
-        *b = (i.wrapping_mul(2654435761) >> 13) as u8;
-    }
-    std::fs::write(&raw, &data).unwrap();
-    let vhdx = dir.join("golden.vhdx");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "vhdx"])
-        .arg(&raw)
-        .arg(&vhdx)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    vhdx
-}
 
 #[test]
 fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
@@ -158,22 +132,6 @@ impl Drop for Events {
     }
 }
 
-/// Catalogues a VHDX on the server and returns the API's view of it.
-fn catalogue(server: &Server, dir: &Path, len: usize) -> (serde_json::Value, std::path::PathBuf) {
-    let vhdx = make_vhdx(dir, len);
-    let added = output({
-        let mut c = Command::new(server_binary());
-        c.args(["image", "add", "--json", "--server", &server.url("")])
-            .arg("--data-dir")
-            .arg(&server.data_dir)
-            .arg(&vhdx);
-        c
-    });
-    let image: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
-    assert_eq!(image["state"], "ready", "{image}");
-    (image, vhdx)
-}
-
 /// The assignment of `image` the server would send.
 fn assignment_of(image: &serde_json::Value) -> ArtifactAssignment {
     let hex20: [u8; 20] = hex::decode(image["info_hash"].as_str().unwrap())
@@ -215,14 +173,6 @@ fn publish_assignment(server: &Server, assignment: ArtifactAssignment, machine: 
 
 fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
     publish_assignment(server, assignment_of(image), machine);
-}
-
-fn enroll(server: &Server, dir: &Path, id: &str) {
-    output({
-        let mut c = agent(&["enroll", "--http-url", &server.url("")]);
-        c.arg("--data-dir").arg(dir.join(id));
-        c
-    });
 }
 
 #[test]

@@ -60,46 +60,12 @@ fn screenshot_path() -> PathBuf {
     dir.join("dashboard.png")
 }
 
-/// Catalogues a VHDX of `len` varied bytes, made by qemu-img, with the CLI; returns the
-/// image's id and the file.
-fn catalogue(server: &Server, dir: &Path, len: usize) -> (String, PathBuf) {
-    require_tool("qemu-img");
-    let raw = dir.join("golden.raw");
-    let data: Vec<u8> = (0..len)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    std::fs::write(&raw, &data).unwrap();
-    let vhdx = dir.join("golden.vhdx");
-    output({
-        let mut c = Command::new("qemu-img");
-        c.args(["convert", "-f", "raw", "-O", "vhdx"])
-            .arg(&raw)
-            .arg(&vhdx);
-        c
-    });
-    let added = output(server.cli(&["image", "add", "--json", vhdx.to_str().unwrap()]));
-    let image: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
-    assert_eq!(image["state"], "ready", "{image}");
-    (image["id"].as_str().unwrap().to_owned(), vhdx)
-}
-
 /// Enrolls (pins the server's key) and starts an agent; waits until the server has it online.
 fn start_agent(dir: &Path, server: &Server, id: &str) -> Proc {
-    output({
-        let mut c = agent(&["enroll", "--http-url", &server.url("")]);
-        c.arg("--data-dir").arg(dir.join(id));
-        c
-    });
+    enroll(server, dir, id);
     let agent = run_agent(dir, server, id, &[]);
     wait_for("the agent online", || server.online(id).filter(|o| *o));
     agent
-}
-
-fn get(server: &Server, path: &str) -> serde_json::Value {
-    reqwest::blocking::get(server.url(path))
-        .unwrap()
-        .json()
-        .unwrap()
 }
 
 /// Runs the browser script, its output going to `log`; kills it if it outlives
@@ -137,12 +103,16 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
     let dir = dir.path();
     let server = Server::start_with(dir, SERVE);
     let (image, vhdx) = catalogue(&server, dir, 4 << 20);
+    let image = image["id"].as_str().unwrap().to_owned();
     let machines = ["pc-01", "pc-02"];
     let _agents: Vec<Proc> = machines
         .iter()
         .map(|id| start_agent(dir, &server, id))
         .collect();
-    assert_eq!(get(&server, "/api/v1/deployments"), serde_json::json!([]));
+    assert_eq!(
+        get_json(&server, "/api/v1/deployments"),
+        serde_json::json!([])
+    );
 
     let screenshot = screenshot_path();
     let _ = std::fs::remove_file(&screenshot);
@@ -178,9 +148,9 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
         .unwrap_or_else(|| panic!("the browser script named no deployment:\n{shown}"))
         .trim()
         .to_owned();
-    let all = get(&server, "/api/v1/deployments");
+    let all = get_json(&server, "/api/v1/deployments");
     assert_eq!(all.as_array().unwrap().len(), 1, "{all:#}");
-    let d = get(&server, &format!("/api/v1/deployments/{id}"));
+    let d = get_json(&server, &format!("/api/v1/deployments/{id}"));
     assert_eq!(d["image"], image.as_str(), "{d:#}");
     assert_eq!(d["action"], "stage", "{d:#}");
     assert_eq!(

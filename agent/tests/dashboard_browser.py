@@ -33,9 +33,16 @@ class Failure(Exception):
 
 def wait(what, secs, check, interval=0.2):
     """Calls check() until it returns something truthy; raises Failure after secs."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + secs
     while True:
-        value = check()
+        try:
+            value = check()
+        except StaleElementReferenceException:
+            # The page re-rendered between finding an element and reading it (live updates
+            # replace rows): look again.
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

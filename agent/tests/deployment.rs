@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -28,41 +27,15 @@ fn wait_long<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A VHDX of `len` varied bytes, made by qemu-img.
-fn make_vhdx(dir: &Path, len: usize) -> PathBuf {
-    require_tool("qemu-img");
-    let raw = dir.join("golden.raw");
-    let data: Vec<u8> = (0..len)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    std::fs::write(&raw, &data).unwrap();
-    let vhdx = dir.join("golden.vhdx");
-    output({
-        let mut c = Command::new("qemu-img");
-        c.args(["convert", "-f", "raw", "-O", "vhdx"])
-            .arg(&raw)
-            .arg(&vhdx);
-        c
-    });
-    vhdx
-}
-
 /// Adds a VHDX to the catalog with the CLI; returns the image's id and the file.
-fn catalogue(server: &Server, dir: &Path, len: usize) -> (String, PathBuf) {
-    let vhdx = make_vhdx(dir, len);
-    let added = output(server.cli(&["image", "add", "--json", vhdx.to_str().unwrap()]));
-    let image: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
-    assert_eq!(image["state"], "ready", "{image}");
+fn catalogue_id(server: &Server, dir: &Path, len: usize) -> (String, PathBuf) {
+    let (image, vhdx) = catalogue(server, dir, len);
     (image["id"].as_str().unwrap().to_owned(), vhdx)
 }
 
 /// Enrolls and starts an agent whose boot backend records the image it was told to boot.
 fn start_agent(dir: &Path, server: &Server, id: &str, extra: &[&str]) -> Proc {
-    output({
-        let mut c = agent(&["enroll", "--http-url", &server.url("")]);
-        c.arg("--data-dir").arg(dir.join(id));
-        c
-    });
+    enroll(server, dir, id);
     let script = dir.join("boot.sh");
     if !script.exists() {
         std::fs::write(
@@ -89,13 +62,6 @@ fn start_agent(dir: &Path, server: &Server, id: &str, extra: &[&str]) -> Proc {
     agent
 }
 
-fn get(server: &Server, path: &str) -> serde_json::Value {
-    reqwest::blocking::get(server.url(path))
-        .unwrap()
-        .json()
-        .unwrap()
-}
-
 /// Puts machines in zone `zone` and waits until the server shows them as members.
 fn zone(server: &Server, zone: &str, machines: &[&str]) {
     let mut args = vec!["zones", "set", zone];
@@ -104,7 +70,7 @@ fn zone(server: &Server, zone: &str, machines: &[&str]) {
     }
     output(server.cli(&args));
     wait_for("the zone's members", || {
-        let z = get(server, &format!("/api/v1/zones/{zone}"));
+        let z = get_json(server, &format!("/api/v1/zones/{zone}"));
         (z["members"].as_array()?.len() == machines.len()).then_some(())
     });
     // The agents follow the zone's topic once their configuration arrives; give them a moment
@@ -127,7 +93,7 @@ fn deploy(server: &Server, args: &[&str]) -> String {
 }
 
 fn deployment(server: &Server, id: &str) -> serde_json::Value {
-    get(server, &format!("/api/v1/deployments/{id}"))
+    get_json(server, &format!("/api/v1/deployments/{id}"))
 }
 
 fn machine_state(d: &serde_json::Value, machine: &str) -> String {
@@ -153,7 +119,7 @@ fn a_zone_deployment_with_set_boot_reaches_booted_on_three_agents() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let server = Server::start_with(dir, SERVE);
-    let (image, vhdx) = catalogue(&server, dir, 6 << 20);
+    let (image, vhdx) = catalogue_id(&server, dir, 6 << 20);
     let ids = ["lab-1", "lab-2", "lab-3"];
     let _agents: Vec<Proc> = ids
         .iter()
@@ -238,7 +204,7 @@ fn an_agent_offline_at_the_start_catches_up_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let server = Server::start_with(dir, SERVE);
-    let (image, vhdx) = catalogue(&server, dir, 4 << 20);
+    let (image, vhdx) = catalogue_id(&server, dir, 4 << 20);
     let _on = start_agent(dir, &server, "room-on", &[]);
     let mut late = start_agent(dir, &server, "room-late", &[]);
     zone(&server, "room", &["room-on", "room-late"]);
@@ -269,7 +235,7 @@ fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let server = Server::start_with(dir, SERVE);
-    let (image, _) = catalogue(&server, dir, 24 << 20);
+    let (image, _) = catalogue_id(&server, dir, 24 << 20);
     let slow = ["--download-limit-bps", "1000000"];
     let ids = ["cx-1", "cx-2"];
     let _agents: Vec<Proc> = ids
@@ -304,7 +270,7 @@ fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
     wait_long("no image held", || {
         ids.iter()
             .all(|m| {
-                get(&server, &format!("/api/v1/machines/{m}"))["images"]
+                get_json(&server, &format!("/api/v1/machines/{m}"))["images"]
                     .as_array()
                     .is_some_and(|a| a.is_empty())
             })
@@ -322,7 +288,7 @@ fn a_server_killed_mid_deployment_and_restarted_still_completes_it() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let mut server = Server::start_with(dir, SERVE);
-    let (image, vhdx) = catalogue(&server, dir, 16 << 20);
+    let (image, vhdx) = catalogue_id(&server, dir, 16 << 20);
     let slow = ["--download-limit-bps", "2000000"];
     let ids = ["kx-1", "kx-2"];
     let _agents: Vec<Proc> = ids
@@ -366,7 +332,7 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let server = Server::start_with(dir, SERVE);
-    let (image, _) = catalogue(&server, dir, 1 << 20);
+    let (image, _) = catalogue_id(&server, dir, 1 << 20);
     let _agent = start_agent(dir, &server, "ok-1", &[]);
     let token = server.token("admin.token");
     let client = reqwest::blocking::Client::new();
@@ -450,7 +416,10 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
         false,
     );
     assert_eq!(got, 401);
-    assert_eq!(get(&server, "/api/v1/deployments"), serde_json::json!([]));
+    assert_eq!(
+        get_json(&server, "/api/v1/deployments"),
+        serde_json::json!([])
+    );
     let (got, _) = (
         client
             .get(server.url("/api/v1/deployments/..%2Fetc"))
@@ -502,7 +471,7 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
             "{body}: {error:?} should mention {says:?}"
         );
     }
-    assert_eq!(get(&server, "/api/v1/zones"), serde_json::json!([]));
+    assert_eq!(get_json(&server, "/api/v1/zones"), serde_json::json!([]));
     assert!(server.proc.child.is_some());
     assert_eq!(
         reqwest::blocking::get(server.url("/healthz"))
@@ -517,12 +486,12 @@ fn a_machine_that_joins_a_zone_later_gets_the_zones_images() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let server = Server::start_with(dir, SERVE);
-    let (image, vhdx) = catalogue(&server, dir, 3 << 20);
+    let (image, vhdx) = catalogue_id(&server, dir, 3 << 20);
     let _first = start_agent(dir, &server, "zj-1", &[]);
     let _second = start_agent(dir, &server, "zj-2", &[]);
     // Desired state: every member of the zone holds the image.
     output(server.cli(&["zones", "set", "zj", "--machine", "zj-1", "--image", &image]));
-    let list = get(&server, "/api/v1/deployments");
+    let list = get_json(&server, "/api/v1/deployments");
     let d = &list.as_array().unwrap()[0];
     assert_eq!(d["zone_image"], true, "{d:#}");
     assert_eq!(d["target"], serde_json::json!({"zone": "zj"}));
@@ -551,11 +520,11 @@ fn a_machine_that_joins_a_zone_later_gets_the_zones_images() {
         std::fs::read(&vhdx).unwrap()
     );
     // The zone's membership went to the agent too: its machine record says so.
-    let machine = get(&server, "/api/v1/machines/zj-2");
+    let machine = get_json(&server, "/api/v1/machines/zj-2");
     assert_eq!(machine["zones"], serde_json::json!(["zj"]));
     // Only one deployment: setting the zone again did not start another.
     assert_eq!(
-        get(&server, "/api/v1/deployments")
+        get_json(&server, "/api/v1/deployments")
             .as_array()
             .unwrap()
             .len(),

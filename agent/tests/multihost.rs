@@ -276,27 +276,7 @@ impl<'a> Lab<'a> {
 
     /// Adds a qemu-img VHDX of `mib` MiB to the catalog; returns its id and bytes.
     fn catalogue(&self, mib: usize) -> (String, Vec<u8>) {
-        require_tool("qemu-img");
-        let raw = self.dir.join("golden.raw");
-        // Varied, incompressible-looking content (VHDX stores zero blocks sparsely).
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let data: Vec<u8> = (0..mib << 20)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        std::fs::write(&raw, &data).unwrap();
-        let vhdx = self.dir.join("golden.vhdx");
-        output({
-            let mut c = Command::new("qemu-img");
-            c.args(["convert", "-f", "raw", "-O", "vhdx"])
-                .arg(&raw)
-                .arg(&vhdx);
-            c
-        });
+        let vhdx = make_vhdx(&self.dir, mib << 20);
         let image = self.json(&["image", "add", vhdx.to_str().unwrap()]);
         assert_eq!(image["state"], "ready", "{image}");
         (

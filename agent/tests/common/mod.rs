@@ -323,3 +323,50 @@ pub fn signed_command(topic: &str, body: ProtoCommand, key: &SigningKey, seq: u6
         .encode(Encoding::MessagePack)
         .unwrap()
 }
+
+/// A VHDX of `len` varied bytes (not zeros, which VHDX would store sparsely), made by qemu-img
+/// as `dir/golden.vhdx`.
+pub fn make_vhdx(dir: &Path, len: usize) -> PathBuf {
+    require_tool("qemu-img");
+    let raw = dir.join("golden.raw");
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&raw, &data).unwrap();
+    let vhdx = dir.join("golden.vhdx");
+    output({
+        let mut c = Command::new("qemu-img");
+        c.args(["convert", "-f", "raw", "-O", "vhdx"])
+            .arg(&raw)
+            .arg(&vhdx);
+        c
+    });
+    vhdx
+}
+
+/// Makes a VHDX of `len` bytes and adds it with `boottorrent image add`; returns the API's
+/// view of the image (ready) and the file.
+pub fn catalogue(server: &Server, dir: &Path, len: usize) -> (serde_json::Value, PathBuf) {
+    let vhdx = make_vhdx(dir, len);
+    let added = output(server.cli(&["image", "add", "--json", vhdx.to_str().unwrap()]));
+    let image: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(image["state"], "ready", "{image}");
+    (image, vhdx)
+}
+
+/// `boottorrent-agent enroll` for machine `id`: pins the server's key in its data dir.
+pub fn enroll(server: &Server, dir: &Path, id: &str) {
+    output({
+        let mut c = agent(&["enroll", "--http-url", &server.url("")]);
+        c.arg("--data-dir").arg(dir.join(id));
+        c
+    });
+}
+
+/// `GET path` on the server's HTTP API, as JSON.
+pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
+    reqwest::blocking::get(server.url(path))
+        .unwrap()
+        .json()
+        .unwrap()
+}
