@@ -129,9 +129,7 @@ impl<'a> Lab<'a> {
             lab.start_agent(host, &[]);
         }
         for host in 1..=agents {
-            lab.wait("the agents online", || {
-                lab.machine(host)["online"].as_bool().filter(|o| *o)
-            });
+            lab.wait_online(host);
         }
         lab
     }
@@ -215,6 +213,28 @@ impl<'a> Lab<'a> {
 
     fn kill_agent(&mut self, host: usize) {
         self.agents[host].take().unwrap().kill9();
+    }
+
+    /// Kills host `host`'s agent and starts it again with `extra` flags; waits until online.
+    fn restart_agent(&mut self, host: usize, extra: &[&str]) {
+        self.kill_agent(host);
+        self.start_agent(host, extra);
+        self.wait_online(host);
+    }
+
+    fn wait_online(&self, host: usize) {
+        self.wait(&format!("{} online", machine(host)), || {
+            self.machine(host)["online"].as_bool().filter(|o| *o)
+        });
+    }
+
+    /// Deploys `image` to these hosts' machines (a machine-list target); returns its id.
+    fn deploy_to(&self, image: &str, hosts: &[usize]) -> String {
+        let mut args = vec![image.to_owned()];
+        for h in hosts {
+            args.extend(["--machine".to_owned(), machine(*h)]);
+        }
+        self.deploy(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// A client command run on host 0 (where the server's address is reachable).
@@ -383,20 +403,8 @@ fn an_agent_killed_half_way_resumes_and_finishes() {
     let mut lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
     // Host 1 is slowed so that "half way" lasts long enough to be caught.
-    lab.kill_agent(1);
-    lab.start_agent(1, &["--download-limit-bps", "2000000"]);
-    lab.wait("host 1 online", || {
-        lab.machine(1)["online"].as_bool().filter(|o| *o)
-    });
-    let id = lab.deploy(&[
-        &image,
-        "--machine",
-        "host-1",
-        "--machine",
-        "host-2",
-        "--machine",
-        "host-3",
-    ]);
+    lab.restart_agent(1, &["--download-limit-bps", "2000000"]);
+    let id = lab.deploy_to(&image, &[1, 2, 3]);
     let half = bytes.len() as u64 / 2;
     let had = lab.wait("host 1 half way", || {
         let done = lab.machine_progress(&id, 1)["bytes_done"].as_u64()?;
@@ -434,20 +442,8 @@ fn a_host_whose_cable_is_pulled_for_20_s_is_shown_offline_and_finishes_after() {
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
-    lab.kill_agent(3);
-    lab.start_agent(3, &["--download-limit-bps", "1500000"]);
-    lab.wait("host 3 online", || {
-        lab.machine(3)["online"].as_bool().filter(|o| *o)
-    });
-    let id = lab.deploy(&[
-        &image,
-        "--machine",
-        "host-1",
-        "--machine",
-        "host-2",
-        "--machine",
-        "host-3",
-    ]);
+    lab.restart_agent(3, &["--download-limit-bps", "1500000"]);
+    let id = lab.deploy_to(&image, &[1, 2, 3]);
     lab.wait("host 3 downloading", || {
         let m = lab.machine_progress(&id, 3);
         (m["bytes_done"].as_u64()? > 0).then_some(())
@@ -484,13 +480,7 @@ fn every_host_finishes_when_the_server_is_killed_and_restarted_mid_deployment() 
     let mut lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
     for host in 1..=3 {
-        lab.kill_agent(host);
-        lab.start_agent(host, &["--download-limit-bps", "2000000"]);
-    }
-    for host in 1..=3 {
-        lab.wait("the agents online", || {
-            lab.machine(host)["online"].as_bool().filter(|o| *o)
-        });
+        lab.restart_agent(host, &["--download-limit-bps", "2000000"]);
     }
     lab.zone("lab", &[1, 2, 3]);
     let id = lab.deploy(&[&image, "--zone", "lab", "--action", "set-boot"]);
@@ -521,7 +511,7 @@ fn a_peer_serving_corrupt_data_is_rejected_and_reported() {
     let lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
     // Host 1 gets the image first, then its copy is overwritten with garbage while it seeds.
-    let first = lab.deploy(&[&image, "--machine", "host-1"]);
+    let first = lab.deploy_to(&image, &[1]);
     lab.wait_completed(&first);
     let path = dir.path().join("host-1/images/golden.vhdx");
     let garbage: Vec<u8> = bytes.iter().map(|b| b ^ 0x5a).collect();
@@ -531,7 +521,7 @@ fn a_peer_serving_corrupt_data_is_rejected_and_reported() {
         .and_then(|mut f| std::io::Write::write_all(&mut f, &garbage))
         .unwrap();
 
-    let second = lab.deploy(&[&image, "--machine", "host-2", "--machine", "host-3"]);
+    let second = lab.deploy_to(&image, &[2, 3]);
     lab.wait_completed(&second);
     for host in 2..=3 {
         assert!(
