@@ -717,18 +717,27 @@ mod tests {
                     child,
                     base_url: format!("http://127.0.0.1:{port}/announce"),
                 };
-                if tracker.wait_ready(hashes[0]).await {
+                // Every hash, not just the first: opentracker loads its whitelist line by line
+                // in a thread of its own, so the first may be served before the last is read
+                // (a fresh-clone CI run saw "not authorized" for the second).
+                let mut ready = true;
+                for hash in hashes {
+                    ready = ready && tracker.wait_ready(*hash).await;
+                }
+                if ready {
                     return tracker;
                 }
             }
             panic!("opentracker did not start on any of 3 free ports");
         }
 
-        /// Polls until an announce succeeds: the port is bound before the whitelist is
-        /// loaded, so an open port alone does not mean ready. False if the process died.
+        /// Polls until an announce for `probe_hash` succeeds: the port is bound before the
+        /// whitelist is loaded, so an open port alone does not mean ready. The probe is a
+        /// `started` (opentracker lets `stopped` through whatever its whitelist says), taken
+        /// out of the swarm again at once. False if the process died.
         async fn wait_ready(&mut self, probe_hash: InfoHash) -> bool {
             let client = TrackerClient::new();
-            let mut probe = request(Event::Stopped);
+            let mut probe = request(Event::Started);
             probe.info_hash = probe_hash;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
@@ -737,7 +746,14 @@ mod tests {
                     return false;
                 }
                 match client.announce(&self.base_url, &probe).await {
-                    Ok(_) => return true,
+                    Ok(_) => {
+                        let leave = AnnounceRequest {
+                            event: Event::Stopped,
+                            ..probe
+                        };
+                        let _ = client.announce(&self.base_url, &leave).await;
+                        return true;
+                    }
                     Err(e) if tokio::time::Instant::now() > deadline => {
                         panic!("opentracker never answered: {e}")
                     }
