@@ -206,6 +206,13 @@ fn the_same_content_is_one_image_and_a_restart_keeps_seeding() {
     let mut server = Server::start(&data, &[]);
     let vhdx = make_vhdx(dir.path(), "a.vhdx", 3 << 20);
     let first = add_ready(&server, &vhdx);
+    // The import hashed every piece; the seeder trusts that instead of reading it all again.
+    let log = strip_ansi(&server.log_text());
+    let check = log
+        .lines()
+        .find(|l| l.contains("checked existing data") && l.contains("a.vhdx"))
+        .unwrap_or_else(|| panic!("the seeder never checked a.vhdx:\n{log}"));
+    assert!(check.contains("fast_path=true"), "{check}");
     // The same file again, and a copy of it elsewhere.
     let again = add_ready(&server, &vhdx);
     assert_eq!(again["id"], first["id"]);
@@ -342,4 +349,23 @@ fn malformed_tracker_requests_get_bencoded_failures() {
     // Still serving.
     let health = reqwest::blocking::get(server.url("/healthz")).unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// The server's log without terminal colour codes.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... m
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
