@@ -11,7 +11,7 @@ use serde_json::Value;
 
 /// A VHDX holding `len` bytes of random data, converted by qemu-img; returns its path.
 fn make_vhdx(dir: &Path, name: &str, len: usize) -> PathBuf {
-    require_tool("qemu-img");
+    require_tool("qemu-img", "qemu-utils");
     let raw = dir.join(format!("{name}.raw"));
     let mut data = vec![0u8; len];
     rand::Rng::fill(&mut rand::rng(), &mut data[..]);
@@ -61,7 +61,7 @@ fn add_ready(server: &Server, file: &Path) -> Value {
 }
 
 fn download_with_aria2c(server: &Server, image: &Value, dir: &Path) -> PathBuf {
-    require_tool("aria2c");
+    require_tool("aria2c", "aria2");
     // From this server, which may be a restarted one on other ports.
     let torrent_url = server.url(&format!(
         "/torrents/{}.torrent",
@@ -110,7 +110,7 @@ fn aria2c_fetches_a_vhdx_from_the_servers_tracker_and_seeder() {
     assert!(image["sha256"].as_str().unwrap().len() == 64, "{image}");
 
     // A standard tool reads our .torrent the same way.
-    require_tool("transmission-show");
+    require_tool("transmission-show", "transmission-cli");
     let torrent = dir.path().join("check.torrent");
     std::fs::write(
         &torrent,

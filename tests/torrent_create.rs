@@ -74,7 +74,7 @@ fn parse_size(text: &str) -> (f64, f64) {
 }
 
 fn transmission_show(torrent: &Path) -> String {
-    common::require_tool("transmission-show");
+    common::require_tool("transmission-show", "transmission-cli");
     let out = Command::new("transmission-show")
         .arg(torrent)
         .output()
@@ -265,7 +265,7 @@ fn help_states_what_it_does_and_the_defaults() {
 
 #[test]
 fn vhdx_files_are_checked_and_described() {
-    common::require_tool("qemu-img");
+    common::require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("golden.vhdx");
     let status = Command::new("qemu-img")

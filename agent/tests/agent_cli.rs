@@ -116,11 +116,7 @@ fn enroll_against_nothing_names_the_url() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, "").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = boottorrent_testkit::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let out = agent(&[
         "enroll",

@@ -39,8 +39,8 @@ impl Net {
             );
             return None;
         }
-        require_tool("ip");
-        require_tool("tc");
+        require_tool("ip", "iproute2");
+        require_tool("tc", "iproute2");
         let gc = Command::new(testnet_script()).arg("gc").status().unwrap();
         assert!(gc.success());
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

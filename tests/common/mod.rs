@@ -2,54 +2,16 @@
 //! `mosquitto_pub`/`mosquitto_sub` processes, and agents whose envelopes the test signs.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub use boottorrent_testkit::{PATIENCE, free_port, require_tool, wait_for};
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use boottorrent_proto::{
     Encoding, Envelope, Event, EventKind, Heartbeat, MachineId, Presence, SenderId, SeqCounter,
     SigningKey, Startup, Status, Topic, generate_signing_key,
 };
-
-/// How long a test waits for something that should happen "at once".
-pub const PATIENCE: Duration = Duration::from_secs(20);
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `check` until it returns `Some`, failing the test after `PATIENCE`.
-pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Fails with a clear message when a tool the tests need is missing: a missing tool is a
-/// failure, never a skip (`scripts/test` installs them).
-pub fn require_tool(name: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{name} is not installed; run scripts/test, which installs it"
-    );
-}
 
 /// A `boottorrent serve` process.
 pub struct Server {
@@ -86,8 +48,8 @@ impl Server {
         bt_port: u16,
         extra: &[&str],
     ) -> Server {
-        require_tool("mosquitto_pub");
-        require_tool("mosquitto_sub");
+        require_tool("mosquitto_pub", "mosquitto-clients");
+        require_tool("mosquitto_sub", "mosquitto-clients");
         let log = data_dir.with_extension(format!("{http_port}.{}.log", now_ms()));
         let child = Command::new(env!("CARGO_BIN_EXE_boottorrent"))
             .arg("serve")

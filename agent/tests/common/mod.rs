@@ -6,8 +6,9 @@
 //! `cargo test --workspace` (what `scripts/test` runs) builds first.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub use boottorrent_testkit::{PATIENCE, free_port, require_tool, wait_for};
+
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +17,6 @@ use boottorrent_proto::{
     Command as ProtoCommand, Encoding, Envelope, SenderId, SigningKey, Topic, signing_key_from_hex,
 };
 
-pub const PATIENCE: Duration = Duration::from_secs(20);
 /// The agents' MQTT keepalive in this test.
 pub const KEEPALIVE_SECS: u64 = 5;
 
@@ -31,37 +31,6 @@ pub fn server_binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-pub fn require_tool(name: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{name} is not installed; run scripts/test, which installs it"
-    );
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 pub fn now_ms() -> i64 {
@@ -145,7 +114,7 @@ impl Server {
 
     /// Starts the server with extra `serve` flags.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
-        require_tool("mosquitto_pub");
+        require_tool("mosquitto_pub", "mosquitto-clients");
         let (http_port, mqtt_port, bt_port) = (free_port(), free_port(), free_port());
         Server::launch(dir, [http_port, mqtt_port, bt_port], extra)
     }
@@ -327,7 +296,7 @@ pub fn signed_command(topic: &str, body: ProtoCommand, key: &SigningKey, seq: u6
 /// A VHDX of `len` varied bytes (not zeros, which VHDX would store sparsely), made by qemu-img
 /// as `dir/golden.vhdx`.
 pub fn make_vhdx(dir: &Path, len: usize) -> PathBuf {
-    require_tool("qemu-img");
+    require_tool("qemu-img", "qemu-utils");
     let raw = dir.join("golden.raw");
     let data: Vec<u8> = (0..len)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)

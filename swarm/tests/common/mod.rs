@@ -15,10 +15,12 @@
 //! on stdout), never assumed after a fixed sleep.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub use boottorrent_testkit::{PATIENCE, free_port, require_tool, wait_until};
+
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -27,51 +29,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// How long a test waits for something that should happen "at once" (a process listening,
-/// a tracker registering a seeder).
-pub const PATIENCE: Duration = Duration::from_secs(20);
-
 /// Lines of a process's output kept for failure messages.
 const KEPT_LINES: usize = 40;
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, failing the test after `timeout`.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Fails with a clear message when a command the tests need is missing: a missing tool is a
-/// failure, never a skip.
-pub fn require_tool(name: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{name}` is not installed (Debian package {package}); run scripts/test, which installs it"
-    );
-}
 
 /// A Python 3 that can `import libtorrent`. Debian's `python3-libtorrent` lives in the
 /// system interpreter, which a pyenv or virtualenv `python3` earlier in PATH hides, so the
