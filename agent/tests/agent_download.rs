@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use boottorrent_proto::{
     AfterDownload, ArtifactAssignment, Bytes, Command as ProtoCommand, Event, EventKind,
-    decode_event,
+    ImageState, decode_event,
 };
 use common::*;
 
@@ -43,16 +43,24 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
                 .map(|_| ())
         });
     }
-    let mut seen = 0;
-    while let Ok((topic, event)) = progress.rx.try_recv() {
-        assert!(topic.ends_with("/progress"), "{topic}");
-        let Event::Progress(p) = event else {
-            panic!("not progress")
-        };
-        assert_eq!(p.bytes_total, size);
-        seen += 1;
-    }
-    assert!(seen >= 2, "only {seen} progress events seen");
+    // What an operator's tools see: progress of the right size from each machine, ending in
+    // `staged` with every byte once the whole file is verified.
+    let mut staged = std::collections::BTreeSet::new();
+    wait_for("both machines' staged progress", || {
+        while let Ok((topic, event)) = progress.rx.try_recv() {
+            let Event::Progress(p) = event else {
+                panic!("not progress: {topic}")
+            };
+            assert_eq!(p.bytes_total, size, "{topic}");
+            assert!(p.bytes_done <= size, "{topic}: {p:?}");
+            if p.state == ImageState::Staged {
+                assert_eq!(p.bytes_done, size, "{topic}");
+                staged.insert(topic.split('/').nth(3).unwrap_or_default().to_owned());
+            }
+        }
+        (staged.len() == 2).then_some(())
+    });
+    assert_eq!(Vec::from_iter(&staged), ["lab-a", "lab-b"]);
     // The machines fed each other: the server sent less than two full copies.
     let id = image["id"].as_str().unwrap().to_owned();
     let uploaded = wait_for("the seeder's counter", || {
@@ -70,15 +78,8 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
 }
 
 /// `wait_for` with room for a transfer on a busy 2-core machine.
-fn wait_for_long(what: &str, mut check: impl FnMut() -> Option<()>) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while check().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+fn wait_for_long(what: &str, check: impl FnMut() -> Option<()>) {
+    boottorrent_testkit::wait_until(what, std::time::Duration::from_secs(120), check);
 }
 
 /// `mosquitto_sub` on the agents' events of one kind; lines of (topic, decoded envelope body).

@@ -13,10 +13,11 @@
 //! - [`announce`]: the HTTP tracker client.
 //! - [`picker`]: which block to request from which peer.
 //! - [`session`]: the running engine's API: listener, torrents, stats. Inside it, `torrent`
-//!   holds one torrent's shared state (choker, super-seed offers, announcer) and `peer` runs
-//!   one connection.
+//!   holds one torrent's shared state (choker, super-seed offers, announcer), `peer` runs
+//!   one connection, and `assembly` holds unfinished pieces' blocks in memory.
 
 pub mod announce;
+mod assembly;
 pub mod bencode;
 pub mod bitfield;
 pub mod metainfo;

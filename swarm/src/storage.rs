@@ -390,6 +390,51 @@ impl Storage {
         Ok(&hash == expected)
     }
 
+    /// Stores a complete piece from its `blocks` (offset in the piece, bytes) and says whether
+    /// it matched `expected`. When the blocks cover the whole piece they are hashed first and
+    /// written only if they match; otherwise the rest of the piece is already in the file (it
+    /// arrived while memory was short), so they are written and the piece is read back.
+    pub fn store_piece<B: AsRef<[u8]>>(
+        &self,
+        piece: u32,
+        blocks: &mut [(u32, B)],
+        expected: &[u8; 20],
+    ) -> Result<bool, StorageError> {
+        if piece >= self.geometry.piece_count() {
+            return Err(StorageError::OutOfRange {
+                path: self.path.clone(),
+                piece,
+                offset: 0,
+                len: 0,
+            });
+        }
+        blocks.sort_unstable_by_key(|(offset, _)| *offset);
+        let mut covered = 0u64;
+        for (offset, data) in blocks.iter() {
+            if u64::from(*offset) != covered {
+                break;
+            }
+            covered += data.as_ref().len() as u64;
+        }
+        if covered != u64::from(self.geometry.piece_size(piece)) {
+            for (offset, data) in blocks.iter() {
+                self.write_block(piece, *offset, data.as_ref())?;
+            }
+            return self.verify_piece(piece, expected);
+        }
+        let mut hasher = Sha1::new();
+        for (_, data) in blocks.iter() {
+            hasher.update(data.as_ref());
+        }
+        if hasher.finalize().as_slice() != expected {
+            return Ok(false);
+        }
+        for (offset, data) in blocks.iter() {
+            self.write_block(piece, *offset, data.as_ref())?;
+        }
+        Ok(true)
+    }
+
     /// Flushes written blocks to the disk. Call it before [`save_resume`], so a record never
     /// claims pieces that a crash could still lose, and when the download completes.
     pub fn sync(&self) -> Result<(), StorageError> {
@@ -1148,6 +1193,101 @@ mod tests {
         );
         s.sync().unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), g.total_len);
+    }
+
+    /// Piece `piece`'s blocks as `store_piece` takes them, last block first (arrival order is
+    /// any order).
+    fn blocks_of(g: Geometry, data: &[u8], piece: u32) -> Vec<(u32, Vec<u8>)> {
+        let start = g.piece_offset(piece) as usize;
+        (0..g.block_count(piece))
+            .rev()
+            .map(|b| {
+                let offset = b * crate::BLOCK_LEN;
+                let from = start + offset as usize;
+                (
+                    offset,
+                    data[from..from + g.block_size(piece, b) as usize].to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stored_piece_is_written_only_when_its_blocks_match_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.raw");
+        let g = geometry();
+        let data = content(g);
+        let hashes = hashes(g, &data);
+        let s = Storage::open(&path, g, Access::ReadWrite).unwrap();
+
+        let mut bad = blocks_of(g, &data, 2);
+        bad[1].1[7] ^= 1;
+        assert!(!s.store_piece(2, &mut bad, &hashes[2]).unwrap());
+        let start = 2 * PIECE as usize;
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(
+            on_disk[start..start + PIECE as usize]
+                .iter()
+                .all(|&b| b == 0),
+            "a piece that failed its hash was written"
+        );
+
+        let mut good = blocks_of(g, &data, 2);
+        assert!(s.store_piece(2, &mut good, &hashes[2]).unwrap());
+        assert!(s.verify_piece(2, &hashes[2]).unwrap());
+        let mut last = blocks_of(g, &data, 4);
+        assert!(s.store_piece(4, &mut last, &hashes[4]).unwrap());
+        assert_eq!(
+            s.read_block(4, 0, 1000).unwrap(),
+            &data[4 * PIECE as usize..]
+        );
+    }
+
+    #[test]
+    fn a_piece_partly_in_the_file_is_completed_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.raw");
+        let g = geometry();
+        let data = content(g);
+        let hashes = hashes(g, &data);
+        let s = Storage::open(&path, g, Access::ReadWrite).unwrap();
+
+        // The first block went to the file while memory was short; the rest is held.
+        let mut blocks = blocks_of(g, &data, 1);
+        let first = blocks.pop().unwrap();
+        assert_eq!(first.0, 0);
+        s.write_block(1, 0, &first.1).unwrap();
+        assert!(s.store_piece(1, &mut blocks, &hashes[1]).unwrap());
+        assert!(s.verify_piece(1, &hashes[1]).unwrap());
+
+        // Held blocks are written even when the piece then fails: the file is the truth.
+        let mut blocks = blocks_of(g, &data, 3);
+        blocks.pop();
+        assert!(
+            !s.store_piece(3, &mut blocks, &hashes[3]).unwrap(),
+            "first block missing"
+        );
+    }
+
+    #[test]
+    fn storing_into_a_read_only_file_or_past_the_end_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.raw");
+        let g = geometry();
+        let data = content(g);
+        std::fs::write(&path, &data).unwrap();
+        let hashes = hashes(g, &data);
+        let s = Storage::open(&path, g, Access::ReadOnly).unwrap();
+        let mut blocks = blocks_of(g, &data, 0);
+        assert!(matches!(
+            s.store_piece(0, &mut blocks, &hashes[0]),
+            Err(StorageError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            s.store_piece(5, &mut blocks, &hashes[0]),
+            Err(StorageError::OutOfRange { piece: 5, .. })
+        ));
     }
 
     #[test]

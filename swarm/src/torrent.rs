@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::announce::{AnnounceRequest, Event};
+use crate::assembly::{self, Assembly};
 use crate::metainfo::Metainfo;
 use crate::picker::{PeerKey, Picker};
 use crate::session::{AddTorrent, Mode, PeerStats, Shared, SwarmError, TorrentState, TorrentStats};
@@ -86,6 +87,8 @@ struct Candidate {
 
 pub(crate) struct State {
     pub picker: Picker,
+    /// Blocks of the picker's partial pieces, until each piece is complete.
+    pub assembly: Assembly,
     pub peers: HashMap<PeerKey, PeerSlot>,
     next_key: PeerKey,
     candidates: HashMap<SocketAddr, Candidate>,
@@ -183,6 +186,7 @@ impl Torrent {
             storage,
             state: Mutex::new(State {
                 picker: Picker::new(geometry, Bitfield::new(pieces)),
+                assembly: Assembly::new(assembly::BUDGET, assembly::RECENT_BUDGET),
                 peers: HashMap::new(),
                 next_key: 1,
                 candidates,
@@ -387,6 +391,7 @@ impl Torrent {
             TorrentState::Downloading
         };
         st.picker = Picker::new(self.meta.geometry, have);
+        st.assembly = Assembly::new(assembly::BUDGET, assembly::RECENT_BUDGET);
         st.dirty = !result.fast_path;
         drop(st);
         self.publish_stats(0, 0);
