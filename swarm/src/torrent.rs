@@ -137,6 +137,10 @@ pub(crate) struct Torrent {
     run: Mutex<CancellationToken>,
     /// Wakes the announcer for `completed`.
     completed: tokio::sync::Notify,
+    /// Wakes the lifecycle to publish stats at once when the download completes: whoever
+    /// waits for it (an agent about to verify and boot, a lab waiting for its last machine)
+    /// should not wait for the next 1 s tick.
+    finished: tokio::sync::Notify,
     done: tokio::sync::Notify,
 }
 
@@ -207,6 +211,7 @@ impl Torrent {
             cancel,
             run: Mutex::new(run),
             completed: tokio::sync::Notify::new(),
+            finished: tokio::sync::Notify::new(),
             done: tokio::sync::Notify::new(),
             shared: shared.clone(),
         });
@@ -297,11 +302,16 @@ impl Torrent {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = (0u64, 0u64, Instant::now());
+        let mut rates = (0, 0);
         let mut last_rotate = Instant::now();
         let mut last_save = Instant::now();
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
+                _ = self.finished.notified() => {
+                    self.publish_stats(rates.0, rates.1);
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             let (down, up) = (
@@ -309,7 +319,7 @@ impl Torrent {
                 self.uploaded.load(Ordering::Relaxed),
             );
             let secs = last.2.elapsed().as_secs_f64().max(0.001);
-            let rates = (
+            rates = (
                 ((down - last.0) as f64 / secs) as u64,
                 ((up - last.1) as f64 / secs) as u64,
             );
@@ -653,6 +663,7 @@ impl Torrent {
             st.phase = TorrentState::Seeding;
             tracing::info!(torrent = %self.info_hash(), "download complete");
             self.completed.notify_one();
+            self.finished.notify_one();
             // Seeds have nothing to give each other.
             for slot in st.peers.values() {
                 if slot.has.is_full() {
