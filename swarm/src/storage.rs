@@ -376,14 +376,7 @@ impl Storage {
 
     /// Reads piece `piece` back and compares its SHA-1 with `expected`.
     pub fn verify_piece(&self, piece: u32, expected: &[u8; 20]) -> Result<bool, StorageError> {
-        if piece >= self.geometry.piece_count() {
-            return Err(StorageError::OutOfRange {
-                path: self.path.clone(),
-                piece,
-                offset: 0,
-                len: 0,
-            });
-        }
+        self.check_piece(piece)?;
         let size = self.geometry.piece_size(piece);
         let mut buf = vec![0; (size as usize).min(HASH_CHUNK)];
         let hash = hash_piece(&self.file, &self.path, self.geometry, piece, &mut buf)?;
@@ -400,14 +393,7 @@ impl Storage {
         blocks: &mut [(u32, B)],
         expected: &[u8; 20],
     ) -> Result<bool, StorageError> {
-        if piece >= self.geometry.piece_count() {
-            return Err(StorageError::OutOfRange {
-                path: self.path.clone(),
-                piece,
-                offset: 0,
-                len: 0,
-            });
-        }
+        self.check_piece(piece)?;
         blocks.sort_unstable_by_key(|(offset, _)| *offset);
         let mut covered = 0u64;
         for (offset, data) in blocks.iter() {
@@ -442,6 +428,19 @@ impl Storage {
             path: self.path.clone(),
             source,
         })
+    }
+
+    /// Refuses a piece number past the torrent's last piece.
+    fn check_piece(&self, piece: u32) -> Result<(), StorageError> {
+        if piece >= self.geometry.piece_count() {
+            return Err(StorageError::OutOfRange {
+                path: self.path.clone(),
+                piece,
+                offset: 0,
+                len: 0,
+            });
+        }
+        Ok(())
     }
 
     /// The file offset of a block, refusing one that would reach outside its piece.
@@ -1037,6 +1036,17 @@ mod tests {
             .collect()
     }
 
+    /// A new read-write storage of [`geometry`] in a temporary directory, with the content
+    /// it is meant to hold and that content's piece hashes.
+    fn fresh_storage() -> (tempfile::TempDir, Geometry, Vec<u8>, Vec<[u8; 20]>, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = geometry();
+        let data = content(g);
+        let hashes = hashes(g, &data);
+        let s = Storage::open(&dir.path().join("image.raw"), g, Access::ReadWrite).unwrap();
+        (dir, g, data, hashes, s)
+    }
+
     fn write_piece(s: &Storage, piece: u32, data: &[u8]) {
         let g = s.geometry();
         let start = g.piece_offset(piece) as usize;
@@ -1155,12 +1165,7 @@ mod tests {
 
     #[test]
     fn written_pieces_verify_until_a_byte_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image.raw");
-        let g = geometry();
-        let data = content(g);
-        let hashes = hashes(g, &data);
-        let s = Storage::open(&path, g, Access::ReadWrite).unwrap();
+        let (_dir, _, data, hashes, s) = fresh_storage();
 
         write_piece(&s, 1, &data);
         assert!(s.verify_piece(1, &hashes[1]).unwrap());
@@ -1177,12 +1182,7 @@ mod tests {
 
     #[test]
     fn the_short_last_piece_is_written_and_verified() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image.raw");
-        let g = geometry();
-        let data = content(g);
-        let hashes = hashes(g, &data);
-        let s = Storage::open(&path, g, Access::ReadWrite).unwrap();
+        let (_dir, g, data, hashes, s) = fresh_storage();
 
         assert_eq!(g.piece_size(4), 1000);
         write_piece(&s, 4, &data);
@@ -1192,7 +1192,7 @@ mod tests {
             &data[4 * PIECE as usize..]
         );
         s.sync().unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), g.total_len);
+        assert_eq!(std::fs::metadata(s.path()).unwrap().len(), g.total_len);
     }
 
     /// Piece `piece`'s blocks as `store_piece` takes them, last block first (arrival order is
@@ -1214,18 +1214,13 @@ mod tests {
 
     #[test]
     fn a_stored_piece_is_written_only_when_its_blocks_match_the_hash() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image.raw");
-        let g = geometry();
-        let data = content(g);
-        let hashes = hashes(g, &data);
-        let s = Storage::open(&path, g, Access::ReadWrite).unwrap();
+        let (_dir, g, data, hashes, s) = fresh_storage();
 
         let mut bad = blocks_of(g, &data, 2);
         bad[1].1[7] ^= 1;
         assert!(!s.store_piece(2, &mut bad, &hashes[2]).unwrap());
         let start = 2 * PIECE as usize;
-        let on_disk = std::fs::read(&path).unwrap();
+        let on_disk = std::fs::read(s.path()).unwrap();
         assert!(
             on_disk[start..start + PIECE as usize]
                 .iter()
@@ -1246,12 +1241,7 @@ mod tests {
 
     #[test]
     fn a_piece_partly_in_the_file_is_completed_and_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image.raw");
-        let g = geometry();
-        let data = content(g);
-        let hashes = hashes(g, &data);
-        let s = Storage::open(&path, g, Access::ReadWrite).unwrap();
+        let (_dir, g, data, hashes, s) = fresh_storage();
 
         // The first block went to the file while memory was short; the rest is held.
         let mut blocks = blocks_of(g, &data, 1);
