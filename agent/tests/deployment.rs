@@ -36,17 +36,7 @@ fn catalogue_id(server: &Server, dir: &Path, len: usize) -> (String, PathBuf) {
 /// Enrolls and starts an agent whose boot backend records the image it was told to boot.
 fn start_agent(dir: &Path, server: &Server, id: &str, extra: &[&str]) -> Proc {
     enroll(server, dir, id);
-    let script = dir.join("boot.sh");
-    if !script.exists() {
-        std::fs::write(
-            &script,
-            "#!/bin/sh\necho \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID $BOOTTORRENT_DEPLOYMENT_ID\" >> \"$BOOTTORRENT_MARKER\"\n",
-        )
-        .unwrap();
-        let mut perms = std::fs::metadata(&script).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&script, perms).unwrap();
-    }
+    let script = marker_boot_script(dir);
     let mut args = vec![
         "--boot-backend",
         "command",

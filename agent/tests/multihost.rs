@@ -165,17 +165,7 @@ impl<'a> Lab<'a> {
 
     fn start_agent(&mut self, host: usize, extra: &[&str]) {
         let id = machine(host);
-        let script = self.dir.join("boot.sh");
-        if !script.exists() {
-            std::fs::write(
-                &script,
-                "#!/bin/sh\necho \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID $BOOTTORRENT_DEPLOYMENT_ID\" >> \"$BOOTTORRENT_MARKER\"\n",
-            )
-            .unwrap();
-            let mut perms = std::fs::metadata(&script).unwrap().permissions();
-            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-            std::fs::set_permissions(&script, perms).unwrap();
-        }
+        let script = marker_boot_script(&self.dir);
         let config = self.dir.join(format!("{id}.toml"));
         std::fs::write(&config, "").unwrap();
         let mut c = self
@@ -342,6 +332,16 @@ impl<'a> Lab<'a> {
     fn image_on(&self, host: usize) -> Vec<u8> {
         std::fs::read(self.dir.join(machine(host)).join("images/golden.vhdx")).unwrap_or_default()
     }
+
+    /// Every one of `hosts` holds exactly `bytes` as its staged image.
+    fn assert_images(&self, hosts: std::ops::RangeInclusive<usize>, bytes: &[u8]) {
+        for host in hosts {
+            assert!(
+                self.image_on(host) == bytes,
+                "host {host} has different bytes"
+            );
+        }
+    }
 }
 
 fn machine(host: usize) -> String {
@@ -425,12 +425,7 @@ fn an_agent_killed_half_way_resumes_and_finishes() {
         "host 1 reported {lowest_after} bytes after the restart, less than the {had} it had"
     );
     lab.wait_completed(&id);
-    for host in 1..=3 {
-        assert!(
-            lab.image_on(host) == bytes,
-            "host {host} has different bytes"
-        );
-    }
+    lab.assert_images(1..=3, &bytes);
 }
 
 #[test]
@@ -493,12 +488,7 @@ fn every_host_finishes_when_the_server_is_killed_and_restarted_mid_deployment() 
     lab.start_server();
     let d = lab.wait_completed(&id);
     assert_eq!(d["counts"]["booted"], 3, "{d:#}");
-    for host in 1..=3 {
-        assert!(
-            lab.image_on(host) == bytes,
-            "host {host} has different bytes"
-        );
-    }
+    lab.assert_images(1..=3, &bytes);
 }
 
 #[test]

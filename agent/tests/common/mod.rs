@@ -339,3 +339,21 @@ pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
         .json()
         .unwrap()
 }
+
+/// A boot program for the `command` backend that appends the action, image and deployment it
+/// was given to the file named by `$BOOTTORRENT_MARKER`: what a test checks to know a machine
+/// booted, and what it booted. Written once per directory.
+pub fn marker_boot_script(dir: &Path) -> PathBuf {
+    let script = dir.join("boot.sh");
+    if !script.exists() {
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID $BOOTTORRENT_DEPLOYMENT_ID\" >> \"$BOOTTORRENT_MARKER\"\n",
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&script).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&script, perms).unwrap();
+    }
+    script
+}
