@@ -20,8 +20,9 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::picker::{PeerKey, Received};
 use crate::session::{Mode, TorrentState};
+use crate::storage::Stored;
 use crate::torrent::{Cmd, Torrent};
-use crate::wire::{BlockRef, Handshake, MAX_BLOCK_LEN, Message, MessageCodec};
+use crate::wire::{BlockRef, Handshake, MAX_BLOCK_LEN, Message, MessageCodec, WireError};
 use crate::{BLOCK_LEN, Bitfield};
 
 /// Requests a peer may queue with us before it counts as flooding.
@@ -638,16 +639,16 @@ impl Connection {
                     .map(|ok| (ok, blocks))
             })
             .await;
-            let (ok, blocks) = match stored {
+            let (stored, blocks) = match stored {
                 Ok(Ok(stored)) => stored,
                 Ok(Err(e)) => return Err(self.storage_failed(e.to_string())),
                 Err(e) => return Err(self.storage_failed(e.to_string())),
             };
+            let ok = stored != Stored::Mismatch;
             let mut st = self.torrent.lock();
             let senders = st.picker.verified(piece, ok);
             if ok {
-                let held: u64 = blocks.iter().map(|(_, b)| b.len() as u64).sum();
-                if held == u64::from(self.torrent.meta.geometry.piece_size(piece)) {
+                if stored == Stored::Whole {
                     st.assembly.keep_verified(piece, blocks);
                 }
                 self.torrent.piece_verified(&mut st, piece);
@@ -662,23 +663,24 @@ impl Connection {
 
 use crate::torrent::State;
 
-/// Writes `msgs` with one flush at the end, under the same timeout as [`send`].
+/// Writes `msgs` with one flush at the end.
 async fn send_all(sink: &mut Sink, msgs: Vec<Message>) -> Result<(), End> {
-    let write = async {
+    written(async {
         for msg in msgs {
             sink.feed(msg).await?;
         }
         sink.flush().await
-    };
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::Closed(format!("writing: {e}"))),
-        Err(_) => Err(End::Closed("peer stopped reading".into())),
-    }
+    })
+    .await
 }
 
 async fn send(sink: &mut Sink, msg: Message) -> Result<(), End> {
-    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
+    written(sink.send(msg)).await
+}
+
+/// A write to the peer, bounded by [`WRITE_TIMEOUT`]: a peer that stops reading is dropped.
+async fn written(write: impl Future<Output = Result<(), WireError>>) -> Result<(), End> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(End::Closed(format!("writing: {e}"))),
         Err(_) => Err(End::Closed("peer stopped reading".into())),

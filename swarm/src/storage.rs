@@ -1,9 +1,9 @@
 //! The one file of a torrent on disk, piece verification and resume.
 //!
-//! Blocks are written where they belong as they arrive, and a finished piece is verified by
-//! reading it back and hashing it. Reading back costs little (the bytes are still in the page
-//! cache) and keeps memory bounded: a 50 GB image with 16 MiB pieces never holds more than a
-//! hashing buffer per piece in flight, however many pieces are half done.
+//! A finished piece arrives here whole, from the blocks the engine held in memory: it is
+//! hashed from them and written only if it matches ([`Storage::store_piece`]). Blocks that
+//! arrived while the engine's memory budget was spent were written one by one as they came
+//! ([`Storage::write_block`]); a piece with such blocks is verified by reading it back.
 //!
 //! Everything here is synchronous and takes `&self`: the engine calls it from
 //! `spawn_blocking`, and positional I/O (`pread`/`pwrite`) needs no shared file cursor, so a
@@ -383,16 +383,17 @@ impl Storage {
         Ok(&hash == expected)
     }
 
-    /// Stores a complete piece from its `blocks` (offset in the piece, bytes) and says whether
-    /// it matched `expected`. When the blocks cover the whole piece they are hashed first and
-    /// written only if they match; otherwise the rest of the piece is already in the file (it
-    /// arrived while memory was short), so they are written and the piece is read back.
+    /// Stores a complete piece from its `blocks` (offset in the piece, bytes), sorting them by
+    /// offset, and says whether it matched `expected`. When the blocks cover the whole piece
+    /// they are hashed first and written only if they match; otherwise the rest of the piece is
+    /// already in the file (it arrived while memory was short), so they are written and the
+    /// piece is read back.
     pub fn store_piece<B: AsRef<[u8]>>(
         &self,
         piece: u32,
         blocks: &mut [(u32, B)],
         expected: &[u8; 20],
-    ) -> Result<bool, StorageError> {
+    ) -> Result<Stored, StorageError> {
         self.check_piece(piece)?;
         blocks.sort_unstable_by_key(|(offset, _)| *offset);
         let mut covered = 0u64;
@@ -406,19 +407,23 @@ impl Storage {
             for (offset, data) in blocks.iter() {
                 self.write_block(piece, *offset, data.as_ref())?;
             }
-            return self.verify_piece(piece, expected);
+            return Ok(if self.verify_piece(piece, expected)? {
+                Stored::Completed
+            } else {
+                Stored::Mismatch
+            });
         }
         let mut hasher = Sha1::new();
         for (_, data) in blocks.iter() {
             hasher.update(data.as_ref());
         }
         if hasher.finalize().as_slice() != expected {
-            return Ok(false);
+            return Ok(Stored::Mismatch);
         }
         for (offset, data) in blocks.iter() {
             self.write_block(piece, *offset, data.as_ref())?;
         }
-        Ok(true)
+        Ok(Stored::Whole)
     }
 
     /// Flushes written blocks to the disk. Call it before [`save_resume`], so a record never
@@ -457,6 +462,17 @@ impl Storage {
         }
         Ok(self.geometry.piece_offset(piece) + u64::from(offset))
     }
+}
+
+/// What [`Storage::store_piece`] did with a complete piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// It matched, and all of it came from the given blocks (they can serve the piece).
+    Whole,
+    /// It matched, with part of it already in the file.
+    Completed,
+    /// It did not match its hash.
+    Mismatch,
 }
 
 /// SHA-1 of a whole piece held in memory.
@@ -1218,7 +1234,10 @@ mod tests {
 
         let mut bad = blocks_of(g, &data, 2);
         bad[1].1[7] ^= 1;
-        assert!(!s.store_piece(2, &mut bad, &hashes[2]).unwrap());
+        assert_eq!(
+            s.store_piece(2, &mut bad, &hashes[2]).unwrap(),
+            Stored::Mismatch
+        );
         let start = 2 * PIECE as usize;
         let on_disk = std::fs::read(s.path()).unwrap();
         assert!(
@@ -1229,10 +1248,16 @@ mod tests {
         );
 
         let mut good = blocks_of(g, &data, 2);
-        assert!(s.store_piece(2, &mut good, &hashes[2]).unwrap());
+        assert_eq!(
+            s.store_piece(2, &mut good, &hashes[2]).unwrap(),
+            Stored::Whole
+        );
         assert!(s.verify_piece(2, &hashes[2]).unwrap());
         let mut last = blocks_of(g, &data, 4);
-        assert!(s.store_piece(4, &mut last, &hashes[4]).unwrap());
+        assert_eq!(
+            s.store_piece(4, &mut last, &hashes[4]).unwrap(),
+            Stored::Whole
+        );
         assert_eq!(
             s.read_block(4, 0, 1000).unwrap(),
             &data[4 * PIECE as usize..]
@@ -1248,14 +1273,17 @@ mod tests {
         let first = blocks.pop().unwrap();
         assert_eq!(first.0, 0);
         s.write_block(1, 0, &first.1).unwrap();
-        assert!(s.store_piece(1, &mut blocks, &hashes[1]).unwrap());
+        assert_eq!(
+            s.store_piece(1, &mut blocks, &hashes[1]).unwrap(),
+            Stored::Completed
+        );
         assert!(s.verify_piece(1, &hashes[1]).unwrap());
 
         // Held blocks are written even when the piece then fails: the file is the truth.
         let mut blocks = blocks_of(g, &data, 3);
         blocks.pop();
         assert!(
-            !s.store_piece(3, &mut blocks, &hashes[3]).unwrap(),
+            s.store_piece(3, &mut blocks, &hashes[3]).unwrap() == Stored::Mismatch,
             "first block missing"
         );
     }
