@@ -5,10 +5,17 @@
 //! parses, every listen address can be bound, the TLS files are readable PEM with a
 //! certificate and a key. After start it waits until the MQTT port accepts connections.
 //!
-//! Authentication: agents log in with username = their machine id and password = the
-//! enrollment token; operator tools log in as `admin` with the admin token. rumqttd has no
-//! per-client ACL, so a login only admits a client to the broker; what a message may do is
-//! decided by its signature (see `orchestrator`).
+//! Authentication: the client id must equal the username, so that nobody can take over
+//! another client's session (rumqttd drops the older connection of a client id). Agents log
+//! in with username = their machine id and a password from [`login_password`]: a machine the
+//! server has seen must prove it holds the key it registered (see [`Keyring`]); only an id the
+//! server has never seen is admitted by the enrollment token alone, because every golden image
+//! carries that token. Operator tools log in as `admin` with the admin token. The
+//! orchestrator's own client id is refused to everyone. rumqttd has no per-client ACL, so a
+//! login only admits a client to the broker; what a message may do is decided by its
+//! signature (see `registry`).
+//!
+//! [`login_password`]: boottorrent_proto::login_password
 
 use std::collections::HashMap;
 use std::io::BufReader;
@@ -18,13 +25,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use boottorrent_proto::MachineId;
+use boottorrent_proto::{LoginPassword, MachineId, verifying_key_from_bytes};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, ServerSettings, TlsConfig};
 
 use crate::config::{Config, Secret};
 use crate::credentials::token_matches;
+use crate::keyring::Keyring;
 use crate::metrics::Metrics;
+use crate::orchestrator::now_ms;
 
 /// The broker configuration compiled into the binary.
 pub const EMBEDDED_CONFIG: &str = include_str!("../broker.toml");
@@ -36,8 +45,27 @@ pub const ADMIN_USER: &str = "admin";
 const PLAIN_LISTENER: &str = "mqtt";
 const TLS_LISTENER: &str = "mqtts";
 
-/// Client id of the orchestrator's in-process link.
+/// The smallest `max_payload_size` the broker may have. rumqttd compares it with the whole
+/// packet after the fixed header (topic, packet id, payload), so the largest envelope `proto`
+/// accepts needs room for the longest topic besides; agents allow the same.
+pub const MIN_PACKET_LIMIT: usize = boottorrent_proto::MAX_PAYLOAD_BYTES + 1024;
+
+/// Client id of the orchestrator's in-process link. A remote client with this id would make
+/// rumqttd drop the link, so it is reserved (see [`is_reserved`]).
 const ORCHESTRATOR_CLIENT_ID: &str = "boottorrent-orchestrator";
+
+/// Ids no machine may have: the orchestrator's link, and the operator's sessions (`admin`,
+/// or `admin-*` when a tool runs several at once).
+pub fn is_reserved(id: &str) -> bool {
+    id == ORCHESTRATOR_CLIENT_ID || admin_session(id)
+}
+
+fn admin_session(client_id: &str) -> bool {
+    client_id == ADMIN_USER
+        || client_id
+            .strip_prefix(ADMIN_USER)
+            .is_some_and(|rest| rest.starts_with('-'))
+}
 
 /// A started broker and the orchestrator's link into it.
 pub struct Running {
@@ -51,12 +79,15 @@ pub fn start(
     config: &Config,
     enroll_token: Secret,
     admin_token: Secret,
+    keyring: Keyring,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Running> {
     let mut broker_config = broker_config(config)?;
     let auth = Authenticator {
         enroll_token,
         admin_token,
+        keyring,
+        login_window_ms: i64::from(config.replay_window_secs) * 1000,
         metrics,
     };
     let mut addresses = Vec::new();
@@ -72,8 +103,8 @@ pub fn start(
             let auth = auth.clone();
             // Static `auth` pairs from a user's broker file would bypass our check.
             server.connections.auth = None;
-            server.set_auth_handler(move |_client_id, user, pass| {
-                let ok = auth.check(&user, &pass);
+            server.set_auth_handler(move |client_id, user, pass| {
+                let ok = auth.check(&client_id, &user, &pass, now_ms());
                 async move { ok }
             });
             addresses.push((server.name.clone(), server.listen));
@@ -120,6 +151,15 @@ fn broker_config(config: &Config) -> anyhow::Result<rumqttd::Config> {
     let mut broker: rumqttd::Config =
         toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
     let v4 = broker.v4.get_or_insert_with(HashMap::new);
+    for (name, listener) in v4.iter() {
+        if listener.connections.max_payload_size < MIN_PACKET_LIMIT {
+            bail!(
+                "{origin}: [v4.{name}.connections] max_payload_size is {}; BootTorrent's \
+                 messages need {MIN_PACKET_LIMIT} (64 KiB envelopes and their topic)",
+                listener.connections.max_payload_size
+            );
+        }
+    }
     let Some(plain) = v4.get_mut(PLAIN_LISTENER) else {
         bail!("{origin} has no [v4.{PLAIN_LISTENER}] listener; BootTorrent's agents connect there");
     };
@@ -195,25 +235,106 @@ fn wait_until_accepting(addr: SocketAddr, limit: Duration) -> anyhow::Result<()>
 struct Authenticator {
     enroll_token: Secret,
     admin_token: Secret,
+    keyring: Keyring,
+    login_window_ms: i64,
     metrics: Arc<Metrics>,
 }
 
-impl Authenticator {
-    fn check(&self, user: &str, pass: &str) -> bool {
-        let ok = if user == ADMIN_USER {
-            token_matches(&self.admin_token, pass)
-        } else if user.parse::<MachineId>().is_ok() {
-            token_matches(&self.enroll_token, pass)
-        } else {
-            false
-        };
-        if !ok {
-            self.metrics.mqtt_login_refused();
-            // The username is attacker-chosen: log it escaped and bounded.
-            let shown: String = user.chars().take(64).collect();
-            tracing::info!(user = ?shown, "refused MQTT login: wrong password or invalid machine id");
+/// Why a login was refused; logged, never told to the client (MQTT 3.1.1 has one code).
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    ClientIdNotUsername,
+    Reserved,
+    InvalidId,
+    WrongAdminToken,
+    WrongEnrollToken,
+    KeyProof(boottorrent_proto::LoginError),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::ClientIdNotUsername => {
+                f.write_str("the client id is not the username (admin: `admin` or `admin-*`)")
+            }
+            Refusal::Reserved => f.write_str("the id is reserved for the server"),
+            Refusal::InvalidId => f.write_str("the username is not a valid machine id"),
+            Refusal::WrongAdminToken => f.write_str("wrong admin token"),
+            Refusal::WrongEnrollToken => f.write_str("wrong enrollment token"),
+            Refusal::KeyProof(e) => write!(
+                f,
+                "{e}; the machine is known by another key (if it was reinstalled, run \
+                 `boottorrent machines delete <id>` so it can enroll again)"
+            ),
         }
-        ok
+    }
+}
+
+impl Authenticator {
+    fn check(&self, client_id: &str, user: &str, pass: &str, now_ms: i64) -> bool {
+        match self.decide(client_id, user, pass, now_ms) {
+            Ok(()) => true,
+            Err(why) => {
+                self.metrics.mqtt_login_refused();
+                crate::broker_log::refused_by_us();
+                // Both ids are attacker-chosen: log them escaped and bounded.
+                let shown = |s: &str| s.chars().take(64).collect::<String>();
+                tracing::info!(
+                    user = ?shown(user),
+                    client_id = ?shown(client_id),
+                    "refused MQTT login: {why}"
+                );
+                false
+            }
+        }
+    }
+
+    fn decide(&self, client_id: &str, user: &str, pass: &str, now_ms: i64) -> Result<(), Refusal> {
+        if user == ADMIN_USER {
+            if !admin_session(client_id) {
+                return Err(Refusal::ClientIdNotUsername);
+            }
+            return if token_matches(&self.admin_token, pass) {
+                Ok(())
+            } else {
+                Err(Refusal::WrongAdminToken)
+            };
+        }
+        if client_id != user {
+            return Err(Refusal::ClientIdNotUsername);
+        }
+        if is_reserved(user) {
+            return Err(Refusal::Reserved);
+        }
+        if user.parse::<MachineId>().is_err() {
+            return Err(Refusal::InvalidId);
+        }
+        let password = LoginPassword::parse(pass);
+        let Some(known) = self.keyring.get(user) else {
+            // Never seen: the token admits it; the registry bounds how many such ids join.
+            return if token_matches(&self.enroll_token, password.token) {
+                Ok(())
+            } else {
+                Err(Refusal::WrongEnrollToken)
+            };
+        };
+        let proof = password
+            .proof
+            .ok_or(Refusal::KeyProof(boottorrent_proto::LoginError::NoProof))?;
+        let machine: MachineId = user.parse().map_err(|_| Refusal::InvalidId)?;
+        let key = verifying_key_from_bytes(&known.key)
+            .map_err(|_| Refusal::KeyProof(boottorrent_proto::LoginError::BadSignature))?;
+        proof
+            .verify(
+                &machine,
+                &key,
+                now_ms,
+                self.login_window_ms,
+                known.last_login_ms,
+            )
+            .map_err(Refusal::KeyProof)?;
+        self.keyring.logged_in(user, known.key, proof.ts_ms);
+        Ok(())
     }
 }
 
@@ -228,6 +349,49 @@ mod tests {
         let v4 = broker.v4.unwrap();
         assert_eq!(v4[PLAIN_LISTENER].listen, config.mqtt_listen);
         assert!(!v4.contains_key(TLS_LISTENER));
+    }
+
+    #[test]
+    fn the_largest_envelope_fits_with_the_longest_topic() {
+        use boottorrent_proto::{CommandKind, EventKind, MachineId, Scope, Topic};
+        let id: MachineId = "m".repeat(64).parse().unwrap();
+        let longest = CommandKind::ALL
+            .iter()
+            .map(|&kind| Topic::Command {
+                scope: Scope::Machine(id.clone()),
+                kind,
+            })
+            .chain(EventKind::ALL.iter().map(|&kind| Topic::Event {
+                machine: id.clone(),
+                kind,
+            }))
+            .map(|t| t.to_string().len())
+            .max()
+            .unwrap();
+        // Topic length prefix, topic, packet id, payload.
+        assert!(2 + longest + 2 + boottorrent_proto::MAX_PAYLOAD_BYTES <= MIN_PACKET_LIMIT);
+        let broker = broker_config(&Config::default()).unwrap();
+        let limit = broker.v4.unwrap()[PLAIN_LISTENER]
+            .connections
+            .max_payload_size;
+        assert!(limit >= MIN_PACKET_LIMIT, "embedded limit {limit}");
+    }
+
+    #[test]
+    fn broker_file_with_a_smaller_packet_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            EMBEDDED_CONFIG.replace("max_payload_size = 66560", "max_payload_size = 65536"),
+        )
+        .unwrap();
+        let config = Config {
+            broker_config: Some(path),
+            ..Config::default()
+        };
+        let err = broker_config(&config).unwrap_err().to_string();
+        assert!(err.contains("max_payload_size is 65536"), "{err}");
     }
 
     #[test]
@@ -249,19 +413,96 @@ mod tests {
         assert!(err.to_string().contains("[v4.mqtt]"), "{err}");
     }
 
-    #[test]
-    fn logins() {
-        let auth = Authenticator {
-            enroll_token: Secret::new("enroll-token-0123456789".into()),
-            admin_token: Secret::new("admin-token-0123456789".into()),
+    const ENROLL: &str = "enroll-token-0123456789";
+    const ADMIN: &str = "admin-token-0123456789";
+    const NOW: i64 = 1_764_000_000_000;
+
+    fn authenticator() -> Authenticator {
+        Authenticator {
+            enroll_token: Secret::new(ENROLL.into()),
+            admin_token: Secret::new(ADMIN.into()),
+            keyring: Keyring::default(),
+            login_window_ms: 300_000,
             metrics: Arc::new(Metrics::default()),
-        };
-        assert!(auth.check("pc-01", "enroll-token-0123456789"));
-        assert!(auth.check("admin", "admin-token-0123456789"));
-        assert!(!auth.check("admin", "enroll-token-0123456789"));
-        assert!(!auth.check("pc-01", "admin-token-0123456789x"));
-        assert!(!auth.check("bad/id", "enroll-token-0123456789"));
-        assert!(!auth.check("", "enroll-token-0123456789"));
+        }
+    }
+
+    #[test]
+    fn tokens_admit_the_admin_and_unseen_machines() {
+        let auth = authenticator();
+        assert!(auth.check("pc-01", "pc-01", ENROLL, NOW));
+        assert!(auth.check("admin", "admin", ADMIN, NOW));
+        assert!(!auth.check("admin", "admin", ENROLL, NOW));
+        assert!(!auth.check("pc-01", "pc-01", "admin-token-0123456789x", NOW));
+        assert!(!auth.check("bad/id", "bad/id", ENROLL, NOW));
+        assert!(!auth.check("", "", ENROLL, NOW));
         assert_eq!(auth.metrics.snapshot().mqtt_logins_refused, 4);
+    }
+
+    #[test]
+    fn the_client_id_must_be_the_username_and_reserved_ids_are_refused() {
+        let auth = authenticator();
+        assert_eq!(
+            auth.decide(ORCHESTRATOR_CLIENT_ID, "pc-01", ENROLL, NOW),
+            Err(Refusal::ClientIdNotUsername)
+        );
+        assert_eq!(
+            auth.decide(ORCHESTRATOR_CLIENT_ID, ORCHESTRATOR_CLIENT_ID, ENROLL, NOW),
+            Err(Refusal::Reserved)
+        );
+        assert_eq!(
+            auth.decide("admin", "pc-01", ENROLL, NOW),
+            Err(Refusal::ClientIdNotUsername)
+        );
+        // Operator tools may hold several sessions; nobody else may take those ids.
+        assert_eq!(auth.decide("admin-watch-1", "admin", ADMIN, NOW), Ok(()));
+        assert_eq!(
+            auth.decide("pc-01", "admin", ADMIN, NOW),
+            Err(Refusal::ClientIdNotUsername)
+        );
+        assert_eq!(
+            auth.decide("admin-watch-1", "admin-watch-1", ENROLL, NOW),
+            Err(Refusal::Reserved)
+        );
+        assert_eq!(
+            auth.decide("administrator", "administrator", ENROLL, NOW),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_known_machine_needs_a_fresh_proof_by_its_key() {
+        let auth = authenticator();
+        let machine: MachineId = "pc-01".parse().unwrap();
+        let key = boottorrent_proto::SigningKey::from_bytes(&[7; 32]);
+        auth.keyring.set(
+            &machine,
+            boottorrent_proto::PublicKeyBytes::from(key.verifying_key().to_bytes()),
+        );
+        // The token alone no longer admits it: this is how a student kicked machines off.
+        assert_eq!(
+            auth.decide("pc-01", "pc-01", ENROLL, NOW),
+            Err(Refusal::KeyProof(boottorrent_proto::LoginError::NoProof))
+        );
+        let other = boottorrent_proto::SigningKey::from_bytes(&[8; 32]);
+        let forged = boottorrent_proto::login_password(&machine, &other, ENROLL, NOW);
+        assert_eq!(
+            auth.decide("pc-01", "pc-01", &forged, NOW),
+            Err(Refusal::KeyProof(
+                boottorrent_proto::LoginError::BadSignature
+            ))
+        );
+        let good = boottorrent_proto::login_password(&machine, &key, "any", NOW);
+        assert_eq!(auth.decide("pc-01", "pc-01", &good, NOW + 5), Ok(()));
+        // The same password again is a replay.
+        assert_eq!(
+            auth.decide("pc-01", "pc-01", &good, NOW + 10),
+            Err(Refusal::KeyProof(boottorrent_proto::LoginError::Replayed))
+        );
+        let later = boottorrent_proto::login_password(&machine, &key, "any", NOW + 1000);
+        assert_eq!(auth.decide("pc-01", "pc-01", &later, NOW + 1000), Ok(()));
+        // Forgotten (deleted by the operator): the id may enroll again with the token.
+        auth.keyring.remove(&machine);
+        assert_eq!(auth.decide("pc-01", "pc-01", ENROLL, NOW), Ok(()));
     }
 }

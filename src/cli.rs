@@ -128,6 +128,13 @@ pub struct ServeArgs {
     /// Seconds between agent heartbeats; three missed mark a machine offline [default: 30].
     #[arg(long, env = "BOOTTORRENT_HEARTBEAT_INTERVAL_SECS", value_name = "SECS")]
     pub heartbeat_interval_secs: Option<u32>,
+    /// New machine ids admitted per minute; bounds a flood of made-up machines from anyone
+    /// holding the enrollment token [default: 1000].
+    #[arg(long, env = "BOOTTORRENT_ENROLL_PER_MINUTE", value_name = "N")]
+    pub enroll_per_minute: Option<u32>,
+    /// Most machines waiting for approval at once (auto-approve off) [default: 10000].
+    #[arg(long, env = "BOOTTORRENT_MAX_PENDING_MACHINES", value_name = "N")]
+    pub max_pending_machines: Option<u32>,
     /// Seconds an envelope's timestamp may be off before it is dropped [default: 300].
     #[arg(long, env = "BOOTTORRENT_REPLAY_WINDOW_SECS", value_name = "SECS")]
     pub replay_window_secs: Option<u32>,
@@ -221,9 +228,22 @@ pub enum MachinesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Approve a machine that is waiting: a new machine when auto-approve is off, or a known
-    /// machine that presented a different key. Needs the admin token.
+    /// Approve a new machine that waits (auto-approve off). Name the key you approve by the
+    /// fingerprint the agent printed when it started (`boottorrent-agent` logs it), or the
+    /// one `machines show ID` lists as `pending_fingerprint`; a different waiting key is not
+    /// approved. Needs the admin token.
     Approve {
+        /// Machine id.
+        id: String,
+        /// The key's fingerprint, `SHA256:xxxx:...`.
+        fingerprint: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Forget a machine: reject a key that waits for approval, or let a reinstalled machine
+    /// (new key, same id) enroll again. The machine's deployment history stays. Needs the
+    /// admin token.
+    Delete {
         /// Machine id.
         id: String,
         #[command(flatten)]

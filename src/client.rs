@@ -39,20 +39,38 @@ pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        MachinesCommand::Approve { id, client } => {
+        MachinesCommand::Approve {
+            id,
+            fingerprint,
+            client,
+        } => {
             let body = send(
                 &client,
                 reqwest::Method::POST,
                 &format!("/api/v1/machines/{id}/approve"),
-                None,
+                Some(serde_json::json!({ "fingerprint": fingerprint })),
             )
             .await?;
             if client.json {
                 println!("{}", serde_json::to_string_pretty(&body)?);
             } else {
                 let outcome = body["outcome"].as_str().unwrap_or("approved");
-                let key = body["public_key"].as_str().unwrap_or("?");
+                let key = body["fingerprint"].as_str().unwrap_or("?");
                 println!("machine {id}: {} (key {key})", outcome.replace('_', " "));
+            }
+        }
+        MachinesCommand::Delete { id, client } => {
+            let body = send(
+                &client,
+                reqwest::Method::DELETE,
+                &format!("/api/v1/machines/{id}"),
+                None,
+            )
+            .await?;
+            if client.json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                println!("machine {id}: deleted; it may enroll again");
             }
         }
     }

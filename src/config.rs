@@ -44,6 +44,12 @@ pub struct Config {
     /// Register machines on their first signed `startup` (trust on first use). When false,
     /// new machines and changed keys wait for `boottorrent machines approve ID`.
     pub auto_approve: bool,
+    /// New machine ids admitted per minute (also the burst). The enrollment token is in every
+    /// golden image, so this bounds how fast anyone can add made-up machines; real agents
+    /// over the limit retry by themselves.
+    pub enroll_per_minute: u32,
+    /// Most machines waiting for approval at once (with `auto_approve = false`).
+    pub max_pending_machines: u32,
     /// Seconds between agent heartbeats; three missed intervals mark a machine offline.
     pub heartbeat_interval_secs: u32,
     /// Seconds an envelope's timestamp may differ from the server's clock before it is
@@ -73,6 +79,8 @@ impl Default for Config {
             enroll_token: None,
             admin_token: None,
             auto_approve: true,
+            enroll_per_minute: 1000,
+            max_pending_machines: 10_000,
             heartbeat_interval_secs: 30,
             replay_window_secs: 300,
             announce_interval_secs: 60,
@@ -99,6 +107,8 @@ impl fmt::Debug for Config {
             .field("enroll_token", &self.enroll_token)
             .field("admin_token", &self.admin_token)
             .field("auto_approve", &self.auto_approve)
+            .field("enroll_per_minute", &self.enroll_per_minute)
+            .field("max_pending_machines", &self.max_pending_machines)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("replay_window_secs", &self.replay_window_secs)
             .field("announce_interval_secs", &self.announce_interval_secs)
@@ -172,6 +182,8 @@ impl Config {
             &args.admin_token.clone().map(Secret::new),
         );
         set(&mut self.auto_approve, &args.auto_approve);
+        set(&mut self.enroll_per_minute, &args.enroll_per_minute);
+        set(&mut self.max_pending_machines, &args.max_pending_machines);
         set(
             &mut self.heartbeat_interval_secs,
             &args.heartbeat_interval_secs,
@@ -198,6 +210,9 @@ impl Config {
         }
         if self.heartbeat_interval_secs == 0 {
             bail!("heartbeat_interval_secs must be at least 1");
+        }
+        if self.enroll_per_minute == 0 {
+            bail!("enroll_per_minute must be at least 1, or no new machine could ever join");
         }
         if self.replay_window_secs == 0 {
             bail!("replay_window_secs must be at least 1");
@@ -281,6 +296,10 @@ bt_listen = "0.0.0.0:6881"
 # admin_token = "..."
 # Register machines on their first signed startup (trust on first use).
 auto_approve = true
+# New machine ids admitted per minute; anyone with the enrollment token can make ids up.
+enroll_per_minute = 1000
+# Most machines waiting for approval at once (auto_approve = false).
+max_pending_machines = 10000
 # Seconds between agent heartbeats; three missed intervals mark a machine offline.
 heartbeat_interval_secs = 30
 # Seconds an envelope's timestamp may differ from the server clock.

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use boottorrent_proto::{
-    DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBytes, VerifyingKey, ZoneId,
+    DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBytes, VerifyingKey, ZoneId, fingerprint,
 };
 use boottorrent_tracker::swarm::Tracker;
 use serde::{Deserialize, Serialize};
@@ -57,7 +57,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/server-key", get(server_key))
         .route("/api/v1/machines", get(list_machines))
-        .route("/api/v1/machines/{id}", get(show_machine))
+        .route(
+            "/api/v1/machines/{id}",
+            get(show_machine).delete(delete_machine),
+        )
         .route("/api/v1/machines/{id}/approve", post(approve_machine))
         .route("/api/v1/log", get(recent_log))
         .route("/api/v1/events", get(live_events))
@@ -249,7 +252,10 @@ pub struct MachineView {
     /// another key, waiting).
     pub key_state: &'static str,
     pub public_key: Option<PublicKeyBytes>,
+    /// What the agent prints for its key; `machines approve` names it.
+    pub fingerprint: Option<String>,
     pub pending_key: Option<PublicKeyBytes>,
+    pub pending_fingerprint: Option<String>,
 }
 
 impl MachineView {
@@ -274,7 +280,9 @@ impl MachineView {
             free_disk_bytes: m.free_disk_bytes,
             key_state,
             public_key: k.approved,
+            fingerprint: k.approved.as_ref().map(fingerprint),
             pending_key: k.pending,
+            pending_fingerprint: k.pending.as_ref().map(fingerprint),
         }
     }
 }
@@ -387,32 +395,66 @@ async fn show_machine(
     }
 }
 
+/// Body of `POST /api/v1/machines/{id}/approve`: the operator names the key it approves,
+/// so a key swapped in since the operator looked is not approved by mistake.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    fingerprint: String,
+}
+
 async fn approve_machine(
     State(state): State<AppState>,
     _admin: Admin,
     IdPath(id): IdPath<MachineId>,
+    body: Result<Json<ApproveBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = json_body(body)?;
     let result = state
         .orchestrator
-        .approve(id.clone())
+        .approve(id.clone(), body.fingerprint)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let (outcome, key) = match result {
         Ok(Approval::Approved(key)) => ("approved", key),
         Ok(Approval::AlreadyApproved(key)) => ("already_approved", key),
-        Err(e @ ApproveError::UnknownMachine(_)) => {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, e.to_string()));
-        }
-        Err(e @ ApproveError::NothingToApprove(_)) => {
-            return Err(ApiError::new(StatusCode::CONFLICT, e.to_string()));
-        }
-        Err(ApproveError::Store(e)) => return Err(ApiError::internal("storing the approval", e)),
+        Err(e) => return Err(ApiError::from(e)),
     };
     Ok(Json(serde_json::json!({
         "id": id,
         "outcome": outcome,
         "public_key": key,
+        "fingerprint": fingerprint(&key),
     })))
+}
+
+/// Forgets a machine: rejects a waiting key, or lets a reinstalled machine enroll again.
+async fn delete_machine(
+    State(state): State<AppState>,
+    _admin: Admin,
+    IdPath(id): IdPath<MachineId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let record = state
+        .orchestrator
+        .delete_machine(id.clone())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .map_err(ApiError::from)?;
+    Ok(Json(
+        serde_json::json!({ "id": record.id, "outcome": "deleted" }),
+    ))
+}
+
+impl From<ApproveError> for ApiError {
+    fn from(e: ApproveError) -> Self {
+        match e {
+            ApproveError::UnknownMachine(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            ApproveError::NothingToApprove(_) | ApproveError::WrongKey { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            ApproveError::Store(e) => ApiError::internal("storing the machine's keys", e),
+        }
+    }
 }
 
 /// Query of `GET /api/v1/log`.

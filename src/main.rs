@@ -3,6 +3,7 @@
 use clap::Parser;
 
 mod broker;
+mod broker_log;
 mod catalog;
 mod cli;
 mod client;
@@ -11,8 +12,10 @@ mod credentials;
 mod dashboard;
 mod deploy_cmd;
 mod deployment;
+mod enrollment;
 mod fleet;
 mod http;
+mod keyring;
 mod locality;
 mod metrics;
 mod orchestrator;
@@ -26,13 +29,7 @@ mod zone;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BOOTTORRENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_log();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -40,6 +37,38 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by `BOOTTORRENT_LOG` (default `info`), coloured only on a
+/// terminal. The broker's own events go through [`broker_log::BrokerLog`] unless
+/// `BOOTTORRENT_LOG` names `rumqttd`, for whoever needs them raw.
+fn init_log() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, filter::Targets};
+
+    let wanted = std::env::var("BOOTTORRENT_LOG").unwrap_or_default();
+    let mut filter = EnvFilter::try_new(&wanted).unwrap_or_else(|_| EnvFilter::new("info"));
+    if wanted.trim().is_empty() {
+        filter = EnvFilter::new("info");
+    }
+    let raw_broker = wanted.contains(broker_log::RUMQTTD);
+    if !raw_broker {
+        filter = filter.add_directive(
+            format!("{}=off", broker_log::RUMQTTD)
+                .parse()
+                .expect("a static directive"),
+        );
+    }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_filter(filter);
+    let broker = (!raw_broker).then(|| {
+        broker_log::BrokerLog::default()
+            .with_filter(Targets::new().with_target(broker_log::RUMQTTD, tracing::Level::INFO))
+    });
+    tracing_subscriber::registry().with(fmt).with(broker).init();
 }
 
 fn run(cli: cli::Cli) -> anyhow::Result<()> {

@@ -27,10 +27,12 @@ pub enum DropReason {
     Replayed,
     /// The event was valid but could not be stored; it is not acknowledged.
     StoreFailed,
+    /// A new machine id over the enrollment rate or the cap of machines waiting for approval.
+    EnrollmentLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::BadTopic,
         DropReason::Malformed,
         DropReason::SenderMismatch,
@@ -41,6 +43,7 @@ impl DropReason {
         DropReason::Stale,
         DropReason::Replayed,
         DropReason::StoreFailed,
+        DropReason::EnrollmentLimited,
     ];
 
     /// Label value in `/metrics`.
@@ -56,6 +59,7 @@ impl DropReason {
             DropReason::Stale => "stale",
             DropReason::Replayed => "replayed",
             DropReason::StoreFailed => "store_failed",
+            DropReason::EnrollmentLimited => "enrollment_limited",
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::deployment::{Deployment, ImageRef};
 use crate::fleet::{Fleet, FleetError, Live, NewDeployment};
 use crate::metrics::Metrics;
 use crate::registry::{Approval, ApproveError, Outgoing, Registry};
+use crate::store::MachineRecord;
 use crate::zone::{Zone, ZoneSpec};
 
 /// Most events applied in one transaction.
@@ -38,7 +39,13 @@ type Reply<T> = oneshot::Sender<Result<T, FleetError>>;
 pub enum Request {
     Approve {
         machine: MachineId,
+        /// The fingerprint of the key the operator approves.
+        fingerprint: String,
         reply: oneshot::Sender<Result<Approval, ApproveError>>,
+    },
+    DeleteMachine {
+        machine: MachineId,
+        reply: oneshot::Sender<Result<MachineRecord, ApproveError>>,
     },
     Deploy {
         request: NewDeployment,
@@ -109,12 +116,28 @@ impl Handle {
         self.ask(|reply| Request::DeleteZone { id, reply }).await
     }
 
-    /// Approves a machine's waiting key; resolves once the approval is stored.
+    /// Approves a machine's waiting key if it has `fingerprint`; resolves once the approval
+    /// is stored.
     pub async fn approve(
         &self,
         machine: MachineId,
+        fingerprint: String,
     ) -> anyhow::Result<Result<Approval, ApproveError>> {
-        self.ask(|reply| Request::Approve { machine, reply }).await
+        self.ask(|reply| Request::Approve {
+            machine,
+            fingerprint,
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets a machine (rejects its waiting key, or lets a reinstalled machine enroll again).
+    pub async fn delete_machine(
+        &self,
+        machine: MachineId,
+    ) -> anyhow::Result<Result<MachineRecord, ApproveError>> {
+        self.ask(|reply| Request::DeleteMachine { machine, reply })
+            .await
     }
 }
 
@@ -209,12 +232,21 @@ fn serve(request: Request, registry: &mut Registry, fleet: &mut Fleet) -> Vec<Ou
     let now = now_ms();
     let mut out = Vec::new();
     match request {
-        Request::Approve { machine, reply } => {
-            let answer = registry.approve(&machine, now).map(|(approval, more)| {
-                out = more;
-                approval
-            });
+        Request::Approve {
+            machine,
+            fingerprint,
+            reply,
+        } => {
+            let answer = registry
+                .approve(&machine, &fingerprint, now)
+                .map(|(approval, more)| {
+                    out = more;
+                    approval
+                });
             let _ = reply.send(answer);
+        }
+        Request::DeleteMachine { machine, reply } => {
+            let _ = reply.send(registry.delete(&machine, now));
         }
         Request::Deploy { request, reply } => {
             let answer = fleet

@@ -16,10 +16,12 @@ use std::sync::Arc;
 use boottorrent_proto::{
     Command, CommandKind, Encoding, Envelope, Event, MachineConfiguration, MachineId, Presence,
     PublicKeyBytes, ReplayError, ReplayGuard, Scope, SenderId, SeqCounter, SigningKey, Topic,
-    decode_event, detect, verifying_key_from_bytes,
+    decode_event, detect, fingerprint, verifying_key_from_bytes,
 };
 use sha2::{Digest, Sha256};
 
+use crate::enrollment::{self, Gate};
+use crate::keyring::Keyring;
 use crate::metrics::{DropReason, Metrics};
 use crate::store::{Batch, KeyRecord, MachineRecord, Store, StoreError};
 use crate::zone::{self, Zone};
@@ -92,6 +94,7 @@ pub struct Settings {
     pub auto_approve: bool,
     pub heartbeat_interval_secs: u32,
     pub replay_window_ms: i64,
+    pub enrollment: enrollment::Limits,
 }
 
 /// Result of an operator's approval.
@@ -110,6 +113,15 @@ pub enum ApproveError {
     UnknownMachine(MachineId),
     #[error("machine {0} has no key waiting for approval and none approved")]
     NothingToApprove(MachineId),
+    #[error(
+        "machine {machine} waits with key {waiting}, not {presented}; compare with the \
+         fingerprint the agent prints, and approve the key it shows"
+    )]
+    WrongKey {
+        machine: MachineId,
+        presented: String,
+        waiting: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -125,6 +137,12 @@ pub struct Registry {
     settings: Settings,
     signer: Signer,
     guard: ReplayGuard,
+    /// The keys the broker checks logins against; mirrors every key stored.
+    keyring: Keyring,
+    /// Admits new machine ids at a bounded rate.
+    gate: Gate,
+    /// Machines waiting for approval (kept counted so the gate need not scan).
+    pending: usize,
     /// Config hash last sent to each machine since this process started; a machine that has
     /// not got its current configuration gets it on its next accepted event.
     configured: HashMap<MachineId, String>,
@@ -138,20 +156,31 @@ impl Registry {
         store: Store,
         settings: Settings,
         server_key: SigningKey,
+        keyring: Keyring,
         metrics: Arc<Metrics>,
         now_ms: i64,
     ) -> Result<Registry, StoreError> {
         let mut guard = ReplayGuard::new(settings.replay_window_ms);
-        for (machine, _) in store.machines()? {
+        let mut pending = 0;
+        for (machine, keys) in store.machines()? {
             if machine.last_seq > 0 {
                 guard.restore(SenderId::from(machine.id.clone()), machine.last_seq);
+            }
+            if let Some(key) = keys.approved.or(keys.pending) {
+                keyring.set(&machine.id, key);
+            }
+            if keys.approved.is_none() && keys.pending.is_some() {
+                pending += 1;
             }
         }
         Ok(Registry {
             store,
+            gate: Gate::new(settings.enrollment, now_ms),
             settings,
             signer: Signer::new(server_key, now_ms),
             guard,
+            keyring,
+            pending,
             configured: HashMap::new(),
             metrics,
         })
@@ -176,6 +205,7 @@ impl Registry {
             }
             Ok(outcome)
         });
+        self.gate.report(now_ms);
         match result {
             Ok(out) => {
                 for verdict in verdicts {
@@ -364,6 +394,14 @@ impl Registry {
         Ok(Verdict::Accepted)
     }
 
+    /// A `startup`: the only event that may carry a key the server does not trust yet.
+    ///
+    /// It is verified with the key it carries, which proves only that the sender holds that
+    /// key. So it changes nothing about a machine unless that key is the one the machine is
+    /// known by: a startup for a known id under another key is dropped without touching the
+    /// replay guard, presence, addresses, zones or the waiting key (a reinstalled machine is
+    /// deleted by the operator and enrolls again). A new id is admitted through the
+    /// enrollment gate and trusted on first use, or waits for approval.
     #[allow(clippy::too_many_arguments)]
     fn startup(
         &mut self,
@@ -380,80 +418,95 @@ impl Registry {
     ) -> Result<Verdict, StoreError> {
         use Verdict::Dropped;
         let presented = startup.public_key;
-        // Verified with the key it carries: this proves possession of that key, nothing more.
         if let Err(why) = verify(envelope, topic, &presented) {
             return Ok(Dropped(
                 DropReason::BadSignature,
                 format!("startup from {machine}: {why}"),
             ));
         }
-        if let Some(verdict) = self.replay_check(envelope, now_ms) {
-            return Ok(verdict);
-        }
-        let (mut record, mut keys, is_new) = match existing {
-            Some((record, keys)) => (record, keys, false),
-            None => (
-                MachineRecord::new(machine.clone(), now_ms),
-                KeyRecord::default(),
-                true,
-            ),
-        };
-        let trusted = keys.approved == Some(presented);
-        if !trusted {
-            if keys.approved.is_none() && self.settings.auto_approve {
-                keys.approved = Some(presented);
-                keys.approved_at_ms = Some(now_ms);
-                keys.pending = None;
-                batch.log(
-                    now_ms,
-                    Some(machine),
-                    "registered",
-                    format!("key {} trusted on first use", short(&presented)),
-                )?;
-            } else {
-                let known = keys.approved.is_some();
-                if keys.pending != Some(presented) {
-                    keys.pending = Some(presented);
-                    let (kind, detail) = if known {
-                        (
-                            "key_changed",
-                            format!(
-                                "presented new key {} instead of {}; run `boottorrent machines approve {machine}` if the machine was reinstalled",
-                                short(&presented),
-                                keys.approved.as_ref().map(short).unwrap_or_default()
-                            ),
-                        )
-                    } else {
-                        (
-                            "awaiting_approval",
-                            format!(
-                                "new machine with key {}; run `boottorrent machines approve {machine}`",
-                                short(&presented)
-                            ),
-                        )
-                    };
-                    tracing::warn!(machine = %machine, "{detail}");
-                    batch.log(now_ms, Some(machine), kind, detail)?;
+        let (mut record, keys, is_new) = match existing {
+            Some((record, keys)) => match (keys.approved, keys.pending) {
+                (Some(approved), _) if approved == presented => (record, keys, false),
+                (Some(approved), _) => {
+                    return Ok(Dropped(
+                        DropReason::KeyMismatch,
+                        format!(
+                            "startup from {machine} with key {} but it is known by {}",
+                            fingerprint(&presented),
+                            fingerprint(&approved)
+                        ),
+                    ));
                 }
-                if is_new {
+                (None, Some(pending)) if pending == presented && !self.settings.auto_approve => {
+                    return Ok(Dropped(
+                        DropReason::Unapproved,
+                        format!("startup from {machine}, which waits for approval"),
+                    ));
+                }
+                (None, Some(pending)) if pending == presented => {
+                    // Auto-approve was switched on since the machine first came.
+                    let mut keys = keys;
+                    self.trust(batch, machine, &mut keys, presented, now_ms)?;
+                    (record, keys, false)
+                }
+                (None, _) => {
+                    return Ok(Dropped(
+                        DropReason::KeyMismatch,
+                        format!(
+                            "startup from {machine} with key {} but key {} waits for approval",
+                            fingerprint(&presented),
+                            keys.pending.as_ref().map(fingerprint).unwrap_or_default()
+                        ),
+                    ));
+                }
+            },
+            None => {
+                if let Some(verdict) = self.replay_check(envelope, now_ms) {
+                    return Ok(verdict);
+                }
+                if crate::broker::is_reserved(machine.as_str()) {
+                    return Ok(Dropped(
+                        DropReason::BadTopic,
+                        format!("{machine} is reserved for the server"),
+                    ));
+                }
+                let needs_approval = !self.settings.auto_approve;
+                if let Err(why) = self.gate.admit(now_ms, self.pending, needs_approval) {
+                    return Ok(Dropped(
+                        DropReason::EnrollmentLimited,
+                        format!("new machine {machine} refused: {why:?}"),
+                    ));
+                }
+                let mut record = MachineRecord::new(machine.clone(), now_ms);
+                let mut keys = KeyRecord::default();
+                if needs_approval {
+                    keys.pending = Some(presented);
+                    self.pending += 1;
+                    let detail = format!(
+                        "new machine with key {}; run `boottorrent machines approve {machine} {}`",
+                        fingerprint(&presented),
+                        fingerprint(&presented)
+                    );
+                    tracing::info!(machine = %machine, "{detail}");
+                    batch.log(now_ms, Some(machine), "awaiting_approval", detail)?;
+                    batch.put_keys(machine, &keys)?;
+                    self.keyring.set(machine, presented);
                     // Shown to the operator to help decide; not trusted for anything else.
                     apply_startup(&mut record, startup, zones);
                     record.online = false;
                     batch.put_machine(&record)?;
+                    return Ok(Dropped(
+                        DropReason::Unapproved,
+                        format!("startup from new machine {machine}, which waits for approval"),
+                    ));
                 }
-                batch.put_keys(machine, &keys)?;
-                self.guard.record(&envelope.from, envelope.seq);
-                let reason = if known {
-                    DropReason::KeyMismatch
-                } else {
-                    DropReason::Unapproved
-                };
-                return Ok(Dropped(
-                    reason,
-                    format!("startup from {machine} with a key that is not approved"),
-                ));
+                self.trust(batch, machine, &mut keys, presented, now_ms)?;
+                (record, keys, true)
             }
-            batch.put_keys(machine, &keys)?;
+        };
+        debug_assert_eq!(keys.approved, Some(presented));
+        if let Some(verdict) = self.replay_check(envelope, now_ms) {
+            return Ok(verdict);
         }
         let was_online = record.online;
         apply_startup(&mut record, startup, zones);
@@ -482,6 +535,32 @@ impl Registry {
             event: Event::Startup(startup.clone()),
         });
         Ok(Verdict::Accepted)
+    }
+
+    /// Makes `key` the machine's approved key (first use, or auto-approve switched on for a
+    /// waiting machine).
+    fn trust(
+        &mut self,
+        batch: &mut Batch<'_>,
+        machine: &MachineId,
+        keys: &mut KeyRecord,
+        key: PublicKeyBytes,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if keys.pending.take().is_some() {
+            self.pending = self.pending.saturating_sub(1);
+        }
+        keys.approved = Some(key);
+        keys.approved_at_ms = Some(now_ms);
+        batch.put_keys(machine, keys)?;
+        batch.log(
+            now_ms,
+            Some(machine),
+            "registered",
+            format!("key {} trusted on first use", fingerprint(&key)),
+        )?;
+        self.keyring.set(machine, key);
+        Ok(())
     }
 
     fn replay_check(&self, envelope: &Envelope<Event>, now_ms: i64) -> Option<Verdict> {
@@ -552,10 +631,12 @@ impl Registry {
         &mut self.signer
     }
 
-    /// Approves the key a machine is waiting with, and queues its configuration.
+    /// Approves the key a machine is waiting with, if it is the key the operator names by
+    /// its fingerprint, and queues the machine's configuration.
     pub fn approve(
         &mut self,
         machine: &MachineId,
+        expected: &str,
         now_ms: i64,
     ) -> Result<(Approval, Vec<Outgoing>), ApproveError> {
         let store = self.store.clone();
@@ -563,28 +644,45 @@ impl Registry {
             let Some((_, mut keys)) = batch.machine(machine)? else {
                 return Ok(Err(ApproveError::UnknownMachine(machine.clone())));
             };
-            let Some(pending) = keys.pending.take() else {
+            let Some(pending) = keys.pending else {
                 return Ok(match keys.approved {
-                    Some(key) => Ok(Approval::AlreadyApproved(key)),
+                    Some(key) if fingerprint(&key) == expected.trim() => {
+                        Ok(Approval::AlreadyApproved(key))
+                    }
+                    Some(key) => Err(ApproveError::WrongKey {
+                        machine: machine.clone(),
+                        presented: expected.to_owned(),
+                        waiting: fingerprint(&key),
+                    }),
                     None => Err(ApproveError::NothingToApprove(machine.clone())),
                 });
             };
+            if fingerprint(&pending) != expected.trim() {
+                return Ok(Err(ApproveError::WrongKey {
+                    machine: machine.clone(),
+                    presented: expected.to_owned(),
+                    waiting: fingerprint(&pending),
+                }));
+            }
+            keys.pending = None;
             let previous = keys.approved.replace(pending);
             keys.approved_at_ms = Some(now_ms);
             batch.put_keys(machine, &keys)?;
             let detail = match previous {
                 Some(old) => format!(
                     "operator approved key {} replacing {}",
-                    short(&pending),
-                    short(&old)
+                    fingerprint(&pending),
+                    fingerprint(&old)
                 ),
-                None => format!("operator approved key {}", short(&pending)),
+                None => format!("operator approved key {}", fingerprint(&pending)),
             };
             batch.log(now_ms, Some(machine), "approved", detail)?;
             Ok(Ok(Approval::Approved(pending)))
         })??;
         let mut out = Vec::new();
-        if let Approval::Approved(_) = approval {
+        if let Approval::Approved(key) = approval {
+            self.pending = self.pending.saturating_sub(1);
+            self.keyring.set(machine, key);
             // The agent's startup was refused moments ago and it may be waiting: answer it now
             // rather than at its next heartbeat.
             if let Some((record, _)) = self.store.machine(machine)? {
@@ -593,6 +691,41 @@ impl Registry {
             }
         }
         Ok((approval, out))
+    }
+
+    /// Forgets a machine: its record and keys go, so its id may enroll again (a reinstalled
+    /// machine, or a made-up id the operator rejects). Its deployment history stays.
+    pub fn delete(
+        &mut self,
+        machine: &MachineId,
+        now_ms: i64,
+    ) -> Result<MachineRecord, ApproveError> {
+        let store = self.store.clone();
+        let (record, keys) = store.write(|batch| {
+            let Some((record, keys)) = batch.machine(machine)? else {
+                return Ok(Err(ApproveError::UnknownMachine(machine.clone())));
+            };
+            batch.delete_machine(machine)?;
+            let key = keys.approved.or(keys.pending);
+            batch.log(
+                now_ms,
+                Some(machine),
+                "deleted",
+                format!(
+                    "operator deleted the machine (key {}); the id may enroll again",
+                    key.as_ref()
+                        .map(fingerprint)
+                        .unwrap_or_else(|| "none".into())
+                ),
+            )?;
+            Ok(Ok((record, keys)))
+        })??;
+        if keys.approved.is_none() && keys.pending.is_some() {
+            self.pending = self.pending.saturating_sub(1);
+        }
+        self.keyring.remove(machine);
+        self.configured.remove(machine);
+        Ok(record)
     }
 
     /// Marks offline every machine that missed three heartbeat intervals; returns them.
@@ -701,11 +834,6 @@ pub fn encoding_of(record: &MachineRecord) -> Encoding {
     } else {
         Encoding::MessagePack
     }
-}
-
-/// A key's first 8 hex digits, enough to tell keys apart in a log line.
-fn short(key: &PublicKeyBytes) -> String {
-    hex::encode(&key.0[..4])
 }
 
 fn micros(now_ms: i64) -> u64 {

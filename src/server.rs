@@ -20,11 +20,12 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::fleet::Fleet;
+use crate::keyring::Keyring;
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Settings};
 use crate::store::Store;
-use crate::{broker, http, orchestrator};
+use crate::{broker, enrollment, http, orchestrator};
 
 /// How long running tasks get to finish after a shutdown signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -45,15 +46,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let metrics = Arc::new(Metrics::default());
+    crate::broker_log::count_into(metrics.clone());
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding the HTTP listener on {}", config.http_listen))?;
 
+    let keyring = Keyring::default();
     let link = tokio::task::block_in_place(|| {
         broker::start(
             &config,
             credentials.enroll_token.clone(),
             credentials.admin_token.clone(),
+            keyring.clone(),
             metrics.clone(),
         )
     })?;
@@ -63,8 +67,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             auto_approve: config.auto_approve,
             heartbeat_interval_secs: config.heartbeat_interval_secs,
             replay_window_ms: i64::from(config.replay_window_secs) * 1000,
+            enrollment: enrollment::Limits {
+                per_minute: config.enroll_per_minute,
+                max_pending: config.max_pending_machines,
+            },
         },
         credentials.server_key.clone(),
+        keyring,
         metrics.clone(),
         orchestrator::now_ms(),
     )

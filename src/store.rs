@@ -443,6 +443,13 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Removes a machine's record and keys.
+    pub fn delete_machine(&mut self, id: &MachineId) -> Result<(), StoreError> {
+        self.machines.remove(id.as_str())?;
+        self.keys.remove(id.as_str())?;
+        Ok(())
+    }
+
     pub fn put_keys(&mut self, id: &MachineId, keys: &KeyRecord) -> Result<(), StoreError> {
         let bytes = encode("machine_keys", id.as_str(), keys)?;
         self.keys.insert(id.as_str(), bytes.as_slice())?;

@@ -33,7 +33,7 @@ fn register(server: &Server, agent: &mut Agent) -> boottorrent_proto::MachineCon
     let topic = config_topic(agent);
     let mut sub = server.subscribe(&topic.to_string());
     let (t, payload) = agent.startup();
-    server.publish(agent.id.as_str(), &t, &payload);
+    server.publish(agent, &t, &payload);
     let (got_topic, bytes) = sub.next();
     assert_eq!(got_topic, topic.to_string());
     let envelope = decode_command(CommandKind::MachineConfiguration, &bytes).unwrap();
@@ -95,7 +95,7 @@ fn json_startup_is_answered_in_json() {
     let body = agent.startup_body();
     let (t, payload) = agent.event(body, Encoding::Json);
     assert_eq!(payload.first(), Some(&b'{'));
-    server.publish("pc-json", &t, &payload);
+    server.publish(&agent, &t, &payload);
     let (_, bytes) = sub.next();
     assert_eq!(
         bytes.first(),
@@ -128,15 +128,15 @@ fn forged_replayed_and_random_events_are_dropped_and_counted() {
         now_ms(),
         Encoding::MessagePack,
     );
-    server.publish("pc-1", &topic.to_string(), &forged);
+    server.publish(&agent, &topic.to_string(), &forged);
     wait_for("the forged heartbeat to be counted", || {
         (server.dropped("bad_signature") == 1).then_some(())
     });
 
     // A genuine heartbeat, sent twice: the copy is a replay.
     let (t, heartbeat) = agent.heartbeat();
-    server.publish("pc-1", &t, &heartbeat);
-    server.publish("pc-1", &t, &heartbeat);
+    server.publish(&agent, &t, &heartbeat);
+    server.publish(&agent, &t, &heartbeat);
     wait_for("the replayed heartbeat to be counted", || {
         (server.dropped("replayed") == 1).then_some(())
     });
@@ -146,7 +146,7 @@ fn forged_replayed_and_random_events_are_dropped_and_counted() {
         machine: "pc-2".parse().unwrap(),
         kind: boottorrent_proto::EventKind::Heartbeat,
     };
-    server.publish("pc-1", &other.to_string(), &heartbeat);
+    server.publish(&agent, &other.to_string(), &heartbeat);
     wait_for("the misaddressed envelope to be counted", || {
         (server.dropped("sender_mismatch") == 1).then_some(())
     });
@@ -162,7 +162,7 @@ fn forged_replayed_and_random_events_are_dropped_and_counted() {
         now_ms() - 600_000,
         Encoding::MessagePack,
     );
-    server.publish("pc-1", &topic.to_string(), &old);
+    server.publish(&agent, &topic.to_string(), &old);
     wait_for("the stale envelope to be counted", || {
         (server.dropped("stale") == 1).then_some(())
     });
@@ -217,7 +217,8 @@ fn forged_replayed_and_random_events_are_dropped_and_counted() {
         }
         let mut child = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
-            .args(["-u", "pc-1", "-P", &enroll, "-q", "1", "-t", &topic, "-l"])
+            .args(["-i", "pc-1", "-u", "pc-1", "-P", &agent.password(&enroll)])
+            .args(["-q", "1", "-t", &topic, "-l"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -252,7 +253,7 @@ fn forged_replayed_and_random_events_are_dropped_and_counted() {
 
     // Still serving: a fresh genuine heartbeat is accepted.
     let (t, heartbeat) = agent.heartbeat();
-    server.publish("pc-1", &t, &heartbeat);
+    server.publish(&agent, &t, &heartbeat);
     wait_for("a genuine heartbeat after the junk", || {
         (server.metric("boottorrent_mqtt_events_accepted_total") == 3).then_some(())
     });
@@ -366,50 +367,66 @@ fn bad_tls_files_stop_startup_and_name_the_file() {
 }
 
 #[test]
-fn approval_gates_new_machines_and_changed_keys() {
+fn approval_gates_new_machines_and_names_the_key_it_approves() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Server::start(&data, &["--auto-approve", "false"]);
     let mut agent = Agent::new("pc-9");
     let (t, startup) = agent.startup();
-    server.publish("pc-9", &t, &startup);
+    server.publish(&agent, &t, &startup);
     let m = wait_for("the pending machine", || server.machine("pc-9"));
     assert_eq!(m["key_state"], "pending");
     assert_eq!(m["online"], false);
+    let fingerprint = boottorrent_proto::fingerprint(&agent.key.verifying_key().to_bytes().into());
+    assert_eq!(m["pending_fingerprint"], fingerprint.as_str());
     assert_eq!(server.dropped("unapproved"), 1);
     // Not approved yet: its heartbeats do nothing.
     let (t, hb) = agent.heartbeat();
-    server.publish("pc-9", &t, &hb);
+    server.publish(&agent, &t, &hb);
     wait_for("the unapproved heartbeat", || {
         (server.dropped("unapproved") == 2).then_some(())
     });
 
     // Approving needs the admin token.
     let client = reqwest::blocking::Client::new();
+    let body = serde_json::json!({ "fingerprint": fingerprint });
     let r = client
         .post(server.url("/api/v1/machines/pc-9/approve"))
+        .json(&body)
         .send()
         .unwrap();
     assert_eq!(r.status(), 401);
     let r = client
         .post(server.url("/api/v1/machines/pc-9/approve"))
         .bearer_auth("wrong-token-wrong-token")
+        .json(&body)
         .send()
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.text().unwrap().contains("\"error\""));
 
+    let approve = |id: &str, fingerprint: &str| {
+        cli(&[
+            "machines",
+            "approve",
+            id,
+            fingerprint,
+            "--server",
+            &server.url(""),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+    };
+    // Another key's fingerprint approves nothing, and says which key waits.
+    let wrong = approve("pc-9", "SHA256:0000:0000:0000:0000:0000:0000:0000:0000");
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains(&fingerprint), "{err}");
+    assert_eq!(server.machine("pc-9").unwrap()["key_state"], "pending");
+
     // The CLI finds the token in the data directory; the waiting agent gets its config.
     let mut sub = server.subscribe(&config_topic(&agent).to_string());
-    let out = cli(&[
-        "machines",
-        "approve",
-        "pc-9",
-        "--server",
-        &server.url(""),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let out = approve("pc-9", &fingerprint);
     assert!(
         out.status.success(),
         "{}",
@@ -423,39 +440,34 @@ fn approval_gates_new_machines_and_changed_keys() {
         .unwrap();
     assert_eq!(server.machine("pc-9").unwrap()["key_state"], "approved");
     let (t, hb) = agent.heartbeat();
-    server.publish("pc-9", &t, &hb);
+    server.publish(&agent, &t, &hb);
     wait_for("the approved machine online", || {
         (server.machine("pc-9").unwrap()["online"] == true).then_some(())
     });
 
-    // Same id, new key (reinstalled, or an impostor): refused until approved.
+    // Same id, new key (reinstalled, or an impostor): its startup, sent from another login,
+    // changes nothing and leaves no key waiting to be approved by mistake.
     let mut impostor = Agent::new("pc-9");
+    let student = Agent::new("student-1");
     let (t, startup) = impostor.startup();
-    server.publish("pc-9", &t, &startup);
+    server.publish(&student, &t, &startup);
     wait_for("the key change", || {
         (server.dropped("key_mismatch") == 1).then_some(())
     });
     let m = server.machine("pc-9").unwrap();
-    assert_eq!(m["key_state"], "key_changed");
+    assert_eq!(m["key_state"], "approved");
+    assert_eq!(m["pending_key"], serde_json::Value::Null);
     assert_eq!(
         m["public_key"],
         hex::encode(agent.key.verifying_key().to_bytes())
     );
     let (t, hb) = impostor.heartbeat();
-    server.publish("pc-9", &t, &hb);
+    server.publish(&student, &t, &hb);
     wait_for("the impostor's heartbeat refused", || {
         (server.dropped("bad_signature") == 1).then_some(())
     });
 
-    let unknown = cli(&[
-        "machines",
-        "approve",
-        "pc-404",
-        "--server",
-        &server.url(""),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let unknown = approve("pc-404", &fingerprint);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
 }
@@ -474,10 +486,12 @@ fn signed_last_will_and_missed_heartbeats_mark_machines_offline() {
     let mut holder = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
         .args([
+            "-i",
+            "pc-will",
             "-u",
             "pc-will",
             "-P",
-            &server.enroll_token(),
+            &agent.password(&server.enroll_token()),
             "-t",
             "boottorrent/cmd/machine/pc-will/#",
         ])
@@ -487,7 +501,7 @@ fn signed_last_will_and_missed_heartbeats_mark_machines_offline() {
         .spawn()
         .unwrap();
     let (t, hb) = agent.heartbeat();
-    server.publish("pc-will", &t, &hb);
+    server.publish(&agent, &t, &hb);
     wait_for("the machine online", || {
         (server.machine("pc-will").unwrap()["online"] == true).then_some(())
     });
@@ -500,7 +514,7 @@ fn signed_last_will_and_missed_heartbeats_mark_machines_offline() {
 
     // Back with a heartbeat, then silence: three missed 1 s intervals mark it offline.
     let (t, hb) = agent.heartbeat();
-    server.publish("pc-will", &t, &hb);
+    server.publish(&agent, &t, &hb);
     wait_for("the machine online again", || {
         (server.machine("pc-will").unwrap()["online"] == true).then_some(())
     });
@@ -526,6 +540,7 @@ fn api_errors_are_json_with_the_right_status() {
     let r = reqwest::blocking::Client::new()
         .post(server.url("/api/v1/machines/unknown-pc/approve"))
         .bearer_auth(server.admin_token())
+        .json(&serde_json::json!({ "fingerprint": "SHA256:0000" }))
         .send()
         .unwrap();
     assert_eq!(r.status(), 404);
@@ -557,10 +572,12 @@ fn a_burst_of_10000_events_is_all_processed() {
     let mut child = Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
         .args([
+            "-i",
+            "pc-burst",
             "-u",
             "pc-burst",
             "-P",
-            &server.enroll_token(),
+            &agent.password(&server.enroll_token()),
             "-q",
             "1",
             "-t",

@@ -13,11 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+pub use boottorrent_proto::fingerprint;
 use boottorrent_proto::{
     MachineId, PublicKeyBytes, SigningKey, VerifyingKey, generate_signing_key,
     signing_key_from_hex, signing_key_to_hex, verifying_key_from_bytes,
 };
-use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 
@@ -149,14 +149,6 @@ pub fn store_server_key(path: &Path, key: &PublicKeyBytes) -> anyhow::Result<()>
     write().with_context(|| format!("writing the server key {}", path.display()))
 }
 
-/// A short, readable digest of a public key for comparing it by eye:
-/// `SHA256:` and the first 16 bytes of its SHA-256 in groups of four hex digits.
-pub fn fingerprint(key: &PublicKeyBytes) -> String {
-    let digest = Sha256::digest(key.0);
-    let groups: Vec<String> = digest[..16].chunks(2).map(hex::encode).collect();
-    format!("SHA256:{}", groups.join(":"))
-}
-
 /// Fetches the server's public key from `GET {http_url}/api/v1/server-key`.
 pub async fn fetch_server_key(http_url: &str) -> anyhow::Result<PublicKeyBytes> {
     #[derive(serde::Deserialize)]
@@ -191,19 +183,6 @@ pub async fn fetch_server_key(http_url: &str) -> anyhow::Result<PublicKeyBytes> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprint_is_stable_and_readable() {
-        // sha256 of 32 zero bytes starts 66687aadf862bd776c8fc18b8e9f8e20.
-        assert_eq!(
-            fingerprint(&PublicKeyBytes::from([0; 32])),
-            "SHA256:6668:7aad:f862:bd77:6c8f:c18b:8e9f:8e20"
-        );
-        assert_ne!(
-            fingerprint(&PublicKeyBytes::from([1; 32])),
-            fingerprint(&PublicKeyBytes::from([0; 32]))
-        );
-    }
 
     #[test]
     fn server_key_file_round_trips_and_missing_is_none() {

@@ -29,8 +29,9 @@ use anyhow::{Context, bail};
 use boottorrent_proto::{
     Command, Encoding, Envelope, Event, EventKind, GLOBAL_COMMANDS_FILTER, Heartbeat, HeldImage,
     MAX_PAYLOAD_BYTES, MachineConfiguration, MachineId, Presence, PublicKeyBytes, ReplayGuard,
-    Scope, SenderId, SeqCounter, Shutdown, SigningKey, Startup, Status, Topic, VerifyingKey,
-    ZoneId, decode_command, event_topic, machine_commands_filter, zone_commands_filter,
+    Scope, Secret, SenderId, SeqCounter, Shutdown, SigningKey, Startup, Status, Topic,
+    VerifyingKey, ZoneId, decode_command, event_topic, login_password, machine_commands_filter,
+    zone_commands_filter,
 };
 use rumqttc::{
     AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
@@ -99,6 +100,12 @@ impl Signer {
         Ok((topic, payload))
     }
 
+    /// A fresh MQTT password: proof of this machine's key, then the enrollment token (see
+    /// `boottorrent_proto::login`). A machine the server knows cannot log in without it.
+    fn password(&self, token: &Secret) -> String {
+        login_password(&self.machine, &self.key, token.expose(), now_ms())
+    }
+
     /// The last will: `status` offline, retained, QoS 1. The server accepts a correctly
     /// signed will whatever its age, so one signed at connect time stays good.
     fn will(&mut self) -> anyhow::Result<LastWill> {
@@ -155,16 +162,19 @@ pub async fn run(
         seq: SeqCounter::from_clock(micros(now_ms())),
     }));
 
+    // Each lock in its own statement: a guard lives to the end of the statement it is in.
+    let password = lock(&signer).password(&token);
+    let will = lock(&signer).will()?;
     let mut options = MqttOptions::new(machine.as_str(), host.clone(), port);
     options
         .set_keep_alive(Duration::from_secs(
             config.mqtt_keepalive_secs.max(1).into(),
         ))
-        .set_credentials(machine.as_str(), token.expose())
+        .set_credentials(machine.as_str(), password)
         .set_clean_session(true)
         // Envelopes are capped by the protocol; leave room for the MQTT header and topic.
         .set_max_packet_size(MAX_PAYLOAD_BYTES + 1024, MAX_PAYLOAD_BYTES + 1024)
-        .set_last_will(lock(&signer).will()?);
+        .set_last_will(will);
     if let Some(ca) = &config.tls_ca {
         options.set_transport(tls_transport(ca)?);
     }
@@ -175,6 +185,7 @@ pub async fn run(
         eventloop,
         net_tx,
         signer.clone(),
+        token,
         format!("{host}:{port}"),
         stop_driver.clone(),
     ));
@@ -208,6 +219,7 @@ pub async fn run(
         config_hash: None,
         heartbeat_every,
         connected: false,
+        answered: false,
         started: Instant::now(),
     };
     let mut heartbeat = heartbeat_timer(heartbeat_every);
@@ -290,6 +302,11 @@ struct Session {
     config_hash: Option<String>,
     heartbeat_every: Duration,
     connected: bool,
+    /// Whether the server answered our `startup` on this connection (with our
+    /// configuration). Until it does, every heartbeat is a `startup` again: the server may
+    /// have refused it (too many new machines at once, waiting for approval) or its answer
+    /// was lost (commands travel at QoS 0).
+    answered: bool,
     started: Instant,
 }
 
@@ -298,6 +315,7 @@ impl Session {
     /// subscriptions and the server forgets what it sent us when it sees `startup`.
     fn on_connected(&mut self) {
         self.connected = true;
+        self.answered = false;
         tracing::info!(machine = %self.machine, "connected to the broker");
         let mut filters = vec![
             GLOBAL_COMMANDS_FILTER.to_owned(),
@@ -335,6 +353,14 @@ impl Session {
 
     fn heartbeat(&mut self) {
         if !self.connected {
+            return;
+        }
+        if !self.answered {
+            tracing::info!(
+                "the server has not answered this machine's startup yet; sending it again"
+            );
+            let startup = self.startup();
+            self.publish(Event::Startup(startup));
             return;
         }
         let heartbeat = Heartbeat {
@@ -423,7 +449,10 @@ impl Session {
             "received {kind} command on {topic_text}"
         );
         match envelope.body {
-            Command::MachineConfiguration(configuration) => self.configure(configuration),
+            Command::MachineConfiguration(configuration) => {
+                self.answered = true;
+                self.configure(configuration)
+            }
             command => {
                 self.forward(command);
                 false
@@ -509,6 +538,7 @@ async fn drive(
     mut eventloop: EventLoop,
     net: mpsc::Sender<Net>,
     signer: Arc<Mutex<Signer>>,
+    token: Secret,
     broker: String,
     stop: CancellationToken,
 ) {
@@ -551,6 +581,10 @@ async fn drive(
                     }
                     Err(e) => tracing::error!("could not sign a new last will: {e:#}"),
                 }
+                // The server refuses a login proof it has seen or that has gone stale.
+                let password = lock(&signer).password(&token);
+                let user = eventloop.mqtt_options.client_id();
+                eventloop.mqtt_options.set_credentials(user, password);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -694,6 +728,7 @@ mod tests {
             config_hash: None,
             heartbeat_every: Duration::from_secs(10),
             connected: false,
+            answered: false,
             started: Instant::now(),
         };
         let mut seq = 1000;

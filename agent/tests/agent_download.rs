@@ -93,6 +93,7 @@ impl Events {
         let mut child = Command::new("stdbuf")
             .args(["-oL", "mosquitto_sub"])
             .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+            .args(["-i", &common::admin_client_id()])
             .args(["-u", "admin", "-P", &server.token("admin.token")])
             .args(["-t", &format!("boottorrent/evt/machine/+/{kind}")])
             .args(["-F", "%t %x"])

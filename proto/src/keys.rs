@@ -66,6 +66,16 @@ pub fn signing_key_from_hex(text: &str) -> Result<SigningKey, KeyError> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
+/// A short, readable digest of a public key for comparing it by eye (the agent prints it,
+/// the operator approves it): `SHA256:` and the first 16 bytes of its SHA-256 in groups of
+/// four hex digits.
+pub fn fingerprint(key: &PublicKeyBytes) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.0);
+    let groups: Vec<String> = digest[..16].chunks(2).map(hex::encode).collect();
+    format!("SHA256:{}", groups.join(":"))
+}
+
 /// The verifying key in `bytes`, refusing invalid and weak (small-order) keys so that a
 /// machine cannot register a key that would make forged signatures verify.
 pub fn verifying_key_from_bytes(bytes: &PublicKeyBytes) -> Result<VerifyingKey, KeyError> {
@@ -81,6 +91,19 @@ pub fn verifying_key_from_bytes(bytes: &PublicKeyBytes) -> Result<VerifyingKey, 
 mod tests {
     use super::*;
     use crate::message::Bytes;
+
+    #[test]
+    fn fingerprint_is_stable_and_readable() {
+        // sha256 of 32 zero bytes starts 66687aadf862bd776c8fc18b8e9f8e20.
+        assert_eq!(
+            fingerprint(&PublicKeyBytes::from([0; 32])),
+            "SHA256:6668:7aad:f862:bd77:6c8f:c18b:8e9f:8e20"
+        );
+        assert_ne!(
+            fingerprint(&PublicKeyBytes::from([1; 32])),
+            fingerprint(&PublicKeyBytes::from([0; 32]))
+        );
+    }
 
     #[test]
     fn generated_keys_differ_and_round_trip_through_hex() {

@@ -84,6 +84,14 @@ pub fn require_tool(name: &str, package: &str) {
     );
 }
 
+/// A client id for one more operator MQTT session: the server admits `admin` and `admin-*`
+/// for user `admin`, and two sessions with one id would drop each other.
+pub fn admin_client_id() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("admin-{}-{n}", std::process::id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! `mosquitto_pub`/`mosquitto_sub` processes, and agents whose envelopes the test signs.
 #![allow(dead_code)] // each test binary uses a different subset
 
-pub use boottorrent_testkit::{PATIENCE, free_port, require_tool, wait_for};
+pub use boottorrent_testkit::{PATIENCE, admin_client_id, free_port, require_tool, wait_for};
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -142,11 +142,34 @@ impl Server {
         ))
     }
 
-    /// Sends one message with `mosquitto_pub` as the given agent (QoS 1), payload on stdin.
+    /// Sends one message with `mosquitto_pub` as `user` (QoS 1), payload on stdin. The client
+    /// id is the username, as the server requires (`admin-*` for the operator).
     pub fn publish_as(&self, user: &str, password: &str, topic: &str, payload: &[u8]) -> Output {
-        let mut child = Command::new("mosquitto_pub")
+        let client_id = if user == "admin" {
+            admin_client_id()
+        } else {
+            user.to_owned()
+        };
+        self.publish_with(&client_id, Some((user, password)), topic, payload)
+    }
+
+    /// Sends one message with `mosquitto_pub` (QoS 1) with any client id and login, or none.
+    pub fn publish_with(
+        &self,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        topic: &str,
+        payload: &[u8],
+    ) -> Output {
+        let mut command = Command::new("mosquitto_pub");
+        command
             .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
-            .args(["-u", user, "-P", password, "-q", "1", "-t", topic, "-s"])
+            .args(["-i", client_id]);
+        if let Some((user, password)) = login {
+            command.args(["-u", user, "-P", password]);
+        }
+        let mut child = command
+            .args(["-q", "1", "-t", topic, "-s"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -156,9 +179,18 @@ impl Server {
         child.wait_with_output().unwrap()
     }
 
-    /// Sends as machine `user` with the enrollment token and asserts the broker took it.
-    pub fn publish(&self, user: &str, topic: &str, payload: &[u8]) {
-        let out = self.publish_as(user, &self.enroll_token(), topic, payload);
+    /// Whether the server process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Sends as `agent`, logged in as an agent does (a fresh proof of its key and the
+    /// enrollment token), and asserts the broker took it.
+    pub fn publish(&self, agent: &Agent, topic: &str, payload: &[u8]) {
+        let password = agent.password(&self.enroll_token());
+        let out = self.publish_as(agent.id.as_str(), &password, topic, payload);
         assert!(
             out.status.success(),
             "mosquitto_pub failed: {}",
@@ -174,6 +206,7 @@ impl Server {
         let mut child = Command::new("stdbuf")
             .args(["-oL", "mosquitto_sub"])
             .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args(["-i", &admin_client_id()])
             .args(["-u", "admin", "-P", &self.admin_token()])
             .args(["-t", topic, "-q", "1", "-d", "-F", "%t %x"])
             .stdout(Stdio::piped())
@@ -272,6 +305,7 @@ pub struct Agent {
     pub id: MachineId,
     pub key: SigningKey,
     seq: SeqCounter,
+    last_login: std::cell::Cell<i64>,
 }
 
 impl Agent {
@@ -280,7 +314,16 @@ impl Agent {
             id: id.parse().unwrap(),
             key: generate_signing_key().unwrap(),
             seq: SeqCounter::from_clock(now_ms() as u64 * 1000),
+            last_login: std::cell::Cell::new(0),
         }
+    }
+
+    /// The MQTT password this agent logs in with now. The server refuses a proof not newer
+    /// than the last one, and two logins may fall in one millisecond.
+    pub fn password(&self, enroll_token: &str) -> String {
+        let ts = now_ms().max(self.last_login.get() + 1);
+        self.last_login.set(ts);
+        boottorrent_proto::login_password(&self.id, &self.key, enroll_token, ts)
     }
 
     pub fn event_topic(&self, kind: EventKind) -> Topic {

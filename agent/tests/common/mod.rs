@@ -6,7 +6,7 @@
 //! `cargo test --workspace` (what `scripts/test` runs) builds first.
 #![allow(dead_code)] // each test binary uses a different subset
 
-pub use boottorrent_testkit::{PATIENCE, free_port, require_tool, wait_for};
+pub use boottorrent_testkit::{PATIENCE, admin_client_id, free_port, require_tool, wait_for};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -217,6 +217,7 @@ impl Server {
     pub fn publish(&self, topic: &str, payload: &[u8]) {
         let mut child = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args(["-i", &admin_client_id()])
             .args(["-u", "admin", "-P", &self.token("admin.token")])
             .args(["-q", "1", "-t", topic, "-s"])
             .stdin(Stdio::piped())

@@ -1,0 +1,315 @@
+//! The lab network is hostile: students sit at the machines, and the enrollment token is in
+//! every golden image, so every test here assumes the attacker holds it. Each test is an
+//! attack that once worked against the real server (the `boottorrent` binary, real
+//! `mosquitto_pub`/`mosquitto_sub` clients on loopback) and must keep failing.
+//!
+//! The HTTP side (reads without a token, slow clients, the tracker) is in `hostile_http.rs`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use boottorrent_proto::{
+    CommandKind, Encoding, Envelope, Event, EventKind, SenderId, Topic, decode_command,
+    generate_signing_key,
+};
+use common::{Agent, Server, admin_client_id, now_ms, wait_for};
+
+/// Registers `agent` (trust on first use) and waits until the server answered it.
+fn register(server: &Server, agent: &mut Agent) {
+    let topic = Topic::Command {
+        scope: boottorrent_proto::Scope::Machine(agent.id.clone()),
+        kind: CommandKind::MachineConfiguration,
+    };
+    let mut sub = server.subscribe(&topic.to_string());
+    let (t, payload) = agent.startup();
+    server.publish(agent, &t, &payload);
+    let (_, bytes) = sub.next();
+    decode_command(CommandKind::MachineConfiguration, &bytes).unwrap();
+}
+
+fn accepted(server: &Server) -> u64 {
+    server.metric("boottorrent_mqtt_events_accepted_total")
+}
+
+#[test]
+fn a_client_cannot_take_over_the_servers_own_broker_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), &[]);
+    let enroll = server.enroll_token();
+    let admin = server.admin_token();
+    // Once, one CONNECT with this client id made rumqttd drop the orchestrator's link, and
+    // the whole server exited.
+    for (client_id, user, password) in [
+        (
+            "boottorrent-orchestrator",
+            "boottorrent-orchestrator",
+            &enroll,
+        ),
+        ("boottorrent-orchestrator", "pc-1", &enroll),
+        ("boottorrent-orchestrator", "admin", &admin),
+        ("admin", "pc-1", &enroll),
+    ] {
+        let out = server.publish_with(client_id, Some((user, password)), "x", b"x");
+        assert!(
+            !out.status.success(),
+            "{client_id} as {user} was let in by the broker"
+        );
+    }
+    assert_eq!(server.metric("boottorrent_mqtt_logins_refused_total"), 4);
+    assert!(
+        server.running(),
+        "the server exited:\n{}",
+        server.log_text()
+    );
+    // Still doing its job: a machine registers and is answered.
+    let mut agent = Agent::new("pc-1");
+    register(&server, &mut agent);
+    let health = server.get_json("/healthz");
+    assert_eq!(health["status"], "ok", "{health}");
+}
+
+#[test]
+fn a_token_holder_cannot_kick_a_known_machine_off_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let enroll = server.enroll_token();
+    let mut agent = Agent::new("pc-7");
+    register(&server, &mut agent);
+
+    // The machine holds its session, logged in with a proof of its key.
+    let password = agent.password(&enroll);
+    let mut holder = Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub", "-d"])
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args(["-i", "pc-7", "-u", "pc-7", "-P", &password])
+        .args(["-t", "boottorrent/cmd/machine/pc-7/#", "-q", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("Subscribed (") {
+        line.clear();
+        assert!(lines.read_line(&mut line).unwrap() > 0, "holder exited");
+    }
+
+    // A student logs in with the machine's id: with the token, with the holder's own
+    // password seen on the wire (plain MQTT), and with a proof by another key.
+    let intruder = Agent::new("pc-7");
+    let sniffed = password.clone();
+    for password in [enroll.clone(), sniffed, intruder.password(&enroll)] {
+        for _ in 0..5 {
+            let out = server.publish_as("pc-7", &password, "boottorrent/evt/machine/pc-7/x", b"x");
+            assert!(
+                !out.status.success(),
+                "the broker let the student in as pc-7"
+            );
+        }
+    }
+    assert_eq!(server.metric("boottorrent_mqtt_logins_refused_total"), 15);
+
+    // The machine was never disconnected: it still has its first session and gets this.
+    server
+        .publish_as(
+            "admin",
+            &server.admin_token(),
+            "boottorrent/cmd/machine/pc-7/ping",
+            b"still-here",
+        )
+        .status
+        .success()
+        .then_some(())
+        .expect("admin publish");
+    let mut output = String::new();
+    loop {
+        line.clear();
+        assert!(lines.read_line(&mut line).unwrap() > 0, "holder exited");
+        output.push_str(&line);
+        if line.contains("still-here") {
+            break;
+        }
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(
+        !output.contains("sending CONNECT"),
+        "the machine had to reconnect:\n{output}"
+    );
+}
+
+#[test]
+fn a_startup_signed_by_another_key_cannot_lock_out_the_real_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let mut agent = Agent::new("pc-3");
+    register(&server, &mut agent);
+    assert_eq!(accepted(&server), 1);
+
+    // Signed by the student's own key (so it verifies with the key it carries), with the
+    // largest seq, published from the student's own login.
+    let student = Agent::new("student-1");
+    let forged_key = generate_signing_key().unwrap();
+    let mut body = agent.startup_body();
+    if let Event::Startup(s) = &mut body {
+        s.public_key = boottorrent_proto::Bytes(forged_key.verifying_key().to_bytes());
+        s.ips = vec!["10.66.6.6".parse().unwrap()];
+    }
+    let topic = agent.event_topic(EventKind::Startup);
+    let forged = Envelope::sign(
+        &topic,
+        SenderId::from(agent.id.clone()),
+        now_ms(),
+        u64::MAX - 1,
+        body,
+        &forged_key,
+    )
+    .unwrap()
+    .encode(Encoding::MessagePack)
+    .unwrap();
+    server.publish(&student, &topic.to_string(), &forged);
+    wait_for("the forged startup to be dropped", || {
+        (server.dropped("key_mismatch") == 1).then_some(())
+    });
+
+    // Nothing about the machine changed, and its own events still count.
+    let m = server.machine("pc-3").unwrap();
+    assert_eq!(m["pending_key"], serde_json::Value::Null);
+    assert_eq!(m["ips"], serde_json::json!(["10.1.0.7"]));
+    let (t, heartbeat) = agent.heartbeat();
+    server.publish(&agent, &t, &heartbeat);
+    wait_for("the real machine's heartbeat", || {
+        (accepted(&server) == 2).then_some(())
+    });
+    assert_eq!(server.dropped("replayed"), 0);
+}
+
+#[test]
+fn a_flood_of_made_up_machines_is_bounded_and_real_machines_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--enroll-per-minute",
+            "60",
+            "--heartbeat-interval-secs",
+            "60",
+        ],
+    );
+    let mut real = Agent::new("pc-real");
+    register(&server, &mut real);
+
+    // 400 made-up machines, each a correctly signed startup from its own login (the
+    // token admits ids the server has never seen), from four senders at once.
+    const FAKES: usize = 400;
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for sender in 0..4 {
+            let server = &server;
+            scope.spawn(move || {
+                for i in (sender..FAKES).step_by(4) {
+                    let mut fake = Agent::new(&format!("fake-{i:04}"));
+                    let (t, payload) = fake.startup();
+                    server.publish(&fake, &t, &payload);
+                }
+            });
+        }
+        // Meanwhile the real machine keeps reporting.
+        for _ in 0..3 {
+            let (t, heartbeat) = real.heartbeat();
+            server.publish(&real, &t, &heartbeat);
+        }
+    });
+    let flood_secs = started.elapsed().as_secs();
+    wait_for("every fake startup to be read", || {
+        (server.metric("boottorrent_mqtt_events_received_total") >= 1 + 3 + FAKES as u64)
+            .then_some(())
+    });
+    let machines = server.get_json("/api/v1/machines");
+    let fakes_kept = machines.as_array().unwrap().len() - 1;
+    // A minute's burst, then one a second.
+    let allowed = 60 + flood_secs as usize + 2;
+    assert!(
+        fakes_kept <= allowed,
+        "{fakes_kept} made-up machines kept in {flood_secs} s; at most {allowed} allowed"
+    );
+    assert_eq!(
+        server.dropped("enrollment_limited") as usize,
+        FAKES - fakes_kept
+    );
+    // The real machine's heartbeats were all applied, besides the admitted startups.
+    assert_eq!(accepted(&server), 1 + 3 + fakes_kept as u64);
+    assert_eq!(server.machine("pc-real").unwrap()["online"], true);
+    // Reported once per interval, not once per message.
+    let reports = server
+        .log_text()
+        .matches("refused startups of new machine ids")
+        .count();
+    assert!(
+        reports <= 1 + flood_secs as usize / 10 + 1,
+        "{reports} flood reports in {flood_secs} s"
+    );
+}
+
+#[test]
+fn refused_logins_are_counted_and_logged_even_without_a_username() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let out = server.publish_with("anon-1", None, "boottorrent/evt/machine/x/y", b"x");
+    assert!(!out.status.success(), "a CONNECT without login got in");
+    wait_for("the refusal to be counted", || {
+        (server.metric("boottorrent_mqtt_logins_refused_total") == 1).then_some(())
+    });
+    assert!(
+        server
+            .log_text()
+            .contains("refused MQTT login: CONNECT without username"),
+        "{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn the_broker_carries_the_largest_envelope_and_logs_disconnects_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let mut agent = Agent::new(&"m".repeat(64));
+    register(&server, &mut agent);
+    // The longest event topic with a payload of exactly the largest size proto accepts. Junk,
+    // so the server drops it, but only after the broker carried it.
+    let topic = "boottorrent/evt/machine/".to_owned() + &"m".repeat(64) + "/heartbeat";
+    let before = server.metric("boottorrent_mqtt_events_received_total");
+    let payload = vec![b'{'; boottorrent_proto::MAX_PAYLOAD_BYTES];
+    let out = server.publish_as(
+        agent.id.as_str(),
+        &agent.password(&server.enroll_token()),
+        &topic,
+        &payload,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the 64 KiB envelope to reach the server", || {
+        (server.metric("boottorrent_mqtt_events_received_total") == before + 1).then_some(())
+    });
+
+    // A client that dies without DISCONNECT is an ordinary event in a lab, not an error.
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args(["-i", &admin_client_id(), "-u", "admin", "-P"])
+        .arg(server.admin_token())
+        .args(["-t", "boottorrent/#"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    sub.kill().unwrap();
+    sub.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = server.log_text();
+    assert!(!log.contains('\x1b'), "colour codes in a log file");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
