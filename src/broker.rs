@@ -54,10 +54,10 @@ pub const MIN_PACKET_LIMIT: usize = boottorrent_proto::MAX_PAYLOAD_BYTES + 1024;
 /// rumqttd drop the link, so it is reserved (see [`is_reserved`]).
 const ORCHESTRATOR_CLIENT_ID: &str = "boottorrent-orchestrator";
 
-/// Ids no machine may have: the orchestrator's link, and the operator's sessions (`admin`,
-/// or `admin-*` when a tool runs several at once).
+/// Ids no machine may have: the orchestrator's links (`boottorrent-orchestrator*`), and the
+/// operator's sessions (`admin`, or `admin-*` when a tool runs several at once).
 pub fn is_reserved(id: &str) -> bool {
-    id == ORCHESTRATOR_CLIENT_ID || admin_session(id)
+    id.starts_with(ORCHESTRATOR_CLIENT_ID) || admin_session(id)
 }
 
 fn admin_session(client_id: &str) -> bool {
@@ -67,10 +67,15 @@ fn admin_session(client_id: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('-'))
 }
 
+/// Links made besides the orchestrator's, for it to fall back on if its link fails.
+const SPARE_LINKS: usize = 2;
+
 /// A started broker and the orchestrator's link into it.
 pub struct Running {
     pub link_tx: LinkTx,
     pub link_rx: LinkRx,
+    /// Links the orchestrator may move to: rumqttd makes links only before it starts.
+    pub spares: Vec<(LinkTx, LinkRx)>,
 }
 
 /// Builds the rumqttd config, checks it, starts the broker threads and returns the
@@ -122,6 +127,13 @@ pub fn start(
     let (link_tx, link_rx) = broker
         .link(ORCHESTRATOR_CLIENT_ID)
         .map_err(|e| anyhow::anyhow!("connecting the orchestrator to the broker: {e:?}"))?;
+    let spares = (1..=SPARE_LINKS)
+        .map(|n| {
+            broker
+                .link(&format!("{ORCHESTRATOR_CLIENT_ID}-spare-{n}"))
+                .map_err(|e| anyhow::anyhow!("making a spare broker link: {e:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -132,7 +144,11 @@ pub fn start(
         .context("starting the MQTT broker thread")?;
 
     wait_until_accepting(config.mqtt_listen, Duration::from_secs(10))?;
-    Ok(Running { link_tx, link_rx })
+    Ok(Running {
+        link_tx,
+        link_rx,
+        spares,
+    })
 }
 
 /// The broker config: the embedded or given file, with BootTorrent's listeners applied.

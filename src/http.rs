@@ -25,6 +25,7 @@ use crate::config::Secret;
 use crate::credentials::token_matches;
 use crate::deployment::{Action, Deployment, ImageRef, OverallState, Target};
 use crate::fleet::{FleetError, Live, NewDeployment};
+use crate::health::Health;
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
 use crate::orchestrator;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// Degraded subsystems, for `/healthz`.
+    pub health: Health,
     pub admin_token: Secret,
     pub server_key: VerifyingKey,
     pub orchestrator: orchestrator::Handle,
@@ -293,8 +296,18 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+/// 200 `ok`, or 503 `degraded` with each failing subsystem and why, so that a probe
+/// restarts a server that cannot recover by itself and an operator sees the reason.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let problems = state.health.problems();
+    if problems.is_empty() {
+        (StatusCode::OK, Json(serde_json::json!({ "status": "ok" })))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "degraded", "problems": problems })),
+        )
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {

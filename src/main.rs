@@ -14,6 +14,7 @@ mod deploy_cmd;
 mod deployment;
 mod enrollment;
 mod fleet;
+mod health;
 mod http;
 mod keyring;
 mod locality;

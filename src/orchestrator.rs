@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Running;
 use crate::deployment::{Deployment, ImageRef};
 use crate::fleet::{Fleet, FleetError, Live, NewDeployment};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::registry::{Approval, ApproveError, Outgoing, Registry};
 use crate::store::MachineRecord;
@@ -147,7 +148,65 @@ pub fn channel() -> (Handle, mpsc::Receiver<Request>) {
     (Handle { tx }, rx)
 }
 
+/// The broker link in use, and the spares to fall back on.
+struct Links {
+    current: Option<(LinkTx, LinkRx)>,
+    spares: Vec<(LinkTx, LinkRx)>,
+    health: Health,
+}
+
+impl Links {
+    /// Subscribes the next usable link to the events; `false` when none is left.
+    fn next(&mut self, why: &str) -> bool {
+        self.current = None;
+        while let Some((mut tx, rx)) = self.spares.pop() {
+            match tx.subscribe(EVENTS_FILTER) {
+                Ok(_) => {
+                    tracing::warn!(
+                        spares_left = self.spares.len(),
+                        "the broker link failed ({why}); continuing on a spare link"
+                    );
+                    if self.spares.is_empty() {
+                        self.health.degraded(
+                            "mqtt_link",
+                            format!(
+                                "on the last broker link after: {why}; restart the server to \
+                                 get spares again"
+                            ),
+                        );
+                    }
+                    self.current = Some((tx, rx));
+                    return true;
+                }
+                Err(e) => tracing::warn!("a spare broker link failed to subscribe: {e:?}"),
+            }
+        }
+        self.health.degraded(
+            "mqtt_link",
+            format!(
+                "no broker link left after: {why}; machines' events are not applied until the \
+                 server is restarted (the HTTP API keeps serving)"
+            ),
+        );
+        false
+    }
+}
+
+/// The next notification of the current link; never resolves without one.
+async fn notification(
+    links: &mut Links,
+) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    match links.current.as_mut() {
+        Some((_, rx)) => rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs until `shutdown` is cancelled.
+///
+/// A failed broker link does not stop the server: the orchestrator moves to one of the
+/// spare links made at start (rumqttd cannot make links once it runs), and when none is
+/// left it keeps answering the API and reports itself degraded in `/healthz`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     link: Running,
@@ -156,16 +215,23 @@ pub async fn run(
     mut requests: mpsc::Receiver<Request>,
     live: broadcast::Sender<Live>,
     metrics: Arc<Metrics>,
+    health: Health,
     sweep_every: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Running {
         mut link_tx,
-        mut link_rx,
+        link_rx,
+        spares,
     } = link;
     link_tx
         .subscribe(EVENTS_FILTER)
         .map_err(|e| anyhow::anyhow!("subscribing to {EVENTS_FILTER}: {e:?}"))?;
+    let mut links = Links {
+        current: Some((link_tx, link_rx)),
+        spares,
+        health,
+    };
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
@@ -174,17 +240,9 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            notification = link_rx.next() => {
-                let notification = notification
-                    .map_err(|e| anyhow::anyhow!("the broker link failed: {e:?}"))?;
-                collect(notification, &mut link_rx, &mut batch).await?;
-                // Whatever else the broker already queued joins this batch.
-                while batch.len() < MAX_BATCH {
-                    match link_rx.next().now_or_never() {
-                        Some(Ok(n)) => collect(n, &mut link_rx, &mut batch).await?,
-                        Some(Err(e)) => anyhow::bail!("the broker link failed: {e:?}"),
-                        None => break,
-                    }
+            notification = notification(&mut links) => {
+                if let Err(e) = drain(notification, &mut links, &mut batch).await {
+                    links.next(&e);
                 }
                 if !batch.is_empty() {
                     let now = now_ms();
@@ -198,12 +256,12 @@ pub async fn run(
                         out
                     });
                     batch.clear();
-                    publish(&mut link_tx, out, &metrics);
+                    publish(&mut links, out, &metrics);
                 }
             }
             Some(request) = requests.recv() => {
                 let out = tokio::task::block_in_place(|| serve(request, &mut registry, &mut fleet));
-                publish(&mut link_tx, out, &metrics);
+                publish(&mut links, out, &metrics);
             }
             _ = sweep.tick() => {
                 let now = now_ms();
@@ -224,6 +282,28 @@ pub async fn run(
         }
     }
     tracing::info!("orchestrator stopped");
+    Ok(())
+}
+
+/// Collects `first` and whatever else the broker already queued (up to [`MAX_BATCH`]) into
+/// `batch`; an error says why the link failed.
+async fn drain(
+    first: Result<Option<Notification>, rumqttd::local::LinkError>,
+    links: &mut Links,
+    batch: &mut Vec<(Vec<u8>, Vec<u8>)>,
+) -> Result<(), String> {
+    let Some((_, link_rx)) = links.current.as_mut() else {
+        return Ok(());
+    };
+    let first = first.map_err(|e| format!("{e:?}"))?;
+    collect(first, link_rx, batch).await?;
+    while batch.len() < MAX_BATCH {
+        match link_rx.next().now_or_never() {
+            Some(Ok(n)) => collect(n, link_rx, batch).await?,
+            Some(Err(e)) => return Err(format!("{e:?}")),
+            None => break,
+        }
+    }
     Ok(())
 }
 
@@ -319,7 +399,7 @@ async fn collect(
     notification: Option<Notification>,
     link_rx: &mut LinkRx,
     batch: &mut Vec<(Vec<u8>, Vec<u8>)>,
-) -> anyhow::Result<()> {
+) -> Result<(), String> {
     match notification {
         Some(Notification::Forward(forward)) => {
             batch.push((
@@ -330,14 +410,18 @@ async fn collect(
         Some(Notification::Unschedule) => link_rx
             .wake()
             .await
-            .map_err(|e| anyhow::anyhow!("rescheduling the broker link: {e:?}"))?,
+            .map_err(|e| format!("rescheduling the broker link: {e:?}"))?,
         _ => {}
     }
     Ok(())
 }
 
-fn publish(link_tx: &mut LinkTx, out: Vec<Outgoing>, metrics: &Metrics) {
+fn publish(links: &mut Links, out: Vec<Outgoing>, metrics: &Metrics) {
     for Outgoing { topic, payload } in out {
+        let Some((link_tx, _)) = links.current.as_mut() else {
+            metrics.command_failed();
+            continue;
+        };
         // `publish` may block briefly on the router's bounded channel; we are inside a
         // multi-threaded runtime, so say so rather than stall a worker unannounced.
         match tokio::task::block_in_place(|| {
@@ -363,4 +447,65 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real rumqttd router (no listeners needed for in-process links).
+    fn router() -> rumqttd::Broker {
+        let config: rumqttd::Config = toml::from_str(crate::broker::EMBEDDED_CONFIG).unwrap();
+        rumqttd::Broker::new(config)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_broker_link_moves_to_a_spare_and_events_keep_coming() {
+        let broker = router();
+        let mut main = broker.link("boottorrent-orchestrator").unwrap();
+        main.0.subscribe(EVENTS_FILTER).unwrap();
+        let spare = broker.link("boottorrent-orchestrator-spare-1").unwrap();
+        let health = Health::default();
+        let mut links = Links {
+            current: Some(main),
+            spares: vec![spare],
+            health: health.clone(),
+        };
+        // What one CONNECT with the orchestrator's client id did: the router drops the
+        // older connection of that id.
+        let _usurper = broker.link("boottorrent-orchestrator").unwrap();
+        let mut batch = Vec::new();
+        let failed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let n = notification(&mut links).await;
+                if let Err(e) = drain(n, &mut links, &mut batch).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("the usurped link reports its failure");
+        assert!(links.next(&failed), "a spare was left");
+        assert!(!health.problems().is_empty(), "on its last link: degraded");
+
+        // Events published now reach the orchestrator through the spare.
+        let (mut machine, _rx) = broker.link("pc-1").unwrap();
+        machine
+            .publish("boottorrent/evt/machine/pc-1/heartbeat", b"hb".to_vec())
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while batch.is_empty() {
+                let n = notification(&mut links).await;
+                drain(n, &mut links, &mut batch).await.unwrap();
+            }
+        })
+        .await
+        .expect("the event arrives through the spare");
+        assert_eq!(batch[0].1, b"hb");
+
+        // With no spare left, the orchestrator has no link but keeps running.
+        assert!(!links.next("lost again"));
+        assert!(links.current.is_none());
+        assert!(health.problems()["mqtt_link"].contains("no broker link left"));
+    }
 }

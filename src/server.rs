@@ -20,6 +20,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::fleet::Fleet;
+use crate::health::Health;
 use crate::keyring::Keyring;
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
@@ -46,6 +47,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let metrics = Arc::new(Metrics::default());
+    let health = Health::default();
     crate::broker_log::count_into(metrics.clone());
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
@@ -151,6 +153,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let token = shutdown.child_token();
         let metrics = metrics.clone();
         let live = live.clone();
+        let health = health.clone();
         async move {
             orchestrator::run(
                 link,
@@ -159,6 +162,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 requests,
                 live,
                 metrics,
+                health,
                 sweep_every,
                 token,
             )
@@ -170,6 +174,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown.child_token(),
         store,
         metrics,
+        health,
         admin_token: credentials.admin_token.clone(),
         server_key: credentials.server_key.verifying_key(),
         orchestrator: handle,

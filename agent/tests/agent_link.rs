@@ -168,3 +168,83 @@ fn the_agent_reconnects_after_the_broker_comes_back() {
             .then_some(())
     });
 }
+
+#[test]
+fn an_agent_talks_to_the_server_over_mqtt_tls_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let tls = boottorrent_testkit::make_tls_files(dir);
+    let mqtts_port = free_port();
+    let server = Server::start_with(
+        dir,
+        &[
+            "--tls-cert",
+            tls.cert.to_str().unwrap(),
+            "--tls-key",
+            tls.key.to_str().unwrap(),
+            "--mqtts-listen",
+            &format!("127.0.0.1:{mqtts_port}"),
+        ],
+    );
+    let key = hex::encode(server.key().verifying_key().to_bytes());
+    // The agent is given only the TLS port and the CA that signed the server's certificate.
+    let agent = run_agent(
+        dir,
+        &server,
+        "pc-tls",
+        &[
+            "--server-key",
+            &key,
+            "--mqtt-port",
+            &mqtts_port.to_string(),
+            "--tls-ca",
+            tls.ca.to_str().unwrap(),
+        ],
+    );
+    wait_for("pc-tls online over TLS", || {
+        (server.online("pc-tls") == Some(true)).then_some(())
+    });
+    assert!(
+        agent.log_text().contains("tls=true"),
+        "{}",
+        agent.log_text()
+    );
+    // A command signed by the server reaches it over the same TLS session.
+    let topic = "boottorrent/cmd/machine/pc-tls/boot";
+    let boot = ProtoCommand::Boot(BootCommand {
+        image: "img-1".parse().unwrap(),
+        deployment: None,
+    });
+    server.publish(
+        topic,
+        &signed_command(topic, boot, &server.key(), now_ms() as u64 * 1000),
+    );
+    wait_for("pc-tls to receive a command over TLS", || {
+        agent
+            .log_text()
+            .contains("received boot command")
+            .then_some(())
+    });
+
+    // An agent that does not trust the server's certificate never gets in.
+    let other_ca = dir.join("other");
+    std::fs::create_dir(&other_ca).unwrap();
+    let untrusted = boottorrent_testkit::make_tls_files(&other_ca);
+    let stranger = run_agent(
+        dir,
+        &server,
+        "pc-untrusting",
+        &[
+            "--server-key",
+            &key,
+            "--mqtt-port",
+            &mqtts_port.to_string(),
+            "--tls-ca",
+            untrusted.ca.to_str().unwrap(),
+        ],
+    );
+    wait_for("the untrusting agent to report the TLS failure", || {
+        stranger.log_text().contains("retrying in").then_some(())
+    });
+    assert_eq!(server.online("pc-untrusting"), None);
+}

@@ -266,11 +266,13 @@ pub fn run_agent_command(dir: &Path, server: &Server, id: &str, extra: &[&str]) 
     let config = dir.join(format!("{id}.toml"));
     std::fs::write(&config, "").unwrap();
     let mut command = agent(&["run"]);
+    command.arg("--config").arg(&config);
+    // A test may point the agent at another port (the TLS listener).
+    if !extra.contains(&"--mqtt-port") {
+        command.args(["--mqtt-port", &server.mqtt_port.to_string()]);
+    }
     command
-        .arg("--config")
-        .arg(&config)
         .args(["--server", "127.0.0.1"])
-        .args(["--mqtt-port", &server.mqtt_port.to_string()])
         .args(["--http-url", &server.url("")])
         .args(["--machine-id", id])
         .arg("--data-dir")
