@@ -13,6 +13,7 @@ mod deploy_cmd;
 mod deployment;
 mod fleet;
 mod http;
+mod listener;
 mod locality;
 mod metrics;
 mod orchestrator;
