@@ -734,11 +734,13 @@ fn running_out_of_file_descriptors_backs_off_quietly_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     // Soft and hard alike: nothing to raise, and enough to start but not for 300 clients.
     let server = LimitedServer::start(dir.path(), 128, 128);
-    let addr = ("127.0.0.1", server.http_port);
     // The kernel completes these handshakes on its own; the server runs out of descriptors
     // accepting them.
+    // With a timeout: a server that stopped accepting would leave connects waiting for the
+    // kernel's SYN retries, minutes.
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], server.http_port));
     let held: Vec<TcpStream> = (0..300)
-        .filter_map(|_| TcpStream::connect(addr).ok())
+        .filter_map(|_| TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok())
         .collect();
     std::thread::sleep(Duration::from_secs(3));
     let text = server.log_text();
