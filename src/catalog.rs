@@ -69,6 +69,8 @@ pub struct Catalog {
     seeder: Session,
     tracker: Arc<Tracker>,
     public_url: String,
+    /// The server's data directory, resolved: nothing inside it may be catalogued.
+    data_dir: PathBuf,
     /// Bytes hashed so far, per importing image.
     progress: Mutex<HashMap<ImageId, u64>>,
     seeding: Mutex<HashMap<ImageId, TorrentHandle>>,
@@ -81,12 +83,16 @@ impl Catalog {
         seeder: Session,
         tracker: Arc<Tracker>,
         public_url: String,
+        data_dir: &Path,
     ) -> Result<Arc<Catalog>, StoreError> {
+        // Resolved once: the directory exists (the server made it) and does not move.
+        let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         let catalog = Arc::new(Catalog {
             store,
             seeder,
             tracker,
             public_url,
+            data_dir,
             progress: Mutex::new(HashMap::new()),
             seeding: Mutex::new(HashMap::new()),
         });
@@ -124,6 +130,25 @@ impl Catalog {
             return Err(CatalogError::Invalid(format!(
                 "{} is not a regular file",
                 path.display()
+            )));
+        }
+        // The data directory holds the server's signing key and the tokens: a catalogued file
+        // there would be served to anyone who fetches its torrent. Resolved, so that a symlink
+        // or `..` cannot lead inside.
+        let resolved = std::fs::canonicalize(path).map_err(|e| {
+            CatalogError::Invalid(format!(
+                "cannot resolve {} on the server: {e}",
+                path.display()
+            ))
+        })?;
+        if resolved.starts_with(&self.data_dir) {
+            return Err(CatalogError::Invalid(format!(
+                "{} is inside the server's data directory {} (it resolves to {}), which holds its \
+                 signing key and tokens; nothing there is catalogued. Move or copy the image to \
+                 another directory and add it from there",
+                path.display(),
+                self.data_dir.display(),
+                resolved.display()
             )));
         }
         if meta.len() == 0 {

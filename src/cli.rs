@@ -121,6 +121,37 @@ pub struct ServeArgs {
     /// [default: generated into <data-dir>/admin.token].
     #[arg(long, env = "BOOTTORRENT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Read-only HTTP token: reads the API and the event stream, changes nothing
+    /// [default: generated into <data-dir>/viewer.token].
+    #[arg(long, env = "BOOTTORRENT_VIEWER_TOKEN", hide_env_values = true)]
+    pub viewer_token: Option<String>,
+    /// Bearer token GET /metrics requires (the admin and viewer tokens also work)
+    /// [default: unset, /metrics is open].
+    #[arg(long, env = "BOOTTORRENT_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Seconds an HTTP client gets to send a request's headers; also how long an idle
+    /// keep-alive connection is kept [default: 10].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_HTTP_HEADER_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub http_header_timeout_secs: Option<u32>,
+    /// Seconds a response may wait without a byte written before its connection is closed
+    /// [default: 30].
+    #[arg(long, env = "BOOTTORRENT_HTTP_WRITE_TIMEOUT_SECS", value_name = "SECS")]
+    pub http_write_timeout_secs: Option<u32>,
+    /// Most HTTP connections open at once; more are closed when accepted [default: 4096].
+    #[arg(long, env = "BOOTTORRENT_HTTP_MAX_CONNECTIONS", value_name = "N")]
+    pub http_max_connections: Option<u32>,
+    /// Most peers one source address may hold in one torrent's tracker peer list
+    /// [default: 64].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_TRACKER_MAX_PEERS_PER_ADDRESS",
+        value_name = "N"
+    )]
+    pub tracker_max_peers_per_address: Option<u32>,
     /// Register machines on first contact (true), or hold them until
     /// `boottorrent machines approve ID` (false) [default: true].
     #[arg(long, env = "BOOTTORRENT_AUTO_APPROVE", value_name = "BOOL")]

@@ -187,10 +187,7 @@ pub(crate) async fn send(
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<Value> {
-    let token = match &client.token {
-        Some(t) => t.clone(),
-        None => read_admin_token(&client.data_dir)?,
-    };
+    let token = token(client)?;
     let url = url(client, path)?;
     let mut request = reqwest::Client::new()
         .request(method, &url)
@@ -238,9 +235,23 @@ pub(crate) fn url(client: &ClientArgs, path: &str) -> anyhow::Result<String> {
     Ok(format!("{base}{path}"))
 }
 
+/// The token the client commands send: `--token`/`BOOTTORRENT_TOKEN` (the admin token, or
+/// the viewer token for commands that only read), else the admin token a local server wrote.
+pub(crate) fn token(client: &ClientArgs) -> anyhow::Result<String> {
+    match &client.token {
+        Some(t) => Ok(t.clone()),
+        None => read_admin_token(&client.data_dir),
+    }
+}
+
+/// A read of the API; reads need a token as well.
 pub(crate) async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
+    let token = token(client)?;
     let url = url(client, path)?;
-    let response = reqwest::get(&url)
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(token)
+        .send()
         .await
         .with_context(|| format!("connecting to {url}; is the server running? (--server)"))?;
     answer(&url, response).await

@@ -41,6 +41,26 @@ pub struct Config {
     /// Token of the operator: MQTT password of user `admin` and HTTP bearer token. Generated
     /// into `<data_dir>/admin.token` when unset.
     pub admin_token: Option<Secret>,
+    /// Read-only HTTP bearer token (dashboards on a wall, monitoring): reads the API and the
+    /// event stream, changes nothing. Generated into `<data_dir>/viewer.token` when unset.
+    pub viewer_token: Option<Secret>,
+    /// Bearer token `GET /metrics` requires when set (the admin and viewer tokens are
+    /// accepted too). Unset: `/metrics` is open, as Prometheus scrapers expect by default.
+    pub metrics_token: Option<Secret>,
+    /// Seconds an HTTP client gets to send a request's headers; hyper starts this clock
+    /// whenever it waits for a request, so it is also how long an idle keep-alive connection
+    /// is kept. Bounds slowloris and idle connections.
+    pub http_header_timeout_secs: u32,
+    /// Seconds a response may wait to be written without a byte going out before the
+    /// connection is closed: a client that stops reading (an event stream nobody reads) is
+    /// dropped instead of holding buffers.
+    pub http_write_timeout_secs: u32,
+    /// Most HTTP connections open at once; connections over it are closed as soon as they
+    /// are accepted.
+    pub http_max_connections: u32,
+    /// Most peers one source address may hold in one torrent's tracker peer list, so that one
+    /// host inventing peer ids cannot fill the list (10,000) and lock real machines out.
+    pub tracker_max_peers_per_address: u32,
     /// Register machines on their first signed `startup` (trust on first use). When false,
     /// new machines and changed keys wait for `boottorrent machines approve ID`.
     pub auto_approve: bool,
@@ -78,6 +98,12 @@ impl Default for Config {
             broker_config: None,
             enroll_token: None,
             admin_token: None,
+            viewer_token: None,
+            metrics_token: None,
+            http_header_timeout_secs: 10,
+            http_write_timeout_secs: 30,
+            http_max_connections: 4096,
+            tracker_max_peers_per_address: 64,
             auto_approve: true,
             enroll_per_minute: 1000,
             max_pending_machines: 10_000,
@@ -106,6 +132,15 @@ impl fmt::Debug for Config {
             .field("broker_config", &self.broker_config)
             .field("enroll_token", &self.enroll_token)
             .field("admin_token", &self.admin_token)
+            .field("viewer_token", &self.viewer_token)
+            .field("metrics_token", &self.metrics_token)
+            .field("http_header_timeout_secs", &self.http_header_timeout_secs)
+            .field("http_write_timeout_secs", &self.http_write_timeout_secs)
+            .field("http_max_connections", &self.http_max_connections)
+            .field(
+                "tracker_max_peers_per_address",
+                &self.tracker_max_peers_per_address,
+            )
             .field("auto_approve", &self.auto_approve)
             .field("enroll_per_minute", &self.enroll_per_minute)
             .field("max_pending_machines", &self.max_pending_machines)
@@ -181,6 +216,27 @@ impl Config {
             &mut self.admin_token,
             &args.admin_token.clone().map(Secret::new),
         );
+        set_opt(
+            &mut self.viewer_token,
+            &args.viewer_token.clone().map(Secret::new),
+        );
+        set_opt(
+            &mut self.metrics_token,
+            &args.metrics_token.clone().map(Secret::new),
+        );
+        set(
+            &mut self.http_header_timeout_secs,
+            &args.http_header_timeout_secs,
+        );
+        set(
+            &mut self.http_write_timeout_secs,
+            &args.http_write_timeout_secs,
+        );
+        set(&mut self.http_max_connections, &args.http_max_connections);
+        set(
+            &mut self.tracker_max_peers_per_address,
+            &args.tracker_max_peers_per_address,
+        );
         set(&mut self.auto_approve, &args.auto_approve);
         set(&mut self.enroll_per_minute, &args.enroll_per_minute);
         set(&mut self.max_pending_machines, &args.max_pending_machines);
@@ -243,6 +299,42 @@ impl Config {
         if let Some(t) = &self.admin_token {
             validate_token(t, "admin_token")?;
         }
+        if let Some(t) = &self.viewer_token {
+            validate_token(t, "viewer_token")?;
+        }
+        if let Some(t) = &self.metrics_token {
+            validate_token(t, "metrics_token")?;
+        }
+        for (name, value, range) in [
+            (
+                "http_header_timeout_secs",
+                self.http_header_timeout_secs,
+                1..=600,
+            ),
+            (
+                "http_write_timeout_secs",
+                self.http_write_timeout_secs,
+                1..=3600,
+            ),
+            (
+                "http_max_connections",
+                self.http_max_connections,
+                1..=1_000_000,
+            ),
+            (
+                "tracker_max_peers_per_address",
+                self.tracker_max_peers_per_address,
+                1..=10_000,
+            ),
+        ] {
+            if !range.contains(&value) {
+                bail!(
+                    "{name} is {value}; use {} to {}",
+                    range.start(),
+                    range.end()
+                );
+            }
+        }
         Ok(())
     }
 
@@ -294,6 +386,21 @@ bt_listen = "0.0.0.0:6881"
 # Operator token: MQTT password of user "admin" and HTTP bearer token; generated into
 # <data_dir>/admin.token if unset.
 # admin_token = "..."
+# Read-only HTTP token (wall displays, monitoring): reads the API and event stream, changes
+# nothing; generated into <data_dir>/viewer.token if unset.
+# viewer_token = "..."
+# When set, GET /metrics requires this bearer token (or the admin or viewer token).
+# metrics_token = "..."
+# Seconds a client gets to send a request's headers; also how long an idle keep-alive HTTP
+# connection is kept.
+http_header_timeout_secs = 10
+# Seconds a response may wait without a byte written before the connection is closed (a
+# client that stopped reading, e.g. an unread event stream).
+http_write_timeout_secs = 30
+# Most HTTP connections open at once; more are closed when accepted.
+http_max_connections = 4096
+# Most peers one source address may hold in one torrent's tracker peer list.
+tracker_max_peers_per_address = 64
 # Register machines on their first signed startup (trust on first use).
 auto_approve = true
 # New machine ids admitted per minute; anyone with the enrollment token can make ids up.

@@ -1,4 +1,4 @@
-//! The server's secrets: enrollment token, admin token and Ed25519 signing key.
+//! The server's secrets: enrollment token, admin token, viewer token and Ed25519 signing key.
 //!
 //! Each is taken from configuration when given there, otherwise read from the data directory,
 //! otherwise generated on first start and written there with mode 0600. Generated tokens are
@@ -19,12 +19,15 @@ use crate::config::{Config, Secret};
 /// File names inside the data directory.
 pub const ENROLL_TOKEN_FILE: &str = "enroll.token";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const VIEWER_TOKEN_FILE: &str = "viewer.token";
 pub const SERVER_KEY_FILE: &str = "server.key";
 
 /// The secrets a running server holds.
 pub struct Credentials {
     pub enroll_token: Secret,
     pub admin_token: Secret,
+    /// Reads the HTTP API, changes nothing.
+    pub viewer_token: Secret,
     pub server_key: SigningKey,
 }
 
@@ -44,10 +47,27 @@ impl Credentials {
             Some(t) => t.clone(),
             None => token_file(dir, ADMIN_TOKEN_FILE, "admin token")?,
         };
+        let viewer_token = match &config.viewer_token {
+            Some(t) => t.clone(),
+            None => token_file(
+                dir,
+                VIEWER_TOKEN_FILE,
+                "viewer token (reads the HTTP API, changes nothing)",
+            )?,
+        };
+        // A viewer token equal to the admin token would make every wall display an admin.
+        if token_matches(&admin_token, viewer_token.expose()) {
+            bail!(
+                "the viewer token is the admin token; give the viewer its own token \
+                 (viewer_token, BOOTTORRENT_VIEWER_TOKEN, or delete {} to generate one)",
+                dir.join(VIEWER_TOKEN_FILE).display()
+            );
+        }
         let server_key = server_key(dir)?;
         Ok(Credentials {
             enroll_token,
             admin_token,
+            viewer_token,
             server_key,
         })
     }
@@ -159,7 +179,12 @@ mod tests {
             ..Config::default()
         };
         let first = Credentials::load_or_create(&config).unwrap();
-        for name in [ENROLL_TOKEN_FILE, ADMIN_TOKEN_FILE, SERVER_KEY_FILE] {
+        for name in [
+            ENROLL_TOKEN_FILE,
+            ADMIN_TOKEN_FILE,
+            VIEWER_TOKEN_FILE,
+            SERVER_KEY_FILE,
+        ] {
             let mode = std::fs::metadata(dir.path().join(name))
                 .unwrap()
                 .permissions()
@@ -169,7 +194,9 @@ mod tests {
         let second = Credentials::load_or_create(&config).unwrap();
         assert_eq!(first.enroll_token, second.enroll_token);
         assert_eq!(first.admin_token, second.admin_token);
+        assert_eq!(first.viewer_token, second.viewer_token);
         assert_ne!(first.enroll_token, first.admin_token);
+        assert_ne!(first.viewer_token, first.admin_token);
         assert_eq!(first.server_key.to_bytes(), second.server_key.to_bytes());
     }
 
@@ -183,6 +210,23 @@ mod tests {
         };
         let err = Credentials::load_or_create(&config).err().unwrap();
         assert!(format!("{err:#}").contains("server.key"), "{err:#}");
+    }
+
+    #[test]
+    fn a_viewer_token_equal_to_the_admin_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let same = Secret::new("0123456789abcdef0123".into());
+        let config = Config {
+            data_dir: dir.path().to_owned(),
+            admin_token: Some(same.clone()),
+            viewer_token: Some(same),
+            ..Config::default()
+        };
+        let err = Credentials::load_or_create(&config).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("viewer token is the admin token"),
+            "{err:#}"
+        );
     }
 
     #[test]

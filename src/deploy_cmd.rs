@@ -142,6 +142,11 @@ pub(crate) fn explain(
              BOOTTORRENT_TOKEN, or its data directory with --data-dir",
             message.unwrap_or("no message")
         ),
+        (403, message, _) => format!(
+            "{server} refused the change: {}; pass the admin token with --token or \
+             BOOTTORRENT_TOKEN, not the viewer token",
+            message.unwrap_or("no message")
+        ),
         (404, Some(_), Subject::Deployment(id)) => {
             format!("no deployment {id} on {server}; `boottorrent deployments list` shows them")
         }

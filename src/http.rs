@@ -3,6 +3,13 @@
 //!
 //! Reads go straight to the store (redb snapshots run beside the orchestrator's writes);
 //! mutations go through the orchestrator, the single writer of machine state.
+//!
+//! Who may do what: everything under `/api/v1` needs a bearer token, the admin token or the
+//! read-only viewer token ([`require_reader`]), except `server-key`, which agents fetch before
+//! they hold any credential (they compare its fingerprint out of band). Changes need the
+//! admin token ([`Admin`]); the viewer token gets 403 there. `/healthz` is open, `/metrics`
+//! is open unless `metrics_token` is set. The tracker, `.torrent` downloads and the
+//! dashboard's static files are open.
 
 use std::sync::Arc;
 
@@ -46,6 +53,12 @@ pub struct AppState {
     /// Degraded subsystems, for `/healthz`.
     pub health: Health,
     pub admin_token: Secret,
+    /// Reads everything the admin token reads, changes nothing.
+    pub viewer_token: Secret,
+    /// Required by `GET /metrics` when set.
+    pub metrics_token: Option<Secret>,
+    /// The HTTP listener's counters, for `/metrics`.
+    pub listener: Arc<crate::listener::ListenerStats>,
     pub server_key: VerifyingKey,
     pub orchestrator: orchestrator::Handle,
     pub catalog: Arc<Catalog>,
@@ -55,10 +68,9 @@ pub struct AppState {
 
 /// The router with every route of this issue.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/server-key", get(server_key))
+    // A layer on the whole group, not an extractor per handler, so that a read endpoint added
+    // later is closed by default.
+    let api = Router::new()
         .route("/api/v1/machines", get(list_machines))
         .route(
             "/api/v1/machines/{id}",
@@ -82,6 +94,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/images", get(list_images).post(add_image))
         .route("/api/v1/images/{id}", get(show_image).delete(remove_image))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_reader,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/server-key", get(server_key))
+        .merge(api)
         .route("/torrents/{file}", get(torrent_file))
         .merge(tracker_routes(&state))
         .merge(crate::dashboard::routes())
@@ -106,19 +127,15 @@ fn tracker_routes(state: &AppState) -> Router<AppState> {
         }))
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled.
+/// Serves `router` on `listener` until `shutdown` is cancelled, within `limits`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    limits: crate::listener::Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // The tracker needs each peer's address: it hands out the TCP source, never a claimed IP.
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    let stats = state.listener.clone();
+    crate::listener::serve(listener, router(state), limits, stats, shutdown).await
 }
 
 /// An API failure: a status and a message, rendered as `{"error": "..."}`.
@@ -206,6 +223,64 @@ impl<T: PathId> FromRequestParts<AppState> for IdPath<T> {
     }
 }
 
+/// What a request's bearer token lets it do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Viewer,
+}
+
+/// The bearer token of a request, if it sent one.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// The role of the request's token; 401, counted, when it has none or a wrong one.
+fn role(headers: &axum::http::HeaderMap, state: &AppState) -> Result<Role, ApiError> {
+    // Both comparisons always run, so the time taken does not tell which token was close.
+    let (admin, viewer) = match bearer(headers) {
+        Some(token) => (
+            token_matches(&state.admin_token, token),
+            token_matches(&state.viewer_token, token),
+        ),
+        None => {
+            state.metrics.http_unauthorized();
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this endpoint needs `Authorization: Bearer <token>`: the admin token \
+                 (<data-dir>/admin.token) or, to read only, the viewer token \
+                 (<data-dir>/viewer.token)",
+            ));
+        }
+    };
+    match (admin, viewer) {
+        (true, _) => Ok(Role::Admin),
+        (false, true) => Ok(Role::Viewer),
+        (false, false) => {
+            state.metrics.http_unauthorized();
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is neither the admin token nor the viewer token; \
+                 use the contents of <data-dir>/admin.token or <data-dir>/viewer.token",
+            ))
+        }
+    }
+}
+
+/// Admits requests with the admin or the viewer token to the API's routes.
+async fn require_reader(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    role(request.headers(), &state)?;
+    Ok(next.run(request).await)
+}
+
 /// Proof that the request carried the admin token.
 struct Admin;
 
@@ -213,22 +288,14 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(token) if token_matches(&state.admin_token, token.trim()) => Ok(Admin),
-            Some(_) => {
-                state.metrics.http_unauthorized();
-                Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token"))
-            }
-            None => {
+        match role(&parts.headers, state)? {
+            Role::Admin => Ok(Admin),
+            Role::Viewer => {
                 state.metrics.http_unauthorized();
                 Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "this endpoint needs `Authorization: Bearer <admin token>` (see <data-dir>/admin.token)",
+                    StatusCode::FORBIDDEN,
+                    "the viewer token can only read; this change needs the admin token \
+                     (<data-dir>/admin.token)",
                 ))
             }
         }
@@ -310,7 +377,26 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(expected) = &state.metrics_token {
+        let allowed = bearer(&headers).is_some_and(|token| {
+            // Evaluated in full, like `role`: no early exit on the first match.
+            token_matches(expected, token)
+                | token_matches(&state.admin_token, token)
+                | token_matches(&state.viewer_token, token)
+        });
+        if !allowed {
+            state.metrics.http_unauthorized();
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "GET /metrics needs `Authorization: Bearer <metrics token>` (metrics_token in \
+                 the server's configuration; the admin and viewer tokens work too)",
+            ));
+        }
+    }
     let machines = state
         .store
         .machines()
@@ -330,6 +416,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
          boottorrent_tracker_failures_total {}\n",
         t.announces, t.scrapes, t.failures
     ));
+    state.listener.render(&mut body);
     let deployments = state
         .store
         .deployments()
@@ -884,9 +971,21 @@ async fn delete_zone(
     Ok(Json(zone_view(&zone, &[])))
 }
 
-/// `GET /api/v1/events`: server-sent events. A new watcher first gets every running
-/// deployment, then live changes. One that falls more than the channel's capacity behind is
-/// told so with a `lagged` event and goes on with the newest.
+/// Most running deployments a new watcher of `GET /api/v1/events` is sent before the live
+/// events. Each is a whole deployment view, which for a big zone is megabytes; a watcher
+/// that needs more reads `GET /api/v1/deployments`, as it is told by a `lagged` event.
+const REPLAY_MAX: usize = 32;
+
+/// `GET /api/v1/events`: server-sent events. A new watcher first gets the running
+/// deployments (the newest [`REPLAY_MAX`]; if there are more, a `lagged` event first), then
+/// live changes. One that falls more than the channel's capacity behind is told so with a
+/// `lagged` event and goes on with the newest.
+///
+/// Memory per watcher is bounded: the replay is read from the store one deployment at a time
+/// as the connection has room for it (not rendered up front), the live events sit once in the
+/// shared broadcast ring, and hyper stops pulling from this stream while the connection's
+/// write buffer is full. A watcher that stops reading altogether is dropped by the listener's
+/// write deadline.
 async fn live_events(
     State(state): State<AppState>,
 ) -> Result<
@@ -896,21 +995,39 @@ async fn live_events(
     ApiError,
 > {
     use axum::response::sse::{Event as Sse, KeepAlive};
+    use futures_util::StreamExt;
     // Subscribe before reading the store, so nothing falls between the two.
     let rx = state.live.subscribe();
-    let running: Vec<Sse> = state
+    let running: Vec<DeploymentId> = state
         .store
         .deployments()
         .map_err(|e| ApiError::internal("reading deployments", e))?
         .iter()
         .filter(|d| d.overall() == OverallState::Running)
-        .map(|d| {
-            Sse::default()
-                .event("deployment")
-                .data(d.view().to_string())
-        })
+        .map(|d| d.id.clone())
         .collect();
-    let initial = futures_util::stream::iter(running.into_iter().map(Ok));
+    // Ids start with the creation time: the newest are at the end.
+    let skipped = running.len().saturating_sub(REPLAY_MAX);
+    let lagged = (skipped > 0).then(|| {
+        Sse::default()
+            .event("lagged")
+            .data(serde_json::json!({ "missed": skipped }).to_string())
+    });
+    let store = state.store.clone();
+    let replay = futures_util::stream::iter(running.into_iter().skip(skipped)).filter_map(
+        move |id| {
+            let view = match store.deployment(&id) {
+                Ok(Some(d)) => Some(Sse::default().event("deployment").data(d.view().to_string())),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(deployment = %id, error = %e, "reading a deployment for an event stream");
+                    None
+                }
+            };
+            std::future::ready(view)
+        },
+    );
+    let initial = futures_util::stream::iter(lagged).chain(replay).map(Ok);
     let live = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = match rx.recv().await {
             Ok(live) => Sse::default().event(live.kind).data(live.data),
@@ -921,10 +1038,9 @@ async fn live_events(
         };
         Some((Ok(event), rx))
     });
-    let events = futures_util::StreamExt::take_until(
-        futures_util::StreamExt::chain(initial, live),
-        state.shutdown.clone().cancelled_owned(),
-    );
+    let events = initial
+        .chain(live)
+        .take_until(state.shutdown.clone().cancelled_owned());
     Ok(axum::response::sse::Sse::new(events).keep_alive(
         KeepAlive::new()
             .interval(std::time::Duration::from_secs(15))

@@ -17,6 +17,7 @@ mod fleet;
 mod health;
 mod http;
 mod keyring;
+mod listener;
 mod locality;
 mod metrics;
 mod orchestrator;

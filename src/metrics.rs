@@ -169,7 +169,7 @@ impl Metrics {
         );
         counter(
             "boottorrent_http_unauthorized_total",
-            "HTTP requests refused for a missing or wrong admin token.",
+            "HTTP requests refused for a missing or wrong token (401), or a viewer token on a change (403).",
             s.http_unauthorized,
         );
         family(

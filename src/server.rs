@@ -33,6 +33,7 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    crate::listener::raise_open_file_limit();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -114,6 +115,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tracker = Arc::new(Tracker::new(TrackerConfig {
         interval_secs: interval,
         min_interval_secs: (interval / 2).max(1),
+        max_peers_per_address: config.tracker_max_peers_per_address as usize,
         ..TrackerConfig::default()
     }));
     let catalog = Catalog::start(
@@ -121,6 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         seeder.clone(),
         tracker.clone(),
         config.public_url(),
+        &config.data_dir,
     )
     .context("loading the image catalog")?;
     let locality = Arc::new(ServerLocality::new(
@@ -176,16 +179,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         health,
         admin_token: credentials.admin_token.clone(),
+        viewer_token: credentials.viewer_token.clone(),
+        metrics_token: config.metrics_token.clone(),
+        listener: Arc::default(),
         server_key: credentials.server_key.verifying_key(),
         orchestrator: handle,
         catalog,
         tracker,
         locality,
     };
+    let limits = crate::listener::Limits {
+        header_timeout: Duration::from_secs(u64::from(config.http_header_timeout_secs)),
+        write_timeout: Duration::from_secs(u64::from(config.http_write_timeout_secs)),
+        max_connections: config.http_max_connections as usize,
+    };
     spawn(&tasks, &shutdown, "http", {
         let token = shutdown.child_token();
         async move {
-            http::serve(http_listener, state, token)
+            http::serve(http_listener, state, limits, token)
                 .await
                 .context("serving HTTP")
         }

@@ -165,9 +165,11 @@ async fn stream_once(
     label: bool,
     reconnecting: &mut bool,
 ) -> anyhow::Result<()> {
+    let token = crate::client::token(client)?;
     let url = url(client, "/api/v1/events")?;
     let response = http
         .get(&url)
+        .bearer_auth(token)
         .header(reqwest::header::ACCEPT, "text/event-stream")
         .send()
         .await
@@ -202,7 +204,7 @@ async fn stream_once(
             .ok_or(StreamLost("the server closed it"))?;
         for event in parser.feed(&chunk) {
             // The server says `lagged` when this client fell behind and events were dropped
-            // for it (not in docs/api.md): the answers fill the gap.
+            // for it (docs/api.md): the answers fill the gap.
             if event.kind == "lagged" {
                 refresh(client, trackers, view, label).await?;
                 continue;

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Server, cli, require_tool, wait_for};
+use common::{Server, image_add, require_tool, wait_for};
 use serde_json::Value;
 
 /// A VHDX holding `len` bytes of random data, converted by qemu-img; returns its path.
@@ -30,21 +30,6 @@ fn make_vhdx(dir: &Path, name: &str, len: usize) -> PathBuf {
     );
     std::fs::remove_file(raw).unwrap();
     vhdx
-}
-
-fn image_add(server: &Server, file: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "image".to_owned(),
-        "add".to_owned(),
-        file.to_str().unwrap().to_owned(),
-        "--server".to_owned(),
-        server.url(""),
-        "--data-dir".to_owned(),
-        server.data_dir.to_str().unwrap().to_owned(),
-        "--json".to_owned(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Adds `file` through the CLI and returns the finished image as the API shows it.

@@ -73,7 +73,15 @@ fn signed_startup_registers_the_machine_and_is_answered_with_signed_configuratio
         hex::encode(agent.key.verifying_key().to_bytes())
     );
 
-    let listed = cli(&["machines", "list", "--server", &server.url("")]);
+    // Reads need a token too; the read-only viewer token is enough.
+    let listed = cli(&[
+        "machines",
+        "list",
+        "--server",
+        &server.url(""),
+        "--token",
+        &server.viewer_token(),
+    ]);
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(
         listed.status.success() && text.contains("pc-101-01"),
@@ -532,7 +540,7 @@ fn api_errors_are_json_with_the_right_status() {
         ("/api/v1/machines/unknown-pc", 404),
         ("/api/v1/nothing", 404),
     ] {
-        let r = reqwest::blocking::get(server.url(path)).unwrap();
+        let r = server.get(path);
         assert_eq!(r.status(), status, "{path}");
         let body: serde_json::Value = r.json().unwrap();
         assert!(body["error"].is_string(), "{path}: {body}");

@@ -64,11 +64,11 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
     // The machines fed each other: the server sent less than two full copies.
     let id = image["id"].as_str().unwrap().to_owned();
     let uploaded = wait_for("the seeder's counter", || {
-        let v: serde_json::Value =
-            reqwest::blocking::get(server.url(&format!("/api/v1/images/{id}")))
-                .ok()?
-                .json()
-                .ok()?;
+        let v: serde_json::Value = server
+            .get(&format!("/api/v1/images/{id}"))
+            .ok()?
+            .json()
+            .ok()?;
         v["uploaded"].as_u64().filter(|u| *u > 0)
     });
     assert!(
@@ -246,10 +246,7 @@ fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
     // total may be under the size.) The seeder's counters tick once a second.
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let id = image["id"].as_str().unwrap().to_owned();
-    let v: serde_json::Value = reqwest::blocking::get(server.url(&format!("/api/v1/images/{id}")))
-        .unwrap()
-        .json()
-        .unwrap();
+    let v = get_json(&server, &format!("/api/v1/images/{id}"));
     let uploaded = v["uploaded"].as_u64().unwrap();
     assert!(uploaded > 0, "{v}");
     // Bytes that must travel: pieces that are not all zeros (a fresh file already has those).

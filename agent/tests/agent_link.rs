@@ -42,10 +42,7 @@ fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
     wait_for("both agents to show online", || {
         (server.online("pc-a") == Some(true) && server.online("pc-b") == Some(true)).then_some(())
     });
-    let machine: serde_json::Value = reqwest::blocking::get(server.url("/api/v1/machines/pc-b"))
-        .unwrap()
-        .json()
-        .unwrap();
+    let machine = get_json(&server, "/api/v1/machines/pc-b");
     assert_eq!(machine["agent_version"], env!("CARGO_PKG_VERSION"));
     assert!(!machine["os"].as_str().unwrap().is_empty(), "{machine}");
     assert!(

@@ -1,6 +1,7 @@
 //! The operator's web dashboard end to end: the real server and two agents as processes, and
-//! a headless Chromium (driven by `dashboard_browser.py` through selenium) that deploys an
-//! image from the page and watches both machines reach `staged` on it. Afterwards the API must
+//! a headless Chromium (driven by `dashboard_browser.py` through selenium) that signs in
+//! (a wrong token refused, the viewer token reading but refused a deployment), deploys an
+//! image from the page with the admin token and watches both machines reach `staged` on it. Afterwards the API must
 //! show the deployment the page made. The browser's screenshot is kept as a test artifact in
 //! `target/test-artifacts/dashboard.png`.
 
@@ -121,6 +122,7 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
         &[
             &server.url(""),
             &server.token("admin.token"),
+            &server.token("viewer.token"),
             &image,
             screenshot.to_str().unwrap(),
         ],

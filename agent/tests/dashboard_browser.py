@@ -1,11 +1,13 @@
 #!/usr/bin/python3
 """Drives the BootTorrent dashboard in headless Chromium, as an operator would.
 
-Usage: dashboard_browser.py SERVER_URL ADMIN_TOKEN IMAGE_ID SCREENSHOT_PATH
+Usage: dashboard_browser.py SERVER_URL ADMIN_TOKEN VIEWER_TOKEN IMAGE_ID SCREENSHOT_PATH
 
-Opens the page, checks that a wrong admin token is refused with the API's message, enters the
-right one, deploys IMAGE_ID (action stage) to every machine the page shows online, ticking them
-in the form's machine list, and waits until the page shows each of them `staged` in the
+Opens the page and checks that it shows no fleet data before sign-in, that a wrong token is
+refused with the API's message (HTTP 401) and the sign-in form comes back, that the viewer
+token shows the fleet but a deployment with it is refused (HTTP 403), then signs in with the
+admin token, deploys IMAGE_ID (action stage) to every machine the page shows online, ticking
+them in the form's machine list, and waits until the page shows each of them `staged` in the
 deployment and holding the image in the machines table. Everything is read from the page's
 DOM, never from the API: the point is that the page shows what happens. Prints
 `deployment <id>` and exits 0; on any failure prints why, the page's visible error text and
@@ -74,14 +76,35 @@ def error_banner(driver):
     return driver.find_element(By.ID, "error-text").text.strip()
 
 
-def drive(driver, url, token, image):
+def drive(driver, url, token, viewer, image):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     css = driver.find_elements
     driver.get(url.rstrip("/") + "/")
 
-    wait("the live event stream to connect (#conn live)", PAGE_READY_SECS,
+    def sign_in(value):
+        driver.find_element(By.ID, "token-input").send_keys(value)
+        driver.find_element(By.ID, "token-save").click()
+
+    # Nothing of the fleet before sign-in: the data sections are hidden and empty.
+    wait("the sign-in form", PAGE_READY_SECS,
+         lambda: driver.find_element(By.ID, "token-form").is_displayed())
+    if driver.find_element(By.ID, "main").is_displayed() or css(By.CSS_SELECTOR, "tr[data-machine]"):
+        raise Failure("the page shows fleet data before sign-in")
+
+    # A wrong token: the page must show the API's refusal and ask for the token again.
+    sign_in("not-a-token-of-this-server")
+    refusal = wait("the page to show the refused token", 10, lambda: error_banner(driver))
+    wait("the sign-in form to come back", 10,
+         lambda: driver.find_element(By.ID, "token-form").is_displayed())
+    if "HTTP 401" not in refusal or driver.find_element(By.ID, "main").is_displayed():
+        raise Failure(f"a refused token should show the API's 401 and hide the fleet: {refusal!r}")
+    print(f"wrong token refused: {refusal}", flush=True)
+
+    # The viewer token reads (the live stream connects) but cannot deploy.
+    sign_in(viewer)
+    wait("the live event stream to connect with the viewer token (#conn live)", PAGE_READY_SECS,
          lambda: driver.find_element(By.ID, "conn").get_attribute("data-state") == "open")
 
     def online_machines():
@@ -101,24 +124,27 @@ def drive(driver, url, token, image):
                 box.click()
         Select(driver.find_element(By.ID, "deploy-action")).select_by_value("stage")
 
-    def use_token(value):
-        driver.find_element(By.ID, "token-input").send_keys(value)
-        driver.find_element(By.ID, "token-save").click()
-        wait("the deploy button to be enabled by the token", 5,
-             lambda: driver.find_element(By.ID, "deploy-submit").is_enabled())
-
-    # A wrong token first: the page must show the API's refusal and ask for the token again.
-    use_token("not-the-admin-token")
     fill_form()
     driver.find_element(By.ID, "deploy-submit").click()
-    refusal = wait("the page to show the refused token", 10, lambda: error_banner(driver))
-    if "HTTP 401" not in refusal or not driver.find_element(By.ID, "token-form").is_displayed():
-        raise Failure(f"a refused token should show the API's 401 and the token form: {refusal!r}")
-    print(f"wrong token refused: {refusal}", flush=True)
+    forbidden = wait("the page to show the viewer's refused deployment", 10,
+                     lambda: error_banner(driver))
+    if "HTTP 403" not in forbidden:
+        raise Failure(f"a deployment with the viewer token should show the API's 403: {forbidden!r}")
+    if not driver.find_element(By.ID, "main").is_displayed():
+        raise Failure("a 403 should leave the viewer signed in")
+    print(f"viewer's deployment refused: {forbidden}", flush=True)
 
-    use_token(token)
+    driver.find_element(By.ID, "token-clear").click()
+    wait("the sign-in form after signing out", 5,
+         lambda: driver.find_element(By.ID, "token-form").is_displayed())
+    sign_in(token)
+    wait("the live event stream to connect with the admin token (#conn live)", PAGE_READY_SECS,
+         lambda: driver.find_element(By.ID, "conn").get_attribute("data-state") == "open")
     if error_banner(driver):
-        raise Failure(f"the refusal is still shown after entering a new token: {error_banner(driver)}")
+        raise Failure(f"a refusal is still shown after signing in again: {error_banner(driver)}")
+    machines = wait("two machines shown online", PAGE_READY_SECS, online_machines)
+    wait(f"image {image} offered in the deploy form", PAGE_READY_SECS,
+         lambda: css(By.CSS_SELECTOR, f'#deploy-image option[value="{image}"]'))
     fill_form()
     driver.find_element(By.ID, "deploy-submit").click()
 
@@ -173,10 +199,10 @@ def report(driver):
 
 
 def main(argv):
-    if len(argv) != 5:
+    if len(argv) != 6:
         print(__doc__, file=sys.stderr)
         return 2
-    url, token, image, screenshot = argv[1:]
+    url, token, viewer, image, screenshot = argv[1:]
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -195,7 +221,7 @@ def main(argv):
         print("headless Chromium did not start (see above)")
         return 1
     try:
-        drive(driver, url, token, image)
+        drive(driver, url, token, viewer, image)
         ok = True
     except Exception as e:
         print(f"FAILED: {e}")

@@ -413,6 +413,7 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
     let (got, _) = (
         client
             .get(server.url("/api/v1/deployments/..%2Fetc"))
+            .bearer_auth(&token)
             .send()
             .unwrap()
             .status()

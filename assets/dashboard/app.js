@@ -1,14 +1,18 @@
 // BootTorrent dashboard: plain DOM, no framework, no build step (it runs air-gapped).
 //
-// Where the data comes from: machines, images and zones are fetched at start, on every
-// (re)connect of the live event stream and every few seconds; deployments are fetched at start
-// and on (re)connect, then kept current by the `deployment`, `transition` and `machine` events
-// of GET /api/v1/events. Actions send the admin token the operator typed, kept in
-// sessionStorage so it is gone with the tab.
+// Sign-in: every read of the API needs a token, so the page shows nothing until the operator
+// enters one: the admin token, or the read-only viewer token (a wall display). It is kept in
+// sessionStorage, so it is gone with the tab, and sent on every request. A 401 signs out and
+// says why; a 403 (the viewer token on a change) is shown and the page stays signed in.
+//
+// Where the data comes from: machines, images and zones are fetched at sign-in, on every
+// (re)connect of the live event stream and every few seconds; deployments are fetched at
+// sign-in and on (re)connect, then kept current by the `deployment`, `transition` and
+// `machine` events of GET /api/v1/events.
 "use strict";
 
 const POLL_MS = 5000;
-const TOKEN_KEY = "boottorrent.adminToken";
+const TOKEN_KEY = "boottorrent.token";
 // Older finished deployments are left out: a lab accumulates hundreds over a term.
 const SHOWN_DEPLOYMENTS = 30;
 
@@ -18,7 +22,9 @@ const state = {
   zones: [],
   deployments: new Map(), // id -> deployment, as in the API and the events
 };
-let source = null; // the EventSource
+// The live event stream: { abort: AbortController, open: bool }, or null when signed out.
+let stream = null;
+let poller = null; // the polling interval while signed in
 
 const $ = (id) => document.getElementById(id);
 
@@ -108,13 +114,24 @@ function notice(message) {
 
 const token = () => sessionStorage.getItem(TOKEN_KEY);
 
+// Why the server refused a request, from its `{"error": ...}` answer; a 401 also signs out.
+async function refusal(method, path, response) {
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { /* not JSON: shown raw below */ }
+  const why = (data && data.error) || text || response.statusText;
+  if (response.status === 401) {
+    signOut();
+    return new Error(`The server refused the token: ${why} (HTTP 401). Enter it again.`);
+  }
+  if (response.status === 403) return new Error(`Not allowed with this token: ${why} (HTTP 403).`);
+  return new Error(`${method} ${path}: ${why} (HTTP ${response.status})`);
+}
+
 // Calls the API; throws an Error whose message is the API's own `{"error": ...}` text.
 async function api(method, path, body) {
-  const headers = {};
-  if (method !== "GET") {
-    if (!token()) throw new Error("Enter the admin token first.");
-    headers.Authorization = "Bearer " + token();
-  }
+  if (!token()) throw new Error("Sign in with a token first.");
+  const headers = { Authorization: "Bearer " + token() };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
@@ -125,19 +142,9 @@ async function api(method, path, body) {
   } catch (e) {
     throw new Error(`The server did not answer ${method} ${path} (${e.message}).`);
   }
+  if (!response.ok) throw await refusal(method, path, response);
   const text = await response.text();
-  let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch (_) { /* not JSON: shown raw below */ }
-  if (!response.ok) {
-    const why = (data && data.error) || text || response.statusText;
-    if (response.status === 401) {
-      sessionStorage.removeItem(TOKEN_KEY);
-      renderAuth();
-      throw new Error(`The server refused the admin token: ${why} (HTTP 401). Enter it again.`);
-    }
-    throw new Error(`${why} (HTTP ${response.status})`);
-  }
-  return data;
+  return text ? JSON.parse(text) : null;
 }
 
 // A list fetched before an event may arrive after it: keep whichever copy saw the later change.
@@ -158,6 +165,7 @@ function mergeDeployment(d) {
 }
 
 async function refreshLists(withDeployments) {
+  if (!token()) return;
   try {
     const [machines, images, zones] = await Promise.all([
       api("GET", "/api/v1/machines"), api("GET", "/api/v1/images"), api("GET", "/api/v1/zones"),
@@ -169,7 +177,7 @@ async function refreshLists(withDeployments) {
     clearError("poll");
     renderAll();
   } catch (e) {
-    showError(e.message, "poll");
+    showError(e.message, token() ? "poll" : "auth");
   }
 }
 
@@ -316,36 +324,28 @@ function renderAuth() {
   const t = token();
   $("token-form").hidden = !!t;
   $("token-state").hidden = !t;
+  $("signin").hidden = !!t;
+  $("main").hidden = !t;
   $("deploy-submit").disabled = !t;
-  $("deploy-submit").title = t ? "" : "enter the admin token first";
 }
 
 function setConn(s) {
   $("conn").dataset.state = s;
-  $("conn").textContent = { open: "live", connecting: "reconnecting…", closed: "disconnected" }[s];
+  $("conn").textContent = { open: "live", connecting: "connecting…", closed: "signed out" }[s];
 }
 
 // ---- live events ----
 
-function onEvent(type, handle) {
-  source.addEventListener(type, (e) => {
-    try { handle(JSON.parse(e.data)); } catch (err) { console.error(`bad ${type} event`, err, e.data); }
-  });
-}
-
-function connect() {
-  source = new EventSource("/api/v1/events");
-  source.addEventListener("open", () => { setConn("open"); refreshLists(true); });
-  source.addEventListener("error", () => {
-    // While CONNECTING the browser retries by itself; CLOSED means it gave up (the server
-    // answered with an error), so start over after a pause.
-    if (source.readyState === EventSource.CLOSED) { setConn("closed"); setTimeout(connect, POLL_MS); }
-    else setConn("connecting");
-  });
-  onEvent("deployment", (d) => { if (mergeDeployment(d)) renderDeployment(d); });
+// The stream is read with fetch, not EventSource: EventSource cannot send an Authorization
+// header, and the alternative, the token in the URL, would leave it in proxy and server logs
+// and in the browser's history. So this parses server-sent events itself (the server sends
+// `event:` and `data:` lines, `:` comments as keep-alives, a blank line after each event) and
+// reconnects by itself.
+const handlers = {
+  deployment: (d) => { if (mergeDeployment(d)) renderDeployment(d); },
   // A `deployment` event with the whole view follows every transition and replaces this; the
   // transition is applied first only so that the row changes without waiting for it.
-  onEvent("transition", (t) => {
+  transition: (t) => {
     const d = state.deployments.get(t.deployment);
     const m = d && d.machines.find((x) => x.id === t.machine);
     if (!m) return;
@@ -355,15 +355,94 @@ function connect() {
     Object.assign(m, { state: t.state, error: t.error });
     m.transitions.push({ state: t.state, at_ms: t.at_ms });
     renderDeployment(d);
-  });
-  onEvent("machine", (m) => {
+  },
+  machine: (m) => {
     const known = state.machines.get(m.id);
     if (!known) return refreshLists(false);
     known.online = m.online;
     renderMachines();
-  });
+  },
   // This watcher fell behind and missed events: start again from the lists.
-  onEvent("lagged", () => refreshLists(true));
+  lagged: () => refreshLists(true),
+};
+
+function dispatch(block) {
+  let type = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (field === "event") type = value;
+    else if (field === "data") data.push(value);
+  }
+  if (!data.length || !handlers[type]) return;
+  try { handlers[type](JSON.parse(data.join("\n"))); } catch (err) { console.error(`bad ${type} event`, err, data); }
+}
+
+const streamOpen = () => !!(stream && stream.open);
+
+async function connect() {
+  if (!token() || stream) return;
+  const mine = { abort: new AbortController(), open: false };
+  stream = mine;
+  setConn("connecting");
+  try {
+    const response = await fetch("/api/v1/events", {
+      headers: { Authorization: "Bearer " + token(), Accept: "text/event-stream" },
+      cache: "no-store", signal: mine.abort.signal,
+    });
+    if (!response.ok) throw await refusal("GET", "/api/v1/events", response);
+    mine.open = true;
+    setConn("open");
+    refreshLists(true);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        dispatch(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+      }
+    }
+  } catch (e) {
+    if (mine.abort.signal.aborted) return; // signed out: nothing to retry
+    if (token()) showError(`Live updates interrupted: ${e.message}`, "stream");
+  }
+  if (stream !== mine) return;
+  stream = null;
+  setConn(token() ? "connecting" : "closed");
+  // The server restarted or the network blipped: try again after a pause.
+  if (token()) setTimeout(connect, POLL_MS);
+}
+
+function signIn(value) {
+  sessionStorage.setItem(TOKEN_KEY, value);
+  clearError();
+  renderAuth();
+  refreshLists(true);
+  connect();
+  // Polling covers what has no event (held images, import progress, last seen); deployments
+  // too while the event stream is down.
+  if (!poller) poller = setInterval(() => refreshLists(!streamOpen()), POLL_MS);
+}
+
+function signOut() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  if (stream) { stream.abort.abort(); stream = null; }
+  if (poller) { clearInterval(poller); poller = null; }
+  // Nothing read with the old token stays on the page.
+  state.machines = new Map();
+  state.images = new Map();
+  state.zones = [];
+  state.deployments = new Map();
+  renderAll();
+  setConn("closed");
+  renderAuth();
 }
 
 // ---- actions ----
@@ -413,12 +492,11 @@ async function cancel(id) {
 function init() {
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    sessionStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
+    const value = $("token-input").value.trim();
     $("token-input").value = "";
-    clearError();
-    renderAuth();
+    signIn(value);
   });
-  $("token-clear").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); renderAuth(); });
+  $("token-clear").addEventListener("click", () => { clearError(); signOut(); });
   $("error-close").addEventListener("click", () => clearError());
   $("deploy-form").addEventListener("submit", deploy);
   // Choosing a zone or ticking a machine picks that kind of target.
@@ -431,12 +509,8 @@ function init() {
     ev.preventDefault(); // the button sits in a <summary>: do not fold the deployment too
     cancel(button.dataset.cancel);
   });
-  renderAuth();
-  refreshLists(true);
-  connect();
-  // Polling covers what has no event (held images, import progress, last seen); deployments
-  // too while the event stream is down.
-  setInterval(() => refreshLists(source.readyState !== EventSource.OPEN), POLL_MS);
+  if (token()) signIn(token());
+  else { setConn("closed"); renderAuth(); }
 }
 
 init();

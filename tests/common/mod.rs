@@ -94,15 +94,21 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn get_json(&self, path: &str) -> serde_json::Value {
-        reqwest::blocking::get(self.url(path))
-            .unwrap()
-            .json()
+    /// `GET path` with the admin token, as the operator's tools read the API.
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        reqwest::blocking::Client::new()
+            .get(self.url(path))
+            .bearer_auth(self.admin_token())
+            .send()
             .unwrap()
     }
 
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path).json().unwrap()
+    }
+
     pub fn machine(&self, id: &str) -> Option<serde_json::Value> {
-        let response = reqwest::blocking::get(self.url(&format!("/api/v1/machines/{id}"))).unwrap();
+        let response = self.get(&format!("/api/v1/machines/{id}"));
         if response.status() == 404 {
             return None;
         }
@@ -119,6 +125,15 @@ impl Server {
 
     pub fn admin_token(&self) -> String {
         self.token("admin.token")
+    }
+
+    pub fn viewer_token(&self) -> String {
+        self.token("viewer.token")
+    }
+
+    /// The server process's id, to read its resource use from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
     }
 
     pub fn enroll_token(&self) -> String {
@@ -387,6 +402,23 @@ impl Agent {
     pub fn status(&mut self, presence: Presence, encoding: Encoding) -> (String, Vec<u8>) {
         self.event(Event::Status(Status { presence }), encoding)
     }
+}
+
+/// `boottorrent image add FILE --json` against `server`, with its data directory (and so its
+/// admin token).
+pub fn image_add(server: &Server, file: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "image".to_owned(),
+        "add".to_owned(),
+        file.to_str().unwrap().to_owned(),
+        "--server".to_owned(),
+        server.url(""),
+        "--data-dir".to_owned(),
+        server.data_dir.to_str().unwrap().to_owned(),
+        "--json".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Runs the `boottorrent` binary as a client command.

@@ -45,6 +45,11 @@ pub struct TrackerConfig {
     pub numwant_max: u32,
     /// Longest query string accepted, in bytes; longer ones are refused before parsing.
     pub max_query_len: usize,
+    /// Most peers one source address may hold in one torrent. Announces come from the TCP
+    /// source address, which a host cannot forge, but it can invent peer ids and ports
+    /// freely: without this cap one host fills [`MAX_PEERS_PER_TORRENT`] and every real
+    /// machine is refused until its fakes expire.
+    pub max_peers_per_address: usize,
 }
 
 impl Default for TrackerConfig {
@@ -55,6 +60,7 @@ impl Default for TrackerConfig {
             numwant_default: 50,
             numwant_max: 200,
             max_query_len: 4096,
+            max_peers_per_address: 64,
         }
     }
 }
@@ -130,6 +136,8 @@ struct Swarm {
     peers: Vec<(SocketAddr, Peer)>,
     /// Position of each peer in `peers`.
     index: HashMap<SocketAddr, usize>,
+    /// Peers per source address, kept in step with `peers`, for the per-address cap.
+    per_address: HashMap<IpAddr, usize>,
     /// Peers with `left=0`, kept in step with `peers` so counts cost nothing.
     complete: usize,
     downloaded: u64,
@@ -155,6 +163,16 @@ struct Requester {
     peer_id: [u8; 20],
     zone: Option<Arc<str>>,
     complete: bool,
+}
+
+/// What [`Swarm::upsert`] did with an announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upsert {
+    Recorded,
+    /// A new peer, and the torrent holds [`MAX_PEERS_PER_TORRENT`].
+    SwarmFull,
+    /// A new peer, and its address holds its share already.
+    AddressFull,
 }
 
 /// Handout groups in the order they are served.
@@ -258,15 +276,36 @@ impl Tracker {
                     zone: zone.clone(),
                     server_seeder,
                 };
-                if !swarm.upsert(addr, peer, request.event, ttl) {
-                    drop(shard);
-                    tracing::debug!(%addr, "swarm full, refusing a new peer");
-                    return self.fail(
-                        200,
-                        &format!(
-                            "this torrent already has {MAX_PEERS_PER_TORRENT} peers; try again later"
-                        ),
-                    );
+                match swarm.upsert(
+                    addr,
+                    peer,
+                    request.event,
+                    ttl,
+                    self.config.max_peers_per_address,
+                ) {
+                    Upsert::Recorded => {}
+                    Upsert::SwarmFull => {
+                        drop(shard);
+                        tracing::debug!(%addr, "swarm full, refusing a new peer");
+                        return self.fail(
+                            200,
+                            &format!(
+                                "this torrent already has {MAX_PEERS_PER_TORRENT} peers; try again later"
+                            ),
+                        );
+                    }
+                    Upsert::AddressFull => {
+                        drop(shard);
+                        tracing::debug!(%addr, "address holds its share of the swarm, refusing a new peer");
+                        return self.fail(
+                            200,
+                            &format!(
+                                "{remote} already has {} peers in this torrent; stop some \
+                                 clients or wait until their entries expire",
+                                self.config.max_peers_per_address
+                            ),
+                        );
+                    }
                 }
             }
             let requester = Requester {
@@ -392,13 +431,23 @@ impl Swarm {
         }
     }
 
-    /// Records an announce. Returns false, changing nothing, if the peer is new and the swarm
-    /// is full.
-    fn upsert(&mut self, addr: SocketAddr, peer: Peer, event: Event, ttl: Duration) -> bool {
+    /// Records an announce. A new peer is refused, changing nothing, if the swarm is full or
+    /// its address already holds `per_address` peers.
+    fn upsert(
+        &mut self,
+        addr: SocketAddr,
+        peer: Peer,
+        event: Event,
+        ttl: Duration,
+        per_address: usize,
+    ) -> Upsert {
         let slot = self.index.get(&addr).copied();
         let was_complete = match slot {
             Some(i) => Some(self.peers[i].1.complete),
-            None if self.peers.len() >= MAX_PEERS_PER_TORRENT => return false,
+            None if self.peers.len() >= MAX_PEERS_PER_TORRENT => return Upsert::SwarmFull,
+            None if self.per_address.get(&addr.ip()).copied().unwrap_or(0) >= per_address => {
+                return Upsert::AddressFull;
+            }
             None => None,
         };
         // A download finished if the client says so, or if a peer we knew as a leecher now
@@ -429,9 +478,19 @@ impl Swarm {
             None => {
                 self.index.insert(addr, self.peers.len());
                 self.peers.push((addr, peer));
+                *self.per_address.entry(addr.ip()).or_default() += 1;
             }
         }
-        true
+        Upsert::Recorded
+    }
+
+    fn forget_address(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_address.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
     }
 
     fn remove(&mut self, addr: &SocketAddr) {
@@ -442,6 +501,7 @@ impl Swarm {
         if let Some((moved, _)) = self.peers.get(i) {
             self.index.insert(*moved, i);
         }
+        self.forget_address(addr.ip());
         if peer.complete {
             self.complete = self.complete.saturating_sub(1);
         }
@@ -460,6 +520,10 @@ impl Swarm {
             .enumerate()
             .map(|(i, (addr, _))| (*addr, i))
             .collect();
+        self.per_address.clear();
+        for (addr, _) in &self.peers {
+            *self.per_address.entry(addr.ip()).or_default() += 1;
+        }
         self.complete = self.peers.iter().filter(|(_, peer)| peer.complete).count();
         self.sweep_due = self
             .peers
@@ -583,12 +647,16 @@ mod tests {
                 server_seeder: false,
             };
             entry.peer_id[..2].copy_from_slice(&port.to_be_bytes());
-            assert!(swarm.upsert(
-                SocketAddr::new("10.0.0.1".parse().unwrap(), port),
-                entry,
-                Event::Started,
-                ttl
-            ));
+            assert_eq!(
+                swarm.upsert(
+                    SocketAddr::new("10.0.0.1".parse().unwrap(), port),
+                    entry,
+                    Event::Started,
+                    ttl,
+                    usize::MAX
+                ),
+                Upsert::Recorded
+            );
         }
         // Some peers leave, which moves others inside the vector.
         for port in [3, 50, 199] {
@@ -645,14 +713,23 @@ mod tests {
             zone: None,
             server_seeder: false,
         };
-        assert!(swarm.upsert(addr, entry(false), Event::Started, ttl));
+        assert_eq!(
+            swarm.upsert(addr, entry(false), Event::Started, ttl, 1),
+            Upsert::Recorded
+        );
         assert_eq!((swarm.stats().complete, swarm.stats().incomplete), (0, 1));
         // Finished without sending `completed`: still a download.
-        assert!(swarm.upsert(addr, entry(true), Event::Periodic, ttl));
+        assert_eq!(
+            swarm.upsert(addr, entry(true), Event::Periodic, ttl, 1),
+            Upsert::Recorded
+        );
         assert_eq!(swarm.stats().downloaded, 1);
         assert_eq!((swarm.stats().complete, swarm.stats().incomplete), (1, 0));
         // A late `completed` for the same transition is not counted twice.
-        assert!(swarm.upsert(addr, entry(true), Event::Completed, ttl));
+        assert_eq!(
+            swarm.upsert(addr, entry(true), Event::Completed, ttl, 1),
+            Upsert::Recorded
+        );
         assert_eq!(swarm.stats().downloaded, 1);
         swarm.remove(&addr);
         assert_eq!(
@@ -662,5 +739,39 @@ mod tests {
                 ..SwarmStats::default()
             }
         );
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_and_gets_it_back_as_peers_leave() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(120);
+        let mut swarm = Swarm::default();
+        let peer = |i: u16| Peer {
+            peer_id: [i as u8; 20],
+            complete: false,
+            last_seen: now,
+            zone: None,
+            server_seeder: false,
+        };
+        let at = |ip: &str, port: u16| SocketAddr::new(ip.parse().unwrap(), port);
+        for port in 1..=3 {
+            let got = swarm.upsert(at("10.0.0.9", port), peer(port), Event::Started, ttl, 3);
+            assert_eq!(got, Upsert::Recorded);
+        }
+        let over = swarm.upsert(at("10.0.0.9", 4), peer(4), Event::Started, ttl, 3);
+        assert_eq!(over, Upsert::AddressFull);
+        // Known peers of a full address still re-announce; other addresses are not affected.
+        let again = swarm.upsert(at("10.0.0.9", 2), peer(2), Event::Periodic, ttl, 3);
+        assert_eq!(again, Upsert::Recorded);
+        let other = swarm.upsert(at("10.0.0.10", 1), peer(9), Event::Started, ttl, 3);
+        assert_eq!(other, Upsert::Recorded);
+        swarm.remove(&at("10.0.0.9", 1));
+        let freed = swarm.upsert(at("10.0.0.9", 5), peer(5), Event::Started, ttl, 3);
+        assert_eq!(freed, Upsert::Recorded);
+        // Expiry gives the share back too.
+        swarm.sweep(now + ttl * 2, ttl);
+        assert!(swarm.per_address.is_empty(), "{:?}", swarm.per_address);
+        let after = swarm.upsert(at("10.0.0.9", 6), peer(6), Event::Started, ttl, 3);
+        assert_eq!(after, Upsert::Recorded);
     }
 }

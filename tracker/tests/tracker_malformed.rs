@@ -207,6 +207,42 @@ fn unknown_torrents_are_refused_with_200() {
 }
 
 #[test]
+fn one_address_cannot_fill_a_torrents_peer_list() {
+    let tracker = tracker_with(&[hash(1)]);
+    let share = tracker.config().max_peers_per_address;
+    let now = Instant::now();
+    let attacker = ip("10.66.0.1");
+    let mut refused = 0;
+    // The attack: 12,000 announces with random peer ids and ports from one host.
+    for n in 0..12_000u32 {
+        let query = announce_query(hash(1), peer_id(n), (n % 60_000 + 1) as u16, 1);
+        let answer = tracker.announce(&(query + "&numwant=0"), attacker, &NoLocality, now);
+        assert_eq!(answer.status, 200);
+        if answer.body.windows(14).any(|w| w == b"failure reason") {
+            assert!(
+                failure(&answer).contains("10.66.0.1 already has"),
+                "{}",
+                failure(&answer)
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 12_000 - share);
+    assert_eq!(
+        tracker.swarm_stats(hash(1)).unwrap().incomplete,
+        share as u32
+    );
+    // A real machine still joins and is handed the attacker's few peers.
+    let real = ok(&tracker.announce(
+        &announce_query(hash(1), peer_id(99_999), 6881, 1),
+        ip("10.1.0.7"),
+        &NoLocality,
+        now,
+    ));
+    assert_eq!(real.incomplete, Some(share as u32 + 1));
+}
+
+#[test]
 fn a_full_swarm_refuses_new_peers_but_keeps_serving_known_ones() {
     let tracker = tracker_with(&[hash(1)]);
     let now = Instant::now();

@@ -200,12 +200,17 @@ impl Server {
             .unwrap()
     }
 
+    /// `GET path` with the admin token, as the operator's tools read the API.
+    pub fn get(&self, path: &str) -> reqwest::Result<reqwest::blocking::Response> {
+        reqwest::blocking::Client::new()
+            .get(self.url(path))
+            .bearer_auth(self.token("admin.token"))
+            .send()
+    }
+
     /// Whether each machine is online, from `GET /api/v1/machines`.
     pub fn online(&self, id: &str) -> Option<bool> {
-        let machines: serde_json::Value = reqwest::blocking::get(self.url("/api/v1/machines"))
-            .ok()?
-            .json()
-            .ok()?;
+        let machines: serde_json::Value = self.get("/api/v1/machines").ok()?.json().ok()?;
         machines
             .as_array()?
             .iter()
@@ -337,10 +342,7 @@ pub fn enroll(server: &Server, dir: &Path, id: &str) {
 
 /// `GET path` on the server's HTTP API, as JSON.
 pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
-    reqwest::blocking::get(server.url(path))
-        .unwrap()
-        .json()
-        .unwrap()
+    server.get(path).unwrap().json().unwrap()
 }
 
 /// A boot program for the `command` backend that appends the action, image and deployment it
