@@ -54,10 +54,11 @@ pub const MIN_PACKET_LIMIT: usize = boottorrent_proto::MAX_PAYLOAD_BYTES + 1024;
 /// rumqttd drop the link, so it is reserved (see [`is_reserved`]).
 const ORCHESTRATOR_CLIENT_ID: &str = "boottorrent-orchestrator";
 
-/// Ids no machine may have: the orchestrator's links (`boottorrent-orchestrator*`), and the
-/// operator's sessions (`admin`, or `admin-*` when a tool runs several at once).
+/// Ids no machine may have: the server's own (`boottorrent-*`: its broker links, its
+/// seeder's passkey), and the operator's sessions (`admin`, or `admin-*` when a tool runs
+/// several at once).
 pub fn is_reserved(id: &str) -> bool {
-    id.starts_with(ORCHESTRATOR_CLIENT_ID) || admin_session(id)
+    id.starts_with("boottorrent-") || admin_session(id)
 }
 
 fn admin_session(client_id: &str) -> bool {
@@ -342,6 +343,7 @@ impl Authenticator {
             .map_err(|_| Refusal::KeyProof(boottorrent_proto::LoginError::BadSignature))?;
         proof
             .verify(
+                boottorrent_proto::Purpose::MqttLogin,
                 &machine,
                 &key,
                 now_ms,
@@ -494,6 +496,7 @@ mod tests {
         auth.keyring.set(
             &machine,
             boottorrent_proto::PublicKeyBytes::from(key.verifying_key().to_bytes()),
+            true,
         );
         // The token alone no longer admits it: this is how a student kicked machines off.
         assert_eq!(

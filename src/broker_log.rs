@@ -94,6 +94,12 @@ impl BrokerLog {
             "disconnected" | "router-drop" | "connection-stop" => {
                 tracing::debug!(target: TARGET, error, "MQTT client disconnected ({message})");
             }
+            // The router handling one client's disconnect twice (rumqttd reuses connection
+            // ids, and the second disconnect can close a newer client that got the same id;
+            // it reconnects). Nothing an operator can act on.
+            m if m.starts_with("no-connection id") => {
+                tracing::debug!(target: TARGET, "{m}");
+            }
             "Unable to accept socket." => self.accept_failed(error),
             "accept" => {}
             _ => match level {

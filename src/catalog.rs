@@ -19,6 +19,7 @@ use boottorrent_tracker::create::{CreateOptions, create};
 use boottorrent_tracker::swarm::Tracker;
 use serde::Serialize;
 
+use crate::passkey::{Passkeys, SEEDER};
 use crate::store::{ImageRecord, ImageState, Store, StoreError};
 use crate::vhdx;
 
@@ -71,6 +72,8 @@ pub struct Catalog {
     public_url: String,
     /// The server's data directory, resolved: nothing inside it may be catalogued.
     data_dir: PathBuf,
+    /// Puts the holder's passkey into the announce URL of every torrent handed out.
+    passkeys: Passkeys,
     /// Bytes hashed so far, per importing image.
     progress: Mutex<HashMap<ImageId, u64>>,
     seeding: Mutex<HashMap<ImageId, TorrentHandle>>,
@@ -84,6 +87,7 @@ impl Catalog {
         tracker: Arc<Tracker>,
         public_url: String,
         data_dir: &Path,
+        passkeys: Passkeys,
     ) -> Result<Arc<Catalog>, StoreError> {
         // Resolved once: the directory exists (the server made it) and does not move.
         let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
@@ -93,6 +97,7 @@ impl Catalog {
             tracker,
             public_url,
             data_dir,
+            passkeys,
             progress: Mutex::new(HashMap::new()),
             seeding: Mutex::new(HashMap::new()),
         });
@@ -339,13 +344,15 @@ impl Catalog {
                 return;
             }
         };
-        let metainfo = match Metainfo::from_bytes(&torrent) {
+        let mut metainfo = match Metainfo::from_bytes(&torrent) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(image = %record.id, "its stored .torrent does not parse: {e}");
                 return;
             }
         };
+        // The seeder announces like any machine: with a passkey, its own.
+        metainfo.announce = vec![self.passkeys.announce_url(&self.public_url, SEEDER)];
         match self.seeder.add(AddTorrent {
             metainfo,
             path: record.path.clone(),
@@ -413,9 +420,32 @@ impl Catalog {
         Ok(())
     }
 
-    /// The `.torrent` of a catalogued image.
-    pub fn torrent(&self, info_hash_hex: &str) -> Result<Option<Vec<u8>>, CatalogError> {
-        Ok(self.store.torrent(&info_hash_hex.to_ascii_lowercase())?)
+    /// The URL agents and peers reach the server at.
+    pub fn public_url(&self) -> String {
+        self.public_url.clone()
+    }
+
+    /// The `.torrent` of a catalogued image as `holder` (a machine, or the operator) gets it:
+    /// announcing with the holder's passkey.
+    pub fn torrent(
+        &self,
+        info_hash_hex: &str,
+        holder: &str,
+    ) -> Result<Option<Vec<u8>>, CatalogError> {
+        let Some(stored) = self.store.torrent(&info_hash_hex.to_ascii_lowercase())? else {
+            return Ok(None);
+        };
+        let announce = self.passkeys.announce_url(&self.public_url, holder);
+        match boottorrent_tracker::create::with_announce(&stored, &announce) {
+            Ok(torrent) => Ok(Some(torrent)),
+            Err(e) => {
+                tracing::error!(
+                    info_hash = info_hash_hex,
+                    "the stored .torrent does not parse: {e}"
+                );
+                Ok(None)
+            }
+        }
     }
 
     fn view(&self, r: ImageRecord) -> ImageView {

@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// [default: 0.0.0.0:8883].
     #[arg(long, env = "BOOTTORRENT_MQTTS_LISTEN", value_name = "ADDR:PORT")]
     pub mqtts_listen: Option<SocketAddr>,
+    /// HTTPS listen address (API and dashboard), used when --tls-cert and --tls-key are set;
+    /// the API then takes tokens only over HTTPS [default: 0.0.0.0:8443].
+    #[arg(long, env = "BOOTTORRENT_HTTPS_LISTEN", value_name = "ADDR:PORT")]
+    pub https_listen: Option<SocketAddr>,
     /// HTTP listen address: API, tracker, dashboard [default: 0.0.0.0:8080].
     #[arg(long, env = "BOOTTORRENT_HTTP_LISTEN", value_name = "ADDR:PORT")]
     pub http_listen: Option<SocketAddr>,
@@ -190,6 +194,10 @@ pub struct ClientArgs {
         value_name = "URL"
     )]
     pub server: String,
+    /// PEM file of the CA that signed the server's HTTPS certificate (for an https:// server
+    /// with a certificate of the site's own CA).
+    #[arg(long, env = "BOOTTORRENT_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
     /// Admin token [default: read from <data-dir>/admin.token].
     #[arg(long, env = "BOOTTORRENT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

@@ -189,7 +189,7 @@ pub(crate) async fn send(
 ) -> anyhow::Result<Value> {
     let token = token(client)?;
     let url = url(client, path)?;
-    let mut request = reqwest::Client::new()
+    let mut request = http_client(client)?
         .request(method, &url)
         .bearer_auth(token);
     if let Some(body) = body {
@@ -229,8 +229,8 @@ fn print_images(images: &[Value]) {
 
 pub(crate) fn url(client: &ClientArgs, path: &str) -> anyhow::Result<String> {
     let base = client.server.trim_end_matches('/');
-    if !base.starts_with("http://") {
-        bail!("--server {base:?}: only http:// URLs are supported by this client");
+    if !base.starts_with("http://") && !base.starts_with("https://") {
+        bail!("--server {base:?}: give an http:// or https:// URL");
     }
     Ok(format!("{base}{path}"))
 }
@@ -248,13 +248,28 @@ pub(crate) fn token(client: &ClientArgs) -> anyhow::Result<String> {
 pub(crate) async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
     let token = token(client)?;
     let url = url(client, path)?;
-    let response = reqwest::Client::new()
+    let response = http_client(client)?
         .get(&url)
         .bearer_auth(token)
         .send()
         .await
         .with_context(|| format!("connecting to {url}; is the server running? (--server)"))?;
     answer(&url, response).await
+}
+
+/// The HTTP client of every command: the system's trusted CAs, plus `--ca-cert` for a server
+/// whose HTTPS certificate the site's own CA signed.
+pub(crate) fn http_client(client: &ClientArgs) -> anyhow::Result<reqwest::Client> {
+    let mut builder =
+        reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(path) = &client.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the CA certificate {}", path.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate (--ca-cert)", path.display()))?;
+        builder = builder.add_root_certificate(ca);
+    }
+    builder.build().context("setting up the HTTP client")
 }
 
 /// An error answer of the server. It stays a type (inside `anyhow::Error`) so that a command

@@ -22,6 +22,9 @@ pub struct Config {
     pub mqtt_listen: SocketAddr,
     /// MQTT over TLS listener; only opened when `tls_cert` and `tls_key` are set.
     pub mqtts_listen: SocketAddr,
+    /// HTTPS listener (the same API and dashboard): only opened when `tls_cert` and `tls_key`
+    /// are set, and then the API takes tokens only there.
+    pub https_listen: SocketAddr,
     /// HTTP listener: REST API, tracker, dashboard, metrics.
     pub http_listen: SocketAddr,
     /// BitTorrent listener of the server's seeder.
@@ -90,6 +93,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             mqtt_listen: ([0, 0, 0, 0], 1883).into(),
             mqtts_listen: ([0, 0, 0, 0], 8883).into(),
+            https_listen: ([0, 0, 0, 0], 8443).into(),
             http_listen: ([0, 0, 0, 0], 8080).into(),
             bt_listen: ([0, 0, 0, 0], 6881).into(),
             public_url: None,
@@ -124,6 +128,7 @@ impl fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("mqtt_listen", &self.mqtt_listen)
             .field("mqtts_listen", &self.mqtts_listen)
+            .field("https_listen", &self.https_listen)
             .field("http_listen", &self.http_listen)
             .field("bt_listen", &self.bt_listen)
             .field("public_url", &self.public_url)
@@ -202,6 +207,7 @@ impl Config {
         set(&mut self.data_dir, &args.data_dir);
         set(&mut self.mqtt_listen, &args.mqtt_listen);
         set(&mut self.mqtts_listen, &args.mqtts_listen);
+        set(&mut self.https_listen, &args.https_listen);
         set(&mut self.http_listen, &args.http_listen);
         set(&mut self.bt_listen, &args.bt_listen);
         set_opt(&mut self.public_url, &args.public_url);
@@ -354,6 +360,21 @@ impl Config {
         }
     }
 
+    /// Where operators reach the HTTPS listener, when TLS is configured: the host of the
+    /// public URL with the HTTPS port.
+    pub fn https_url(&self) -> Option<String> {
+        self.tls_cert.as_ref()?;
+        let public = self.public_url();
+        let rest = public.split_once("://").map_or(public.as_str(), |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        // `[v6]:port`, `host:port` or `host`.
+        let host = match authority.rfind(':') {
+            Some(i) if !authority[i..].contains(']') => &authority[..i],
+            _ => authority,
+        };
+        Some(format!("https://{host}:{}", self.https_listen.port()))
+    }
+
     /// The default configuration as commented TOML, for `boottorrent config`.
     pub fn default_toml() -> String {
         DEFAULT_CONFIG_TOML.to_owned()
@@ -370,6 +391,9 @@ data_dir = "./data"
 mqtt_listen = "0.0.0.0:1883"
 # MQTT over TLS; opened only when tls_cert and tls_key are set.
 mqtts_listen = "0.0.0.0:8883"
+# HTTPS listener (API and dashboard), opened with tls_cert and tls_key; tokens are then
+# accepted only there, never in clear.
+https_listen = "0.0.0.0:8443"
 # HTTP: REST API, tracker, dashboard, metrics.
 http_listen = "0.0.0.0:8080"
 # BitTorrent listener of the server's seeder.

@@ -892,6 +892,7 @@ mod tests {
     fn client() -> ClientArgs {
         ClientArgs {
             server: "http://s:8080".into(),
+            ca_cert: None,
             token: None,
             data_dir: "./data".into(),
             json: false,

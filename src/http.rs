@@ -33,9 +33,12 @@ use crate::credentials::token_matches;
 use crate::deployment::{Action, Deployment, ImageRef, OverallState, Target};
 use crate::fleet::{FleetError, Live, NewDeployment};
 use crate::health::Health;
+use crate::keyring::Keyring;
+use crate::listener::Transport;
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
 use crate::orchestrator;
+use crate::passkey::Passkeys;
 use crate::registry::{Approval, ApproveError};
 use crate::store::{KeyRecord, LogEntry, MachineRecord, Store};
 use crate::zone::{Zone, ZoneSpec};
@@ -64,6 +67,14 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub tracker: Arc<Tracker>,
     pub locality: Arc<ServerLocality>,
+    /// Tracker passkeys; also what the torrents handed out announce with.
+    pub passkeys: Passkeys,
+    /// Machine keys, for the proof in a passkey request.
+    pub keyring: Keyring,
+    /// How far a passkey request's time may be from ours.
+    pub proof_window_ms: i64,
+    /// Where the HTTPS listener is, when one is configured: tokens are taken only there.
+    pub https_url: Option<String>,
 }
 
 /// The router with every route of this issue.
@@ -92,6 +103,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/deployments/{id}",
             get(show_deployment).delete(cancel_deployment),
         )
+        .route("/api/v1/tracker", get(operator_tracker))
         .route("/api/v1/images", get(list_images).post(add_image))
         .route("/api/v1/images/{id}", get(show_image).delete(remove_image))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -102,6 +114,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/server-key", get(server_key))
+        // A machine proves its key instead of sending a token (it holds none).
+        .route("/api/v1/machines/{id}/passkey", post(machine_passkey))
         .merge(api)
         .route("/torrents/{file}", get(torrent_file))
         .merge(tracker_routes(&state))
@@ -115,15 +129,20 @@ pub fn router(state: AppState) -> Router {
 struct TrackerState {
     tracker: Arc<Tracker>,
     locality: Arc<ServerLocality>,
+    passkeys: Passkeys,
 }
 
 fn tracker_routes(state: &AppState) -> Router<AppState> {
     Router::new()
-        .route("/announce", get(announce))
-        .route("/scrape", get(scrape))
+        .route("/announce/{machine}/{passkey}", get(announce))
+        .route("/scrape/{machine}/{passkey}", get(scrape))
+        .route("/admitted/{machine}/{passkey}", get(admitted))
+        .route("/announce", get(no_passkey))
+        .route("/scrape", get(no_passkey))
         .with_state(Arc::new(TrackerState {
             tracker: state.tracker.clone(),
             locality: state.locality.clone(),
+            passkeys: state.passkeys.clone(),
         }))
 }
 
@@ -132,10 +151,11 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     limits: crate::listener::Limits,
+    tls: Option<crate::listener::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let stats = state.listener.clone();
-    crate::listener::serve(listener, router(state), limits, stats, shutdown).await
+    crate::listener::serve(listener, router(state), limits, stats, tls, shutdown).await
 }
 
 /// An API failure: a status and a message, rendered as `{"error": "..."}`.
@@ -240,7 +260,26 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 }
 
 /// The role of the request's token; 401, counted, when it has none or a wrong one.
-fn role(headers: &axum::http::HeaderMap, state: &AppState) -> Result<Role, ApiError> {
+fn role(
+    headers: &axum::http::HeaderMap,
+    extensions: &axum::http::Extensions,
+    state: &AppState,
+) -> Result<Role, ApiError> {
+    // With HTTPS configured, a token sent in clear is refused: whoever is on the segment saw
+    // it, and the operator should learn that now rather than after it was abused.
+    if let Some(https) = &state.https_url
+        && extensions.get::<Transport>() != Some(&Transport::Tls)
+        && bearer(headers).is_some()
+    {
+        state.metrics.http_unauthorized();
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "this server takes tokens only over HTTPS ({https}); the token just sent in \
+                 clear should be considered seen: rotate it if this network is not trusted"
+            ),
+        ));
+    }
     // Both comparisons always run, so the time taken does not tell which token was close.
     let (admin, viewer) = match bearer(headers) {
         Some(token) => (
@@ -277,7 +316,7 @@ async fn require_reader(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<Response, ApiError> {
-    role(request.headers(), &state)?;
+    role(request.headers(), request.extensions(), &state)?;
     Ok(next.run(request).await)
 }
 
@@ -288,7 +327,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        match role(&parts.headers, state)? {
+        match role(&parts.headers, &parts.extensions, state)? {
             Role::Admin => Ok(Admin),
             Role::Viewer => {
                 state.metrics.http_unauthorized();
@@ -316,6 +355,8 @@ pub struct MachineView {
     pub os: String,
     pub agent_version: String,
     pub ips: Vec<std::net::IpAddr>,
+    /// Where the server saw the machine's signed requests come from (subnet zones use it).
+    pub observed_ips: Vec<std::net::IpAddr>,
     pub macs: Vec<String>,
     pub free_disk_bytes: u64,
     /// `approved`, `pending` (new machine waiting), or `key_changed` (known machine presented
@@ -346,6 +387,7 @@ impl MachineView {
             os: m.os,
             agent_version: m.agent_version,
             ips: m.ips,
+            observed_ips: m.observed_ips,
             macs: m.macs,
             free_disk_bytes: m.free_disk_bytes,
             key_state,
@@ -673,10 +715,95 @@ async fn remove_image(
 }
 
 /// `GET /torrents/{info_hash}.torrent`.
+/// Who asks for a `.torrent`: a machine with its passkey (`Authorization: Passkey
+/// <machine>:<passkey>`), or the operator with the admin or viewer token, whose torrent then
+/// announces with the operator's passkey (for a client on a technician's laptop).
+fn torrent_holder(
+    headers: &axum::http::HeaderMap,
+    extensions: &axum::http::Extensions,
+    state: &AppState,
+) -> Result<String, ApiError> {
+    let passkey = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Passkey "))
+        .and_then(|v| v.trim().split_once(':'));
+    match passkey {
+        Some((machine, passkey)) if state.passkeys.admits(machine, passkey) => {
+            Ok(machine.to_owned())
+        }
+        Some(_) => {
+            state.metrics.http_unauthorized();
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the passkey is not that of an approved machine; ask for it again \
+                 (POST /api/v1/machines/<id>/passkey)",
+            ))
+        }
+        None => role(headers, extensions, state).map(|_| crate::passkey::OPERATOR.to_owned()),
+    }
+}
+
+/// `GET /api/v1/tracker`: the announce and scrape URLs with the operator's passkey, for a
+/// BitTorrent client on a technician's laptop (the `.torrent` files fetched with a token
+/// carry the same).
+async fn operator_tracker(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let announce = state
+        .passkeys
+        .announce_url(&state.catalog.public_url(), crate::passkey::OPERATOR);
+    let scrape = announce.replacen("/announce/", "/scrape/", 1);
+    Json(serde_json::json!({ "announce": announce, "scrape": scrape }))
+}
+
+/// `POST /api/v1/machines/{id}/passkey`: a machine's tracker passkey, for a body proving it
+/// holds the machine's approved key (see `boottorrent_proto::passkey_request`). The passkey
+/// never goes over MQTT, where anyone with the enrollment token may listen.
+async fn machine_passkey(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<MachineId>,
+    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
+    body: String,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let refuse = |why: String| {
+        state.metrics.http_unauthorized();
+        ApiError::new(StatusCode::UNAUTHORIZED, why)
+    };
+    let Some(known) = state.keyring.get(id.as_str()).filter(|k| k.approved) else {
+        return Err(refuse(format!(
+            "machine {id} is not approved; approve it (`boottorrent machines approve`) first"
+        )));
+    };
+    let proof = boottorrent_proto::LoginPassword::parse(body.trim())
+        .proof
+        .ok_or_else(|| {
+            refuse("the body is not a passkey request (bt1:<ts>:<signature>:)".into())
+        })?;
+    let key = boottorrent_proto::verifying_key_from_bytes(&known.key)
+        .map_err(|e| ApiError::internal("reading the machine's key", e))?;
+    proof
+        .verify(
+            boottorrent_proto::Purpose::Passkey,
+            &id,
+            &key,
+            crate::orchestrator::now_ms(),
+            state.proof_window_ms,
+            None,
+        )
+        .map_err(|e| refuse(format!("passkey request for {id}: {e}")))?;
+    // Signed by the machine's key, from this address: what its subnet zones go by.
+    state.orchestrator.observed(id.clone(), remote.ip());
+    Ok(Json(serde_json::json!({
+        "machine": id,
+        "passkey": state.passkeys.passkey(id.as_str()),
+    })))
+}
+
 async fn torrent_file(
     State(state): State<AppState>,
     Path(file): Path<String>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    let holder = torrent_holder(request.headers(), request.extensions(), &state)?;
     let hash = file
         .strip_suffix(".torrent")
         .filter(|h| h.len() == 40 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -686,7 +813,7 @@ async fn torrent_file(
                 format!("{file:?} is not <40 hex digits of an info hash>.torrent"),
             )
         })?;
-    match state.catalog.torrent(hash)? {
+    match state.catalog.torrent(hash, &holder)? {
         Some(bytes) => Ok((
             [
                 (header::CONTENT_TYPE, "application/x-bittorrent".to_owned()),
@@ -706,11 +833,38 @@ async fn torrent_file(
 }
 
 /// `GET /announce`: answered in the tracker protocol's own way (bencoded, failures included).
+/// The tracker is private: only enrolled machines (their passkey in the announce URL, as
+/// the torrents they are handed carry it), the server's seeder and the operator's clients.
+fn passkey_refusal(state: &TrackerState, machine: &str, passkey: &str) -> Option<Response> {
+    if state.passkeys.admits(machine, passkey) {
+        return None;
+    }
+    let shown: String = machine.chars().take(64).collect();
+    tracing::debug!(machine = ?shown, "tracker request with a wrong passkey");
+    Some(tracker_response(state.tracker.refuse(
+        403,
+        "this private tracker needs the passkey of an approved machine in the announce URL; \
+         fetch the .torrent again from the server",
+    )))
+}
+
+async fn no_passkey(State(state): State<Arc<TrackerState>>) -> Response {
+    tracker_response(state.tracker.refuse(
+        403,
+        "this private tracker needs a passkey: announce to the URL in the .torrent the server \
+         hands an approved machine (/announce/<machine>/<passkey>)",
+    ))
+}
+
 async fn announce(
     State(state): State<Arc<TrackerState>>,
+    Path((machine, passkey)): Path<(String, String)>,
     ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    if let Some(refusal) = passkey_refusal(&state, &machine, &passkey) {
+        return refusal;
+    }
     let answer = state.tracker.announce(
         query.as_deref().unwrap_or(""),
         remote.ip(),
@@ -720,8 +874,51 @@ async fn announce(
     tracker_response(answer)
 }
 
-/// `GET /scrape` (BEP 48).
-async fn scrape(State(state): State<Arc<TrackerState>>, RawQuery(query): RawQuery) -> Response {
+/// Query of `/admitted/...`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdmittedQuery {
+    info_hash: String,
+    ip: std::net::IpAddr,
+}
+
+/// `GET /admitted/<machine>/<passkey>?info_hash=<hex>&ip=<address>`: whether a peer at that
+/// address is in the torrent's swarm, for an agent deciding whether to serve a peer that
+/// dialled it. Only a passkey holder may ask.
+async fn admitted(
+    State(state): State<Arc<TrackerState>>,
+    Path((machine, passkey)): Path<(String, String)>,
+    query: Result<axum::extract::Query<AdmittedQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(refusal) = passkey_refusal(&state, &machine, &passkey) {
+        return refusal;
+    }
+    let query = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, e.body_text()).into_response();
+        }
+    };
+    let mut hash = [0u8; 20];
+    if hex::decode_to_slice(&query.info_hash, &mut hash).is_err() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "info_hash must be 40 hex digits".to_owned(),
+        )
+        .into_response();
+    }
+    Json(serde_json::json!({ "admitted": state.tracker.has_address(hash, query.ip) }))
+        .into_response()
+}
+
+async fn scrape(
+    State(state): State<Arc<TrackerState>>,
+    Path((machine, passkey)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refusal) = passkey_refusal(&state, &machine, &passkey) {
+        return refusal;
+    }
     let answer = state
         .tracker
         .scrape(query.as_deref().unwrap_or(""), std::time::Instant::now());

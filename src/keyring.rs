@@ -15,6 +15,9 @@ use boottorrent_proto::{MachineId, PublicKeyBytes};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginKey {
     pub key: PublicKeyBytes,
+    /// Approved (trusted), or still waiting for the operator: a waiting machine may log in
+    /// to present itself, but gets no tracker passkey.
+    pub approved: bool,
     /// The newest login proof accepted, so a captured password cannot be used again.
     pub last_login_ms: Option<i64>,
 }
@@ -32,13 +35,14 @@ impl Keyring {
     }
 
     /// Sets the key `machine` must prove from now on. A new key forgets the last login.
-    pub fn set(&self, machine: &MachineId, key: PublicKeyBytes) {
+    pub fn set(&self, machine: &MachineId, key: PublicKeyBytes, approved: bool) {
         let mut keys = self.write();
         match keys.get_mut(machine.as_str()) {
-            Some(entry) if entry.key == key => {}
+            Some(entry) if entry.key == key => entry.approved = approved,
             Some(entry) => {
                 *entry = LoginKey {
                     key,
+                    approved,
                     last_login_ms: None,
                 }
             }
@@ -47,6 +51,7 @@ impl Keyring {
                     machine.clone(),
                     LoginKey {
                         key,
+                        approved,
                         last_login_ms: None,
                     },
                 );

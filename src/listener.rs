@@ -16,6 +16,12 @@
 //!   accepted;
 //! - a backoff when `accept` fails for lack of file descriptors, logging once per interval.
 //!
+//! - with a [`TlsAcceptor`] (the HTTPS listener), a TLS handshake bounded by the header
+//!   timeout before any of that.
+//!
+//! Each request carries its [`Transport`], so that the API can refuse tokens sent in clear
+//! once HTTPS is configured.
+//!
 //! Tasks: this loop, and one task per connection, tracked so that shutdown waits for them.
 //! HTTP/2 is not offered: every client of this server (agents, the CLI, browsers on plain
 //! HTTP) speaks HTTP/1.1.
@@ -114,13 +120,54 @@ impl ListenerStats {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled, then gives open connections
-/// [`DRAIN`] to finish.
+/// How a request reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    Tls,
+}
+
+/// The server side of TLS, from the same PEM files as the MQTT TLS listener.
+pub type TlsAcceptor = tokio_rustls::TlsAcceptor;
+
+/// A TLS acceptor for `cert` (a PEM chain) and `key` (a PEM private key), offering HTTP/1.1.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
+    use anyhow::Context as _;
+    let certs = rustls_pemfile::certs(&mut io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading TLS certificate {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?,
+    ))
+    .with_context(|| format!("reading TLS private key {}", key.display()))?
+    .with_context(|| format!("TLS private key {} holds no private key", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("setting up TLS")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .with_context(|| {
+        format!(
+            "the TLS certificate {} does not match its key",
+            cert.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` is cancelled, then gives
+/// open connections [`DRAIN`] to finish.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
     stats: Arc<ListenerStats>,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -171,27 +218,54 @@ pub async fn serve(
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         // Small answers (tracker, API) should leave at once, not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Deadline::new(stream, limits.write_timeout, stats.clone()));
+        let stream = Deadline::new(stream, limits.write_timeout, stats.clone());
+        let transport = if tls.is_some() {
+            Transport::Tls
+        } else {
+            Transport::Plain
+        };
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut request| {
             // The tracker hands out the TCP source address, never a claimed one.
             request.extensions_mut().insert(ConnectInfo(remote));
+            request.extensions_mut().insert(transport);
             app.clone().oneshot(request)
         });
-        let connection = builder.serve_connection(io, service);
+        let builder = builder.clone();
         let stats = stats.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        let header_timeout = limits.header_timeout;
         connections.spawn(async move {
             let _permit = permit;
             let _open = OpenGuard::new(&stats);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(DRAIN, connection.as_mut())
-                        .await
-                        .unwrap_or(Ok(()))
+            let result = match tls {
+                None => {
+                    drive(
+                        builder.serve_connection(TokioIo::new(stream), service),
+                        &shutdown,
+                    )
+                    .await
+                }
+                Some(tls) => {
+                    // The handshake is part of what a slow client must finish in time.
+                    match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            drive(
+                                builder.serve_connection(TokioIo::new(stream), service),
+                                &shutdown,
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "no TLS handshake within the header timeout");
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(e) = result {
@@ -203,6 +277,29 @@ pub async fn serve(
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// Runs one connection until it ends, or until shutdown and then [`DRAIN`] more.
+async fn drive<I, S>(
+    connection: hyper::server::conn::http1::Connection<I, S>,
+    shutdown: &CancellationToken,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::time::timeout(DRAIN, connection.as_mut())
+                .await
+                .unwrap_or(Ok(()))
+        }
+    }
 }
 
 /// Errors of one connection that `accept` reports; the listener itself is fine.

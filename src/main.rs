@@ -21,6 +21,7 @@ mod listener;
 mod locality;
 mod metrics;
 mod orchestrator;
+mod passkey;
 mod registry;
 mod server;
 mod status;

@@ -48,6 +48,11 @@ pub enum Request {
         machine: MachineId,
         reply: oneshot::Sender<Result<MachineRecord, ApproveError>>,
     },
+    /// An approved machine's signed request came from this address.
+    Observed {
+        machine: MachineId,
+        ip: std::net::IpAddr,
+    },
     Deploy {
         request: NewDeployment,
         reply: Reply<Deployment>,
@@ -130,6 +135,14 @@ impl Handle {
             reply,
         })
         .await
+    }
+
+    /// Tells where an approved machine's signed request came from. Never waits: when the
+    /// orchestrator is busy the report is dropped, and the machine's next request makes it.
+    pub fn observed(&self, machine: MachineId, ip: std::net::IpAddr) {
+        if self.tx.try_send(Request::Observed { machine, ip }).is_err() {
+            tracing::debug!("orchestrator busy; an observed address waits for the next request");
+        }
     }
 
     /// Forgets a machine (rejects its waiting key, or lets a reinstalled machine enroll again).
@@ -327,6 +340,15 @@ fn serve(request: Request, registry: &mut Registry, fleet: &mut Fleet) -> Vec<Ou
         }
         Request::DeleteMachine { machine, reply } => {
             let _ = reply.send(registry.delete(&machine, now));
+        }
+        Request::Observed { machine, ip } => {
+            match registry.observed(&machine, ip, fleet.zones(), now, &mut out) {
+                Ok(Some(moved)) => fleet.rezoned(&[moved], registry.signer(), now, &mut out),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(machine = %machine, "storing the address a machine was seen at: {e}")
+                }
+            }
         }
         Request::Deploy { request, reply } => {
             let answer = fleet

@@ -166,8 +166,10 @@ impl Registry {
             if machine.last_seq > 0 {
                 guard.restore(SenderId::from(machine.id.clone()), machine.last_seq);
             }
-            if let Some(key) = keys.approved.or(keys.pending) {
-                keyring.set(&machine.id, key);
+            if let Some(key) = keys.approved {
+                keyring.set(&machine.id, key, true);
+            } else if let Some(key) = keys.pending {
+                keyring.set(&machine.id, key, false);
             }
             if keys.approved.is_none() && keys.pending.is_some() {
                 pending += 1;
@@ -490,7 +492,7 @@ impl Registry {
                     tracing::info!(machine = %machine, "{detail}");
                     batch.log(now_ms, Some(machine), "awaiting_approval", detail)?;
                     batch.put_keys(machine, &keys)?;
-                    self.keyring.set(machine, presented);
+                    self.keyring.set(machine, presented, false);
                     // Shown to the operator to help decide; not trusted for anything else.
                     apply_startup(&mut record, startup, zones);
                     record.online = false;
@@ -559,7 +561,7 @@ impl Registry {
             "registered",
             format!("key {} trusted on first use", fingerprint(&key)),
         )?;
-        self.keyring.set(machine, key);
+        self.keyring.set(machine, key, true);
         Ok(())
     }
 
@@ -682,7 +684,7 @@ impl Registry {
         let mut out = Vec::new();
         if let Approval::Approved(key) = approval {
             self.pending = self.pending.saturating_sub(1);
-            self.keyring.set(machine, key);
+            self.keyring.set(machine, key, true);
             // The agent's startup was refused moments ago and it may be waiting: answer it now
             // rather than at its next heartbeat.
             if let Some((record, _)) = self.store.machine(machine)? {
@@ -726,6 +728,58 @@ impl Registry {
         self.keyring.remove(machine);
         self.configured.remove(machine);
         Ok(record)
+    }
+
+    /// Records the address an approved machine's signed HTTP request came from, and the zones
+    /// that gives it. Returns the machine when its zones changed, for the deployments.
+    pub fn observed(
+        &mut self,
+        machine: &MachineId,
+        ip: std::net::IpAddr,
+        zones: &[Zone],
+        now_ms: i64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        let store = self.store.clone();
+        let changed = store.write(|batch| {
+            let Some((mut record, keys)) = batch.machine(machine)? else {
+                return Ok(None);
+            };
+            if keys.approved.is_none() || record.observed_ips == [ip] {
+                return Ok(None);
+            }
+            record.observed_ips = vec![ip];
+            let zones = zone::membership(zones, &record.id, &record.observed_ips);
+            let moved = zones != record.zones;
+            if moved {
+                batch.log(
+                    now_ms,
+                    Some(machine),
+                    "zones",
+                    format!(
+                        "seen at {ip}; zones now [{}]",
+                        zones
+                            .iter()
+                            .map(|z| z.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )?;
+                record.zones = zones;
+            }
+            batch.put_machine(&record)?;
+            Ok(Some((record, moved)))
+        })?;
+        let Some((record, moved)) = changed else {
+            return Ok(None);
+        };
+        if !moved {
+            return Ok(None);
+        }
+        if record.online {
+            self.configure_if_needed(&record, now_ms, out);
+        }
+        Ok(Some(record))
     }
 
     /// Marks offline every machine that missed three heartbeat intervals; returns them.
@@ -782,7 +836,7 @@ impl Registry {
         let moved = self.store.write(|batch| {
             let mut moved = Vec::new();
             for (mut record, _) in self.store.machines()? {
-                let zones = zone::membership(zones, &record.id, &record.ips);
+                let zones = zone::membership(zones, &record.id, &record.observed_ips);
                 if zones != record.zones {
                     batch.log(
                         now_ms,
@@ -817,7 +871,8 @@ fn verify(envelope: &Envelope<Event>, topic: &Topic, key: &PublicKeyBytes) -> Re
 }
 
 fn apply_startup(record: &mut MachineRecord, startup: &boottorrent_proto::Startup, zones: &[Zone]) {
-    record.zones = zone::membership(zones, &record.id, &startup.ips);
+    // Subnet zones go by the address the server saw, not the ones the machine claims.
+    record.zones = zone::membership(zones, &record.id, &record.observed_ips);
     record.hostname = startup.hostname.clone();
     record.os = startup.os.clone();
     record.agent_version = startup.agent_version.clone();

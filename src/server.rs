@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use boottorrent_swarm::session::{Session, SessionConfig};
+use boottorrent_swarm::InfoHash;
+use boottorrent_swarm::session::{Admission, Session, SessionConfig};
 use boottorrent_tracker::swarm::{Tracker, TrackerConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +25,7 @@ use crate::health::Health;
 use crate::keyring::Keyring;
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
+use crate::passkey::Passkeys;
 use crate::registry::{Registry, Settings};
 use crate::store::Store;
 use crate::{broker, enrollment, http, orchestrator};
@@ -53,8 +55,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding the HTTP listener on {}", config.http_listen))?;
+    // The API and dashboard over TLS, from the same PEM files as MQTT over TLS.
+    let https = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            // The same checks, and messages, as for the MQTT TLS listener.
+            broker::check_pem(cert, key)?;
+            let tls = crate::listener::tls_acceptor(cert, key)?;
+            let listener = tokio::net::TcpListener::bind(config.https_listen)
+                .await
+                .with_context(|| {
+                    format!("binding the HTTPS listener on {}", config.https_listen)
+                })?;
+            Some((listener, tls))
+        }
+        _ => None,
+    };
 
     let keyring = Keyring::default();
+    let passkeys = Passkeys::new(&credentials.server_key, keyring.clone());
+    let keyring_for_http = keyring.clone();
     let link = tokio::task::block_in_place(|| {
         broker::start(
             &config,
@@ -93,6 +112,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let interval = config.announce_interval_secs;
+    let tracker = Arc::new(Tracker::new(TrackerConfig {
+        interval_secs: interval,
+        min_interval_secs: (interval / 2).max(1),
+        max_peers_per_address: config.tracker_max_peers_per_address as usize,
+        ..TrackerConfig::default()
+    }));
+    // The seeder serves only peers in the tracker's swarm of that torrent, and the tracker
+    // admits only announces with an approved machine's passkey.
+    let admitted = {
+        let tracker = tracker.clone();
+        Admission(Arc::new(move |info_hash: InfoHash, ip| {
+            Box::pin(std::future::ready(tracker.has_address(info_hash.0, ip)))
+        }))
+    };
     let seeder = Session::start(
         SessionConfig {
             listen: config.bt_listen,
@@ -100,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // The server serves a whole lab: every interested machine gets a slot.
             upload_slots: 64,
             max_peers: 1024,
+            admission: Some(admitted),
             ..SessionConfig::default()
         },
         shutdown.child_token(),
@@ -111,19 +146,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.bt_listen
         )
     })?;
-    let interval = config.announce_interval_secs;
-    let tracker = Arc::new(Tracker::new(TrackerConfig {
-        interval_secs: interval,
-        min_interval_secs: (interval / 2).max(1),
-        max_peers_per_address: config.tracker_max_peers_per_address as usize,
-        ..TrackerConfig::default()
-    }));
     let catalog = Catalog::start(
         store.clone(),
         seeder.clone(),
         tracker.clone(),
         config.public_url(),
         &config.data_dir,
+        passkeys.clone(),
     )
     .context("loading the image catalog")?;
     let locality = Arc::new(ServerLocality::new(
@@ -187,16 +216,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         catalog,
         tracker,
         locality,
+        passkeys,
+        keyring: keyring_for_http,
+        proof_window_ms: i64::from(config.replay_window_secs) * 1000,
+        https_url: config.https_url(),
     };
     let limits = crate::listener::Limits {
         header_timeout: Duration::from_secs(u64::from(config.http_header_timeout_secs)),
         write_timeout: Duration::from_secs(u64::from(config.http_write_timeout_secs)),
         max_connections: config.http_max_connections as usize,
     };
+    if let Some((listener, tls)) = https {
+        let state = state.clone();
+        spawn(&tasks, &shutdown, "https", {
+            let token = shutdown.child_token();
+            async move {
+                http::serve(listener, state, limits, Some(tls), token)
+                    .await
+                    .context("serving HTTPS")
+            }
+        });
+    }
     spawn(&tasks, &shutdown, "http", {
         let token = shutdown.child_token();
         async move {
-            http::serve(http_listener, state, limits, token)
+            http::serve(http_listener, state, limits, None, token)
                 .await
                 .context("serving HTTP")
         }
@@ -205,6 +249,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         mqtt = %config.mqtt_listen,
         mqtts = %config.tls_cert.as_ref().map(|_| config.mqtts_listen.to_string()).unwrap_or_else(|| "off".into()),
+        https = %config.https_url().unwrap_or_else(|| "off".into()),
         http = %config.http_listen,
         bt = %config.bt_listen,
         public_url = %config.public_url(),

@@ -107,10 +107,7 @@ pub(crate) async fn follow(
     }
     // A server that vanished from the network would otherwise hold each attempt for the
     // operating system's connect timeout, minutes, instead of a retry every second.
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .context("setting up the HTTP client")?;
+    let http = crate::client::http_client(client)?;
     let mut reconnecting = false;
     while trackers.iter().any(|t| !t.finished()) {
         match stream_once(

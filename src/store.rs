@@ -86,7 +86,12 @@ pub struct MachineRecord {
     pub hostname: String,
     pub os: String,
     pub agent_version: String,
+    /// Addresses the machine reports (shown to the operator; anyone can claim any).
     pub ips: Vec<std::net::IpAddr>,
+    /// The address the server last saw the machine's own signed HTTP request come from.
+    /// Subnet zones go by this, never by `ips`, so that a made-up machine cannot claim a
+    /// place in a room.
+    pub observed_ips: Vec<std::net::IpAddr>,
     pub macs: Vec<String>,
     pub free_disk_bytes: u64,
     pub images: Vec<HeldImage>,
@@ -111,6 +116,7 @@ impl MachineRecord {
             os: String::new(),
             agent_version: String::new(),
             ips: Vec::new(),
+            observed_ips: Vec::new(),
             macs: Vec::new(),
             free_disk_bytes: 0,
             images: Vec::new(),

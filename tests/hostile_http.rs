@@ -527,7 +527,9 @@ fn five_hundred_sse_clients_that_never_read_do_not_exhaust_memory() {
 }
 
 /// `GET /announce` for `info_hash` (hex) as a peer with a random id at `port`.
-fn announce_url(server: &Server, info_hash: &str, port: u16) -> String {
+/// An announce with the operator's passkey (`base`, from `GET /api/v1/tracker`): the
+/// per-address cap must hold even for a holder of a valid passkey.
+fn announce_url(base: &str, info_hash: &str, port: u16) -> String {
     let hash: String = hex::decode(info_hash)
         .unwrap()
         .iter()
@@ -536,10 +538,10 @@ fn announce_url(server: &Server, info_hash: &str, port: u16) -> String {
     let peer_id: String = (0..20)
         .map(|_| format!("%{:02X}", rand::random::<u8>()))
         .collect();
-    server.url(&format!(
-        "/announce?info_hash={hash}&peer_id={peer_id}&port={port}&uploaded=0&downloaded=0\
+    format!(
+        "{base}?info_hash={hash}&peer_id={peer_id}&port={port}&uploaded=0&downloaded=0\
          &left=100&compact=1&numwant=0&event=started"
-    ))
+    )
 }
 
 #[test]
@@ -548,6 +550,10 @@ fn one_address_cannot_fill_a_torrents_peer_list() {
     let server = Server::start(&dir.path().join("data"), &[]);
     let image = ready_image(&server, dir.path(), 256 << 10);
     let info_hash = image["info_hash"].as_str().unwrap().to_owned();
+    let base = server.get_json("/api/v1/tracker")["announce"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let attacker = http();
     let started = Instant::now();
     let mut refused = 0;
@@ -555,7 +561,7 @@ fn one_address_cannot_fill_a_torrents_peer_list() {
     for n in 0..12_000u32 {
         let port = 1024 + (n % 60_000) as u16;
         let body = attacker
-            .get(announce_url(&server, &info_hash, port))
+            .get(announce_url(&base, &info_hash, port))
             .send()
             .unwrap()
             .bytes()
@@ -579,7 +585,7 @@ fn one_address_cannot_fill_a_torrents_peer_list() {
         .build()
         .unwrap();
     let body = machine
-        .get(announce_url(&server, &info_hash, 6881))
+        .get(announce_url(&base, &info_hash, 6881))
         .send()
         .unwrap()
         .bytes()
@@ -767,4 +773,164 @@ fn running_out_of_file_descriptors_backs_off_quietly_and_recovers() {
         }
     };
     assert_eq!(answer.status(), 200);
+}
+
+#[test]
+fn a_host_without_a_passkey_gets_no_torrent_no_peers_and_not_a_byte_from_the_seeder() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    // Several pieces: libtorrent drops a super-seeder that offers nothing yet, and a one-piece
+    // torrent gives it nothing to offer at first.
+    let image = ready_image(&server, dir.path(), 4 << 20);
+    let hash = image["info_hash"].as_str().unwrap().to_owned();
+    let torrent_path = format!("/torrents/{hash}.torrent");
+
+    // The .torrent: no credential, a made-up passkey, the passkey of a machine that is not
+    // approved all get 401.
+    let client = http();
+    for auth in [None, Some("Passkey pc-1:00112233445566778899aabbccddeeff")] {
+        let mut request = client.get(server.url(&torrent_path));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        assert_eq!(request.send().unwrap().status(), 401, "{auth:?}");
+    }
+    // Announce and scrape without a passkey, or with a wrong one: a bencoded refusal.
+    let query = format!(
+        "?info_hash={}&peer_id=-XX0001-123456789012&port=6999&left=1",
+        hex::decode(&hash)
+            .unwrap()
+            .iter()
+            .map(|b| format!("%{b:02X}"))
+            .collect::<String>()
+    );
+    for path in [
+        format!("/announce{query}"),
+        format!("/announce/pc-1/{}{query}", "0".repeat(32)),
+        format!("/scrape{query}"),
+    ] {
+        let r = client.get(server.url(&path)).send().unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+        assert!(r.text().unwrap().contains("passkey"), "{path}");
+    }
+
+    // A BitTorrent client at another address that knows the info dict and dials the seeder
+    // directly: the seeder serves no one its tracker did not admit.
+    let operator_torrent = server.get(&torrent_path).bytes().unwrap();
+    let seeder = format!("127.0.0.1:{}", server.bt_port);
+    let stolen = dir.path().join("stolen.torrent");
+    std::fs::write(
+        &stolen,
+        boottorrent_testkit::torrent_announcing_to(
+            &operator_torrent,
+            "http://127.0.0.1:9/announce",
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        boottorrent_testkit::libtorrent_download(dir.path(), &stolen, "127.0.0.2", &seeder, 6),
+        0,
+        "the seeder served a host without a passkey"
+    );
+    assert!(
+        server.log_text().contains("127.0.0.2 is not admitted"),
+        "{}",
+        server.log_text()
+    );
+    // The same client with a valid passkey (the operator's torrent) announces, is handed the
+    // seeder and gets the whole image, so the refusal above was the passkey's doing.
+    let granted = dir.path().join("granted.torrent");
+    std::fs::write(&granted, &operator_torrent).unwrap();
+    assert_eq!(
+        boottorrent_testkit::libtorrent_download(dir.path(), &granted, "127.0.0.3", "-", 60),
+        4 << 20
+    );
+}
+
+#[test]
+fn with_tls_configured_tokens_travel_only_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let tls = boottorrent_testkit::make_tls_files(dir.path());
+    let https_port = common::free_port();
+    let server = Server::start(
+        &data,
+        &[
+            "--tls-cert",
+            tls.cert.to_str().unwrap(),
+            "--tls-key",
+            tls.key.to_str().unwrap(),
+            "--https-listen",
+            &format!("127.0.0.1:{https_port}"),
+            "--mqtts-listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ],
+    );
+    let https = format!("https://127.0.0.1:{https_port}");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&tls.ca).unwrap()).unwrap();
+    let trusting = reqwest::blocking::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(PATIENCE)
+        .build()
+        .unwrap();
+
+    // The API over HTTPS, with the admin token.
+    let r = trusting
+        .get(format!("{https}/api/v1/machines"))
+        .bearer_auth(server.admin_token())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The CLI, given the site's CA.
+    let out = common::cli(&[
+        "machines",
+        "list",
+        "--server",
+        &https,
+        "--ca-cert",
+        tls.ca.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the CA, the CLI refuses the server's certificate instead of sending the token.
+    let out = common::cli(&[
+        "machines",
+        "list",
+        "--server",
+        &https,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+
+    // A token sent in clear is refused, and the answer says where to go.
+    let (status, error) = read(&server, "/api/v1/machines", Some(&server.admin_token()));
+    assert_eq!(status, 401);
+    assert!(error.contains(&https), "{error}");
+    // What agents use stays on plain HTTP: the server key, and health.
+    assert_eq!(
+        http()
+            .get(server.url("/api/v1/server-key"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        trusting
+            .get(format!("{https}/healthz"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    // A client that opens TLS and stalls is dropped like a slowloris.
+    let mut stalled = TcpStream::connect(("127.0.0.1", https_port)).unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    assert!(closed_within(&mut stalled, Duration::from_secs(20)));
 }

@@ -52,7 +52,11 @@ fn download_with_aria2c(server: &Server, image: &Value, dir: &Path) -> PathBuf {
         "/torrents/{}.torrent",
         image["info_hash"].as_str().unwrap()
     ));
-    let bytes = reqwest::blocking::get(torrent_url).unwrap();
+    let bytes = reqwest::blocking::Client::new()
+        .get(torrent_url)
+        .bearer_auth(server.admin_token())
+        .send()
+        .unwrap();
     assert_eq!(bytes.status(), 200);
     let torrent = dir.join("image.torrent");
     std::fs::write(&torrent, bytes.bytes().unwrap()).unwrap();
@@ -99,7 +103,10 @@ fn aria2c_fetches_a_vhdx_from_the_servers_tracker_and_seeder() {
     let torrent = dir.path().join("check.torrent");
     std::fs::write(
         &torrent,
-        reqwest::blocking::get(image["torrent_url"].as_str().unwrap())
+        reqwest::blocking::Client::new()
+            .get(image["torrent_url"].as_str().unwrap())
+            .bearer_auth(server.admin_token())
+            .send()
             .unwrap()
             .bytes()
             .unwrap(),
@@ -234,11 +241,10 @@ fn the_same_content_is_one_image_and_a_restart_keeps_seeding() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 204);
-    let torrent = reqwest::blocking::get(server.url(&format!(
+    let torrent = server.get(&format!(
         "/torrents/{}.torrent",
         first["info_hash"].as_str().unwrap()
-    )))
-    .unwrap();
+    ));
     assert_eq!(torrent.status(), 404);
     assert!(vhdx.exists(), "removing an image must leave its file alone");
 }
@@ -276,48 +282,66 @@ fn malformed_tracker_requests_get_bencoded_failures() {
     let server = Server::start(&dir.path().join("data"), &[]);
     let hash = "%01".repeat(20);
     let long = "a".repeat(10_000);
+    // The operator's passkey; a private tracker refuses everything without one.
+    let tracker = server.get_json("/api/v1/tracker");
+    let path_of =
+        |url: &str| url[url.find("/announce").or(url.find("/scrape")).unwrap()..].to_owned();
+    let a = path_of(tracker["announce"].as_str().unwrap());
+    let s = path_of(tracker["scrape"].as_str().unwrap());
     let cases: Vec<(String, u16, &str)> = vec![
-        ("/announce".into(), 400, "info_hash"),
         (
-            "/announce?info_hash=%01%02&peer_id=-XX0001-123456789012&port=1&left=0".to_owned(),
+            format!("/announce?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=0"),
+            403,
+            "passkey",
+        ),
+        (
+            format!(
+                "/announce/pc-1/{}?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=0",
+                "0".repeat(32)
+            ),
+            403,
+            "passkey",
+        ),
+        (format!("/scrape?info_hash={hash}"), 403, "passkey"),
+        (a.clone(), 400, "info_hash"),
+        (
+            format!("{a}?info_hash=%01%02&peer_id=-XX0001-123456789012&port=1&left=0"),
             400,
             "info_hash",
         ),
         (
-            format!("/announce?info_hash={hash}&peer_id=-XX0001-123456789012&port=0&left=0"),
+            format!("{a}?info_hash={hash}&peer_id=-XX0001-123456789012&port=0&left=0"),
             400,
             "port",
         ),
         (
-            format!("/announce?info_hash={hash}&peer_id=-XX0001-123456789012&port=99999&left=0"),
+            format!("{a}?info_hash={hash}&peer_id=-XX0001-123456789012&port=99999&left=0"),
             400,
             "port",
         ),
         (
-            format!("/announce?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=x"),
+            format!("{a}?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=x"),
             400,
             "left",
         ),
         (
-            format!("/announce?info_hash=%zz{hash}&peer_id=-XX0001-123456789012&port=1&left=0"),
+            format!("{a}?info_hash=%zz{hash}&peer_id=-XX0001-123456789012&port=1&left=0"),
             400,
             "%",
         ),
         (
-            format!(
-                "/announce?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=0&x={long}"
-            ),
+            format!("{a}?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=0&x={long}"),
             400,
             "long",
         ),
         (
-            format!("/announce?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=0"),
+            format!("{a}?info_hash={hash}&peer_id=-XX0001-123456789012&port=1&left=0"),
             200,
             "catalog",
         ),
-        ("/scrape".into(), 400, "info_hash"),
-        ("/scrape?info_hash=%01".into(), 400, "info_hash"),
-        (format!("/scrape?info_hash={hash}"), 200, "catalog"),
+        (s.clone(), 400, "info_hash"),
+        (format!("{s}?info_hash=%01"), 400, "info_hash"),
+        (format!("{s}?info_hash={hash}"), 200, "catalog"),
     ];
     for (path, status, needle) in &cases {
         let r = reqwest::blocking::get(server.url(path)).unwrap();

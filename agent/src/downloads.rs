@@ -22,6 +22,7 @@ use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, Torre
 use tokio::sync::mpsc;
 
 use crate::boot::{self, Backend, BootRequest};
+use crate::passkey::Passkey;
 
 /// How often a download reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(1500);
@@ -42,6 +43,7 @@ pub struct Downloads {
     data_dir: PathBuf,
     http_url: String,
     http: reqwest::Client,
+    passkey: Arc<Passkey>,
     boot: Backend,
     /// Bytes kept free on the data disk beyond an image.
     disk_reserve: u64,
@@ -60,6 +62,7 @@ impl Downloads {
         session: Session,
         data_dir: PathBuf,
         http_url: String,
+        passkey: Arc<Passkey>,
         boot: Backend,
         disk_reserve: u64,
         events: mpsc::Sender<Event>,
@@ -71,6 +74,7 @@ impl Downloads {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap_or_default(),
+            passkey,
             boot,
             disk_reserve,
             events,
@@ -79,12 +83,28 @@ impl Downloads {
             starting: Mutex::new(std::collections::HashSet::new()),
             data_dir,
         });
+        tokio::spawn(downloads.clone().introduce());
         let resumed: Vec<Held> = downloads.lock_held().values().cloned().collect();
         for held in resumed {
             let d = downloads.clone();
             tokio::spawn(async move { d.fetch(held.assignment).await });
         }
         downloads
+    }
+
+    /// Asks for this machine's passkey once at start, retrying until the machine is approved:
+    /// besides the passkey, that request (signed by the machine key) is where the server sees
+    /// the machine's address, which subnet zones go by.
+    async fn introduce(self: Arc<Self>) {
+        let mut wait = Duration::from_secs(2);
+        loop {
+            match self.passkey.get(true).await {
+                Ok(_) => return,
+                Err(e) => tracing::debug!("{e}; asking again in {} s", wait.as_secs()),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
     }
 
     /// What this machine holds, for `startup` and `heartbeat`.
@@ -460,12 +480,43 @@ impl Downloads {
                 a.torrent_url.trim_start_matches('/')
             )
         };
-        let fetch = async {
-            let response = self.http.get(&url).send().await?.error_for_status()?;
-            response.bytes().await
-        };
-        let bytes = fetch.await.map_err(|e| {
-            Failure::new("torrent_fetch", format!("fetching the torrent {url}: {e}"))
+        // A passkey the server no longer takes (its key changed, say) is fetched once more.
+        let mut bytes = None;
+        for fresh in [false, true] {
+            let passkey = self
+                .passkey
+                .get(fresh)
+                .await
+                .map_err(|e| Failure::new("passkey", e))?;
+            let response = self
+                .http
+                .get(&url)
+                .header(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Passkey {}:{passkey}", self.passkey.machine()),
+                )
+                .send()
+                .await
+                .map_err(|e| {
+                    Failure::new("torrent_fetch", format!("fetching the torrent {url}: {e}"))
+                })?;
+            let status = response.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED && !fresh {
+                continue;
+            }
+            let body = response.error_for_status().map_err(|e| {
+                Failure::new("torrent_fetch", format!("fetching the torrent {url}: {e}"))
+            })?;
+            bytes = Some(body.bytes().await.map_err(|e| {
+                Failure::new("torrent_fetch", format!("fetching the torrent {url}: {e}"))
+            })?);
+            break;
+        }
+        let bytes = bytes.ok_or_else(|| {
+            Failure::new(
+                "torrent_fetch",
+                format!("fetching the torrent {url}: the server refused this machine's passkey"),
+            )
         })?;
         let meta = Metainfo::from_bytes(&bytes)
             .map_err(|e| Failure::new("torrent_invalid", format!("torrent from {url}: {e}")))?;

@@ -656,7 +656,7 @@ fn write_seq(path: &Path, seq: u64) {
 }
 
 /// Wall-clock Unix milliseconds: envelopes carry wall-clock time.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -23,6 +23,7 @@ mod downloads;
 mod identity;
 mod inventory;
 mod link;
+mod passkey;
 mod service;
 
 use config::{Config, Overrides};
@@ -205,6 +206,8 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     tracing::info!(
         machine = %identity.machine,
+        // What the operator compares before `boottorrent machines approve`.
+        key = %identity::fingerprint(&identity.key.verifying_key().to_bytes().into()),
         data_dir = %config.data_dir.display(),
         server_key = %identity::fingerprint(&identity.server_key.to_bytes().into()),
         "starting boottorrent-agent {}",
@@ -214,12 +217,19 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
         let shutdown = CancellationToken::new();
         let (commands_tx, mut commands_rx) = mpsc::channel::<boottorrent_proto::Command>(64);
         let (events_tx, events_rx) = mpsc::channel(256);
+        let passkey = passkey::Passkey::new(
+            identity.machine.clone(),
+            identity.key.clone(),
+            &config.http_url()?,
+        );
         let swarm = boottorrent_swarm::session::Session::start(
             boottorrent_swarm::session::SessionConfig {
                 listen: config.bt_listen,
                 download_limit_bps: config.download_limit_bps,
                 upload_limit_bps: config.upload_limit_bps,
                 state_dir: Some(config.data_dir.join("resume")),
+                // Serve only peers the tracker has in the swarm: not any host that dials us.
+                admission: Some(passkey.admission()),
                 ..boottorrent_swarm::session::SessionConfig::default()
             },
             shutdown.child_token(),
@@ -231,6 +241,7 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
             swarm.clone(),
             config.data_dir.clone(),
             config.http_url()?,
+            passkey,
             backend,
             config.disk_reserve_bytes,
             events_tx,

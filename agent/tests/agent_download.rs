@@ -369,3 +369,57 @@ fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
         "{lines}"
     );
 }
+
+#[test]
+fn an_agent_serves_only_peers_the_tracker_has_in_the_swarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(dir);
+    let (image, vhdx) = catalogue(&server, dir, 4 << 20);
+    enroll(&server, dir, "lab-s");
+    let agent = run_agent(dir, &server, "lab-s", &[]);
+    wait_for("the agent online", || server.online("lab-s").filter(|o| *o));
+    assign(&server, &image, Some("lab-s"));
+    let path = dir.join("lab-s/images/golden.vhdx");
+    let source = std::fs::read(&vhdx).unwrap();
+    wait_for_long("the agent to hold the image", || {
+        (std::fs::read(&path).ok()? == source).then_some(())
+    });
+    // Where the agent's swarm engine listens, from its log.
+    let log = agent.log_text();
+    let port: u16 = log
+        .lines()
+        .find_map(|l| l.split("swarm engine listening listen=127.0.0.1:").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no listen port in the agent's log:\n{log}"));
+
+    // A host that learnt the info dict (here from the operator's torrent) but holds no
+    // passkey dials the agent directly: it gets nothing.
+    let hash = image["info_hash"].as_str().unwrap();
+    let operator_torrent = server
+        .get(&format!("/torrents/{hash}.torrent"))
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let stolen = dir.join("stolen.torrent");
+    std::fs::write(
+        &stolen,
+        boottorrent_testkit::torrent_announcing_to(&operator_torrent, "http://127.0.0.1:9/a"),
+    )
+    .unwrap();
+    let got = boottorrent_testkit::libtorrent_download(
+        dir,
+        &stolen,
+        "127.0.0.2",
+        &format!("127.0.0.1:{port}"),
+        6,
+    );
+    assert_eq!(got, 0, "the agent served a host outside the swarm");
+    assert!(
+        agent
+            .log_text()
+            .contains("refused a peer the tracker does not have in the swarm"),
+        "{}",
+        agent.log_text()
+    );
+}

@@ -172,17 +172,25 @@ fn a_zone_deployment_with_set_boot_reaches_booted_on_three_agents() {
         metrics.contains("boottorrent_machines_online 3\n"),
         "{metrics}"
     );
-    let uploaded: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!(
-                "boottorrent_seeder_uploaded_bytes_total{{image=\"{image}\"}} "
-            ))
-        })
-        .unwrap_or_else(|| panic!("no seeder line for {image}:\n{metrics}"))
-        .parse()
-        .unwrap();
-    assert!(uploaded > 0, "{metrics}");
+    // The seeder's byte counter moves on the engine's once-a-second stats tick, which a
+    // quick deployment can beat.
+    wait_for("the seeder's upload counter", || {
+        let metrics = reqwest::blocking::get(server.url("/metrics"))
+            .ok()?
+            .text()
+            .ok()?;
+        let uploaded: u64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "boottorrent_seeder_uploaded_bytes_total{{image=\"{image}\"}} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no seeder line for {image}:\n{metrics}"))
+            .parse()
+            .unwrap();
+        (uploaded > 0).then_some(())
+    });
     assert!(
         metrics.contains("boottorrent_images{state=\"ready\"} 1\n"),
         "{metrics}"

@@ -212,7 +212,19 @@ function renderMachines() {
     el("td", {}, m.images.length ? m.images.map(heldView) : "–"),
     el("td", { title: m.last_seen }, ago(Date.parse(m.last_seen))),
     el("td", {}, m.agent_version || "–"),
-    el("td", { class: "key-" + m.key_state }, m.key_state))), 7, "No machine has registered yet.");
+    keyCell(m))), 7, "No machine has registered yet.");
+}
+
+// The key state with the fingerprint an operator compares with what the agent printed, and
+// what can be done about it: approve the waiting key (named by its fingerprint, so a key
+// swapped in since the page was drawn is not approved), or forget the machine.
+function keyCell(m) {
+  const waiting = m.pending_fingerprint;
+  return el("td", { class: "key-" + m.key_state },
+    m.key_state, " ",
+    el("small", { class: "fingerprint" }, waiting || m.fingerprint || ""), " ",
+    waiting ? el("button", { type: "button", "data-approve": m.id, "data-fingerprint": waiting }, "Approve") : null,
+    el("button", { type: "button", "data-delete": m.id }, waiting && !m.fingerprint ? "Reject" : "Delete"));
 }
 
 function renderZones() {
@@ -477,6 +489,30 @@ async function deploy(ev) {
   }
 }
 
+async function approve(id, fingerprint) {
+  if (!confirm(`Approve machine ${id} with key ${fingerprint}? Compare it with the key the agent logged at start.`)) return;
+  clearError();
+  try {
+    await api("POST", "/api/v1/machines/" + encodeURIComponent(id) + "/approve", { fingerprint });
+    notice(`Machine ${id} approved (key ${fingerprint}).`);
+    await refreshLists(false);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+async function forget(id) {
+  if (!confirm(`Delete machine ${id}? Its key and tracker passkey stop working; the id may enrol again (a reinstalled machine).`)) return;
+  clearError();
+  try {
+    await api("DELETE", "/api/v1/machines/" + encodeURIComponent(id));
+    notice(`Machine ${id} deleted.`);
+    await refreshLists(false);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
 async function cancel(id) {
   if (!confirm(`Cancel deployment ${id}? The agents stop and delete what they fetched for it.`)) return;
   clearError();
@@ -508,6 +544,12 @@ function init() {
     if (!button) return;
     ev.preventDefault(); // the button sits in a <summary>: do not fold the deployment too
     cancel(button.dataset.cancel);
+  });
+  $("machines-table").addEventListener("click", (ev) => {
+    const approving = ev.target.closest("[data-approve]");
+    if (approving) approve(approving.dataset.approve, approving.dataset.fingerprint);
+    const deleting = ev.target.closest("[data-delete]");
+    if (deleting) forget(deleting.dataset.delete);
   });
   if (token()) signIn(token());
   else { setConn("closed"); renderAuth(); }

@@ -38,7 +38,7 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use envelope::*;
 pub use id::*;
 pub use keys::*;
-pub use login::{LoginError, LoginPassword, LoginProof, login_password};
+pub use login::{LoginError, LoginPassword, LoginProof, Purpose, login_password, passkey_request};
 pub use message::*;
 pub use replay::*;
 pub use secret::Secret;

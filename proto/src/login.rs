@@ -1,4 +1,5 @@
-//! The MQTT password of a machine: a fresh proof that it holds its key, and the enrollment token.
+//! Proofs that a machine holds its key: its MQTT password, and its request for a tracker
+//! passkey.
 //!
 //! The enrollment token is in every golden image, so it cannot tell machines apart. A
 //! machine whose key the server already holds must prove possession of that key at every
@@ -9,8 +10,8 @@
 //! bt1:<ts_ms>:<signature hex>:<enrollment token>
 //! ```
 //!
-//! The signature covers `"boottorrent-mqtt-login-v1\0" ‖ u64 BE length ‖ machine id ‖ i64 BE
-//! ts_ms`. The server checks it against the machine's known key, and only for a machine it
+//! The signature covers a domain string (one per [`Purpose`], so that a proof made for one
+//! use is worthless for the other) `‖ u64 BE length ‖ machine id ‖ i64 BE ts_ms`. The server checks it against the machine's known key, and only for a machine it
 //! has never seen does the token alone admit it. `ts_ms` makes a proof go stale and lets the
 //! server refuse a proof it has already accepted (a password sniffed off plain MQTT).
 
@@ -21,8 +22,23 @@ use crate::id::MachineId;
 /// Marks a password in this format; anything else is a bare token (agents before it).
 const PREFIX: &str = "bt1:";
 
-/// Separates login proofs from every other use of the machine key.
-const LOGIN_DOMAIN: &[u8] = b"boottorrent-mqtt-login-v1\0";
+/// What a proof is for; each signs under its own domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The MQTT password ([`login_password`]).
+    MqttLogin,
+    /// Asking the server's HTTP API for the machine's tracker passkey ([`passkey_request`]).
+    Passkey,
+}
+
+impl Purpose {
+    fn domain(self) -> &'static [u8] {
+        match self {
+            Purpose::MqttLogin => b"boottorrent-mqtt-login-v1\0",
+            Purpose::Passkey => b"boottorrent-passkey-request-v1\0",
+        }
+    }
+}
 
 /// A parsed MQTT password.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +113,7 @@ impl LoginProof {
     /// is newer than `last_ts_ms` (the last proof accepted for the machine, if any).
     pub fn verify(
         &self,
+        purpose: Purpose,
         machine: &MachineId,
         key: &VerifyingKey,
         now_ms: i64,
@@ -104,7 +121,7 @@ impl LoginProof {
         last_ts_ms: Option<i64>,
     ) -> Result<(), LoginError> {
         let signature = Signature::from_bytes(&self.signature);
-        key.verify(&message(machine, self.ts_ms), &signature)
+        key.verify(&message(purpose, machine, self.ts_ms), &signature)
             .map_err(|_| LoginError::BadSignature)?;
         let age_ms = now_ms.saturating_sub(self.ts_ms);
         if age_ms.saturating_abs() > window_ms {
@@ -119,17 +136,25 @@ impl LoginProof {
 
 /// The password for `machine` at `now_ms`: a proof signed with `key`, then `token`.
 pub fn login_password(machine: &MachineId, key: &SigningKey, token: &str, now_ms: i64) -> String {
-    let signature = key.sign(&message(machine, now_ms));
-    format!(
-        "{PREFIX}{now_ms}:{}:{token}",
-        hex::encode(signature.to_bytes())
-    )
+    proof(Purpose::MqttLogin, machine, key, token, now_ms)
 }
 
-fn message(machine: &MachineId, ts_ms: i64) -> Vec<u8> {
+/// The body of a passkey request for `machine` at `now_ms`, in the same format as a password
+/// without a token; the server reads it with [`LoginPassword::parse`].
+pub fn passkey_request(machine: &MachineId, key: &SigningKey, now_ms: i64) -> String {
+    proof(Purpose::Passkey, machine, key, "", now_ms)
+}
+
+fn proof(purpose: Purpose, machine: &MachineId, key: &SigningKey, token: &str, ts: i64) -> String {
+    let signature = key.sign(&message(purpose, machine, ts));
+    format!("{PREFIX}{ts}:{}:{token}", hex::encode(signature.to_bytes()))
+}
+
+fn message(purpose: Purpose, machine: &MachineId, ts_ms: i64) -> Vec<u8> {
     let id = machine.as_str().as_bytes();
-    let mut bytes = Vec::with_capacity(LOGIN_DOMAIN.len() + 8 + id.len() + 8);
-    bytes.extend_from_slice(LOGIN_DOMAIN);
+    let domain = purpose.domain();
+    let mut bytes = Vec::with_capacity(domain.len() + 8 + id.len() + 8);
+    bytes.extend_from_slice(domain);
     bytes.extend_from_slice(&(id.len() as u64).to_be_bytes());
     bytes.extend_from_slice(id);
     bytes.extend_from_slice(&ts_ms.to_be_bytes());
@@ -159,7 +184,14 @@ mod tests {
         let proof = parsed.proof.unwrap();
         assert_eq!(proof.ts_ms, NOW);
         proof
-            .verify(&id("pc-1"), &key(1).verifying_key(), NOW + 10, WINDOW, None)
+            .verify(
+                Purpose::MqttLogin,
+                &id("pc-1"),
+                &key(1).verifying_key(),
+                NOW + 10,
+                WINDOW,
+                None,
+            )
             .unwrap();
     }
 
@@ -169,27 +201,62 @@ mod tests {
         let proof = LoginPassword::parse(&password).proof.unwrap();
         let good = key(1).verifying_key();
         assert_eq!(
-            proof.verify(&id("pc-2"), &good, NOW, WINDOW, None),
+            proof.verify(Purpose::MqttLogin, &id("pc-2"), &good, NOW, WINDOW, None),
             Err(LoginError::BadSignature)
         );
         assert_eq!(
-            proof.verify(&id("pc-1"), &key(2).verifying_key(), NOW, WINDOW, None),
+            proof.verify(
+                Purpose::MqttLogin,
+                &id("pc-1"),
+                &key(2).verifying_key(),
+                NOW,
+                WINDOW,
+                None
+            ),
             Err(LoginError::BadSignature)
         );
         assert!(matches!(
-            proof.verify(&id("pc-1"), &good, NOW + WINDOW + 1, WINDOW, None),
+            proof.verify(
+                Purpose::MqttLogin,
+                &id("pc-1"),
+                &good,
+                NOW + WINDOW + 1,
+                WINDOW,
+                None
+            ),
             Err(LoginError::Stale { .. })
         ));
         assert!(matches!(
-            proof.verify(&id("pc-1"), &good, NOW - WINDOW - 1, WINDOW, None),
+            proof.verify(
+                Purpose::MqttLogin,
+                &id("pc-1"),
+                &good,
+                NOW - WINDOW - 1,
+                WINDOW,
+                None
+            ),
             Err(LoginError::Stale { .. })
         ));
         assert_eq!(
-            proof.verify(&id("pc-1"), &good, NOW, WINDOW, Some(NOW)),
+            proof.verify(
+                Purpose::MqttLogin,
+                &id("pc-1"),
+                &good,
+                NOW,
+                WINDOW,
+                Some(NOW)
+            ),
             Err(LoginError::Replayed)
         );
         proof
-            .verify(&id("pc-1"), &good, NOW, WINDOW, Some(NOW - 1))
+            .verify(
+                Purpose::MqttLogin,
+                &id("pc-1"),
+                &good,
+                NOW,
+                WINDOW,
+                Some(NOW - 1),
+            )
             .unwrap();
     }
 
@@ -199,7 +266,28 @@ mod tests {
         let forged = password.replacen(&NOW.to_string(), &(NOW + 1).to_string(), 1);
         let proof = LoginPassword::parse(&forged).proof.unwrap();
         assert_eq!(
-            proof.verify(&id("pc-1"), &key(1).verifying_key(), NOW, WINDOW, None),
+            proof.verify(
+                Purpose::MqttLogin,
+                &id("pc-1"),
+                &key(1).verifying_key(),
+                NOW,
+                WINDOW,
+                None
+            ),
+            Err(LoginError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_proof_for_one_purpose_is_worthless_for_the_other() {
+        let body = passkey_request(&id("pc-1"), &key(1), NOW);
+        let proof = LoginPassword::parse(&body).proof.unwrap();
+        let good = key(1).verifying_key();
+        proof
+            .verify(Purpose::Passkey, &id("pc-1"), &good, NOW, WINDOW, None)
+            .unwrap();
+        assert_eq!(
+            proof.verify(Purpose::MqttLogin, &id("pc-1"), &good, NOW, WINDOW, None),
             Err(LoginError::BadSignature)
         );
     }

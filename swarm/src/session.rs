@@ -51,6 +51,27 @@ pub struct SessionConfig {
     pub zone: Vec<Cidr>,
     /// Most connections per torrent.
     pub max_peers: usize,
+    /// Decides which peers may connect to us; everyone when `None`.
+    pub admission: Option<Admission>,
+}
+
+/// Which inbound peers a session serves: asked with the torrent and the peer's address after
+/// its handshake. The server's seeder admits only peers its tracker admitted (enrolled
+/// machines with a passkey), and agents ask the tracker the same, so a host that merely
+/// knows the info hash gets nothing.
+#[derive(Clone)]
+pub struct Admission(pub Arc<AdmitFn>);
+
+/// Whether the peer at this address may have this torrent from us (it may have to ask).
+pub type AdmitFn = dyn Fn(InfoHash, IpAddr) -> AdmitFuture + Send + Sync;
+
+/// The answer of an [`AdmitFn`].
+pub type AdmitFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admission(..)")
+    }
 }
 
 impl Default for SessionConfig {
@@ -63,6 +84,7 @@ impl Default for SessionConfig {
             state_dir: None,
             zone: Vec::new(),
             max_peers: 64,
+            admission: None,
         }
     }
 }
@@ -448,6 +470,15 @@ impl Session {
             .ok_or_else(|| format!("unknown info hash {}", theirs.info_hash))?;
         if theirs.peer_id == self.shared.peer_id {
             return Err("connection to ourselves".into());
+        }
+        if let Some(Admission(admit)) = &self.shared.config.admission
+            && !admit(theirs.info_hash, addr.ip()).await
+        {
+            return Err(format!(
+                "{} is not admitted to {} (no announce with a valid passkey)",
+                addr.ip(),
+                theirs.info_hash
+            ));
         }
         let ours = Handshake::new(theirs.info_hash, self.shared.peer_id);
         stream

@@ -206,11 +206,16 @@ impl Server {
     pub fn publish(&self, agent: &Agent, topic: &str, payload: &[u8]) {
         let password = agent.password(&self.enroll_token());
         let out = self.publish_as(agent.id.as_str(), &password, topic, payload);
-        assert!(
-            out.status.success(),
-            "mosquitto_pub failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "mosquitto_pub as {} failed: {}\nserver log, newest first:\n{}",
+                agent.id,
+                String::from_utf8_lossy(&out.stderr),
+                tail.join("\n")
+            );
+        }
     }
 
     /// Subscribes as `admin` and returns once the broker confirmed the subscription.

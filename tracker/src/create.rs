@@ -687,6 +687,78 @@ fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
 }
 
 /// Joins a scoped thread, passing its panic on to the caller.
+/// The same `.torrent` announcing to `announce` instead: `announce` replaced, any
+/// `announce-list` dropped, every other key copied byte for byte, so the `info` dictionary
+/// and with it the info hash stay as they were. The server hands each machine the image's
+/// torrent with that machine's passkey in the announce URL this way.
+pub fn with_announce(torrent: &[u8], announce: &str) -> Result<Vec<u8>, bendy::decoding::Error> {
+    use bendy::decoding::{Decoder, Object};
+
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(b.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(b);
+    }
+
+    let mut decoder = Decoder::new(torrent);
+    let Some(Object::Dict(mut dict)) = decoder.next_object()? else {
+        return Err(bendy::decoding::Error::unexpected_token(
+            "a dictionary",
+            "something else",
+        ));
+    };
+    let mut out = Vec::with_capacity(torrent.len() + announce.len());
+    out.push(b'd');
+    let mut announced = false;
+    while let Some((key, value)) = dict.next_pair()? {
+        match key {
+            b"announce-list" => {
+                if let Object::List(list) = value {
+                    list.into_raw()?;
+                } else if let Object::Dict(d) = value {
+                    d.into_raw()?;
+                }
+                continue;
+            }
+            b"announce" => {
+                if let Object::List(list) = value {
+                    list.into_raw()?;
+                } else if let Object::Dict(d) = value {
+                    d.into_raw()?;
+                }
+                bytes(&mut out, key);
+                bytes(&mut out, announce.as_bytes());
+                announced = true;
+                continue;
+            }
+            _ => {}
+        }
+        if !announced && key > b"announce".as_slice() {
+            // Keys are sorted: one missing before this key goes here.
+            bytes(&mut out, b"announce");
+            bytes(&mut out, announce.as_bytes());
+            announced = true;
+        }
+        bytes(&mut out, key);
+        match value {
+            Object::Bytes(b) => bytes(&mut out, b),
+            Object::Integer(i) => {
+                out.push(b'i');
+                out.extend_from_slice(i.as_bytes());
+                out.push(b'e');
+            }
+            Object::List(list) => out.extend_from_slice(list.into_raw()?),
+            Object::Dict(d) => out.extend_from_slice(d.into_raw()?),
+        }
+    }
+    if !announced {
+        bytes(&mut out, b"announce");
+        bytes(&mut out, announce.as_bytes());
+    }
+    out.push(b'e');
+    Ok(out)
+}
+
 fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
     handle
         .join()
@@ -698,6 +770,28 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn with_announce_changes_the_tracker_but_not_the_info_hash() {
+        let file = file_with(&[7u8; 100_000]);
+        let created = create(file.path(), &opts(), &|_| {}).unwrap();
+        let url = "http://boot.lab:8080/announce/pc-1/00112233445566778899aabbccddeeff";
+        let rewritten = with_announce(&created.torrent, url).unwrap();
+        let text = String::from_utf8_lossy(&rewritten);
+        assert!(text.starts_with(&format!("d8:announce{}:{url}10:created by", url.len())));
+        // The info dictionary is the same bytes at the end of both.
+        let info = |t: &[u8]| {
+            let at = t.windows(6).position(|w| w == b"4:info").unwrap() + 6;
+            t[at..t.len() - 1].to_vec()
+        };
+        assert_eq!(info(&rewritten), info(&created.torrent));
+        let hash: [u8; 20] = Sha1::digest(info(&rewritten)).into();
+        assert_eq!(hash, created.info_hash);
+        // Twice is the same as once; junk is an error, not a panic.
+        assert_eq!(with_announce(&rewritten, url).unwrap(), rewritten);
+        assert!(with_announce(b"i3e", url).is_err());
+        assert!(with_announce(b"d8:announce", url).is_err());
+    }
 
     fn opts() -> CreateOptions {
         CreateOptions {

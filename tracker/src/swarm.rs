@@ -211,6 +211,20 @@ impl Tracker {
         self.shard(&info_hash).remove(&info_hash);
     }
 
+    /// Whether a peer at `ip` is in the swarm of `info_hash` now (announced and not expired).
+    /// The server's seeder serves only such peers: with a private tracker that admits only
+    /// enrolled machines, knowing the info hash is not enough to get a byte.
+    pub fn has_address(&self, info_hash: [u8; 20], ip: IpAddr) -> bool {
+        self.shard(&info_hash)
+            .get(&info_hash)
+            .is_some_and(|swarm| swarm.per_address.contains_key(&ip))
+    }
+
+    /// A refusal decided outside the tracker (no or a wrong passkey), counted with the others.
+    pub fn refuse(&self, status: u16, reason: &str) -> Answer {
+        self.fail(status, reason)
+    }
+
     /// Whether `info_hash` is served.
     pub fn is_allowed(&self, info_hash: [u8; 20]) -> bool {
         self.shard(&info_hash).contains_key(&info_hash)

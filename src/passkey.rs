@@ -1,0 +1,105 @@
+//! Per-machine tracker passkeys: only enrolled machines may fetch a `.torrent`, announce,
+//! scrape, or get a byte from the server's seeder.
+//!
+//! A passkey is a MAC of the machine id under a key derived from the server's signing key, so
+//! the server stores none and checks one without touching the database: deleting a machine
+//! (or never approving it) is what revokes it, because the tracker also asks the [`Keyring`]
+//! whether the machine is approved. A machine gets its passkey from the HTTP API by proving it
+//! holds its key (`POST /api/v1/machines/{id}/passkey`); the server hands out torrents whose
+//! announce URL carries it: `{public_url}/announce/{machine}/{passkey}`. The passkey never
+//! travels over MQTT, where anyone holding the enrollment token may subscribe to everything.
+//!
+//! [`Keyring`]: crate::keyring::Keyring
+
+use boottorrent_proto::SigningKey;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::keyring::Keyring;
+
+/// The pseudo-machine of the server's own seeder.
+pub const SEEDER: &str = "boottorrent-seeder";
+/// The pseudo-machine of the operator's own clients (a `.torrent` fetched with the admin
+/// token, for Transmission or aria2c on a technician's laptop).
+pub const OPERATOR: &str = "admin";
+
+/// Hex digits of a passkey: 128 bits.
+const PASSKEY_HEX: usize = 32;
+
+#[derive(Clone)]
+pub struct Passkeys {
+    key: [u8; 32],
+    keyring: Keyring,
+}
+
+impl Passkeys {
+    pub fn new(server_key: &SigningKey, keyring: Keyring) -> Passkeys {
+        // A key of its own, so that nothing signed or MACed here can stand for a signature.
+        let mut hasher = Sha256::new();
+        hasher.update(b"boottorrent-passkey-key-v1\0");
+        hasher.update(server_key.to_bytes());
+        Passkeys {
+            key: hasher.finalize().into(),
+            keyring,
+        }
+    }
+
+    /// The passkey of `machine` (a machine id, [`SEEDER`] or [`OPERATOR`]).
+    pub fn passkey(&self, machine: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(b"boottorrent-passkey-v1\0");
+        mac.update(machine.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        hex::encode(&tag[..PASSKEY_HEX / 2])
+    }
+
+    /// Whether `passkey` admits `machine` now: it is the machine's, and the machine is the
+    /// seeder, the operator, or an approved machine.
+    pub fn admits(&self, machine: &str, passkey: &str) -> bool {
+        let expected = self.passkey(machine);
+        let matches: bool = expected.as_bytes().ct_eq(passkey.as_bytes()).into();
+        matches
+            && (machine == SEEDER
+                || machine == OPERATOR
+                || self.keyring.get(machine).is_some_and(|k| k.approved))
+    }
+
+    /// The announce URL a machine's `.torrent` carries.
+    pub fn announce_url(&self, public_url: &str, machine: &str) -> String {
+        format!(
+            "{}/announce/{machine}/{}",
+            public_url.trim_end_matches('/'),
+            self.passkey(machine)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boottorrent_proto::{MachineId, PublicKeyBytes};
+
+    #[test]
+    fn a_passkey_admits_its_approved_machine_only() {
+        let keyring = Keyring::default();
+        let passkeys = Passkeys::new(&SigningKey::from_bytes(&[3; 32]), keyring.clone());
+        let pc1: MachineId = "pc-1".parse().unwrap();
+        let key = PublicKeyBytes::from([9; 32]);
+        let pk = passkeys.passkey("pc-1");
+        assert_eq!(pk.len(), PASSKEY_HEX);
+        assert!(!passkeys.admits("pc-1", &pk), "unknown machine");
+        keyring.set(&pc1, key, false);
+        assert!(!passkeys.admits("pc-1", &pk), "waiting for approval");
+        keyring.set(&pc1, key, true);
+        assert!(passkeys.admits("pc-1", &pk));
+        assert!(!passkeys.admits("pc-2", &pk), "another machine's passkey");
+        assert!(!passkeys.admits("pc-1", &pk[..31]));
+        keyring.remove(&pc1);
+        assert!(!passkeys.admits("pc-1", &pk), "deleted");
+        assert!(passkeys.admits(SEEDER, &passkeys.passkey(SEEDER)));
+        // Another server key, other passkeys.
+        let other = Passkeys::new(&SigningKey::from_bytes(&[4; 32]), Keyring::default());
+        assert_ne!(other.passkey("pc-1"), pk);
+    }
+}
