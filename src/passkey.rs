@@ -11,6 +11,9 @@
 //!
 //! [`Keyring`]: crate::keyring::Keyring
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use boottorrent_proto::SigningKey;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -31,6 +34,10 @@ const PASSKEY_HEX: usize = 32;
 pub struct Passkeys {
     key: [u8; 32],
     keyring: Keyring,
+    /// Passkeys already computed, by holder: every announce checks one, and an HMAC per
+    /// announce was a measurable part of the tracker's cost. Only holders that passed
+    /// [`Passkeys::admits`] are kept, so its size is bounded by the machines the server knows.
+    known: Arc<RwLock<HashMap<String, String>>>,
 }
 
 impl Passkeys {
@@ -42,6 +49,7 @@ impl Passkeys {
         Passkeys {
             key: hasher.finalize().into(),
             keyring,
+            known: Arc::default(),
         }
     }
 
@@ -57,12 +65,30 @@ impl Passkeys {
     /// Whether `passkey` admits `machine` now: it is the machine's, and the machine is the
     /// seeder, the operator, or an approved machine.
     pub fn admits(&self, machine: &str, passkey: &str) -> bool {
-        let expected = self.passkey(machine);
-        let matches: bool = expected.as_bytes().ct_eq(passkey.as_bytes()).into();
-        matches
-            && (machine == SEEDER
-                || machine == OPERATOR
-                || self.keyring.get(machine).is_some_and(|k| k.approved))
+        let holder = machine == SEEDER
+            || machine == OPERATOR
+            || self.keyring.get(machine).is_some_and(|k| k.approved);
+        if !holder {
+            return false;
+        }
+        let cached = self
+            .known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(machine)
+            .cloned();
+        let expected = match cached {
+            Some(expected) => expected,
+            None => {
+                let expected = self.passkey(machine);
+                self.known
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(machine.to_owned(), expected.clone());
+                expected
+            }
+        };
+        expected.as_bytes().ct_eq(passkey.as_bytes()).into()
     }
 
     /// The announce URL a machine's `.torrent` carries.
