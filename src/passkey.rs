@@ -11,9 +11,6 @@
 //!
 //! [`Keyring`]: crate::keyring::Keyring
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-
 use boottorrent_proto::SigningKey;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -34,10 +31,6 @@ const PASSKEY_HEX: usize = 32;
 pub struct Passkeys {
     key: [u8; 32],
     keyring: Keyring,
-    /// Passkeys already computed, by holder: every announce checks one, and an HMAC per
-    /// announce was a measurable part of the tracker's cost. Only holders that passed
-    /// [`Passkeys::admits`] are kept, so its size is bounded by the machines the server knows.
-    known: Arc<RwLock<HashMap<String, String>>>,
 }
 
 impl Passkeys {
@@ -49,7 +42,6 @@ impl Passkeys {
         Passkeys {
             key: hasher.finalize().into(),
             keyring,
-            known: Arc::default(),
         }
     }
 
@@ -68,27 +60,13 @@ impl Passkeys {
         let holder = machine == SEEDER
             || machine == OPERATOR
             || self.keyring.get(machine).is_some_and(|k| k.approved);
-        if !holder {
-            return false;
-        }
-        let cached = self
-            .known
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(machine)
-            .cloned();
-        let expected = match cached {
-            Some(expected) => expected,
-            None => {
-                let expected = self.passkey(machine);
-                self.known
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(machine.to_owned(), expected.clone());
-                expected
-            }
-        };
-        expected.as_bytes().ct_eq(passkey.as_bytes()).into()
+        // Computed for every announce: a cache per holder measured no faster (docs/benchmarks.md).
+        holder
+            && self
+                .passkey(machine)
+                .as_bytes()
+                .ct_eq(passkey.as_bytes())
+                .into()
     }
 
     /// The announce URL a machine's `.torrent` carries.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use boottorrent_proto::{
     Command, CommandKind, Encoding, Envelope, Event, MachineConfiguration, MachineId, Presence,
     PublicKeyBytes, ReplayError, ReplayGuard, Scope, SenderId, SeqCounter, SigningKey, Topic,
-    decode_event, detect, fingerprint, verifying_key_from_bytes,
+    ZoneId, decode_event, detect, fingerprint, verifying_key_from_bytes,
 };
 use sha2::{Digest, Sha256};
 
@@ -507,7 +507,8 @@ impl Registry {
             }
         };
         debug_assert_eq!(keys.approved, Some(presented));
-        if let Some(verdict) = self.replay_check(envelope, now_ms) {
+        // A new machine's startup was checked before it could take a place in the gate.
+        if !is_new && let Some(verdict) = self.replay_check(envelope, now_ms) {
             return Ok(verdict);
         }
         let was_online = record.online;
@@ -756,14 +757,7 @@ impl Registry {
                     now_ms,
                     Some(machine),
                     "zones",
-                    format!(
-                        "seen at {ip}; zones now [{}]",
-                        zones
-                            .iter()
-                            .map(|z| z.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
+                    format!("seen at {ip}; zones now [{}]", zone_list(&zones)),
                 )?;
                 record.zones = zones;
             }
@@ -842,14 +836,7 @@ impl Registry {
                         now_ms,
                         Some(&record.id),
                         "zones",
-                        format!(
-                            "zones now [{}]",
-                            zones
-                                .iter()
-                                .map(|z| z.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
+                        format!("zones now [{}]", zone_list(&zones)),
                     )?;
                     record.zones = zones;
                     batch.put_machine(&record)?;
@@ -880,6 +867,15 @@ fn apply_startup(record: &mut MachineRecord, startup: &boottorrent_proto::Startu
     record.macs = startup.macs.clone();
     record.free_disk_bytes = startup.free_disk_bytes;
     record.images = startup.images.clone();
+}
+
+/// Zone ids for a log line: `a, b`.
+fn zone_list(zones: &[ZoneId]) -> String {
+    zones
+        .iter()
+        .map(ZoneId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The encoding a machine speaks.

@@ -478,6 +478,40 @@ fn approval_gates_new_machines_and_names_the_key_it_approves() {
     let unknown = approve("pc-404", &fingerprint);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
+
+    // Reinstalled (same id, new key): it cannot even log in until the operator deletes the
+    // machine, and then it enrols again and waits with its new key.
+    let mut reinstalled = Agent::new("pc-9");
+    let (t, startup) = reinstalled.startup();
+    let password = reinstalled.password(&server.enroll_token());
+    assert!(
+        !server
+            .publish_as("pc-9", &password, &t, &startup)
+            .status
+            .success()
+    );
+    let out = cli(&[
+        "machines",
+        "delete",
+        "pc-9",
+        "--server",
+        &server.url(""),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.machine("pc-9").is_none());
+    server.publish(&reinstalled, &t, &startup);
+    let m = wait_for("the reinstalled machine waiting", || server.machine("pc-9"));
+    assert_eq!(m["key_state"], "pending");
+    assert_eq!(
+        m["pending_fingerprint"],
+        boottorrent_proto::fingerprint(&reinstalled.key.verifying_key().to_bytes().into()).as_str()
+    );
 }
 
 #[test]

@@ -149,21 +149,7 @@ fn the_agent_reconnects_after_the_broker_comes_back() {
             .then_some(())
     });
     // And it subscribed again: a command reaches it.
-    let topic = "boottorrent/cmd/machine/pc-r/boot";
-    let boot = ProtoCommand::Boot(BootCommand {
-        image: "img-1".parse().unwrap(),
-        deployment: None,
-    });
-    server.publish(
-        topic,
-        &signed_command(topic, boot, &server.key(), now_ms() as u64 * 1000),
-    );
-    wait_for("pc-r to receive a command after reconnecting", || {
-        agent_r
-            .log_text()
-            .contains("received boot command")
-            .then_some(())
-    });
+    boot_command_reaches(&server, &agent_r, "pc-r");
 }
 
 #[test]
@@ -232,21 +218,7 @@ fn an_agent_talks_to_the_server_over_mqtt_tls_only() {
         agent.log_text()
     );
     // A command signed by the server reaches it over the same TLS session.
-    let topic = "boottorrent/cmd/machine/pc-tls/boot";
-    let boot = ProtoCommand::Boot(BootCommand {
-        image: "img-1".parse().unwrap(),
-        deployment: None,
-    });
-    server.publish(
-        topic,
-        &signed_command(topic, boot, &server.key(), now_ms() as u64 * 1000),
-    );
-    wait_for("pc-tls to receive a command over TLS", || {
-        agent
-            .log_text()
-            .contains("received boot command")
-            .then_some(())
-    });
+    boot_command_reaches(&server, &agent, "pc-tls");
 
     // An agent that does not trust the server's certificate never gets in.
     let other_ca = dir.join("other");
@@ -269,4 +241,79 @@ fn an_agent_talks_to_the_server_over_mqtt_tls_only() {
         stranger.log_text().contains("retrying in").then_some(())
     });
     assert_eq!(online("pc-untrusting"), None);
+}
+
+/// Publishes a `boot` command for `machine`, signed by the server's key, and waits until
+/// `agent` logs that it received it.
+fn boot_command_reaches(server: &Server, agent: &Proc, machine: &str) {
+    let topic = format!("boottorrent/cmd/machine/{machine}/boot");
+    let boot = ProtoCommand::Boot(BootCommand {
+        image: "img-1".parse().unwrap(),
+        deployment: None,
+    });
+    server.publish(
+        &topic,
+        &signed_command(&topic, boot, &server.key(), now_ms() as u64 * 1000),
+    );
+    wait_for(&format!("{machine} to receive a boot command"), || {
+        agent
+            .log_text()
+            .contains("received boot command")
+            .then_some(())
+    });
+}
+
+#[test]
+fn an_agent_whose_startup_was_refused_sends_it_again_until_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Two new machines a minute: one admission every 30 s once the burst is spent.
+    let server = Server::start_with(dir, &["--enroll-per-minute", "2"]);
+    let key = hex::encode(server.key().verifying_key().to_bytes());
+    // Two made-up machines spend the burst.
+    for id in ["filler-1", "filler-2"] {
+        let machine: boottorrent_proto::MachineId = id.parse().unwrap();
+        let signing = generate_signing_key().unwrap();
+        let topic = boottorrent_proto::Topic::Event {
+            machine: machine.clone(),
+            kind: boottorrent_proto::EventKind::Startup,
+        };
+        let startup = boottorrent_proto::Event::Startup(boottorrent_proto::Startup {
+            agent_version: "test".into(),
+            hostname: id.into(),
+            os: "linux".into(),
+            ips: vec![],
+            macs: vec![],
+            free_disk_bytes: 0,
+            images: vec![],
+            public_key: boottorrent_proto::PublicKeyBytes::from(signing.verifying_key().to_bytes()),
+        });
+        let payload = boottorrent_proto::Envelope::sign(
+            &topic,
+            boottorrent_proto::SenderId::from(machine),
+            now_ms(),
+            now_ms() as u64 * 1000,
+            startup,
+            &signing,
+        )
+        .unwrap()
+        .encode(boottorrent_proto::Encoding::MessagePack)
+        .unwrap();
+        server.publish(&topic.to_string(), &payload);
+        wait_for("the filler registered", || server.online(id).filter(|o| *o));
+    }
+    // The real agent's first startup is refused; it must not stay unknown for good.
+    let agent = run_agent(dir, &server, "pc-late", &["--server-key", &key]);
+    boottorrent_testkit::wait_until(
+        "pc-late admitted by a startup it sent again",
+        std::time::Duration::from_secs(90),
+        || (server.online("pc-late") == Some(true)).then_some(()),
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("the server has not answered this machine's startup yet"),
+        "{}",
+        agent.log_text()
+    );
 }

@@ -711,27 +711,19 @@ pub fn with_announce(torrent: &[u8], announce: &str) -> Result<Vec<u8>, bendy::d
     out.push(b'd');
     let mut announced = false;
     while let Some((key, value)) = dict.next_pair()? {
-        match key {
-            b"announce-list" => {
-                if let Object::List(list) = value {
-                    list.into_raw()?;
-                } else if let Object::Dict(d) = value {
-                    d.into_raw()?;
-                }
-                continue;
+        if key == b"announce" || key == b"announce-list" {
+            // Read past the old value, whatever it is.
+            match value {
+                Object::List(list) => drop(list.into_raw()?),
+                Object::Dict(d) => drop(d.into_raw()?),
+                Object::Bytes(_) | Object::Integer(_) => {}
             }
-            b"announce" => {
-                if let Object::List(list) = value {
-                    list.into_raw()?;
-                } else if let Object::Dict(d) = value {
-                    d.into_raw()?;
-                }
+            if key == b"announce" {
                 bytes(&mut out, key);
                 bytes(&mut out, announce.as_bytes());
                 announced = true;
-                continue;
             }
-            _ => {}
+            continue;
         }
         if !announced && key > b"announce".as_slice() {
             // Keys are sorted: one missing before this key goes here.
