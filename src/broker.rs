@@ -11,9 +11,12 @@
 //! server has seen must prove it holds the key it registered (see [`Keyring`]); only an id the
 //! server has never seen is admitted by the enrollment token alone, because every golden image
 //! carries that token. Operator tools log in as `admin` with the admin token. The
-//! orchestrator's own client id is refused to everyone. rumqttd has no per-client ACL, so a
-//! login only admits a client to the broker; what a message may do is decided by its
-//! signature (see `registry`).
+//! orchestrator's own client id is refused to everyone.
+//!
+//! rumqttd has no per-client ACL, so it listens on loopback only and clients reach it through
+//! `broker_front`, which keeps each machine to its own topics. What a message may do is then
+//! decided by its signature (see `registry`). Listeners a broker file adds besides
+//! `[v4.mqtt]` are served by rumqttd directly, without those topic rules (logged at start).
 //!
 //! [`login_password`]: boottorrent_proto::login_password
 
@@ -26,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use boottorrent_proto::{LoginPassword, MachineId, verifying_key_from_bytes};
+use rumqttd::Broker;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{Broker, ServerSettings, TlsConfig};
 
 use crate::config::{Config, Secret};
 use crate::credentials::token_matches;
@@ -79,16 +82,33 @@ pub struct Running {
     pub spares: Vec<(LinkTx, LinkRx)>,
 }
 
-/// Builds the rumqttd config, checks it, starts the broker threads and returns the
-/// orchestrator's link once the plain MQTT listener accepts connections.
+/// The broker's client side, for `broker_front` to serve.
+pub struct Listeners {
+    /// Where rumqttd listens, on loopback; clients come through the front.
+    pub internal: SocketAddr,
+    /// The largest packet rumqttd takes (after the fixed header); the front refuses larger.
+    pub max_packet: usize,
+    /// The client-facing MQTT listener (`mqtt_listen`), bound, for the front.
+    pub plain: TcpListener,
+    /// The MQTT-over-TLS listener (`mqtts_listen`) when TLS files are configured.
+    pub tls: Option<TcpListener>,
+}
+
+/// Builds the rumqttd config, checks it, binds the client listeners, starts the broker threads
+/// and returns the orchestrator's link once rumqttd accepts connections.
 pub fn start(
     config: &Config,
     enroll_token: Secret,
     admin_token: Secret,
     keyring: Keyring,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<Running> {
-    let mut broker_config = broker_config(config)?;
+) -> anyhow::Result<(Running, Listeners)> {
+    let (mut broker_config, internal) = broker_config(config)?;
+    let max_packet = broker_config
+        .v4
+        .as_ref()
+        .and_then(|v4| v4.get(PLAIN_LISTENER))
+        .map_or(MIN_PACKET_LIMIT, |l| l.connections.max_payload_size);
     let auth = Authenticator {
         enroll_token,
         admin_token,
@@ -113,7 +133,15 @@ pub fn start(
                 let ok = auth.check(&client_id, &user, &pass, now_ms());
                 async move { ok }
             });
-            addresses.push((server.name.clone(), server.listen));
+            if server.listen != internal {
+                tracing::warn!(
+                    listener = %server.name,
+                    listen = %server.listen,
+                    "this listener from the broker file is served by rumqttd directly: logins \
+                     are checked, but not the topic rules that keep a machine to its own topics"
+                );
+                addresses.push((server.name.clone(), server.listen));
+            }
         }
     }
     for (name, addr) in &addresses {
@@ -123,6 +151,23 @@ pub fn start(
             format!("binding MQTT listener {name:?} on {addr}: is another broker running?")
         })?;
     }
+    let bind = |addr: SocketAddr, what: &str| {
+        let listener = TcpListener::bind(addr).with_context(|| {
+            format!("binding the {what} listener on {addr}: is another broker running?")
+        })?;
+        listener
+            .set_nonblocking(true)
+            .with_context(|| format!("setting up the {what} listener on {addr}"))?;
+        anyhow::Ok(listener)
+    };
+    let plain = bind(config.mqtt_listen, "MQTT")?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            check_pem(cert, key)?;
+            Some(bind(config.mqtts_listen, "MQTT over TLS")?)
+        }
+        _ => None,
+    };
 
     let mut broker = Broker::new(broker_config);
     let (link_tx, link_rx) = broker
@@ -144,16 +189,25 @@ pub fn start(
         })
         .context("starting the MQTT broker thread")?;
 
-    wait_until_accepting(config.mqtt_listen, Duration::from_secs(10))?;
-    Ok(Running {
-        link_tx,
-        link_rx,
-        spares,
-    })
+    wait_until_accepting(internal, Duration::from_secs(10))?;
+    Ok((
+        Running {
+            link_tx,
+            link_rx,
+            spares,
+        },
+        Listeners {
+            internal,
+            max_packet,
+            plain,
+            tls,
+        },
+    ))
 }
 
-/// The broker config: the embedded or given file, with BootTorrent's listeners applied.
-fn broker_config(config: &Config) -> anyhow::Result<rumqttd::Config> {
+/// The broker config: the embedded or given file, with BootTorrent's listener moved to a free
+/// loopback port (returned) behind the front.
+fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr)> {
     let (text, origin) = match &config.broker_config {
         Some(path) => (
             std::fs::read_to_string(path)
@@ -177,24 +231,23 @@ fn broker_config(config: &Config) -> anyhow::Result<rumqttd::Config> {
             );
         }
     }
+    if v4.contains_key(TLS_LISTENER) {
+        bail!(
+            "{origin} has a [v4.{TLS_LISTENER}] listener; BootTorrent serves MQTT over TLS \
+             itself on --mqtts-listen with --tls-cert and --tls-key: remove that section"
+        );
+    }
     let Some(plain) = v4.get_mut(PLAIN_LISTENER) else {
         bail!("{origin} has no [v4.{PLAIN_LISTENER}] listener; BootTorrent's agents connect there");
     };
-    plain.listen = config.mqtt_listen;
+    // rumqttd takes a port number, not a socket: find a free one. Another process taking it
+    // in between makes start-up fail with the broker's bind error, never a wrong broker.
+    let internal = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .context("finding a free loopback port for the embedded MQTT broker")?;
+    plain.listen = internal;
     plain.tls = None;
-    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        check_pem(cert, key)?;
-        let mut tls: ServerSettings = plain.clone();
-        tls.name = TLS_LISTENER.to_owned();
-        tls.listen = config.mqtts_listen;
-        tls.tls = Some(TlsConfig::Rustls {
-            capath: None,
-            certpath: cert.display().to_string(),
-            keypath: key.display().to_string(),
-        });
-        v4.insert(TLS_LISTENER.to_owned(), tls);
-    }
-    Ok(broker)
+    Ok((broker, internal))
 }
 
 /// rumqttd reads the PEM files only when the first TLS client connects and then merely logs
@@ -363,9 +416,13 @@ mod tests {
     #[test]
     fn embedded_config_has_the_plain_listener() {
         let config = Config::default();
-        let broker = broker_config(&config).unwrap();
+        let (broker, internal) = broker_config(&config).unwrap();
         let v4 = broker.v4.unwrap();
-        assert_eq!(v4[PLAIN_LISTENER].listen, config.mqtt_listen);
+        assert_eq!(v4[PLAIN_LISTENER].listen, internal);
+        assert!(
+            internal.ip().is_loopback(),
+            "rumqttd is reached through the front only"
+        );
         assert!(!v4.contains_key(TLS_LISTENER));
     }
 
@@ -388,7 +445,7 @@ mod tests {
             .unwrap();
         // Topic length prefix, topic, packet id, payload.
         assert!(2 + longest + 2 + boottorrent_proto::MAX_PAYLOAD_BYTES <= MIN_PACKET_LIMIT);
-        let broker = broker_config(&Config::default()).unwrap();
+        let (broker, _) = broker_config(&Config::default()).unwrap();
         let limit = broker.v4.unwrap()[PLAIN_LISTENER]
             .connections
             .max_payload_size;

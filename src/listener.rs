@@ -45,7 +45,7 @@ use tower::ServiceExt;
 /// How long `accept` pauses after failing for want of file descriptors (or any other reason
 /// that is not one connection's): long enough not to spin, short enough that service resumes
 /// at once when descriptors free up.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// At most one log line per this interval for each kind of repeated trouble (accept errors,
 /// connections over the cap); the rest are counted in `/metrics`.
@@ -130,8 +130,13 @@ pub enum Transport {
 /// The server side of TLS, from the same PEM files as the MQTT TLS listener.
 pub type TlsAcceptor = tokio_rustls::TlsAcceptor;
 
-/// A TLS acceptor for `cert` (a PEM chain) and `key` (a PEM private key), offering HTTP/1.1.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
+/// A TLS acceptor for `cert` (a PEM chain) and `key` (a PEM private key), offering the
+/// application protocols `alpn` (none for MQTT: its clients rarely send any).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    alpn: &[&[u8]],
+) -> anyhow::Result<TlsAcceptor> {
     use anyhow::Context as _;
     let certs = rustls_pemfile::certs(&mut io::BufReader::new(
         std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
@@ -156,7 +161,7 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
             cert.display()
         )
     })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -303,7 +308,7 @@ where
 }
 
 /// Errors of one connection that `accept` reports; the listener itself is fine.
-fn is_connection_error(e: &io::Error) -> bool {
+pub fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused
@@ -314,14 +319,14 @@ fn is_connection_error(e: &io::Error) -> bool {
 
 /// Lets one log line through per [`LOG_EVERY`], counting the others.
 #[derive(Default)]
-struct Throttle {
+pub struct Throttle {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl Throttle {
     /// `Some(lines suppressed since the last one)` when a line may be logged now.
-    fn due(&mut self) -> Option<u64> {
+    pub fn due(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self.last.is_some_and(|last| now < last + LOG_EVERY) {
             self.suppressed += 1;

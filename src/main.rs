@@ -3,6 +3,7 @@
 use clap::Parser;
 
 mod broker;
+mod broker_front;
 mod broker_log;
 mod catalog;
 mod cli;

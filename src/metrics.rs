@@ -64,6 +64,34 @@ impl DropReason {
     }
 }
 
+/// What the MQTT front refused a machine's login (see `broker_front`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttRefusal {
+    /// A subscription outside the commands meant for the machine.
+    Subscribe,
+    /// A publish on a topic other than the machine's own events.
+    Publish,
+    /// A last will on such a topic.
+    Will,
+}
+
+impl MqttRefusal {
+    pub const ALL: [MqttRefusal; 3] = [
+        MqttRefusal::Subscribe,
+        MqttRefusal::Publish,
+        MqttRefusal::Will,
+    ];
+
+    /// Label value in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MqttRefusal::Subscribe => "subscribe",
+            MqttRefusal::Publish => "publish",
+            MqttRefusal::Will => "will",
+        }
+    }
+}
+
 /// The server's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -73,6 +101,7 @@ pub struct Metrics {
     commands_published: AtomicU64,
     commands_failed: AtomicU64,
     mqtt_logins_refused: AtomicU64,
+    mqtt_refused: [AtomicU64; MqttRefusal::ALL.len()],
     http_unauthorized: AtomicU64,
 }
 
@@ -85,6 +114,7 @@ pub struct Snapshot {
     pub commands_published: u64,
     pub commands_failed: u64,
     pub mqtt_logins_refused: u64,
+    pub mqtt_refused: Vec<(MqttRefusal, u64)>,
     pub http_unauthorized: u64,
 }
 
@@ -111,6 +141,9 @@ impl Metrics {
     pub fn mqtt_login_refused(&self) {
         self.mqtt_logins_refused.fetch_add(1, Ordering::Relaxed);
     }
+    pub fn mqtt_refused(&self, what: MqttRefusal) {
+        self.mqtt_refused[what as usize].fetch_add(1, Ordering::Relaxed);
+    }
     pub fn http_unauthorized(&self) {
         self.http_unauthorized.fetch_add(1, Ordering::Relaxed);
     }
@@ -128,6 +161,11 @@ impl Metrics {
             commands_published: get(&self.commands_published),
             commands_failed: get(&self.commands_failed),
             mqtt_logins_refused: get(&self.mqtt_logins_refused),
+            mqtt_refused: MqttRefusal::ALL
+                .iter()
+                .zip(&self.mqtt_refused)
+                .map(|(r, c)| (*r, get(c)))
+                .collect(),
             http_unauthorized: get(&self.http_unauthorized),
         }
     }
@@ -181,6 +219,16 @@ impl Metrics {
             s.events_dropped
                 .iter()
                 .map(|(reason, value)| (reason.as_str(), *value)),
+        );
+        family(
+            &mut out,
+            "boottorrent_mqtt_refused_total",
+            "MQTT packets of a machine's login refused by the topic rules, by kind (subscribe, publish, will).",
+            "counter",
+            "what",
+            s.mqtt_refused
+                .iter()
+                .map(|(what, value)| (what.as_str(), *value)),
         );
         for (name, help, value) in [
             (

@@ -7,7 +7,8 @@
 //! whether the machine is approved. A machine gets its passkey from the HTTP API by proving it
 //! holds its key (`POST /api/v1/machines/{id}/passkey`); the server hands out torrents whose
 //! announce URL carries it: `{public_url}/announce/{machine}/{passkey}`. The passkey never
-//! travels over MQTT, where anyone holding the enrollment token may subscribe to everything.
+//! travels over MQTT: the embedded broker's front keeps machines to their own topics, but an
+//! external broker without those rules, or a listener added in a broker file, would not.
 //!
 //! [`Keyring`]: crate::keyring::Keyring
 

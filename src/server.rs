@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::passkey::Passkeys;
 use crate::registry::{Registry, Settings};
 use crate::store::Store;
-use crate::{broker, enrollment, http, orchestrator};
+use crate::{broker, broker_front, enrollment, http, orchestrator};
 
 /// How long running tasks get to finish after a shutdown signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -60,7 +60,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => {
             // The same checks, and messages, as for the MQTT TLS listener.
             broker::check_pem(cert, key)?;
-            let tls = crate::listener::tls_acceptor(cert, key)?;
+            let tls = crate::listener::tls_acceptor(cert, key, &[b"http/1.1"])?;
             let listener = tokio::net::TcpListener::bind(config.https_listen)
                 .await
                 .with_context(|| {
@@ -74,7 +74,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let keyring = Keyring::default();
     let passkeys = Passkeys::new(&credentials.server_key, keyring.clone());
     let keyring_for_http = keyring.clone();
-    let link = tokio::task::block_in_place(|| {
+    let (link, mqtt) = tokio::task::block_in_place(|| {
         broker::start(
             &config,
             credentials.enroll_token.clone(),
@@ -178,6 +178,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    // Clients reach the broker through the front, which keeps machines to their own topics.
+    let front = Arc::new(broker_front::Front {
+        broker: mqtt.internal,
+        max_packet: mqtt.max_packet,
+        metrics: metrics.clone(),
+        logs: Default::default(),
+    });
+    let mqtt_tls = match (&config.tls_cert, &config.tls_key, mqtt.tls) {
+        (Some(cert), Some(key), Some(listener)) => Some((
+            tokio::net::TcpListener::from_std(listener).context("serving MQTT over TLS")?,
+            crate::listener::tls_acceptor(cert, key, &[])?,
+        )),
+        _ => None,
+    };
+    let plain = tokio::net::TcpListener::from_std(mqtt.plain).context("serving MQTT")?;
+    spawn(&tasks, &shutdown, "mqtt", {
+        let (front, token) = (front.clone(), shutdown.child_token());
+        async move {
+            broker_front::serve(plain, front, None, token).await;
+            Ok(())
+        }
+    });
+    if let Some((listener, tls)) = mqtt_tls {
+        spawn(&tasks, &shutdown, "mqtts", {
+            let token = shutdown.child_token();
+            async move {
+                broker_front::serve(listener, front, Some(tls), token).await;
+                Ok(())
+            }
+        });
+    }
     let (handle, requests) = orchestrator::channel();
     // Check for silent machines often enough that "offline" is at most a few seconds late.
     let sweep_every = Duration::from_secs(u64::from(config.heartbeat_interval_secs).clamp(1, 10));

@@ -168,7 +168,16 @@ fn a_startup_signed_by_another_key_cannot_lock_out_the_real_machine() {
     .unwrap()
     .encode(Encoding::MessagePack)
     .unwrap();
+    // The broker's topic rules stop it at the door: the student's login may publish only
+    // the student's own events.
     server.publish(&student, &topic.to_string(), &forged);
+    wait_for("the forged startup to be refused", || {
+        (server.metric("boottorrent_mqtt_refused_total{what=\"publish\"}") == 1).then_some(())
+    });
+    // Behind the door, the signature decides: the same envelope from a login that may
+    // publish anywhere (as on a broker without topic rules) changes nothing either.
+    let out = server.publish_as("admin", &server.admin_token(), &topic.to_string(), &forged);
+    assert!(out.status.success(), "{out:?}");
     wait_for("the forged startup to be dropped", || {
         (server.dropped("key_mismatch") == 1).then_some(())
     });
@@ -390,4 +399,131 @@ fn a_machine_joins_a_subnet_zone_by_the_address_it_is_seen_at_not_the_one_it_cla
         .send()
         .unwrap();
     assert_eq!(r.status(), 401);
+}
+
+#[test]
+fn a_token_holder_cannot_read_the_fleet_or_publish_where_only_the_server_may() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let mut real = Agent::new("pc-real");
+    register(&server, &mut real);
+    let student = Agent::new("student-laptop");
+    let password = || student.password(&server.enroll_token());
+
+    // Once, `#` with the enrollment token showed every event and command of the fleet. The
+    // real machine keeps reporting while the student listens.
+    let first_password = password();
+    std::thread::scope(|scope| {
+        let sniffed = scope.spawn(|| {
+            server.sniff_as(
+                "student-laptop",
+                &first_password,
+                &["#", "boottorrent/evt/#", "boottorrent/cmd/machine/+/#"],
+                4,
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let (t, heartbeat) = real.heartbeat();
+        server.publish(&real, &t, &heartbeat);
+        let sniffed = sniffed.join().unwrap();
+        assert!(
+            !sniffed.contains("boottorrent/evt/machine/pc-real"),
+            "the student read the real machine's events:\n{sniffed}"
+        );
+        assert!(
+            sniffed.contains("Subscribed (mid: 1): 128, 128, 128"),
+            "the subscription was not refused:\n{sniffed}"
+        );
+    });
+    assert_eq!(
+        server.metric("boottorrent_mqtt_refused_total{what=\"subscribe\"}"),
+        1
+    );
+    assert!(
+        server.log_text().contains(
+            "refused MQTT subscribe: a machine may read only global, zone and its own commands"
+        ),
+        "{}",
+        server.log_text()
+    );
+    // What an agent subscribes to is still allowed.
+    let own = server.sniff_as(
+        student.id.as_str(),
+        &password(),
+        &[
+            "boottorrent/cmd/global/#",
+            "boottorrent/cmd/machine/student-laptop/#",
+        ],
+        1,
+    );
+    assert!(own.contains("Subscribed (mid: 1): 1, 1"), "{own}");
+
+    // Commands come from the server only: a publish on the real machine's command topic
+    // (it could have been an empty retained one, erasing what machines find on connect) is
+    // acknowledged, dropped, counted, and reaches nobody.
+    let mut commands = server.subscribe("boottorrent/cmd/machine/pc-real/#");
+    let forged = "boottorrent/cmd/machine/pc-real/machine_configuration";
+    let out = server.publish_as(student.id.as_str(), &password(), forged, b"forged");
+    assert!(out.status.success(), "{out:?}");
+    // So are events in another machine's name.
+    let (t, heartbeat) = real.heartbeat();
+    let out = server.publish_as(student.id.as_str(), &password(), &t, &heartbeat);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        server.metric("boottorrent_mqtt_refused_total{what=\"publish\"}"),
+        2
+    );
+    // The operator's is the first message the subscriber sees.
+    let admin = server.admin_token();
+    let configuration = boottorrent_proto::Topic::Command {
+        scope: boottorrent_proto::Scope::Machine(real.id.clone()),
+        kind: CommandKind::MachineConfiguration,
+    };
+    let out = server.publish_as("admin", &admin, &configuration.to_string(), b"from-admin");
+    assert!(
+        out.status.success(),
+        "the operator may publish anywhere: {out:?}"
+    );
+    let (topic, payload) = commands.next();
+    assert_eq!(topic, configuration.to_string());
+    assert_eq!(payload, b"from-admin", "the forged command got through");
+
+    // A last will is a publish too: one outside the machine's own events is refused at
+    // CONNECT.
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args([
+            "-i",
+            "student-laptop",
+            "-u",
+            "student-laptop",
+            "-P",
+            &password(),
+        ])
+        .args([
+            "--will-topic",
+            "boottorrent/cmd/global/reboot",
+            "--will-retain",
+        ])
+        .args([
+            "-t",
+            "boottorrent/evt/machine/student-laptop/heartbeat",
+            "-m",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a will on a command topic was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not authorised"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        server.metric("boottorrent_mqtt_refused_total{what=\"will\"}"),
+        1
+    );
 }

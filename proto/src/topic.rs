@@ -338,6 +338,34 @@ impl FromStr for Topic {
     }
 }
 
+/// Whether a machine's login may subscribe to `filter`: the commands meant for every
+/// machine, for one zone (any zone: what a zone is deployed is not secret), and its own, with
+/// every level up to the scope spelled out so that no wildcard reaches past it. Everything
+/// else, `#` and `boottorrent/evt/...` above all, would let the holder of the enrollment token
+/// (every golden image carries it) read the whole fleet.
+///
+/// The embedded broker enforces this in its front (rumqttd has no ACL hook); an external
+/// broker gets the same rules from its ACL file.
+pub fn machine_may_subscribe(machine: &MachineId, filter: &str) -> bool {
+    let levels: Vec<&str> = filter.split('/').collect();
+    let literal = |level: &str| !level.is_empty() && !level.contains(['+', '#']);
+    match levels.as_slice() {
+        [TOPIC_PREFIX, "cmd", "global", _, ..] => true,
+        [TOPIC_PREFIX, "cmd", "zone", zone, _, ..] => {
+            literal(zone) && zone.parse::<ZoneId>().is_ok()
+        }
+        [TOPIC_PREFIX, "cmd", "machine", id, _, ..] => *id == machine.as_str(),
+        _ => false,
+    }
+}
+
+/// Whether a machine's login may publish on `topic` (or leave it as its last will): only
+/// its own events. Commands come from the server alone; a publish elsewhere, even an empty
+/// retained one, could erase the commands other machines find when they connect.
+pub fn machine_may_publish(machine: &MachineId, topic: &str) -> bool {
+    matches!(topic.parse::<Topic>(), Ok(Topic::Event { machine: m, .. }) if m == *machine)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,5 +616,58 @@ mod tests {
         );
         assert_eq!(EVENTS_FILTER, "boottorrent/evt/#");
         assert_eq!(GLOBAL_COMMANDS_FILTER, "boottorrent/cmd/global/#");
+    }
+
+    #[test]
+    fn a_machine_may_read_only_commands_meant_for_it() {
+        let m: MachineId = "pc-07".parse().unwrap();
+        for allowed in [
+            GLOBAL_COMMANDS_FILTER.to_owned(),
+            machine_commands_filter(&m),
+            zone_commands_filter(&"lab-1".parse().unwrap()),
+            "boottorrent/cmd/global/boot".to_owned(),
+            "boottorrent/cmd/machine/pc-07/+".to_owned(),
+        ] {
+            assert!(machine_may_subscribe(&m, &allowed), "{allowed}");
+        }
+        for refused in [
+            "#",
+            "+/#",
+            "boottorrent/#",
+            EVENTS_FILTER,
+            "boottorrent/evt/machine/pc-07/#",
+            "boottorrent/cmd/#",
+            "boottorrent/cmd/+/#",
+            "boottorrent/cmd/machine/+/#",
+            "boottorrent/cmd/machine/#",
+            "boottorrent/cmd/machine/pc-08/#",
+            "boottorrent/cmd/zone/+/#",
+            "boottorrent/cmd/zone/#",
+            "boottorrent/cmd/global",
+            "boottorrent/cmd/machine/pc-07",
+            "$SYS/#",
+            "",
+        ] {
+            assert!(!machine_may_subscribe(&m, refused), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_machine_may_publish_only_its_own_events() {
+        let m: MachineId = "pc-07".parse().unwrap();
+        assert!(machine_may_publish(
+            &m,
+            "boottorrent/evt/machine/pc-07/heartbeat"
+        ));
+        for refused in [
+            "boottorrent/evt/machine/pc-08/heartbeat",
+            "boottorrent/evt/machine/pc-07/nonsense",
+            "boottorrent/evt/machine/+/heartbeat",
+            "boottorrent/cmd/global/boot",
+            "boottorrent/cmd/machine/pc-07/machine_configuration",
+            "elsewhere",
+        ] {
+            assert!(!machine_may_publish(&m, refused), "{refused}");
+        }
     }
 }

@@ -218,6 +218,26 @@ impl Server {
         }
     }
 
+    /// Runs `mosquitto_sub -d` as the machine `user` on `filters` for `secs` seconds (or until
+    /// it gives up) and returns everything it printed: "Subscribed (mid: 1): 128" is a
+    /// refusal, received messages are lines "<topic> <hex payload>".
+    pub fn sniff_as(&self, user: &str, password: &str, filters: &[&str], secs: u32) -> String {
+        let mut command = Command::new("mosquitto_sub");
+        command
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args(["-i", user, "-u", user, "-P", password])
+            .args(["-q", "1", "-d", "-F", "%t %x", "-W", &secs.to_string()]);
+        for filter in filters {
+            command.args(["-t", filter]);
+        }
+        let out = command.output().expect("running mosquitto_sub");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
     /// Subscribes as `admin` and returns once the broker confirmed the subscription.
     pub fn subscribe(&self, topic: &str) -> Subscription {
         // mosquitto_sub block-buffers its debug lines on a pipe; line-buffer them so that the

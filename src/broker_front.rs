@@ -1,0 +1,415 @@
+//! The MQTT ports as clients see them: a front that relays each connection to the embedded
+//! broker and keeps the topic rules rumqttd has no hook for.
+//!
+//! rumqttd checks logins (see `broker`), but a client it let in may subscribe to `#` and
+//! publish anywhere. Every golden image carries the enrollment token, so every student could
+//! read the whole fleet's events and commands, or publish an empty retained message over a
+//! command other machines pick up when they connect. Upstream would need a subscribe and
+//! publish authorization callback; until then rumqttd listens on loopback only, and this
+//! front relays each client to it, packet by packet, applying
+//! [`machine_may_subscribe`] and [`machine_may_publish`] to everything a machine's login
+//! sends:
+//!
+//! - a SUBSCRIBE with a filter outside the rules is answered here with a SUBACK of failures
+//!   (0x80 for every filter: MQTT 3.1.1's "not subscribed") and never reaches the broker;
+//! - a PUBLISH outside the rules is dropped, acknowledged at QoS 1 as MQTT 3.1.1 brokers do
+//!   with ACLs (so the client does not resend it forever), and closes the connection at
+//!   QoS 2, which no BootTorrent client uses;
+//! - a CONNECT whose last will is outside the rules is refused with CONNACK 5 (not
+//!   authorized) before the broker sees it.
+//!
+//! The operator's `admin` sessions (rumqttd admits them only with the admin token) pass
+//! unfiltered. Each refusal is counted in `/metrics` and logged at most once per interval.
+//!
+//! Everything else is relayed as it came, whole packets at a time, so that a SUBACK or PUBACK
+//! made here never lands inside a packet from the broker. The login itself stays rumqttd's
+//! (its callback is `broker::Authenticator`); the front only reads who logs in.
+//!
+//! Tasks: one accept loop per listener and one task per connection, tracked so that shutdown
+//! waits for them; shutdown closes every connection (agents reconnect).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use boottorrent_proto::{MachineId, machine_may_publish, machine_may_subscribe};
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self, FixedHeader, QoS};
+use rumqttc::{
+    ConnAck, ConnectReturnCode, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::ADMIN_USER;
+use crate::listener::{ACCEPT_BACKOFF, Throttle, TlsAcceptor, is_connection_error};
+use crate::metrics::{Metrics, MqttRefusal};
+
+/// How long a new connection has to send CONNECT (and to finish its TLS handshake): the
+/// same as the broker's `connection_timeout_ms`, so idle sockets cannot pile up here either.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one front needs: where the broker listens and how big a packet may be.
+pub struct Front {
+    /// rumqttd's listener on loopback.
+    pub broker: SocketAddr,
+    /// The broker's `max_payload_size`: larger packets are refused here as there.
+    pub max_packet: usize,
+    pub metrics: Arc<Metrics>,
+    /// One log line per interval for each kind of refusal and for accept errors.
+    pub logs: Mutex<Logs>,
+}
+
+#[derive(Default)]
+pub struct Logs {
+    subscribe: Throttle,
+    publish: Throttle,
+    will: Throttle,
+    accept: Throttle,
+    broker: Throttle,
+}
+
+/// Who is logged in on a connection, as far as topics go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// The operator's tools, admitted by the broker only with the admin token.
+    Admin,
+    /// A machine; the broker admits the id only with the enrollment token or its key.
+    Machine(MachineId),
+    /// An id no machine can have: the broker refuses the login; nothing passes meanwhile.
+    Nobody,
+}
+
+impl Role {
+    fn of(client_id: &str, username: Option<&str>) -> Role {
+        if username == Some(ADMIN_USER) {
+            return Role::Admin;
+        }
+        client_id.parse().map_or(Role::Nobody, Role::Machine)
+    }
+
+    fn may_subscribe(&self, filter: &str) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Machine(m) => machine_may_subscribe(m, filter),
+            Role::Nobody => false,
+        }
+    }
+
+    fn may_publish(&self, topic: &str) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Machine(m) => machine_may_publish(m, topic),
+            Role::Nobody => false,
+        }
+    }
+}
+
+/// Relays clients of `listener` (over TLS with `tls`) to the broker until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    front: Arc<Front>,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, remote) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                if let Some(suppressed) = front.log(|l| &mut l.accept) {
+                    tracing::warn!(
+                        error = %e,
+                        suppressed,
+                        "accepting an MQTT connection failed; pausing {} ms between attempts \
+                         (out of file descriptors? see `ulimit -n`)",
+                        ACCEPT_BACKOFF.as_millis()
+                    );
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let front = front.clone();
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let result = match tls {
+                None => front.relay(stream, remote, &shutdown).await,
+                Some(tls) => {
+                    match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => front.relay(stream, remote, &shutdown).await,
+                        Ok(Err(e)) => Err(RelayError::Closed(format!("TLS handshake: {e}"))),
+                        Err(_) => Err(RelayError::Closed("no TLS handshake in time".into())),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%remote, "MQTT connection closed: {e}");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// Why a relayed connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("{0}")]
+    Closed(String),
+    #[error("malformed MQTT packet: {0:?}")]
+    Malformed(mqttbytes::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Front {
+    /// `Some(lines suppressed)` when the log line `which` picks may be written now.
+    fn log(&self, which: fn(&mut Logs) -> &mut Throttle) -> Option<u64> {
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        which(&mut logs).due()
+    }
+
+    async fn relay<S>(
+        &self,
+        mut client: S,
+        remote: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut from_client = BytesMut::with_capacity(1024);
+        let (header, connect) = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            loop {
+                if let Some(frame) = self.next_frame(&mut from_client)? {
+                    return Ok::<_, RelayError>(frame);
+                }
+                if client.read_buf(&mut from_client).await? == 0 {
+                    return Err(RelayError::Closed("closed before CONNECT".into()));
+                }
+            }
+        })
+        .await
+        .map_err(|_| RelayError::Closed("no CONNECT in time".into()))??;
+        if !matches!(header.packet_type(), Ok(mqttbytes::PacketType::Connect)) {
+            return Err(RelayError::Closed("the first packet is not CONNECT".into()));
+        }
+        let parsed =
+            rumqttc::Connect::read(header, connect.clone()).map_err(RelayError::Malformed)?;
+        let role = Role::of(
+            &parsed.client_id,
+            parsed.login.as_ref().map(|l| l.username.as_str()),
+        );
+        if let Some(will) = &parsed.last_will {
+            if !role.may_publish(&will.topic) {
+                self.refused(MqttRefusal::Will, &role, remote, &will.topic);
+                let mut out = BytesMut::new();
+                ConnAck::new(ConnectReturnCode::NotAuthorized, false)
+                    .write(&mut out)
+                    .map_err(RelayError::Malformed)?;
+                client.write_all(&out).await?;
+                return Ok(());
+            }
+        }
+
+        let mut broker = TcpStream::connect(self.broker).await.inspect_err(|e| {
+            if let Some(suppressed) = self.log(|l| &mut l.broker) {
+                tracing::error!(
+                    error = %e,
+                    suppressed,
+                    broker = %self.broker,
+                    "cannot reach the embedded MQTT broker for a client; see /healthz"
+                );
+            }
+        })?;
+        let _ = broker.set_nodelay(true);
+        broker.write_all(&connect).await?;
+
+        let mut from_broker = BytesMut::with_capacity(1024);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                read = client.read_buf(&mut from_client) => {
+                    if read? == 0 {
+                        return Ok(());
+                    }
+                    while let Some((header, frame)) = self.next_frame(&mut from_client)? {
+                        self.client_packet(header, frame, &role, remote, &mut client, &mut broker)
+                            .await?;
+                    }
+                    from_client.reserve(1024);
+                }
+                read = broker.read_buf(&mut from_broker) => {
+                    if read? == 0 {
+                        return Ok(());
+                    }
+                    // Whole packets only, so that answers made here never split one.
+                    while let Some((_, frame)) = self.next_frame(&mut from_broker)? {
+                        client.write_all(&frame).await?;
+                    }
+                    from_broker.reserve(1024);
+                }
+            }
+        }
+    }
+
+    /// Passes one packet from the client to the broker, or answers it here.
+    async fn client_packet<S: AsyncWrite + Unpin>(
+        &self,
+        header: FixedHeader,
+        frame: Bytes,
+        role: &Role,
+        remote: SocketAddr,
+        client: &mut S,
+        broker: &mut TcpStream,
+    ) -> Result<(), RelayError> {
+        let mut answer = BytesMut::new();
+        match header.packet_type().map_err(RelayError::Malformed)? {
+            mqttbytes::PacketType::Connect => {
+                return Err(RelayError::Closed("a second CONNECT".into()));
+            }
+            mqttbytes::PacketType::Subscribe if *role != Role::Admin => {
+                let subscribe =
+                    Subscribe::read(header, frame.clone()).map_err(RelayError::Malformed)?;
+                if let Some(refused) = subscribe
+                    .filters
+                    .iter()
+                    .find(|f| !role.may_subscribe(&f.path))
+                {
+                    self.refused(MqttRefusal::Subscribe, role, remote, &refused.path);
+                    let failures = vec![SubscribeReasonCode::Failure; subscribe.filters.len()];
+                    SubAck::new(subscribe.pkid, failures)
+                        .write(&mut answer)
+                        .map_err(RelayError::Malformed)?;
+                }
+            }
+            mqttbytes::PacketType::Publish if *role != Role::Admin => {
+                let publish =
+                    Publish::read(header, frame.clone()).map_err(RelayError::Malformed)?;
+                let topic = &publish.topic;
+                if !role.may_publish(topic) {
+                    self.refused(MqttRefusal::Publish, role, remote, topic);
+                    match publish.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => {
+                            PubAck::new(publish.pkid)
+                                .write(&mut answer)
+                                .map_err(RelayError::Malformed)?;
+                        }
+                        QoS::ExactlyOnce => {
+                            return Err(RelayError::Closed(format!(
+                                "a QoS 2 publish on {topic:?}, which it may not publish on"
+                            )));
+                        }
+                    }
+                    client.write_all(&answer).await?;
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        if answer.is_empty() {
+            broker.write_all(&frame).await?;
+        } else {
+            client.write_all(&answer).await?;
+        }
+        Ok(())
+    }
+
+    /// Splits the next whole packet off `buf`, if it holds one.
+    fn next_frame(&self, buf: &mut BytesMut) -> Result<Option<(FixedHeader, Bytes)>, RelayError> {
+        match mqttbytes::check(buf.iter(), self.max_packet) {
+            Ok(header) => Ok(Some((header, buf.split_to(header.frame_length()).freeze()))),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(RelayError::Malformed(e)),
+        }
+    }
+
+    fn refused(&self, what: MqttRefusal, role: &Role, remote: SocketAddr, topic: &str) {
+        self.metrics.mqtt_refused(what);
+        let which: fn(&mut Logs) -> &mut Throttle = match what {
+            MqttRefusal::Subscribe => |l| &mut l.subscribe,
+            MqttRefusal::Publish => |l| &mut l.publish,
+            MqttRefusal::Will => |l| &mut l.will,
+        };
+        if let Some(suppressed) = self.log(which) {
+            let who = match role {
+                Role::Machine(m) => m.as_str().to_owned(),
+                Role::Admin | Role::Nobody => "an unknown login".to_owned(),
+            };
+            // The topic is the client's choice: shown escaped and bounded.
+            let topic: String = topic.chars().take(128).collect();
+            tracing::warn!(
+                machine = %who,
+                %remote,
+                ?topic,
+                suppressed,
+                "refused MQTT {}: a machine may read only global, zone and its own commands, \
+                 and publish only its own events (more refusals are counted in \
+                 boottorrent_mqtt_refused_total)",
+                what.as_str()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_follow_the_login() {
+        assert_eq!(Role::of("admin-cli", Some("admin")), Role::Admin);
+        assert_eq!(
+            Role::of("pc-1", Some("pc-1")),
+            Role::Machine("pc-1".parse().unwrap())
+        );
+        assert_eq!(Role::of("not a machine", Some("x")), Role::Nobody);
+        assert!(Role::Admin.may_subscribe("#"));
+        assert!(!Role::Nobody.may_subscribe("boottorrent/cmd/global/#"));
+        assert!(!Role::Machine("pc-1".parse().unwrap()).may_subscribe("#"));
+    }
+
+    #[test]
+    fn frames_are_split_whole_and_oversized_ones_refused() {
+        let front = Front {
+            broker: "127.0.0.1:1".parse().unwrap(),
+            max_packet: 100,
+            metrics: Arc::default(),
+            logs: Mutex::default(),
+        };
+        let mut buf = BytesMut::new();
+        rumqttc::Packet::PingReq.write(&mut buf, 100).unwrap();
+        let publish = Publish::new("a/b", QoS::AtMostOnce, vec![7u8; 10]);
+        publish.write(&mut buf).unwrap();
+        let whole = buf.len();
+        let mut partial = BytesMut::from(&buf[..whole - 1]);
+        assert!(front.next_frame(&mut partial).unwrap().is_some());
+        assert!(
+            front.next_frame(&mut partial).unwrap().is_none(),
+            "half a packet waits"
+        );
+        let (_, ping) = front.next_frame(&mut buf).unwrap().unwrap();
+        assert_eq!(&ping[..], &[0xc0, 0]);
+        let (header, frame) = front.next_frame(&mut buf).unwrap().unwrap();
+        assert_eq!(Publish::read(header, frame).unwrap().topic, "a/b");
+        assert!(buf.is_empty());
+        let mut big = BytesMut::new();
+        Publish::new("a", QoS::AtMostOnce, vec![0u8; 200])
+            .write(&mut big)
+            .unwrap();
+        assert!(front.next_frame(&mut big).is_err());
+    }
+}
