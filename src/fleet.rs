@@ -12,7 +12,7 @@
 //! machines, lost messages, machines that join a zone later and a server restart are all the
 //! same case.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use boottorrent_proto::{
@@ -22,6 +22,7 @@ use boottorrent_proto::{
 use tokio::sync::broadcast;
 
 use crate::deployment::{Action, Change, Deployment, ImageRef, Target, new_id};
+use crate::passkey::Grants;
 use crate::registry::{Accepted, Outgoing, Signer, encoding_of};
 use crate::store::{MachineRecord, Store, StoreError};
 use crate::zone::{ConfigZone, Source, Zone, ZoneSpec};
@@ -76,6 +77,8 @@ pub struct Fleet {
     live: broadcast::Sender<Live>,
     shown: HashMap<DeploymentId, Instant>,
     resent: HashMap<(DeploymentId, MachineId), i64>,
+    /// What each machine's passkey opens, kept in step with the deployments' members.
+    grants: Grants,
 }
 
 impl Fleet {
@@ -86,6 +89,7 @@ impl Fleet {
         config_zones: &[ConfigZone],
         stall_timeout_secs: u32,
         live: broadcast::Sender<Live>,
+        grants: Grants,
     ) -> Result<Fleet, StoreError> {
         let stored = store.zones()?;
         store.write(|batch| {
@@ -105,12 +109,16 @@ impl Fleet {
             Ok(())
         })?;
         let zones = store.zones()?;
-        let deployments = store
+        let deployments: BTreeMap<DeploymentId, Deployment> = store
             .deployments()?
             .into_iter()
             .map(|d| (d.id.clone(), d))
             .collect();
-        Ok(Fleet {
+        let members: HashSet<MachineId> = deployments
+            .values()
+            .flat_map(|d| d.machines.keys().cloned())
+            .collect();
+        let fleet = Fleet {
             store,
             zones,
             deployments,
@@ -118,7 +126,24 @@ impl Fleet {
             live,
             shown: HashMap::new(),
             resent: HashMap::new(),
-        })
+            grants,
+        };
+        fleet.regrant(members.iter());
+        Ok(fleet)
+    }
+
+    /// Recomputes what `machines` may fetch: the images of the deployments that include them
+    /// and are not cancelled. Called whenever one joins or leaves a deployment.
+    fn regrant<'a>(&self, machines: impl IntoIterator<Item = &'a MachineId>) {
+        for machine in machines {
+            let given = self
+                .deployments
+                .values()
+                .filter(|d| !d.is_cancelled() && d.machines.contains_key(machine))
+                .map(|d| d.image.info_hash.0)
+                .collect();
+            self.grants.set(machine, given);
+        }
     }
 
     pub fn zones(&self) -> &[Zone] {
@@ -136,6 +161,7 @@ impl Fleet {
         let mut out = Vec::new();
         let mut touched = Vec::new();
         let mut changes = Vec::new();
+        let mut joiners = Vec::new();
         for Accepted { machine, event } in accepted {
             match event {
                 Event::Progress(p) => {
@@ -146,6 +172,9 @@ impl Fleet {
                             && d.add_machine(&machine.id, d.image.size, now_ms);
                         changes.extend(d.on_progress(&machine.id, p, now_ms));
                         touched.push((d.id.clone(), joined));
+                        if joined {
+                            joiners.push(&machine.id);
+                        }
                     }
                 }
                 Event::Boot(report) => {
@@ -175,15 +204,16 @@ impl Fleet {
                 }
                 Event::Startup(_) | Event::Heartbeat(_) => {
                     let forced = matches!(event, Event::Startup(_));
-                    touched.extend(
-                        self.reconcile(machine, forced, signer, now_ms, &mut out)
-                            .into_iter()
-                            .map(|id| (id, true)),
-                    );
+                    let joined = self.reconcile(machine, forced, signer, now_ms, &mut out);
+                    if !joined.is_empty() {
+                        joiners.push(&machine.id);
+                    }
+                    touched.extend(joined.into_iter().map(|id| (id, true)));
                 }
                 Event::Status(_) | Event::Shutdown(_) => {}
             }
         }
+        self.regrant(joiners);
         self.commit(&touched, &changes);
         out
     }
@@ -197,13 +227,15 @@ impl Fleet {
         out: &mut Vec<Outgoing>,
     ) {
         let mut touched = Vec::new();
+        let mut joiners = Vec::new();
         for machine in machines.iter().filter(|m| m.online) {
-            touched.extend(
-                self.reconcile(machine, false, signer, now_ms, out)
-                    .into_iter()
-                    .map(|id| (id, true)),
-            );
+            let joined = self.reconcile(machine, false, signer, now_ms, out);
+            if !joined.is_empty() {
+                joiners.push(&machine.id);
+            }
+            touched.extend(joined.into_iter().map(|id| (id, true)));
         }
+        self.regrant(joiners);
         self.commit(&touched, &[]);
     }
 
@@ -404,6 +436,7 @@ impl Fleet {
         }
         tracing::info!(deployment = %d.id, image = %d.image.id, target = %d.target, machines = members.len(), "deployment started");
         self.deployments.insert(d.id.clone(), d.clone());
+        self.regrant(&members);
         self.show(&d, true);
         Ok((d, out))
     }
@@ -453,6 +486,7 @@ impl Fleet {
             );
         }
         tracing::info!(deployment = %d.id, "deployment cancelled");
+        self.regrant(d.machines.keys());
         self.announce(&changes);
         self.show(&d, true);
         Ok((d, out))

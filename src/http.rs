@@ -804,15 +804,26 @@ async fn torrent_file(
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let holder = torrent_holder(request.headers(), request.extensions(), &state)?;
+    let mut info_hash = [0u8; 20];
     let hash = file
         .strip_suffix(".torrent")
-        .filter(|h| h.len() == 40 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .filter(|h| hex::decode_to_slice(h, &mut info_hash).is_ok())
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("{file:?} is not <40 hex digits of an info hash>.torrent"),
             )
         })?;
+    if !state.passkeys.may_fetch(&holder, &info_hash) {
+        state.metrics.http_unauthorized();
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "image {hash} is not given to machine {holder}: a machine gets the images of \
+                 the deployments that include it (`boottorrent deploy IMAGE --machine {holder}`)"
+            ),
+        ));
+    }
     match state.catalog.torrent(hash, &holder)? {
         Some(bytes) => Ok((
             [
@@ -865,11 +876,12 @@ async fn announce(
     if let Some(refusal) = passkey_refusal(&state, &machine, &passkey) {
         return refusal;
     }
-    let answer = state.tracker.announce(
+    let answer = state.tracker.announce_for(
         query.as_deref().unwrap_or(""),
         remote.ip(),
         state.locality.as_ref(),
         std::time::Instant::now(),
+        &|info_hash| state.passkeys.may_fetch(&machine, info_hash),
     );
     tracker_response(answer)
 }
@@ -907,8 +919,10 @@ async fn admitted(
         )
         .into_response();
     }
-    Json(serde_json::json!({ "admitted": state.tracker.has_address(hash, query.ip) }))
-        .into_response()
+    // Only about swarms the asking machine may join itself.
+    let admitted =
+        state.passkeys.may_fetch(&machine, &hash) && state.tracker.has_address(hash, query.ip);
+    Json(serde_json::json!({ "admitted": admitted })).into_response()
 }
 
 async fn scrape(
@@ -919,9 +933,11 @@ async fn scrape(
     if let Some(refusal) = passkey_refusal(&state, &machine, &passkey) {
         return refusal;
     }
-    let answer = state
-        .tracker
-        .scrape(query.as_deref().unwrap_or(""), std::time::Instant::now());
+    let answer = state.tracker.scrape_for(
+        query.as_deref().unwrap_or(""),
+        std::time::Instant::now(),
+        &|info_hash| state.passkeys.may_fetch(&machine, info_hash),
+    );
     tracker_response(answer)
 }
 

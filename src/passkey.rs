@@ -10,9 +10,17 @@
 //! travels over MQTT: the embedded broker's front keeps machines to their own topics, but an
 //! external broker without those rules, or a listener added in a broker file, would not.
 //!
+//! A passkey opens only the images given to its machine ([`Grants`]): those of the
+//! deployments that include it and are not cancelled. Every golden image carries the
+//! enrollment token, and with `auto_approve` a made-up machine is approved like any other;
+//! it must not get every image in the catalog (a staff image, an exam image) for that.
+//!
 //! [`Keyring`]: crate::keyring::Keyring
 
-use boottorrent_proto::SigningKey;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use boottorrent_proto::{MachineId, SigningKey};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -28,14 +36,43 @@ pub const OPERATOR: &str = "admin";
 /// Hex digits of a passkey: 128 bits.
 const PASSKEY_HEX: usize = 32;
 
+/// Which images (by info hash) each machine may fetch, kept by the fleet (the only writer)
+/// for the tracker and the `.torrent` endpoint to read without asking the orchestrator.
+#[derive(Clone, Default)]
+pub struct Grants(Arc<RwLock<HashMap<MachineId, HashSet<[u8; 20]>>>>);
+
+impl Grants {
+    /// Sets what `machine` may fetch, replacing what it could before.
+    pub fn set(&self, machine: &MachineId, info_hashes: HashSet<[u8; 20]>) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if info_hashes.is_empty() {
+            map.remove(machine);
+        } else {
+            map.insert(machine.clone(), info_hashes);
+        }
+    }
+
+    /// Whether the machine `machine` may fetch the torrent `info_hash`.
+    pub fn allows(&self, machine: &str, info_hash: &[u8; 20]) -> bool {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        // Looked up by the id as the URL spells it: a valid id or nothing matches.
+        machine
+            .parse::<MachineId>()
+            .ok()
+            .and_then(|m| map.get(&m).map(|granted| granted.contains(info_hash)))
+            .unwrap_or(false)
+    }
+}
+
 #[derive(Clone)]
 pub struct Passkeys {
     key: [u8; 32],
     keyring: Keyring,
+    grants: Grants,
 }
 
 impl Passkeys {
-    pub fn new(server_key: &SigningKey, keyring: Keyring) -> Passkeys {
+    pub fn new(server_key: &SigningKey, keyring: Keyring, grants: Grants) -> Passkeys {
         // A key of its own, so that nothing signed or MACed here can stand for a signature.
         let mut hasher = Sha256::new();
         hasher.update(b"boottorrent-passkey-key-v1\0");
@@ -43,7 +80,14 @@ impl Passkeys {
         Passkeys {
             key: hasher.finalize().into(),
             keyring,
+            grants,
         }
+    }
+
+    /// Whether `holder` (whose passkey [`admits`](Self::admits) it) may fetch `info_hash`:
+    /// the seeder and the operator every catalogued image, a machine the images given to it.
+    pub fn may_fetch(&self, holder: &str, info_hash: &[u8; 20]) -> bool {
+        holder == SEEDER || holder == OPERATOR || self.grants.allows(holder, info_hash)
     }
 
     /// The passkey of `machine` (a machine id, [`SEEDER`] or [`OPERATOR`]).
@@ -88,7 +132,11 @@ mod tests {
     #[test]
     fn a_passkey_admits_its_approved_machine_only() {
         let keyring = Keyring::default();
-        let passkeys = Passkeys::new(&SigningKey::from_bytes(&[3; 32]), keyring.clone());
+        let passkeys = Passkeys::new(
+            &SigningKey::from_bytes(&[3; 32]),
+            keyring.clone(),
+            Grants::default(),
+        );
         let pc1: MachineId = "pc-1".parse().unwrap();
         let key = PublicKeyBytes::from([9; 32]);
         let pk = passkeys.passkey("pc-1");
@@ -104,7 +152,33 @@ mod tests {
         assert!(!passkeys.admits("pc-1", &pk), "deleted");
         assert!(passkeys.admits(SEEDER, &passkeys.passkey(SEEDER)));
         // Another server key, other passkeys.
-        let other = Passkeys::new(&SigningKey::from_bytes(&[4; 32]), Keyring::default());
+        let other = Passkeys::new(
+            &SigningKey::from_bytes(&[4; 32]),
+            Keyring::default(),
+            Grants::default(),
+        );
         assert_ne!(other.passkey("pc-1"), pk);
+    }
+
+    #[test]
+    fn a_machine_may_fetch_only_the_images_given_to_it() {
+        let grants = Grants::default();
+        let passkeys = Passkeys::new(
+            &SigningKey::from_bytes(&[3; 32]),
+            Keyring::default(),
+            grants.clone(),
+        );
+        let pc1: MachineId = "pc-1".parse().unwrap();
+        let (given, other) = ([1; 20], [2; 20]);
+        assert!(!passkeys.may_fetch("pc-1", &given), "nothing given yet");
+        grants.set(&pc1, HashSet::from([given]));
+        assert!(passkeys.may_fetch("pc-1", &given));
+        assert!(!passkeys.may_fetch("pc-1", &other));
+        assert!(!passkeys.may_fetch("pc-2", &given));
+        assert!(!passkeys.may_fetch("not an id!", &given));
+        assert!(passkeys.may_fetch(SEEDER, &other));
+        assert!(passkeys.may_fetch(OPERATOR, &other));
+        grants.set(&pc1, HashSet::new());
+        assert!(!passkeys.may_fetch("pc-1", &given), "taken back");
     }
 }

@@ -25,7 +25,7 @@ use crate::health::Health;
 use crate::keyring::Keyring;
 use crate::locality::ServerLocality;
 use crate::metrics::Metrics;
-use crate::passkey::Passkeys;
+use crate::passkey::{Grants, Passkeys};
 use crate::registry::{Registry, Settings};
 use crate::store::Store;
 use crate::{broker, broker_front, enrollment, http, orchestrator};
@@ -72,7 +72,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let keyring = Keyring::default();
-    let passkeys = Passkeys::new(&credentials.server_key, keyring.clone());
+    let grants = Grants::default();
+    let passkeys = Passkeys::new(&credentials.server_key, keyring.clone(), grants.clone());
     let keyring_for_http = keyring.clone();
     let (link, mqtt) = tokio::task::block_in_place(|| {
         broker::start(
@@ -107,6 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.zones,
         config.stall_timeout_secs,
         live.clone(),
+        grants,
     )
     .context("loading zones and deployments from the database")?;
 

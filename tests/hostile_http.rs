@@ -934,3 +934,103 @@ fn with_tls_configured_tokens_travel_only_over_https() {
     stalled.write_all(&[0x16, 0x03, 0x01]).unwrap();
     assert!(closed_within(&mut stalled, Duration::from_secs(20)));
 }
+
+#[test]
+fn an_approved_machine_gets_only_the_images_given_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // auto_approve (the default): a made-up machine is approved like any other, so a
+    // passkey must not open the whole catalog.
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let image = ready_image(&server, dir.path(), 1 << 20);
+    let hash = image["info_hash"].as_str().unwrap().to_owned();
+    let mut agent = Agent::new("pc-given");
+    let (topic, payload) = agent.startup();
+    server.publish(&agent, &topic, &payload);
+    wait_for("the machine approved", || {
+        server
+            .machine("pc-given")
+            .filter(|m| m["key_state"] == "approved")
+    });
+    let client = http();
+    let body = boottorrent_proto::passkey_request(&agent.id, &agent.key, common::now_ms());
+    let answer: Value = client
+        .post(server.url("/api/v1/machines/pc-given/passkey"))
+        .body(body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let passkey = answer["passkey"].as_str().unwrap().to_owned();
+    let fetch = || {
+        client
+            .get(server.url(&format!("/torrents/{hash}.torrent")))
+            .header("authorization", format!("Passkey pc-given:{passkey}"))
+            .send()
+            .unwrap()
+    };
+    let query = format!(
+        "?info_hash={}&peer_id=-XX0001-123456789012&port=6999&left=1",
+        hex::decode(&hash)
+            .unwrap()
+            .iter()
+            .map(|b| format!("%{b:02X}"))
+            .collect::<String>()
+    );
+    let announce = || {
+        client
+            .get(server.url(&format!("/announce/pc-given/{passkey}{query}")))
+            .send()
+            .unwrap()
+    };
+
+    // Before any deployment includes it: no .torrent, no announce, nothing in a scrape.
+    let refused = fetch();
+    assert_eq!(refused.status(), 403);
+    let why = refused.text().unwrap();
+    assert!(why.contains("not given to machine pc-given"), "{why}");
+    let refused = announce();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().unwrap().contains("not given"));
+    let scrape = client
+        .get(server.url(&format!("/scrape/pc-given/{passkey}{query}")))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(scrape.contains("not in this server's catalog"), "{scrape}");
+
+    // Deployed to it: both work.
+    let deployment: Value = client
+        .post(server.url("/api/v1/deployments"))
+        .bearer_auth(server.admin_token())
+        .json(&json!({"image": image["id"], "target": {"machines": ["pc-given"]}}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let torrent = fetch();
+    assert_eq!(torrent.status(), 200);
+    let torrent = torrent.bytes().unwrap();
+    assert!(
+        torrent
+            .windows(passkey.len())
+            .any(|w| w == passkey.as_bytes()),
+        "the torrent announces with the machine's passkey"
+    );
+    let answer = announce();
+    assert_eq!(answer.status(), 200);
+    assert!(!answer.bytes().unwrap().starts_with(b"d14:failure"));
+
+    // Cancelled: taken back.
+    let cancelled = client
+        .delete(server.url(&format!(
+            "/api/v1/deployments/{}",
+            deployment["id"].as_str().unwrap()
+        )))
+        .bearer_auth(server.admin_token())
+        .send()
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    assert_eq!(fetch().status(), 403);
+    assert_eq!(announce().status(), 403);
+}

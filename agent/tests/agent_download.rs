@@ -173,8 +173,57 @@ fn publish_assignment(server: &Server, assignment: ArtifactAssignment, machine: 
     server.publish(&topic, &payload);
 }
 
+/// Deploys `image` through the API, as the operator does, to `machine` (every machine when
+/// `None`) with `action`; returns the deployment's id. A machine's passkey opens only the
+/// images of deployments that include it, so this is how an agent gets an image it may fetch.
+fn deploy(
+    server: &Server,
+    image: &serde_json::Value,
+    machine: Option<&str>,
+    action: &str,
+) -> String {
+    let target = match machine {
+        Some(m) => serde_json::json!({ "machines": [m] }),
+        None => serde_json::json!({ "global": true }),
+    };
+    let response = reqwest::blocking::Client::new()
+        .post(server.url("/api/v1/deployments"))
+        .bearer_auth(server.token("admin.token"))
+        .json(&serde_json::json!({ "image": image["id"], "target": target, "action": action }))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let deployment: serde_json::Value = response.json().unwrap();
+    deployment["id"].as_str().unwrap().to_owned()
+}
+
 fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
-    publish_assignment(server, assignment_of(image), machine);
+    deploy(server, image, machine, "stage");
+}
+
+/// Serves `file` over plain HTTP on loopback (python3's http.server) until dropped; returns
+/// the server and the file's URL.
+fn serve_file(file: &std::path::Path) -> (std::process::Child, String) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--directory")
+        .arg(file.parent().unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running python3 -m http.server");
+    wait_for("the file server", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let name = file.file_name().unwrap().to_str().unwrap();
+    (child, format!("http://127.0.0.1:{port}/{name}"))
 }
 
 #[test]
@@ -280,10 +329,29 @@ fn an_image_whose_sha256_does_not_match_is_not_staged() {
     let _agent = run_agent(dir, &server, "lab-v", &[]);
     wait_for("the agent online", || server.online("lab-v").filter(|o| *o));
     let errors = Events::watch(&server, EventKind::Error);
+    // The server never sends a wrong checksum, so this assignment is made here, and its
+    // torrent is the operator's (whose passkey opens every image) served from elsewhere:
+    // lab-v is in no deployment, so its own passkey would not open the image.
+    let hash = image["info_hash"].as_str().unwrap();
+    let torrent = dir.join("www/golden.torrent");
+    std::fs::create_dir_all(torrent.parent().unwrap()).unwrap();
+    std::fs::write(
+        &torrent,
+        server
+            .get(&format!("/torrents/{hash}.torrent"))
+            .unwrap()
+            .bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    let (mut web, url) = serve_file(&torrent);
     let mut assignment = assignment_of(&image);
     assignment.sha256 = Bytes([7; 32]);
+    assignment.torrent_url = url;
     publish_assignment(&server, assignment, Some("lab-v"));
     let (_, event) = errors.next("error");
+    let _ = web.kill();
+    let _ = web.wait();
     let Event::Error(report) = event else {
         panic!("not an error report")
     };
@@ -327,9 +395,7 @@ fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
         server.online("lab-boot").filter(|o| *o)
     });
     let boots = Events::watch(&server, EventKind::Boot);
-    let mut assignment = assignment_of(&image);
-    assignment.action = AfterDownload::SetBoot;
-    publish_assignment(&server, assignment, Some("lab-boot"));
+    let deployment = deploy(&server, &image, Some("lab-boot"), "set_boot");
     let (_, event) = boots.next("boot");
     let Event::Boot(report) = event else {
         panic!("not a boot report")
@@ -340,7 +406,7 @@ fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
     let lines = std::fs::read_to_string(&record).unwrap();
     assert_eq!(
         lines.trim(),
-        format!("set-boot {id} dep-2 {}", image_path.display())
+        format!("set-boot {id} {deployment} {}", image_path.display())
     );
 
     // Booting it on command: the same program, action reboot.

@@ -20,6 +20,11 @@ pub const CONTENT_TYPE: &str = "text/plain";
 /// so it says what is wrong in words an operator recognises.
 pub const NOT_IN_CATALOG: &str = "torrent not in this server's catalog";
 
+/// The failure reason for a torrent the announcing client was not given (a private tracker's
+/// per-client grants).
+pub const NOT_GIVEN: &str =
+    "this torrent is not given to this passkey's machine: no deployment of its image includes it";
+
 /// How much of an offending value a failure message quotes: enough to recognise it, not enough
 /// to turn the failure reason into an echo of a hostile query.
 const QUOTE_LEN: usize = 40;

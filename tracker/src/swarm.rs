@@ -20,7 +20,8 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 
 use crate::announce::{
-    self, AnnounceReply, Answer, Event, HandoutPeer, NOT_IN_CATALOG, PeerForm, ScrapeEntry,
+    self, AnnounceReply, Answer, Event, HandoutPeer, NOT_GIVEN, NOT_IN_CATALOG, PeerForm,
+    ScrapeEntry,
 };
 
 /// Most peers one torrent may hold. A lab fleet is hundreds of machines; the cap bounds memory
@@ -242,6 +243,19 @@ impl Tracker {
         locality: &dyn Locality,
         now: Instant,
     ) -> Answer {
+        self.announce_for(query, remote, locality, now, &|_| true)
+    }
+
+    /// [`announce`](Self::announce) for a client that may join only the torrents `may`
+    /// allows (a private tracker's per-client grants); any other is refused with 403.
+    pub fn announce_for(
+        &self,
+        query: &str,
+        remote: IpAddr,
+        locality: &dyn Locality,
+        now: Instant,
+        may: &dyn Fn(&[u8; 20]) -> bool,
+    ) -> Answer {
         self.announces.fetch_add(1, Ordering::Relaxed);
         let request = match announce::parse_announce(query, self.config.max_query_len) {
             Ok(request) => request,
@@ -250,6 +264,9 @@ impl Tracker {
                 return self.fail(400, &error.to_string());
             }
         };
+        if !may(&request.info_hash) {
+            return self.fail(403, NOT_GIVEN);
+        }
         let remote = remote.to_canonical();
         let addr = SocketAddr::new(remote, request.port);
         let complete = request.left == 0;
@@ -356,6 +373,12 @@ impl Tracker {
     /// rather than revealed as unknown one by one; if none is catalogued, the answer is the
     /// same failure an announce would get.
     pub fn scrape(&self, query: &str, now: Instant) -> Answer {
+        self.scrape_for(query, now, &|_| true)
+    }
+
+    /// [`scrape`](Self::scrape) for a client that may see only the torrents `may` allows:
+    /// the others are left out as if not catalogued.
+    pub fn scrape_for(&self, query: &str, now: Instant, may: &dyn Fn(&[u8; 20]) -> bool) -> Answer {
         self.scrapes.fetch_add(1, Ordering::Relaxed);
         let request = match announce::parse_scrape(query, self.config.max_query_len) {
             Ok(request) => request,
@@ -368,6 +391,7 @@ impl Tracker {
         let entries: Vec<ScrapeEntry> = request
             .info_hashes
             .iter()
+            .filter(|info_hash| may(info_hash))
             .filter_map(|info_hash| {
                 let mut shard = self.shard(info_hash);
                 let swarm = shard.get_mut(info_hash)?;
