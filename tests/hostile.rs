@@ -527,3 +527,123 @@ fn a_token_holder_cannot_read_the_fleet_or_publish_where_only_the_server_may() {
         1
     );
 }
+
+#[test]
+fn with_approval_required_a_flood_of_made_up_machines_never_enters_a_deployment() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--auto-approve",
+            "false",
+            "--enroll-per-minute",
+            "60",
+            "--heartbeat-interval-secs",
+            "60",
+        ],
+    );
+    let admin = server.admin_token();
+    let client = reqwest::blocking::Client::new();
+    let mut real = Agent::new("pc-real");
+    let (t, startup) = real.startup();
+    server.publish(&real, &t, &startup);
+    wait_for("pc-real waiting for approval", || {
+        server
+            .machine("pc-real")
+            .filter(|m| m["key_state"] == "pending")
+    });
+    let fingerprint = boottorrent_proto::fingerprint(&boottorrent_proto::PublicKeyBytes::from(
+        real.key.verifying_key().to_bytes(),
+    ));
+    let approved = client
+        .post(server.url("/api/v1/machines/pc-real/approve"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({ "fingerprint": fingerprint }))
+        .send()
+        .unwrap();
+    assert_eq!(approved.status(), 200, "{}", approved.text().unwrap());
+
+    // A deployment to every machine: it takes in machines as they appear.
+    let file = dir.path().join("golden.img");
+    std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
+    let out = common::image_add(&server, &file, &["--raw"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let created = client
+        .post(server.url("/api/v1/deployments"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({ "image": image["id"], "target": { "global": true } }))
+        .send()
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let deployment: serde_json::Value = created.json().unwrap();
+    let members = || {
+        let d = server.get_json(&format!(
+            "/api/v1/deployments/{}",
+            deployment["id"].as_str().unwrap()
+        ));
+        d["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(members(), ["pc-real"]);
+
+    // 200 made-up machines, each correctly signed from its own login, four senders at once.
+    const FAKES: usize = 200;
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for sender in 0..4 {
+            let (server, sent) = (&server, &sent);
+            scope.spawn(move || {
+                for i in (sender..FAKES).step_by(4) {
+                    let mut fake = Agent::new(&format!("fake-{i:04}"));
+                    let (t, payload) = fake.startup();
+                    let password = fake.password(&server.enroll_token());
+                    if server
+                        .publish_as(fake.id.as_str(), &password, &t, &payload)
+                        .status
+                        .success()
+                    {
+                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let sent = sent.into_inner() as u64;
+    wait_for("a verdict on every fake startup", || {
+        (server.dropped("unapproved") + server.dropped("enrollment_limited") > sent).then_some(())
+    });
+    // The real machine still reports, and is the deployment's only member.
+    let (t, heartbeat) = real.heartbeat();
+    let before = accepted(&server);
+    server.publish(&real, &t, &heartbeat);
+    wait_for("the real machine's heartbeat", || {
+        (accepted(&server) > before).then_some(())
+    });
+    assert_eq!(
+        members(),
+        ["pc-real"],
+        "a made-up machine entered the deployment"
+    );
+    let machines = server.get_json("/api/v1/machines");
+    let waiting = machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["id"] != "pc-real")
+        .inspect(|m| assert_eq!(m["key_state"], "pending", "{m}"))
+        .count();
+    assert!(
+        waiting > 0,
+        "no fake got as far as waiting: the test proved nothing"
+    );
+    assert!(waiting <= 60 + 30, "{waiting} made-up machines waiting");
+}
