@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::ADMIN_USER;
-use crate::listener::{ACCEPT_BACKOFF, Throttle, TlsAcceptor, is_connection_error};
+use crate::listener::{Throttle, TlsAcceptor, accept};
 use crate::metrics::{Metrics, MqttRefusal};
 
 /// How long a new connection has to send CONNECT (and to finish its TLS handshake): the
@@ -60,7 +60,7 @@ pub struct Front {
     /// The broker's `max_payload_size`: larger packets are refused here as there.
     pub max_packet: usize,
     pub metrics: Arc<Metrics>,
-    /// One log line per interval for each kind of refusal and for accept errors.
+    /// One log line per interval for each kind of refusal and for an unreachable broker.
     pub logs: Mutex<Logs>,
 }
 
@@ -69,7 +69,6 @@ pub struct Logs {
     subscribe: Throttle,
     publish: Throttle,
     will: Throttle,
-    accept: Throttle,
     broker: Throttle,
 }
 
@@ -117,28 +116,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, remote) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) if is_connection_error(&e) => continue,
-            Err(e) => {
-                if let Some(suppressed) = front.log(|l| &mut l.accept) {
-                    tracing::warn!(
-                        error = %e,
-                        suppressed,
-                        "accepting an MQTT connection failed; pausing {} ms between attempts \
-                         (out of file descriptors? see `ulimit -n`)",
-                        ACCEPT_BACKOFF.as_millis()
-                    );
-                }
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
+    let mut accept_log = Throttle::default();
+    while let Some((stream, remote)) =
+        accept(&listener, &shutdown, &mut accept_log, "an MQTT", || {}).await
+    {
         let _ = stream.set_nodelay(true);
         let front = front.clone();
         let tls = tls.clone();

@@ -45,7 +45,7 @@ use tower::ServiceExt;
 /// How long `accept` pauses after failing for want of file descriptors (or any other reason
 /// that is not one connection's): long enough not to spin, short enough that service resumes
 /// at once when descriptors free up.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// At most one log line per this interval for each kind of repeated trouble (accept errors,
 /// connections over the cap); the rest are counted in `/metrics`.
@@ -184,29 +184,18 @@ pub async fn serve(
     let connections = TaskTracker::new();
     let mut accept_log = Throttle::default();
     let mut cap_log = Throttle::default();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, remote) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) if is_connection_error(&e) => continue,
-            Err(e) => {
-                stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = accept_log.due() {
-                    tracing::warn!(
-                        error = %e,
-                        suppressed,
-                        "accepting an HTTP connection failed; pausing {} ms between attempts \
-                         (out of file descriptors? see `ulimit -n`)",
-                        ACCEPT_BACKOFF.as_millis()
-                    );
-                }
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
+    let count_error = || {
+        stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+    };
+    while let Some((stream, remote)) = accept(
+        &listener,
+        &shutdown,
+        &mut accept_log,
+        "an HTTP",
+        count_error,
+    )
+    .await
+    {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             stats.over_cap.fetch_add(1, Ordering::Relaxed);
             if let Some(suppressed) = cap_log.due() {
@@ -308,13 +297,49 @@ where
 }
 
 /// Errors of one connection that `accept` reports; the listener itself is fine.
-pub fn is_connection_error(e: &io::Error) -> bool {
+fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionReset
     )
+}
+
+/// The next connection on `listener`, or `None` once `shutdown` is cancelled. A failure that
+/// is not one connection's own (out of file descriptors, say) is counted by `on_error`,
+/// logged at most once per interval as a failure to accept `what` connection, and followed
+/// by a pause of [`ACCEPT_BACKOFF`] rather than a spin.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    log: &mut Throttle,
+    what: &str,
+    on_error: impl Fn(),
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(accepted) => return Some(accepted),
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                on_error();
+                if let Some(suppressed) = log.due() {
+                    tracing::warn!(
+                        error = %e,
+                        suppressed,
+                        "accepting {what} connection failed; pausing {} ms between attempts \
+                         (out of file descriptors? see `ulimit -n`)",
+                        ACCEPT_BACKOFF.as_millis()
+                    );
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
 }
 
 /// Lets one log line through per [`LOG_EVERY`], counting the others.

@@ -29,6 +29,33 @@ fn register(server: &Server, agent: &mut Agent) {
     decode_command(CommandKind::MachineConfiguration, &bytes).unwrap();
 }
 
+/// Sends `count` made-up machines' startups, each correctly signed and from its own login
+/// (the token admits ids the server has never seen), from four threads of `scope`; `sent`
+/// counts those the broker took.
+fn flood<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    server: &'scope Server,
+    count: usize,
+    sent: &'scope std::sync::atomic::AtomicUsize,
+) {
+    for sender in 0..4 {
+        scope.spawn(move || {
+            for i in (sender..count).step_by(4) {
+                let mut fake = Agent::new(&format!("fake-{i:04}"));
+                let (t, payload) = fake.startup();
+                let password = fake.password(&server.enroll_token());
+                if server
+                    .publish_as(fake.id.as_str(), &password, &t, &payload)
+                    .status
+                    .success()
+                {
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+}
+
 fn accepted(server: &Server) -> u64 {
     server.metric("boottorrent_mqtt_events_accepted_total")
 }
@@ -218,23 +245,7 @@ fn a_flood_of_made_up_machines_is_bounded_and_real_machines_are_still_served() {
     let started = std::time::Instant::now();
     let sent = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        for sender in 0..4 {
-            let (server, sent) = (&server, &sent);
-            scope.spawn(move || {
-                for i in (sender..FAKES).step_by(4) {
-                    let mut fake = Agent::new(&format!("fake-{i:04}"));
-                    let (t, payload) = fake.startup();
-                    let password = fake.password(&server.enroll_token());
-                    if server
-                        .publish_as(fake.id.as_str(), &password, &t, &payload)
-                        .status
-                        .success()
-                    {
-                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            });
-        }
+        flood(scope, &server, FAKES, &sent);
         // Meanwhile the real machine keeps reporting.
         for _ in 0..3 {
             let (t, heartbeat) = real.heartbeat();
@@ -595,28 +606,8 @@ fn with_approval_required_a_flood_of_made_up_machines_never_enters_a_deployment(
     };
     assert_eq!(members(), ["pc-real"]);
 
-    // 200 made-up machines, each correctly signed from its own login, four senders at once.
-    const FAKES: usize = 200;
     let sent = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for sender in 0..4 {
-            let (server, sent) = (&server, &sent);
-            scope.spawn(move || {
-                for i in (sender..FAKES).step_by(4) {
-                    let mut fake = Agent::new(&format!("fake-{i:04}"));
-                    let (t, payload) = fake.startup();
-                    let password = fake.password(&server.enroll_token());
-                    if server
-                        .publish_as(fake.id.as_str(), &password, &t, &payload)
-                        .status
-                        .success()
-                    {
-                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
+    std::thread::scope(|scope| flood(scope, &server, 200, &sent));
     let sent = sent.into_inner() as u64;
     wait_for("a verdict on every fake startup", || {
         (server.dropped("unapproved") + server.dropped("enrollment_limited") > sent).then_some(())

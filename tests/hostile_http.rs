@@ -80,6 +80,18 @@ fn ready_image(server: &Server, dir: &Path, len: usize) -> Value {
     image
 }
 
+/// The query of an announce for the torrent `hash` (hex) by a leecher on port 6999.
+fn announce_query(hash: &str) -> String {
+    format!(
+        "?info_hash={}&peer_id=-XX0001-123456789012&port=6999&left=1",
+        hex::decode(hash)
+            .unwrap()
+            .iter()
+            .map(|b| format!("%{b:02X}"))
+            .collect::<String>()
+    )
+}
+
 /// Whether the server closed `stream` within `within`. Reads (draining whatever the server
 /// sent first) until end of file or a reset; a read that only times out means it is open.
 fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
@@ -796,14 +808,7 @@ fn a_host_without_a_passkey_gets_no_torrent_no_peers_and_not_a_byte_from_the_see
         assert_eq!(request.send().unwrap().status(), 401, "{auth:?}");
     }
     // Announce and scrape without a passkey, or with a wrong one: a bencoded refusal.
-    let query = format!(
-        "?info_hash={}&peer_id=-XX0001-123456789012&port=6999&left=1",
-        hex::decode(&hash)
-            .unwrap()
-            .iter()
-            .map(|b| format!("%{b:02X}"))
-            .collect::<String>()
-    );
+    let query = announce_query(&hash);
     for path in [
         format!("/announce{query}"),
         format!("/announce/pc-1/{}{query}", "0".repeat(32)),
@@ -968,14 +973,7 @@ fn an_approved_machine_gets_only_the_images_given_to_it() {
             .send()
             .unwrap()
     };
-    let query = format!(
-        "?info_hash={}&peer_id=-XX0001-123456789012&port=6999&left=1",
-        hex::decode(&hash)
-            .unwrap()
-            .iter()
-            .map(|b| format!("%{b:02X}"))
-            .collect::<String>()
-    );
+    let query = announce_query(&hash);
     let announce = || {
         client
             .get(server.url(&format!("/announce/pc-given/{passkey}{query}")))
