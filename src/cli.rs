@@ -156,8 +156,9 @@ pub struct ServeArgs {
         value_name = "N"
     )]
     pub tracker_max_peers_per_address: Option<u32>,
-    /// Register machines on first contact (true), or hold them until
-    /// `boottorrent machines approve ID` (false) [default: true].
+    /// Register machines on first contact (true: anyone holding the enrollment token, which
+    /// every golden image carries, adds machines that get images), or hold them until
+    /// `boottorrent machines approve` (false) [default: false].
     #[arg(long, env = "BOOTTORRENT_AUTO_APPROVE", value_name = "BOOL")]
     pub auto_approve: Option<bool>,
     /// Seconds between agent heartbeats; three missed mark a machine offline [default: 30].
@@ -270,12 +271,19 @@ pub enum MachinesCommand {
     /// Approve a new machine that waits (auto-approve off). Name the key you approve by the
     /// fingerprint the agent printed when it started (`boottorrent-agent` logs it), or the
     /// one `machines show ID` lists as `pending_fingerprint`; a different waiting key is not
-    /// approved. Needs the admin token.
+    /// approved. Or, for a site's first enrolment, approve every machine waiting now with
+    /// `--all-waiting` (look at `machines list` first: anyone with the enrollment token can
+    /// make a machine wait). Needs the admin token.
     Approve {
         /// Machine id.
-        id: String,
+        #[arg(required_unless_present = "all_waiting")]
+        id: Option<String>,
         /// The key's fingerprint, `SHA256:xxxx:...`.
-        fingerprint: String,
+        #[arg(required_unless_present = "all_waiting")]
+        fingerprint: Option<String>,
+        /// Approve every machine that waits now, each with the key it presented.
+        #[arg(long, conflicts_with_all = ["id", "fingerprint"])]
+        all_waiting: bool,
         #[command(flatten)]
         client: ClientArgs,
     },

@@ -40,24 +40,38 @@ pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
             }
         }
         MachinesCommand::Approve {
-            id,
-            fingerprint,
+            id: Some(id),
+            fingerprint: Some(fingerprint),
+            all_waiting: false,
             client,
+        } => approve(&client, &id, &fingerprint).await?,
+        MachinesCommand::Approve {
+            all_waiting: true,
+            client,
+            ..
         } => {
-            let body = send(
-                &client,
-                reqwest::Method::POST,
-                &format!("/api/v1/machines/{id}/approve"),
-                Some(serde_json::json!({ "fingerprint": fingerprint })),
-            )
-            .await?;
-            if client.json {
-                println!("{}", serde_json::to_string_pretty(&body)?);
-            } else {
-                let outcome = body["outcome"].as_str().unwrap_or("approved");
-                let key = body["fingerprint"].as_str().unwrap_or("?");
-                println!("machine {id}: {} (key {key})", outcome.replace('_', " "));
+            let list = get(&client, "/api/v1/machines").await?;
+            let waiting: Vec<(String, String)> = list
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|m| {
+                    Some((
+                        m["id"].as_str()?.to_owned(),
+                        m["pending_fingerprint"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect();
+            if waiting.is_empty() {
+                println!("no machine waits for approval");
             }
+            for (id, fingerprint) in &waiting {
+                approve(&client, id, fingerprint).await?;
+            }
+        }
+        MachinesCommand::Approve { .. } => {
+            bail!("name a machine and its key's fingerprint, or give --all-waiting")
         }
         MachinesCommand::Delete { id, client } => {
             let body = send(
@@ -73,6 +87,25 @@ pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
                 println!("machine {id}: deleted; it may enroll again");
             }
         }
+    }
+    Ok(())
+}
+
+/// Approves the key `fingerprint` of the waiting machine `id` and prints the outcome.
+async fn approve(client: &ClientArgs, id: &str, fingerprint: &str) -> anyhow::Result<()> {
+    let body = send(
+        client,
+        reqwest::Method::POST,
+        &format!("/api/v1/machines/{id}/approve"),
+        Some(serde_json::json!({ "fingerprint": fingerprint })),
+    )
+    .await?;
+    if client.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        let outcome = body["outcome"].as_str().unwrap_or("approved");
+        let key = body["fingerprint"].as_str().unwrap_or("?");
+        println!("machine {id}: {} (key {key})", outcome.replace('_', " "));
     }
     Ok(())
 }

@@ -64,8 +64,11 @@ pub struct Config {
     /// Most peers one source address may hold in one torrent's tracker peer list, so that one
     /// host inventing peer ids cannot fill the list (10,000) and lock real machines out.
     pub tracker_max_peers_per_address: u32,
-    /// Register machines on their first signed `startup` (trust on first use). When false,
-    /// new machines and changed keys wait for `boottorrent machines approve ID`.
+    /// Register machines on their first signed `startup` (trust on first use). Off by
+    /// default: the enrollment token is in every golden image, so with it on anyone in the
+    /// lab adds machines that join global and zone deployments and get their images. When
+    /// false, new machines wait for `boottorrent machines approve` (`--all-waiting` for a
+    /// site's first enrolment).
     pub auto_approve: bool,
     /// New machine ids admitted per minute (also the burst). The enrollment token is in every
     /// golden image, so this bounds how fast anyone can add made-up machines; real agents
@@ -108,7 +111,7 @@ impl Default for Config {
             http_write_timeout_secs: 30,
             http_max_connections: 4096,
             tracker_max_peers_per_address: 64,
-            auto_approve: true,
+            auto_approve: false,
             enroll_per_minute: 1000,
             max_pending_machines: 10_000,
             heartbeat_interval_secs: 30,
@@ -425,8 +428,10 @@ http_write_timeout_secs = 30
 http_max_connections = 4096
 # Most peers one source address may hold in one torrent's tracker peer list.
 tracker_max_peers_per_address = 64
-# Register machines on their first signed startup (trust on first use).
-auto_approve = true
+# Register machines on their first signed startup (trust on first use). Off: anyone holding
+# the enrollment token (every golden image has it) could add machines that get images; new
+# machines wait for `boottorrent machines approve` (`--all-waiting` for a first enrolment).
+auto_approve = false
 # New machine ids admitted per minute; anyone with the enrollment token can make ids up.
 enroll_per_minute = 1000
 # Most machines waiting for approval at once (auto_approve = false).
@@ -473,6 +478,14 @@ mod tests {
     }
 
     #[test]
+    fn new_machines_wait_for_approval_by_default() {
+        // The enrollment token is in every golden image: trusting first contact must be a
+        // site's choice, not the default.
+        assert!(!Config::default().auto_approve);
+        assert!(!Config::load(&serve_args(&[])).unwrap().auto_approve);
+    }
+
+    #[test]
     fn commented_default_parses_to_default() {
         let parsed: Config = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
         assert_eq!(parsed, Config::default());
@@ -512,7 +525,7 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(
             &file,
-            "data_dir = \"/srv/bt\"\nmqtt_listen = \"127.0.0.1:2000\"\nauto_approve = false\n",
+            "data_dir = \"/srv/bt\"\nmqtt_listen = \"127.0.0.1:2000\"\nauto_approve = true\n",
         )
         .unwrap();
         let args = serve_args(&[
@@ -524,7 +537,7 @@ mod tests {
         let config = Config::load(&args).unwrap();
         assert_eq!(config.data_dir, PathBuf::from("/srv/bt"));
         assert_eq!(config.mqtt_listen, "127.0.0.1:3000".parse().unwrap());
-        assert!(!config.auto_approve);
+        assert!(config.auto_approve, "the file's, over the default (off)");
         assert_eq!(config.http_listen, Config::default().http_listen);
     }
 

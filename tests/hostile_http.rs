@@ -943,8 +943,8 @@ fn with_tls_configured_tokens_travel_only_over_https() {
 #[test]
 fn an_approved_machine_gets_only_the_images_given_to_it() {
     let dir = tempfile::tempdir().unwrap();
-    // auto_approve (the default): a made-up machine is approved like any other, so a
-    // passkey must not open the whole catalog.
+    // With auto_approve on (as this harness runs), a made-up machine is approved like any
+    // other, so a passkey must not open the whole catalog.
     let server = Server::start(&dir.path().join("data"), &[]);
     let image = ready_image(&server, dir.path(), 1 << 20);
     let hash = image["info_hash"].as_str().unwrap().to_owned();

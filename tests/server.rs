@@ -521,6 +521,59 @@ fn approval_gates_new_machines_and_names_the_key_it_approves() {
         m["pending_fingerprint"],
         boottorrent_proto::fingerprint(&reinstalled.key.verifying_key().to_bytes().into()).as_str()
     );
+
+    // A room's first start: everything waiting is approved at once, each with its own key.
+    let mut room = vec![Agent::new("pc-10"), Agent::new("pc-11")];
+    for agent in &mut room {
+        let (t, startup) = agent.startup();
+        server.publish(agent, &t, &startup);
+    }
+    wait_for("the room waiting", || {
+        server
+            .machine("pc-11")
+            .filter(|m| m["key_state"] == "pending")
+    });
+    wait_for("the room waiting", || {
+        server
+            .machine("pc-10")
+            .filter(|m| m["key_state"] == "pending")
+    });
+    let out = cli(&[
+        "machines",
+        "approve",
+        "--all-waiting",
+        "--server",
+        &server.url(""),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in ["pc-9", "pc-10", "pc-11"] {
+        assert!(
+            stdout.contains(&format!("machine {id}: approved")),
+            "{stdout}"
+        );
+        assert_eq!(server.machine(id).unwrap()["key_state"], "approved", "{id}");
+    }
+    assert_eq!(
+        server.machine("pc-9").unwrap()["public_key"],
+        hex::encode(reinstalled.key.verifying_key().to_bytes())
+    );
+    let again = cli(&[
+        "machines",
+        "approve",
+        "--all-waiting",
+        "--server",
+        &server.url(""),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("no machine waits for approval"));
 }
 
 #[test]

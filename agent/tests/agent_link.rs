@@ -126,6 +126,7 @@ fn the_agent_reconnects_after_the_broker_comes_back() {
     // The same server again on the same ports and data directory.
     server.proc.kill9();
     let mut command = Command::new(server_binary());
+    command.env("BOOTTORRENT_AUTO_APPROVE", "true");
     command
         .arg("serve")
         .arg("--data-dir")

@@ -52,6 +52,9 @@ impl Server {
         require_tool("mosquitto_sub", "mosquitto-clients");
         let log = data_dir.with_extension(format!("{http_port}.{}.log", now_ms()));
         let child = Command::new(env!("CARGO_BIN_EXE_boottorrent"))
+            // Machines in these tests enrol without an operator: trust on first use, as on a
+            // site that turns `auto_approve` on (a flag given to the server still wins).
+            .env("BOOTTORRENT_AUTO_APPROVE", "true")
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)

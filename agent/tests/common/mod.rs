@@ -128,6 +128,9 @@ impl Server {
     fn launch(dir: &Path, [http_port, mqtt_port, bt_port]: [u16; 3], extra: &[&str]) -> Server {
         let data_dir = dir.join("server");
         let mut command = Command::new(server_binary());
+        // Machines in these tests enrol without an operator: trust on first use, as on a site
+        // that turns `auto_approve` on (a flag given to the server still wins).
+        command.env("BOOTTORRENT_AUTO_APPROVE", "true");
         command
             .arg("serve")
             .arg("--data-dir")
