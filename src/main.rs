@@ -2,37 +2,17 @@
 
 use clap::Parser;
 
-mod broker;
-mod broker_front;
-mod broker_log;
-mod catalog;
+mod api;
 mod cli;
-mod client;
-mod config;
-mod credentials;
-mod dashboard;
-mod deploy_cmd;
-mod deployment;
-mod enrollment;
-mod fleet;
-mod health;
-mod http;
-mod keyring;
-mod listener;
-mod locality;
-mod metrics;
-mod orchestrator;
-mod passkey;
-mod registry;
 mod server;
-mod status;
-mod store;
-mod torrent_cmd;
 mod vhdx;
-mod zone;
+
+use cli::args::{Cli, Command};
+use cli::{client, deploy, status, torrent};
+use server::{broker_log, config};
 
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = Cli::parse();
     init_log();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -75,23 +55,23 @@ fn init_log() {
     tracing_subscriber::registry().with(fmt).with(broker).init();
 }
 
-fn run(cli: cli::Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
-        cli::Command::Serve(args) => {
+        Command::Serve(args) => {
             let config = config::Config::load(&args)?;
             runtime.block_on(server::run(config))
         }
-        cli::Command::Machines(command) => runtime.block_on(client::machines(command)),
-        cli::Command::Image(command) => runtime.block_on(client::images(command)),
-        cli::Command::Deploy(args) => runtime.block_on(deploy_cmd::deploy(args)),
-        cli::Command::Deployments(args) => runtime.block_on(deploy_cmd::deployments(args)),
-        cli::Command::Zones(args) => runtime.block_on(deploy_cmd::zones(args)),
-        cli::Command::Status(args) => runtime.block_on(status::run(args)),
-        cli::Command::Torrent(command) => torrent_cmd::run(command),
-        cli::Command::Config => {
+        Command::Machines(command) => runtime.block_on(client::machines(command)),
+        Command::Image(command) => runtime.block_on(client::images(command)),
+        Command::Deploy(args) => runtime.block_on(deploy::deploy(args)),
+        Command::Deployments(args) => runtime.block_on(deploy::deployments(args)),
+        Command::Zones(args) => runtime.block_on(deploy::zones(args)),
+        Command::Status(args) => runtime.block_on(status::run(args)),
+        Command::Torrent(command) => torrent::run(command),
+        Command::Config => {
             print!("{}", config::Config::default_toml());
             Ok(())
         }

@@ -631,15 +631,17 @@ fn signed_last_will_and_missed_heartbeats_mark_machines_offline() {
 fn api_errors_are_json_with_the_right_status() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), &[]);
-    for (path, status) in [
-        ("/api/v1/machines/no%2Fslash", 400),
-        ("/api/v1/machines/unknown-pc", 404),
-        ("/api/v1/nothing", 404),
+    // Every error answer has the text for people and a stable code for programs.
+    for (path, status, code) in [
+        ("/api/v1/machines/no%2Fslash", 400, "invalid_request"),
+        ("/api/v1/machines/unknown-pc", 404, "not_found"),
+        ("/api/v1/nothing", 404, "no_such_endpoint"),
     ] {
         let r = server.get(path);
         assert_eq!(r.status(), status, "{path}");
         let body: serde_json::Value = r.json().unwrap();
         assert!(body["error"].is_string(), "{path}: {body}");
+        assert_eq!(body["code"], code, "{path}: {body}");
     }
     let r = reqwest::blocking::Client::new()
         .post(server.url("/api/v1/machines/unknown-pc/approve"))
@@ -649,6 +651,17 @@ fn api_errors_are_json_with_the_right_status() {
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(server.metric("boottorrent_http_unauthorized_total"), 0);
+    let r = reqwest::blocking::Client::new()
+        .post(server.url("/api/v1/deployments"))
+        .bearer_auth(server.viewer_token())
+        .json(&serde_json::json!({ "image": "x", "target": { "global": true } }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<serde_json::Value>().unwrap()["code"],
+        "read_only_token"
+    );
 }
 
 #[test]

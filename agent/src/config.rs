@@ -235,7 +235,7 @@ impl Config {
         };
         config.apply(overrides.clone());
         if config.machine_id.is_none() {
-            let host = hostname()
+            let host = boottorrent_proto::hostname()
                 .context("finding this machine's host name for its default id; set --machine-id")?;
             config.machine_id = Some(sanitize_machine_id(&host));
         }
@@ -493,29 +493,6 @@ pub fn sanitize_machine_id(host: &str) -> MachineId {
     cleaned
         .parse()
         .expect("only [A-Za-z0-9._-], 1 to 64 characters, remain")
-}
-
-/// This machine's host name.
-pub fn hostname() -> Option<String> {
-    #[cfg(unix)]
-    {
-        let mut buf = [0u8; 256];
-        // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success
-        // when the name fits, and we stop at the first NUL or the buffer's end regardless.
-        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-        if rc != 0 {
-            return None;
-        }
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        let name = String::from_utf8_lossy(&buf[..end]).trim().to_owned();
-        (!name.is_empty()).then_some(name)
-    }
-    #[cfg(not(unix))]
-    {
-        std::env::var("COMPUTERNAME")
-            .ok()
-            .filter(|s| !s.trim().is_empty())
-    }
 }
 
 #[cfg(test)]

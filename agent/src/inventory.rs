@@ -37,7 +37,7 @@ pub fn collect(data_dir: &Path, route_probe: Option<(&str, u16)>) -> Inventory {
         0
     });
     Inventory {
-        hostname: crate::config::hostname().unwrap_or_else(|| "unknown".to_owned()),
+        hostname: boottorrent_proto::hostname().unwrap_or_else(|| "unknown".to_owned()),
         os: os_description(),
         ips,
         macs: macs(),

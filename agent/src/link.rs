@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use boottorrent_proto::{
-    Command, Encoding, Envelope, Event, EventKind, GLOBAL_COMMANDS_FILTER, Heartbeat, HeldImage,
+    Command, Encoding, Event, EventKind, GLOBAL_COMMANDS_FILTER, Heartbeat, HeldImage,
     MAX_PAYLOAD_BYTES, MachineConfiguration, MachineId, Presence, PublicKeyBytes, ReplayGuard,
-    Scope, Secret, SenderId, SeqCounter, Shutdown, SigningKey, Startup, Status, Topic,
-    VerifyingKey, ZoneId, decode_command, event_topic, login_password, machine_commands_filter,
+    Scope, Secret, SenderId, Shutdown, SigningKey, Startup, Status, Topic, VerifyingKey, ZoneId,
+    decode_command, event_topic, login_password, machine_commands_filter, now_ms,
     zone_commands_filter,
 };
 use rumqttc::{
@@ -77,33 +77,29 @@ enum Net {
 /// Signs events as this machine.
 struct Signer {
     machine: MachineId,
-    key: SigningKey,
-    seq: SeqCounter,
+    inner: boottorrent_proto::Signer,
 }
 
 impl Signer {
+    fn new(machine: MachineId, key: SigningKey) -> Signer {
+        let inner = boottorrent_proto::Signer::new(SenderId::from(machine.clone()), key, now_ms());
+        Signer { machine, inner }
+    }
+
     /// The event signed for its topic, encoded as MessagePack.
     fn sign(&mut self, event: Event) -> anyhow::Result<(Topic, Vec<u8>)> {
         let topic = event_topic(&self.machine, &event);
-        let now = now_ms();
-        let seq = self.seq.next(micros(now));
-        let payload = Envelope::sign(
-            &topic,
-            SenderId::from(self.machine.clone()),
-            now,
-            seq,
-            event,
-            &self.key,
-        )
-        .and_then(|env| env.encode(Encoding::MessagePack))
-        .with_context(|| format!("signing an event for {topic}"))?;
+        let payload = self
+            .inner
+            .sign(&topic, event, Encoding::MessagePack, now_ms())
+            .with_context(|| format!("signing an event for {topic}"))?;
         Ok((topic, payload))
     }
 
     /// A fresh MQTT password: proof of this machine's key, then the enrollment token (see
     /// `boottorrent_proto::login`). A machine the server knows cannot log in without it.
     fn password(&self, token: &Secret) -> String {
-        login_password(&self.machine, &self.key, token.expose(), now_ms())
+        login_password(&self.machine, self.inner.key(), token.expose(), now_ms())
     }
 
     /// The last will: `status` offline, retained, QoS 1. The server accepts a correctly
@@ -156,11 +152,7 @@ pub async fn run(
         server_key,
     } = identity;
     let public_key = PublicKeyBytes::from(key.verifying_key().to_bytes());
-    let signer = Arc::new(Mutex::new(Signer {
-        machine: machine.clone(),
-        key,
-        seq: SeqCounter::from_clock(micros(now_ms())),
-    }));
+    let signer = Arc::new(Mutex::new(Signer::new(machine.clone(), key)));
 
     // Each lock in its own statement: a guard lives to the end of the statement it is in.
     let password = lock(&signer).password(&token);
@@ -655,35 +647,19 @@ fn write_seq(path: &Path, seq: u64) {
     }
 }
 
-/// Wall-clock Unix milliseconds: envelopes carry wall-clock time.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn micros(ms: i64) -> u64 {
-    u64::try_from(ms).unwrap_or(0).saturating_mul(1000)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use boottorrent_proto::{BootCommand, decode_event, generate_signing_key};
+    use boottorrent_proto::{BootCommand, Envelope, decode_event, generate_signing_key};
 
     fn signer() -> Signer {
-        Signer {
-            machine: "pc-1".parse().unwrap(),
-            key: generate_signing_key().unwrap(),
-            seq: SeqCounter::from_clock(micros(now_ms())),
-        }
+        Signer::new("pc-1".parse().unwrap(), generate_signing_key().unwrap())
     }
 
     #[test]
     fn events_verify_with_the_machine_key_and_seqs_increase() {
         let mut s = signer();
-        let vk = s.key.verifying_key();
+        let vk = s.inner.key().verifying_key();
         let (t1, p1) = s
             .sign(Event::Status(Status {
                 presence: Presence::Online,
@@ -713,7 +689,7 @@ mod tests {
         let s = signer();
         let mut session = Session {
             client,
-            public_key: PublicKeyBytes::from(s.key.verifying_key().to_bytes()),
+            public_key: PublicKeyBytes::from(s.inner.key().verifying_key().to_bytes()),
             signer: Arc::new(Mutex::new(s)),
             machine: "pc-1".parse().unwrap(),
             server_key: server.verifying_key(),

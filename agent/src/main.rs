@@ -16,7 +16,6 @@ use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-// Used by the download code once it is wired in; until then only its tests run it.
 mod boot;
 mod config;
 mod downloads;

@@ -60,7 +60,7 @@ impl Passkey {
             passkey: String,
         }
         let url = format!("{}/api/v1/machines/{}/passkey", self.http_url, self.machine);
-        let proof = passkey_request(&self.machine, &self.key, crate::link::now_ms());
+        let proof = passkey_request(&self.machine, &self.key, boottorrent_proto::now_ms());
         let failed = |e: &dyn std::fmt::Display| {
             format!(
                 "asking {url} for this machine's tracker passkey: {e} (an unapproved machine gets \

@@ -12,12 +12,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use boottorrent_proto::{
-    Bytes, Encoding, Envelope, Event, Heartbeat, MachineId, SenderId, SigningKey, Startup, Topic,
-    generate_signing_key, login_password,
+    Bytes, Encoding, Event, Heartbeat, MachineId, SenderId, Signer, Startup, Topic,
+    generate_signing_key, login_password, now_ms,
 };
 use clap::{Args, Parser, Subcommand};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
@@ -78,47 +78,34 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// One simulated machine: its id, key and next sequence number.
+/// One simulated machine: its id and its signer (key and sequence counter).
 struct Machine {
     id: MachineId,
-    key: SigningKey,
-    seq: u64,
+    signer: Signer,
 }
 
 impl Machine {
     fn new(id: &str) -> anyhow::Result<Machine> {
+        let id: MachineId = id.parse().with_context(|| format!("machine id {id:?}"))?;
+        let key =
+            generate_signing_key().map_err(|e| anyhow::anyhow!("making a machine key: {e}"))?;
         Ok(Machine {
-            id: id.parse().with_context(|| format!("machine id {id:?}"))?,
-            key: generate_signing_key()
-                .map_err(|e| anyhow::anyhow!("making a machine key: {e}"))?,
-            seq: now_ms() as u64 * 1000,
+            signer: Signer::new(SenderId::from(id.clone()), key, now_ms()),
+            id,
         })
     }
 
     /// The topic and signed payload of `body`.
     fn event(&mut self, body: Event) -> anyhow::Result<(String, Vec<u8>)> {
         let topic = Topic::event(self.id.clone(), body.kind());
-        self.seq += 1;
-        let bytes = Envelope::sign(
-            &topic,
-            SenderId::from(self.id.clone()),
-            now_ms(),
-            self.seq,
-            body,
-            &self.key,
-        )?
-        .encode(Encoding::MessagePack)?;
+        let bytes = self
+            .signer
+            .sign(&topic, body, Encoding::MessagePack, now_ms())?;
         Ok((topic.to_string(), bytes))
     }
 
     fn startup(&mut self) -> anyhow::Result<(String, Vec<u8>)> {
-        let public_key = Bytes(self.key.verifying_key().to_bytes());
+        let public_key = Bytes(self.signer.key().verifying_key().to_bytes());
         self.event(Event::Startup(Startup {
             agent_version: concat!("loadgen-", env!("CARGO_PKG_VERSION")).into(),
             hostname: format!("{}.loadgen", self.id),
@@ -136,7 +123,7 @@ impl Machine {
         let mut options = MqttOptions::new(self.id.as_str(), broker.0.clone(), broker.1);
         options.set_credentials(
             self.id.as_str(),
-            login_password(&self.id, &self.key, token, now_ms()),
+            login_password(&self.id, self.signer.key(), token, now_ms()),
         );
         options.set_keep_alive(Duration::from_secs(30));
         options

@@ -25,21 +25,25 @@
 
 pub mod codec;
 pub mod envelope;
+pub mod host;
 pub mod id;
 pub mod keys;
 pub mod login;
 pub mod message;
 pub mod replay;
 pub mod secret;
+pub mod signer;
 pub mod topic;
 
 pub use codec::*;
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use envelope::*;
+pub use host::hostname;
 pub use id::*;
 pub use keys::*;
 pub use login::{LoginError, LoginPassword, LoginProof, Purpose, login_password, passkey_request};
 pub use message::*;
 pub use replay::*;
 pub use secret::Secret;
+pub use signer::{Signer, now_ms};
 pub use topic::*;

@@ -335,13 +335,7 @@ impl Drop for Subscription {
     }
 }
 
-/// Wall-clock Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+pub use boottorrent_proto::now_ms;
 
 /// An agent simulated by the test: its own key, seq counter and envelopes.
 pub struct Agent {

@@ -33,12 +33,7 @@ pub fn server_binary() -> PathBuf {
     path
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+pub use boottorrent_proto::now_ms;
 
 /// A child process killed when dropped, logging to a file.
 pub struct Proc {

@@ -21,11 +21,11 @@ use boottorrent_proto::{
 };
 use tokio::sync::broadcast;
 
-use crate::deployment::{Action, Change, Deployment, ImageRef, Target, new_id};
-use crate::passkey::Grants;
-use crate::registry::{Accepted, Outgoing, Signer, encoding_of};
-use crate::store::{MachineRecord, Store, StoreError};
-use crate::zone::{ConfigZone, Source, Zone, ZoneSpec};
+use crate::server::deployment::{Action, Change, Deployment, ImageRef, Target, new_id};
+use crate::server::passkey::Grants;
+use crate::server::registry::{Accepted, Outgoing, Signer, encoding_of};
+use crate::server::store::{MachineRecord, Store, StoreError};
+use crate::server::zone::{ConfigZone, Source, Zone, ZoneSpec};
 
 /// Progress of one deployment is broadcast at most this often; transitions at once.
 const SHOW_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);

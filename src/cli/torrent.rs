@@ -10,7 +10,7 @@ use anyhow::Context;
 use boottorrent_tracker::create::{CreateOptions, create};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-use crate::cli::{TorrentCommand, TorrentCreateArgs};
+use crate::cli::args::{TorrentCommand, TorrentCreateArgs};
 use crate::vhdx;
 
 /// Where torrents point when neither --announce nor a public URL is given: a server on this

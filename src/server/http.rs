@@ -27,21 +27,22 @@ use boottorrent_tracker::swarm::Tracker;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, CatalogError, ImageView};
-use crate::config::Secret;
-use crate::credentials::token_matches;
-use crate::deployment::{Action, Deployment, ImageRef, OverallState, Target};
-use crate::fleet::{FleetError, Live, NewDeployment};
-use crate::health::Health;
-use crate::keyring::Keyring;
-use crate::listener::Transport;
-use crate::locality::ServerLocality;
-use crate::metrics::Metrics;
-use crate::orchestrator;
-use crate::passkey::Passkeys;
-use crate::registry::{Approval, ApproveError};
-use crate::store::{KeyRecord, LogEntry, MachineRecord, Store};
-use crate::zone::{Zone, ZoneSpec};
+use crate::api::{ErrorBody, ErrorCode};
+use crate::server::catalog::{Catalog, CatalogError, ImageView};
+use crate::server::config::Secret;
+use crate::server::credentials::token_matches;
+use crate::server::deployment::{Action, Deployment, ImageRef, OverallState, Target};
+use crate::server::fleet::{FleetError, Live, NewDeployment};
+use crate::server::health::Health;
+use crate::server::keyring::Keyring;
+use crate::server::listener::Transport;
+use crate::server::locality::ServerLocality;
+use crate::server::metrics::Metrics;
+use crate::server::orchestrator;
+use crate::server::passkey::Passkeys;
+use crate::server::registry::{Approval, ApproveError};
+use crate::server::store::{KeyRecord, LogEntry, MachineRecord, Store};
+use crate::server::zone::{Zone, ZoneSpec};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -61,7 +62,7 @@ pub struct AppState {
     /// Required by `GET /metrics` when set.
     pub metrics_token: Option<Secret>,
     /// The HTTP listener's counters, for `/metrics`.
-    pub listener: Arc<crate::listener::ListenerStats>,
+    pub listener: Arc<crate::server::listener::ListenerStats>,
     pub server_key: VerifyingKey,
     pub orchestrator: orchestrator::Handle,
     pub catalog: Arc<Catalog>,
@@ -119,8 +120,8 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/torrents/{file}", get(torrent_file))
         .merge(tracker_routes(&state))
-        .merge(crate::dashboard::routes())
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .merge(crate::server::dashboard::routes())
+        .fallback(|| async { ApiError::coded(ErrorCode::NoSuchEndpoint, "no such endpoint") })
         .with_state(state)
 }
 
@@ -150,25 +151,46 @@ fn tracker_routes(state: &AppState) -> Router<AppState> {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    limits: crate::listener::Limits,
-    tls: Option<crate::listener::TlsAcceptor>,
+    limits: crate::server::listener::Limits,
+    tls: Option<crate::server::listener::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let stats = state.listener.clone();
-    crate::listener::serve(listener, router(state), limits, stats, tls, shutdown).await
+    crate::server::listener::serve(listener, router(state), limits, stats, tls, shutdown).await
 }
 
 /// An API failure: a status and a message, rendered as `{"error": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
+    /// An error of the general kind its status says (`not_found` for 404, ...).
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = match status.as_u16() {
+            400 => ErrorCode::InvalidRequest,
+            401 => ErrorCode::Unauthorized,
+            403 => ErrorCode::Forbidden,
+            404 => ErrorCode::NotFound,
+            409 => ErrorCode::Conflict,
+            503 => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        };
         ApiError {
             status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An error of a kind more precise than its status.
+    fn coded(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::from_u16(code.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            code,
             message: message.into(),
         }
     }
@@ -184,14 +206,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body {
-            error: String,
-        }
         let mut response = (
             self.status,
-            Json(Body {
+            Json(ErrorBody {
                 error: self.message,
+                code: self.code,
             }),
         )
             .into_response();
@@ -272,8 +291,8 @@ fn role(
         && bearer(headers).is_some()
     {
         state.metrics.http_unauthorized();
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
+        return Err(ApiError::coded(
+            ErrorCode::HttpsRequired,
             format!(
                 "this server takes tokens only over HTTPS ({https}); the token just sent in \
                  clear should be considered seen: rotate it if this network is not trusted"
@@ -331,8 +350,8 @@ impl FromRequestParts<AppState> for Admin {
             Role::Admin => Ok(Admin),
             Role::Viewer => {
                 state.metrics.http_unauthorized();
-                Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
+                Err(ApiError::coded(
+                    ErrorCode::ReadOnlyToken,
                     "the viewer token can only read; this change needs the admin token \
                      (<data-dir>/admin.token)",
                 ))
@@ -473,7 +492,7 @@ async fn metrics(
         let n = deployments.iter().filter(|d| d.overall() == wanted).count();
         (wanted.as_str(), n as u64)
     });
-    crate::metrics::family(
+    crate::server::metrics::family(
         &mut body,
         "boottorrent_deployments",
         "Deployments, by overall state.",
@@ -482,7 +501,7 @@ async fn metrics(
         by_state,
     );
     let images = state.catalog.list()?;
-    crate::metrics::family(
+    crate::server::metrics::family(
         &mut body,
         "boottorrent_seeder_uploaded_bytes_total",
         "Bytes of each image the server's seeder uploaded since it started.",
@@ -492,7 +511,7 @@ async fn metrics(
     );
     let import_states = ["importing", "ready", "failed", "unavailable", "checking"]
         .map(|s| (s, images.iter().filter(|i| i.state == s).count() as u64));
-    crate::metrics::family(
+    crate::server::metrics::family(
         &mut body,
         "boottorrent_images",
         "Catalogued images, by state (importing: an import job is running).",
@@ -591,9 +610,8 @@ impl From<ApproveError> for ApiError {
     fn from(e: ApproveError) -> Self {
         match e {
             ApproveError::UnknownMachine(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            ApproveError::NothingToApprove(_) | ApproveError::WrongKey { .. } => {
-                ApiError::new(StatusCode::CONFLICT, e.to_string())
-            }
+            ApproveError::NothingToApprove(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            ApproveError::WrongKey { .. } => ApiError::coded(ErrorCode::KeyMismatch, e.to_string()),
             ApproveError::Store(e) => ApiError::internal("storing the machine's keys", e),
         }
     }
@@ -740,7 +758,9 @@ fn torrent_holder(
                  (POST /api/v1/machines/<id>/passkey)",
             ))
         }
-        None => role(headers, extensions, state).map(|_| crate::passkey::OPERATOR.to_owned()),
+        None => {
+            role(headers, extensions, state).map(|_| crate::server::passkey::OPERATOR.to_owned())
+        }
     }
 }
 
@@ -748,9 +768,10 @@ fn torrent_holder(
 /// BitTorrent client on a technician's laptop (the `.torrent` files fetched with a token
 /// carry the same).
 async fn operator_tracker(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let announce = state
-        .passkeys
-        .announce_url(&state.catalog.public_url(), crate::passkey::OPERATOR);
+    let announce = state.passkeys.announce_url(
+        &state.catalog.public_url(),
+        crate::server::passkey::OPERATOR,
+    );
     let scrape = announce.replacen("/announce/", "/scrape/", 1);
     Json(serde_json::json!({ "announce": announce, "scrape": scrape }))
 }
@@ -785,7 +806,7 @@ async fn machine_passkey(
             boottorrent_proto::Purpose::Passkey,
             &id,
             &key,
-            crate::orchestrator::now_ms(),
+            boottorrent_proto::now_ms(),
             state.proof_window_ms,
             None,
         )
@@ -816,8 +837,8 @@ async fn torrent_file(
         })?;
     if !state.passkeys.may_fetch(&holder, &info_hash) {
         state.metrics.http_unauthorized();
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
+        return Err(ApiError::coded(
+            ErrorCode::NotGiven,
             format!(
                 "image {hash} is not given to machine {holder}: a machine gets the images of \
                  the deployments that include it (`boottorrent deploy IMAGE --machine {holder}`)"

@@ -1,6 +1,6 @@
 //! Server configuration: defaults < TOML file < `BOOTTORRENT_*` environment < flags.
 //!
-//! clap merges environment and flags (both land in [`crate::cli::ServeArgs`]); this module
+//! clap merges environment and flags (both land in [`crate::cli::args::ServeArgs`]); this module
 //! owns the defaults and the file, merges the three, and validates the result once.
 
 use std::fmt;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::ServeArgs;
+use crate::cli::args::ServeArgs;
 
 /// Everything `boottorrent serve` needs to run. Built by [`Config::load`].
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -87,7 +87,7 @@ pub struct Config {
     /// Seconds without progress after which a deploying machine is shown `stalled`.
     pub stall_timeout_secs: u32,
     /// Zones defined in the file (`[[zones]]`); the API can add more and replace these.
-    pub zones: Vec<crate::zone::ConfigZone>,
+    pub zones: Vec<crate::server::zone::ConfigZone>,
 }
 
 impl Default for Config {
@@ -354,7 +354,7 @@ impl Config {
             None => {
                 let port = self.http_listen.port();
                 let host = if self.http_listen.ip().is_unspecified() {
-                    hostname().unwrap_or_else(|| "127.0.0.1".to_owned())
+                    boottorrent_proto::hostname().unwrap_or_else(|| "127.0.0.1".to_owned())
                 } else {
                     self.http_listen.ip().to_string()
                 };
@@ -452,14 +452,6 @@ stall_timeout_secs = 300
 # subnets = ["10.1.1.0/24"]
 # machines = ["pc-101-01"]
 "#;
-
-/// This host's name, for the default public URL.
-fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-}
 
 #[cfg(test)]
 mod tests {

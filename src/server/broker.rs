@@ -32,14 +32,14 @@ use boottorrent_proto::{LoginPassword, MachineId, verifying_key_from_bytes};
 use rumqttd::Broker;
 use rumqttd::local::{LinkRx, LinkTx};
 
-use crate::config::{Config, Secret};
-use crate::credentials::token_matches;
-use crate::keyring::Keyring;
-use crate::metrics::Metrics;
-use crate::orchestrator::now_ms;
+use crate::server::config::{Config, Secret};
+use crate::server::credentials::token_matches;
+use crate::server::keyring::Keyring;
+use crate::server::metrics::Metrics;
+use boottorrent_proto::now_ms;
 
 /// The broker configuration compiled into the binary.
-pub const EMBEDDED_CONFIG: &str = include_str!("../broker.toml");
+pub const EMBEDDED_CONFIG: &str = include_str!("../../broker.toml");
 
 /// MQTT username of the operator's tools.
 pub const ADMIN_USER: &str = "admin";
@@ -346,7 +346,7 @@ impl Authenticator {
             Ok(()) => true,
             Err(why) => {
                 self.metrics.mqtt_login_refused();
-                crate::broker_log::refused_by_us();
+                crate::server::broker_log::refused_by_us();
                 // Both ids are attacker-chosen: log them escaped and bounded.
                 let shown = |s: &str| s.chars().take(64).collect::<String>();
                 tracing::info!(

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use boottorrent_proto::{DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBytes, ZoneId};
 
-use crate::deployment::Deployment;
-use crate::zone::Zone;
+use crate::server::deployment::Deployment;
+use crate::server::zone::Zone;
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 

@@ -14,7 +14,7 @@ use boottorrent_proto::{
 };
 use subtle::ConstantTimeEq;
 
-use crate::config::{Config, Secret};
+use crate::server::config::{Config, Secret};
 
 /// File names inside the data directory.
 pub const ENROLL_TOKEN_FILE: &str = "enroll.token";
@@ -101,7 +101,7 @@ fn token_file(dir: &Path, name: &str, what: &str) -> anyhow::Result<Secret> {
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let token = Secret::new(text.trim().to_owned());
-            crate::config::validate_token(&token, what)
+            crate::server::config::validate_token(&token, what)
                 .with_context(|| format!("checking {}", path.display()))?;
             Ok(token)
         }

@@ -45,9 +45,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::ADMIN_USER;
-use crate::listener::{Throttle, TlsAcceptor, accept};
-use crate::metrics::{Metrics, MqttRefusal};
+use crate::server::broker::ADMIN_USER;
+use crate::server::listener::{Throttle, TlsAcceptor, accept};
+use crate::server::metrics::{Metrics, MqttRefusal};
 
 /// How long a new connection has to send CONNECT (and to finish its TLS handshake): the
 /// same as the broker's `connection_timeout_ms`, so idle sockets cannot pile up here either.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use boottorrent_tracker::swarm::Locality;
 
-use crate::store::Store;
+use crate::server::store::Store;
 
 /// How stale the IP-to-zone map may get; announces are far more frequent than zone changes.
 const REFRESH: Duration = Duration::from_secs(10);

@@ -19,7 +19,7 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 
-use crate::metrics::Metrics;
+use crate::server::metrics::Metrics;
 
 /// At most one summary of repeated broker failures per this interval.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);

@@ -10,12 +10,13 @@ use indicatif::HumanBytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::cli::{
+use crate::api::ErrorCode;
+use crate::cli::args::{
     ClientArgs, DeployArgs, DeploymentsArgs, DeploymentsCommand, ZoneMembers, ZonesArgs,
     ZonesCommand,
 };
-use crate::client::{HttpError, get, send};
-use crate::status;
+use crate::cli::client::{HttpError, get, send};
+use crate::cli::status;
 
 /// A deployment as the API shows it. Every field has a default and unknown fields are
 /// ignored, so that a server newer than this client does not break it.
@@ -131,38 +132,45 @@ pub(crate) fn explain(
         return error;
     };
     let server = client.server.trim_end_matches('/');
-    let text = match (http.status.as_u16(), http.message.as_deref(), subject) {
-        // Not the API's JSON: a route this server does not have.
-        (404, None, _) => format!(
-            "{server} has no {}; is it an older BootTorrent server than this client?",
-            http.url.strip_prefix(server).unwrap_or(&http.url)
+    let path = http.url.strip_prefix(server).unwrap_or(&http.url);
+    let Some(code) = http.code else {
+        return anyhow!(
+            "{server} answered {path} with HTTP {} but not with the API's error body; is it \
+             an older BootTorrent server than this client, or something else at that address?",
+            http.status
+        );
+    };
+    let message = http.message.as_deref().unwrap_or("no message");
+    let text = match (code, subject) {
+        (ErrorCode::NoSuchEndpoint, _) => {
+            format!("{server} has no {path}; is it an older BootTorrent server than this client?")
+        }
+        (ErrorCode::Unauthorized | ErrorCode::HttpsRequired, _) => format!(
+            "{server} refused the admin token ({message}); pass the server's token with --token \
+             or BOOTTORRENT_TOKEN, or its data directory with --data-dir"
         ),
-        (401, message, _) => format!(
-            "{server} refused the admin token ({}); pass the server's token with --token or \
-             BOOTTORRENT_TOKEN, or its data directory with --data-dir",
-            message.unwrap_or("no message")
+        (ErrorCode::ReadOnlyToken | ErrorCode::Forbidden, _) => format!(
+            "{server} refused the change: {message}; pass the admin token with --token or \
+             BOOTTORRENT_TOKEN, not the viewer token"
         ),
-        (403, message, _) => format!(
-            "{server} refused the change: {}; pass the admin token with --token or \
-             BOOTTORRENT_TOKEN, not the viewer token",
-            message.unwrap_or("no message")
-        ),
-        (404, Some(_), Subject::Deployment(id)) => {
+        (ErrorCode::NotFound, Subject::Deployment(id)) => {
             format!("no deployment {id} on {server}; `boottorrent deployments list` shows them")
         }
-        (404, Some(_), Subject::Zone(id) | Subject::ZoneUpdate(id)) => {
+        (ErrorCode::NotFound, Subject::Zone(id) | Subject::ZoneUpdate(id)) => {
             format!("no zone {id} on {server}; `boottorrent zones list` shows them")
         }
-        (404, Some(message), Subject::NewDeployment) => format!(
+        (ErrorCode::NotFound, Subject::NewDeployment) => format!(
             "nothing deployed: {message}; `boottorrent image list`, `boottorrent zones list` and \
              `boottorrent machines list` show what {server} knows"
         ),
-        (409, Some(message), Subject::NewDeployment) => format!(
+        (ErrorCode::Conflict, Subject::NewDeployment) => format!(
             "nothing deployed: {message}; only a ready image can be deployed, \
              `boottorrent image list` shows each image's state"
         ),
-        (400, Some(message), Subject::NewDeployment) => format!("nothing deployed: {message}"),
-        (400, Some(message), Subject::ZoneUpdate(id)) => {
+        (ErrorCode::InvalidRequest, Subject::NewDeployment) => {
+            format!("nothing deployed: {message}")
+        }
+        (ErrorCode::InvalidRequest, Subject::ZoneUpdate(id)) => {
             format!("zone {id} was not saved: {message}")
         }
         _ => return error,
@@ -899,10 +907,11 @@ mod tests {
         }
     }
 
-    fn http_error(status: u16, message: Option<&str>) -> anyhow::Error {
+    fn http_error(code: Option<ErrorCode>, status: u16, message: Option<&str>) -> anyhow::Error {
         HttpError {
             url: "http://s:8080/api/v1/deployments/d-9".into(),
             status: reqwest::StatusCode::from_u16(status).unwrap(),
+            code,
             message: message.map(str::to_owned),
         }
         .into()
@@ -913,23 +922,41 @@ mod tests {
         let c = client();
         let e = explain(
             &c,
-            http_error(404, Some("unknown")),
+            http_error(Some(ErrorCode::NotFound), 404, Some("unknown")),
             Subject::Deployment("d-9"),
         );
         assert_eq!(
             e.to_string(),
             "no deployment d-9 on http://s:8080; `boottorrent deployments list` shows them"
         );
-        let e = explain(&c, http_error(404, None), Subject::Deployment("d-9"));
+        let e = explain(
+            &c,
+            http_error(
+                Some(ErrorCode::NoSuchEndpoint),
+                404,
+                Some("no such endpoint"),
+            ),
+            Subject::Deployment("d-9"),
+        );
         assert!(
             e.to_string().contains("has no /api/v1/deployments/d-9"),
             "{e}"
         );
-        let e = explain(&c, http_error(401, Some("bad token")), Subject::Zone("lab"));
+        // Not the API's body: said so, whatever the status.
+        let e = explain(&c, http_error(None, 404, None), Subject::Deployment("d-9"));
+        assert!(
+            e.to_string().contains("not with the API's error body"),
+            "{e}"
+        );
+        let e = explain(
+            &c,
+            http_error(Some(ErrorCode::Unauthorized), 401, Some("bad token")),
+            Subject::Zone("lab"),
+        );
         assert!(e.to_string().contains("--token"), "{e}");
         let e = explain(
             &c,
-            http_error(409, Some("image x is importing")),
+            http_error(Some(ErrorCode::Conflict), 409, Some("image x is importing")),
             Subject::NewDeployment,
         );
         assert!(
@@ -938,7 +965,11 @@ mod tests {
             "{e}"
         );
         // What the command cannot explain better stays the server's own words.
-        let e = explain(&c, http_error(500, Some("disk")), Subject::NewDeployment);
+        let e = explain(
+            &c,
+            http_error(Some(ErrorCode::Internal), 500, Some("disk")),
+            Subject::NewDeployment,
+        );
         assert!(
             e.to_string()
                 .ends_with("HTTP 500 Internal Server Error: disk"),

@@ -5,8 +5,9 @@
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cli::{ClientArgs, ImageCommand, MachinesCommand};
-use crate::credentials::read_admin_token;
+use crate::api::ErrorCode;
+use crate::cli::args::{ClientArgs, ImageCommand, MachinesCommand};
+use crate::server::credentials::read_admin_token;
 
 /// Runs one `machines` subcommand and prints its result.
 pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
@@ -306,14 +307,17 @@ pub(crate) fn http_client(client: &ClientArgs) -> anyhow::Result<reqwest::Client
 }
 
 /// An error answer of the server. It stays a type (inside `anyhow::Error`) so that a command
-/// can put a 404 or a 401 in its own terms: which id is unknown, how to list what exists.
+/// can put the API's error code in its own terms: which id is unknown, how to list what
+/// exists.
 #[derive(Debug, thiserror::Error)]
 #[error("{url}: HTTP {status}: {}", message.as_deref().unwrap_or("no message"))]
 pub(crate) struct HttpError {
     pub url: String,
     pub status: reqwest::StatusCode,
-    /// The API's `error` text; `None` when the body was not the API's JSON, as from a server
-    /// too old to have the route.
+    /// The API's error code; `None` when the body was not the API's JSON (a proxy's page, a
+    /// server older than the codes).
+    pub code: Option<ErrorCode>,
+    /// The API's `error` text, when the body had one.
     pub message: Option<String>,
 }
 
@@ -338,10 +342,14 @@ pub(crate) async fn succeeded(
         return Ok(response);
     }
     let body: Option<Value> = response.json().await.ok();
-    let message = body.and_then(|b| b["error"].as_str().map(str::to_owned));
+    let message = body
+        .as_ref()
+        .and_then(|b| b["error"].as_str().map(str::to_owned));
+    let code = body.and_then(|b| serde_json::from_value(b["code"].clone()).ok());
     Err(HttpError {
         url: url.to_owned(),
         status,
+        code,
         message,
     }
     .into())

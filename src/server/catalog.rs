@@ -19,8 +19,8 @@ use boottorrent_tracker::create::{CreateOptions, create};
 use boottorrent_tracker::swarm::Tracker;
 use serde::Serialize;
 
-use crate::passkey::{Passkeys, SEEDER};
-use crate::store::{ImageRecord, ImageState, Store, StoreError};
+use crate::server::passkey::{Passkeys, SEEDER};
+use crate::server::store::{ImageRecord, ImageState, Store, StoreError};
 use crate::vhdx;
 
 /// Why a catalog operation failed; the HTTP layer maps each to a status.
@@ -207,7 +207,7 @@ impl Catalog {
             state: ImageState::Importing,
             error: None,
             same_as: None,
-            added_ms: crate::orchestrator::now_ms(),
+            added_ms: boottorrent_proto::now_ms(),
             file_mtime_ms: mtime,
         };
         self.store.put_image(&record, None)?;

@@ -12,9 +12,10 @@ use anyhow::{Context, bail};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 
-use crate::cli::{ClientArgs, StatusArgs};
-use crate::client::{HttpError, succeeded, url};
-use crate::deploy_cmd::{
+use crate::api::ErrorCode;
+use crate::cli::args::{ClientArgs, StatusArgs};
+use crate::cli::client::{HttpError, succeeded, url};
+use crate::cli::deploy::{
     Align, Deployment, MachineProgress, Subject, counts_text, eta_text, explain, get_deployment,
     list_deployments, machines_text, percent_text, rate_text, table, time_text,
 };
@@ -107,7 +108,7 @@ pub(crate) async fn follow(
     }
     // A server that vanished from the network would otherwise hold each attempt for the
     // operating system's connect timeout, minutes, instead of a retry every second.
-    let http = crate::client::http_client(client)?;
+    let http = crate::cli::client::http_client(client)?;
     let mut reconnecting = false;
     while trackers.iter().any(|t| !t.finished()) {
         match stream_once(
@@ -162,7 +163,7 @@ async fn stream_once(
     label: bool,
     reconnecting: &mut bool,
 ) -> anyhow::Result<()> {
-    let token = crate::client::token(client)?;
+    let token = crate::cli::client::token(client)?;
     let url = url(client, "/api/v1/events")?;
     let response = http
         .get(&url)
@@ -256,7 +257,10 @@ struct StreamLost(&'static str);
 /// waiting fixes, rather than an answer that will not change.
 fn worth_retrying(error: &anyhow::Error) -> bool {
     if let Some(http) = error.downcast_ref::<HttpError>() {
-        return http.status.is_server_error();
+        // Not the API's answer (a proxy's, say): its status is all there is to go by.
+        return http
+            .code
+            .map_or(http.status.is_server_error(), ErrorCode::is_transient);
     }
     error.downcast_ref::<reqwest::Error>().is_some() || error.downcast_ref::<StreamLost>().is_some()
 }
@@ -559,7 +563,7 @@ fn moves(known: &MachineProgress, newer: &MachineProgress) -> Vec<Change> {
 fn steps(
     m: &MachineProgress,
     from: &str,
-    transitions: &[crate::deploy_cmd::Transition],
+    transitions: &[crate::cli::deploy::Transition],
 ) -> Vec<Change> {
     let mut from = from.to_owned();
     let mut changes = Vec::new();
@@ -859,7 +863,7 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deploy_cmd::Transition;
+    use crate::cli::deploy::Transition;
 
     fn event(kind: &str, data: &str) -> SseEvent {
         SseEvent {
@@ -1158,16 +1162,24 @@ mod tests {
 
     #[test]
     fn only_connection_trouble_is_retried() {
-        let http = |status: u16| -> anyhow::Error {
+        let http = |code: ErrorCode| -> anyhow::Error {
             HttpError {
                 url: "u".into(),
-                status: reqwest::StatusCode::from_u16(status).unwrap(),
+                status: reqwest::StatusCode::from_u16(code.status()).unwrap(),
+                code: Some(code),
                 message: None,
             }
             .into()
         };
-        assert!(worth_retrying(&http(503)));
-        assert!(!worth_retrying(&http(404)));
+        assert!(worth_retrying(&http(ErrorCode::Unavailable)));
+        assert!(!worth_retrying(&http(ErrorCode::NotFound)));
+        let gateway = HttpError {
+            url: "u".into(),
+            status: reqwest::StatusCode::BAD_GATEWAY,
+            code: None,
+            message: None,
+        };
+        assert!(worth_retrying(&gateway.into()), "a proxy's 502");
         assert!(worth_retrying(
             &anyhow::Error::from(StreamLost("x")).context("reading")
         ));

@@ -5,6 +5,40 @@
 //! with a child token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on its
 //! own threads and cannot be stopped; it ends with the process. SIGINT or SIGTERM cancels the
 //! root token; a second signal, or tasks still running after `SHUTDOWN_DEADLINE`, forces exit.
+//!
+//! The rooms, by the job each does:
+//!
+//! - where clients come in: `broker` (the embedded rumqttd and its login check, with
+//!   `keyring` and `broker_log`), `broker_front` (the MQTT ports and their topic rules),
+//!   `http` with `listener` and `dashboard` (API, tracker, dashboard);
+//! - what the fleet is: `orchestrator` (the single writer), `registry` and `enrollment`
+//!   (machines, their keys and how fast new ones join), `fleet`, `deployment` and `zone`
+//!   (what each machine should hold), `store` (redb), `passkey` (what a machine may fetch);
+//! - what the server serves: `catalog` (images and their torrents), `locality` (which
+//!   peers the tracker hands out first);
+//! - how it is run and watched: `config`, `credentials`, `health`, `metrics`.
+
+pub mod broker;
+pub mod broker_front;
+pub mod broker_log;
+pub mod catalog;
+pub mod config;
+pub mod credentials;
+pub mod dashboard;
+pub mod deployment;
+pub mod enrollment;
+pub mod fleet;
+pub mod health;
+pub mod http;
+pub mod keyring;
+pub mod listener;
+pub mod locality;
+pub mod metrics;
+pub mod orchestrator;
+pub mod passkey;
+pub mod registry;
+pub mod store;
+pub mod zone;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
@@ -17,25 +51,24 @@ use boottorrent_tracker::swarm::{Tracker, TrackerConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::catalog::Catalog;
-use crate::config::Config;
-use crate::credentials::Credentials;
-use crate::fleet::Fleet;
-use crate::health::Health;
-use crate::keyring::Keyring;
-use crate::locality::ServerLocality;
-use crate::metrics::Metrics;
-use crate::passkey::{Grants, Passkeys};
-use crate::registry::{Registry, Settings};
-use crate::store::Store;
-use crate::{broker, broker_front, enrollment, http, orchestrator};
+use crate::server::catalog::Catalog;
+use crate::server::config::Config;
+use crate::server::credentials::Credentials;
+use crate::server::fleet::Fleet;
+use crate::server::health::Health;
+use crate::server::keyring::Keyring;
+use crate::server::locality::ServerLocality;
+use crate::server::metrics::Metrics;
+use crate::server::passkey::{Grants, Passkeys};
+use crate::server::registry::{Registry, Settings};
+use crate::server::store::Store;
 
 /// How long running tasks get to finish after a shutdown signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    crate::listener::raise_open_file_limit();
+    crate::server::listener::raise_open_file_limit();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -51,7 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let metrics = Arc::new(Metrics::default());
     let health = Health::default();
-    crate::broker_log::count_into(metrics.clone());
+    crate::server::broker_log::count_into(metrics.clone());
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding the HTTP listener on {}", config.http_listen))?;
@@ -60,7 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => {
             // The same checks, and messages, as for the MQTT TLS listener.
             broker::check_pem(cert, key)?;
-            let tls = crate::listener::tls_acceptor(cert, key, &[b"http/1.1"])?;
+            let tls = crate::server::listener::tls_acceptor(cert, key, &[b"http/1.1"])?;
             let listener = tokio::net::TcpListener::bind(config.https_listen)
                 .await
                 .with_context(|| {
@@ -98,7 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         credentials.server_key.clone(),
         keyring,
         metrics.clone(),
-        orchestrator::now_ms(),
+        boottorrent_proto::now_ms(),
     )
     .context("loading machines from the database")?;
     // Live events for `GET /api/v1/events`; a watcher that falls this far behind skips ahead.
@@ -190,7 +223,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mqtt_tls = match (&config.tls_cert, &config.tls_key, mqtt.tls) {
         (Some(cert), Some(key), Some(listener)) => Some((
             tokio::net::TcpListener::from_std(listener).context("serving MQTT over TLS")?,
-            crate::listener::tls_acceptor(cert, key, &[])?,
+            crate::server::listener::tls_acceptor(cert, key, &[])?,
         )),
         _ => None,
     };
@@ -254,7 +287,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         proof_window_ms: i64::from(config.replay_window_secs) * 1000,
         https_url: config.https_url(),
     };
-    let limits = crate::listener::Limits {
+    let limits = crate::server::listener::Limits {
         header_timeout: Duration::from_secs(u64::from(config.http_header_timeout_secs)),
         write_timeout: Duration::from_secs(u64::from(config.http_write_timeout_secs)),
         max_connections: config.http_max_connections as usize,

@@ -7,31 +7,32 @@
 //! offline and quiet deployments stalled.
 //!
 //! Events are drained in batches: everything the broker has queued, up to `MAX_BATCH`, is
-//! applied in one database transaction, so a burst of thousands of events costs a handful of
-//! fsyncs instead of one each. rumqttd hands a link at most `max_outgoing_packet_count`
+//! applied in two database transactions, the registry's (machines, keys, the event log) and
+//! then the fleet's (the deployments the batch touched), so a burst of thousands of events
+//! costs a handful of fsyncs instead of one each. rumqttd hands a link at most `max_outgoing_packet_count`
 //! packets and then sends `Unschedule`; the link must answer with `wake` or the router never
 //! sends it anything again. That is what keeps a 10,000-event burst from stalling us.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use boottorrent_proto::{DeploymentId, EVENTS_FILTER, MachineId, ZoneId};
+use boottorrent_proto::{DeploymentId, EVENTS_FILTER, MachineId, ZoneId, now_ms};
 use futures_util::FutureExt;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Running;
-use crate::deployment::{Deployment, ImageRef};
-use crate::fleet::{Fleet, FleetError, Live, NewDeployment};
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::registry::{Approval, ApproveError, Outgoing, Registry};
-use crate::store::MachineRecord;
-use crate::zone::{Zone, ZoneSpec};
+use crate::server::broker::Running;
+use crate::server::deployment::{Deployment, ImageRef};
+use crate::server::fleet::{Fleet, FleetError, Live, NewDeployment};
+use crate::server::health::Health;
+use crate::server::metrics::Metrics;
+use crate::server::registry::{Approval, ApproveError, Outgoing, Registry};
+use crate::server::store::MachineRecord;
+use crate::server::zone::{Zone, ZoneSpec};
 
-/// Most events applied in one transaction.
+/// Most events applied in one batch (two transactions: the registry's, then the fleet's).
 const MAX_BATCH: usize = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T, FleetError>>;
@@ -463,21 +464,14 @@ fn publish(links: &mut Links, out: Vec<Outgoing>, metrics: &Metrics) {
     }
 }
 
-/// Wall-clock Unix milliseconds: envelopes carry wall-clock time.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A real rumqttd router (no listeners needed for in-process links).
     fn router() -> rumqttd::Broker {
-        let config: rumqttd::Config = toml::from_str(crate::broker::EMBEDDED_CONFIG).unwrap();
+        let config: rumqttd::Config =
+            toml::from_str(crate::server::broker::EMBEDDED_CONFIG).unwrap();
         rumqttd::Broker::new(config)
     }
 

@@ -185,7 +185,8 @@ pub struct ImageRef {
 }
 
 /// A deployment as stored. The per-machine map lives inside it: a deployment is read and
-/// written whole, and one transaction per event batch writes each touched deployment once.
+/// written whole, and the fleet writes each deployment an event batch touched once, in the
+/// batch's second transaction (after the registry's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deployment {
     pub id: DeploymentId,

@@ -15,7 +15,7 @@
 //! enrollment token, and with `auto_approve` a made-up machine is approved like any other;
 //! it must not get every image in the catalog (a staff image, an exam image) for that.
 //!
-//! [`Keyring`]: crate::keyring::Keyring
+//! [`Keyring`]: crate::server::keyring::Keyring
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -25,7 +25,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::keyring::Keyring;
+use crate::server::keyring::Keyring;
 
 /// The pseudo-machine of the server's own seeder.
 pub const SEEDER: &str = "boottorrent-seeder";

@@ -15,16 +15,16 @@ use std::sync::Arc;
 
 use boottorrent_proto::{
     Command, CommandKind, Encoding, Envelope, Event, MachineConfiguration, MachineId, Presence,
-    PublicKeyBytes, ReplayError, ReplayGuard, Scope, SenderId, SeqCounter, SigningKey, Topic,
-    ZoneId, decode_event, detect, fingerprint, verifying_key_from_bytes,
+    PublicKeyBytes, ReplayError, ReplayGuard, Scope, SenderId, SigningKey, Topic, ZoneId,
+    decode_event, detect, fingerprint, verifying_key_from_bytes,
 };
 use sha2::{Digest, Sha256};
 
-use crate::enrollment::{self, Gate};
-use crate::keyring::Keyring;
-use crate::metrics::{DropReason, Metrics};
-use crate::store::{Batch, KeyRecord, MachineRecord, Store, StoreError};
-use crate::zone::{self, Zone};
+use crate::server::enrollment::{self, Gate};
+use crate::server::keyring::Keyring;
+use crate::server::metrics::{DropReason, Metrics};
+use crate::server::store::{Batch, KeyRecord, MachineRecord, Store, StoreError};
+use crate::server::zone::{self, Zone};
 
 /// A command ready for the broker.
 #[derive(Debug, Clone)]
@@ -35,17 +35,15 @@ pub struct Outgoing {
 
 /// Signs commands with the server key. There is one per server: agents refuse a repeated
 /// `seq`, so every command must take its number from the same counter.
-pub struct Signer {
-    key: SigningKey,
-    seq: SeqCounter,
-}
+pub struct Signer(boottorrent_proto::Signer);
 
 impl Signer {
     pub fn new(key: SigningKey, now_ms: i64) -> Signer {
-        Signer {
+        Signer(boottorrent_proto::Signer::new(
+            SenderId::server(),
             key,
-            seq: SeqCounter::from_clock(micros(now_ms)),
-        }
+            now_ms,
+        ))
     }
 
     /// Signs and encodes `command` for `topic`; `None` (logged) if it cannot be encoded.
@@ -56,9 +54,7 @@ impl Signer {
         encoding: Encoding,
         now_ms: i64,
     ) -> Option<Outgoing> {
-        let seq = self.seq.next(micros(now_ms));
-        let signed = Envelope::sign(&topic, SenderId::server(), now_ms, seq, command, &self.key)
-            .and_then(|env| env.encode(encoding));
+        let signed = self.0.sign(&topic, command, encoding, now_ms);
         match signed {
             Ok(payload) => Some(Outgoing { topic, payload }),
             Err(e) => {
@@ -466,7 +462,7 @@ impl Registry {
                 if let Some(verdict) = self.replay_check(envelope, now_ms) {
                     return Ok(verdict);
                 }
-                if crate::broker::is_reserved(machine.as_str()) {
+                if crate::server::broker::is_reserved(machine.as_str()) {
                     return Ok(Dropped(
                         DropReason::BadTopic,
                         format!("{machine} is reserved for the server"),
@@ -885,8 +881,4 @@ pub fn encoding_of(record: &MachineRecord) -> Encoding {
     } else {
         Encoding::MessagePack
     }
-}
-
-fn micros(now_ms: i64) -> u64 {
-    u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000)
 }

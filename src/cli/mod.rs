@@ -1,0 +1,8 @@
+//! The operator's command line: the arguments of every command, and the client commands that
+//! talk to a running server's HTTP API.
+
+pub mod args;
+pub mod client;
+pub mod deploy;
+pub mod status;
+pub mod torrent;
