@@ -87,4 +87,60 @@ mod tests {
         );
         assert_eq!(ErrorCode::KeyMismatch.status(), 409);
     }
+
+    #[test]
+    fn image_states_are_their_words_on_the_wire() {
+        for status in [
+            ImageStatus::Importing,
+            ImageStatus::Checking,
+            ImageStatus::Ready,
+            ImageStatus::Failed,
+            ImageStatus::Duplicate,
+            ImageStatus::Unavailable,
+        ] {
+            let json = serde_json::to_value(status).unwrap();
+            assert_eq!(json, status.as_str());
+            assert_eq!(serde_json::from_value::<ImageStatus>(json).unwrap(), status);
+        }
+    }
+}
+
+/// An image's state as the API shows it (`state` of an image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatus {
+    /// An import job is validating and hashing the file.
+    Importing,
+    /// Imported; the seeder is reading its resume record (or re-hashing a file that changed)
+    /// and the image can be deployed once it is done.
+    Checking,
+    /// Catalogued and seeding: it can be deployed.
+    Ready,
+    /// The import failed; `error` says why.
+    Failed,
+    /// The file has the same content as an image already catalogued (`same_as`).
+    Duplicate,
+    /// Catalogued, but the seeder cannot serve the file (gone, changed, unreadable); `error`
+    /// says why.
+    Unavailable,
+}
+
+impl ImageStatus {
+    /// The state's word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageStatus::Importing => "importing",
+            ImageStatus::Checking => "checking",
+            ImageStatus::Ready => "ready",
+            ImageStatus::Failed => "failed",
+            ImageStatus::Duplicate => "duplicate",
+            ImageStatus::Unavailable => "unavailable",
+        }
+    }
+
+    /// Whether the server is still working on the image (a client waiting for an import
+    /// waits while this holds).
+    pub fn is_in_progress(self) -> bool {
+        matches!(self, ImageStatus::Importing | ImageStatus::Checking)
+    }
 }

@@ -5,7 +5,7 @@
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::api::ErrorCode;
+use crate::api::{ErrorCode, ImageStatus};
 use crate::cli::args::{ClientArgs, ImageCommand, MachinesCommand};
 use crate::server::credentials::read_admin_token;
 
@@ -92,6 +92,12 @@ pub async fn machines(command: MachinesCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `state` of an image as the API answered it; `None` for a word this client does not
+/// know (a newer server's).
+fn image_status(image: &Value) -> Option<ImageStatus> {
+    serde_json::from_value(image["state"].clone()).ok()
+}
+
 /// Approves the key `fingerprint` of the waiting machine `id` and prints the outcome.
 async fn approve(client: &ClientArgs, id: &str, fingerprint: &str) -> anyhow::Result<()> {
     let body = send(
@@ -135,23 +141,23 @@ pub async fn images(command: ImageCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&image)?);
                 return Ok(());
             }
-            match image["state"].as_str() {
-                Some("duplicate") => println!(
+            match image_status(&image) {
+                Some(ImageStatus::Duplicate) => println!(
                     "{} has the same content as image {}; nothing new was added",
                     path.display(),
                     image["same_as"].as_str().unwrap_or("?")
                 ),
-                Some("failed") => bail!(
+                Some(ImageStatus::Failed) => bail!(
                     "importing {} failed: {}",
                     path.display(),
                     image["error"].as_str().unwrap_or("no reason given")
                 ),
-                state => println!(
+                _ => println!(
                     "image {id}: {} ({} bytes, info hash {}, {})",
                     image["name"].as_str().unwrap_or(""),
                     image["size"],
                     image["info_hash"].as_str().unwrap_or("not yet known"),
-                    state.unwrap_or("?")
+                    image["state"].as_str().unwrap_or("?")
                 ),
             }
         }
@@ -201,7 +207,7 @@ async fn wait_for_import(client: &ClientArgs, id: &str, first: &Value) -> anyhow
     let mut image = first.clone();
     // `checking`: imported, and the seeder is reading its resume record (or, for a file that
     // changed during the import, re-hashing it); the image is ready to deploy only after.
-    while image["state"] == "importing" || image["state"] == "checking" {
+    while image_status(&image).is_some_and(ImageStatus::is_in_progress) {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         image = get(client, &format!("/api/v1/images/{id}")).await?;
         if let Some(bar) = &bar {

@@ -19,6 +19,7 @@ use boottorrent_tracker::create::{CreateOptions, create};
 use boottorrent_tracker::swarm::Tracker;
 use serde::Serialize;
 
+use crate::api::ImageStatus;
 use crate::server::passkey::{Passkeys, SEEDER};
 use crate::server::store::{ImageRecord, ImageState, Store, StoreError};
 use crate::vhdx;
@@ -49,9 +50,7 @@ pub struct ImageView {
     pub piece_size: u32,
     pub info_hash: Option<boottorrent_proto::InfoHash>,
     pub sha256: Option<boottorrent_proto::Sha256>,
-    /// `importing`, `ready` (seeding), `failed`, `duplicate`, `checking` (seeder verifying the
-    /// file), or `unavailable` (the file vanished or changed; see `error`).
-    pub state: String,
+    pub state: ImageStatus,
     pub error: Option<String>,
     pub same_as: Option<ImageId>,
     /// Import progress: bytes hashed so far.
@@ -468,23 +467,23 @@ impl Catalog {
             .map(|h| h.stats().borrow().clone());
         let mut error = r.error.clone();
         let state = match (r.state, &stats) {
-            (ImageState::Importing, _) => "importing",
-            (ImageState::Failed, _) => "failed",
-            (ImageState::Duplicate, _) => "duplicate",
+            (ImageState::Importing, _) => ImageStatus::Importing,
+            (ImageState::Failed, _) => ImageStatus::Failed,
+            (ImageState::Duplicate, _) => ImageStatus::Duplicate,
             (ImageState::Ready, None) => {
                 error = Some(format!(
                     "not seeding: {} could not be opened; is it still there?",
                     r.path.display()
                 ));
-                "unavailable"
+                ImageStatus::Unavailable
             }
             (ImageState::Ready, Some(s)) => match &s.state {
-                TorrentState::Checking { .. } => "checking",
+                TorrentState::Checking { .. } => ImageStatus::Checking,
                 TorrentState::Error(e) => {
                     error = Some(e.clone());
-                    "unavailable"
+                    ImageStatus::Unavailable
                 }
-                _ => "ready",
+                _ => ImageStatus::Ready,
             },
         };
         ImageView {

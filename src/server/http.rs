@@ -27,7 +27,7 @@ use boottorrent_tracker::swarm::Tracker;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ErrorBody, ErrorCode};
+use crate::api::{ErrorBody, ErrorCode, ImageStatus};
 use crate::server::catalog::{Catalog, CatalogError, ImageView};
 use crate::server::config::Secret;
 use crate::server::credentials::token_matches;
@@ -509,8 +509,19 @@ async fn metrics(
         "image",
         images.iter().map(|i| (i.id.as_str(), i.uploaded)),
     );
-    let import_states = ["importing", "ready", "failed", "unavailable", "checking"]
-        .map(|s| (s, images.iter().filter(|i| i.state == s).count() as u64));
+    let import_states = [
+        ImageStatus::Importing,
+        ImageStatus::Ready,
+        ImageStatus::Failed,
+        ImageStatus::Unavailable,
+        ImageStatus::Checking,
+    ]
+    .map(|s| {
+        (
+            s.as_str(),
+            images.iter().filter(|i| i.state == s).count() as u64,
+        )
+    });
     crate::server::metrics::family(
         &mut body,
         "boottorrent_images",
@@ -715,7 +726,7 @@ async fn add_image(
     let view = tokio::task::spawn_blocking(move || catalog.add(&body.path, body.name, body.raw))
         .await
         .map_err(|e| ApiError::internal("adding the image", e))??;
-    let status = if view.state == "importing" {
+    let status = if view.state == ImageStatus::Importing {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
@@ -1032,7 +1043,7 @@ fn deployable_image(state: &AppState, wanted: &str) -> Result<ImageRef, ApiError
         }
     };
     match (&image.info_hash, &image.sha256, &image.torrent_url) {
-        (Some(info_hash), Some(sha256), Some(torrent_url)) if image.state == "ready" => {
+        (Some(info_hash), Some(sha256), Some(torrent_url)) if image.state == ImageStatus::Ready => {
             Ok(ImageRef {
                 id: image.id.clone(),
                 name: image.name.clone(),
@@ -1047,7 +1058,7 @@ fn deployable_image(state: &AppState, wanted: &str) -> Result<ImageRef, ApiError
             format!(
                 "image {} is {}{}; only ready images can be deployed",
                 image.id,
-                image.state,
+                image.state.as_str(),
                 image
                     .error
                     .as_deref()
