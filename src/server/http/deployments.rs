@@ -1,0 +1,128 @@
+//! `/api/v1/deployments...`: starting, reading and cancelling deployments.
+
+use super::*;
+
+/// Finds a catalogued image by id or by its unique name, and checks it can be deployed.
+pub(super) fn deployable_image(state: &AppState, wanted: &str) -> Result<ImageRef, ApiError> {
+    let images = state.catalog.list()?;
+    let by_id: Vec<&ImageView> = images.iter().filter(|i| i.id.as_str() == wanted).collect();
+    let by_name: Vec<&ImageView> = images.iter().filter(|i| i.name == wanted).collect();
+    let image = match (by_id.as_slice(), by_name.as_slice()) {
+        ([image], _) | ([], [image]) => *image,
+        ([], []) => {
+            let shown: String = wanted.chars().take(80).collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no image {shown:?} in the catalog; `boottorrent image list` shows the images"
+                ),
+            ));
+        }
+        (_, several) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{} images are named {wanted:?} ({}); give the id",
+                    several.len(),
+                    several
+                        .iter()
+                        .map(|i| i.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    };
+    match (&image.info_hash, &image.sha256, &image.torrent_url) {
+        (Some(info_hash), Some(sha256), Some(torrent_url)) if image.state == ImageStatus::Ready => {
+            Ok(ImageRef {
+                id: image.id.clone(),
+                name: image.name.clone(),
+                info_hash: *info_hash,
+                sha256: *sha256,
+                size: image.size,
+                torrent_url: torrent_url.clone(),
+            })
+        }
+        _ => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "image {} is {}{}; only ready images can be deployed",
+                image.id,
+                image.state.as_str(),
+                image
+                    .error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// Body of `POST /api/v1/deployments`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateDeployment {
+    image: String,
+    target: Target,
+    #[serde(default)]
+    action: Action,
+}
+
+pub(super) async fn create_deployment(
+    State(state): State<AppState>,
+    _admin: Admin,
+    body: Result<Json<CreateDeployment>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let body = json_body(body)?;
+    // The target itself (empty, `global: false`, unknown zone or machines) is checked by the
+    // fleet, which knows the zones and machines.
+    let image = deployable_image(&state, &body.image)?;
+    let deployment = answered(
+        state
+            .orchestrator
+            .deploy(NewDeployment {
+                image,
+                target: body.target,
+                action: body.action,
+            })
+            .await,
+    )?;
+    Ok((StatusCode::CREATED, Json(deployment.view())))
+}
+
+pub(super) async fn list_deployments(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let mut all = state
+        .store
+        .deployments()
+        .map_err(|e| ApiError::internal("reading deployments", e))?;
+    // Ids start with the creation time.
+    all.reverse();
+    Ok(Json(all.iter().map(Deployment::view).collect()))
+}
+
+pub(super) async fn show_deployment(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<DeploymentId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.store.deployment(&id) {
+        Ok(Some(d)) => Ok(Json(d.view())),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no deployment {id}; `boottorrent deployments list` shows them"),
+        )),
+        Err(e) => Err(ApiError::internal("reading the deployment", e)),
+    }
+}
+
+pub(super) async fn cancel_deployment(
+    State(state): State<AppState>,
+    _admin: Admin,
+    IdPath(id): IdPath<DeploymentId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let deployment = answered(state.orchestrator.cancel(id).await)?;
+    Ok(Json(deployment.view()))
+}

@@ -1,0 +1,80 @@
+//! `/api/v1/events`: the live event stream.
+
+use super::*;
+
+/// Most running deployments a new watcher of `GET /api/v1/events` is sent before the live
+/// events. Each is a whole deployment view, which for a big zone is megabytes; a watcher
+/// that needs more reads `GET /api/v1/deployments`, as it is told by a `lagged` event.
+pub(super) const REPLAY_MAX: usize = 32;
+
+/// `GET /api/v1/events`: server-sent events. A new watcher first gets the running
+/// deployments (the newest [`REPLAY_MAX`]; if there are more, a `lagged` event first), then
+/// live changes. One that falls more than the channel's capacity behind is told so with a
+/// `lagged` event and goes on with the newest.
+///
+/// Memory per watcher is bounded: the replay is read from the store one deployment at a time
+/// as the connection has room for it (not rendered up front), the live events sit once in the
+/// shared broadcast ring, and hyper stops pulling from this stream while the connection's
+/// write buffer is full. A watcher that stops reading altogether is dropped by the listener's
+/// write deadline.
+pub(super) async fn live_events(
+    State(state): State<AppState>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    use futures_util::StreamExt;
+    // Subscribe before reading the store, so nothing falls between the two.
+    let rx = state.live.subscribe();
+    let running: Vec<DeploymentId> = state
+        .store
+        .deployments()
+        .map_err(|e| ApiError::internal("reading deployments", e))?
+        .iter()
+        .filter(|d| d.overall() == OverallState::Running)
+        .map(|d| d.id.clone())
+        .collect();
+    // Ids start with the creation time: the newest are at the end.
+    let skipped = running.len().saturating_sub(REPLAY_MAX);
+    let lagged = (skipped > 0).then(|| {
+        Sse::default()
+            .event("lagged")
+            .data(serde_json::json!({ "missed": skipped }).to_string())
+    });
+    let store = state.store.clone();
+    let replay = futures_util::stream::iter(running.into_iter().skip(skipped)).filter_map(
+        move |id| {
+            let view = match store.deployment(&id) {
+                Ok(Some(d)) => Some(Sse::default().event("deployment").data(d.view().to_string())),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(deployment = %id, error = %e, "reading a deployment for an event stream");
+                    None
+                }
+            };
+            std::future::ready(view)
+        },
+    );
+    let initial = futures_util::stream::iter(lagged).chain(replay).map(Ok);
+    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = match rx.recv().await {
+            Ok(live) => Sse::default().event(live.kind).data(live.data),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Sse::default()
+                .event("lagged")
+                .data(serde_json::json!({ "missed": n }).to_string()),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(event), rx))
+    });
+    let events = initial
+        .chain(live)
+        .take_until(state.shutdown.clone().cancelled_owned());
+    Ok(axum::response::sse::Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(std::time::Duration::from_secs(15))
+            .text("keep-alive"),
+    ))
+}
