@@ -461,8 +461,8 @@ impl Deployment {
     }
 
     /// The API's view: the record plus what is derived from it.
-    pub fn view(&self) -> serde_json::Value {
-        let mut counts = BTreeMap::<&str, u64>::new();
+    pub fn view(&self) -> DeploymentView<'_> {
+        let mut counts = BTreeMap::<&'static str, u64>::new();
         let (mut done, mut total, mut rate) = (0u64, 0u64, 0u64);
         for m in self.machines.values() {
             *counts.entry(m.state.as_str()).or_default() += 1;
@@ -472,24 +472,48 @@ impl Deployment {
                 rate = rate.saturating_add(m.download_bps);
             }
         }
-        serde_json::json!({
-            "id": self.id,
-            "image": self.image.id,
-            "image_name": self.image.name,
-            "info_hash": self.image.info_hash,
-            "target": self.target,
-            "action": self.action,
-            "created_ms": self.created_ms,
-            "cancelled_ms": self.cancelled_ms,
-            "zone_image": self.zone_image,
-            "state": self.overall(),
-            "counts": counts,
-            "bytes_done": done,
-            "bytes_total": total,
-            "download_bps": rate,
-            "machines": self.machines.values().collect::<Vec<_>>(),
-        })
+        DeploymentView {
+            id: &self.id,
+            image: &self.image.id,
+            image_name: &self.image.name,
+            info_hash: &self.image.info_hash,
+            target: &self.target,
+            action: self.action,
+            created_ms: self.created_ms,
+            cancelled_ms: self.cancelled_ms,
+            zone_image: self.zone_image,
+            state: self.overall(),
+            counts,
+            bytes_done: done,
+            bytes_total: total,
+            download_bps: rate,
+            machines: self.machines.values().collect(),
+        }
     }
+}
+
+/// A deployment as the API shows it (`Deployment` in docs/api.md): the stored record plus
+/// what is derived from it. Borrowed from the record, serialized at once.
+#[derive(Debug, Serialize)]
+pub struct DeploymentView<'a> {
+    pub id: &'a DeploymentId,
+    pub image: &'a ImageId,
+    pub image_name: &'a str,
+    pub info_hash: &'a InfoHash,
+    pub target: &'a Target,
+    pub action: Action,
+    pub created_ms: i64,
+    pub cancelled_ms: Option<i64>,
+    pub zone_image: bool,
+    pub state: OverallState,
+    /// Machines in each state; only states that occur.
+    pub counts: BTreeMap<&'static str, u64>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Sum over the machines that are downloading now.
+    pub download_bps: u64,
+    /// Sorted by machine id.
+    pub machines: Vec<&'a MachineProgress>,
 }
 
 fn transition(
@@ -636,7 +660,7 @@ mod tests {
             );
         }
         assert_eq!(d.overall(), OverallState::Completed);
-        let view = d.view();
+        let view = serde_json::to_value(d.view()).unwrap();
         assert_eq!(view["state"], "completed");
         assert_eq!(view["counts"]["staged"], 2);
         assert_eq!(view["bytes_done"], 200);

@@ -74,7 +74,7 @@ pub(super) async fn create_deployment(
     State(state): State<AppState>,
     _admin: Admin,
     body: Result<Json<CreateDeployment>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let body = json_body(body)?;
     // The target itself (empty, `global: false`, unknown zone or machines) is checked by the
     // fleet, which knows the zones and machines.
@@ -89,27 +89,25 @@ pub(super) async fn create_deployment(
             })
             .await,
     )?;
-    Ok((StatusCode::CREATED, Json(deployment.view())))
+    Ok((StatusCode::CREATED, Json(deployment.view())).into_response())
 }
 
-pub(super) async fn list_deployments(
-    State(state): State<AppState>,
-) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+pub(super) async fn list_deployments(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut all = state
         .store
         .deployments()
         .map_err(|e| ApiError::internal("reading deployments", e))?;
     // Ids start with the creation time.
     all.reverse();
-    Ok(Json(all.iter().map(Deployment::view).collect()))
+    Ok(Json(all.iter().map(Deployment::view).collect::<Vec<_>>()).into_response())
 }
 
 pub(super) async fn show_deployment(
     State(state): State<AppState>,
     IdPath(id): IdPath<DeploymentId>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     match state.store.deployment(&id) {
-        Ok(Some(d)) => Ok(Json(d.view())),
+        Ok(Some(d)) => Ok(Json(d.view()).into_response()),
         Ok(None) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no deployment {id}; `boottorrent deployments list` shows them"),
@@ -122,7 +120,7 @@ pub(super) async fn cancel_deployment(
     State(state): State<AppState>,
     _admin: Admin,
     IdPath(id): IdPath<DeploymentId>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let deployment = answered(state.orchestrator.cancel(id).await)?;
-    Ok(Json(deployment.view()))
+    Ok(Json(deployment.view()).into_response())
 }

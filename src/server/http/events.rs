@@ -48,7 +48,9 @@ pub(super) async fn live_events(
     let replay = futures_util::stream::iter(running.into_iter().skip(skipped)).filter_map(
         move |id| {
             let view = match store.deployment(&id) {
-                Ok(Some(d)) => Some(Sse::default().event("deployment").data(d.view().to_string())),
+                Ok(Some(d)) => Some(Sse::default()
+                    .event("deployment")
+                    .data(serde_json::to_string(&d.view()).unwrap_or_default())),
                 Ok(None) => None,
                 Err(e) => {
                     tracing::warn!(deployment = %id, error = %e, "reading a deployment for an event stream");
