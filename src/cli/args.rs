@@ -268,10 +268,10 @@ pub enum MachinesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Approve a new machine that waits (auto-approve off). Name the key you approve by the
-    /// fingerprint the agent printed when it started (`boottorrent-agent` logs it), or the
-    /// one `machines show ID` lists as `pending_fingerprint`; a different waiting key is not
-    /// approved. Or, for a site's first enrolment, approve every machine waiting now with
+    /// Approve a new machine that waits (new machines do, unless the server runs with
+    /// auto-approve). Name the key you approve by the fingerprint the agent printed when it
+    /// started (`boottorrent-agent` logs it), or the one `machines show ID` lists as
+    /// `pending_fingerprint`; a different waiting key is not approved. Or, for a site's first enrolment, approve every machine waiting now with
     /// `--all-waiting` (look at `machines list` first: anyone with the enrollment token can
     /// make a machine wait). Needs the admin token.
     Approve {
