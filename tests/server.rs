@@ -538,15 +538,18 @@ fn approval_gates_new_machines_and_names_the_key_it_approves() {
             .machine("pc-10")
             .filter(|m| m["key_state"] == "pending")
     });
-    let out = cli(&[
-        "machines",
-        "approve",
-        "--all-waiting",
-        "--server",
-        &server.url(""),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let approve_all = || {
+        cli(&[
+            "machines",
+            "approve",
+            "--all-waiting",
+            "--server",
+            &server.url(""),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+    };
+    let out = approve_all();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -564,15 +567,7 @@ fn approval_gates_new_machines_and_names_the_key_it_approves() {
         server.machine("pc-9").unwrap()["public_key"],
         hex::encode(reinstalled.key.verifying_key().to_bytes())
     );
-    let again = cli(&[
-        "machines",
-        "approve",
-        "--all-waiting",
-        "--server",
-        &server.url(""),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let again = approve_all();
     assert!(String::from_utf8_lossy(&again.stdout).contains("no machine waits for approval"));
 }
 

@@ -1,7 +1,7 @@
 //! This machine's tracker passkey, and who may fetch images from this machine.
 //!
 //! The server hands the passkey out over HTTP to whoever proves it holds the machine's key
-//! (never over MQTT, where anyone holding the enrollment token may listen); the torrents it
+//! (never over MQTT, which on a broker without topic rules other logins could read); the torrents it
 //! serves this machine announce with it. The same passkey lets the agent ask the tracker
 //! whether a peer that dialled it is in the swarm, so that a host that merely knows an info
 //! hash gets nothing from this machine either.

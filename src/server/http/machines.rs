@@ -194,7 +194,8 @@ impl From<LogEntry> for EventView {
 
 /// `POST /api/v1/machines/{id}/passkey`: a machine's tracker passkey, for a body proving it
 /// holds the machine's approved key (see `boottorrent_proto::passkey_request`). The passkey
-/// never goes over MQTT, where anyone with the enrollment token may listen.
+/// never goes over MQTT: an external broker, or a listener added in a broker file, has no
+/// topic rules to keep other logins from reading it.
 pub(super) async fn machine_passkey(
     State(state): State<AppState>,
     IdPath(id): IdPath<MachineId>,
