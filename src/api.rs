@@ -1,6 +1,7 @@
 //! What the HTTP API's answers mean, shared by the server that writes them and the client
 //! commands that read them, so that neither side guesses the other's meaning.
 
+use boottorrent_proto::{AfterDownload, MachineId, ZoneId};
 use serde::{Deserialize, Serialize};
 
 /// The body of every error answer: `{"error": "<what failed and what to do>", "code": "<code>"}`.
@@ -65,46 +66,6 @@ impl ErrorCode {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codes_are_snake_case_words_on_the_wire() {
-        let body = ErrorBody {
-            error: "no zone lab".into(),
-            code: ErrorCode::NotFound,
-        };
-        let json = serde_json::to_value(&body).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"error": "no zone lab", "code": "not_found"})
-        );
-        assert_eq!(serde_json::from_value::<ErrorBody>(json).unwrap(), body);
-        assert_eq!(
-            serde_json::to_value(ErrorCode::ReadOnlyToken).unwrap(),
-            "read_only_token"
-        );
-        assert_eq!(ErrorCode::KeyMismatch.status(), 409);
-    }
-
-    #[test]
-    fn image_states_are_their_words_on_the_wire() {
-        for status in [
-            ImageStatus::Importing,
-            ImageStatus::Checking,
-            ImageStatus::Ready,
-            ImageStatus::Failed,
-            ImageStatus::Duplicate,
-            ImageStatus::Unavailable,
-        ] {
-            let json = serde_json::to_value(status).unwrap();
-            assert_eq!(json, status.as_str());
-            assert_eq!(serde_json::from_value::<ImageStatus>(json).unwrap(), status);
-        }
-    }
-}
-
 /// An image's state as the API shows it (`state` of an image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -142,5 +103,188 @@ impl ImageStatus {
     /// waits while this holds).
     pub fn is_in_progress(self) -> bool {
         matches!(self, ImageStatus::Importing | ImageStatus::Checking)
+    }
+}
+
+/// Who a deployment is for, as the operator gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Target {
+    /// Every machine (`{"global": true}`).
+    Global(bool),
+    /// Every member of a zone, also those that join later.
+    Zone(ZoneId),
+    /// These machines.
+    Machines(Vec<MachineId>),
+}
+
+impl Target {
+    /// Whether machines that appear later join the deployment.
+    pub fn is_open(&self) -> bool {
+        !matches!(self, Target::Machines(_))
+    }
+
+    /// Whether a machine in `zones` is targeted.
+    pub fn includes(&self, machine: &MachineId, zones: &[ZoneId]) -> bool {
+        match self {
+            Target::Global(_) => true,
+            Target::Zone(zone) => zones.contains(zone),
+            Target::Machines(list) => list.contains(machine),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Global(_) => f.write_str("every machine"),
+            Target::Zone(zone) => write!(f, "zone {zone}"),
+            Target::Machines(list) => write!(f, "{} machine(s)", list.len()),
+        }
+    }
+}
+
+/// What agents do once the image is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Keep it ready.
+    #[default]
+    Stage,
+    /// Make it the next boot entry.
+    SetBoot,
+    /// Make it the next boot entry and reboot into it.
+    Reboot,
+}
+
+impl Action {
+    pub fn after_download(self) -> AfterDownload {
+        match self {
+            Action::Stage => AfterDownload::Stage,
+            Action::SetBoot => AfterDownload::SetBoot,
+            Action::Reboot => AfterDownload::Reboot,
+        }
+    }
+
+    /// The state a machine ends in when all went well.
+    pub fn final_state(self) -> MachineState {
+        match self {
+            Action::Stage => MachineState::Staged,
+            Action::SetBoot | Action::Reboot => MachineState::Booted,
+        }
+    }
+}
+
+/// Where one machine of a deployment stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineState {
+    Pending,
+    Downloading,
+    Verifying,
+    Staged,
+    Booting,
+    Booted,
+    Failed,
+    Stalled,
+    Cancelled,
+}
+
+impl MachineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::Pending => "pending",
+            MachineState::Downloading => "downloading",
+            MachineState::Verifying => "verifying",
+            MachineState::Staged => "staged",
+            MachineState::Booting => "booting",
+            MachineState::Booted => "booted",
+            MachineState::Failed => "failed",
+            MachineState::Stalled => "stalled",
+            MachineState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The deployment as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverallState {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl OverallState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverallState::Running => "running",
+            OverallState::Completed => "completed",
+            OverallState::Failed => "failed",
+            OverallState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The body of `POST /api/v1/deployments`: what the operator asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    /// An image id, or a name only one image has.
+    pub image: String,
+    pub target: Target,
+    #[serde(default)]
+    pub action: Action,
+}
+
+/// Where a zone's definition came from (`source` of a zone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZoneSource {
+    /// The server's config file.
+    #[default]
+    Config,
+    /// The HTTP API (operator), which wins over the file until the zone is deleted.
+    Api,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_snake_case_words_on_the_wire() {
+        let body = ErrorBody {
+            error: "no zone lab".into(),
+            code: ErrorCode::NotFound,
+        };
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": "no zone lab", "code": "not_found"})
+        );
+        assert_eq!(serde_json::from_value::<ErrorBody>(json).unwrap(), body);
+        assert_eq!(
+            serde_json::to_value(ErrorCode::ReadOnlyToken).unwrap(),
+            "read_only_token"
+        );
+        assert_eq!(ErrorCode::KeyMismatch.status(), 409);
+    }
+
+    #[test]
+    fn image_states_are_their_words_on_the_wire() {
+        for status in [
+            ImageStatus::Importing,
+            ImageStatus::Checking,
+            ImageStatus::Ready,
+            ImageStatus::Failed,
+            ImageStatus::Duplicate,
+            ImageStatus::Unavailable,
+        ] {
+            let json = serde_json::to_value(status).unwrap();
+            assert_eq!(json, status.as_str());
+            assert_eq!(serde_json::from_value::<ImageStatus>(json).unwrap(), status);
+        }
     }
 }

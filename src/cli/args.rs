@@ -359,12 +359,12 @@ pub enum DeployAction {
 }
 
 impl DeployAction {
-    /// The spelling of the API.
-    pub fn api_name(self) -> &'static str {
+    /// The action as the API takes it.
+    pub fn api_action(self) -> crate::api::Action {
         match self {
-            DeployAction::Stage => "stage",
-            DeployAction::SetBoot => "set_boot",
-            DeployAction::Reboot => "reboot",
+            DeployAction::Stage => crate::api::Action::Stage,
+            DeployAction::SetBoot => crate::api::Action::SetBoot,
+            DeployAction::Reboot => crate::api::Action::Reboot,
         }
     }
 }
@@ -632,7 +632,7 @@ mod tests {
             let Ok(Command::Deploy(args)) = parse(&line) else {
                 panic!("{line}");
             };
-            assert_eq!(args.action.api_name(), api);
+            assert_eq!(serde_json::to_value(args.action.api_action()).unwrap(), api);
             assert!(args.target.global && args.watch);
         }
         assert_eq!(

@@ -1,12 +1,14 @@
 //! The operator's client commands: `boottorrent machines ...` and `boottorrent image ...`
-//! against the HTTP API, and the request helpers every client command uses (deployments and
-//! zones are in `deploy_cmd`, `status` in `status`).
+//! against the HTTP API, and what every client command uses: requests, and the API's error
+//! answers put in the operator's terms (deployments and zones are in `deploy`, `status` in
+//! `status`).
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
 
 use crate::api::{ErrorCode, ImageStatus};
 use crate::cli::args::{ClientArgs, ImageCommand, MachinesCommand};
+use crate::cli::view::Deployment;
 use crate::server::credentials::read_admin_token;
 
 /// Runs one `machines` subcommand and prints its result.
@@ -389,6 +391,180 @@ fn print_table(machines: &[Value]) {
             text("hostname"),
             m["images"].as_array().map_or(0, Vec::len),
             zones.join(",")
+        );
+    }
+}
+
+/// What an operator's request was about, to put the server's refusals in its terms.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Subject<'a> {
+    /// A list or a stream: nothing in particular can be missing.
+    Listing,
+    Deployment(&'a str),
+    NewDeployment,
+    Zone(&'a str),
+    ZoneUpdate(&'a str),
+}
+
+/// Rewrites the API's error answers the operator can act on into what failed and what to do;
+/// anything else (a connection error, say) is returned unchanged.
+pub(crate) fn explain(
+    client: &ClientArgs,
+    error: anyhow::Error,
+    subject: Subject<'_>,
+) -> anyhow::Error {
+    let Some(http) = error.downcast_ref::<HttpError>() else {
+        return error;
+    };
+    let server = client.server.trim_end_matches('/');
+    let path = http.url.strip_prefix(server).unwrap_or(&http.url);
+    let Some(code) = http.code else {
+        return anyhow!(
+            "{server} answered {path} with HTTP {} but not with the API's error body; is it \
+             an older BootTorrent server than this client, or something else at that address?",
+            http.status
+        );
+    };
+    let message = http.message.as_deref().unwrap_or("no message");
+    let text = match (code, subject) {
+        (ErrorCode::NoSuchEndpoint, _) => {
+            format!("{server} has no {path}; is it an older BootTorrent server than this client?")
+        }
+        (ErrorCode::Unauthorized | ErrorCode::HttpsRequired, _) => format!(
+            "{server} refused the admin token ({message}); pass the server's token with --token \
+             or BOOTTORRENT_TOKEN, or its data directory with --data-dir"
+        ),
+        (ErrorCode::ReadOnlyToken | ErrorCode::Forbidden, _) => format!(
+            "{server} refused the change: {message}; pass the admin token with --token or \
+             BOOTTORRENT_TOKEN, not the viewer token"
+        ),
+        (ErrorCode::NotFound, Subject::Deployment(id)) => {
+            format!("no deployment {id} on {server}; `boottorrent deployments list` shows them")
+        }
+        (ErrorCode::NotFound, Subject::Zone(id) | Subject::ZoneUpdate(id)) => {
+            format!("no zone {id} on {server}; `boottorrent zones list` shows them")
+        }
+        (ErrorCode::NotFound, Subject::NewDeployment) => format!(
+            "nothing deployed: {message}; `boottorrent image list`, `boottorrent zones list` and \
+             `boottorrent machines list` show what {server} knows"
+        ),
+        (ErrorCode::Conflict, Subject::NewDeployment) => format!(
+            "nothing deployed: {message}; only a ready image can be deployed, \
+             `boottorrent image list` shows each image's state"
+        ),
+        (ErrorCode::InvalidRequest, Subject::NewDeployment) => {
+            format!("nothing deployed: {message}")
+        }
+        (ErrorCode::InvalidRequest, Subject::ZoneUpdate(id)) => {
+            format!("zone {id} was not saved: {message}")
+        }
+        _ => return error,
+    };
+    anyhow!(text)
+}
+
+/// Every deployment, newest first.
+pub(crate) async fn list_deployments(client: &ClientArgs) -> anyhow::Result<Vec<Deployment>> {
+    let list = get(client, "/api/v1/deployments")
+        .await
+        .map_err(|e| explain(client, e, Subject::Listing))?;
+    match list {
+        Value::Array(items) => items.into_iter().map(Deployment::from_json).collect(),
+        other => Err(anyhow!(
+            "{}/api/v1/deployments answered {other}, not a list of deployments",
+            client.server.trim_end_matches('/')
+        )),
+    }
+}
+
+pub(crate) async fn get_deployment(client: &ClientArgs, id: &str) -> anyhow::Result<Deployment> {
+    let raw = get(client, &format!("/api/v1/deployments/{id}"))
+        .await
+        .map_err(|e| explain(client, e, Subject::Deployment(id)))?;
+    Deployment::from_json(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> ClientArgs {
+        ClientArgs {
+            server: "http://s:8080".into(),
+            ca_cert: None,
+            token: None,
+            data_dir: "./data".into(),
+            json: false,
+        }
+    }
+
+    fn http_error(code: Option<ErrorCode>, status: u16, message: Option<&str>) -> anyhow::Error {
+        HttpError {
+            url: "http://s:8080/api/v1/deployments/d-9".into(),
+            status: reqwest::StatusCode::from_u16(status).unwrap(),
+            code,
+            message: message.map(str::to_owned),
+        }
+        .into()
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let c = client();
+        let e = explain(
+            &c,
+            http_error(Some(ErrorCode::NotFound), 404, Some("unknown")),
+            Subject::Deployment("d-9"),
+        );
+        assert_eq!(
+            e.to_string(),
+            "no deployment d-9 on http://s:8080; `boottorrent deployments list` shows them"
+        );
+        let e = explain(
+            &c,
+            http_error(
+                Some(ErrorCode::NoSuchEndpoint),
+                404,
+                Some("no such endpoint"),
+            ),
+            Subject::Deployment("d-9"),
+        );
+        assert!(
+            e.to_string().contains("has no /api/v1/deployments/d-9"),
+            "{e}"
+        );
+        // Not the API's body: said so, whatever the status.
+        let e = explain(&c, http_error(None, 404, None), Subject::Deployment("d-9"));
+        assert!(
+            e.to_string().contains("not with the API's error body"),
+            "{e}"
+        );
+        let e = explain(
+            &c,
+            http_error(Some(ErrorCode::Unauthorized), 401, Some("bad token")),
+            Subject::Zone("lab"),
+        );
+        assert!(e.to_string().contains("--token"), "{e}");
+        let e = explain(
+            &c,
+            http_error(Some(ErrorCode::Conflict), 409, Some("image x is importing")),
+            Subject::NewDeployment,
+        );
+        assert!(
+            e.to_string()
+                .starts_with("nothing deployed: image x is importing;"),
+            "{e}"
+        );
+        // What the command cannot explain better stays the server's own words.
+        let e = explain(
+            &c,
+            http_error(Some(ErrorCode::Internal), 500, Some("disk")),
+            Subject::NewDeployment,
+        );
+        assert!(
+            e.to_string()
+                .ends_with("HTTP 500 Internal Server Error: disk"),
+            "{e}"
         );
     }
 }

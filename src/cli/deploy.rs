@@ -1,182 +1,25 @@
 //! `boottorrent deploy`, `boottorrent deployments ...` and `boottorrent zones ...`: the API's
-//! deployments and zones (docs/api.md) for the operator, and the deployment model and text
-//! helpers that `status` shares.
+//! deployments and zones (docs/api.md) for the operator.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
 use indicatif::HumanBytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::ErrorCode;
+use crate::api::{CreateDeployment, Target, ZoneSource};
 use crate::cli::args::{
     ClientArgs, DeployArgs, DeploymentsArgs, DeploymentsCommand, ZoneMembers, ZonesArgs,
     ZonesCommand,
 };
-use crate::cli::client::{HttpError, get, send};
+use crate::cli::client::{Subject, explain, get, get_deployment, list_deployments, send};
 use crate::cli::status;
-
-/// A deployment as the API shows it. Every field has a default and unknown fields are
-/// ignored, so that a server newer than this client does not break it.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub(crate) struct Deployment {
-    pub id: String,
-    pub image: String,
-    pub image_name: String,
-    pub target: Value,
-    pub action: String,
-    pub created_ms: i64,
-    pub state: String,
-    pub counts: BTreeMap<String, u64>,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub download_bps: u64,
-    pub machines: Vec<MachineProgress>,
-    /// The server's JSON as received, for `--json`.
-    #[serde(skip)]
-    pub raw: Value,
-}
-
-/// Where one machine of a deployment stands (`MachineProgress` in the API).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub(crate) struct MachineProgress {
-    pub id: String,
-    pub state: String,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub download_bps: u64,
-    pub error: Option<String>,
-    pub updated_ms: i64,
-    pub transitions: Vec<Transition>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub(crate) struct Transition {
-    pub state: String,
-    pub at_ms: i64,
-}
-
-impl MachineProgress {
-    /// The download rate, if it is downloading: agents' last report lingers after they stop,
-    /// and the API's total counts only machines that download.
-    pub(crate) fn current_download_bps(&self) -> u64 {
-        if self.state == "downloading" {
-            self.download_bps
-        } else {
-            0
-        }
-    }
-}
-
-impl Deployment {
-    pub(crate) fn from_json(raw: Value) -> anyhow::Result<Deployment> {
-        let mut deployment = Deployment::deserialize(&raw)
-            .context("the server's deployment does not have the shape of docs/api.md")?;
-        deployment.raw = raw;
-        Ok(deployment)
-    }
-
-    /// Whether it reached an end: nothing more will happen to it.
-    pub(crate) fn is_finished(&self) -> bool {
-        matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
-    }
-
-    /// "win11 to zone lab, action set_boot".
-    pub(crate) fn describe(&self) -> String {
-        format!(
-            "{} to {}, action {}",
-            self.image_name,
-            target_text(&self.target),
-            self.action
-        )
-    }
-
-    /// How many machines are in each state: counted from `machines` where the API gave them,
-    /// so that the numbers agree with the per-machine lines printed next to them.
-    pub(crate) fn state_counts(&self) -> BTreeMap<String, u64> {
-        if self.machines.is_empty() {
-            return self.counts.clone();
-        }
-        let mut counts = BTreeMap::new();
-        for m in &self.machines {
-            *counts.entry(m.state.clone()).or_default() += 1;
-        }
-        counts
-    }
-}
-
-/// What an operator's request was about, to put the server's refusals in its terms.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Subject<'a> {
-    /// A list or a stream: nothing in particular can be missing.
-    Listing,
-    Deployment(&'a str),
-    NewDeployment,
-    Zone(&'a str),
-    ZoneUpdate(&'a str),
-}
-
-/// Rewrites the API's error answers the operator can act on into what failed and what to do;
-/// anything else (a connection error, say) is returned unchanged.
-pub(crate) fn explain(
-    client: &ClientArgs,
-    error: anyhow::Error,
-    subject: Subject<'_>,
-) -> anyhow::Error {
-    let Some(http) = error.downcast_ref::<HttpError>() else {
-        return error;
-    };
-    let server = client.server.trim_end_matches('/');
-    let path = http.url.strip_prefix(server).unwrap_or(&http.url);
-    let Some(code) = http.code else {
-        return anyhow!(
-            "{server} answered {path} with HTTP {} but not with the API's error body; is it \
-             an older BootTorrent server than this client, or something else at that address?",
-            http.status
-        );
-    };
-    let message = http.message.as_deref().unwrap_or("no message");
-    let text = match (code, subject) {
-        (ErrorCode::NoSuchEndpoint, _) => {
-            format!("{server} has no {path}; is it an older BootTorrent server than this client?")
-        }
-        (ErrorCode::Unauthorized | ErrorCode::HttpsRequired, _) => format!(
-            "{server} refused the admin token ({message}); pass the server's token with --token \
-             or BOOTTORRENT_TOKEN, or its data directory with --data-dir"
-        ),
-        (ErrorCode::ReadOnlyToken | ErrorCode::Forbidden, _) => format!(
-            "{server} refused the change: {message}; pass the admin token with --token or \
-             BOOTTORRENT_TOKEN, not the viewer token"
-        ),
-        (ErrorCode::NotFound, Subject::Deployment(id)) => {
-            format!("no deployment {id} on {server}; `boottorrent deployments list` shows them")
-        }
-        (ErrorCode::NotFound, Subject::Zone(id) | Subject::ZoneUpdate(id)) => {
-            format!("no zone {id} on {server}; `boottorrent zones list` shows them")
-        }
-        (ErrorCode::NotFound, Subject::NewDeployment) => format!(
-            "nothing deployed: {message}; `boottorrent image list`, `boottorrent zones list` and \
-             `boottorrent machines list` show what {server} knows"
-        ),
-        (ErrorCode::Conflict, Subject::NewDeployment) => format!(
-            "nothing deployed: {message}; only a ready image can be deployed, \
-             `boottorrent image list` shows each image's state"
-        ),
-        (ErrorCode::InvalidRequest, Subject::NewDeployment) => {
-            format!("nothing deployed: {message}")
-        }
-        (ErrorCode::InvalidRequest, Subject::ZoneUpdate(id)) => {
-            format!("zone {id} was not saved: {message}")
-        }
-        _ => return error,
-    };
-    anyhow!(text)
-}
+use crate::cli::text::{
+    Align, counts_line, counts_text, describe, machines_text, percent_text, plural, rate_text,
+    table, target_text, time_text,
+};
+use crate::cli::view::{Deployment, Word, Zone};
 
 /// `boottorrent deploy`.
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
@@ -187,19 +30,30 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         watch,
         client,
     } = args;
+    // The ids were checked as the arguments were parsed.
     let target = if let Some(zone) = target.zone {
-        json!({ "zone": zone })
+        Target::Zone(zone.parse()?)
     } else if target.global {
-        json!({ "global": true })
+        Target::Global(true)
     } else {
-        json!({ "machines": target.machines })
+        Target::Machines(
+            target
+                .machines
+                .iter()
+                .map(|id| id.parse())
+                .collect::<Result<_, _>>()?,
+        )
     };
-    let body = json!({ "image": image, "target": target, "action": action.api_name() });
+    let body = CreateDeployment {
+        image,
+        target,
+        action: action.api_action(),
+    };
     let raw = send(
         &client,
         reqwest::Method::POST,
         "/api/v1/deployments",
-        Some(body),
+        Some(serde_json::to_value(body)?),
     )
     .await
     .map_err(|e| explain(&client, e, Subject::NewDeployment))?;
@@ -207,10 +61,12 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     let mut started = format!(
         "deployment {} started: {}, {}",
         deployment.id,
-        deployment.describe(),
+        describe(&deployment),
         machines_text(deployment.machines.len() as u64)
     );
-    if deployment.machines.is_empty() && !deployment.target["machines"].is_array() {
+    if deployment.machines.is_empty()
+        && !matches!(deployment.target, Word::Known(Target::Machines(_)))
+    {
         started.push_str(" yet (machines that join are taken in)");
     }
     if watch {
@@ -274,34 +130,13 @@ pub async fn deployments(args: DeploymentsArgs) -> anyhow::Result<()> {
                 println!(
                     "deployment {id} {}: {}; {}",
                     deployment.state,
-                    deployment.describe(),
+                    describe(&deployment),
                     counts_line(&deployment.state_counts())
                 );
             }
         }
     }
     Ok(())
-}
-
-/// Every deployment, newest first.
-pub(crate) async fn list_deployments(client: &ClientArgs) -> anyhow::Result<Vec<Deployment>> {
-    let list = get(client, "/api/v1/deployments")
-        .await
-        .map_err(|e| explain(client, e, Subject::Listing))?;
-    match list {
-        Value::Array(items) => items.into_iter().map(Deployment::from_json).collect(),
-        other => Err(anyhow!(
-            "{}/api/v1/deployments answered {other}, not a list of deployments",
-            client.server.trim_end_matches('/')
-        )),
-    }
-}
-
-pub(crate) async fn get_deployment(client: &ClientArgs, id: &str) -> anyhow::Result<Deployment> {
-    let raw = get(client, &format!("/api/v1/deployments/{id}"))
-        .await
-        .map_err(|e| explain(client, e, Subject::Deployment(id)))?;
-    Deployment::from_json(raw)
 }
 
 fn deployments_table(list: &[Deployment]) -> String {
@@ -312,8 +147,8 @@ fn deployments_table(list: &[Deployment]) -> String {
                 d.id.clone(),
                 d.image_name.clone(),
                 target_text(&d.target),
-                d.action.clone(),
-                d.state.clone(),
+                d.action.to_string(),
+                d.state.to_string(),
                 counts_text(&d.counts, |_| None),
                 time_text(d.created_ms),
             ]
@@ -358,7 +193,7 @@ fn deployment_details(d: &Deployment) -> String {
         .map(|m| {
             vec![
                 m.id.clone(),
-                m.state.clone(),
+                m.state.to_string(),
                 percent_text(m.bytes_done, m.bytes_total).unwrap_or_else(|| "-".into()),
                 rate_text(m.current_download_bps()),
                 m.error.clone().unwrap_or_else(|| "-".into()),
@@ -377,18 +212,6 @@ fn deployment_details(d: &Deployment) -> String {
         &rows,
     );
     out
-}
-
-/// A zone as the API shows it.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-struct Zone {
-    id: String,
-    machines: Vec<String>,
-    subnets: Vec<String>,
-    images: Vec<String>,
-    source: String,
-    members: Vec<String>,
 }
 
 /// `boottorrent zones ...`.
@@ -471,7 +294,7 @@ pub async fn zones(args: ZonesArgs) -> anyhow::Result<()> {
             if !zone.images.is_empty() {
                 text += " The deployments of its images are cancelled.";
             }
-            if zone.source == "config" {
+            if zone.source.is(ZoneSource::Config) {
                 text += " It comes back from the server's config file at the server's next \
                          start unless it is removed there too.";
             }
@@ -510,10 +333,10 @@ fn zone_details(zone: &Zone, verb: &str, names: &BTreeMap<String, String>) -> St
             None => id.clone(),
         })
         .collect();
-    let source = match zone.source.as_str() {
-        "config" => "from the server's config file",
-        "api" => "set through the API",
-        _ => "of unknown origin",
+    let source = match zone.source {
+        Word::Known(ZoneSource::Config) => "from the server's config file",
+        Word::Known(ZoneSource::Api) => "set through the API",
+        Word::Unknown(_) => "of unknown origin",
     };
     let mut out = format!("zone {} {verb}({source})\n", zone.id);
     out += &format!("  machines  {}\n", list(&zone.machines));
@@ -539,7 +362,7 @@ fn zones_table(zones: &[Zone], names: &BTreeMap<String, String>) -> String {
         .map(|z| {
             vec![
                 z.id.clone(),
-                z.source.clone(),
+                z.source.to_string(),
                 z.members.len().to_string(),
                 list(z.machines.iter().map(String::as_str).collect()),
                 list(z.subnets.iter().map(String::as_str).collect()),
@@ -601,272 +424,9 @@ fn resolve_image(catalog: &[Value], given: &str, server: &str) -> anyhow::Result
     }
 }
 
-/// "zone lab", "machines pc-01, pc-02", "every machine".
-pub(crate) fn target_text(target: &Value) -> String {
-    if let Some(zone) = target["zone"].as_str() {
-        return format!("zone {zone}");
-    }
-    if target["global"] == true {
-        return "every machine".to_owned();
-    }
-    if let Some(list) = target["machines"].as_array() {
-        const SHOWN: usize = 3;
-        let ids: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
-        let mut text = format!(
-            "{} {}",
-            if ids.len() == 1 {
-                "machine"
-            } else {
-                "machines"
-            },
-            ids[..ids.len().min(SHOWN)].join(", ")
-        );
-        if ids.len() > SHOWN {
-            text += &format!(" and {} more", ids.len() - SHOWN);
-        }
-        return text;
-    }
-    target.to_string()
-}
-
-/// Machine states from the furthest along to the ones that need attention, the order counts
-/// are listed in.
-const STATE_ORDER: [&str; 9] = [
-    "booted",
-    "booting",
-    "staged",
-    "verifying",
-    "downloading",
-    "pending",
-    "stalled",
-    "failed",
-    "cancelled",
-];
-
-/// "3 booted, 1 downloading"; `note` may add a remark after a state's count ("(pc-03: disk
-/// full)"). States this client does not know come last, by name.
-pub(crate) fn counts_text(
-    counts: &BTreeMap<String, u64>,
-    note: impl Fn(&str) -> Option<String>,
-) -> String {
-    let rank = |state: &str| {
-        STATE_ORDER
-            .iter()
-            .position(|s| *s == state)
-            .unwrap_or(STATE_ORDER.len())
-    };
-    let mut present: Vec<(&String, u64)> = counts
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(s, n)| (s, *n))
-        .collect();
-    present.sort_by_key(|(state, _)| rank(state));
-    if present.is_empty() {
-        return "no machines".to_owned();
-    }
-    present
-        .iter()
-        .map(|(state, n)| match note(state) {
-            Some(note) => format!("{n} {state} {note}"),
-            None => format!("{n} {state}"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// "4 machines: 3 booted, 1 downloading".
-pub(crate) fn counts_line(counts: &BTreeMap<String, u64>) -> String {
-    let total = counts.values().sum();
-    if total == 0 {
-        return "no machines".to_owned();
-    }
-    format!(
-        "{}: {}",
-        machines_text(total),
-        counts_text(counts, |_| None)
-    )
-}
-
-pub(crate) fn machines_text(n: u64) -> String {
-    plural(n, "machine")
-}
-
-fn plural(n: u64, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
-}
-
-/// Whole percent, rounded down so that 100% means done; `None` when the size is unknown.
-pub(crate) fn percent_text(done: u64, total: u64) -> Option<String> {
-    (total > 0).then(|| format!("{}%", u128::from(done.min(total)) * 100 / u128::from(total)))
-}
-
-pub(crate) fn rate_text(bytes_per_sec: u64) -> String {
-    if bytes_per_sec == 0 {
-        "-".to_owned()
-    } else {
-        format!("{}/s", HumanBytes(bytes_per_sec))
-    }
-}
-
-/// The time left at the current rate, if there is a rate.
-pub(crate) fn eta_text(done: u64, total: u64, bytes_per_sec: u64) -> Option<String> {
-    (bytes_per_sec > 0 && total > done).then(|| {
-        let secs = (total - done) / bytes_per_sec;
-        format!(
-            "{} left",
-            indicatif::HumanDuration(Duration::from_secs(secs))
-        )
-    })
-}
-
-/// A Unix-millisecond time as RFC 3339 in UTC, to the second.
-pub(crate) fn time_text(ms: i64) -> String {
-    match u64::try_from(ms) {
-        Ok(ms) if ms > 0 => {
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-        }
-        _ => "-".to_owned(),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Align {
-    Left,
-    Right,
-}
-
-/// Columns two spaces apart, each as wide as its widest cell; no trailing spaces.
-pub(crate) fn table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
-    let header: Vec<String> = columns.iter().map(|(name, _)| (*name).to_owned()).collect();
-    let widths: Vec<usize> = (0..columns.len())
-        .map(|c| {
-            std::iter::once(&header)
-                .chain(rows)
-                .map(|row| row.get(c).map_or(0, |cell| cell.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
-        let cells: Vec<String> = columns
-            .iter()
-            .enumerate()
-            .map(|(c, (_, align))| {
-                let cell = row.get(c).map_or("", String::as_str);
-                let width = widths[c];
-                match align {
-                    Align::Left => format!("{cell:<width$}"),
-                    Align::Right => format!("{cell:>width$}"),
-                }
-            })
-            .collect();
-        out += cells.join("  ").trim_end();
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
-        pairs.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect()
-    }
-
-    #[test]
-    fn counts_go_from_furthest_along_to_trouble() {
-        assert_eq!(
-            counts_text(&counts(&[("downloading", 1), ("booted", 3)]), |_| None),
-            "3 booted, 1 downloading"
-        );
-        assert_eq!(
-            counts_text(
-                &counts(&[
-                    ("failed", 1),
-                    ("pending", 2),
-                    ("staged", 1),
-                    ("zapped", 1),
-                    ("stalled", 1),
-                    ("booting", 0)
-                ]),
-                |_| None
-            ),
-            "1 staged, 2 pending, 1 stalled, 1 failed, 1 zapped"
-        );
-        assert_eq!(counts_text(&counts(&[]), |_| None), "no machines");
-        assert_eq!(
-            counts_text(&counts(&[("failed", 1), ("booted", 1)]), |s| {
-                (s == "failed").then(|| "(pc-03: disk full)".to_owned())
-            }),
-            "1 booted, 1 failed (pc-03: disk full)"
-        );
-        assert_eq!(
-            counts_line(&counts(&[("booted", 1)])),
-            "1 machine: 1 booted"
-        );
-        assert_eq!(
-            counts_line(&counts(&[("booted", 2), ("verifying", 1)])),
-            "3 machines: 2 booted, 1 verifying"
-        );
-    }
-
-    #[test]
-    fn targets_read_as_words() {
-        assert_eq!(target_text(&json!({"zone": "lab"})), "zone lab");
-        assert_eq!(target_text(&json!({"global": true})), "every machine");
-        assert_eq!(
-            target_text(&json!({"machines": ["pc-01"]})),
-            "machine pc-01"
-        );
-        assert_eq!(
-            target_text(&json!({"machines": ["a", "b", "c", "d", "e"]})),
-            "machines a, b, c and 2 more"
-        );
-        assert_eq!(target_text(&json!({"other": 1})), r#"{"other":1}"#);
-    }
-
-    #[test]
-    fn percentages_round_down_and_need_a_size() {
-        assert_eq!(percent_text(999, 1000).as_deref(), Some("99%"));
-        assert_eq!(percent_text(1000, 1000).as_deref(), Some("100%"));
-        assert_eq!(percent_text(u64::MAX, u64::MAX).as_deref(), Some("100%"));
-        assert_eq!(percent_text(5, 0), None);
-        assert_eq!(rate_text(0), "-");
-        assert_eq!(rate_text(2048), "2.00 KiB/s");
-        assert_eq!(eta_text(0, 100, 0), None);
-        assert_eq!(eta_text(0, 120, 1).as_deref(), Some("2 minutes left"));
-    }
-
-    #[test]
-    fn times_are_utc_to_the_second() {
-        assert_eq!(time_text(1_764_028_800_123), "2025-11-25T00:00:00Z");
-        assert_eq!(time_text(0), "-");
-    }
-
-    #[test]
-    fn tables_align_without_trailing_spaces() {
-        let rows = vec![
-            vec!["pc-01".to_owned(), "5%".to_owned(), "".to_owned()],
-            vec!["a".to_owned(), "100%".to_owned(), "x".to_owned()],
-        ];
-        assert_eq!(
-            table(
-                &[
-                    ("ID", Align::Left),
-                    ("DONE", Align::Right),
-                    ("E", Align::Left)
-                ],
-                &rows
-            ),
-            "ID     DONE  E\npc-01    5%\na      100%  x\n"
-        );
-    }
 
     #[test]
     fn images_resolve_by_id_or_unique_name() {
@@ -882,98 +442,5 @@ mod tests {
         assert!(ambiguous.to_string().contains("bb, cc"), "{ambiguous}");
         let unknown = resolve_image(&catalog, "nope", server).unwrap_err();
         assert!(unknown.to_string().contains("image list"), "{unknown}");
-    }
-
-    #[test]
-    fn deployments_parse_leniently() {
-        let d = Deployment::from_json(json!({
-            "id": "d-1", "state": "running", "action": "stage", "future_field": [1, 2],
-            "machines": [{"id": "pc-01", "state": "pending", "extra": true}]
-        }))
-        .unwrap();
-        assert_eq!(d.machines[0].id, "pc-01");
-        assert_eq!(d.raw["future_field"], json!([1, 2]));
-        assert!(!d.is_finished());
-        assert_eq!(d.state_counts(), counts(&[("pending", 1)]));
-    }
-
-    fn client() -> ClientArgs {
-        ClientArgs {
-            server: "http://s:8080".into(),
-            ca_cert: None,
-            token: None,
-            data_dir: "./data".into(),
-            json: false,
-        }
-    }
-
-    fn http_error(code: Option<ErrorCode>, status: u16, message: Option<&str>) -> anyhow::Error {
-        HttpError {
-            url: "http://s:8080/api/v1/deployments/d-9".into(),
-            status: reqwest::StatusCode::from_u16(status).unwrap(),
-            code,
-            message: message.map(str::to_owned),
-        }
-        .into()
-    }
-
-    #[test]
-    fn refusals_say_what_to_do() {
-        let c = client();
-        let e = explain(
-            &c,
-            http_error(Some(ErrorCode::NotFound), 404, Some("unknown")),
-            Subject::Deployment("d-9"),
-        );
-        assert_eq!(
-            e.to_string(),
-            "no deployment d-9 on http://s:8080; `boottorrent deployments list` shows them"
-        );
-        let e = explain(
-            &c,
-            http_error(
-                Some(ErrorCode::NoSuchEndpoint),
-                404,
-                Some("no such endpoint"),
-            ),
-            Subject::Deployment("d-9"),
-        );
-        assert!(
-            e.to_string().contains("has no /api/v1/deployments/d-9"),
-            "{e}"
-        );
-        // Not the API's body: said so, whatever the status.
-        let e = explain(&c, http_error(None, 404, None), Subject::Deployment("d-9"));
-        assert!(
-            e.to_string().contains("not with the API's error body"),
-            "{e}"
-        );
-        let e = explain(
-            &c,
-            http_error(Some(ErrorCode::Unauthorized), 401, Some("bad token")),
-            Subject::Zone("lab"),
-        );
-        assert!(e.to_string().contains("--token"), "{e}");
-        let e = explain(
-            &c,
-            http_error(Some(ErrorCode::Conflict), 409, Some("image x is importing")),
-            Subject::NewDeployment,
-        );
-        assert!(
-            e.to_string()
-                .starts_with("nothing deployed: image x is importing;"),
-            "{e}"
-        );
-        // What the command cannot explain better stays the server's own words.
-        let e = explain(
-            &c,
-            http_error(Some(ErrorCode::Internal), 500, Some("disk")),
-            Subject::NewDeployment,
-        );
-        assert!(
-            e.to_string()
-                .ends_with("HTTP 500 Internal Server Error: disk"),
-            "{e}"
-        );
     }
 }

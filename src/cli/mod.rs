@@ -5,4 +5,6 @@ pub mod args;
 pub mod client;
 pub mod deploy;
 pub mod status;
+pub mod text;
 pub mod torrent;
+pub mod view;

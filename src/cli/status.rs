@@ -12,13 +12,16 @@ use anyhow::{Context, bail};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 
-use crate::api::ErrorCode;
+use crate::api::{ErrorCode, MachineState, OverallState};
 use crate::cli::args::{ClientArgs, StatusArgs};
-use crate::cli::client::{HttpError, succeeded, url};
-use crate::cli::deploy::{
-    Align, Deployment, MachineProgress, Subject, counts_text, eta_text, explain, get_deployment,
-    list_deployments, machines_text, percent_text, rate_text, table, time_text,
+use crate::cli::client::{
+    HttpError, Subject, explain, get_deployment, list_deployments, succeeded, url,
 };
+use crate::cli::text::{
+    Align, counts_text, describe, eta_text, machines_text, percent_text, rate_text, table,
+    time_text,
+};
+use crate::cli::view::{Deployment, MachineProgress, Transition, Word};
 
 /// The server sends a comment every 15 s; this much silence means the connection is dead even
 /// if the socket has not noticed.
@@ -47,7 +50,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             let list = list_deployments(&client).await?;
             let running: Vec<Deployment> = list
                 .iter()
-                .filter(|d| d.state == "running")
+                .filter(|d| d.state.is(OverallState::Running))
                 .cloned()
                 .collect();
             if running.is_empty() {
@@ -102,7 +105,7 @@ pub(crate) async fn follow(
         if header {
             view.line(&header_text(&deployment));
         }
-        let (tracker, changes) = Tracker::new(deployment);
+        let (tracker, changes) = Watch::new(deployment);
         view.show(&tracker, &changes, label);
         trackers.push(tracker);
     }
@@ -158,7 +161,7 @@ pub(crate) async fn follow(
 async fn stream_once(
     client: &ClientArgs,
     http: &reqwest::Client,
-    trackers: &mut [Tracker],
+    trackers: &mut [Watch],
     view: &mut View,
     label: bool,
     reconnecting: &mut bool,
@@ -236,7 +239,7 @@ async fn stream_once(
 /// Reads every deployment still followed afresh.
 async fn refresh(
     client: &ClientArgs,
-    trackers: &mut [Tracker],
+    trackers: &mut [Watch],
     view: &mut View,
     label: bool,
 ) -> anyhow::Result<()> {
@@ -281,7 +284,7 @@ fn header_text(d: &Deployment) -> String {
     format!(
         "deployment {}: {}, created {}",
         d.id,
-        d.describe(),
+        describe(d),
         time_text(d.created_ms)
     )
 }
@@ -298,7 +301,7 @@ fn snapshot_text(d: &Deployment) -> String {
             .map(|m| {
                 vec![
                     m.id.clone(),
-                    m.state.clone(),
+                    m.state.to_string(),
                     bytes(m.bytes_done, m.bytes_total),
                     percent_text(m.bytes_done, m.bytes_total).unwrap_or_else(|| "-".into()),
                     rate_text(m.current_download_bps()),
@@ -341,14 +344,17 @@ pub(crate) fn summary(d: &Deployment) -> String {
 }
 
 /// Which machines are failed or stalled, and why.
-fn reasons(d: &Deployment, state: &str) -> Option<String> {
-    if !matches!(state, "failed" | "stalled") {
+fn reasons(d: &Deployment, state: &Word<MachineState>) -> Option<String> {
+    if !matches!(
+        state,
+        Word::Known(MachineState::Failed | MachineState::Stalled)
+    ) {
         return None;
     }
     let named: Vec<String> = d
         .machines
         .iter()
-        .filter(|m| m.state == state)
+        .filter(|m| m.state == *state)
         .map(|m| {
             format!(
                 "{}: {}",
@@ -371,13 +377,17 @@ fn reasons(d: &Deployment, state: &str) -> Option<String> {
 /// error; a completed or (when not watching) still running deployment is not.
 pub(crate) fn verdict(d: &Deployment) -> Result<(), String> {
     let show = format!("`boottorrent deployments show {}`", d.id);
-    if d.state == "cancelled" {
+    if d.state.is(OverallState::Cancelled) {
         return Err(format!(
             "deployment {} was cancelled; {show} shows where its machines stood",
             d.id
         ));
     }
-    let failed = d.state_counts().get("failed").copied().unwrap_or(0);
+    let failed = d
+        .state_counts()
+        .get(&Word::Known(MachineState::Failed))
+        .copied()
+        .unwrap_or(0);
     let total: u64 = d.state_counts().values().sum();
     if failed > 0 {
         return Err(format!(
@@ -386,7 +396,7 @@ pub(crate) fn verdict(d: &Deployment) -> Result<(), String> {
             d.id
         ));
     }
-    if d.state == "failed" {
+    if d.state.is(OverallState::Failed) {
         return Err(format!("deployment {} failed; {show} shows why", d.id));
     }
     Ok(())
@@ -413,11 +423,14 @@ fn conclude(deployments: &[Deployment]) -> anyhow::Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
     /// The machine's first state, when it is first seen.
-    First { machine: String, state: String },
+    First {
+        machine: String,
+        state: Word<MachineState>,
+    },
     Moved {
         machine: String,
-        from: String,
-        to: String,
+        from: Word<MachineState>,
+        to: Word<MachineState>,
         error: Option<String>,
     },
 }
@@ -442,21 +455,27 @@ impl Change {
     }
 
     fn is_trouble(&self) -> bool {
-        matches!(self, Change::Moved { to, .. } if to == "failed" || to == "stalled")
+        matches!(
+            self,
+            Change::Moved {
+                to: Word::Known(MachineState::Failed | MachineState::Stalled),
+                ..
+            }
+        )
     }
 }
 
 /// What the watcher knows of one deployment, merged from answers and events that may arrive
 /// out of order (a GET answer can be newer than an event already queued on the stream).
-pub(crate) struct Tracker {
+pub(crate) struct Watch {
     /// The newest deployment-level fields; its `machines` is the merged view.
     deployment: Deployment,
     machines: BTreeMap<String, MachineProgress>,
 }
 
-impl Tracker {
-    pub(crate) fn new(first: Deployment) -> (Tracker, Vec<Change>) {
-        let mut tracker = Tracker {
+impl Watch {
+    pub(crate) fn new(first: Deployment) -> (Watch, Vec<Change>) {
+        let mut tracker = Watch {
             deployment: Deployment::default(),
             machines: BTreeMap::new(),
         };
@@ -562,10 +581,10 @@ fn moves(known: &MachineProgress, newer: &MachineProgress) -> Vec<Change> {
 /// change into its current state.
 fn steps(
     m: &MachineProgress,
-    from: &str,
-    transitions: &[crate::cli::deploy::Transition],
+    from: &Word<MachineState>,
+    transitions: &[Transition],
 ) -> Vec<Change> {
-    let mut from = from.to_owned();
+    let mut from = from.clone();
     let mut changes = Vec::new();
     for (i, t) in transitions.iter().enumerate() {
         let current = i + 1 == transitions.len() && t.state == m.state;
@@ -606,7 +625,7 @@ impl View {
         }
     }
 
-    fn show(&mut self, tracker: &Tracker, changes: &[Change], label: bool) {
+    fn show(&mut self, tracker: &Watch, changes: &[Change], label: bool) {
         let deployment = label.then_some(tracker.deployment.id.as_str());
         match self {
             View::Lines { .. } => {
@@ -671,7 +690,7 @@ impl Bars {
         }
     }
 
-    fn show(&mut self, tracker: &Tracker, label: bool) {
+    fn show(&mut self, tracker: &Watch, label: bool) {
         let d = &tracker.deployment;
         let total_label = if label { d.id.as_str() } else { "total" };
         let widest = tracker
@@ -754,7 +773,7 @@ fn machine_message(m: &MachineProgress) -> String {
     if let Some(error) = &m.error {
         return format!("{}: {error}", m.state);
     }
-    let mut text = m.state.clone();
+    let mut text = m.state.to_string();
     let rate = m.current_download_bps();
     if rate > 0 {
         text += &format!(", {}", rate_text(rate));
@@ -863,7 +882,6 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::deploy::Transition;
 
     fn event(kind: &str, data: &str) -> SseEvent {
         SseEvent {
@@ -949,13 +967,13 @@ mod tests {
     fn machine(id: &str, states: &[(&str, i64)], error: Option<&str>) -> MachineProgress {
         MachineProgress {
             id: id.to_owned(),
-            state: states.last().map_or("pending", |s| s.0).to_owned(),
+            state: states.last().map_or("pending", |s| s.0).into(),
             error: error.map(str::to_owned),
             updated_ms: states.last().map_or(0, |s| s.1),
             transitions: states
                 .iter()
                 .map(|(state, at_ms)| Transition {
-                    state: (*state).to_owned(),
+                    state: (*state).into(),
                     at_ms: *at_ms,
                 })
                 .collect(),
@@ -966,7 +984,7 @@ mod tests {
     fn deployment(state: &str, machines: Vec<MachineProgress>) -> Deployment {
         Deployment {
             id: "d-1".to_owned(),
-            state: state.to_owned(),
+            state: state.into(),
             machines,
             ..Deployment::default()
         }
@@ -978,7 +996,7 @@ mod tests {
 
     #[test]
     fn the_watcher_prints_each_transition_once_in_order() {
-        let (mut tracker, changes) = Tracker::new(deployment(
+        let (mut tracker, changes) = Watch::new(deployment(
             "running",
             vec![machine(
                 "pc-01",
@@ -1022,7 +1040,7 @@ mod tests {
 
     #[test]
     fn an_older_view_does_not_step_back() {
-        let (mut tracker, _) = Tracker::new(deployment(
+        let (mut tracker, _) = Watch::new(deployment(
             "running",
             vec![machine(
                 "pc-01",
@@ -1039,12 +1057,15 @@ mod tests {
             )],
         );
         assert!(tracker.update(stale).is_empty());
-        assert_eq!(tracker.deployment.machines[0].state, "verifying");
+        assert_eq!(
+            tracker.deployment.machines[0].state.to_string(),
+            "verifying"
+        );
     }
 
     #[test]
     fn failures_carry_their_reason_and_a_history_without_transitions_still_shows() {
-        let (mut tracker, _) = Tracker::new(deployment(
+        let (mut tracker, _) = Watch::new(deployment(
             "running",
             vec![machine(
                 "pc-03",
@@ -1078,7 +1099,7 @@ mod tests {
             state: state.into(),
             ..MachineProgress::default()
         };
-        let (mut tracker, changes) = Tracker::new(deployment("running", vec![bare("pending")]));
+        let (mut tracker, changes) = Watch::new(deployment("running", vec![bare("pending")]));
         assert_eq!(lines(&changes), ["pc-09: pending"]);
         let changes = tracker.update(deployment("running", vec![bare("downloading")]));
         assert_eq!(lines(&changes), ["pc-09: pending -> downloading"]);

@@ -21,11 +21,12 @@ use boottorrent_proto::{
 };
 use tokio::sync::broadcast;
 
-use crate::server::deployment::{Action, Change, Deployment, ImageRef, Target, new_id};
+use crate::api::{Action, Target, ZoneSource};
+use crate::server::deployment::{Change, Deployment, ImageRef, new_id};
 use crate::server::passkey::Grants;
 use crate::server::registry::{Accepted, Outgoing, Signer, encoding_of};
 use crate::server::store::{MachineRecord, Store, StoreError};
-use crate::server::zone::{ConfigZone, Source, Zone, ZoneSpec};
+use crate::server::zone::{ConfigZone, Zone, ZoneSpec};
 
 /// Progress of one deployment is broadcast at most this often; transitions at once.
 const SHOW_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);
@@ -96,7 +97,7 @@ impl Fleet {
             for cz in config_zones {
                 let api_owned = stored
                     .iter()
-                    .any(|z| z.id == cz.id && z.source == Source::Api);
+                    .any(|z| z.id == cz.id && z.source == ZoneSource::Api);
                 if api_owned {
                     tracing::info!(zone = %cz.id, "zone set through the API overrides the config file's");
                     continue;
@@ -503,7 +504,7 @@ impl Fleet {
         signer: &mut Signer,
         now_ms: i64,
     ) -> Result<(Zone, Vec<Outgoing>), FleetError> {
-        let zone = Zone::new(id, spec, Source::Api).map_err(FleetError::Invalid)?;
+        let zone = Zone::new(id, spec, ZoneSource::Api).map_err(FleetError::Invalid)?;
         self.store.write(|batch| {
             batch.put_zone(&zone)?;
             batch.log(now_ms, None, "zone", format!("zone {} set", zone.id))

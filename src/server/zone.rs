@@ -14,6 +14,8 @@ use boottorrent_proto::{ImageId, MachineId, ZoneId};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
+use crate::api::ZoneSource;
+
 /// A CIDR subnet such as `10.1.0.0/24` or `fd00:1::/64`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Subnet(IpNet);
@@ -64,17 +66,6 @@ impl<'de> Deserialize<'de> for Subnet {
     }
 }
 
-/// Where a zone's definition came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// The server's config file.
-    #[default]
-    Config,
-    /// The HTTP API (operator), which wins over the file until the zone is deleted.
-    Api,
-}
-
 /// What an operator writes: in the config file's `[[zones]]` (with `id`) or as the body of
 /// `PUT /api/v1/zones/{id}` (the id is in the path).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -97,7 +88,7 @@ pub struct Zone {
     pub subnets: Vec<Subnet>,
     pub images: Vec<ImageId>,
     #[serde(default)]
-    pub source: Source,
+    pub source: ZoneSource,
 }
 
 /// A zone in the config file: who is in it. Images to hold are set through the API
@@ -124,7 +115,7 @@ impl ConfigZone {
                 subnets: self.subnets.clone(),
                 images: Vec::new(),
             },
-            Source::Config,
+            ZoneSource::Config,
         )
     }
 }
@@ -132,7 +123,7 @@ impl ConfigZone {
 impl Zone {
     /// Checks a spec and makes it a zone. Duplicates are dropped (order kept); a zone must say
     /// who is in it.
-    pub fn new(id: ZoneId, spec: ZoneSpec, source: Source) -> Result<Zone, String> {
+    pub fn new(id: ZoneId, spec: ZoneSpec, source: ZoneSource) -> Result<Zone, String> {
         if spec.machines.is_empty() && spec.subnets.is_empty() {
             return Err(format!(
                 "zone {id} has neither machines nor subnets; list machine ids, CIDR subnets, or both"
@@ -190,7 +181,7 @@ mod tests {
                 subnets: subnets.iter().map(|s| s.parse().unwrap()).collect(),
                 images: Vec::new(),
             },
-            Source::Api,
+            ZoneSource::Api,
         )
         .unwrap()
     }
@@ -228,7 +219,8 @@ mod tests {
         assert!(err.contains("10.1.0.0/24"), "{err}");
         let err = "lab-1".parse::<Subnet>().unwrap_err();
         assert!(err.contains("CIDR"), "{err}");
-        let err = Zone::new("lab".parse().unwrap(), ZoneSpec::default(), Source::Api).unwrap_err();
+        let err =
+            Zone::new("lab".parse().unwrap(), ZoneSpec::default(), ZoneSource::Api).unwrap_err();
         assert!(err.contains("neither machines nor subnets"), "{err}");
         let spec: Result<ZoneSpec, _> = serde_json::from_str(r#"{"subnets": ["300.1.0.0/24"]}"#);
         assert!(spec.unwrap_err().to_string().contains("300.1.0.0/24"));

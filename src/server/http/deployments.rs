@@ -60,16 +60,6 @@ pub(super) fn deployable_image(state: &AppState, wanted: &str) -> Result<ImageRe
     }
 }
 
-/// Body of `POST /api/v1/deployments`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct CreateDeployment {
-    image: String,
-    target: Target,
-    #[serde(default)]
-    action: Action,
-}
-
 pub(super) async fn create_deployment(
     State(state): State<AppState>,
     _admin: Admin,

@@ -31,11 +31,11 @@ use boottorrent_tracker::swarm::Tracker;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ErrorBody, ErrorCode, ImageStatus};
+use crate::api::{CreateDeployment, ErrorBody, ErrorCode, ImageStatus, OverallState};
 use crate::server::catalog::{Catalog, CatalogError, ImageView};
 use crate::server::config::Secret;
 use crate::server::credentials::token_matches;
-use crate::server::deployment::{Action, Deployment, ImageRef, OverallState, Target};
+use crate::server::deployment::{Deployment, ImageRef};
 use crate::server::fleet::{FleetError, Live, NewDeployment};
 use crate::server::health::Health;
 use crate::server::keyring::Keyring;
