@@ -1,7 +1,9 @@
 //! What the HTTP API's answers mean, shared by the server that writes them and the client
 //! commands that read them, so that neither side guesses the other's meaning.
 
-use boottorrent_proto::{AfterDownload, MachineId, ZoneId};
+use std::collections::BTreeMap;
+
+use boottorrent_proto::{AfterDownload, MachineId, PublicKeyBytes, ZoneId};
 use serde::{Deserialize, Serialize};
 
 /// The body of every error answer: `{"error": "<what failed and what to do>", "code": "<code>"}`.
@@ -247,6 +249,49 @@ pub enum ZoneSource {
     Config,
     /// The HTTP API (operator), which wins over the file until the zone is deleted.
     Api,
+}
+
+/// What became of a machine (`outcome` of an approval or a deletion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineOutcome {
+    /// Its waiting key is now trusted.
+    Approved,
+    /// The key named was trusted already; nothing changed.
+    AlreadyApproved,
+    /// Forgotten: it may enroll again.
+    Deleted,
+}
+
+/// The answer to approving or deleting a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineChange {
+    pub id: MachineId,
+    pub outcome: MachineOutcome,
+    /// The trusted key, after an approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicKeyBytes>,
+    /// Its fingerprint, as `machines list` shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// Whether every subsystem does its job (`status` of `/healthz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Ok,
+    /// Some subsystem carries on degraded; `problems` says which and why (503).
+    Degraded,
+}
+
+/// The answer of `/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthView {
+    pub status: HealthState,
+    /// Degraded subsystem to why; left out when empty.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub problems: BTreeMap<&'static str, String>,
 }
 
 #[cfg(test)]

@@ -151,10 +151,6 @@ pub fn store_server_key(path: &Path, key: &PublicKeyBytes) -> anyhow::Result<()>
 
 /// Fetches the server's public key from `GET {http_url}/api/v1/server-key`.
 pub async fn fetch_server_key(http_url: &str) -> anyhow::Result<PublicKeyBytes> {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        public_key: String,
-    }
     let url = format!("{}/api/v1/server-key", http_url.trim_end_matches('/'));
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
@@ -169,7 +165,7 @@ pub async fn fetch_server_key(http_url: &str) -> anyhow::Result<PublicKeyBytes> 
     if !status.is_success() {
         bail!("fetching {url}: the server answered {status}");
     }
-    let answer: Answer = response
+    let answer: boottorrent_proto::ServerKeyAnswer = response
         .json()
         .await
         .with_context(|| format!("reading the answer of {url}"))?;

@@ -55,10 +55,6 @@ impl Passkey {
         if let Some(passkey) = cached.as_ref().filter(|_| !fresh) {
             return Ok(passkey.clone());
         }
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            passkey: String,
-        }
         let url = format!("{}/api/v1/machines/{}/passkey", self.http_url, self.machine);
         let proof = passkey_request(&self.machine, &self.key, boottorrent_proto::now_ms());
         let failed = |e: &dyn std::fmt::Display| {
@@ -74,7 +70,7 @@ impl Passkey {
             .send()
             .await
             .map_err(|e| failed(&e))?;
-        let answer: Answer = response
+        let answer: boottorrent_proto::PasskeyAnswer = response
             .error_for_status()
             .map_err(|e| failed(&e))?
             .json()
@@ -128,10 +124,6 @@ impl Passkey {
     }
 
     async fn ask(&self, info_hash: InfoHash, ip: IpAddr) -> Result<bool, String> {
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            admitted: bool,
-        }
         let passkey = self.get(false).await?;
         let url = format!(
             "{}/admitted/{}/{passkey}?info_hash={}&ip={ip}",
@@ -150,7 +142,7 @@ impl Passkey {
             *self.cached.lock().await = None;
             return Err("the tracker refused this machine's passkey".into());
         }
-        let answer: Answer = response
+        let answer: boottorrent_proto::Admission = response
             .error_for_status()
             .map_err(|e| e.to_string())?
             .json()

@@ -87,6 +87,16 @@ pub fn verifying_key_from_bytes(bytes: &PublicKeyBytes) -> Result<VerifyingKey, 
     Ok(key)
 }
 
+/// The server's answer to `GET /api/v1/server-key`, which agents fetch before they hold any
+/// credential (and compare its fingerprint out of band).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServerKeyAnswer {
+    /// Always `ed25519`.
+    pub algorithm: String,
+    /// The key's 32 bytes as 64 hex digits.
+    pub public_key: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,10 @@ pub use envelope::*;
 pub use host::hostname;
 pub use id::*;
 pub use keys::*;
-pub use login::{LoginError, LoginPassword, LoginProof, Purpose, login_password, passkey_request};
+pub use login::{
+    Admission, LoginError, LoginPassword, LoginProof, PasskeyAnswer, Purpose, login_password,
+    passkey_request,
+};
 pub use message::*;
 pub use replay::*;
 pub use secret::Secret;

@@ -139,6 +139,23 @@ pub fn login_password(machine: &MachineId, key: &SigningKey, token: &str, now_ms
     proof(Purpose::MqttLogin, machine, key, token, now_ms)
 }
 
+/// The server's answer to a passkey request (`POST /api/v1/machines/{id}/passkey`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PasskeyAnswer {
+    /// The machine the passkey is for.
+    pub machine: MachineId,
+    /// What the machine's announces and `.torrent` downloads carry in their path.
+    pub passkey: String,
+}
+
+/// The tracker's answer to whether a peer at an address is in a torrent's swarm
+/// (`GET /admitted/...`), which an agent asks before serving a peer that connected to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Admission {
+    /// Whether the peer is in the swarm (and so may be served).
+    pub admitted: bool,
+}
+
 /// The body of a passkey request for `machine` at `now_ms`, in the same format as a password
 /// without a token; the server reads it with [`LoginPassword::parse`].
 pub fn passkey_request(machine: &MachineId, key: &SigningKey, now_ms: i64) -> String {

@@ -250,10 +250,12 @@ impl Catalog {
             .ok()
             .map(|m| (m.len(), mtime_ms(&m)));
         let result = create(&record.path, &options, &progress);
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&record.id);
+        // The job's progress entry stays until the seeder holds the image: until then a
+        // `ready` record without a seeder is an import finishing, not a file gone.
+        let _finished = Finished {
+            progress: &self.progress,
+            id: record.id.clone(),
+        };
         let created = match result {
             Ok(c) => c,
             Err(e) => {
@@ -448,17 +450,18 @@ impl Catalog {
     }
 
     fn view(&self, r: ImageRecord) -> ImageView {
-        let import_done = self
+        let job = self
             .progress
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&r.id)
-            .copied()
-            .unwrap_or(if r.state == ImageState::Ready {
-                r.size
-            } else {
-                0
-            });
+            .copied();
+        let importing = job.is_some();
+        let import_done = job.unwrap_or(if r.state == ImageState::Ready {
+            r.size
+        } else {
+            0
+        });
         let stats = self
             .seeding
             .lock()
@@ -470,6 +473,7 @@ impl Catalog {
             (ImageState::Importing, _) => ImageStatus::Importing,
             (ImageState::Failed, _) => ImageStatus::Failed,
             (ImageState::Duplicate, _) => ImageStatus::Duplicate,
+            (ImageState::Ready, None) if importing => ImageStatus::Checking,
             (ImageState::Ready, None) => {
                 error = Some(format!(
                     "not seeding: {} could not be opened; is it still there?",
@@ -537,4 +541,19 @@ fn mtime_ms(meta: &std::fs::Metadata) -> i64 {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Ends an import job's progress entry when the job returns, whichever way it returns.
+struct Finished<'a> {
+    progress: &'a Mutex<HashMap<ImageId, u64>>,
+    id: ImageId,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }

@@ -42,7 +42,7 @@ pub(super) async fn live_events(
     let lagged = (skipped > 0).then(|| {
         Sse::default()
             .event("lagged")
-            .data(serde_json::json!({ "missed": skipped }).to_string())
+            .data(lagged_data(skipped as u64))
     });
     let store = state.store.clone();
     let replay = futures_util::stream::iter(running.into_iter().skip(skipped)).filter_map(
@@ -64,9 +64,9 @@ pub(super) async fn live_events(
     let live = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = match rx.recv().await {
             Ok(live) => Sse::default().event(live.kind).data(live.data),
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Sse::default()
-                .event("lagged")
-                .data(serde_json::json!({ "missed": n }).to_string()),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Sse::default().event("lagged").data(lagged_data(n))
+            }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
         };
         Some((Ok(event), rx))
@@ -79,4 +79,14 @@ pub(super) async fn live_events(
             .interval(std::time::Duration::from_secs(15))
             .text("keep-alive"),
     ))
+}
+
+/// The data of a `lagged` event: how many events the client will not see (it reads the
+/// deployments again instead).
+fn lagged_data(missed: u64) -> String {
+    #[derive(Serialize)]
+    struct Lagged {
+        missed: u64,
+    }
+    serde_json::to_string(&Lagged { missed }).unwrap_or_default()
 }

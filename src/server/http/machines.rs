@@ -102,7 +102,7 @@ pub(super) async fn approve_machine(
     _admin: Admin,
     IdPath(id): IdPath<MachineId>,
     body: Result<Json<ApproveBody>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<MachineChange>, ApiError> {
     let body = json_body(body)?;
     let result = state
         .orchestrator
@@ -110,16 +110,16 @@ pub(super) async fn approve_machine(
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let (outcome, key) = match result {
-        Ok(Approval::Approved(key)) => ("approved", key),
-        Ok(Approval::AlreadyApproved(key)) => ("already_approved", key),
+        Ok(Approval::Approved(key)) => (MachineOutcome::Approved, key),
+        Ok(Approval::AlreadyApproved(key)) => (MachineOutcome::AlreadyApproved, key),
         Err(e) => return Err(ApiError::from(e)),
     };
-    Ok(Json(serde_json::json!({
-        "id": id,
-        "outcome": outcome,
-        "public_key": key,
-        "fingerprint": fingerprint(&key),
-    })))
+    Ok(Json(MachineChange {
+        id,
+        outcome,
+        fingerprint: Some(fingerprint(&key)),
+        public_key: Some(key),
+    }))
 }
 
 /// Forgets a machine: rejects a waiting key, or lets a reinstalled machine enroll again.
@@ -127,16 +127,19 @@ pub(super) async fn delete_machine(
     State(state): State<AppState>,
     _admin: Admin,
     IdPath(id): IdPath<MachineId>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<MachineChange>, ApiError> {
     let record = state
         .orchestrator
         .delete_machine(id.clone())
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
         .map_err(ApiError::from)?;
-    Ok(Json(
-        serde_json::json!({ "id": record.id, "outcome": "deleted" }),
-    ))
+    Ok(Json(MachineChange {
+        id: record.id,
+        outcome: MachineOutcome::Deleted,
+        public_key: None,
+        fingerprint: None,
+    }))
 }
 
 /// Query of `GET /api/v1/log`.
@@ -201,7 +204,7 @@ pub(super) async fn machine_passkey(
     IdPath(id): IdPath<MachineId>,
     ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     body: String,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<boottorrent_proto::PasskeyAnswer>, ApiError> {
     let refuse = |why: String| {
         state.metrics.http_unauthorized();
         ApiError::new(StatusCode::UNAUTHORIZED, why)
@@ -230,8 +233,8 @@ pub(super) async fn machine_passkey(
         .map_err(|e| refuse(format!("passkey request for {id}: {e}")))?;
     // Signed by the machine's key, from this address: what its subnet zones go by.
     state.orchestrator.observed(id.clone(), remote.ip());
-    Ok(Json(serde_json::json!({
-        "machine": id,
-        "passkey": state.passkeys.passkey(id.as_str()),
-    })))
+    Ok(Json(boottorrent_proto::PasskeyAnswer {
+        passkey: state.passkeys.passkey(id.as_str()),
+        machine: id,
+    }))
 }

@@ -31,7 +31,10 @@ use boottorrent_tracker::swarm::Tracker;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{CreateDeployment, ErrorBody, ErrorCode, ImageStatus, OverallState};
+use crate::api::{
+    CreateDeployment, ErrorBody, ErrorCode, HealthState, HealthView, ImageStatus, MachineChange,
+    MachineOutcome, OverallState,
+};
 use crate::server::catalog::{Catalog, CatalogError, ImageView};
 use crate::server::config::Secret;
 use crate::server::credentials::token_matches;
@@ -53,6 +56,8 @@ mod error;
 mod events;
 mod images;
 mod machines;
+#[cfg(test)]
+mod tests;
 mod tracker;
 mod zones;
 
@@ -304,16 +309,20 @@ fn rfc3339(ms: i64) -> String {
 
 /// 200 `ok`, or 503 `degraded` with each failing subsystem and why, so that a probe
 /// restarts a server that cannot recover by itself and an operator sees the reason.
-async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<HealthView>) {
     let problems = state.health.problems();
-    if problems.is_empty() {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ok" })))
+    let (status, word) = if problems.is_empty() {
+        (StatusCode::OK, HealthState::Ok)
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "degraded", "problems": problems })),
-        )
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, HealthState::Degraded)
+    };
+    (
+        status,
+        Json(HealthView {
+            status: word,
+            problems,
+        }),
+    )
 }
 
 async fn metrics(
@@ -411,9 +420,9 @@ async fn metrics(
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
-async fn server_key(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "algorithm": "ed25519",
-        "public_key": hex::encode(state.server_key.as_bytes()),
-    }))
+async fn server_key(State(state): State<AppState>) -> Json<boottorrent_proto::ServerKeyAnswer> {
+    Json(boottorrent_proto::ServerKeyAnswer {
+        algorithm: "ed25519".into(),
+        public_key: hex::encode(state.server_key.as_bytes()),
+    })
 }

@@ -25,16 +25,23 @@ pub(super) fn tracker_routes(state: &AppState) -> Router<AppState> {
         }))
 }
 
+/// The answer of `GET /api/v1/tracker`.
+#[derive(Serialize)]
+pub(super) struct TrackerUrls {
+    announce: String,
+    scrape: String,
+}
+
 /// `GET /api/v1/tracker`: the announce and scrape URLs with the operator's passkey, for a
 /// BitTorrent client on a technician's laptop (the `.torrent` files fetched with a token
 /// carry the same).
-pub(super) async fn operator_tracker(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(super) async fn operator_tracker(State(state): State<AppState>) -> Json<TrackerUrls> {
     let announce = state.passkeys.announce_url(
         &state.catalog.public_url(),
         crate::server::passkey::OPERATOR,
     );
     let scrape = announce.replacen("/announce/", "/scrape/", 1);
-    Json(serde_json::json!({ "announce": announce, "scrape": scrape }))
+    Json(TrackerUrls { announce, scrape })
 }
 
 /// `GET /announce`: answered in the tracker protocol's own way (bencoded, failures included).
@@ -120,7 +127,7 @@ pub(super) async fn admitted(
     // Only about swarms the asking machine may join itself.
     let admitted =
         state.passkeys.may_fetch(&machine, &hash) && state.tracker.has_address(hash, query.ip);
-    Json(serde_json::json!({ "admitted": admitted })).into_response()
+    Json(boottorrent_proto::Admission { admitted }).into_response()
 }
 
 pub(super) async fn scrape(

@@ -1,0 +1,355 @@
+//! The router in process: who may do what, and how each kind of failure is answered.
+//!
+//! Each test builds the real state (a redb store in a temporary directory, the catalog and a
+//! seeder on loopback) and sends requests through `router` with `oneshot`. The orchestrator's
+//! end of the channel is dropped, so a change that reaches it is answered as the server
+//! answers when its orchestrator has stopped (503): the tests here are about the HTTP layer.
+//! The whole server over real sockets is tested in tests/ and agent/tests.
+
+use axum::body::Body;
+use axum::http::Request;
+use tower::ServiceExt;
+
+use super::*;
+use crate::server::passkey::Grants;
+
+const ADMIN: &str = "admin-token-for-tests";
+const VIEWER: &str = "viewer-token-for-tests";
+const METRICS: &str = "metrics-token-for-tests";
+
+struct Fixture {
+    state: AppState,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.redb")).unwrap();
+    let server_key = boottorrent_proto::generate_signing_key().unwrap();
+    let keyring = Keyring::default();
+    let passkeys = Passkeys::new(&server_key, keyring.clone(), Grants::default());
+    let tracker = Arc::new(Tracker::new(Default::default()));
+    let seeder = boottorrent_swarm::session::Session::start(
+        boottorrent_swarm::session::SessionConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let seeder_port = seeder.local_addr().port();
+    let catalog = Catalog::start(
+        store.clone(),
+        seeder,
+        tracker.clone(),
+        "http://127.0.0.1:1".into(),
+        dir.path(),
+        passkeys.clone(),
+    )
+    .unwrap();
+    // The orchestrator is not running: its requests fail as after it stopped.
+    let (orchestrator, _) = orchestrator::channel();
+    let state = AppState {
+        live: tokio::sync::broadcast::channel(16).0,
+        shutdown: CancellationToken::new(),
+        locality: Arc::new(ServerLocality::new(store.clone(), seeder_port)),
+        store,
+        metrics: Arc::default(),
+        health: Health::default(),
+        admin_token: Secret::new(ADMIN.into()),
+        viewer_token: Secret::new(VIEWER.into()),
+        metrics_token: None,
+        listener: Arc::default(),
+        server_key: server_key.verifying_key(),
+        orchestrator,
+        catalog,
+        tracker,
+        passkeys,
+        keyring,
+        proof_window_ms: 30_000,
+        https_url: None,
+    };
+    Fixture { state, _dir: dir }
+}
+
+/// A request with `token` as its bearer token, if any, and `body` as JSON, if any.
+fn request(method: &str, uri: &str, token: Option<&str>, body: Option<&str>) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    match body {
+        Some(json) => builder
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json.to_owned())),
+        None => builder.body(Body::empty()),
+    }
+    .unwrap()
+}
+
+/// Sends `request` through the router; the status, the `WWW-Authenticate` header and the body.
+async fn send(state: &AppState, request: Request<Body>) -> (StatusCode, Option<String>, Vec<u8>) {
+    let response = router(state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let challenge = response
+        .headers()
+        .get(header::WWW_AUTHENTICATE)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, challenge, body.to_vec())
+}
+
+/// The error answer of `request`: its status and its body, which must be the API's.
+async fn refusal(state: &AppState, request: Request<Body>) -> (StatusCode, ErrorBody) {
+    let (status, _, body) = send(state, request).await;
+    let error: ErrorBody = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not the API's error body ({e}): {body:?}"));
+    assert_eq!(error.code.status(), status.as_u16(), "{error:?}");
+    (status, error)
+}
+
+#[tokio::test]
+async fn reads_need_a_token_and_say_which() {
+    let f = fixture().await;
+    let (status, challenge, body) =
+        send(&f.state, request("GET", "/api/v1/machines", None, None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(challenge.as_deref(), Some("Bearer"));
+    let error: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error.code, ErrorCode::Unauthorized);
+    assert!(error.error.contains("admin.token"), "{}", error.error);
+
+    let (_, error) = refusal(
+        &f.state,
+        request("GET", "/api/v1/zones", Some("guess"), None),
+    )
+    .await;
+    assert_eq!(error.code, ErrorCode::Unauthorized);
+    assert!(error.error.contains("neither"), "{}", error.error);
+
+    for token in [ADMIN, VIEWER] {
+        let (status, _, body) = send(
+            &f.state,
+            request("GET", "/api/v1/machines", Some(token), None),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!([])
+        );
+    }
+    // Both refusals were counted, the successes were not.
+    assert_eq!(f.state.metrics.snapshot().http_unauthorized, 2);
+}
+
+#[tokio::test]
+async fn changes_need_the_admin_token() {
+    let f = fixture().await;
+    for (method, uri, body) in [
+        ("DELETE", "/api/v1/zones/lab", None),
+        (
+            "PUT",
+            "/api/v1/zones/lab",
+            Some(r#"{"machines": ["pc-01"]}"#),
+        ),
+        ("DELETE", "/api/v1/deployments/d-1", None),
+        ("DELETE", "/api/v1/machines/pc-01", None),
+    ] {
+        let (status, error) = refusal(&f.state, request(method, uri, Some(VIEWER), body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}");
+        assert_eq!(error.code, ErrorCode::ReadOnlyToken, "{method} {uri}");
+    }
+    // The admin token passes; with the orchestrator stopped, the change is refused as
+    // unavailable (retry later) rather than lost or half done.
+    let (status, error) = refusal(
+        &f.state,
+        request("DELETE", "/api/v1/zones/lab", Some(ADMIN), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error.code, ErrorCode::Unavailable);
+    assert!(error.code.is_transient());
+}
+
+#[tokio::test]
+async fn tokens_in_clear_are_refused_where_https_exists() {
+    let mut f = fixture().await;
+    f.state.https_url = Some("https://server:8443".into());
+    let (status, error) = refusal(
+        &f.state,
+        request("GET", "/api/v1/machines", Some(ADMIN), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error.code, ErrorCode::HttpsRequired);
+    assert!(
+        error.error.contains("https://server:8443"),
+        "{}",
+        error.error
+    );
+
+    let mut over_tls = request("GET", "/api/v1/machines", Some(ADMIN), None);
+    over_tls.extensions_mut().insert(Transport::Tls);
+    assert_eq!(send(&f.state, over_tls).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn ids_in_paths_are_checked_and_named() {
+    let f = fixture().await;
+    for (uri, what) in [
+        ("/api/v1/machines/pc%2001", "machine id"),
+        ("/api/v1/zones/lab%2F2", "zone id"),
+        ("/api/v1/deployments/%C3%A9", "deployment id"),
+    ] {
+        let (status, error) = refusal(&f.state, request("GET", uri, Some(ADMIN), None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(error.code, ErrorCode::InvalidRequest, "{uri}");
+        assert!(error.error.starts_with(what), "{uri}: {}", error.error);
+    }
+    let (status, error) = refusal(
+        &f.state,
+        request("GET", "/api/v1/deployments/d-9", Some(ADMIN), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error.code, ErrorCode::NotFound);
+    assert!(error.error.contains("deployments list"), "{}", error.error);
+}
+
+#[tokio::test]
+async fn unknown_endpoints_are_told_apart_from_unknown_things() {
+    let f = fixture().await;
+    let (status, error) = refusal(
+        &f.state,
+        request("GET", "/api/v2/machines", Some(ADMIN), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error.code, ErrorCode::NoSuchEndpoint);
+}
+
+#[tokio::test]
+async fn malformed_deployment_requests_say_what_is_wrong() {
+    let f = fixture().await;
+    let post = |body: &str| request("POST", "/api/v1/deployments", Some(ADMIN), Some(body));
+    for body in [
+        "{",
+        r#"{"image": 1, "target": {"global": true}}"#,
+        r#"{"image": "win11", "target": {"global": true}, "colour": "red"}"#,
+        r#"{"image": "win11", "target": {"zone": "no such/zone"}}"#,
+        r#"{"image": "win11", "target": {"zone": "lab"}, "action": "format_disk"}"#,
+    ] {
+        let (status, error) = refusal(&f.state, post(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(error.code, ErrorCode::InvalidRequest, "{body}");
+        assert!(!error.error.is_empty(), "{body}");
+    }
+    // Well formed, but nothing by that name in the catalog.
+    let (status, error) = refusal(
+        &f.state,
+        post(r#"{"image": "win11", "target": {"zone": "lab"}}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        error.error.contains("no image \"win11\""),
+        "{}",
+        error.error
+    );
+    // The body the client sends is the one the server reads.
+    let ours = serde_json::to_string(&CreateDeployment {
+        image: "win11".into(),
+        target: crate::api::Target::Zone("lab".parse().unwrap()),
+        action: crate::api::Action::Reboot,
+    })
+    .unwrap();
+    assert_eq!(
+        refusal(&f.state, post(&ours)).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn health_names_each_degraded_subsystem() {
+    let f = fixture().await;
+    let (status, _, body) = send(&f.state, request("GET", "/healthz", None, None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!({"status": "ok"})
+    );
+    f.state.health.degraded("mqtt_link", "broker unreachable");
+    let (status, _, body) = send(&f.state, request("GET", "/healthz", None, None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!({"status": "degraded", "problems": {"mqtt_link": "broker unreachable"}})
+    );
+}
+
+#[tokio::test]
+async fn metrics_take_their_token_when_one_is_set() {
+    let mut f = fixture().await;
+    let (status, _, body) = send(&f.state, request("GET", "/metrics", None, None)).await;
+    assert_eq!(status, StatusCode::OK, "open by default");
+    assert!(
+        String::from_utf8(body)
+            .unwrap()
+            .contains("boottorrent_tracker_announces_total 0")
+    );
+
+    f.state.metrics_token = Some(Secret::new(METRICS.into()));
+    let (status, _) = refusal(&f.state, request("GET", "/metrics", None, None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = refusal(&f.state, request("GET", "/metrics", Some("guess"), None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for token in [METRICS, ADMIN, VIEWER] {
+        let (status, _, _) = send(&f.state, request("GET", "/metrics", Some(token), None)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn error_kinds_follow_their_status_unless_told_otherwise() {
+    async fn answer(error: ApiError) -> (StatusCode, bool, ErrorBody) {
+        let response = error.into_response();
+        let status = response.status();
+        let challenge = response.headers().contains_key(header::WWW_AUTHENTICATE);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, challenge, serde_json::from_slice(&body).unwrap())
+    }
+    for (status, code) in [
+        (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest),
+        (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+        (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+        (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+        (StatusCode::CONFLICT, ErrorCode::Conflict),
+        (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+        (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
+        (StatusCode::IM_A_TEAPOT, ErrorCode::Internal),
+    ] {
+        let (answered, challenge, body) = answer(ApiError::new(status, "what failed")).await;
+        assert_eq!((answered, body.code), (status, code));
+        assert_eq!(body.error, "what failed");
+        // Only a missing or wrong credential asks for one.
+        assert_eq!(challenge, status == StatusCode::UNAUTHORIZED, "{status}");
+    }
+    let (status, _, body) = answer(ApiError::coded(ErrorCode::KeyMismatch, "not that key")).await;
+    assert_eq!(
+        (status, body.code),
+        (StatusCode::CONFLICT, ErrorCode::KeyMismatch)
+    );
+    // A machine's request for an image it was not given is told apart from a bad token.
+    let (status, challenge, body) = answer(ApiError::coded(ErrorCode::NotGiven, "no")).await;
+    assert_eq!(
+        (status, body.code),
+        (StatusCode::FORBIDDEN, ErrorCode::NotGiven)
+    );
+    assert!(!challenge);
+}
