@@ -294,6 +294,40 @@ pub struct HealthView {
     pub problems: BTreeMap<&'static str, String>,
 }
 
+/// Whether a machine's key is trusted (`key_state` of a machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Its key is trusted.
+    Approved,
+    /// A new machine waiting for approval.
+    Pending,
+    /// A known machine that presented another key, waiting; the trusted key still holds.
+    KeyChanged,
+}
+
+/// The body of `POST /api/v1/images`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddImage {
+    /// Absolute path of the file on the server's disk.
+    pub path: std::path::PathBuf,
+    /// The name to list it by; the file's name when not given.
+    pub name: Option<String>,
+    /// Catalogue the file as it is, without checking it is a VHDX.
+    #[serde(default)]
+    pub raw: bool,
+}
+
+/// The body of `POST /api/v1/machines/{id}/approve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approve {
+    /// The fingerprint of the key that waits, as the agent printed it: approving names the
+    /// key, so that a key swapped in meanwhile is not approved by mistake.
+    pub fingerprint: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

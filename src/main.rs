@@ -8,7 +8,7 @@ mod server;
 mod vhdx;
 
 use cli::args::{Cli, Command};
-use cli::{client, deploy, status, torrent};
+use cli::{deploy, images, machines, status, torrent};
 use server::{broker_log, config};
 
 fn main() -> std::process::ExitCode {
@@ -64,8 +64,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = config::Config::load(&args)?;
             runtime.block_on(server::run(config))
         }
-        Command::Machines(command) => runtime.block_on(client::machines(command)),
-        Command::Image(command) => runtime.block_on(client::images(command)),
+        Command::Machines(command) => runtime.block_on(machines::run(command)),
+        Command::Image(command) => runtime.block_on(images::run(command)),
         Command::Deploy(args) => runtime.block_on(deploy::deploy(args)),
         Command::Deployments(args) => runtime.block_on(deploy::deployments(args)),
         Command::Zones(args) => runtime.block_on(deploy::zones(args)),

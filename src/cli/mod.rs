@@ -4,6 +4,8 @@
 pub mod args;
 pub mod client;
 pub mod deploy;
+pub mod images;
+pub mod machines;
 pub mod status;
 pub mod text;
 pub mod torrent;

@@ -13,7 +13,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{Action, MachineState, OverallState, Target, ZoneSource};
+use crate::api::{
+    Action, ImageStatus, KeyState, MachineOutcome, MachineState, OverallState, Target, ZoneSource,
+};
 
 /// One of the API's words (a state, an action, a target) as read: one this client knows, or
 /// what a newer server sent instead, kept to be shown.
@@ -154,6 +156,62 @@ pub(crate) struct Zone {
     pub images: Vec<String>,
     pub source: Word<ZoneSource>,
     pub members: Vec<String>,
+}
+
+/// A machine (`GET /api/v1/machines`), the fields the commands show.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct Machine {
+    pub id: String,
+    pub online: bool,
+    pub key_state: Word<KeyState>,
+    pub last_seen: String,
+    pub hostname: String,
+    pub images: Vec<Value>,
+    pub zones: Vec<String>,
+    /// The fingerprint of the key that waits for approval, if one does.
+    pub pending_fingerprint: Option<String>,
+}
+
+/// The answer to approving or deleting a machine.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct MachineChange {
+    pub outcome: Word<MachineOutcome>,
+    pub fingerprint: Option<String>,
+}
+
+/// An entry of the machines' event log (`GET /api/v1/log`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct LogEntry {
+    pub at: String,
+    pub machine: Option<String>,
+    pub kind: String,
+    pub detail: String,
+}
+
+/// A catalogued image (`GET /api/v1/images`), the fields the commands show.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct Image {
+    pub id: String,
+    pub name: String,
+    pub state: Word<ImageStatus>,
+    pub size: u64,
+    pub info_hash: Option<String>,
+    pub peers: u64,
+    pub error: Option<String>,
+    pub same_as: Option<String>,
+    /// Bytes hashed so far by an import.
+    pub import_done: u64,
+}
+
+/// Reads an answer of the server into the type the command expects, saying which answer did
+/// not fit when it does not.
+pub(crate) fn read<T: for<'de> Deserialize<'de>>(answer: &Value, what: &str) -> anyhow::Result<T> {
+    T::deserialize(answer)
+        .with_context(|| format!("the server's {what} does not have the shape of docs/api.md"))
 }
 
 #[cfg(test)]

@@ -15,17 +15,6 @@ pub(super) async fn show_image(
     Ok(Json(state.catalog.get(&id)?))
 }
 
-/// Body of `POST /api/v1/images`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AddImage {
-    /// Absolute path of the file on the server's disk.
-    path: std::path::PathBuf,
-    name: Option<String>,
-    #[serde(default)]
-    raw: bool,
-}
-
 /// Starts importing a file on the server's disk; answers 202 with the image (state
 /// `importing`), or 200 when the same unchanged file is already catalogued.
 pub(super) async fn add_image(

@@ -22,7 +22,7 @@ pub struct MachineView {
     pub free_disk_bytes: u64,
     /// `approved`, `pending` (new machine waiting), or `key_changed` (known machine presented
     /// another key, waiting).
-    pub key_state: &'static str,
+    pub key_state: KeyState,
     pub public_key: Option<PublicKeyBytes>,
     /// What the agent prints for its key; `machines approve` names it.
     pub fingerprint: Option<String>,
@@ -33,9 +33,9 @@ pub struct MachineView {
 impl MachineView {
     fn new(m: MachineRecord, k: KeyRecord) -> Self {
         let key_state = match (&k.approved, &k.pending) {
-            (Some(_), None) => "approved",
-            (Some(_), Some(_)) => "key_changed",
-            (None, _) => "pending",
+            (Some(_), None) => KeyState::Approved,
+            (Some(_), Some(_)) => KeyState::KeyChanged,
+            (None, _) => KeyState::Pending,
         };
         MachineView {
             id: m.id,
@@ -89,19 +89,11 @@ pub(super) async fn show_machine(
     }
 }
 
-/// Body of `POST /api/v1/machines/{id}/approve`: the operator names the key it approves,
-/// so a key swapped in since the operator looked is not approved by mistake.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ApproveBody {
-    fingerprint: String,
-}
-
 pub(super) async fn approve_machine(
     State(state): State<AppState>,
     _admin: Admin,
     IdPath(id): IdPath<MachineId>,
-    body: Result<Json<ApproveBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<Approve>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<MachineChange>, ApiError> {
     let body = json_body(body)?;
     let result = state

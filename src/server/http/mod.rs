@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
-    CreateDeployment, ErrorBody, ErrorCode, HealthState, HealthView, ImageStatus, MachineChange,
-    MachineOutcome, OverallState,
+    AddImage, Approve, CreateDeployment, ErrorBody, ErrorCode, HealthState, HealthView,
+    ImageStatus, KeyState, MachineChange, MachineOutcome, OverallState,
 };
 use crate::server::catalog::{Catalog, CatalogError, ImageView};
 use crate::server::config::Secret;
