@@ -12,14 +12,23 @@
 //! - [`storage`]: the one file of a torrent, piece verification and resume.
 //! - [`announce`]: the HTTP tracker client.
 //! - [`picker`]: which block to request from which peer.
-//! - [`session`]: the running engine's API: listener, torrents, stats. Inside it, `torrent`
-//!   holds one torrent's shared state (choker, super-seed offers, announcer), `peer` runs
-//!   one connection, and `assembly` holds unfinished pieces' blocks in memory.
+//! - `control`: the types a host sets, asks for and is told (settings, the torrent to add,
+//!   state and stats, errors); [`session`] re-exports them.
+//! - `torrent`: one torrent's shared state and what changes it (peers, verified pieces,
+//!   bans, choking, super-seed offers), its resume check, stats and announcer; `assembly`
+//!   holds its unfinished pieces' blocks in memory.
+//! - `peer`: one connection, dialled or accepted, reading and changing its torrent's state.
+//! - [`session`]: the running engine's API: the listener, each torrent's lifecycle task and
+//!   dialling, handles, stats.
+//!
+//! Arrows run one way: session → peer → torrent → picker, assembly, storage; all of them
+//! → control.
 
 pub mod announce;
 mod assembly;
 pub mod bencode;
 pub mod bitfield;
+mod control;
 pub mod metainfo;
 mod peer;
 pub mod picker;

@@ -1,33 +1,35 @@
-//! One torrent in a session: its shared state, its lifecycle task, the choker, the super-seed
-//! offers and the announcer. Peer connections (`peer`) read and change the state through the
-//! methods here; the lock is never held across an `.await`.
+//! One torrent in a session: its shared state and everything that changes it (peers joining
+//! and leaving, verified pieces, bans, choking, super-seed offers), its resume check, its
+//! stats and its announcer. The session runs its lifecycle task and dials its peers; peer
+//! connections (`peer`) read and change the state through the methods here. The lock is never
+//! held across an `.await`.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::announce::{AnnounceRequest, Event};
+use crate::announce::{AnnounceRequest, Event, TrackerClient};
 use crate::assembly::{self, Assembly};
+use crate::control::{
+    AddTorrent, Mode, PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
+};
 use crate::metainfo::Metainfo;
 use crate::picker::{PeerKey, Picker};
-use crate::session::{AddTorrent, Mode, PeerStats, Shared, SwarmError, TorrentState, TorrentStats};
+use crate::rate::RateLimiter;
 use crate::storage::{Access, Storage};
-use crate::wire::{BlockRef, HANDSHAKE_LEN, Handshake};
+use crate::wire::BlockRef;
 use crate::{Bitfield, InfoHash, PeerId};
 
 /// Interested peers take turns in the upload slots this often.
-const ROTATE_EVERY: Duration = Duration::from_secs(10);
-/// Resume data is saved this often while pieces arrive.
-const SAVE_EVERY: Duration = Duration::from_secs(15);
+pub(crate) const ROTATE_EVERY: Duration = Duration::from_secs(10);
 /// Hash failures a peer may cause before it is banned.
 const STRIKES_TO_BAN: u32 = 2;
 /// Super-seeding: pieces a peer may hold on offer that nobody else has been seen with yet.
@@ -37,8 +39,28 @@ const SUPER_SEED_OFFERS: usize = 4;
 const SUPER_SEED_RELEASE: Duration = Duration::from_millis(1500);
 /// How long a failed address waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(15);
+/// How long an address whose connection ended waits before it is dialled again.
+const REDIAL_AFTER: Duration = Duration::from_secs(2);
 /// Time allowed to announce `stopped` on shutdown.
 const STOP_ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What every torrent of a session shares.
+pub(crate) struct Shared {
+    pub config: SessionConfig,
+    pub peer_id: PeerId,
+    pub local_addr: SocketAddr,
+    pub tracker: TrackerClient,
+    pub tasks: TaskTracker,
+    pub upload: Option<RateLimiter>,
+    pub download: Option<RateLimiter>,
+}
+
+impl Shared {
+    /// Whether `ip` is in our zone.
+    pub fn in_zone(&self, ip: IpAddr) -> bool {
+        self.config.zone.iter().any(|c| c.contains(ip))
+    }
+}
 
 /// Commands from the torrent to one connection task.
 #[derive(Debug)]
@@ -132,7 +154,7 @@ pub(crate) struct Torrent {
     banned: AtomicU64,
     pub protocol_errors: AtomicU64,
     /// Cancelled when the torrent is removed or the session stops.
-    cancel: CancellationToken,
+    pub cancel: CancellationToken,
     /// Cancelled on pause; peers run under it.
     run: Mutex<CancellationToken>,
     /// Wakes the announcer for `completed`.
@@ -140,12 +162,15 @@ pub(crate) struct Torrent {
     /// Wakes the lifecycle to publish stats at once when the download completes: whoever
     /// waits for it (an agent about to verify and boot, a lab waiting for its last machine)
     /// should not wait for the next 1 s tick.
-    finished: tokio::sync::Notify,
-    done: tokio::sync::Notify,
+    pub finished: tokio::sync::Notify,
+    /// The lifecycle task notifies it when it ends; [`Torrent::stop`] waits for it.
+    pub done: tokio::sync::Notify,
 }
 
 impl Torrent {
-    pub fn start(
+    /// Opens the torrent's file and sets up its state; the session then starts its
+    /// lifecycle task, which checks the file before any peer is admitted.
+    pub fn open(
         shared: Arc<Shared>,
         add: AddTorrent,
         resume_path: PathBuf,
@@ -213,13 +238,8 @@ impl Torrent {
             completed: tokio::sync::Notify::new(),
             finished: tokio::sync::Notify::new(),
             done: tokio::sync::Notify::new(),
-            shared: shared.clone(),
+            shared,
         });
-        let t = torrent.clone();
-        let use_tracker = add.use_tracker;
-        shared
-            .tasks
-            .spawn(async move { t.lifecycle(use_tracker).await });
         Ok(torrent)
     }
 
@@ -285,69 +305,9 @@ impl Torrent {
         done.await;
     }
 
-    /// Resume check, then the 1 s tick until cancelled.
-    async fn lifecycle(self: Arc<Self>, use_tracker: bool) {
-        if let Err(e) = self.check().await {
-            tracing::error!(torrent = %self.info_hash(), "{e}");
-            self.lock().phase = TorrentState::Error(e);
-            self.publish_stats(0, 0);
-            self.cancel.cancelled().await;
-            self.done.notify_waiters();
-            return;
-        }
-        if use_tracker && !self.meta.announce.is_empty() {
-            let t = self.clone();
-            self.shared.tasks.spawn(async move { t.announcer().await });
-        }
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = (0u64, 0u64, Instant::now());
-        let mut rates = (0, 0);
-        let mut last_rotate = Instant::now();
-        let mut last_save = Instant::now();
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                _ = self.finished.notified() => {
-                    self.publish_stats(rates.0, rates.1);
-                    continue;
-                }
-                _ = tick.tick() => {}
-            }
-            let (down, up) = (
-                self.downloaded.load(Ordering::Relaxed),
-                self.uploaded.load(Ordering::Relaxed),
-            );
-            let secs = last.2.elapsed().as_secs_f64().max(0.001);
-            rates = (
-                ((down - last.0) as f64 / secs) as u64,
-                ((up - last.1) as f64 / secs) as u64,
-            );
-            last = (down, up, Instant::now());
-            self.publish_stats(rates.0, rates.1);
-            if self.lock().phase == TorrentState::Paused {
-                continue;
-            }
-            if last_rotate.elapsed() >= ROTATE_EVERY {
-                last_rotate = Instant::now();
-                self.rechoke(true);
-            }
-            if self.mode == Mode::SuperSeed {
-                self.release_stale_offers();
-            }
-            self.connect_candidates();
-            if last_save.elapsed() >= SAVE_EVERY {
-                last_save = Instant::now();
-                self.save_resume().await;
-            }
-        }
-        self.save_resume().await;
-        // The last word: exact totals for whoever reports them after the stop.
-        self.publish_stats(0, 0);
-        self.done.notify_waiters();
-    }
-
-    async fn check(self: &Arc<Self>) -> Result<(), String> {
+    /// Verifies what the file already holds (or trusts its resume record) and sets the
+    /// phase; an error means the torrent cannot run (e.g. a seed file that does not match).
+    pub async fn check(self: &Arc<Self>) -> Result<(), String> {
         let t = self.clone();
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -408,7 +368,8 @@ impl Torrent {
         Ok(())
     }
 
-    async fn save_resume(&self) {
+    /// Saves the resume record if pieces were verified since the last save.
+    pub async fn save_resume(&self) {
         let have = {
             let mut st = self.lock();
             // A seed's record spares the next start a full re-hash of a large image.
@@ -474,16 +435,17 @@ impl Torrent {
         self.stats_tx.send_replace(stats);
     }
 
-    /// Opens connections to known addresses we are not connected to, up to the peer limit.
-    fn connect_candidates(self: &Arc<Self>) {
+    /// Known addresses to dial now, up to the peer limit, zone peers first; each is marked
+    /// as being dialled until [`Torrent::dial_ended`].
+    pub fn dial_targets(&self) -> Vec<SocketAddr> {
         let mut st = self.lock();
         let phase_ok = matches!(st.phase, TorrentState::Downloading | TorrentState::Seeding);
         if !phase_ok {
-            return;
+            return Vec::new();
         }
         // A complete peer only serves: it waits for leechers to come to it.
         if st.picker.is_complete() {
-            return;
+            return Vec::new();
         }
         let room = self.shared.config.max_peers.saturating_sub(
             st.peers.len() + st.candidates.values().filter(|c| c.connecting).count(),
@@ -505,57 +467,40 @@ impl Torrent {
         // Zone peers first.
         chosen.sort_by_key(|a| !self.shared.in_zone(a.ip()));
         chosen.truncate(room);
-        for addr in chosen {
-            if let Some(c) = st.candidates.get_mut(&addr) {
+        for addr in &chosen {
+            if let Some(c) = st.candidates.get_mut(addr) {
                 c.connecting = true;
             }
-            let t = self.clone();
-            self.shared.tasks.spawn(async move {
-                let result = t.outbound(addr).await;
-                let mut st = t.lock();
-                if let Some(c) = st.candidates.get_mut(&addr) {
-                    c.connecting = false;
-                    c.connected = false;
-                    if let Err(e) = &result {
-                        tracing::debug!(peer = %addr, "connecting failed: {e}");
-                        c.retry_at = Some(Instant::now() + RETRY_AFTER);
-                    } else {
-                        c.retry_at = Some(Instant::now() + Duration::from_secs(2));
-                    }
-                }
-            });
         }
+        chosen
     }
 
-    async fn outbound(self: &Arc<Self>, addr: SocketAddr) -> Result<(), String> {
-        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let ours = Handshake::new(self.info_hash(), self.shared.peer_id);
-        let mut buf = [0u8; HANDSHAKE_LEN];
-        tokio::time::timeout(Duration::from_secs(10), async {
-            stream.write_all(&ours.encode()).await?;
-            stream.read_exact(&mut buf).await
-        })
-        .await
-        .map_err(|_| "handshake timed out".to_owned())?
-        .map_err(|e| format!("handshake: {e}"))?;
-        let theirs = Handshake::decode(&buf).map_err(|e| e.to_string())?;
-        if theirs.info_hash != self.info_hash() {
-            return Err(format!("peer answered for torrent {}", theirs.info_hash));
-        }
-        if theirs.peer_id == self.shared.peer_id {
-            // Our own address came back from the tracker; never try it again.
-            self.lock().banned_addrs.insert(addr);
-            return Err("connected to ourselves".into());
-        }
+    /// A dialled connection got through its handshake.
+    pub fn dial_connected(&self, addr: SocketAddr) {
         if let Some(c) = self.lock().candidates.get_mut(&addr) {
             c.connected = true;
         }
-        self.run_peer(stream, addr, theirs, true).await;
-        Ok(())
+    }
+
+    /// The address answered with our own peer id (the tracker handed us ourselves): it is
+    /// never dialled again.
+    pub fn dialled_ourselves(&self, addr: SocketAddr) {
+        self.lock().banned_addrs.insert(addr);
+    }
+
+    /// A dialled connection ended, or never got through: when to try the address again.
+    pub fn dial_ended(&self, addr: SocketAddr, result: &Result<(), String>) {
+        let mut st = self.lock();
+        if let Some(c) = st.candidates.get_mut(&addr) {
+            c.connecting = false;
+            c.connected = false;
+            if let Err(e) = result {
+                tracing::debug!(peer = %addr, "connecting failed: {e}");
+                c.retry_at = Some(Instant::now() + RETRY_AFTER);
+            } else {
+                c.retry_at = Some(Instant::now() + REDIAL_AFTER);
+            }
+        }
     }
 
     /// Registers a handshaken connection; `None` when it must be closed at once (banned,
@@ -718,7 +663,7 @@ impl Torrent {
     }
 
     /// Every `ROTATE_EVERY`: when peers wait, the longest-served make room for them.
-    fn rechoke(&self, rotate: bool) {
+    pub fn rechoke(&self, rotate: bool) {
         let mut st = self.lock();
         if rotate {
             let waiting = st
@@ -817,7 +762,8 @@ impl Torrent {
         }
     }
 
-    fn release_stale_offers(&self) {
+    /// Super-seeding: offers held past `SUPER_SEED_RELEASE` make room for new ones.
+    pub fn release_stale_offers(&self) {
         let mut st = self.lock();
         let mut refill = Vec::new();
         for (key, slot) in st.peers.iter_mut() {
@@ -833,7 +779,9 @@ impl Torrent {
         }
     }
 
-    async fn announcer(self: Arc<Self>) {
+    /// Announces until the torrent stops (then `stopped`, briefly); `completed` as soon as
+    /// the download completes.
+    pub async fn announcer(self: Arc<Self>) {
         let mut event = Event::Started;
         let mut urls = self.meta.announce.clone();
         let mut sent_completed = self.lock().picker.is_complete();
