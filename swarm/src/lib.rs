@@ -12,22 +12,24 @@
 //! - [`storage`]: the one file of a torrent, piece verification and resume.
 //! - [`announce`]: the HTTP tracker client.
 //! - [`picker`]: which block to request from which peer.
+//! - `choker`: which peers may download from us: upload slots and the turns peers take.
 //! - `control`: the types a host sets, asks for and is told (settings, the torrent to add,
 //!   state and stats, errors); [`session`] re-exports them.
 //! - `torrent`: one torrent's shared state and what changes it (peers, verified pieces,
-//!   bans, choking, super-seed offers), its resume check, stats and announcer; `assembly`
-//!   holds its unfinished pieces' blocks in memory.
+//!   bans, the choker's and super-seeding's decisions), its resume check, stats and
+//!   announcer; `assembly` holds its unfinished pieces' blocks in memory.
 //! - `peer`: one connection, dialled or accepted, reading and changing its torrent's state.
 //! - [`session`]: the running engine's API: the listener, each torrent's lifecycle task and
 //!   dialling, handles, stats.
 //!
-//! Arrows run one way: session → peer → torrent → picker, assembly, storage; all of them
-//! → control.
+//! Arrows run one way: session → peer → torrent → picker, choker, assembly, storage; all
+//! of them → control. The policies (picker, choker) are pure and unit-tested.
 
 pub mod announce;
 mod assembly;
 pub mod bencode;
 pub mod bitfield;
+mod choker;
 mod control;
 pub mod metainfo;
 mod peer;

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::announce::TrackerClient;
+use crate::choker::ROTATE_EVERY;
 pub use crate::control::{
     AddTorrent, Admission, AdmitFn, AdmitFuture, Cidr, Mode, PeerStats, SessionConfig, SwarmError,
     TorrentState, TorrentStats,
@@ -36,7 +37,7 @@ pub use crate::control::{
 use crate::metainfo::Metainfo;
 use crate::peer;
 use crate::rate::RateLimiter;
-use crate::torrent::{ROTATE_EVERY, Shared, Torrent};
+use crate::torrent::{Shared, Torrent};
 use crate::wire::{HANDSHAKE_LEN, Handshake};
 use crate::{InfoHash, PeerId};
 
@@ -292,7 +293,7 @@ async fn lifecycle(torrent: Arc<Torrent>, use_tracker: bool) {
         }
         if last_rotate.elapsed() >= ROTATE_EVERY {
             last_rotate = Instant::now();
-            torrent.rechoke(true);
+            torrent.rotate_slots();
         }
         if torrent.mode == Mode::SuperSeed {
             torrent.release_stale_offers();

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::announce::{AnnounceRequest, Event, TrackerClient};
 use crate::assembly::{self, Assembly};
+use crate::choker::{self, Choke};
 use crate::control::{
     AddTorrent, Mode, PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
 };
@@ -28,8 +29,6 @@ use crate::storage::{Access, Storage};
 use crate::wire::BlockRef;
 use crate::{Bitfield, InfoHash, PeerId};
 
-/// Interested peers take turns in the upload slots this often.
-pub(crate) const ROTATE_EVERY: Duration = Duration::from_secs(10);
 /// Hash failures a peer may cause before it is banned.
 const STRIKES_TO_BAN: u32 = 2;
 /// Super-seeding: pieces a peer may hold on offer that nobody else has been seen with yet.
@@ -85,12 +84,8 @@ pub(crate) struct PeerSlot {
     pub tx: mpsc::UnboundedSender<Cmd>,
     pub has: Bitfield,
     pub in_zone: bool,
-    /// We are choking it (no uploads).
-    pub am_choking: bool,
-    /// It wants pieces from us.
-    pub interested: bool,
-    /// When it was last unchoked or started waiting; the choker rotates by this.
-    pub since: Instant,
+    /// Whether it may download from us, and since when.
+    pub choke: Choke,
     pub downloaded: u64,
     pub uploaded: u64,
     /// Super-seeding: pieces offered and not yet seen elsewhere, with when the peer got them.
@@ -123,15 +118,6 @@ pub(crate) struct State {
     /// Super-seeding: how often each piece was offered.
     offer_count: Vec<u32>,
     dirty: bool,
-}
-
-impl State {
-    fn unchoked_interested(&self) -> usize {
-        self.peers
-            .values()
-            .filter(|p| !p.am_choking && p.interested)
-            .count()
-    }
 }
 
 pub(crate) struct Torrent {
@@ -551,9 +537,7 @@ impl Torrent {
                 tx,
                 has: Bitfield::new(pieces),
                 in_zone: self.shared.in_zone(addr.ip()),
-                am_choking: true,
-                interested: false,
-                since: Instant::now(),
+                choke: Choke::new(Instant::now()),
                 downloaded: 0,
                 uploaded: 0,
                 offers: Vec::new(),
@@ -568,7 +552,7 @@ impl Torrent {
         let mut st = self.lock();
         if let Some(slot) = st.peers.remove(&key) {
             st.picker.remove_peer(key, &slot.has, slot.in_zone);
-            if !slot.am_choking && slot.interested {
+            if slot.choke.served() {
                 self.fill_slots(&mut st);
             }
         }
@@ -623,71 +607,37 @@ impl Torrent {
         let Some(slot) = st.peers.get_mut(&key) else {
             return;
         };
-        slot.interested = interested;
-        if !interested {
-            if !slot.am_choking {
-                slot.am_choking = true;
-                let _ = slot.tx.send(Cmd::Choke);
-            }
-        } else {
-            slot.since = Instant::now();
+        if slot.choke.set_interest(interested, Instant::now()) {
+            let _ = slot.tx.send(Cmd::Choke);
         }
         self.fill_slots(st);
     }
 
-    /// Unchokes waiting peers while slots are free; longest waiting first.
+    /// Unchokes waiting peers while upload slots are free.
     fn fill_slots(&self, st: &mut State) {
-        let slots = self.shared.config.upload_slots.max(1);
-        let mut free = slots.saturating_sub(st.unchoked_interested());
-        if free == 0 {
-            return;
-        }
-        let mut waiting: Vec<(Instant, PeerKey)> = st
-            .peers
-            .iter()
-            .filter(|(_, p)| p.am_choking && p.interested)
-            .map(|(k, p)| (p.since, *k))
-            .collect();
-        waiting.sort();
-        for (_, key) in waiting {
-            if free == 0 {
-                break;
-            }
-            if let Some(p) = st.peers.get_mut(&key) {
-                p.am_choking = false;
-                p.since = Instant::now();
+        let unchoked = choker::fill_slots(
+            st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
+            self.shared.config.upload_slots,
+            Instant::now(),
+        );
+        for key in unchoked {
+            if let Some(p) = st.peers.get(&key) {
                 let _ = p.tx.send(Cmd::Unchoke);
-                free -= 1;
             }
         }
     }
 
-    /// Every `ROTATE_EVERY`: when peers wait, the longest-served make room for them.
-    pub fn rechoke(&self, rotate: bool) {
+    /// Every [`choker::ROTATE_EVERY`]: when peers wait, the longest served make room for
+    /// them.
+    pub fn rotate_slots(&self) {
         let mut st = self.lock();
-        if rotate {
-            let waiting = st
-                .peers
-                .values()
-                .filter(|p| p.am_choking && p.interested)
-                .count();
-            if waiting > 0 {
-                let mut served: Vec<(Instant, PeerKey)> = st
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| {
-                        !p.am_choking && p.interested && p.since.elapsed() >= ROTATE_EVERY
-                    })
-                    .map(|(k, p)| (p.since, *k))
-                    .collect();
-                served.sort();
-                for (_, key) in served.into_iter().take(waiting) {
-                    if let Some(p) = st.peers.get_mut(&key) {
-                        p.am_choking = true;
-                        p.since = Instant::now();
-                        let _ = p.tx.send(Cmd::Choke);
-                    }
-                }
+        let choked = choker::rotate(
+            st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
+            Instant::now(),
+        );
+        for key in choked {
+            if let Some(p) = st.peers.get(&key) {
+                let _ = p.tx.send(Cmd::Choke);
             }
         }
         self.fill_slots(&mut st);
