@@ -13,6 +13,7 @@
 //! - [`announce`]: the HTTP tracker client.
 //! - [`picker`]: which block to request from which peer.
 //! - `choker`: which peers may download from us: upload slots and the turns peers take.
+//! - `superseed`: which piece to offer which peer when super-seeding (BEP 16).
 //! - `control`: the types a host sets, asks for and is told (settings, the torrent to add,
 //!   state and stats, errors); [`session`] re-exports them.
 //! - `torrent`: one torrent's shared state and what changes it (peers, verified pieces,
@@ -22,8 +23,9 @@
 //! - [`session`]: the running engine's API: the listener, each torrent's lifecycle task and
 //!   dialling, handles, stats.
 //!
-//! Arrows run one way: session → peer → torrent → picker, choker, assembly, storage; all
-//! of them → control. The policies (picker, choker) are pure and unit-tested.
+//! Arrows run one way: session → peer → torrent → picker, choker, superseed, assembly,
+//! storage; session, peer and torrent → control. The policies (picker, choker, superseed) are pure
+//! functions over the torrent's state, unit-tested on their own.
 
 pub mod announce;
 mod assembly;
@@ -37,6 +39,7 @@ pub mod picker;
 mod rate;
 pub mod session;
 pub mod storage;
+mod superseed;
 mod torrent;
 pub mod wire;
 

@@ -404,8 +404,7 @@ impl Connection {
         let State { peers, picker, .. } = &mut *st;
         if let Some(slot) = peers.get_mut(&self.key) {
             picker.add_availability(&has, in_zone);
-            // Offers made before we knew what it had: the ones it already holds are moot.
-            slot.offers.retain(|(p, _)| !has.get(*p));
+            slot.offers.forget_held(&has);
             slot.has = has;
         }
         self.torrent.offer(&mut st, self.key);
@@ -507,7 +506,7 @@ impl Connection {
                 || st
                     .peers
                     .get(&self.key)
-                    .is_some_and(|p| p.offered.contains(&r.piece));
+                    .is_some_and(|p| p.offers.may_request(r.piece));
             st.picker.have().get(r.piece) && offered
         };
         if self.am_choking || !servable {

@@ -26,16 +26,12 @@ use crate::metainfo::Metainfo;
 use crate::picker::{PeerKey, Picker};
 use crate::rate::RateLimiter;
 use crate::storage::{Access, Storage};
+use crate::superseed::{self, Offers, SuperSeed};
 use crate::wire::BlockRef;
 use crate::{Bitfield, InfoHash, PeerId};
 
 /// Hash failures a peer may cause before it is banned.
 const STRIKES_TO_BAN: u32 = 2;
-/// Super-seeding: pieces a peer may hold on offer that nobody else has been seen with yet.
-const SUPER_SEED_OFFERS: usize = 4;
-/// Super-seeding: an offer the peer has held this long is released even if no other peer
-/// picked it up, so a lone leecher is not starved.
-const SUPER_SEED_RELEASE: Duration = Duration::from_millis(1500);
 /// How long a failed address waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(15);
 /// How long an address whose connection ended waits before it is dialled again.
@@ -88,10 +84,8 @@ pub(crate) struct PeerSlot {
     pub choke: Choke,
     pub downloaded: u64,
     pub uploaded: u64,
-    /// Super-seeding: pieces offered and not yet seen elsewhere, with when the peer got them.
-    pub offers: Vec<(u32, Option<Instant>)>,
-    /// Super-seeding: every piece ever offered to it; it may request only these.
-    pub offered: HashSet<u32>,
+    /// Super-seeding: what it was offered; it may request only these pieces.
+    pub offers: Offers,
 }
 
 /// Where we know a peer address from, and how connecting to it went.
@@ -116,7 +110,7 @@ pub(crate) struct State {
     strikes: HashMap<PeerId, u32>,
     pub phase: TorrentState,
     /// Super-seeding: how often each piece was offered.
-    offer_count: Vec<u32>,
+    superseed: SuperSeed,
     dirty: bool,
 }
 
@@ -210,7 +204,7 @@ impl Torrent {
                 banned_log: Vec::new(),
                 strikes: HashMap::new(),
                 phase: TorrentState::Checking { pieces_checked: 0 },
-                offer_count: vec![0; pieces as usize],
+                superseed: SuperSeed::new(pieces),
                 dirty: false,
             }),
             stats_tx: watch::channel(stats).0,
@@ -540,8 +534,7 @@ impl Torrent {
                 choke: Choke::new(Instant::now()),
                 downloaded: 0,
                 uploaded: 0,
-                offers: Vec::new(),
-                offered: HashSet::new(),
+                offers: Offers::default(),
             },
         );
         Some((key, rx))
@@ -643,90 +636,38 @@ impl Torrent {
         self.fill_slots(&mut st);
     }
 
-    /// Super-seeding: tops up `key`'s offers to `SUPER_SEED_OFFERS`. A piece goes first to
-    /// the peer it was offered least to, so each piece leaves the seeder about once.
+    /// Super-seeding: tops up `key`'s offers (see `superseed`).
     pub fn offer(&self, st: &mut State, key: PeerKey) {
         if self.mode != Mode::SuperSeed {
             return;
         }
-        loop {
-            let Some(slot) = st.peers.get(&key) else {
-                return;
-            };
-            if slot.offers.len() >= SUPER_SEED_OFFERS || slot.has.is_full() {
-                return;
-            }
-            let pieces = self.meta.geometry.piece_count();
-            let best = (0..pieces)
-                .filter(|&i| !slot.has.get(i) && !slot.offered.contains(&i))
-                .min_by_key(|&i| {
-                    let seen = st.peers.values().filter(|p| p.has.get(i)).count() as u32;
-                    (st.offer_count[i as usize] + seen, rand::random::<u16>())
-                });
-            let Some(piece) = best else {
-                return;
-            };
-            st.offer_count[piece as usize] += 1;
-            let slot = st.peers.get_mut(&key).expect("checked above");
-            slot.offers.push((piece, None));
-            slot.offered.insert(piece);
-            let _ = slot.tx.send(Cmd::Offer(piece));
-        }
+        let State {
+            peers, superseed, ..
+        } = st;
+        let offered = superseed.top_up(&mut seed_view(peers), key);
+        send_offers(peers, offered.into_iter().map(|piece| (key, piece)));
     }
 
-    /// Super-seeding: `from` announced `piece`. Offers of that piece held by other peers
-    /// are fulfilled (the piece now spreads without us), so they get new ones.
+    /// Super-seeding: `from` announced `piece`; offers it fulfilled are replaced.
     pub fn seen(&self, st: &mut State, from: PeerKey, piece: u32) {
         if self.mode != Mode::SuperSeed {
             return;
         }
-        // Nobody else lacks the piece (a lone leecher, or the last one): there is no one to
-        // wait for, so the holder's offer is done at once.
-        let needed_elsewhere = st
-            .peers
-            .iter()
-            .any(|(key, p)| *key != from && !p.has.get(piece));
-        let mut refill = Vec::new();
-        for (key, slot) in st.peers.iter_mut() {
-            if *key == from {
-                if needed_elsewhere {
-                    for offer in slot.offers.iter_mut() {
-                        if offer.0 == piece && offer.1.is_none() {
-                            offer.1 = Some(Instant::now());
-                        }
-                    }
-                } else {
-                    slot.offers.retain(|(p, _)| *p != piece);
-                }
-                continue;
-            }
-            let before = slot.offers.len();
-            slot.offers.retain(|(p, _)| *p != piece);
-            if slot.offers.len() != before {
-                refill.push(*key);
-            }
-        }
-        refill.push(from);
-        for key in refill {
-            self.offer(st, key);
-        }
+        let State {
+            peers, superseed, ..
+        } = st;
+        let offered = superseed.seen(&mut seed_view(peers), from, piece, Instant::now());
+        send_offers(peers, offered);
     }
 
-    /// Super-seeding: offers held past `SUPER_SEED_RELEASE` make room for new ones.
+    /// Super-seeding: offers held past `superseed::RELEASE` make room for new ones.
     pub fn release_stale_offers(&self) {
         let mut st = self.lock();
-        let mut refill = Vec::new();
-        for (key, slot) in st.peers.iter_mut() {
-            let before = slot.offers.len();
-            slot.offers
-                .retain(|(_, got)| got.is_none_or(|t| t.elapsed() < SUPER_SEED_RELEASE));
-            if slot.offers.len() != before || slot.offers.len() < SUPER_SEED_OFFERS {
-                refill.push(*key);
-            }
-        }
-        for key in refill {
-            self.offer(&mut st, key);
-        }
+        let State {
+            peers, superseed, ..
+        } = &mut *st;
+        let offered = superseed.release_stale(&mut seed_view(peers), Instant::now());
+        send_offers(peers, offered);
     }
 
     /// Announces until the torrent stops (then `stopped`, briefly); `completed` as soon as
@@ -819,4 +760,28 @@ fn client_name(id: &PeerId) -> String {
         .take(10)
         .map(|&b| b as char)
         .collect()
+}
+
+/// The torrent's peers as super-seeding sees them.
+fn seed_view(peers: &mut HashMap<PeerKey, PeerSlot>) -> Vec<superseed::Peer<'_>> {
+    peers
+        .iter_mut()
+        .map(|(key, p)| superseed::Peer {
+            key: *key,
+            has: &p.has,
+            offers: &mut p.offers,
+        })
+        .collect()
+}
+
+/// Sends each offer (a HAVE) to its peer.
+fn send_offers(
+    peers: &HashMap<PeerKey, PeerSlot>,
+    offers: impl IntoIterator<Item = (PeerKey, u32)>,
+) {
+    for (key, piece) in offers {
+        if let Some(p) = peers.get(&key) {
+            let _ = p.tx.send(Cmd::Offer(piece));
+        }
+    }
 }
