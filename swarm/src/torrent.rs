@@ -39,14 +39,21 @@ const REDIAL_AFTER: Duration = Duration::from_secs(2);
 /// Time allowed to announce `stopped` on shutdown.
 const STOP_ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What every torrent of a session shares.
+/// What every torrent of a session shares; the session makes it.
 pub(crate) struct Shared {
+    /// The session's settings.
     pub config: SessionConfig,
+    /// Our peer id, the same for every torrent.
     pub peer_id: PeerId,
+    /// The listener's address (its port goes into announces).
     pub local_addr: SocketAddr,
+    /// The HTTP client for announces.
     pub tracker: TrackerClient,
+    /// Every task of the session, so that stopping waits for all of them.
     pub tasks: TaskTracker,
+    /// The session-wide upload limit.
     pub upload: Option<RateLimiter>,
+    /// The session-wide download limit.
     pub download: Option<RateLimiter>,
 }
 
@@ -109,7 +116,7 @@ pub(crate) struct State {
     banned_log: Vec<SocketAddr>,
     strikes: HashMap<PeerId, u32>,
     pub phase: TorrentState,
-    /// Super-seeding: how often each piece was offered.
+    /// Super-seeding's torrent-wide bookkeeping.
     superseed: SuperSeed,
     dirty: bool,
 }
