@@ -80,16 +80,7 @@ pub(crate) fn fill_slots<'a>(
         return Vec::new();
     }
     peers.retain(|(_, c)| c.waiting());
-    peers.sort_by_key(|(key, c)| (c.since, **key));
-    peers
-        .into_iter()
-        .take(free)
-        .map(|(key, c)| {
-            c.choked = false;
-            c.since = now;
-            *key
-        })
-        .collect()
+    take_turns(peers, free, false, now)
 }
 
 /// A rotation: while peers wait, chokes the peers served longest (each at least
@@ -105,12 +96,22 @@ pub(crate) fn rotate<'a>(
         return Vec::new();
     }
     peers.retain(|(_, c)| c.served() && now.saturating_duration_since(c.since) >= ROTATE_EVERY);
+    take_turns(peers, waiting, true, now)
+}
+
+/// Chokes or unchokes the `n` of `peers` whose state is oldest; returns them in that order.
+fn take_turns(
+    mut peers: Vec<(&PeerKey, &mut Choke)>,
+    n: usize,
+    choked: bool,
+    now: Instant,
+) -> Vec<PeerKey> {
     peers.sort_by_key(|(key, c)| (c.since, **key));
     peers
         .into_iter()
-        .take(waiting)
+        .take(n)
         .map(|(key, c)| {
-            c.choked = true;
+            c.choked = choked;
             c.since = now;
             *key
         })
