@@ -12,20 +12,34 @@
 //! - [`storage`]: the one file of a torrent, piece verification and resume.
 //! - [`announce`]: the HTTP tracker client.
 //! - [`picker`]: which block to request from which peer.
-//! - [`session`]: the running engine's API: listener, torrents, stats. Inside it, `torrent`
-//!   holds one torrent's shared state (choker, super-seed offers, announcer), `peer` runs
-//!   one connection, and `assembly` holds unfinished pieces' blocks in memory.
+//! - `choker`: which peers may download from us: upload slots and the turns peers take.
+//! - `superseed`: which piece to offer which peer when super-seeding (BEP 16).
+//! - `control`: the types a host sets, asks for and is told (settings, the torrent to add,
+//!   state and stats, errors); [`session`] re-exports them.
+//! - `torrent`: one torrent's shared state and what changes it (peers, verified pieces,
+//!   bans, the choker's and super-seeding's decisions), its resume check, stats and
+//!   announcer; `assembly` holds its unfinished pieces' blocks in memory.
+//! - `peer`: one connection, dialled or accepted, reading and changing its torrent's state.
+//! - [`session`]: the running engine's API: the listener, each torrent's lifecycle task and
+//!   dialling, handles, stats.
+//!
+//! Arrows run one way: session → peer → torrent → picker, choker, superseed, assembly,
+//! storage; session, peer and torrent → control. The policies (picker, choker, superseed) are pure
+//! functions over the torrent's state, unit-tested on their own.
 
 pub mod announce;
 mod assembly;
 pub mod bencode;
 pub mod bitfield;
+mod choker;
+mod control;
 pub mod metainfo;
 mod peer;
 pub mod picker;
 mod rate;
 pub mod session;
 pub mod storage;
+mod superseed;
 mod torrent;
 pub mod wire;
 

@@ -1,4 +1,4 @@
-//! One peer connection: a task that owns the socket after the handshake.
+//! One peer connection: dialling it (TCP and handshake), then a task that owns the socket.
 //!
 //! It reads messages, keeps its own view of what it asked for and what it was asked, and
 //! talks to the torrent through the torrent's state lock (never held across an `.await`) and
@@ -13,16 +13,19 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::control::{Mode, TorrentState};
 use crate::picker::{PeerKey, Received};
-use crate::session::{Mode, TorrentState};
 use crate::storage::Stored;
-use crate::torrent::{Cmd, Torrent};
-use crate::wire::{BlockRef, Handshake, MAX_BLOCK_LEN, Message, MessageCodec, WireError};
+use crate::torrent::{Cmd, State, Torrent};
+use crate::wire::{
+    BlockRef, HANDSHAKE_LEN, Handshake, MAX_BLOCK_LEN, Message, MessageCodec, WireError,
+};
 use crate::{BLOCK_LEN, Bitfield};
 
 /// Requests a peer may queue with us before it counts as flooding.
@@ -37,6 +40,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(60);
 /// Requests unanswered this long go back to the picker for other peers.
 const SNUB_AFTER: Duration = Duration::from_secs(20);
+/// Longest a TCP connect to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the handshake exchange of a dialled connection may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a single write may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most queued requests of one peer read and sent together (16 blocks: 256 KiB).
@@ -50,47 +57,75 @@ enum End {
     Violation(String),
 }
 
-impl Torrent {
-    /// Runs a handshaken connection until it ends.
-    pub(crate) async fn run_peer(
-        self: &Arc<Self>,
-        stream: TcpStream,
-        addr: SocketAddr,
-        theirs: Handshake,
-        outbound: bool,
-    ) {
-        let Some((key, cmds)) = self.register(addr, theirs.peer_id, outbound) else {
-            tracing::debug!(peer = %addr, "connection not admitted");
-            return;
-        };
-        let _ = stream.set_nodelay(true);
-        let mut conn = Connection {
-            torrent: self.clone(),
-            key,
-            addr,
-            fast: theirs.supports_fast(),
-            in_zone: self.shared.in_zone(addr.ip()),
-            peer_choking: true,
-            am_interested: false,
-            am_choking: true,
-            outstanding: HashMap::new(),
-            last_block_at: Instant::now(),
-            requests: VecDeque::new(),
-            got_availability: false,
-            download_rate: 0.0,
-            rate_window: (Instant::now(), 0),
-        };
-        let run = self.run_token();
-        let end = conn.run(stream, cmds, run).await;
-        match &end {
-            End::Closed(why) => tracing::debug!(peer = %addr, "connection closed: {why}"),
-            End::Violation(why) => {
-                self.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(peer = %addr, "dropped peer: {why}");
-            }
-        }
-        self.unregister(key);
+/// Connects to `addr`, exchanges handshakes, and runs the connection until it ends; an
+/// error when it never got that far.
+pub(crate) async fn dial(torrent: &Arc<Torrent>, addr: SocketAddr) -> Result<(), String> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let ours = Handshake::new(torrent.info_hash(), torrent.shared.peer_id);
+    let mut buf = [0u8; HANDSHAKE_LEN];
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        stream.write_all(&ours.encode()).await?;
+        stream.read_exact(&mut buf).await
+    })
+    .await
+    .map_err(|_| "handshake timed out".to_owned())?
+    .map_err(|e| format!("handshake: {e}"))?;
+    let theirs = Handshake::decode(&buf).map_err(|e| e.to_string())?;
+    if theirs.info_hash != torrent.info_hash() {
+        return Err(format!("peer answered for torrent {}", theirs.info_hash));
     }
+    if theirs.peer_id == torrent.shared.peer_id {
+        torrent.dialled_ourselves(addr);
+        return Err("connected to ourselves".into());
+    }
+    torrent.dial_connected(addr);
+    run(torrent, stream, addr, theirs, true).await;
+    Ok(())
+}
+
+/// Runs a handshaken connection until it ends.
+pub(crate) async fn run(
+    torrent: &Arc<Torrent>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    theirs: Handshake,
+    outbound: bool,
+) {
+    let Some((key, cmds)) = torrent.register(addr, theirs.peer_id, outbound) else {
+        tracing::debug!(peer = %addr, "connection not admitted");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection {
+        torrent: torrent.clone(),
+        key,
+        addr,
+        fast: theirs.supports_fast(),
+        in_zone: torrent.shared.in_zone(addr.ip()),
+        peer_choking: true,
+        am_interested: false,
+        am_choking: true,
+        outstanding: HashMap::new(),
+        last_block_at: Instant::now(),
+        requests: VecDeque::new(),
+        got_availability: false,
+        download_rate: 0.0,
+        rate_window: (Instant::now(), 0),
+    };
+    let run = torrent.run_token();
+    let end = conn.run(stream, cmds, run).await;
+    match &end {
+        End::Closed(why) => tracing::debug!(peer = %addr, "connection closed: {why}"),
+        End::Violation(why) => {
+            torrent.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %addr, "dropped peer: {why}");
+        }
+    }
+    torrent.unregister(key);
 }
 
 struct Connection {
@@ -369,8 +404,7 @@ impl Connection {
         let State { peers, picker, .. } = &mut *st;
         if let Some(slot) = peers.get_mut(&self.key) {
             picker.add_availability(&has, in_zone);
-            // Offers made before we knew what it had: the ones it already holds are moot.
-            slot.offers.retain(|(p, _)| !has.get(*p));
+            slot.offers.forget_held(&has);
             slot.has = has;
         }
         self.torrent.offer(&mut st, self.key);
@@ -472,7 +506,7 @@ impl Connection {
                 || st
                     .peers
                     .get(&self.key)
-                    .is_some_and(|p| p.offered.contains(&r.piece));
+                    .is_some_and(|p| p.offers.may_request(r.piece));
             st.picker.have().get(r.piece) && offered
         };
         if self.am_choking || !servable {
@@ -660,8 +694,6 @@ impl Connection {
         self.fill_requests(sink).await
     }
 }
-
-use crate::torrent::State;
 
 /// Writes `msgs` with one flush at the end.
 async fn send_all(sink: &mut Sink, msgs: Vec<Message>) -> Result<(), End> {

@@ -1,44 +1,68 @@
-//! One torrent in a session: its shared state, its lifecycle task, the choker, the super-seed
-//! offers and the announcer. Peer connections (`peer`) read and change the state through the
-//! methods here; the lock is never held across an `.await`.
+//! One torrent in a session: its shared state and everything that changes it (peers joining
+//! and leaving, verified pieces, bans, choking, super-seed offers), its resume check, its
+//! stats and its announcer. The session runs its lifecycle task and dials its peers; peer
+//! connections (`peer`) read and change the state through the methods here. The lock is never
+//! held across an `.await`.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::announce::{AnnounceRequest, Event};
+use crate::announce::{AnnounceRequest, Event, TrackerClient};
 use crate::assembly::{self, Assembly};
+use crate::choker::{self, Choke};
+use crate::control::{
+    AddTorrent, Mode, PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
+};
 use crate::metainfo::Metainfo;
 use crate::picker::{PeerKey, Picker};
-use crate::session::{AddTorrent, Mode, PeerStats, Shared, SwarmError, TorrentState, TorrentStats};
+use crate::rate::RateLimiter;
 use crate::storage::{Access, Storage};
-use crate::wire::{BlockRef, HANDSHAKE_LEN, Handshake};
+use crate::superseed::{self, Offers, SuperSeed};
+use crate::wire::BlockRef;
 use crate::{Bitfield, InfoHash, PeerId};
 
-/// Interested peers take turns in the upload slots this often.
-const ROTATE_EVERY: Duration = Duration::from_secs(10);
-/// Resume data is saved this often while pieces arrive.
-const SAVE_EVERY: Duration = Duration::from_secs(15);
 /// Hash failures a peer may cause before it is banned.
 const STRIKES_TO_BAN: u32 = 2;
-/// Super-seeding: pieces a peer may hold on offer that nobody else has been seen with yet.
-const SUPER_SEED_OFFERS: usize = 4;
-/// Super-seeding: an offer the peer has held this long is released even if no other peer
-/// picked it up, so a lone leecher is not starved.
-const SUPER_SEED_RELEASE: Duration = Duration::from_millis(1500);
 /// How long a failed address waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(15);
+/// How long an address whose connection ended waits before it is dialled again.
+const REDIAL_AFTER: Duration = Duration::from_secs(2);
 /// Time allowed to announce `stopped` on shutdown.
 const STOP_ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What every torrent of a session shares; the session makes it.
+pub(crate) struct Shared {
+    /// The session's settings.
+    pub config: SessionConfig,
+    /// Our peer id, the same for every torrent.
+    pub peer_id: PeerId,
+    /// The listener's address (its port goes into announces).
+    pub local_addr: SocketAddr,
+    /// The HTTP client for announces.
+    pub tracker: TrackerClient,
+    /// Every task of the session, so that stopping waits for all of them.
+    pub tasks: TaskTracker,
+    /// The session-wide upload limit.
+    pub upload: Option<RateLimiter>,
+    /// The session-wide download limit.
+    pub download: Option<RateLimiter>,
+}
+
+impl Shared {
+    /// Whether `ip` is in our zone.
+    pub fn in_zone(&self, ip: IpAddr) -> bool {
+        self.config.zone.iter().any(|c| c.contains(ip))
+    }
+}
 
 /// Commands from the torrent to one connection task.
 #[derive(Debug)]
@@ -63,18 +87,12 @@ pub(crate) struct PeerSlot {
     pub tx: mpsc::UnboundedSender<Cmd>,
     pub has: Bitfield,
     pub in_zone: bool,
-    /// We are choking it (no uploads).
-    pub am_choking: bool,
-    /// It wants pieces from us.
-    pub interested: bool,
-    /// When it was last unchoked or started waiting; the choker rotates by this.
-    pub since: Instant,
+    /// Whether it may download from us, and since when.
+    pub choke: Choke,
     pub downloaded: u64,
     pub uploaded: u64,
-    /// Super-seeding: pieces offered and not yet seen elsewhere, with when the peer got them.
-    pub offers: Vec<(u32, Option<Instant>)>,
-    /// Super-seeding: every piece ever offered to it; it may request only these.
-    pub offered: HashSet<u32>,
+    /// Super-seeding: what it was offered; it may request only these pieces.
+    pub offers: Offers,
 }
 
 /// Where we know a peer address from, and how connecting to it went.
@@ -98,18 +116,9 @@ pub(crate) struct State {
     banned_log: Vec<SocketAddr>,
     strikes: HashMap<PeerId, u32>,
     pub phase: TorrentState,
-    /// Super-seeding: how often each piece was offered.
-    offer_count: Vec<u32>,
+    /// Super-seeding's torrent-wide bookkeeping.
+    superseed: SuperSeed,
     dirty: bool,
-}
-
-impl State {
-    fn unchoked_interested(&self) -> usize {
-        self.peers
-            .values()
-            .filter(|p| !p.am_choking && p.interested)
-            .count()
-    }
 }
 
 pub(crate) struct Torrent {
@@ -132,7 +141,7 @@ pub(crate) struct Torrent {
     banned: AtomicU64,
     pub protocol_errors: AtomicU64,
     /// Cancelled when the torrent is removed or the session stops.
-    cancel: CancellationToken,
+    pub cancel: CancellationToken,
     /// Cancelled on pause; peers run under it.
     run: Mutex<CancellationToken>,
     /// Wakes the announcer for `completed`.
@@ -140,12 +149,15 @@ pub(crate) struct Torrent {
     /// Wakes the lifecycle to publish stats at once when the download completes: whoever
     /// waits for it (an agent about to verify and boot, a lab waiting for its last machine)
     /// should not wait for the next 1 s tick.
-    finished: tokio::sync::Notify,
-    done: tokio::sync::Notify,
+    pub finished: tokio::sync::Notify,
+    /// The lifecycle task notifies it when it ends; [`Torrent::stop`] waits for it.
+    pub done: tokio::sync::Notify,
 }
 
 impl Torrent {
-    pub fn start(
+    /// Opens the torrent's file and sets up its state; the session then starts its
+    /// lifecycle task, which checks the file before any peer is admitted.
+    pub fn open(
         shared: Arc<Shared>,
         add: AddTorrent,
         resume_path: PathBuf,
@@ -199,7 +211,7 @@ impl Torrent {
                 banned_log: Vec::new(),
                 strikes: HashMap::new(),
                 phase: TorrentState::Checking { pieces_checked: 0 },
-                offer_count: vec![0; pieces as usize],
+                superseed: SuperSeed::new(pieces),
                 dirty: false,
             }),
             stats_tx: watch::channel(stats).0,
@@ -213,13 +225,8 @@ impl Torrent {
             completed: tokio::sync::Notify::new(),
             finished: tokio::sync::Notify::new(),
             done: tokio::sync::Notify::new(),
-            shared: shared.clone(),
+            shared,
         });
-        let t = torrent.clone();
-        let use_tracker = add.use_tracker;
-        shared
-            .tasks
-            .spawn(async move { t.lifecycle(use_tracker).await });
         Ok(torrent)
     }
 
@@ -285,69 +292,9 @@ impl Torrent {
         done.await;
     }
 
-    /// Resume check, then the 1 s tick until cancelled.
-    async fn lifecycle(self: Arc<Self>, use_tracker: bool) {
-        if let Err(e) = self.check().await {
-            tracing::error!(torrent = %self.info_hash(), "{e}");
-            self.lock().phase = TorrentState::Error(e);
-            self.publish_stats(0, 0);
-            self.cancel.cancelled().await;
-            self.done.notify_waiters();
-            return;
-        }
-        if use_tracker && !self.meta.announce.is_empty() {
-            let t = self.clone();
-            self.shared.tasks.spawn(async move { t.announcer().await });
-        }
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = (0u64, 0u64, Instant::now());
-        let mut rates = (0, 0);
-        let mut last_rotate = Instant::now();
-        let mut last_save = Instant::now();
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                _ = self.finished.notified() => {
-                    self.publish_stats(rates.0, rates.1);
-                    continue;
-                }
-                _ = tick.tick() => {}
-            }
-            let (down, up) = (
-                self.downloaded.load(Ordering::Relaxed),
-                self.uploaded.load(Ordering::Relaxed),
-            );
-            let secs = last.2.elapsed().as_secs_f64().max(0.001);
-            rates = (
-                ((down - last.0) as f64 / secs) as u64,
-                ((up - last.1) as f64 / secs) as u64,
-            );
-            last = (down, up, Instant::now());
-            self.publish_stats(rates.0, rates.1);
-            if self.lock().phase == TorrentState::Paused {
-                continue;
-            }
-            if last_rotate.elapsed() >= ROTATE_EVERY {
-                last_rotate = Instant::now();
-                self.rechoke(true);
-            }
-            if self.mode == Mode::SuperSeed {
-                self.release_stale_offers();
-            }
-            self.connect_candidates();
-            if last_save.elapsed() >= SAVE_EVERY {
-                last_save = Instant::now();
-                self.save_resume().await;
-            }
-        }
-        self.save_resume().await;
-        // The last word: exact totals for whoever reports them after the stop.
-        self.publish_stats(0, 0);
-        self.done.notify_waiters();
-    }
-
-    async fn check(self: &Arc<Self>) -> Result<(), String> {
+    /// Verifies what the file already holds (or trusts its resume record) and sets the
+    /// phase; an error means the torrent cannot run (e.g. a seed file that does not match).
+    pub async fn check(self: &Arc<Self>) -> Result<(), String> {
         let t = self.clone();
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -408,7 +355,8 @@ impl Torrent {
         Ok(())
     }
 
-    async fn save_resume(&self) {
+    /// Saves the resume record if pieces were verified since the last save.
+    pub async fn save_resume(&self) {
         let have = {
             let mut st = self.lock();
             // A seed's record spares the next start a full re-hash of a large image.
@@ -474,16 +422,17 @@ impl Torrent {
         self.stats_tx.send_replace(stats);
     }
 
-    /// Opens connections to known addresses we are not connected to, up to the peer limit.
-    fn connect_candidates(self: &Arc<Self>) {
+    /// Known addresses to dial now, up to the peer limit, zone peers first; each is marked
+    /// as being dialled until [`Torrent::dial_ended`].
+    pub fn dial_targets(&self) -> Vec<SocketAddr> {
         let mut st = self.lock();
         let phase_ok = matches!(st.phase, TorrentState::Downloading | TorrentState::Seeding);
         if !phase_ok {
-            return;
+            return Vec::new();
         }
         // A complete peer only serves: it waits for leechers to come to it.
         if st.picker.is_complete() {
-            return;
+            return Vec::new();
         }
         let room = self.shared.config.max_peers.saturating_sub(
             st.peers.len() + st.candidates.values().filter(|c| c.connecting).count(),
@@ -505,57 +454,40 @@ impl Torrent {
         // Zone peers first.
         chosen.sort_by_key(|a| !self.shared.in_zone(a.ip()));
         chosen.truncate(room);
-        for addr in chosen {
-            if let Some(c) = st.candidates.get_mut(&addr) {
+        for addr in &chosen {
+            if let Some(c) = st.candidates.get_mut(addr) {
                 c.connecting = true;
             }
-            let t = self.clone();
-            self.shared.tasks.spawn(async move {
-                let result = t.outbound(addr).await;
-                let mut st = t.lock();
-                if let Some(c) = st.candidates.get_mut(&addr) {
-                    c.connecting = false;
-                    c.connected = false;
-                    if let Err(e) = &result {
-                        tracing::debug!(peer = %addr, "connecting failed: {e}");
-                        c.retry_at = Some(Instant::now() + RETRY_AFTER);
-                    } else {
-                        c.retry_at = Some(Instant::now() + Duration::from_secs(2));
-                    }
-                }
-            });
         }
+        chosen
     }
 
-    async fn outbound(self: &Arc<Self>, addr: SocketAddr) -> Result<(), String> {
-        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let ours = Handshake::new(self.info_hash(), self.shared.peer_id);
-        let mut buf = [0u8; HANDSHAKE_LEN];
-        tokio::time::timeout(Duration::from_secs(10), async {
-            stream.write_all(&ours.encode()).await?;
-            stream.read_exact(&mut buf).await
-        })
-        .await
-        .map_err(|_| "handshake timed out".to_owned())?
-        .map_err(|e| format!("handshake: {e}"))?;
-        let theirs = Handshake::decode(&buf).map_err(|e| e.to_string())?;
-        if theirs.info_hash != self.info_hash() {
-            return Err(format!("peer answered for torrent {}", theirs.info_hash));
-        }
-        if theirs.peer_id == self.shared.peer_id {
-            // Our own address came back from the tracker; never try it again.
-            self.lock().banned_addrs.insert(addr);
-            return Err("connected to ourselves".into());
-        }
+    /// A dialled connection got through its handshake.
+    pub fn dial_connected(&self, addr: SocketAddr) {
         if let Some(c) = self.lock().candidates.get_mut(&addr) {
             c.connected = true;
         }
-        self.run_peer(stream, addr, theirs, true).await;
-        Ok(())
+    }
+
+    /// The address answered with our own peer id (the tracker handed us ourselves): it is
+    /// never dialled again.
+    pub fn dialled_ourselves(&self, addr: SocketAddr) {
+        self.lock().banned_addrs.insert(addr);
+    }
+
+    /// A dialled connection ended, or never got through: when to try the address again.
+    pub fn dial_ended(&self, addr: SocketAddr, result: &Result<(), String>) {
+        let mut st = self.lock();
+        if let Some(c) = st.candidates.get_mut(&addr) {
+            c.connecting = false;
+            c.connected = false;
+            if let Err(e) = result {
+                tracing::debug!(peer = %addr, "connecting failed: {e}");
+                c.retry_at = Some(Instant::now() + RETRY_AFTER);
+            } else {
+                c.retry_at = Some(Instant::now() + REDIAL_AFTER);
+            }
+        }
     }
 
     /// Registers a handshaken connection; `None` when it must be closed at once (banned,
@@ -606,13 +538,10 @@ impl Torrent {
                 tx,
                 has: Bitfield::new(pieces),
                 in_zone: self.shared.in_zone(addr.ip()),
-                am_choking: true,
-                interested: false,
-                since: Instant::now(),
+                choke: Choke::new(Instant::now()),
                 downloaded: 0,
                 uploaded: 0,
-                offers: Vec::new(),
-                offered: HashSet::new(),
+                offers: Offers::default(),
             },
         );
         Some((key, rx))
@@ -623,7 +552,7 @@ impl Torrent {
         let mut st = self.lock();
         if let Some(slot) = st.peers.remove(&key) {
             st.picker.remove_peer(key, &slot.has, slot.in_zone);
-            if !slot.am_choking && slot.interested {
+            if slot.choke.served() {
                 self.fill_slots(&mut st);
             }
         }
@@ -678,162 +607,79 @@ impl Torrent {
         let Some(slot) = st.peers.get_mut(&key) else {
             return;
         };
-        slot.interested = interested;
-        if !interested {
-            if !slot.am_choking {
-                slot.am_choking = true;
-                let _ = slot.tx.send(Cmd::Choke);
-            }
-        } else {
-            slot.since = Instant::now();
+        if slot.choke.set_interest(interested, Instant::now()) {
+            let _ = slot.tx.send(Cmd::Choke);
         }
         self.fill_slots(st);
     }
 
-    /// Unchokes waiting peers while slots are free; longest waiting first.
+    /// Unchokes waiting peers while upload slots are free.
     fn fill_slots(&self, st: &mut State) {
-        let slots = self.shared.config.upload_slots.max(1);
-        let mut free = slots.saturating_sub(st.unchoked_interested());
-        if free == 0 {
-            return;
-        }
-        let mut waiting: Vec<(Instant, PeerKey)> = st
-            .peers
-            .iter()
-            .filter(|(_, p)| p.am_choking && p.interested)
-            .map(|(k, p)| (p.since, *k))
-            .collect();
-        waiting.sort();
-        for (_, key) in waiting {
-            if free == 0 {
-                break;
-            }
-            if let Some(p) = st.peers.get_mut(&key) {
-                p.am_choking = false;
-                p.since = Instant::now();
+        let unchoked = choker::fill_slots(
+            st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
+            self.shared.config.upload_slots,
+            Instant::now(),
+        );
+        for key in unchoked {
+            if let Some(p) = st.peers.get(&key) {
                 let _ = p.tx.send(Cmd::Unchoke);
-                free -= 1;
             }
         }
     }
 
-    /// Every `ROTATE_EVERY`: when peers wait, the longest-served make room for them.
-    fn rechoke(&self, rotate: bool) {
+    /// Every [`choker::ROTATE_EVERY`]: when peers wait, the longest served make room for
+    /// them.
+    pub fn rotate_slots(&self) {
         let mut st = self.lock();
-        if rotate {
-            let waiting = st
-                .peers
-                .values()
-                .filter(|p| p.am_choking && p.interested)
-                .count();
-            if waiting > 0 {
-                let mut served: Vec<(Instant, PeerKey)> = st
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| {
-                        !p.am_choking && p.interested && p.since.elapsed() >= ROTATE_EVERY
-                    })
-                    .map(|(k, p)| (p.since, *k))
-                    .collect();
-                served.sort();
-                for (_, key) in served.into_iter().take(waiting) {
-                    if let Some(p) = st.peers.get_mut(&key) {
-                        p.am_choking = true;
-                        p.since = Instant::now();
-                        let _ = p.tx.send(Cmd::Choke);
-                    }
-                }
+        let choked = choker::rotate(
+            st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
+            Instant::now(),
+        );
+        for key in choked {
+            if let Some(p) = st.peers.get(&key) {
+                let _ = p.tx.send(Cmd::Choke);
             }
         }
         self.fill_slots(&mut st);
     }
 
-    /// Super-seeding: tops up `key`'s offers to `SUPER_SEED_OFFERS`. A piece goes first to
-    /// the peer it was offered least to, so each piece leaves the seeder about once.
+    /// Super-seeding: tops up `key`'s offers (see `superseed`).
     pub fn offer(&self, st: &mut State, key: PeerKey) {
         if self.mode != Mode::SuperSeed {
             return;
         }
-        loop {
-            let Some(slot) = st.peers.get(&key) else {
-                return;
-            };
-            if slot.offers.len() >= SUPER_SEED_OFFERS || slot.has.is_full() {
-                return;
-            }
-            let pieces = self.meta.geometry.piece_count();
-            let best = (0..pieces)
-                .filter(|&i| !slot.has.get(i) && !slot.offered.contains(&i))
-                .min_by_key(|&i| {
-                    let seen = st.peers.values().filter(|p| p.has.get(i)).count() as u32;
-                    (st.offer_count[i as usize] + seen, rand::random::<u16>())
-                });
-            let Some(piece) = best else {
-                return;
-            };
-            st.offer_count[piece as usize] += 1;
-            let slot = st.peers.get_mut(&key).expect("checked above");
-            slot.offers.push((piece, None));
-            slot.offered.insert(piece);
-            let _ = slot.tx.send(Cmd::Offer(piece));
-        }
+        let State {
+            peers, superseed, ..
+        } = st;
+        let offered = superseed.top_up(&mut seed_view(peers), key);
+        send_offers(peers, offered.into_iter().map(|piece| (key, piece)));
     }
 
-    /// Super-seeding: `from` announced `piece`. Offers of that piece held by other peers
-    /// are fulfilled (the piece now spreads without us), so they get new ones.
+    /// Super-seeding: `from` announced `piece`; offers it fulfilled are replaced.
     pub fn seen(&self, st: &mut State, from: PeerKey, piece: u32) {
         if self.mode != Mode::SuperSeed {
             return;
         }
-        // Nobody else lacks the piece (a lone leecher, or the last one): there is no one to
-        // wait for, so the holder's offer is done at once.
-        let needed_elsewhere = st
-            .peers
-            .iter()
-            .any(|(key, p)| *key != from && !p.has.get(piece));
-        let mut refill = Vec::new();
-        for (key, slot) in st.peers.iter_mut() {
-            if *key == from {
-                if needed_elsewhere {
-                    for offer in slot.offers.iter_mut() {
-                        if offer.0 == piece && offer.1.is_none() {
-                            offer.1 = Some(Instant::now());
-                        }
-                    }
-                } else {
-                    slot.offers.retain(|(p, _)| *p != piece);
-                }
-                continue;
-            }
-            let before = slot.offers.len();
-            slot.offers.retain(|(p, _)| *p != piece);
-            if slot.offers.len() != before {
-                refill.push(*key);
-            }
-        }
-        refill.push(from);
-        for key in refill {
-            self.offer(st, key);
-        }
+        let State {
+            peers, superseed, ..
+        } = st;
+        let offered = superseed.seen(&mut seed_view(peers), from, piece, Instant::now());
+        send_offers(peers, offered);
     }
 
-    fn release_stale_offers(&self) {
+    /// Super-seeding: offers held past `superseed::RELEASE` make room for new ones.
+    pub fn release_stale_offers(&self) {
         let mut st = self.lock();
-        let mut refill = Vec::new();
-        for (key, slot) in st.peers.iter_mut() {
-            let before = slot.offers.len();
-            slot.offers
-                .retain(|(_, got)| got.is_none_or(|t| t.elapsed() < SUPER_SEED_RELEASE));
-            if slot.offers.len() != before || slot.offers.len() < SUPER_SEED_OFFERS {
-                refill.push(*key);
-            }
-        }
-        for key in refill {
-            self.offer(&mut st, key);
-        }
+        let State {
+            peers, superseed, ..
+        } = &mut *st;
+        let offered = superseed.release_stale(&mut seed_view(peers), Instant::now());
+        send_offers(peers, offered);
     }
 
-    async fn announcer(self: Arc<Self>) {
+    /// Announces until the torrent stops (then `stopped`, briefly); `completed` as soon as
+    /// the download completes.
+    pub async fn announcer(self: Arc<Self>) {
         let mut event = Event::Started;
         let mut urls = self.meta.announce.clone();
         let mut sent_completed = self.lock().picker.is_complete();
@@ -921,4 +767,28 @@ fn client_name(id: &PeerId) -> String {
         .take(10)
         .map(|&b| b as char)
         .collect()
+}
+
+/// The torrent's peers as super-seeding sees them.
+fn seed_view(peers: &mut HashMap<PeerKey, PeerSlot>) -> Vec<superseed::Peer<'_>> {
+    peers
+        .iter_mut()
+        .map(|(key, p)| superseed::Peer {
+            key: *key,
+            has: &p.has,
+            offers: &mut p.offers,
+        })
+        .collect()
+}
+
+/// Sends each offer (a HAVE) to its peer.
+fn send_offers(
+    peers: &HashMap<PeerKey, PeerSlot>,
+    offers: impl IntoIterator<Item = (PeerKey, u32)>,
+) {
+    for (key, piece) in offers {
+        if let Some(p) = peers.get(&key) {
+            let _ = p.tx.send(Cmd::Offer(piece));
+        }
+    }
 }

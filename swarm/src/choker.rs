@@ -1,0 +1,232 @@
+//! Who may download from us: the upload slots and the turns peers take in them.
+//!
+//! Every peer of a lab swarm is ours, so the choker is about fairness, not trade: no
+//! tit-for-tat, and rates play no part. An interested peer takes a free slot at once, longest
+//! waiting first. While peers wait and every slot is taken, each rotation (every
+//! [`ROTATE_EVERY`]) chokes the peers served longest, at least a rotation each and one per
+//! waiting peer, and the waiting take their slots: every interested peer gets its turn. A
+//! peer that loses interest is choked at once and its slot goes to the next in line.
+//!
+//! Pure functions over each peer's [`Choke`]; the torrent sends the choke and unchoke
+//! messages they decide.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::picker::PeerKey;
+
+/// Interested peers take turns in the upload slots this often.
+pub(crate) const ROTATE_EVERY: Duration = Duration::from_secs(10);
+
+/// The choker's view of one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Choke {
+    /// We are choking it (no uploads).
+    pub choked: bool,
+    /// It wants pieces from us.
+    pub interested: bool,
+    /// When it was last unchoked or choked, or said it is interested; turns go by this.
+    pub since: Instant,
+}
+
+impl Choke {
+    /// A peer that just connected: choked and not interested.
+    pub fn new(now: Instant) -> Choke {
+        Choke {
+            choked: true,
+            interested: false,
+            since: now,
+        }
+    }
+
+    /// It holds an upload slot.
+    pub fn served(&self) -> bool {
+        !self.choked && self.interested
+    }
+
+    /// It waits for an upload slot.
+    fn waiting(&self) -> bool {
+        self.choked && self.interested
+    }
+
+    /// Records that the peer said it is (not) interested. Returns whether it must be choked
+    /// now: it lost interest while unchoked, so its slot is free for others.
+    pub fn set_interest(&mut self, interested: bool, now: Instant) -> bool {
+        self.interested = interested;
+        if interested {
+            self.since = now;
+            false
+        } else if !self.choked {
+            self.choked = true;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Unchokes waiting peers while slots are free (at least one slot, whatever `slots` says),
+/// longest waiting first. Returns the peers unchoked, in that order.
+pub(crate) fn fill_slots<'a>(
+    peers: impl IntoIterator<Item = (&'a PeerKey, &'a mut Choke)>,
+    slots: usize,
+    now: Instant,
+) -> Vec<PeerKey> {
+    let mut peers: Vec<(&PeerKey, &mut Choke)> = peers.into_iter().collect();
+    let served = peers.iter().filter(|(_, c)| c.served()).count();
+    let free = slots.max(1).saturating_sub(served);
+    if free == 0 {
+        return Vec::new();
+    }
+    peers.retain(|(_, c)| c.waiting());
+    take_turns(peers, free, false, now)
+}
+
+/// A rotation: while peers wait, chokes the peers served longest (each at least
+/// [`ROTATE_EVERY`]), one per waiting peer, so that [`fill_slots`] hands their slots on.
+/// Returns the peers choked.
+pub(crate) fn rotate<'a>(
+    peers: impl IntoIterator<Item = (&'a PeerKey, &'a mut Choke)>,
+    now: Instant,
+) -> Vec<PeerKey> {
+    let mut peers: Vec<(&PeerKey, &mut Choke)> = peers.into_iter().collect();
+    let waiting = peers.iter().filter(|(_, c)| c.waiting()).count();
+    if waiting == 0 {
+        return Vec::new();
+    }
+    peers.retain(|(_, c)| c.served() && now.saturating_duration_since(c.since) >= ROTATE_EVERY);
+    take_turns(peers, waiting, true, now)
+}
+
+/// Chokes or unchokes the `n` of `peers` whose state is oldest; returns them in that order.
+fn take_turns(
+    mut peers: Vec<(&PeerKey, &mut Choke)>,
+    n: usize,
+    choked: bool,
+    now: Instant,
+) -> Vec<PeerKey> {
+    peers.sort_by_key(|(key, c)| (c.since, **key));
+    peers
+        .into_iter()
+        .take(n)
+        .map(|(key, c)| {
+            c.choked = choked;
+            c.since = now;
+            *key
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+
+    use super::*;
+
+    /// Peers `0..n`, connected at `t0`, each saying it is interested one second after the
+    /// previous one (so peer 0 has waited longest).
+    fn interested(n: u64, t0: Instant) -> HashMap<PeerKey, Choke> {
+        (0..n)
+            .map(|key| {
+                let mut c = Choke::new(t0);
+                c.set_interest(true, t0 + Duration::from_secs(key));
+                (key, c)
+            })
+            .collect()
+    }
+
+    fn served(peers: &HashMap<PeerKey, Choke>) -> BTreeSet<PeerKey> {
+        peers
+            .iter()
+            .filter(|(_, c)| c.served())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    #[test]
+    fn free_slots_go_to_interested_peers_longest_waiting_first() {
+        let t0 = Instant::now();
+        let mut peers = interested(4, t0);
+        // Connected as early as any, but never interested: it gets nothing.
+        peers.insert(9, Choke::new(t0));
+        let now = t0 + Duration::from_secs(5);
+        assert_eq!(fill_slots(&mut peers, 2, now), vec![0, 1]);
+        assert_eq!(served(&peers), BTreeSet::from([0, 1]));
+        assert!(peers[&9].choked);
+        // No slot is free: nobody else is unchoked.
+        assert!(fill_slots(&mut peers, 2, now).is_empty());
+        // One more slot (the config allows three): the next in line.
+        assert_eq!(fill_slots(&mut peers, 3, now), vec![2]);
+    }
+
+    #[test]
+    fn there_is_always_one_slot() {
+        let t0 = Instant::now();
+        let mut peers = interested(2, t0);
+        assert_eq!(fill_slots(&mut peers, 0, t0), vec![0]);
+    }
+
+    #[test]
+    fn a_peer_that_loses_interest_is_choked_and_its_slot_goes_to_the_next() {
+        let t0 = Instant::now();
+        let mut peers = interested(2, t0);
+        assert_eq!(fill_slots(&mut peers, 1, t0), vec![0]);
+        let now = t0 + Duration::from_secs(1);
+        assert!(peers.get_mut(&0).unwrap().set_interest(false, now));
+        assert!(peers[&0].choked);
+        assert_eq!(fill_slots(&mut peers, 1, now), vec![1]);
+        // Losing interest while choked asks for no message.
+        assert!(!peers.get_mut(&0).unwrap().set_interest(false, now));
+        // Interested again: it waits, since peer 1 holds the only slot.
+        assert!(!peers.get_mut(&0).unwrap().set_interest(true, now));
+        assert!(fill_slots(&mut peers, 1, now).is_empty());
+    }
+
+    #[test]
+    fn rotation_gives_every_interested_peer_a_turn() {
+        let t0 = Instant::now();
+        let mut peers = interested(3, t0);
+        let mut had_a_turn = BTreeSet::new();
+        had_a_turn.extend(fill_slots(&mut peers, 2, t0));
+        assert_eq!(had_a_turn, BTreeSet::from([0, 1]));
+
+        // Served for less than a rotation: nobody is choked yet.
+        assert!(rotate(&mut peers, t0 + ROTATE_EVERY / 2).is_empty());
+
+        // After a rotation, the longest served makes room for the one waiting peer.
+        let t1 = t0 + ROTATE_EVERY;
+        assert_eq!(rotate(&mut peers, t1), vec![0]);
+        assert_eq!(fill_slots(&mut peers, 2, t1), vec![2]);
+        assert_eq!(served(&peers), BTreeSet::from([1, 2]));
+
+        // Next rotation: peer 1 has been served longest, and peer 0 waited longest.
+        let t2 = t1 + ROTATE_EVERY;
+        assert_eq!(rotate(&mut peers, t2), vec![1]);
+        assert_eq!(fill_slots(&mut peers, 2, t2), vec![0]);
+        assert_eq!(served(&peers), BTreeSet::from([0, 2]));
+    }
+
+    #[test]
+    fn rotation_chokes_one_served_peer_per_waiting_peer() {
+        let t0 = Instant::now();
+        let mut peers = interested(5, t0);
+        assert_eq!(fill_slots(&mut peers, 3, t0), vec![0, 1, 2]);
+        let later = t0 + 2 * ROTATE_EVERY;
+        let mut choked = rotate(&mut peers, later);
+        choked.sort();
+        assert_eq!(choked, vec![0, 1], "two wait, so the two served longest go");
+        assert_eq!(fill_slots(&mut peers, 3, later), vec![3, 4]);
+    }
+
+    #[test]
+    fn rotation_chokes_nobody_when_nobody_waits() {
+        let t0 = Instant::now();
+        let mut peers = interested(2, t0);
+        assert_eq!(fill_slots(&mut peers, 2, t0).len(), 2);
+        // A third peer connects but is not interested: it does not wait for a slot.
+        peers.insert(7, Choke::new(t0));
+        assert!(rotate(&mut peers, t0 + 10 * ROTATE_EVERY).is_empty());
+        assert_eq!(served(&peers), BTreeSet::from([0, 1]));
+    }
+}

@@ -1,0 +1,279 @@
+//! The engine's control surface: what its host (the server, the agent, `boottorrent-peer`)
+//! sets, asks for and is told. Settings of a session ([`SessionConfig`], [`Cidr`],
+//! [`Admission`]), the torrent to add ([`AddTorrent`], [`Mode`]), what a torrent reports
+//! ([`TorrentState`], [`TorrentStats`], [`PeerStats`]) and what fails ([`SwarmError`]).
+//!
+//! Session, torrent and peer all speak these types and this module imports none of them, so
+//! the engine's modules depend on each other one way only. The host reaches them through
+//! `session`, which re-exports them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::InfoHash;
+use crate::metainfo::Metainfo;
+
+/// Settings of a session. `Default` gives a working download/seed peer on port 6881.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Where to accept peer connections; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Peers served at once per torrent; more interested peers take turns every 10 s.
+    pub upload_slots: usize,
+    /// Upload limit for the whole session, bytes per second.
+    pub upload_limit_bps: Option<u64>,
+    /// Download limit for the whole session, bytes per second.
+    pub download_limit_bps: Option<u64>,
+    /// Where resume records go (`<info hash>.resume`); default: next to each torrent's file
+    /// as `<file>.resume`.
+    pub state_dir: Option<PathBuf>,
+    /// Networks of our own zone: peers there are preferred for downloading.
+    pub zone: Vec<Cidr>,
+    /// Most connections per torrent.
+    pub max_peers: usize,
+    /// Decides which peers may connect to us; everyone when `None`.
+    pub admission: Option<Admission>,
+}
+
+/// Which inbound peers a session serves: asked with the torrent and the peer's address after
+/// its handshake. The server's seeder admits only peers its tracker admitted (enrolled
+/// machines with a passkey), and agents ask the tracker the same, so a host that merely
+/// knows the info hash gets nothing.
+#[derive(Clone)]
+pub struct Admission(pub Arc<AdmitFn>);
+
+/// Whether the peer at this address may have this torrent from us (it may have to ask).
+pub type AdmitFn = dyn Fn(InfoHash, IpAddr) -> AdmitFuture + Send + Sync;
+
+/// The answer of an [`AdmitFn`].
+pub type AdmitFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admission(..)")
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            listen: ([0, 0, 0, 0], 6881).into(),
+            upload_slots: 16,
+            upload_limit_bps: None,
+            download_limit_bps: None,
+            state_dir: None,
+            zone: Vec::new(),
+            max_peers: 64,
+            admission: None,
+        }
+    }
+}
+
+/// An IPv4 or IPv6 network, `10.1.0.0/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside this network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, prefix: u8, width: u8) -> u128 {
+            if prefix == 0 {
+                0
+            } else {
+                bits >> (width - prefix)
+            }
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), self.prefix, 32)
+                    == masked(u32::from(ip).into(), self.prefix, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), self.prefix, 128)
+                    == masked(u128::from(ip), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a network: expected ADDRESS/PREFIX"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|e| format!("{s:?}: bad address: {e}"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|e| format!("{s:?}: bad prefix length: {e}"))?;
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > width {
+            return Err(format!("{s:?}: prefix length {prefix} exceeds {width}"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// What the engine does with a torrent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fetch what is missing, then seed.
+    Download,
+    /// Serve a complete file (opened read-only).
+    Seed,
+    /// Serve a complete file so that each piece leaves about once: each peer is offered a few
+    /// pieces at a time, and a new one only when an earlier one was seen elsewhere (BEP 16).
+    SuperSeed,
+}
+
+/// A torrent to add.
+#[derive(Debug, Clone)]
+pub struct AddTorrent {
+    /// The parsed `.torrent`.
+    pub metainfo: Metainfo,
+    /// The file to download into or seed from.
+    pub path: PathBuf,
+    /// Download, seed or super-seed.
+    pub mode: Mode,
+    /// Peers to connect to besides the tracker's.
+    pub peers: Vec<SocketAddr>,
+    /// Announce to the torrent's trackers.
+    pub use_tracker: bool,
+}
+
+/// Phase of a torrent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TorrentState {
+    /// Verifying what the file already holds; `pieces_checked` so far.
+    Checking {
+        /// Pieces hashed so far.
+        pieces_checked: u32,
+    },
+    /// Fetching missing pieces.
+    Downloading,
+    /// Complete; serving.
+    Seeding,
+    /// Paused by the caller: no connections, no announces.
+    Paused,
+    /// Stopped by an error that needs the operator (disk full, incomplete seed file).
+    Error(String),
+}
+
+impl TorrentState {
+    /// Short lower-case name for logs and JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TorrentState::Checking { .. } => "checking",
+            TorrentState::Downloading => "downloading",
+            TorrentState::Seeding => "seeding",
+            TorrentState::Paused => "paused",
+            TorrentState::Error(_) => "error",
+        }
+    }
+}
+
+/// One connected peer, as the stats see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// Client prefix of its peer id, e.g. `-BT0100-` or `A2-1-36-0-`.
+    pub client: String,
+    /// Payload bytes received from it.
+    pub downloaded: u64,
+    /// Payload bytes sent to it.
+    pub uploaded: u64,
+    /// Pieces it has.
+    pub pieces: u32,
+    /// Whether it is in our zone.
+    pub in_zone: bool,
+}
+
+/// A torrent's progress, published about once a second and on every state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TorrentStats {
+    /// Phase.
+    pub state: TorrentState,
+    /// Bytes in verified pieces.
+    pub bytes_done: u64,
+    /// File length.
+    pub bytes_total: u64,
+    /// Verified pieces.
+    pub pieces_done: u32,
+    /// Payload bytes received since the torrent was added.
+    pub downloaded: u64,
+    /// Payload bytes sent since the torrent was added.
+    pub uploaded: u64,
+    /// Bytes per second received, over the last second or so.
+    pub download_rate: u64,
+    /// Bytes per second sent.
+    pub upload_rate: u64,
+    /// Pieces that failed their hash.
+    pub hash_failures: u64,
+    /// Peers banned for sending bad data.
+    pub banned: u64,
+    /// Addresses of the banned peers, in the order they were banned (an inbound peer's port
+    /// is its ephemeral one; the address names the host).
+    pub banned_peers: Vec<SocketAddr>,
+    /// Connections dropped for breaking the protocol.
+    pub protocol_errors: u64,
+    /// Connected peers.
+    pub peers: Vec<PeerStats>,
+}
+
+/// Errors of the session API.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    /// The listener could not be opened.
+    #[error("listening for peers on {addr}: {source}")]
+    Listen {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The torrent is already in this session.
+    #[error("torrent {0} is already added")]
+    Duplicate(InfoHash),
+    /// No such torrent in this session.
+    #[error("torrent {0} is not in this session")]
+    Unknown(InfoHash),
+    /// The torrent's file could not be opened.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    /// Deleting the file on removal failed.
+    #[error("deleting {path}: {source}")]
+    Delete {
+        /// The torrent's file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr() {
+        let net: Cidr = "10.1.0.0/24".parse().unwrap();
+        assert!(net.contains("10.1.0.77".parse().unwrap()));
+        assert!(!net.contains("10.1.1.1".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.0.0.0".parse::<Cidr>().is_err());
+    }
+}
