@@ -720,7 +720,7 @@ mod tests {
     #[test]
     fn fallback_body_is_bencode() {
         let body = b"d14:failure reason31:tracker failed to encode answere";
-        let value = boottorrent_swarm::bencode::decode(body).unwrap();
+        let value = boottorrent_bt::bencode::decode(body).unwrap();
         assert!(value.as_dict().unwrap().get(b"failure reason").is_some());
     }
 

@@ -371,7 +371,7 @@ fn torrent_name(path: &Path, given: Option<&str>) -> Result<String, CreateError>
     };
     // The rule our swarm engine applies when it reads a torrent: a name that could point
     // elsewhere in a downloader's directory is refused rather than silently rewritten.
-    match boottorrent_swarm::metainfo::check_file_name(&name) {
+    match boottorrent_bt::metainfo::check_file_name(&name) {
         Ok(()) => Ok(name),
         Err(reason) => Err(invalid(name, reason)),
     }
@@ -955,7 +955,7 @@ mod tests {
             ..opts()
         };
         let created = create(file.path(), &opts, &|_| {}).unwrap();
-        let meta = boottorrent_swarm::metainfo::Metainfo::from_bytes(&created.torrent).unwrap();
+        let meta = boottorrent_bt::metainfo::Metainfo::from_bytes(&created.torrent).unwrap();
         assert_eq!(meta.info_hash.0, created.info_hash);
         assert_eq!(meta.geometry.total_len, 100_000);
         assert_eq!(meta.geometry.piece_len, MIN_AUTO_PIECE_LEN);

@@ -6,8 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use boottorrent_bt::bencode::{self, Value};
 use boottorrent_swarm::announce::{AnnounceError, AnnounceResponse, parse_response};
-use boottorrent_swarm::bencode::{self, Value};
 use boottorrent_tracker::announce::Answer;
 use boottorrent_tracker::swarm::{Locality, Tracker, TrackerConfig};
 
