@@ -4,12 +4,14 @@
 //! Layout, leaves first:
 //! - [`Bitfield`], [`Geometry`], [`InfoHash`], [`PeerId`]: which pieces exist, how long each
 //!   one is, and the 20-byte names of torrents and peers.
-//! - [`bencode`]: one strict decoder for untrusted input, for the whole
+//! - [`bencode`]: one strict decoder for untrusted input and one encoder, for the whole
 //!   workspace.
 //! - [`metainfo`]: reading `.torrent` files (single-file torrents only) and the file-name rule
 //!   shared by everything that makes or reads one.
 //! - [`wire`]: the peer wire protocol (BEP 3 + BEP 6): handshake, messages, limits, and a
 //!   codec over byte buffers; the engine plugs it into its sockets.
+//! - [`announce`]: the HTTP tracker protocol, the query and the answer, as our client writes
+//!   and reads them and as our tracker reads and writes them.
 //!
 //! Pure: no sockets, files, clocks or async runtime, so every rule here is tested with bytes
 //! alone: round trips, fixtures captured from real clients, and the fuzz target in `fuzz/`.
@@ -27,10 +29,13 @@
 //! - bendy hands out the raw bytes of the `info` dictionary (`DictDecoder::into_raw`) and caps
 //!   nesting (2048 levels by default) without recursion, so neither decides it.
 //! - Each bendy decoder allocates 144 KiB up front for its nesting stack; reading the
-//!   libtorrent fixtures took about 37 µs with bendy against 4 µs with ours.
+//!   libtorrent fixtures took 26–48 µs with bendy against 1.4–4.7 µs with ours.
+//!
+//! The encoder ([`bencode::Encoder`]) replaced bendy's for the few dictionaries we write.
 
 #![warn(missing_docs)]
 
+pub mod announce;
 pub mod bencode;
 pub mod bitfield;
 pub mod metainfo;

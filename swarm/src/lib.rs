@@ -26,4 +26,4 @@ mod torrent;
 pub mod wire;
 
 // Imported at the root so that the engine's modules name them `crate::...`.
-use boottorrent_bt::{BLOCK_LEN, Bitfield, Geometry, InfoHash, PeerId, bencode, metainfo};
+use boottorrent_bt::{BLOCK_LEN, Bitfield, Geometry, InfoHash, PeerId, metainfo};
