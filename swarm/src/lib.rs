@@ -6,7 +6,8 @@
 //! other at once, and a super-seeding mode that lets the server send each piece about once.
 //!
 //! Layout, leaves first. BitTorrent's formats (bencode, metainfo, bitfields, the peer-wire
-//! codec) live in [`boottorrent_bt`], which the tracker shares; this crate runs them.
+//! codec, the tracker protocol) live in [`boottorrent_bt`], which the tracker shares; this
+//! crate runs them. The `boottorrent-peer` binary (crate `peer/`) runs it as a process.
 //! - [`wire`]: `boottorrent_bt`'s peer wire protocol plus the adaptor that frames a socket.
 //! - [`storage`]: the one file of a torrent, piece verification and resume.
 //! - [`announce`]: the HTTP tracker client.
