@@ -8,7 +8,7 @@
 //! Layout, leaves first. BitTorrent's formats (bencode, metainfo, bitfields, the peer-wire
 //! codec, the tracker protocol) live in [`boottorrent_bt`], which the tracker shares; this
 //! crate runs them. The `boottorrent-peer` binary (crate `peer/`) runs it as a process.
-//! - [`wire`]: `boottorrent_bt`'s peer wire protocol plus the adaptor that frames a socket.
+//! - `wire`: `boottorrent_bt`'s peer wire protocol plus the adaptor that frames a socket.
 //! - [`storage`]: the one file of a torrent, piece verification and resume.
 //! - [`announce`]: the HTTP tracker client.
 //! - [`picker`]: which block to request from which peer.
@@ -24,7 +24,7 @@ mod rate;
 pub mod session;
 pub mod storage;
 mod torrent;
-pub mod wire;
+mod wire;
 
 // Imported at the root so that the engine's modules name them `crate::...`.
 use boottorrent_bt::{BLOCK_LEN, Bitfield, Geometry, InfoHash, PeerId, metainfo};
