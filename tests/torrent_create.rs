@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use boottorrent_swarm::metainfo::Metainfo;
+use boottorrent_bt::metainfo::Metainfo;
 use rand::RngCore;
 
 /// libtorrent's own v1 torrent of the same file, name, piece size and private flag; prints its

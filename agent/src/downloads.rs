@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use boottorrent_bt::InfoHash;
+use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_proto::{
     AfterDownload, ArtifactAssignment, ArtifactUnassignment, BootReport, ErrorReport, Event,
     HeldImage, ImageId, ImageState, Progress,
 };
-use boottorrent_swarm::InfoHash;
-use boottorrent_swarm::metainfo::Metainfo;
 use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, TorrentState};
 use tokio::sync::mpsc;
 
@@ -541,7 +541,7 @@ impl Downloads {
         let name = Path::new(&a.save_path)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .filter(|n| boottorrent_swarm::metainfo::check_file_name(n).is_ok())
+            .filter(|n| boottorrent_bt::metainfo::check_file_name(n).is_ok())
             .unwrap_or_else(|| meta.name.clone());
         images.join(name)
     }

@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use boottorrent_bt::InfoHash;
 use boottorrent_proto::{MachineId, SigningKey, passkey_request};
-use boottorrent_swarm::InfoHash;
 use boottorrent_swarm::session::Admission;
 
 /// How long the tracker's answer about one peer is kept.

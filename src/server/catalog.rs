@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_proto::{Bytes, ImageId};
-use boottorrent_swarm::metainfo::Metainfo;
 use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, TorrentState};
 use boottorrent_tracker::create::{CreateOptions, create};
 use boottorrent_tracker::swarm::Tracker;
@@ -178,7 +178,7 @@ impl Catalog {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into()),
         };
-        if let Err(reason) = boottorrent_swarm::metainfo::check_file_name(&name) {
+        if let Err(reason) = boottorrent_bt::metainfo::check_file_name(&name) {
             return Err(CatalogError::Invalid(format!("name {name:?} {reason}")));
         }
         let mtime = mtime_ms(&meta);

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use boottorrent_swarm::InfoHash;
+use boottorrent_bt::InfoHash;
 use boottorrent_swarm::session::{Admission, Session, SessionConfig};
 use boottorrent_tracker::swarm::{Tracker, TrackerConfig};
 use tokio_util::sync::CancellationToken;

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use boottorrent_swarm::metainfo::Metainfo;
+use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_swarm::session::{
     AddTorrent, Mode, Session, SessionConfig, TorrentHandle, TorrentState, TorrentStats,
 };

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bendy::encoding::{Encoder, SingleItemEncoder};
+use boottorrent_bt::bencode::{self, Encoder};
+use boottorrent_bt::metainfo::MetainfoError;
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
 
@@ -193,14 +194,6 @@ pub enum CreateError {
     /// No announce URL was given.
     #[error("creating a torrent: the announce URL is empty")]
     EmptyAnnounce,
-    /// bendy refused the structure; a bug here rather than bad input.
-    #[error("creating a torrent of {}: encoding the metainfo: {cause}", path.display())]
-    Encode {
-        /// The file.
-        path: PathBuf,
-        /// bendy's error.
-        cause: bendy::encoding::Error,
-    },
 }
 
 /// Picks a piece size for a file of `file_len` bytes: the smallest power of two that yields at
@@ -309,25 +302,22 @@ pub fn create(
         pieces: &hashed.pieces,
         private: opts.private,
     };
-    let encode_err = |cause| CreateError::Encode {
-        path: path.to_owned(),
-        cause,
-    };
-    let info_bytes = encode(|e| info.encode(e)).map_err(encode_err)?;
+    let mut encoder = Encoder::new();
+    info.encode(&mut encoder);
+    let info_bytes = encoder.finish();
     let creation_date = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let torrent = encode(|e| {
-        e.emit_dict(|mut d| {
-            d.emit_pair_with(b"announce", |e| e.emit_str(&opts.announce))?;
-            d.emit_pair_with(b"created by", |e| {
-                e.emit_str(concat!("BootTorrent ", env!("CARGO_PKG_VERSION")))
-            })?;
-            d.emit_pair_with(b"creation date", |e| e.emit_int(creation_date))?;
-            d.emit_pair_with(b"info", |e| info.encode(e))
-        })
-    })
-    .map_err(encode_err)?;
+    let mut encoder = Encoder::with_capacity(info_bytes.len() + 128 + opts.announce.len());
+    encoder.dict(|d| {
+        d.entry(b"announce", |e| e.bytes(opts.announce.as_bytes()));
+        d.entry(b"created by", |e| {
+            e.bytes(concat!("BootTorrent ", env!("CARGO_PKG_VERSION")).as_bytes())
+        });
+        d.entry(b"creation date", |e| e.int(creation_date));
+        d.entry(b"info", |e| info.encode(e));
+    });
+    let torrent = encoder.finish();
     // The info hash is taken over a separate encoding of the same dictionary; `info` is the
     // last key, so the torrent must end with exactly those bytes and the closing `e`.
     debug_assert!(torrent[..torrent.len() - 1].ends_with(&info_bytes));
@@ -371,7 +361,7 @@ fn torrent_name(path: &Path, given: Option<&str>) -> Result<String, CreateError>
     };
     // The rule our swarm engine applies when it reads a torrent: a name that could point
     // elsewhere in a downloader's directory is refused rather than silently rewritten.
-    match boottorrent_swarm::metainfo::check_file_name(&name) {
+    match boottorrent_bt::metainfo::check_file_name(&name) {
         Ok(()) => Ok(name),
         Err(reason) => Err(invalid(name, reason)),
     }
@@ -387,26 +377,17 @@ struct Info<'a> {
 }
 
 impl Info<'_> {
-    fn encode(&self, e: SingleItemEncoder) -> Result<(), bendy::encoding::Error> {
-        e.emit_dict(|mut d| {
-            d.emit_pair_with(b"length", |e| e.emit_int(self.length))?;
-            d.emit_pair_with(b"name", |e| e.emit_str(self.name))?;
-            d.emit_pair_with(b"piece length", |e| e.emit_int(self.piece_len))?;
-            d.emit_pair_with(b"pieces", |e| e.emit_bytes(self.pieces))?;
+    fn encode(&self, e: &mut Encoder) {
+        e.dict(|d| {
+            d.entry(b"length", |e| e.int(self.length));
+            d.entry(b"name", |e| e.bytes(self.name.as_bytes()));
+            d.entry(b"piece length", |e| e.int(self.piece_len));
+            d.entry(b"pieces", |e| e.bytes(self.pieces));
             if self.private {
-                d.emit_pair_with(b"private", |e| e.emit_int(1u8))?;
+                d.entry(b"private", |e| e.int(1));
             }
-            Ok(())
         })
     }
-}
-
-fn encode(
-    value: impl FnOnce(SingleItemEncoder) -> Result<(), bendy::encoding::Error>,
-) -> Result<Vec<u8>, bendy::encoding::Error> {
-    let mut encoder = Encoder::new();
-    encoder.emit_with(value)?;
-    encoder.get_output()
 }
 
 /// The hashes of one read of a file.
@@ -691,64 +672,36 @@ fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
 /// `announce-list` dropped, every other key copied byte for byte, so the `info` dictionary
 /// and with it the info hash stay as they were. The server hands each machine the image's
 /// torrent with that machine's passkey in the announce URL this way.
-pub fn with_announce(torrent: &[u8], announce: &str) -> Result<Vec<u8>, bendy::decoding::Error> {
-    use bendy::decoding::{Decoder, Object};
-
-    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(b.len().to_string().as_bytes());
-        out.push(b':');
-        out.extend_from_slice(b);
-    }
-
-    let mut decoder = Decoder::new(torrent);
-    let Some(Object::Dict(mut dict)) = decoder.next_object()? else {
-        return Err(bendy::decoding::Error::unexpected_token(
-            "a dictionary",
-            "something else",
-        ));
-    };
-    let mut out = Vec::with_capacity(torrent.len() + announce.len());
-    out.push(b'd');
-    let mut announced = false;
-    while let Some((key, value)) = dict.next_pair()? {
-        if key == b"announce" || key == b"announce-list" {
-            // Read past the old value, whatever it is.
-            match value {
-                Object::List(list) => drop(list.into_raw()?),
-                Object::Dict(d) => drop(d.into_raw()?),
-                Object::Bytes(_) | Object::Integer(_) => {}
+pub fn with_announce(torrent: &[u8], announce: &str) -> Result<Vec<u8>, MetainfoError> {
+    let root = bencode::decode(torrent).map_err(MetainfoError::Bencode)?;
+    let dict = root
+        .as_dict()
+        .ok_or(MetainfoError::NotADict { found: root.kind() })?;
+    let mut out = Encoder::with_capacity(torrent.len() + announce.len());
+    // In the order the keys came: the decoder accepts any order, and re-encoding a decoded
+    // value reproduces its exact bytes.
+    out.dict_as_decoded(|d| {
+        let mut announced = false;
+        for (key, value) in dict.iter() {
+            if key == b"announce" || key == b"announce-list" {
+                if key == b"announce" {
+                    d.entry(key, |e| e.bytes(announce.as_bytes()));
+                    announced = true;
+                }
+                continue;
             }
-            if key == b"announce" {
-                bytes(&mut out, key);
-                bytes(&mut out, announce.as_bytes());
+            if !announced && key > b"announce".as_slice() {
+                // Keys are sorted: one missing before this key goes here.
+                d.entry(b"announce", |e| e.bytes(announce.as_bytes()));
                 announced = true;
             }
-            continue;
+            d.entry(key, |e| e.value(value));
         }
-        if !announced && key > b"announce".as_slice() {
-            // Keys are sorted: one missing before this key goes here.
-            bytes(&mut out, b"announce");
-            bytes(&mut out, announce.as_bytes());
-            announced = true;
+        if !announced {
+            d.entry(b"announce", |e| e.bytes(announce.as_bytes()));
         }
-        bytes(&mut out, key);
-        match value {
-            Object::Bytes(b) => bytes(&mut out, b),
-            Object::Integer(i) => {
-                out.push(b'i');
-                out.extend_from_slice(i.as_bytes());
-                out.push(b'e');
-            }
-            Object::List(list) => out.extend_from_slice(list.into_raw()?),
-            Object::Dict(d) => out.extend_from_slice(d.into_raw()?),
-        }
-    }
-    if !announced {
-        bytes(&mut out, b"announce");
-        bytes(&mut out, announce.as_bytes());
-    }
-    out.push(b'e');
-    Ok(out)
+    });
+    Ok(out.finish())
 }
 
 fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
@@ -955,7 +908,7 @@ mod tests {
             ..opts()
         };
         let created = create(file.path(), &opts, &|_| {}).unwrap();
-        let meta = boottorrent_swarm::metainfo::Metainfo::from_bytes(&created.torrent).unwrap();
+        let meta = boottorrent_bt::metainfo::Metainfo::from_bytes(&created.torrent).unwrap();
         assert_eq!(meta.info_hash.0, created.info_hash);
         assert_eq!(meta.geometry.total_len, 100_000);
         assert_eq!(meta.geometry.piece_len, MIN_AUTO_PIECE_LEN);

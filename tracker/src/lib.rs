@@ -1,8 +1,9 @@
 //! BootTorrent's BitTorrent tracker logic and `.torrent` creation.
 //!
 //! - [`create`]: hashing a file into a single-file metainfo (SHA-1 pieces and the SHA-256 of
-//!   the whole file in one read, on every core), written with bendy.
-//! - [`announce`]: parsing announce and scrape queries, bencoding answers and failures.
+//!   the whole file in one read, on every core), written with `boottorrent_bt::bencode`.
+//! - [`announce`]: answers with their HTTP status; the queries and bencoded bodies are
+//!   `boottorrent_bt::announce`'s.
 //! - [`swarm`]: the peers of each catalogued torrent, their expiry and the handout policy
 //!   (same zone or subnet first, incomplete before complete, the server's seeder last).
 //!

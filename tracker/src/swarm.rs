@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-use crate::announce::{
-    self, AnnounceReply, Answer, Event, HandoutPeer, NOT_GIVEN, NOT_IN_CATALOG, PeerForm,
-    ScrapeEntry,
+use boottorrent_bt::PeerId;
+use boottorrent_bt::announce::{
+    self, AnnounceQuery, AnnounceReply, Event, HandoutPeer, ScrapeEntry,
 };
+
+use crate::announce::{Answer, NOT_GIVEN, NOT_IN_CATALOG};
 
 /// Most peers one torrent may hold. A lab fleet is hundreds of machines; the cap bounds memory
 /// when something (a misconfigured NAT, a hostile script) invents peers faster than they
@@ -257,14 +259,16 @@ impl Tracker {
         may: &dyn Fn(&[u8; 20]) -> bool,
     ) -> Answer {
         self.announces.fetch_add(1, Ordering::Relaxed);
-        let request = match announce::parse_announce(query, self.config.max_query_len) {
-            Ok(request) => request,
-            Err(error) => {
-                tracing::debug!(%remote, %error, "malformed announce");
-                return self.fail(400, &error.to_string());
-            }
-        };
-        if !may(&request.info_hash) {
+        let AnnounceQuery { request, form } =
+            match announce::parse_announce(query, self.config.max_query_len) {
+                Ok(query) => query,
+                Err(error) => {
+                    tracing::debug!(%remote, %error, "malformed announce");
+                    return self.fail(400, &error.to_string());
+                }
+            };
+        let info_hash = request.info_hash.0;
+        if !may(&info_hash) {
             return self.fail(403, NOT_GIVEN);
         }
         let remote = remote.to_canonical();
@@ -291,8 +295,8 @@ impl Tracker {
         let ttl = self.ttl();
 
         let (peers, stats) = {
-            let mut shard = self.shard(&request.info_hash);
-            let Some(swarm) = shard.get_mut(&request.info_hash) else {
+            let mut shard = self.shard(&info_hash);
+            let Some(swarm) = shard.get_mut(&info_hash) else {
                 drop(shard);
                 return self.fail(200, NOT_IN_CATALOG);
             };
@@ -301,7 +305,7 @@ impl Tracker {
                 swarm.remove(&addr);
             } else {
                 let peer = Peer {
-                    peer_id: request.peer_id,
+                    peer_id: request.peer_id.0,
                     complete,
                     last_seen: now,
                     zone: zone.clone(),
@@ -341,7 +345,7 @@ impl Tracker {
             }
             let requester = Requester {
                 addr,
-                peer_id: request.peer_id,
+                peer_id: request.peer_id.0,
                 zone,
                 complete,
             };
@@ -351,14 +355,7 @@ impl Tracker {
             )
         };
 
-        let form = if request.compact {
-            PeerForm::Compact
-        } else {
-            PeerForm::Dict {
-                peer_ids: !request.no_peer_id,
-            }
-        };
-        announce::encode_announce(&AnnounceReply {
+        Answer::ok(announce::encode_announce(&AnnounceReply {
             interval_secs: self.config.interval_secs,
             min_interval_secs: self.config.min_interval_secs,
             complete: stats.complete,
@@ -366,7 +363,7 @@ impl Tracker {
             peers: &peers,
             form,
             ipv6_requester: remote.is_ipv6(),
-        })
+        }))
     }
 
     /// Answers `GET /scrape` (BEP 48). Hashes that are not catalogued are left out of `files`
@@ -391,10 +388,10 @@ impl Tracker {
         let entries: Vec<ScrapeEntry> = request
             .info_hashes
             .iter()
-            .filter(|info_hash| may(info_hash))
+            .filter(|info_hash| may(&info_hash.0))
             .filter_map(|info_hash| {
-                let mut shard = self.shard(info_hash);
-                let swarm = shard.get_mut(info_hash)?;
+                let mut shard = self.shard(&info_hash.0);
+                let swarm = shard.get_mut(&info_hash.0)?;
                 swarm.sweep(now, ttl);
                 let stats = swarm.stats();
                 Some(ScrapeEntry {
@@ -408,7 +405,7 @@ impl Tracker {
         if entries.is_empty() {
             return self.fail(200, NOT_IN_CATALOG);
         }
-        announce::encode_scrape(&entries)
+        Answer::ok(announce::encode_scrape(&entries))
     }
 
     /// A snapshot of the request counters.
@@ -617,7 +614,7 @@ impl Swarm {
             };
             let candidate = HandoutPeer {
                 addr: *addr,
-                peer_id: peer.peer_id,
+                peer_id: PeerId(peer.peer_id),
             };
             if group == NEAR_INCOMPLETE {
                 handout.push(candidate);

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use boottorrent_swarm::bencode::{self, Value};
+use boottorrent_bt::bencode::{self, Value};
 use boottorrent_tracker::swarm::{NoLocality, Tracker, TrackerConfig};
 use tracker_common::*;
 

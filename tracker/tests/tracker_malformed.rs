@@ -5,7 +5,7 @@ mod tracker_common;
 
 use std::time::Instant;
 
-use boottorrent_swarm::bencode;
+use boottorrent_bt::bencode;
 use boottorrent_tracker::swarm::{NoLocality, Tracker, TrackerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

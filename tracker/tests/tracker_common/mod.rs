@@ -1,13 +1,14 @@
 //! Helpers shared by the tracker's integration tests: query building, a test [`Locality`] and
-//! decoding answers with the swarm crate's client-side parser, an independent implementation.
+//! decoding answers with our client's parser (`boottorrent_bt::announce::parse_response`),
+//! code independent of the encoder that wrote them.
 
 #![allow(dead_code)] // Each test crate uses its own subset.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use boottorrent_swarm::announce::{AnnounceError, AnnounceResponse, parse_response};
-use boottorrent_swarm::bencode::{self, Value};
+use boottorrent_bt::announce::{AnnounceResponse, ResponseError, parse_response};
+use boottorrent_bt::bencode::{self, Value};
 use boottorrent_tracker::announce::Answer;
 use boottorrent_tracker::swarm::{Locality, Tracker, TrackerConfig};
 
@@ -96,7 +97,7 @@ pub fn ok(answer: &Answer) -> AnnounceResponse {
 /// The failure reason of an answer, checked with the client parser.
 pub fn failure(answer: &Answer) -> String {
     match parse_response(&answer.body) {
-        Err(AnnounceError::Failure(reason)) => reason,
+        Err(ResponseError::Failure(reason)) => reason,
         other => panic!("expected a failure, got {other:?}"),
     }
 }

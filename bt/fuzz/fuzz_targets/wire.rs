@@ -7,10 +7,9 @@
 
 #![no_main]
 
-use boottorrent_swarm::wire::{HANDSHAKE_LEN, Handshake, Message, MessageCodec, WireError};
+use boottorrent_bt::wire::{HANDSHAKE_LEN, Handshake, Message, MessageCodec, WireError};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tokio_util::codec::{Decoder, Encoder};
 
 fuzz_target!(|data: &[u8]| {
     if let Some((handshake, _)) = data.split_first_chunk::<HANDSHAKE_LEN>()

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use boottorrent_swarm::metainfo::Metainfo;
+use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_swarm::session::{
     AddTorrent, Cidr, Mode, Session, SessionConfig, TorrentState, TorrentStats,
 };

@@ -12,14 +12,23 @@ pub struct Bitfield {
 /// A received bitfield does not fit the torrent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BitfieldError {
+    /// One bit per piece, rounded up to whole bytes, is the only valid length.
     #[error("bitfield is {got} bytes long; a torrent of {pieces} pieces needs {want}")]
     WrongLength {
+        /// Bytes received.
         got: usize,
+        /// Bytes the torrent needs.
         want: usize,
+        /// Pieces in the torrent.
         pieces: u32,
     },
+    /// The bits after the last piece must be zero (BEP 3), or the peer claims pieces that do
+    /// not exist.
     #[error("bitfield sets spare bits past piece {pieces}")]
-    SpareBitsSet { pieces: u32 },
+    SpareBitsSet {
+        /// Pieces in the torrent.
+        pieces: u32,
+    },
 }
 
 impl Bitfield {

@@ -1,4 +1,5 @@
-//! A strict bencode decoder for untrusted input: `.torrent` files and tracker responses.
+//! Bencode for the whole workspace: a strict decoder for untrusted input (`.torrent` files and
+//! tracker responses) and an [`Encoder`] for what we write (`.torrent` files, tracker answers).
 //!
 //! Strict wherever two readers could disagree about what the bytes mean: integers must be in
 //! their one canonical form, dictionary keys must be unique and nothing may follow the value.
@@ -421,6 +422,120 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// Writes bencode. What goes through it is ours (fixed keys, values we hold), so writing cannot
+/// fail; keys out of order are a bug in the caller, caught in debug builds.
+#[derive(Debug, Default)]
+pub struct Encoder {
+    out: Vec<u8>,
+}
+
+impl Encoder {
+    /// An empty encoder.
+    pub fn new() -> Encoder {
+        Encoder::default()
+    }
+
+    /// An empty encoder with room for `capacity` bytes, for callers that know the size.
+    pub fn with_capacity(capacity: usize) -> Encoder {
+        Encoder {
+            out: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// `i<n>e`. Takes any integer up to `u64` and `i64`, which is every count and length we
+    /// write.
+    pub fn int(&mut self, n: impl Into<i128>) {
+        use std::io::Write as _;
+        // Writing to a Vec cannot fail.
+        let _ = write!(self.out, "i{}e", n.into());
+    }
+
+    /// `<len>:<bytes>`.
+    pub fn bytes(&mut self, bytes: &[u8]) {
+        use std::io::Write as _;
+        let _ = write!(self.out, "{}:", bytes.len());
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// `l<items>e`, the items being whatever `items` writes.
+    pub fn list(&mut self, items: impl FnOnce(&mut Encoder)) {
+        self.out.push(b'l');
+        items(self);
+        self.out.push(b'e');
+    }
+
+    /// `d<entries>e`, the entries being whatever `entries` writes, keys in increasing order.
+    pub fn dict(&mut self, entries: impl FnOnce(&mut DictEncoder<'_>)) {
+        self.dict_checked(true, entries);
+    }
+
+    /// [`dict`](Self::dict) for rewriting a decoded dictionary: keys in the order given, since
+    /// the decoder accepts them unsorted and their order must survive.
+    pub fn dict_as_decoded(&mut self, entries: impl FnOnce(&mut DictEncoder<'_>)) {
+        self.dict_checked(false, entries);
+    }
+
+    fn dict_checked(&mut self, sorted: bool, entries: impl FnOnce(&mut DictEncoder<'_>)) {
+        self.out.push(b'd');
+        entries(&mut DictEncoder {
+            encoder: self,
+            sorted,
+            last_key: None,
+        });
+        self.out.push(b'e');
+    }
+
+    /// A decoded value written back. The decoder accepts only canonical integers and lengths,
+    /// so this reproduces the exact bytes it was decoded from, key order included.
+    pub fn value(&mut self, value: &Value<'_>) {
+        match value {
+            Value::Int(n) => self.int(*n),
+            Value::Bytes(b) => self.bytes(b),
+            Value::List(items) => self.list(|list| items.iter().for_each(|v| list.value(v))),
+            Value::Dict(d) => self.dict_as_decoded(|dict| {
+                for (k, v) in d.iter() {
+                    dict.entry(k, |e| e.value(v));
+                }
+            }),
+        }
+    }
+
+    /// The bytes written.
+    pub fn finish(self) -> Vec<u8> {
+        self.out
+    }
+}
+
+/// Writes the entries of one dictionary; see [`Encoder::dict`].
+#[derive(Debug)]
+pub struct DictEncoder<'a> {
+    encoder: &'a mut Encoder,
+    /// Whether keys must increase: false only for [`Encoder::dict_as_decoded`].
+    sorted: bool,
+    /// Where the previous key's bytes sit in the output, to check the order without copying.
+    last_key: Option<std::ops::Range<usize>>,
+}
+
+impl DictEncoder<'_> {
+    /// Writes `key` and then the value `value` writes. BEP 3 wants keys in increasing byte
+    /// order, without repeats: readers such as bendy refuse anything else.
+    pub fn entry(&mut self, key: &[u8], value: impl FnOnce(&mut Encoder)) {
+        debug_assert!(
+            !self.sorted
+                || self
+                    .last_key
+                    .clone()
+                    .is_none_or(|last| &self.encoder.out[last] < key),
+            "bencode keys out of order at \"{}\"",
+            key.escape_ascii()
+        );
+        self.encoder.bytes(key);
+        let end = self.encoder.out.len();
+        self.last_key = Some(end - key.len()..end);
+        value(self.encoder);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,26 +544,9 @@ mod tests {
     /// Re-encodes a decoded value in the order it was read. Because the decoder accepts only
     /// canonical integers and lengths, this must reproduce the input exactly.
     fn encode(value: &Value<'_>, out: &mut Vec<u8>) {
-        match value {
-            Value::Int(n) => out.extend_from_slice(format!("i{n}e").as_bytes()),
-            Value::Bytes(b) => {
-                out.extend_from_slice(format!("{}:", b.len()).as_bytes());
-                out.extend_from_slice(b);
-            }
-            Value::List(items) => {
-                out.push(b'l');
-                items.iter().for_each(|v| encode(v, out));
-                out.push(b'e');
-            }
-            Value::Dict(d) => {
-                out.push(b'd');
-                for (k, v) in d.iter() {
-                    encode(&Value::Bytes(k), out);
-                    encode(v, out);
-                }
-                out.push(b'e');
-            }
-        }
+        let mut encoder = Encoder::new();
+        encoder.value(value);
+        out.extend_from_slice(&encoder.finish());
     }
 
     /// Checks every dictionary's `raw` against an independent re-encoding of it.
@@ -830,5 +928,48 @@ mod tests {
         }
         // Guard against a generator that only ever produces garbage.
         assert!(decoded > 100, "only {decoded} inputs decoded");
+    }
+
+    #[test]
+    fn encoder_writes_what_the_decoder_reads() {
+        let mut e = Encoder::new();
+        e.dict(|d| {
+            d.entry(b"a", |e| e.int(u64::MAX));
+            d.entry(b"b", |e| e.int(i64::MIN));
+            d.entry(b"c", |e| e.bytes(b"\x00:e"));
+            d.entry(b"d", |e| {
+                e.list(|l| {
+                    l.int(0);
+                    l.dict(|_| {});
+                    l.list(|_| {});
+                })
+            });
+        });
+        let bytes = e.finish();
+        assert_eq!(
+            bytes,
+            b"d1:ai18446744073709551615e1:bi-9223372036854775808e1:c3:\x00:e1:dli0edeleee"
+        );
+        // u64::MAX is beyond what the decoder reads (i64); everything else round-trips.
+        let mut e = Encoder::new();
+        e.dict(|d| {
+            d.entry(b"b", |e| e.int(i64::MIN));
+            d.entry(b"c", |e| e.bytes(b"\x00:e"));
+        });
+        let bytes = e.finish();
+        let value = decode(&bytes).unwrap();
+        let mut again = Encoder::new();
+        again.value(&value);
+        assert_eq!(again.finish(), bytes);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "bencode keys out of order")]
+    fn encoder_catches_unsorted_keys_in_debug_builds() {
+        Encoder::new().dict(|d| {
+            d.entry(b"b", |e| e.int(1));
+            d.entry(b"a", |e| e.int(2));
+        });
     }
 }
