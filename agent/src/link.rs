@@ -1,9 +1,6 @@
 //! The MQTT session with the server: announces the machine, verifies commands, signs events.
 //!
-//! Tasks and channels:
-//!
-//! Both tasks are in the agent's task tree ([`Tasks`]); the session ends when its `shutdown`
-//! token is cancelled, and ends the driver once the DISCONNECT is out.
+//! Tasks and channels (the tasks are in the agent's task tree, [`Tasks`]):
 //!
 //! - the **driver** task polls rumqttc's event loop (which also writes what the client
 //!   queued), turns what arrives into [`Net`] notes on a channel, and on an error sleeps with
@@ -15,7 +12,8 @@
 //!   [`ReplayGuard`], applies `machine_configuration` itself (zones, heartbeat interval) and
 //!   hands every verified command to the caller's `commands` channel (when that is full, a
 //!   short-lived **backlog** task waits to hand it over); it signs and publishes the caller's
-//!   events and a heartbeat every interval.
+//!   events and a heartbeat every interval. When its `shutdown` token is cancelled it says
+//!   so to the server, then stops the driver once the DISCONNECT is out.
 //!
 //! The session only ever *tries* to queue requests to the client (`try_publish`), never
 //! waits on it: the driver may be blocked handing it a note, and waiting on each other would

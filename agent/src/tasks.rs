@@ -3,10 +3,10 @@
 //!
 //! Every task goes through [`Tasks::spawn`], which tracks it (a stop waits for it), keeps its
 //! name while it runs (a stop that overruns its deadline names what did not end) and keeps
-//! the first task error: a failing task stops the whole agent, and that error becomes the
-//! agent's own, so that the process exits non-zero and a service manager restarts it. Tasks
-//! take their token from [`Tasks::token`] (or a child of one, for a sub-tree that must stop
-//! alone, such as one download).
+//! the first task error: a failing (or panicking) task stops the whole agent, and that error
+//! becomes the agent's own, so that the process exits non-zero and a service manager restarts
+//! it. Tasks take their token from [`Tasks::token`] (or a child of one, for a sub-tree that
+//! must stop alone, such as one download).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -75,7 +75,11 @@ impl Tasks {
             id,
         };
         self.inner.tracker.spawn(async move {
-            let result = task.await;
+            // Run apart so that a panic comes back as an error: a task that panicked failed.
+            let result = match tokio::spawn(task).await {
+                Ok(result) => result,
+                Err(e) => Err(anyhow::anyhow!("task {name}: {e}")),
+            };
             let inner = running.inner.clone();
             drop(running);
             if let Err(e) = result {
@@ -184,5 +188,21 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "no server configured");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_counts_as_failed() {
+        let tasks = Tasks::new();
+        tasks.spawn("fragile", async { panic!("bad state") });
+        tasks.stopping().await;
+        let err = tasks
+            .stop(Duration::from_secs(10), std::future::pending())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fragile") && err.contains("bad state"),
+            "{err}"
+        );
     }
 }

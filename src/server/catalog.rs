@@ -4,10 +4,10 @@
 //! An import runs on the blocking pool (one sequential read: SHA-1 pieces and the file's
 //! SHA-256), watched by a task of the server's tracker that sets the import's cancel flag when
 //! the server shuts down; its progress lives in memory and the record says `importing` until it
-//! is done, so a server stopped or killed mid-import restarts the import on its next start. The seeder super-seeds
-//! every ready image from its read-only file; its resume records (in `<data>/resume`) spare a
-//! restart the re-hash of an unchanged image, and a changed or vanished file shows up as an
-//! error of that image instead of being served.
+//! is done, so a server stopped or killed mid-import restarts the import on its next start.
+//! The seeder super-seeds every ready image from its read-only file; its resume records (in
+//! `<data>/resume`) spare a restart the re-hash of an unchanged image, and a changed or
+//! vanished file shows up as an error of that image instead of being served.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

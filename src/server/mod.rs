@@ -2,10 +2,11 @@
 //!
 //! Tasks: the orchestrator (broker link, registry), the HTTP server (API, tracker), the
 //! tracker's peer expiry, the seeder (our swarm engine, super-seeding the catalog) and the
-//! catalog's imports (their hashing on the blocking pool stops at a cancel flag), each
-//! with a child token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on its
-//! own threads and cannot be stopped; it ends with the process. SIGINT or SIGTERM cancels the
-//! root token; a second signal, or tasks still running after `SHUTDOWN_DEADLINE`, forces exit.
+//! catalog's imports (their hashing on the blocking pool stops at a cancel flag), each with a
+//! child token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on
+//! its own threads and cannot be stopped; it ends with the process. SIGINT or SIGTERM cancels
+//! the root token; a second signal, or tasks still running after `SHUTDOWN_DEADLINE`, forces
+//! exit.
 //!
 //! The rooms, by the job each does:
 //!
