@@ -1,14 +1,24 @@
 //! The images this machine holds: assignments from the server, downloaded and seeded with our
 //! swarm engine, persisted so that a restart or a power cut resumes from what is on disk.
 //!
-//! One task per assignment follows its torrent's stats and turns them into `progress` events
-//! (every `PROGRESS_EVERY`), then, once every piece is in, checks the whole file's SHA-256
-//! (`verifying`), reports it staged and runs the boot backend when the assignment's action
-//! asks for it. The assignments live in
-//! `<data>/assignments.json`, rewritten atomically on every change.
+//! Tasks, all in the agent's task tree: one per assignment (`download <image>`) follows its
+//! torrent's stats and turns them into `progress` events (every `PROGRESS_EVERY`), then, once
+//! every piece is in, checks the whole file's SHA-256 (`verifying`, on the blocking pool),
+//! reports it staged and runs the boot backend when the assignment's action asks for it; one
+//! (`introduce`) asks for the machine's passkey until it is approved.
+//!
+//! Each download has its own token, a child of the agent's: an unassignment, or a newer
+//! download of the same image, stops that download alone, and the agent's stop stops them
+//! all. A stopped download reports nothing and changes no state, so a restart resumes it from
+//! what is on disk; the SHA-256 check looks at its cancel flag between chunks, so a stop never
+//! waits for a multi-GiB hash. The boot backend, once started, runs to its end (it has its own
+//! time limits): a half-run `bcdedit` sequence is worse than a late stop.
+//!
+//! The assignments live in `<data>/assignments.json`, rewritten atomically on every change.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,9 +30,11 @@ use boottorrent_proto::{
 };
 use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, TorrentState};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::boot::{self, Backend, BootRequest};
 use crate::passkey::Passkey;
+use crate::tasks::Tasks;
 
 /// How often a download reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(1500);
@@ -54,10 +66,19 @@ pub struct Downloads {
     /// may repeat an assignment (a broadcast and a reconciliation crossing), and a second
     /// download of the same torrent would fail the first.
     starting: Mutex<std::collections::HashSet<ImageId>>,
+    tasks: Tasks,
+    /// Cancelled when the agent stops; the parent of every download's token.
+    shutdown: CancellationToken,
+    /// The token of each running download, with its spawn number: a download that ends
+    /// removes its own entry, not that of a newer download of the same image.
+    downloading: Mutex<HashMap<ImageId, (u64, CancellationToken)>>,
+    next_download: AtomicU64,
 }
 
 impl Downloads {
-    /// Loads what the last run held and starts those torrents again (resuming from disk).
+    /// Loads what the last run held and starts those torrents again (resuming from disk), as
+    /// tasks of `tasks`.
+    #[allow(clippy::too_many_arguments)] // one call site, in `main`
     pub fn start(
         session: Session,
         data_dir: PathBuf,
@@ -66,6 +87,7 @@ impl Downloads {
         boot: Backend,
         disk_reserve: u64,
         events: mpsc::Sender<Event>,
+        tasks: &Tasks,
     ) -> Arc<Downloads> {
         let downloads = Arc::new(Downloads {
             session,
@@ -82,27 +104,73 @@ impl Downloads {
             handles: Mutex::new(HashMap::new()),
             starting: Mutex::new(std::collections::HashSet::new()),
             data_dir,
+            tasks: tasks.clone(),
+            shutdown: tasks.token(),
+            downloading: Mutex::new(HashMap::new()),
+            next_download: AtomicU64::new(0),
         });
-        tokio::spawn(downloads.clone().introduce());
+        tasks.spawn("introduce", {
+            let d = downloads.clone();
+            async move {
+                d.introduce().await;
+                Ok(())
+            }
+        });
         let resumed: Vec<Held> = downloads.lock_held().values().cloned().collect();
         for held in resumed {
-            let d = downloads.clone();
-            tokio::spawn(async move { d.fetch(held.assignment).await });
+            downloads.spawn_fetch(held.assignment);
         }
         downloads
+    }
+
+    /// Starts the download of `assignment` as a task with its own token, stopping an older
+    /// download of the same image.
+    fn spawn_fetch(self: &Arc<Self>, assignment: ArtifactAssignment) {
+        let token = self.shutdown.child_token();
+        let number = self.next_download.fetch_add(1, Ordering::Relaxed);
+        let older = self
+            .lock_downloading()
+            .insert(assignment.image.clone(), (number, token.clone()));
+        if let Some((_, older)) = older {
+            older.cancel();
+        }
+        let d = self.clone();
+        self.tasks
+            .spawn(format!("download {}", assignment.image), async move {
+                let image = assignment.image.clone();
+                d.fetch(assignment, &token).await;
+                let mut downloading = d.lock_downloading();
+                if downloading.get(&image).is_some_and(|(n, _)| *n == number) {
+                    downloading.remove(&image);
+                }
+                Ok(())
+            });
+    }
+
+    fn lock_downloading(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ImageId, (u64, CancellationToken)>> {
+        self.downloading.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Asks for this machine's passkey once at start, retrying until the machine is approved:
     /// besides the passkey, that request (signed by the machine key) is where the server sees
     /// the machine's address, which subnet zones go by.
-    async fn introduce(self: Arc<Self>) {
+    async fn introduce(&self) {
         let mut wait = Duration::from_secs(2);
         loop {
-            match self.passkey.get(true).await {
+            let asked = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                asked = self.passkey.get(true) => asked,
+            };
+            match asked {
                 Ok(_) => return,
                 Err(e) => tracing::debug!("{e}; asking again in {} s", wait.as_secs()),
             }
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
             wait = (wait * 2).min(Duration::from_secs(60));
         }
     }
@@ -149,12 +217,14 @@ impl Downloads {
                 return;
             }
         }
-        let d = self.clone();
-        tokio::spawn(async move { d.fetch(assignment).await });
+        self.spawn_fetch(assignment);
     }
 
-    /// Handles `artifact_unassignment`: stops the torrent and deletes the image.
+    /// Handles `artifact_unassignment`: stops the download and the torrent, deletes the image.
     pub async fn unassign(&self, unassignment: ArtifactUnassignment) {
+        if let Some((_, token)) = self.lock_downloading().remove(&unassignment.image) {
+            token.cancel();
+        }
         let held = self.lock_held().remove(&unassignment.image);
         self.persist();
         let handle = self
@@ -229,28 +299,43 @@ impl Downloads {
         .await;
     }
 
-    async fn fetch(self: Arc<Self>, assignment: ArtifactAssignment) {
+    /// Runs one download to its end, reporting a failure; a download stopped by `token`
+    /// reports nothing and leaves its state as it is, for the next run to resume.
+    async fn fetch(self: &Arc<Self>, assignment: ArtifactAssignment, token: &CancellationToken) {
         let image = assignment.image.clone();
         let deployment = assignment.deployment.clone();
-        let result = self.try_fetch(assignment).await;
+        let result = self.try_fetch(assignment, token).await;
         self.started(&image);
-        if let Err(e) = result {
-            tracing::error!(image = %image, "{e}");
-            if let Some(h) = self.lock_held().get_mut(&image) {
-                h.state = ImageState::Failed;
+        let e = match result {
+            Ok(()) => return,
+            Err(Stop::Cancelled) => {
+                tracing::info!(image = %image, "download stopped");
+                return;
             }
-            self.persist();
-            self.send(Event::Error(ErrorReport {
-                code: e.code.into(),
-                message: e.message,
-                deployment: Some(deployment),
-            }))
-            .await;
+            Err(Stop::Failed(e)) => e,
+        };
+        tracing::error!(image = %image, "{e}");
+        if let Some(h) = self.lock_held().get_mut(&image) {
+            h.state = ImageState::Failed;
         }
+        self.persist();
+        self.send(Event::Error(ErrorReport {
+            code: e.code.into(),
+            message: e.message,
+            deployment: Some(deployment),
+        }))
+        .await;
     }
 
-    async fn try_fetch(self: &Arc<Self>, assignment: ArtifactAssignment) -> Result<(), Failure> {
-        let torrent = self.torrent_for(&assignment).await?;
+    async fn try_fetch(
+        self: &Arc<Self>,
+        assignment: ArtifactAssignment,
+        token: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let torrent = tokio::select! {
+            _ = token.cancelled() => return Err(Stop::Cancelled),
+            torrent = self.torrent_for(&assignment) => torrent?,
+        };
         let path = self.image_path(&assignment, &torrent);
         let already = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let free = crate::inventory::free_disk_bytes(&self.data_dir).ok();
@@ -258,7 +343,7 @@ impl Downloads {
         if let Some(free) = free
             && free < needed
         {
-            return Err(Failure::new(
+            return Err(Stop::Failed(Failure::new(
                 "disk_full",
                 format!(
                     "not enough disk for image {} in {}: {} bytes free, {} needed",
@@ -267,7 +352,7 @@ impl Downloads {
                     free,
                     needed
                 ),
-            ));
+            )));
         }
         let (booted, staged) = self
             .lock_held()
@@ -311,7 +396,7 @@ impl Downloads {
             .unwrap_or_else(|e| e.into_inner())
             .insert(assignment.image.clone(), handle.clone());
         self.started(&assignment.image);
-        self.follow(assignment, handle, path, staged).await
+        self.follow(assignment, handle, path, staged, token).await
     }
 
     /// Reports progress until the download completes, then stages and boots.
@@ -321,7 +406,8 @@ impl Downloads {
         handle: TorrentHandle,
         path: PathBuf,
         already_verified: bool,
-    ) -> Result<(), Failure> {
+        token: &CancellationToken,
+    ) -> Result<(), Stop> {
         let mut stats = handle.stats();
         let mut every = tokio::time::interval(PROGRESS_EVERY);
         let mut bans_reported = 0;
@@ -329,6 +415,7 @@ impl Downloads {
             // Progress goes out on the tick; the end of the download is acted on at once (a
             // lab waits for its last machine, and the tick alone would add up to its period).
             tokio::select! {
+                _ = token.cancelled() => return Err(Stop::Cancelled),
                 _ = every.tick() => {}
                 changed = stats.changed() => {
                     if changed.is_err() {
@@ -362,7 +449,7 @@ impl Downloads {
             bans_reported = s.banned_peers.len();
             match &s.state {
                 TorrentState::Error(e) => {
-                    return Err(Failure::new("download", e.clone()));
+                    return Err(Failure::new("download", e.clone()).into());
                 }
                 // Every piece is in; `staged` is reported once the whole file is verified.
                 TorrentState::Seeding => break,
@@ -392,7 +479,12 @@ impl Downloads {
         // restart does not re-read an image verified before: the swarm's resume check already
         // re-hashes a file that changed.
         if !already_verified {
-            self.verify(&assignment, &path).await?;
+            self.verify(&assignment, &path, token).await?;
+        }
+        // Past this point the image is staged and the boot backend may run: a stop that came
+        // meanwhile leaves both to the next start, which verifies again.
+        if token.is_cancelled() {
+            return Err(Stop::Cancelled);
         }
         let run_boot = {
             let mut held = self.lock_held();
@@ -437,7 +529,12 @@ impl Downloads {
     }
 
     /// Reports `verifying` and compares the file's SHA-256 with the assignment's.
-    async fn verify(&self, assignment: &ArtifactAssignment, path: &Path) -> Result<(), Failure> {
+    async fn verify(
+        &self,
+        assignment: &ArtifactAssignment,
+        path: &Path,
+        token: &CancellationToken,
+    ) -> Result<(), Stop> {
         self.send(Event::Progress(Progress {
             deployment: assignment.deployment.clone(),
             image: assignment.image.clone(),
@@ -449,13 +546,31 @@ impl Downloads {
             state: ImageState::Verifying,
         }))
         .await;
-        let file = path.to_owned();
-        let digest = tokio::task::spawn_blocking(move || sha256_of(&file))
-            .await
-            .map_err(|e| Failure::new("verify", format!("hashing {}: {e}", path.display())))?
-            .map_err(|e| Failure::new("verify", format!("hashing {}: {e}", path.display())))?;
+        // A blocking thread cannot wait for a token: the flag tells it to stop.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut hashing = tokio::task::spawn_blocking({
+            let (file, cancel) = (path.to_owned(), cancel.clone());
+            move || sha256_of(&file, &cancel)
+        });
+        let hashed = tokio::select! {
+            hashed = &mut hashing => hashed,
+            _ = token.cancelled() => {
+                cancel.store(true, Ordering::Relaxed);
+                let _ = hashing.await;
+                return Err(Stop::Cancelled);
+            }
+        };
+        let failed = |e: &dyn std::fmt::Display| {
+            Failure::new("verify", format!("hashing {}: {e}", path.display()))
+        };
+        let digest = match hashed {
+            Ok(Ok(Some(digest))) => digest,
+            Ok(Ok(None)) => return Err(Stop::Cancelled),
+            Ok(Err(e)) => return Err(failed(&e).into()),
+            Err(e) => return Err(failed(&e).into()),
+        };
         if digest != assignment.sha256.0 {
-            return Err(Failure::new(
+            return Err(Stop::Failed(Failure::new(
                 "sha256_mismatch",
                 format!(
                     "{} has SHA-256 {} but image {} should have {}",
@@ -464,7 +579,7 @@ impl Downloads {
                     assignment.image,
                     hex::encode(assignment.sha256.0)
                 ),
-            ));
+            )));
         }
         Ok(())
     }
@@ -607,21 +722,39 @@ fn load(data_dir: &Path) -> HashMap<ImageId, Held> {
         .collect()
 }
 
-/// SHA-256 of a whole file, read in large chunks.
-fn sha256_of(path: &Path) -> std::io::Result<[u8; 32]> {
+/// SHA-256 of a whole file, read in large chunks; `None` once `cancel` is set, which is looked
+/// at before each chunk (1 MiB).
+fn sha256_of(path: &Path, cancel: &AtomicBool) -> std::io::Result<Option<[u8; 32]>> {
     use sha2::Digest;
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().into())
+    Ok(Some(hasher.finalize().into()))
+}
+
+/// Why a download ended early.
+#[derive(Debug)]
+enum Stop {
+    /// Its token was cancelled: by the agent's stop, an unassignment or a newer download.
+    Cancelled,
+    Failed(Failure),
+}
+
+impl From<Failure> for Stop {
+    fn from(failure: Failure) -> Stop {
+        Stop::Failed(failure)
+    }
 }
 
 /// A failed download, as an `error` event's code and message.
@@ -640,5 +773,71 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of `len` varied bytes (several of `sha256_of`'s 1 MiB chunks).
+    fn file_of(len: usize) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.vhdx");
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        (dir, path, bytes)
+    }
+
+    #[test]
+    fn sha256_of_a_whole_file_matches_the_one_shot_digest() {
+        use sha2::Digest;
+        let (_dir, path, bytes) = file_of((3 << 20) + 12_345);
+        let digest = sha256_of(&path, &AtomicBool::new(false)).unwrap();
+        assert_eq!(digest, Some(sha2::Sha256::digest(&bytes).into()));
+    }
+
+    #[test]
+    fn sha256_of_stops_at_once_when_cancelled() {
+        let (_dir, path, _) = file_of(3 << 20);
+        assert_eq!(sha256_of(&path, &AtomicBool::new(true)).unwrap(), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn sha256_of_stops_between_chunks_when_cancelled_meanwhile() {
+        // A pipe that never ends: without the flag the hash would never finish.
+        let (_dir, path, _) = file_of(1);
+        let fifo = path.with_extension("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let writer = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || {
+                use std::io::Write;
+                let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+                let chunk = vec![7u8; 1 << 16];
+                // Ends when the reader closes the pipe.
+                while pipe.write_all(&chunk).is_ok() {}
+            }
+        });
+        let cancel = Arc::new(AtomicBool::new(false));
+        let hashing = std::thread::spawn({
+            let cancel = cancel.clone();
+            move || sha256_of(&fifo, &cancel)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !hashing.is_finished(),
+            "an endless file was hashed to its end"
+        );
+        cancel.store(true, Ordering::Relaxed);
+        assert_eq!(hashing.join().unwrap().unwrap(), None);
+        writer.join().unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //! The MQTT session with the server: announces the machine, verifies commands, signs events.
 //!
-//! Tasks and channels:
+//! Tasks and channels (the tasks are in the agent's task tree, [`Tasks`]):
 //!
 //! - the **driver** task polls rumqttc's event loop (which also writes what the client
 //!   queued), turns what arrives into [`Net`] notes on a channel, and on an error sleeps with
@@ -10,8 +10,10 @@
 //!   it subscribes (global, its machine, its zones), publishes `startup` and `status`
 //!   online; it verifies every incoming command with the pinned server key and a
 //!   [`ReplayGuard`], applies `machine_configuration` itself (zones, heartbeat interval) and
-//!   hands every verified command to the caller's `commands` channel; it signs and
-//!   publishes the caller's events and a heartbeat every interval.
+//!   hands every verified command to the caller's `commands` channel (when that is full, a
+//!   short-lived **backlog** task waits to hand it over); it signs and publishes the caller's
+//!   events and a heartbeat every interval. When its `shutdown` token is cancelled it says
+//!   so to the server, then stops the driver once the DISCONNECT is out.
 //!
 //! The session only ever *tries* to queue requests to the client (`try_publish`), never
 //! waits on it: the driver may be blocked handing it a note, and waiting on each other would
@@ -43,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::inventory;
+use crate::tasks::Tasks;
 
 /// What the images held are, asked for at every `startup` and heartbeat; the download code
 /// provides it.
@@ -135,6 +138,7 @@ pub async fn run(
     commands: mpsc::Sender<Command>,
     mut events: mpsc::Receiver<Event>,
     held: HeldFn,
+    tasks: Tasks,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let host = config.server()?.to_owned();
@@ -172,15 +176,22 @@ pub async fn run(
     }
     let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
     let (net_tx, mut net_rx) = mpsc::channel(64);
+    // Not the shutdown token: the driver must outlive it to send the clean shutdown out.
     let stop_driver = CancellationToken::new();
-    let mut driver = tokio::spawn(drive(
-        eventloop,
-        net_tx,
-        signer.clone(),
-        token,
-        format!("{host}:{port}"),
-        stop_driver.clone(),
-    ));
+    let mut driver = tasks.spawn("MQTT event loop", {
+        let driving = drive(
+            eventloop,
+            net_tx,
+            signer.clone(),
+            token,
+            format!("{host}:{port}"),
+            stop_driver.clone(),
+        );
+        async move {
+            driving.await;
+            Ok(())
+        }
+    });
     tracing::info!(
         machine = %machine,
         broker = %format!("{host}:{port}"),
@@ -213,6 +224,8 @@ pub async fn run(
         connected: false,
         answered: false,
         started: Instant::now(),
+        tasks,
+        shutdown: shutdown.clone(),
     };
     let mut heartbeat = heartbeat_timer(heartbeat_every);
     let mut events_open = true;
@@ -288,6 +301,9 @@ struct Session {
     server_port: u16,
     commands: mpsc::Sender<Command>,
     held: HeldFn,
+    /// For the backlog task of a command that finds `commands` full.
+    tasks: Tasks,
+    shutdown: CancellationToken,
     /// Zones named by the last `machine_configuration`; subscribed while connected.
     zones: Vec<ZoneId>,
     /// Hash of the last `machine_configuration` applied.
@@ -510,9 +526,13 @@ impl Session {
             Ok(()) => {}
             Err(TrySendError::Full(command)) => {
                 // Rare (a burst of commands); keep the command, in its own task.
-                let tx = self.commands.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(command).await;
+                let (tx, shutdown) = (self.commands.clone(), self.shutdown.clone());
+                self.tasks.spawn("command backlog", async move {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tx.send(command) => {}
+                    }
+                    Ok(())
                 });
             }
             Err(TrySendError::Closed(command)) => {
@@ -706,6 +726,8 @@ mod tests {
             connected: false,
             answered: false,
             started: Instant::now(),
+            tasks: Tasks::new(),
+            shutdown: CancellationToken::new(),
         };
         let mut seq = 1000;
         let mut sign = |topic: &str, body: Command, key: &SigningKey| {

@@ -1,9 +1,17 @@
 //! `boottorrent-agent`: the thin agent preinstalled in the golden image.
 //!
 //! `run` connects to the BootTorrent server over MQTT ([`link`]), announces the machine
-//! ([`inventory`]), verifies the server's commands with the pinned key ([`identity`]) and
-//! reports back. `enroll` pins the server key, `identity` prints the machine's key, `config`
-//! prints the configuration ([`config`]), `service` registers the Windows service.
+//! ([`inventory`]), verifies the server's commands with the pinned key ([`identity`]),
+//! downloads and seeds the images assigned to it ([`downloads`]), runs the boot backend
+//! ([`boot`]) and reports back. `enroll` pins the server key, `identity` prints the machine's
+//! key, `config` prints the configuration ([`config`]), `service` registers the Windows service.
+//!
+//! `run`'s tasks (the MQTT session and its event loop, the command handler, the swarm engine,
+//! one per download) all live in one shutdown tree ([`tasks`]): SIGINT, SIGTERM or the Windows
+//! service's stop cancels its root token and the agent waits up to `SHUTDOWN_DEADLINE` for them
+//! (the session says `shutdown` and `offline` to the server, the engine saves its resume
+//! records), then exits 0; a task still running then is named in the log and the exit is 1. A
+//! second signal exits at once (130).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -14,7 +22,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 mod boot;
 mod config;
@@ -24,8 +31,13 @@ mod inventory;
 mod link;
 mod passkey;
 mod service;
+mod tasks;
 
 use config::{Config, Overrides};
+
+/// How long the agent's tasks get to end after a stop (a signal, or the Windows service
+/// being stopped) before it exits without them.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// BootTorrent agent: joins the image swarm and reports to the BootTorrent server.
 #[derive(Debug, Parser)]
@@ -212,8 +224,10 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
         "starting boottorrent-agent {}",
         env!("CARGO_PKG_VERSION")
     );
+    // Made before anything starts: a bad setting stops start-up with nothing to undo.
+    let backend = boot::Backend::from_config(config.boot_backend, config.boot_command.as_deref())?;
     runtime()?.block_on(async move {
-        let shutdown = CancellationToken::new();
+        let tasks = tasks::Tasks::new();
         let (commands_tx, mut commands_rx) = mpsc::channel::<boottorrent_proto::Command>(64);
         let (events_tx, events_rx) = mpsc::channel(256);
         let passkey = passkey::Passkey::new(
@@ -231,60 +245,87 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
                 admission: Some(passkey.admission()),
                 ..boottorrent_swarm::session::SessionConfig::default()
             },
-            shutdown.child_token(),
+            tasks.token(),
         )
         .await
         .with_context(|| format!("starting the swarm engine on {}", config.bt_listen))?;
-        let backend = boot::Backend::from_config(config.boot_backend, config.boot_command.as_deref())?;
+        // Waited for on the way out: the engine saves its resume records as it stops.
+        tasks.spawn("swarm engine", {
+            let swarm = swarm.clone();
+            async move {
+                swarm.stopped().await;
+                Ok(())
+            }
+        });
         let downloads = downloads::Downloads::start(
-            swarm.clone(),
+            swarm,
             config.data_dir.clone(),
             config.http_url()?,
             passkey,
             backend,
             config.disk_reserve_bytes,
             events_tx,
+            &tasks,
         );
         let held: link::HeldFn = {
             let downloads = downloads.clone();
             Arc::new(move || downloads.held())
         };
-        tokio::spawn(async move {
-            use boottorrent_proto::Command;
-            while let Some(command) = commands_rx.recv().await {
-                match command {
-                    Command::ArtifactAssignment(a) => downloads.assign(a).await,
-                    Command::ArtifactUnassignment(u) => downloads.unassign(u).await,
-                    Command::Boot(b) => downloads.boot(b).await,
-                    // Applied by the link itself (zones, heartbeat interval), before it gets here.
-                    Command::MachineConfiguration(_) => {}
-                    other => tracing::info!(kind = %other.kind(), "command not handled by this agent version"),
+        // One command at a time, each carried out whole: a stop is looked at between them.
+        tasks.spawn("commands", {
+            let token = tasks.token();
+            async move {
+                use boottorrent_proto::Command;
+                loop {
+                    let command = tokio::select! {
+                        _ = token.cancelled() => break,
+                        command = commands_rx.recv() => command,
+                    };
+                    let Some(command) = command else { break };
+                    match command {
+                        Command::ArtifactAssignment(a) => downloads.assign(a).await,
+                        Command::ArtifactUnassignment(u) => downloads.unassign(u).await,
+                        Command::Boot(b) => downloads.boot(b).await,
+                        // Applied by the link itself (zones, heartbeat interval), before it gets here.
+                        Command::MachineConfiguration(_) => {}
+                        other => tracing::info!(kind = %other.kind(), "command not handled by this agent version"),
+                    }
                 }
+                Ok(())
             }
         });
-        let mut link = tokio::spawn(link::run(
-            config,
-            identity,
-            commands_tx,
-            events_rx,
-            held,
-            shutdown.child_token(),
-        ));
+        tasks.spawn(
+            "MQTT session",
+            link::run(
+                config,
+                identity,
+                commands_tx,
+                events_rx,
+                held,
+                tasks.clone(),
+                tasks.token(),
+            ),
+        );
         tokio::select! {
-            result = &mut link => return result.context("the MQTT session task failed")?,
-            () = stop => tracing::info!("stopping"),
+            () = stop => tracing::info!("stopping (a second signal exits at once)"),
+            // A task failed; its error is what `stop` returns.
+            () = tasks.stopping() => {}
         }
-        shutdown.cancel();
         // A second signal forces the exit, for an operator who does not want to wait.
-        tokio::spawn(async {
-            termination_signal().await;
-            eprintln!("second signal: exiting at once");
-            std::process::exit(130);
-        });
-        match tokio::time::timeout(Duration::from_secs(10), link).await {
-            Ok(result) => result.context("the MQTT session task failed")?,
-            Err(_) => bail!("the MQTT session did not stop within 10 s"),
-        }
+        let force = {
+            let tasks = tasks.clone();
+            async move {
+                termination_signal().await;
+                eprintln!(
+                    "second signal: exiting at once; still running: {}",
+                    tasks.running().join(", ")
+                );
+                std::process::exit(130);
+            }
+        };
+        tasks.stop(SHUTDOWN_DEADLINE, force).await?;
+        tracing::info!("stopped");
+        Ok(())
     })
 }
 

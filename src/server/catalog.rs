@@ -2,22 +2,26 @@
 //! torrents, stored in redb, announced to our tracker and seeded by our swarm engine.
 //!
 //! An import runs on the blocking pool (one sequential read: SHA-1 pieces and the file's
-//! SHA-256); its progress lives in memory and the record says `importing` until it is done,
-//! so a server killed mid-import restarts the import on its next start. The seeder super-seeds
-//! every ready image from its read-only file; its resume records (in `<data>/resume`) spare a
-//! restart the re-hash of an unchanged image, and a changed or vanished file shows up as an
-//! error of that image instead of being served.
+//! SHA-256), watched by a task of the server's tracker that sets the import's cancel flag when
+//! the server shuts down; its progress lives in memory and the record says `importing` until it
+//! is done, so a server stopped or killed mid-import restarts the import on its next start.
+//! The seeder super-seeds every ready image from its read-only file; its resume records (in
+//! `<data>/resume`) spare a restart the re-hash of an unchanged image, and a changed or
+//! vanished file shows up as an error of that image instead of being served.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_proto::{Bytes, ImageId};
 use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, TorrentState};
-use boottorrent_tracker::create::{CreateOptions, create};
+use boottorrent_tracker::create::{CreateError, CreateOptions, create_cancellable};
 use boottorrent_tracker::swarm::Tracker;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::ImageStatus;
 use crate::server::passkey::{Passkeys, SEEDER};
@@ -76,10 +80,16 @@ pub struct Catalog {
     /// Bytes hashed so far, per importing image.
     progress: Mutex<HashMap<ImageId, u64>>,
     seeding: Mutex<HashMap<ImageId, TorrentHandle>>,
+    /// The server's: imports run as its tasks, so that a shutdown waits for them to stop.
+    tasks: TaskTracker,
+    /// Cancelled when the server shuts down; stops every import between two units it reads.
+    shutdown: CancellationToken,
 }
 
 impl Catalog {
     /// Loads the catalog, starts seeding every ready image and resumes interrupted imports.
+    /// Imports run on `tasks` and stop when `shutdown` is cancelled.
+    #[allow(clippy::too_many_arguments)] // one call site, in `server::run`
     pub fn start(
         store: Store,
         seeder: Session,
@@ -87,6 +97,8 @@ impl Catalog {
         public_url: String,
         data_dir: &Path,
         passkeys: Passkeys,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> Result<Arc<Catalog>, StoreError> {
         // Resolved once: the directory exists (the server made it) and does not move.
         let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
@@ -99,6 +111,8 @@ impl Catalog {
             passkeys,
             progress: Mutex::new(HashMap::new()),
             seeding: Mutex::new(HashMap::new()),
+            tasks,
+            shutdown,
         });
         for record in catalog.store.images()? {
             match record.state {
@@ -221,11 +235,26 @@ impl Catalog {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(record.id.clone(), 0);
-        tokio::task::spawn_blocking(move || catalog.import(record));
+        let shutdown = self.shutdown.clone();
+        // A blocking thread cannot wait for a token: this task waits for it and sets the
+        // import's flag, then waits for the import to notice.
+        self.tasks.spawn(async move {
+            let cancel = Arc::new(AtomicBool::new(false));
+            let mut import = tokio::task::spawn_blocking({
+                let cancel = cancel.clone();
+                move || catalog.import(record, &cancel)
+            });
+            tokio::select! {
+                _ = &mut import => return,
+                _ = shutdown.cancelled() => cancel.store(true, Ordering::Relaxed),
+            }
+            let _ = import.await;
+        });
     }
 
-    /// Hashes the file and stores the result; runs on the blocking pool.
-    fn import(self: Arc<Self>, mut record: ImageRecord) {
+    /// Hashes the file and stores the result; runs on the blocking pool until done or until
+    /// `cancel` is set.
+    fn import(self: Arc<Self>, mut record: ImageRecord, cancel: &AtomicBool) {
         let started = std::time::Instant::now();
         let options = CreateOptions {
             announce: format!("{}/announce", self.public_url),
@@ -249,7 +278,7 @@ impl Catalog {
         let before = std::fs::metadata(&record.path)
             .ok()
             .map(|m| (m.len(), mtime_ms(&m)));
-        let result = create(&record.path, &options, &progress);
+        let result = create_cancellable(&record.path, &options, &progress, cancel);
         // The job's progress entry stays until the seeder holds the image: until then a
         // `ready` record without a seeder is an import finishing, not a file gone.
         let _finished = Finished {
@@ -258,6 +287,12 @@ impl Catalog {
         };
         let created = match result {
             Ok(c) => c,
+            // The record still says `importing`, as after a crash: the next start imports
+            // the file again from its first byte.
+            Err(e @ CreateError::Cancelled { .. }) => {
+                tracing::warn!(image = %record.id, "import cancelled by shutdown ({e}); the next start imports it again");
+                return;
+            }
             Err(e) => {
                 tracing::error!(image = %record.id, "import failed: {e}");
                 record.state = ImageState::Failed;

@@ -1,10 +1,12 @@
 //! `boottorrent serve`: starts every subsystem under one shutdown tree.
 //!
 //! Tasks: the orchestrator (broker link, registry), the HTTP server (API, tracker), the
-//! tracker's peer expiry and the seeder (our swarm engine, super-seeding the catalog), each
-//! with a child token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on its
-//! own threads and cannot be stopped; it ends with the process. SIGINT or SIGTERM cancels the
-//! root token; a second signal, or tasks still running after `SHUTDOWN_DEADLINE`, forces exit.
+//! tracker's peer expiry, the seeder (our swarm engine, super-seeding the catalog) and the
+//! catalog's imports (their hashing on the blocking pool stops at a cancel flag), each with a
+//! child token of the root `CancellationToken`, tracked by one `TaskTracker`. rumqttd runs on
+//! its own threads and cannot be stopped; it ends with the process. SIGINT or SIGTERM cancels
+//! the root token; a second signal, or tasks still running after `SHUTDOWN_DEADLINE`, forces
+//! exit.
 //!
 //! The rooms, by the job each does:
 //!
@@ -188,6 +190,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.public_url(),
         &config.data_dir,
         passkeys.clone(),
+        tasks.clone(),
+        shutdown.child_token(),
     )
     .context("loading the image catalog")?;
     let locality = Arc::new(ServerLocality::new(

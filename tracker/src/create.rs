@@ -194,6 +194,12 @@ pub enum CreateError {
     /// No announce URL was given.
     #[error("creating a torrent: the announce URL is empty")]
     EmptyAnnounce,
+    /// The caller's cancel flag was set before every piece was hashed.
+    #[error("creating a torrent of {}: cancelled", path.display())]
+    Cancelled {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// Picks a piece size for a file of `file_len` bytes: the smallest power of two that yields at
@@ -216,6 +222,17 @@ pub fn create(
     path: &Path,
     opts: &CreateOptions,
     progress: &(dyn Fn(u64) + Sync),
+) -> Result<Created, CreateError> {
+    create_cancellable(path, opts, progress, &AtomicBool::new(false))
+}
+
+/// [`create`], stopping with [`CreateError::Cancelled`] once `cancel` is set: the workers look
+/// at it before each unit (about 1 MiB), so a long hash stops within a unit per worker.
+pub fn create_cancellable(
+    path: &Path,
+    opts: &CreateOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<Created, CreateError> {
     if opts.announce.is_empty() {
         return Err(CreateError::EmptyAnnounce);
@@ -274,6 +291,7 @@ pub fn create(
         threads,
         opts.sha256,
         progress,
+        cancel,
     )?;
     // A file still growing was hashed up to its size at open time: a state that never existed
     // on disk as a whole.
@@ -413,12 +431,15 @@ struct Job<'a> {
     error: Mutex<Option<CreateError>>,
     hashed_bytes: AtomicU64,
     progress: &'a (dyn Fn(u64) + Sync),
+    /// The caller's: stops the workers like a failure, without one of their own.
+    cancel: &'a AtomicBool,
 }
 
 impl Job<'_> {
-    /// Claims the next unit, or `None` when the file is done or a worker failed.
+    /// Claims the next unit, or `None` when the file is done, a worker failed or the caller
+    /// cancelled.
     fn claim(&self) -> Option<u64> {
-        if self.failed.load(Ordering::Relaxed) {
+        if self.failed.load(Ordering::Relaxed) || self.cancel.load(Ordering::Relaxed) {
             return None;
         }
         let unit = self.next_unit.fetch_add(1, Ordering::Relaxed);
@@ -519,6 +540,7 @@ fn hash_file(
     threads: usize,
     sha256: bool,
     progress: &(dyn Fn(u64) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<Hashed, CreateError> {
     let piece = piece_len as usize;
     let unit_len = piece * (UNIT_TARGET / piece).max(1);
@@ -534,6 +556,7 @@ fn hash_file(
         error: Mutex::new(None),
         hashed_bytes: AtomicU64::new(0),
         progress,
+        cancel,
     };
 
     // The pool exists only for SHA-256: without it a worker keeps reusing its own buffer.
@@ -639,6 +662,12 @@ fn hash_file(
     });
     if let Some(error) = job.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(error);
+    }
+    // Set after the last unit was claimed, the flag changed nothing: the hash is whole.
+    if seen < piece_count && cancel.load(Ordering::Relaxed) {
+        return Err(CreateError::Cancelled {
+            path: path.to_owned(),
+        });
     }
     assert_eq!(seen, piece_count, "every piece is hashed exactly once");
     Ok(Hashed { pieces, sha256 })
@@ -963,5 +992,35 @@ mod tests {
         };
         let err = create(file.path(), &opts, &|_| {}).unwrap_err();
         assert!(matches!(err, CreateError::EmptyAnnounce), "{err}");
+    }
+
+    #[test]
+    fn a_set_cancel_flag_stops_the_hash_part_way_with_or_without_sha256() {
+        // Many 1 MiB units, so that the flag, set after the first piece, leaves most unread.
+        let bytes = data(16 << 20);
+        let file = file_with(&bytes);
+        for sha256 in [false, true] {
+            let opts = CreateOptions { sha256, ..opts() };
+            let cancel = AtomicBool::new(false);
+            let hashed = AtomicU64::new(0);
+            let err = create_cancellable(
+                file.path(),
+                &opts,
+                &|n| {
+                    hashed.fetch_max(n, Ordering::Relaxed);
+                    cancel.store(true, Ordering::Relaxed);
+                },
+                &cancel,
+            )
+            .unwrap_err();
+            assert!(matches!(err, CreateError::Cancelled { .. }), "{err}");
+            assert!(err.to_string().contains("cancelled"), "{err}");
+            let hashed = hashed.into_inner();
+            assert!(hashed < bytes.len() as u64 / 2, "hashed {hashed} bytes");
+        }
+        // Set before the start, nothing is read at all.
+        let err =
+            create_cancellable(file.path(), &opts(), &|_| {}, &AtomicBool::new(true)).unwrap_err();
+        assert!(matches!(err, CreateError::Cancelled { .. }), "{err}");
     }
 }

@@ -46,6 +46,8 @@ async fn fixture() -> Fixture {
         "http://127.0.0.1:1".into(),
         dir.path(),
         passkeys.clone(),
+        tokio_util::task::TaskTracker::new(),
+        CancellationToken::new(),
     )
     .unwrap();
     // The orchestrator is not running: its requests fail as after it stopped.
