@@ -1,5 +1,9 @@
 //! `boottorrent-agent` against a test's [`Server`]: enrolled, run with its own data directory
 //! and log, its boot backend a script that records what it was told.
+//!
+//! The agent binary is located at the first [`agent`] of a test process, and built then if it
+//! is missing or stale (see [`crate::binary`]), which may take minutes: a test whose deadlines
+//! start before its first agent calls [`crate::agent_binary`] first.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
