@@ -7,7 +7,7 @@
 //! - [`server`]: `boottorrent serve` on free ports with its own data directory, waited for
 //!   until healthy, read through its HTTP API; [`mqtt`]: the operator's side of its broker,
 //!   through `mosquitto_pub` and `mosquitto_sub`.
-//! - [`agent`]: `boottorrent-agent` enrolled with and run against such a server.
+//! - [`agent`](mod@agent): `boottorrent-agent` enrolled with and run against such a server.
 //! - [`images`], [`tls`], [`libtorrent`]: what the tests feed the server and the standard
 //!   clients they measure it against; [`ports`]: ports no other process takes.
 //!

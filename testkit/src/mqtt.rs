@@ -58,7 +58,7 @@ impl Server {
 
     /// Runs `mosquitto_sub -d` as the machine `user` on `filters` for `secs` seconds (or until
     /// it gives up) and returns everything it printed: "Subscribed (mid: 1): 128" is a
-    /// refusal, received messages are lines "<topic> <hex payload>".
+    /// refusal, received messages are lines `<topic> <hex payload>`.
     pub fn sniff_as(&self, user: &str, password: &str, filters: &[&str], secs: u32) -> String {
         let mut command = Command::new("mosquitto_sub");
         command

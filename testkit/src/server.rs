@@ -104,6 +104,12 @@ impl Server {
         self.proc.kill9();
     }
 
+    /// SIGTERM, as a service manager stops the appliance, and its exit status; fails the test
+    /// if it has not exited after [`crate::PATIENCE`].
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.proc.terminate()
+    }
+
     /// A token the server wrote into its data directory (`admin.token`, `viewer.token`,
     /// `enroll.token`).
     pub fn token(&self, file: &str) -> String {
