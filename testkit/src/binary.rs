@@ -8,6 +8,7 @@
 //! older than a source file cargo recorded for it: a test never runs a stale build of the
 //! other side without saying so.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -132,7 +133,12 @@ fn build(package: &str, name: &str, profile: &Path, why: &str) {
         }
         None => {}
     }
-    eprintln!("testkit: {why}; building it once for this test: {command:?}");
+    // Straight to stderr, past the test harness's capture: cargo's own output (inherited)
+    // shows, and this says why it is there.
+    let _ = writeln!(
+        std::io::stderr(),
+        "testkit: {why}; building it once for this test: {command:?}"
+    );
     let status = command
         .status()
         .unwrap_or_else(|e| panic!("running {command:?} to build {name}: {e}"));
