@@ -14,7 +14,7 @@ use boottorrent_proto::{
     CommandKind, Encoding, Envelope, Event, EventKind, SenderId, Topic, decode_command,
     generate_signing_key,
 };
-use common::{Agent, Server, admin_client_id, now_ms, wait_for};
+use common::{Agent, Proc, Server, admin_client_id, now_ms, wait_for};
 
 /// Registers `agent` (trust on first use) and waits until the server answered it.
 fn register(server: &Server, agent: &mut Agent) {
@@ -116,6 +116,7 @@ fn a_token_holder_cannot_kick_a_known_machine_off_the_broker() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(holder.stdout.take().unwrap());
+    let mut holder = Proc::adopt(holder, "mosquitto_sub");
     let mut line = String::new();
     while !line.starts_with("Subscribed (") {
         line.clear();
@@ -158,8 +159,7 @@ fn a_token_holder_cannot_kick_a_known_machine_off_the_broker() {
             break;
         }
     }
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    holder.kill9();
     assert!(
         !output.contains("sending CONNECT"),
         "the machine had to reconnect:\n{output}"
@@ -342,16 +342,16 @@ fn the_broker_carries_the_largest_envelope_and_logs_disconnects_quietly() {
     });
 
     // A client that dies without DISCONNECT is an ordinary event in a lab, not an error.
-    let mut sub = Command::new("mosquitto_sub")
+    let sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
         .args(["-i", &admin_client_id(), "-u", "admin", "-P"])
         .arg(server.admin_token())
         .args(["-t", "boottorrent/#"])
         .spawn()
         .unwrap();
+    let mut sub = Proc::adopt(sub, "mosquitto_sub");
     std::thread::sleep(std::time::Duration::from_millis(500));
-    sub.kill().unwrap();
-    sub.wait().unwrap();
+    sub.kill9();
     std::thread::sleep(std::time::Duration::from_millis(500));
     let log = server.log_text();
     assert!(!log.contains('\x1b'), "colour codes in a log file");

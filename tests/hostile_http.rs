@@ -646,17 +646,15 @@ fn the_servers_signing_key_cannot_be_catalogued_as_an_image() {
 /// A `boottorrent serve` started with the open-file limit `soft`/`hard`, which
 /// [`Server::start`] cannot set. Killed however the test ends.
 struct LimitedServer {
-    child: std::process::Child,
+    proc: common::Proc,
     http_port: u16,
-    log: std::path::PathBuf,
 }
 
 impl LimitedServer {
     fn start(dir: &Path, soft: libc::rlim_t, hard: libc::rlim_t) -> LimitedServer {
         use std::os::unix::process::CommandExt;
-        let log = dir.join("server.log");
         let http_port = common::free_port();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_boottorrent"));
+        let mut command = std::process::Command::new(common::BOOTTORRENT);
         command
             .arg("serve")
             .arg("--data-dir")
@@ -668,10 +666,6 @@ impl LimitedServer {
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(["--bt-listen", &format!("127.0.0.1:{}", common::free_port())])
             .env("BOOTTORRENT_LOG", "info");
-        // One file description for both, so the tokens printed on stdout cannot overwrite the
-        // first log line written to stderr.
-        let file = std::fs::File::create(&log).unwrap();
-        command.stdout(file.try_clone().unwrap()).stderr(file);
         // SAFETY: only setrlimit runs between fork and exec, which is async-signal-safe.
         unsafe {
             command.pre_exec(move || {
@@ -686,13 +680,12 @@ impl LimitedServer {
             });
         }
         let mut server = LimitedServer {
-            child: command.spawn().unwrap(),
+            proc: common::spawn(command, dir.join("server.log")),
             http_port,
-            log,
         };
         let deadline = Instant::now() + PATIENCE;
         while !server.log_text().contains("boottorrent ready") {
-            if let Some(status) = server.child.try_wait().unwrap() {
+            if let Some(status) = server.proc.exited() {
                 panic!("the server exited with {status}:\n{}", server.log_text());
             }
             assert!(
@@ -706,14 +699,7 @@ impl LimitedServer {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for LimitedServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.log_text()
     }
 }
 
@@ -736,7 +722,7 @@ fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
     let dir = tempfile::tempdir().unwrap();
     let hard = hard_open_file_limit();
     let server = LimitedServer::start(dir.path(), 256.min(hard), hard);
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.proc.pid())).unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))

@@ -9,7 +9,7 @@ use boottorrent_proto::{
     Command as BtCommand, CommandKind, Encoding, Event, Heartbeat, Presence, Scope, Topic,
     VerifyingKey, decode_command, generate_signing_key,
 };
-use common::{Agent, Server, admin_client_id, cli, now_ms, wait_for};
+use common::{Agent, Proc, Server, admin_client_id, cli, now_ms, wait_for};
 use rand::{Rng, SeedableRng};
 
 fn server_key(server: &Server) -> VerifyingKey {
@@ -582,7 +582,7 @@ fn signed_last_will_and_missed_heartbeats_mark_machines_offline() {
     // The will is signed before connecting, as an agent does; JSON so it fits an argument.
     let (will_topic, will) = agent.status(Presence::Offline, Encoding::Json);
     register(&server, &mut agent);
-    let mut holder = Command::new("mosquitto_sub")
+    let holder = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
         .args([
             "-i",
@@ -599,14 +599,14 @@ fn signed_last_will_and_missed_heartbeats_mark_machines_offline() {
         .arg(std::str::from_utf8(&will).unwrap())
         .spawn()
         .unwrap();
+    let mut holder = Proc::adopt(holder, "mosquitto_sub");
     let (t, hb) = agent.heartbeat();
     server.publish(&agent, &t, &hb);
     wait_for("the machine online", || {
         (server.machine("pc-will").unwrap()["online"] == true).then_some(())
     });
     // The connection dies without DISCONNECT: the broker publishes the will.
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    holder.kill9();
     wait_for("the will to mark it offline", || {
         (server.machine("pc-will").unwrap()["online"] == false).then_some(())
     });

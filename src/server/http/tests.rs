@@ -4,7 +4,7 @@
 //! seeder on loopback) and sends requests through `router` with `oneshot`. The orchestrator's
 //! end of the channel is dropped, so a change that reaches it is answered as the server
 //! answers when its orchestrator has stopped (503): the tests here are about the HTTP layer.
-//! The whole server over real sockets is tested in tests/ and agent/tests.
+//! The whole server over real sockets, with agents and real clients, is tested in tests/.
 
 use axum::body::Body;
 use axum::http::Request;

@@ -13,7 +13,7 @@ DOM, never from the API: the point is that the page shows what happens. Prints
 `deployment <id>` and exits 0; on any failure prints why, the page's visible error text and
 the browser's console log, and exits 1. The screenshot is saved either way.
 
-Run by agent/tests/dashboard.rs with the system python (/usr/bin/python3) and Debian's
+Run by tests/dashboard.rs with the system python (/usr/bin/python3) and Debian's
 chromium, chromium-driver and python3-selenium, which scripts/test installs.
 """
 

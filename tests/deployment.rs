@@ -60,7 +60,7 @@ fn zone(server: &Server, zone: &str, machines: &[&str]) {
     }
     output(server.cli(&args));
     wait_for("the zone's members", || {
-        let z = get_json(server, &format!("/api/v1/zones/{zone}"));
+        let z = server.get_json(&format!("/api/v1/zones/{zone}"));
         (z["members"].as_array()?.len() == machines.len()).then_some(())
     });
     // The agents follow the zone's topic once their configuration arrives; give them a moment
@@ -83,7 +83,7 @@ fn deploy(server: &Server, args: &[&str]) -> String {
 }
 
 fn deployment(server: &Server, id: &str) -> serde_json::Value {
-    get_json(server, &format!("/api/v1/deployments/{id}"))
+    server.get_json(&format!("/api/v1/deployments/{id}"))
 }
 
 fn machine_state(d: &serde_json::Value, machine: &str) -> String {
@@ -108,7 +108,7 @@ fn wait_state(server: &Server, id: &str, state: &str) -> serde_json::Value {
 fn a_zone_deployment_with_set_boot_reaches_booted_on_three_agents() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start_with(dir, SERVE);
+    let server = Server::start(&dir.join("server"), SERVE);
     let (image, vhdx) = catalogue_id(&server, dir, 6 << 20);
     let ids = ["lab-1", "lab-2", "lab-3"];
     let _agents: Vec<Proc> = ids
@@ -201,7 +201,7 @@ fn a_zone_deployment_with_set_boot_reaches_booted_on_three_agents() {
 fn an_agent_offline_at_the_start_catches_up_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start_with(dir, SERVE);
+    let server = Server::start(&dir.join("server"), SERVE);
     let (image, vhdx) = catalogue_id(&server, dir, 4 << 20);
     let _on = start_agent(dir, &server, "room-on", &[]);
     let mut late = start_agent(dir, &server, "room-late", &[]);
@@ -232,7 +232,7 @@ fn an_agent_offline_at_the_start_catches_up_when_it_returns() {
 fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start_with(dir, SERVE);
+    let server = Server::start(&dir.join("server"), SERVE);
     let (image, _) = catalogue_id(&server, dir, 24 << 20);
     let slow = ["--download-limit-bps", "1000000"];
     let ids = ["cx-1", "cx-2"];
@@ -268,7 +268,7 @@ fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
     wait_long("no image held", || {
         ids.iter()
             .all(|m| {
-                get_json(&server, &format!("/api/v1/machines/{m}"))["images"]
+                server.get_json(&format!("/api/v1/machines/{m}"))["images"]
                     .as_array()
                     .is_some_and(|a| a.is_empty())
             })
@@ -285,7 +285,7 @@ fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
 fn a_server_killed_mid_deployment_and_restarted_still_completes_it() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut server = Server::start_with(dir, SERVE);
+    let mut server = Server::start(&dir.join("server"), SERVE);
     let (image, vhdx) = catalogue_id(&server, dir, 16 << 20);
     let slow = ["--download-limit-bps", "2000000"];
     let ids = ["kx-1", "kx-2"];
@@ -304,8 +304,8 @@ fn a_server_killed_mid_deployment_and_restarted_still_completes_it() {
             .then_some(())
     });
 
-    server.proc.kill9();
-    server.restart(dir, SERVE);
+    server.kill9();
+    server = server.restart(SERVE);
     let d = wait_state(&server, &id, "completed");
     assert_eq!(d["counts"]["booted"], 2, "{d:#}");
     let source = std::fs::read(&vhdx).unwrap();
@@ -329,7 +329,7 @@ fn a_server_killed_mid_deployment_and_restarted_still_completes_it() {
 fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start_with(dir, SERVE);
+    let mut server = Server::start(&dir.join("server"), SERVE);
     let (image, _) = catalogue_id(&server, dir, 1 << 20);
     let _agent = start_agent(dir, &server, "ok-1", &[]);
     let token = server.token("admin.token");
@@ -415,7 +415,7 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
     );
     assert_eq!(got, 401);
     assert_eq!(
-        get_json(&server, "/api/v1/deployments"),
+        server.get_json("/api/v1/deployments"),
         serde_json::json!([])
     );
     let (got, _) = (
@@ -470,8 +470,8 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
             "{body}: {error:?} should mention {says:?}"
         );
     }
-    assert_eq!(get_json(&server, "/api/v1/zones"), serde_json::json!([]));
-    assert!(server.proc.child.is_some());
+    assert_eq!(server.get_json("/api/v1/zones"), serde_json::json!([]));
+    assert!(server.running());
     assert_eq!(
         reqwest::blocking::get(server.url("/healthz"))
             .unwrap()
@@ -484,13 +484,13 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
 fn a_machine_that_joins_a_zone_later_gets_the_zones_images() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start_with(dir, SERVE);
+    let server = Server::start(&dir.join("server"), SERVE);
     let (image, vhdx) = catalogue_id(&server, dir, 3 << 20);
     let _first = start_agent(dir, &server, "zj-1", &[]);
     let _second = start_agent(dir, &server, "zj-2", &[]);
     // Desired state: every member of the zone holds the image.
     output(server.cli(&["zones", "set", "zj", "--machine", "zj-1", "--image", &image]));
-    let list = get_json(&server, "/api/v1/deployments");
+    let list = server.get_json("/api/v1/deployments");
     let d = &list.as_array().unwrap()[0];
     assert_eq!(d["zone_image"], true, "{d:#}");
     assert_eq!(d["target"], serde_json::json!({"zone": "zj"}));
@@ -519,11 +519,12 @@ fn a_machine_that_joins_a_zone_later_gets_the_zones_images() {
         std::fs::read(&vhdx).unwrap()
     );
     // The zone's membership went to the agent too: its machine record says so.
-    let machine = get_json(&server, "/api/v1/machines/zj-2");
+    let machine = server.get_json("/api/v1/machines/zj-2");
     assert_eq!(machine["zones"], serde_json::json!(["zj"]));
     // Only one deployment: setting the zone again did not start another.
     assert_eq!(
-        get_json(&server, "/api/v1/deployments")
+        server
+            .get_json("/api/v1/deployments")
             .as_array()
             .unwrap()
             .len(),

@@ -14,7 +14,7 @@ use common::*;
 fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
 
     // Agent a pins the server key with `enroll`; agent b from its config (environment).
     let out = output({
@@ -42,7 +42,7 @@ fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
     wait_for("both agents to show online", || {
         (server.online("pc-a") == Some(true) && server.online("pc-b") == Some(true)).then_some(())
     });
-    let machine = get_json(&server, "/api/v1/machines/pc-b");
+    let machine = server.get_json("/api/v1/machines/pc-b");
     assert_eq!(machine["agent_version"], env!("CARGO_PKG_VERSION"));
     assert!(!machine["os"].as_str().unwrap().is_empty(), "{machine}");
     assert!(
@@ -77,7 +77,7 @@ fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
     });
     let seq = now_ms() as u64 * 1000;
     let forged = signed_command(topic, boot.clone(), &generate_signing_key().unwrap(), seq);
-    server.publish(topic, &forged);
+    server.publish_admin(topic, &forged);
     wait_for("pc-b to log the forged command", || {
         b.log_text()
             .contains("ignored boot command on boottorrent/cmd/machine/pc-b/boot: envelope signature does not verify")
@@ -87,11 +87,11 @@ fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
 
     // The same command signed by the server is taken, once: a replay is ignored.
     let genuine = signed_command(topic, boot, &server.key(), seq + 1);
-    server.publish(topic, &genuine);
+    server.publish_admin(topic, &genuine);
     wait_for("pc-b to take the genuine command", || {
         b.log_text().contains("received boot command").then_some(())
     });
-    server.publish(topic, &genuine);
+    server.publish_admin(topic, &genuine);
     wait_for("pc-b to log the replay", || {
         b.log_text()
             .contains("is not above the last accepted")
@@ -116,7 +116,7 @@ fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
 fn the_agent_reconnects_after_the_broker_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut server = Server::start(dir);
+    let mut server = Server::start(&dir.join("server"), &[]);
     let key = hex::encode(server.key().verifying_key().to_bytes());
     let agent_r = run_agent(dir, &server, "pc-r", &["--server-key", &key]);
     wait_for("pc-r online", || {
@@ -124,25 +124,8 @@ fn the_agent_reconnects_after_the_broker_comes_back() {
     });
 
     // The same server again on the same ports and data directory.
-    server.proc.kill9();
-    let mut command = Command::new(server_binary());
-    command.env("BOOTTORRENT_AUTO_APPROVE", "true");
-    command
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(&server.data_dir)
-        .arg("--mqtt-listen")
-        .arg(format!("127.0.0.1:{}", server.mqtt_port))
-        .arg("--http-listen")
-        .arg(format!("127.0.0.1:{}", server.http_port))
-        .arg("--bt-listen")
-        .arg(format!("127.0.0.1:{}", free_port()));
-    server.proc = spawn(command, dir.join("server2.log"));
-    wait_for("the restarted server to answer", || {
-        reqwest::blocking::get(server.url("/healthz"))
-            .ok()
-            .filter(|r| r.status().is_success())
-    });
+    server.kill9();
+    let server = server.restart(&[]);
     // The agent comes back by itself and announces itself again (a second startup).
     wait_for("pc-r to reconnect and announce itself again", || {
         let log = agent_r.log_text();
@@ -159,8 +142,8 @@ fn an_agent_talks_to_the_server_over_mqtt_tls_only() {
     let dir = dir.path();
     let tls = boottorrent_testkit::make_tls_files(dir);
     let (mqtts_port, https_port) = (free_port(), free_port());
-    let server = Server::start_with(
-        dir,
+    let server = Server::start(
+        &dir.join("server"),
         &[
             "--tls-cert",
             tls.cert.to_str().unwrap(),
@@ -174,7 +157,7 @@ fn an_agent_talks_to_the_server_over_mqtt_tls_only() {
     );
     // With TLS configured the API takes tokens only over HTTPS: ask as an operator would.
     let online = |id: &str| -> Option<bool> {
-        let out = Command::new(server_binary())
+        let out = Command::new(BOOTTORRENT)
             .args(["machines", "list", "--json", "--server"])
             .arg(format!("https://127.0.0.1:{https_port}"))
             .arg("--ca-cert")
@@ -252,7 +235,7 @@ fn boot_command_reaches(server: &Server, agent: &Proc, machine: &str) {
         image: "img-1".parse().unwrap(),
         deployment: None,
     });
-    server.publish(
+    server.publish_admin(
         &topic,
         &signed_command(&topic, boot, &server.key(), now_ms() as u64 * 1000),
     );
@@ -268,8 +251,11 @@ fn boot_command_reaches(server: &Server, agent: &Proc, machine: &str) {
 fn an_agent_whose_startup_was_refused_sends_it_again_until_answered() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
+    // The admission rate runs against the clock from the fillers on: have the agent binary
+    // ready (built, if it must be) before then.
+    agent_binary();
     // Two new machines a minute: one admission every 30 s once the burst is spent.
-    let server = Server::start_with(dir, &["--enroll-per-minute", "2"]);
+    let server = Server::start(&dir.join("server"), &["--enroll-per-minute", "2"]);
     let key = hex::encode(server.key().verifying_key().to_bytes());
     // Two made-up machines spend the burst.
     for id in ["filler-1", "filler-2"] {
@@ -300,7 +286,7 @@ fn an_agent_whose_startup_was_refused_sends_it_again_until_answered() {
         .unwrap()
         .encode(boottorrent_proto::Encoding::MessagePack)
         .unwrap();
-        server.publish(&topic.to_string(), &payload);
+        server.publish_admin(&topic.to_string(), &payload);
         wait_for("the filler registered", || server.online(id).filter(|o| *o));
     }
     // The real agent's first startup is refused; it must not stay unknown for good.

@@ -17,7 +17,7 @@ use common::*;
 fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
     let (image, vhdx) = catalogue(&server, dir, 24 << 20);
     let size = image["size"].as_u64().unwrap();
     for id in ["lab-a", "lab-b"] {
@@ -64,11 +64,7 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
     // The machines fed each other: the server sent less than two full copies.
     let id = image["id"].as_str().unwrap().to_owned();
     let uploaded = wait_for("the seeder's counter", || {
-        let v: serde_json::Value = server
-            .get(&format!("/api/v1/images/{id}"))
-            .ok()?
-            .json()
-            .ok()?;
+        let v: serde_json::Value = server.get(&format!("/api/v1/images/{id}")).json().ok()?;
         v["uploaded"].as_u64().filter(|u| *u > 0)
     });
     assert!(
@@ -84,7 +80,8 @@ fn wait_for_long(what: &str, check: impl FnMut() -> Option<()>) {
 
 /// `mosquitto_sub` on the agents' events of one kind; lines of (topic, decoded envelope body).
 struct Events {
-    child: std::process::Child,
+    /// Stopped when the watch is dropped.
+    _sub: Proc,
     rx: std::sync::mpsc::Receiver<(String, Event)>,
 }
 
@@ -117,20 +114,16 @@ impl Events {
         });
         // Give the subscription a moment to be in place before anything is published.
         std::thread::sleep(std::time::Duration::from_millis(300));
-        Events { child, rx }
+        Events {
+            _sub: Proc::adopt(child, "mosquitto_sub"),
+            rx,
+        }
     }
 
     fn next(&self, what: &str) -> (String, Event) {
         self.rx
             .recv_timeout(std::time::Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("no {what} event within 60 s"))
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -170,7 +163,7 @@ fn publish_assignment(server: &Server, assignment: ArtifactAssignment, machine: 
         &server.key(),
         seq,
     );
-    server.publish(&topic, &payload);
+    server.publish_admin(&topic, &payload);
 }
 
 /// Deploys `image` through the API, as the operator does, to `machine` (every machine when
@@ -203,9 +196,10 @@ fn assign(server: &Server, image: &serde_json::Value, machine: Option<&str>) {
 
 /// Serves `file` over plain HTTP on loopback (python3's http.server) until dropped; returns
 /// the server and the file's URL.
-fn serve_file(file: &std::path::Path) -> (std::process::Child, String) {
+fn serve_file(file: &std::path::Path) -> (Proc, String) {
     let port = free_port();
-    let child = Command::new("python3")
+    let mut command = Command::new("python3");
+    command
         .args([
             "-m",
             "http.server",
@@ -214,23 +208,20 @@ fn serve_file(file: &std::path::Path) -> (std::process::Child, String) {
             "127.0.0.1",
         ])
         .arg("--directory")
-        .arg(file.parent().unwrap())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("running python3 -m http.server");
+        .arg(file.parent().unwrap());
+    let web = spawn(command, file.with_extension("http.log"));
     wait_for("the file server", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
     let name = file.file_name().unwrap().to_str().unwrap();
-    (child, format!("http://127.0.0.1:{port}/{name}"))
+    (web, format!("http://127.0.0.1:{port}/{name}"))
 }
 
 #[test]
 fn not_enough_disk_is_an_error_event_and_nothing_starts() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
     let (image, _) = catalogue(&server, dir, 4 << 20);
     enroll(&server, dir, "lab-full");
     // A reserve larger than any disk: the real free space never suffices.
@@ -262,7 +253,7 @@ fn not_enough_disk_is_an_error_event_and_nothing_starts() {
 fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
     let (image, vhdx) = catalogue(&server, dir, 24 << 20);
     let size = image["size"].as_u64().unwrap();
     enroll(&server, dir, "lab-r");
@@ -295,7 +286,7 @@ fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
     // total may be under the size.) The seeder's counters tick once a second.
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let id = image["id"].as_str().unwrap().to_owned();
-    let v = get_json(&server, &format!("/api/v1/images/{id}"));
+    let v = server.get_json(&format!("/api/v1/images/{id}"));
     let uploaded = v["uploaded"].as_u64().unwrap();
     assert!(uploaded > 0, "{v}");
     // Bytes that must travel: pieces that are not all zeros (a fresh file already has those).
@@ -323,7 +314,7 @@ fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
 fn an_image_whose_sha256_does_not_match_is_not_staged() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
     let (image, _) = catalogue(&server, dir, 2 << 20);
     enroll(&server, dir, "lab-v");
     let _agent = run_agent(dir, &server, "lab-v", &[]);
@@ -339,7 +330,6 @@ fn an_image_whose_sha256_does_not_match_is_not_staged() {
         &torrent,
         server
             .get(&format!("/torrents/{hash}.torrent"))
-            .unwrap()
             .bytes()
             .unwrap(),
     )
@@ -350,8 +340,7 @@ fn an_image_whose_sha256_does_not_match_is_not_staged() {
     assignment.torrent_url = url;
     publish_assignment(&server, assignment, Some("lab-v"));
     let (_, event) = errors.next("error");
-    let _ = web.kill();
-    let _ = web.wait();
+    web.kill9();
     let Event::Error(report) = event else {
         panic!("not an error report")
     };
@@ -363,7 +352,7 @@ fn an_image_whose_sha256_does_not_match_is_not_staged() {
 fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
     let (image, _) = catalogue(&server, dir, 2 << 20);
     // The site's boot program: records what it was told, one line per run.
     let record = dir.join("boots.log");
@@ -420,7 +409,7 @@ fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
         &server.key(),
         now_ms() as u64 * 1000 + 888,
     );
-    server.publish(topic, &payload);
+    server.publish_admin(topic, &payload);
     let (_, event) = boots.next("boot");
     let Event::Boot(report) = event else {
         panic!("not a boot report")
@@ -440,7 +429,7 @@ fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
 fn an_agent_serves_only_peers_the_tracker_has_in_the_swarm() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
     let (image, vhdx) = catalogue(&server, dir, 4 << 20);
     enroll(&server, dir, "lab-s");
     let agent = run_agent(dir, &server, "lab-s", &[]);
@@ -464,7 +453,6 @@ fn an_agent_serves_only_peers_the_tracker_has_in_the_swarm() {
     let hash = image["info_hash"].as_str().unwrap();
     let operator_torrent = server
         .get(&format!("/torrents/{hash}.torrent"))
-        .unwrap()
         .bytes()
         .unwrap();
     let stolen = dir.join("stolen.torrent");

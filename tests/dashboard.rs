@@ -47,16 +47,7 @@ fn require_browser() {
 }
 
 fn screenshot_path() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            // The workspace's target dir: the agent crate sits one level below the workspace.
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .unwrap()
-                .join("target")
-        });
-    let dir = target.join("test-artifacts");
+    let dir = boottorrent_testkit::binary::target_dir().join("test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("dashboard.png")
 }
@@ -73,28 +64,17 @@ fn start_agent(dir: &Path, server: &Server, id: &str) -> Proc {
 /// [`BROWSER_PATIENCE`]. Returns whether it succeeded, and its output.
 fn run_browser(args: &[&str], log: &Path) -> (bool, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboard_browser.py");
-    let file = std::fs::File::create(log).unwrap();
-    let mut child = Command::new(PYTHON)
-        .arg(&script)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {PYTHON} {}: {e}", script.display()));
-    let deadline = Instant::now() + BROWSER_PATIENCE;
-    let success = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.success();
+    let mut command = Command::new(PYTHON);
+    command.arg(&script).args(args).stdin(Stdio::null());
+    let mut browser = spawn(command, log.to_owned());
+    let success = match browser.wait_within(BROWSER_PATIENCE) {
+        Some(status) => status.success(),
+        None => {
+            browser.kill9();
+            false
         }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
     };
-    (success, std::fs::read_to_string(log).unwrap_or_default())
+    (success, browser.log_text())
 }
 
 #[test]
@@ -102,7 +82,7 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
     require_browser();
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start_with(dir, SERVE);
+    let server = Server::start(&dir.join("server"), SERVE);
     let (image, vhdx) = catalogue(&server, dir, 4 << 20);
     let image = image["id"].as_str().unwrap().to_owned();
     let machines = ["pc-01", "pc-02"];
@@ -111,7 +91,7 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
         .map(|id| start_agent(dir, &server, id))
         .collect();
     assert_eq!(
-        get_json(&server, "/api/v1/deployments"),
+        server.get_json("/api/v1/deployments"),
         serde_json::json!([])
     );
 
@@ -150,9 +130,9 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
         .unwrap_or_else(|| panic!("the browser script named no deployment:\n{shown}"))
         .trim()
         .to_owned();
-    let all = get_json(&server, "/api/v1/deployments");
+    let all = server.get_json("/api/v1/deployments");
     assert_eq!(all.as_array().unwrap().len(), 1, "{all:#}");
-    let d = get_json(&server, &format!("/api/v1/deployments/{id}"));
+    let d = server.get_json(&format!("/api/v1/deployments/{id}"));
     assert_eq!(d["image"], image.as_str(), "{d:#}");
     assert_eq!(d["action"], "stage", "{d:#}");
     assert_eq!(

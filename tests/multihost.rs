@@ -21,7 +21,7 @@ const PATIENCE_NET: Duration = Duration::from_secs(180);
 static ONE_NETWORK_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn testnet_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testnet")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testnet")
 }
 
 /// A network made by `scripts/testnet`, removed when dropped (and by the script's own watcher
@@ -120,7 +120,7 @@ impl<'a> Lab<'a> {
         lab.start_server();
         for host in 1..=agents {
             output({
-                let mut c = net.command(host, env!("CARGO_BIN_EXE_boottorrent-agent"));
+                let mut c = net.command(host, agent_binary());
                 c.args(["enroll", "--http-url", &lab.url()])
                     .arg("--data-dir")
                     .arg(dir.join(machine(host)));
@@ -140,7 +140,7 @@ impl<'a> Lab<'a> {
 
     fn start_server(&mut self) {
         let ip = Net::ip(0);
-        let mut c = self.net.command(0, server_binary());
+        let mut c = self.net.command(0, BOOTTORRENT);
         // The lab's machines enrol without an operator (trust on first use).
         c.env("BOOTTORRENT_AUTO_APPROVE", "true");
         c.arg("serve")
@@ -170,9 +170,7 @@ impl<'a> Lab<'a> {
         let script = marker_boot_script(&self.dir);
         let config = self.dir.join(format!("{id}.toml"));
         std::fs::write(&config, "").unwrap();
-        let mut c = self
-            .net
-            .command(host, env!("CARGO_BIN_EXE_boottorrent-agent"));
+        let mut c = self.net.command(host, agent_binary());
         c.arg("run")
             .arg("--config")
             .arg(&config)
@@ -231,7 +229,7 @@ impl<'a> Lab<'a> {
 
     /// A client command run on host 0 (where the server's address is reachable).
     fn cli(&self, args: &[&str]) -> Command {
-        let mut c = self.net.command(0, server_binary());
+        let mut c = self.net.command(0, BOOTTORRENT);
         c.args(args)
             .args(["--server", &self.url()])
             .arg("--data-dir")
