@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Server, image_add, wait_for};
 use serde_json::Value;
@@ -39,21 +38,13 @@ fn sigterm_during_an_import_stops_it_and_the_next_start_imports_it_again() {
         (v["import_done"].as_u64().unwrap_or(0) > 0).then_some(())
     });
 
-    let term = Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let asked = Instant::now();
-    while server.running() {
-        assert!(
-            asked.elapsed() < SERVER_DEADLINE,
-            "the server still runs {} s after SIGTERM:\n{}",
-            SERVER_DEADLINE.as_secs(),
-            server.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let stopped = server.proc.terminate_within(SERVER_DEADLINE);
+    assert!(
+        stopped.is_some(),
+        "the server still ran {} s after SIGTERM:\n{}",
+        SERVER_DEADLINE.as_secs(),
+        server.log_text()
+    );
     let log = server.log_text();
     assert!(log.contains("import cancelled by shutdown"), "{log}");
     assert!(!log.contains("tasks still running"), "{log}");

@@ -15,7 +15,7 @@ const AGENT_DEADLINE: Duration = Duration::from_secs(10);
 fn sigterm_mid_download_exits_cleanly_and_the_restart_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let server = Server::start(dir);
+    let server = Server::start(&dir.join("server"), &[]);
     let (image, vhdx) = catalogue(&server, dir, 24 << 20);
     let size = image["size"].as_u64().unwrap();
     let id = image["id"].as_str().unwrap().to_owned();
@@ -40,7 +40,7 @@ fn sigterm_mid_download_exits_cleanly_and_the_restart_resumes() {
         "half the image downloaded",
         Duration::from_secs(60),
         || {
-            let v = get_json(&server, &format!("/api/v1/deployments/{deployment}"));
+            let v = server.get_json(&format!("/api/v1/deployments/{deployment}"));
             v["bytes_done"].as_u64().filter(|done| *done >= size / 2)
         },
     );
@@ -97,7 +97,7 @@ fn sigterm_mid_download_exits_cleanly_and_the_restart_resumes() {
         .and_then(|p| p.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no piece count in {check}"));
-    let piece = get_json(&server, &format!("/api/v1/images/{id}"))["piece_size"]
+    let piece = server.get_json(&format!("/api/v1/images/{id}"))["piece_size"]
         .as_u64()
         .unwrap();
     assert!(
