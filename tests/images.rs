@@ -277,6 +277,61 @@ fn a_changed_source_file_is_reported_not_seeded() {
 }
 
 #[test]
+fn an_image_removed_while_it_is_imported_stays_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    // Sparse: no disk used, yet minutes of hashing, so the removal lands mid-import.
+    let file = dir.path().join("big.raw");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let out = image_add(&server, &file, &["--raw", "--no-wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = image["id"].as_str().unwrap().to_owned();
+    wait_for("the import to be under way", || {
+        let v = server.get_json(&format!("/api/v1/images/{id}"));
+        (v["import_done"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+
+    let out = server
+        .cli(&["image", "rm", &id])
+        .output()
+        .expect("running boottorrent image rm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The import stops at once instead of hashing on and writing the image back as ready.
+    wait_for("the import to stop", || {
+        server
+            .log_text()
+            .contains("import cancelled: the image was removed")
+            .then_some(())
+    });
+    for _ in 0..5 {
+        assert_eq!(server.get_json("/api/v1/images"), serde_json::json!([]));
+        assert_eq!(server.get(&format!("/api/v1/images/{id}")).status(), 404);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Added again, it is imported again: nothing of the removed import lingers.
+    let out = image_add(&server, &file, &["--raw", "--no-wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["state"], "importing", "{again}");
+}
+
+#[test]
 fn malformed_tracker_requests_get_bencoded_failures() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), &[]);

@@ -3,8 +3,10 @@
 //!
 //! An import runs on the blocking pool (one sequential read: SHA-1 pieces and the file's
 //! SHA-256), watched by a task of the server's tracker that sets the import's cancel flag when
-//! the server shuts down; its progress lives in memory and the record says `importing` until it
-//! is done, so a server stopped or killed mid-import restarts the import on its next start.
+//! the server shuts down; removing the image sets it too. Its progress lives in memory and the
+//! record says `importing` until it is done, so a server stopped or killed mid-import restarts
+//! the import on its next start. An import's outcome and a removal are written under one lock
+//! (`writes`), so an image removed while it was imported stays removed.
 //! The seeder super-seeds every ready image from its read-only file; its resume records (in
 //! `<data>/resume`) spare a restart the re-hash of an unchanged image, and a changed or
 //! vanished file shows up as an error of that image instead of being served.
@@ -77,8 +79,11 @@ pub struct Catalog {
     data_dir: PathBuf,
     /// Puts the holder's passkey into the announce URL of every torrent handed out.
     passkeys: Passkeys,
-    /// Bytes hashed so far, per importing image.
-    progress: Mutex<HashMap<ImageId, u64>>,
+    /// The imports under way.
+    imports: Mutex<HashMap<ImageId, Import>>,
+    /// Held while an import's outcome or a removal is written, so that the two cannot
+    /// interleave (a removed image written back as ready).
+    writes: Mutex<()>,
     seeding: Mutex<HashMap<ImageId, TorrentHandle>>,
     /// The server's: imports run as its tasks, so that a shutdown waits for them to stop.
     tasks: TaskTracker,
@@ -109,7 +114,8 @@ impl Catalog {
             public_url,
             data_dir,
             passkeys,
-            progress: Mutex::new(HashMap::new()),
+            imports: Mutex::new(HashMap::new()),
+            writes: Mutex::new(()),
             seeding: Mutex::new(HashMap::new()),
             tasks,
             shutdown,
@@ -231,15 +237,18 @@ impl Catalog {
 
     fn spawn_import(self: &Arc<Self>, record: ImageRecord) {
         let catalog = self.clone();
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(record.id.clone(), 0);
+        let cancel = Arc::new(AtomicBool::new(false));
+        lock(&self.imports).insert(
+            record.id.clone(),
+            Import {
+                done: 0,
+                cancel: cancel.clone(),
+            },
+        );
         let shutdown = self.shutdown.clone();
         // A blocking thread cannot wait for a token: this task waits for it and sets the
         // import's flag, then waits for the import to notice.
         self.tasks.spawn(async move {
-            let cancel = Arc::new(AtomicBool::new(false));
             let mut import = tokio::task::spawn_blocking({
                 let cancel = cancel.clone();
                 move || catalog.import(record, &cancel)
@@ -266,13 +275,8 @@ impl Catalog {
         };
         let id = record.id.clone();
         let progress = |done: u64| {
-            if let Some(p) = self
-                .progress
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&id)
-            {
-                *p = done;
+            if let Some(import) = lock(&self.imports).get_mut(&id) {
+                import.done = done;
             }
         };
         let before = std::fs::metadata(&record.path)
@@ -282,27 +286,39 @@ impl Catalog {
         // The job's progress entry stays until the seeder holds the image: until then a
         // `ready` record without a seeder is an import finishing, not a file gone.
         let _finished = Finished {
-            progress: &self.progress,
+            imports: &self.imports,
             id: record.id.clone(),
         };
         let created = match result {
             Ok(c) => c,
             // The record still says `importing`, as after a crash: the next start imports
             // the file again from its first byte.
-            Err(e @ CreateError::Cancelled { .. }) => {
-                tracing::warn!(image = %record.id, "import cancelled by shutdown ({e}); the next start imports it again");
+            Err(CreateError::Cancelled { .. }) => {
+                self.log_cancelled(&record.id);
                 return;
             }
             Err(e) => {
                 tracing::error!(image = %record.id, "import failed: {e}");
                 record.state = ImageState::Failed;
                 record.error = Some(e.to_string());
+                let _writing = lock(&self.writes);
+                if cancel.load(Ordering::Relaxed) {
+                    self.log_cancelled(&record.id);
+                    return;
+                }
                 if let Err(e) = self.store.put_image(&record, None) {
                     tracing::error!(image = %record.id, "storing the failed import: {e}");
                 }
                 return;
             }
         };
+        // From here to the seeder holding it, a removal waits: it either came before (and the
+        // flag says so) or comes after, and finds the image whole.
+        let _writing = lock(&self.writes);
+        if cancel.load(Ordering::Relaxed) {
+            self.log_cancelled(&record.id);
+            return;
+        }
         record.piece_size = created.piece_len;
         record.size = created.length;
         record.info_hash = Some(Bytes(created.info_hash));
@@ -429,28 +445,31 @@ impl Catalog {
 
     /// Stops seeding and forgets the image; the file itself stays where it is.
     pub async fn remove(&self, id: &ImageId) -> Result<(), CatalogError> {
-        let record = self
-            .store
-            .image(id)?
-            .ok_or_else(|| CatalogError::NotFound(id.clone()))?;
-        let handle = self
-            .seeding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        let handle = {
+            let _writing = lock(&self.writes);
+            let record = self
+                .store
+                .image(id)?
+                .ok_or_else(|| CatalogError::NotFound(id.clone()))?;
+            // An import under way stops at its next unit and writes nothing.
+            if let Some(import) = lock(&self.imports).get(id) {
+                import.cancel.store(true, Ordering::Relaxed);
+            }
+            // A duplicate shares its info hash with the image it duplicates: keep that torrent.
+            if record.state != ImageState::Duplicate {
+                if let Some(hash) = record.info_hash {
+                    self.tracker.disallow(hash.0);
+                }
+                self.store.delete_image(&record)?;
+            } else {
+                let mut alias = record.clone();
+                alias.info_hash = None;
+                self.store.delete_image(&alias)?;
+            }
+            lock(&self.seeding).remove(id)
+        };
         if let Some(handle) = handle {
             let _ = self.seeder.remove(handle.info_hash(), false).await;
-        }
-        // A duplicate shares its info hash with the image it duplicates: keep that torrent.
-        if record.state != ImageState::Duplicate {
-            if let Some(hash) = record.info_hash {
-                self.tracker.disallow(hash.0);
-            }
-            self.store.delete_image(&record)?;
-        } else {
-            let mut alias = record.clone();
-            alias.info_hash = None;
-            self.store.delete_image(&alias)?;
         }
         tracing::info!(image = %id, "image removed from the catalog");
         Ok(())
@@ -484,13 +503,18 @@ impl Catalog {
         }
     }
 
+    /// An import stopped at its flag: by the server's shutdown (the record stays `importing`
+    /// and the next start imports it again) or because the image was removed.
+    fn log_cancelled(&self, id: &ImageId) {
+        if self.shutdown.is_cancelled() {
+            tracing::warn!(image = %id, "import cancelled by shutdown; the next start imports it again");
+        } else {
+            tracing::info!(image = %id, "import cancelled: the image was removed");
+        }
+    }
+
     fn view(&self, r: ImageRecord) -> ImageView {
-        let job = self
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&r.id)
-            .copied();
+        let job = lock(&self.imports).get(&r.id).map(|i| i.done);
         let importing = job.is_some();
         let import_done = job.unwrap_or(if r.state == ImageState::Ready {
             r.size
@@ -578,17 +602,28 @@ fn mtime_ms(meta: &std::fs::Metadata) -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Ends an import job's progress entry when the job returns, whichever way it returns.
+/// An import under way.
+struct Import {
+    /// Bytes hashed so far.
+    done: u64,
+    /// Set to stop it: by the server's shutdown, or by the image's removal.
+    cancel: Arc<AtomicBool>,
+}
+
+/// Ends an import's entry when the import returns, whichever way it returns.
 struct Finished<'a> {
-    progress: &'a Mutex<HashMap<ImageId, u64>>,
+    imports: &'a Mutex<HashMap<ImageId, Import>>,
     id: ImageId,
 }
 
 impl Drop for Finished<'_> {
     fn drop(&mut self) {
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        lock(self.imports).remove(&self.id);
     }
+}
+
+/// A lock of the catalog's; a panic while it was held left nothing half written that the
+/// next holder could not read, so it is taken anyway.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
