@@ -260,13 +260,13 @@ impl Proc {
 
     fn show_log_tail(&self) {
         let Some(log) = &self.log else { return };
-        let tail = self.log_tail(LOG_LINES_ON_FAILURE);
+        let lines = self.log_text().lines().count();
         eprintln!(
-            "--- {} ({}), last {} of {} log lines ---\n{tail}",
+            "--- {} ({}), last {} of {lines} log lines ---\n{}",
             self.what,
             log.display(),
-            tail.lines().count(),
-            self.log_text().lines().count(),
+            lines.min(LOG_LINES_ON_FAILURE),
+            self.log_tail(LOG_LINES_ON_FAILURE)
         );
     }
 }
