@@ -349,7 +349,7 @@ fn seeding_a_damaged_file_fails_with_a_message() {
         .arg(swarm.seed_file())
         .args(["--seed", "--no-tracker", "--listen"])
         .arg(format!("127.0.0.1:{}", common::free_port()));
-    let output = common::run_bounded(command, common::PATIENCE);
+    let output = common::run_within(command, common::PATIENCE);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success() && stderr.contains("Error: "),

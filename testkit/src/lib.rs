@@ -32,7 +32,7 @@ pub use images::{catalogue, make_vhdx};
 pub use libtorrent::{libtorrent_download, torrent_announcing_to};
 pub use mqtt::Subscription;
 pub use ports::free_port;
-pub use process::{Proc, output, spawn};
+pub use process::{Proc, output, run_within, spawn, spawn_reading_stdout};
 pub use server::Server;
 pub use tls::{TlsFiles, make_tls_files};
 

@@ -4,8 +4,9 @@
 //! failing assertion leaves nothing running. When it is dropped because the test panicked, the
 //! end of its log is printed first, where the test harness shows it with the failure.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::PATIENCE;
@@ -40,6 +41,69 @@ pub fn spawn(mut command: Command, log: PathBuf) -> Proc {
         log: Some(log),
         what: program_name(&command),
     }
+}
+
+/// Starts `command` with stderr going to the file `log` (created anew) and stdout to a pipe,
+/// returned for the test to read: a program that reports what it does as lines on stdout.
+pub fn spawn_reading_stdout(mut command: Command, log: PathBuf) -> (Proc, ChildStdout) {
+    let file = std::fs::File::create(&log)
+        .unwrap_or_else(|e| panic!("creating the log {}: {e}", log.display()));
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let proc = Proc {
+        child,
+        status: None,
+        log: Some(log),
+        what: program_name(&command),
+    };
+    (proc, stdout)
+}
+
+/// Runs `command` to its end with stdin empty and stdout and stderr captured, whether it
+/// succeeds or not; fails the test, with everything it printed, if it still runs after
+/// `timeout` (it is killed then).
+pub fn run_within(mut command: Command, timeout: Duration) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    // Both pipes are drained while it runs: a child that fills one would otherwise block
+    // for ever and look like one that hangs.
+    let stdout = drain(child.stdout.take().expect("stdout is piped"));
+    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+    let mut proc = Proc::adopt(child, program_name(&command));
+    let ended = proc.wait_within(timeout);
+    if ended.is_none() {
+        proc.kill9();
+    }
+    let output = Output {
+        status: proc.exited().expect("reaped by wait_within or kill9"),
+        stdout: stdout.join().expect("the stdout reader does not panic"),
+        stderr: stderr.join().expect("the stderr reader does not panic"),
+    };
+    assert!(
+        ended.is_some(),
+        "{command:?} still ran after {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        // A read error ends the output as an end of file would: what came so far is kept.
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
 }
 
 /// Runs `command` to its end and fails the test, with everything it printed, unless it
@@ -95,6 +159,13 @@ impl Proc {
             .unwrap_or_default()
     }
 
+    /// The last `lines` lines of its log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// The process id, to signal it or read its state from `/proc`.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -130,13 +201,30 @@ impl Proc {
         }
     }
 
+    /// Sends SIGTERM and returns at once, for a test that watches how the process stops;
+    /// false if it has already exited.
+    pub fn sigterm(&mut self) -> bool {
+        self.send(libc::SIGTERM)
+    }
+
+    /// Sends SIGHUP, which daemons take as "reload your configuration"; false if it has
+    /// already exited.
+    pub fn sighup(&mut self) -> bool {
+        self.send(libc::SIGHUP)
+    }
+
+    fn send(&mut self, which: libc::c_int) -> bool {
+        // Only while not reaped: until then the pid cannot have been given to another process.
+        self.running() && signal(self.pid(), which)
+    }
+
     /// Asks the process to stop (SIGTERM) and gives it `grace` to exit; past that it is killed
     /// (SIGKILL) and `None` says it did not stop when asked.
     pub fn terminate_within(&mut self, grace: Duration) -> Option<ExitStatus> {
         if let Some(status) = self.exited() {
             return Some(status);
         }
-        sigterm(self.pid());
+        self.sigterm();
         let status = self.wait_within(grace);
         if status.is_none() {
             self.kill9();
@@ -172,16 +260,13 @@ impl Proc {
 
     fn show_log_tail(&self) {
         let Some(log) = &self.log else { return };
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(LOG_LINES_ON_FAILURE)..];
+        let lines = self.log_text().lines().count();
         eprintln!(
-            "--- {} ({}), last {} of {} log lines ---\n{}",
+            "--- {} ({}), last {} of {lines} log lines ---\n{}",
             self.what,
             log.display(),
-            tail.len(),
-            lines.len(),
-            tail.join("\n")
+            lines.min(LOG_LINES_ON_FAILURE),
+            self.log_tail(LOG_LINES_ON_FAILURE)
         );
     }
 }
@@ -252,5 +337,61 @@ mod tests {
         assert!(Path::new(&format!("/proc/{pid}")).exists());
         drop(proc);
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn a_signal_reaches_a_running_process_and_not_an_exited_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "trap 'echo reloaded; exit 0' HUP; echo started; while :; do sleep 0.05; done",
+        ]);
+        let mut proc = spawn(command, dir.path().join("daemon.log"));
+        crate::wait_for("the shell to start", || {
+            proc.log_text().contains("started").then_some(())
+        });
+        assert!(proc.sighup());
+        assert!(proc.wait_within(PATIENCE).unwrap().success());
+        assert_eq!(proc.log_tail(1), "reloaded");
+        assert!(!proc.sighup());
+        assert!(!proc.sigterm());
+    }
+
+    #[test]
+    fn stdout_goes_to_the_test_and_stderr_to_the_log() {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo diagnostics >&2; echo report; sleep 30"]);
+        let (mut proc, stdout) = spawn_reading_stdout(command, dir.path().join("reporter.log"));
+        let first = BufReader::new(stdout).lines().next().unwrap().unwrap();
+        assert_eq!(first, "report");
+        crate::wait_for("stderr in the log", || {
+            (proc.log_text() == "diagnostics\n").then_some(())
+        });
+        assert!(proc.running());
+    }
+
+    #[test]
+    fn run_within_captures_all_of_both_streams_and_the_exit_status() {
+        // More than a pipe holds, on both streams, so that neither may wait for the other.
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "head -c 300000 /dev/zero | tr '\\0' o; head -c 300000 /dev/zero | tr '\\0' e >&2; exit 3",
+        ]);
+        let output = run_within(command, PATIENCE);
+        assert_eq!(output.status.code(), Some(3));
+        assert_eq!(output.stdout, vec![b'o'; 300000]);
+        assert_eq!(output.stderr, vec![b'e'; 300000]);
+    }
+
+    #[test]
+    #[should_panic(expected = "still ran after 300ms")]
+    fn run_within_fails_the_test_when_the_command_outlives_its_timeout() {
+        let mut command = Command::new("sleep");
+        command.arg("30");
+        run_within(command, Duration::from_millis(300));
     }
 }

@@ -1,5 +1,6 @@
-//! Helpers for the swarm's interop tests: real processes on free 127.0.0.1 ports, each killed
-//! and reaped when its handle drops.
+//! Helpers for the swarm's interop tests: real processes on free 127.0.0.1 ports, each a
+//! testkit [`Proc`], so killed and reaped when its handle drops and its log shown when the
+//! test fails.
 //!
 //! - [`Tracker`]: `opentracker` with a whitelist (the Debian build refuses unlisted torrents).
 //! - [`Aria2`]: an `aria2c` seeder or leecher.
@@ -15,14 +16,16 @@
 //! on stdout), never assumed after a fixed sleep.
 #![allow(dead_code)] // each test binary uses a different subset
 
-pub use boottorrent_testkit::{PATIENCE, free_port, require_tool, wait_until};
+pub use boottorrent_testkit::{PATIENCE, free_port, require_tool, run_within, wait_until};
+
+use boottorrent_testkit::{Proc, spawn, spawn_reading_stdout};
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -55,90 +58,6 @@ pub fn python() -> &'static str {
              run scripts/test, which installs it"
         );
     })
-}
-
-/// Sends `signal` to `child` unless it has already exited.
-fn signal(child: &mut Child, signal: libc::c_int) {
-    if !matches!(child.try_wait(), Ok(None)) {
-        return;
-    }
-    // SAFETY: kill(2) has no memory effects. The pid is our own child and not yet reaped
-    // (try_wait just said so), so it cannot have been recycled for another process.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, signal);
-    }
-}
-
-/// Kills and reaps a child, ignoring one that already exited.
-fn kill_and_wait(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Waits up to `timeout` for `child` to exit.
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs `command` to its end with stdout and stderr captured, killing it after `timeout`.
-pub fn run_bounded(mut command: Command, timeout: Duration) -> std::process::Output {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-    // Drain both pipes on threads so that a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err.read_to_end(&mut buf);
-        buf
-    });
-    let status = wait_exit(&mut child, timeout);
-    if status.is_none() {
-        kill_and_wait(&mut child);
-    }
-    let output = std::process::Output {
-        status: child.wait().unwrap(),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    };
-    assert!(
-        status.is_some(),
-        "{command:?} still ran after {timeout:?}\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// The last `n` lines of a log file, for failure messages.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A log file that receives both stdout and stderr of a child.
-fn log_file(path: &Path) -> (Stdio, Stdio) {
-    let file = File::create(path).unwrap();
-    (file.try_clone().unwrap().into(), file.into())
 }
 
 /// Fills `path` with `len` random bytes.
@@ -235,7 +154,7 @@ pub fn make_torrent(data: &Path, announce: &str, piece_len: u32, out: &Path) -> 
         .arg(announce)
         .arg(piece_len.to_string())
         .arg(out);
-    let output = run_bounded(command, PATIENCE);
+    let output = run_within(command, PATIENCE);
     assert!(
         output.status.success(),
         "creating the torrent failed: {}",
@@ -293,11 +212,10 @@ fn bencoded_int(body: &[u8], key: &str) -> Option<u64> {
 /// so peers on loopback get 127.0.0.1 peers. Running as root it chroots to its directory and
 /// drops to `nobody`, hence the world-readable directory and relative whitelist path.
 pub struct Tracker {
-    child: Child,
+    proc: Proc,
     /// TCP port of the HTTP tracker.
     pub port: u16,
     dir: PathBuf,
-    log: PathBuf,
 }
 
 impl Tracker {
@@ -313,28 +231,19 @@ impl Tracker {
         std::fs::write(&whitelist, format!("{}\n", "0".repeat(40))).unwrap();
         set_mode(&whitelist, 0o644);
         let port = free_port();
-        let log = parent.join("tracker.log");
-        let (out, err) = log_file(&log);
-        let child = Command::new("opentracker")
+        let mut command = Command::new("opentracker");
+        command
             .args(["-i", "127.0.0.1", "-p", &port.to_string()])
             .args(["-d", ".", "-w", "whitelist"])
             .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("starting opentracker");
-        let mut tracker = Tracker {
-            child,
-            port,
-            dir,
-            log,
-        };
+            .stdin(Stdio::null());
+        let proc = spawn(command, parent.join("tracker.log"));
+        let mut tracker = Tracker { proc, port, dir };
         wait_until("opentracker to answer HTTP", PATIENCE, || {
-            if let Some(status) = tracker.child.try_wait().unwrap() {
+            if let Some(status) = tracker.proc.exited() {
                 panic!(
                     "opentracker exited with {status}:\n{}",
-                    tail(&tracker.log, KEPT_LINES)
+                    tracker.proc.log_tail(KEPT_LINES)
                 );
             }
             http_get(tracker.port, "/scrape").map(|_| ())
@@ -355,7 +264,7 @@ impl Tracker {
             .unwrap();
         writeln!(file, "{}", torrent.info_hash).unwrap();
         drop(file);
-        signal(&mut self.child, libc::SIGHUP);
+        self.proc.sighup();
         // The list is reloaded by another thread; probe with an announce (opentracker skips
         // the whitelist for `stopped`, so the probe must be `started`), then take the probe
         // out of the swarm again before any real peer could be handed it.
@@ -397,12 +306,6 @@ impl Tracker {
     }
 }
 
-impl Drop for Tracker {
-    fn drop(&mut self) {
-        kill_and_wait(&mut self.child);
-    }
-}
-
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -411,13 +314,12 @@ fn set_mode(path: &Path, mode: u32) {
 /// An `aria2c` process: BitTorrent only, no DHT, LPD or PEX, so it finds peers through the
 /// tracker alone, on a free 127.0.0.1 port.
 pub struct Aria2 {
-    child: Child,
+    /// Logs its console output.
+    proc: Proc,
     /// Its BitTorrent listen port.
     pub port: u16,
     /// Where its copy of the file lives.
     pub file: PathBuf,
-    /// Its console output.
-    pub log: PathBuf,
     /// Its own log at level info: every message to and from each peer.
     pub message_log: PathBuf,
 }
@@ -457,8 +359,8 @@ impl Aria2 {
         let port = free_port();
         let log = dir.with_extension("aria2c.log");
         let message_log = dir.with_extension("aria2c.messages.log");
-        let (out, err) = log_file(&log);
-        let child = Command::new("aria2c")
+        let mut command = Command::new("aria2c");
+        command
             .arg(format!("--dir={}", dir.display()))
             .arg(format!("--log={}", message_log.display()))
             .arg("--log-level=info")
@@ -479,22 +381,18 @@ impl Aria2 {
             ])
             .args(extra)
             .arg(&torrent.path)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("starting aria2c");
+            .stdin(Stdio::null());
         let mut aria2 = Aria2 {
-            child,
+            proc: spawn(command, log),
             port,
             file: dir.join(&torrent.name),
-            log,
             message_log,
         };
         wait_until("aria2c to listen", PATIENCE, || {
             aria2.assert_running();
-            std::fs::read_to_string(&aria2.log)
-                .unwrap_or_default()
+            aria2
+                .proc
+                .log_text()
                 .contains("listening on TCP port")
                 .then_some(())
         });
@@ -502,13 +400,23 @@ impl Aria2 {
     }
 
     fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
+        if let Some(status) = self.proc.exited() {
             panic!("aria2c exited early with {status}:\n{}", self.describe());
         }
     }
 
-    /// Its console tail and its last peer messages other than the bulk transfer ones.
+    /// Its console tail and its last peer messages.
     pub fn describe(&self) -> String {
+        format!(
+            "aria2c on port {}\n--- console tail ---\n{}\n--- last peer messages ---\n{}",
+            self.port,
+            self.proc.log_tail(10),
+            self.peer_messages()
+        )
+    }
+
+    /// Its last peer messages other than the bulk transfer ones.
+    fn peer_messages(&self) -> String {
         let text = std::fs::read_to_string(&self.message_log).unwrap_or_default();
         let chatter: Vec<&str> = text
             .lines()
@@ -519,18 +427,13 @@ impl Aria2 {
                     && !l.contains(" have ")
             })
             .collect();
-        format!(
-            "aria2c on port {}\n--- console tail ---\n{}\n--- last peer messages ---\n{}",
-            self.port,
-            tail(&self.log, 10),
-            chatter[chatter.len().saturating_sub(KEPT_LINES)..].join("\n")
-        )
+        chatter[chatter.len().saturating_sub(KEPT_LINES)..].join("\n")
     }
 
     /// Waits up to `timeout` for a leecher to finish (aria2c exits 0 once the download is
     /// complete and verified) and fails the test otherwise.
     pub fn wait_done(&mut self, timeout: Duration) {
-        match wait_exit(&mut self.child, timeout) {
+        match self.proc.wait_within(timeout) {
             Some(status) if status.success() => {}
             Some(status) => panic!("aria2c failed with {status}:\n{}", self.describe()),
             None => panic!(
@@ -548,10 +451,14 @@ impl Aria2 {
 
 impl Drop for Aria2 {
     fn drop(&mut self) {
+        // Its console log is shown by its Proc; what it said to its peers is in another file.
         if std::thread::panicking() {
-            eprintln!("=== {}", self.describe());
+            eprintln!(
+                "=== aria2c on port {}, last peer messages ---\n{}",
+                self.port,
+                self.peer_messages()
+            );
         }
-        kill_and_wait(&mut self.child);
     }
 }
 
@@ -683,9 +590,9 @@ impl JsonLines {
 /// A child whose stdout is JSON lines: our peer or the libtorrent driver.
 struct EventProcess {
     name: String,
-    child: Child,
+    /// Logs the process's stderr.
+    proc: Proc,
     lines: JsonLines,
-    stderr: PathBuf,
     /// Events other than `stats` that arrived while a wait looked for something else, so
     /// that one-shot events (`checked` may come before or after `ready`) are never lost.
     pending: VecDeque<Value>,
@@ -695,33 +602,35 @@ struct EventProcess {
 
 impl EventProcess {
     fn spawn(name: &str, mut command: Command, stderr: PathBuf) -> EventProcess {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let lines = JsonLines::spawn(child.stdout.take().unwrap(), name);
+        command.stdin(Stdio::null());
+        let (proc, stdout) = spawn_reading_stdout(command, stderr);
         EventProcess {
             name: name.to_owned(),
-            child,
-            lines,
-            stderr,
+            proc,
+            lines: JsonLines::spawn(stdout, name),
             pending: VecDeque::new(),
             last_stats: None,
         }
     }
 
     fn describe(&mut self) -> String {
-        let status = match self.child.try_wait() {
-            Ok(Some(status)) => format!("exited with {status}"),
-            _ => "still running".to_owned(),
+        format!(
+            "{}\n--- stderr tail ---\n{}",
+            self.stdout_said(),
+            self.proc.log_tail(KEPT_LINES)
+        )
+    }
+
+    /// Its name, whether it runs, and its last lines on stdout.
+    fn stdout_said(&mut self) -> String {
+        let status = match self.proc.exited() {
+            Some(status) => format!("exited with {status}"),
+            None => "still running".to_owned(),
         };
         format!(
-            "{} ({status})\n--- last stdout lines ---\n{}\n--- stderr tail ---\n{}",
+            "{} ({status})\n--- last stdout lines ---\n{}",
             self.name,
-            self.lines.recent(),
-            tail(&self.stderr, KEPT_LINES)
+            self.lines.recent()
         )
     }
 
@@ -759,7 +668,7 @@ impl EventProcess {
                 ),
                 Err(RecvTimeoutError::Disconnected) => {
                     // stdout closed: the process is gone or going; reap it for the message.
-                    let _ = wait_exit(&mut self.child, Duration::from_secs(5));
+                    let _ = self.proc.wait_within(Duration::from_secs(5));
                     panic!(
                         "stdout closed while waiting for {what} from {}",
                         self.describe()
@@ -791,11 +700,10 @@ impl EventProcess {
 impl Drop for EventProcess {
     fn drop(&mut self) {
         // A failing test drops every process it started: show what each of them said, not
-        // only the one the failed assertion was about.
+        // only the one the failed assertion was about (its Proc shows its stderr).
         if std::thread::panicking() {
-            eprintln!("=== {}", self.describe());
+            eprintln!("=== {}", self.stdout_said());
         }
-        kill_and_wait(&mut self.child);
     }
 }
 
@@ -993,9 +901,9 @@ impl Peer {
 
     /// SIGTERM: waits for the `stopped` event and a clean exit, returns the event.
     pub fn stop(&mut self) -> Value {
-        signal(&mut self.process.child, libc::SIGTERM);
+        self.process.proc.sigterm();
         let stopped = self.process.wait_event("stopped", PATIENCE);
-        match wait_exit(&mut self.process.child, PATIENCE) {
+        match self.process.proc.wait_within(PATIENCE) {
             Some(status) if status.success() => stopped,
             Some(status) => panic!(
                 "exit status {status} after SIGTERM\n{}",
@@ -1007,7 +915,7 @@ impl Peer {
 
     /// SIGKILL, no chance to save anything; reaps the process.
     pub fn kill9(&mut self) {
-        kill_and_wait(&mut self.process.child);
+        self.process.proc.kill9();
     }
 
     /// Its recent output, for failure messages.
