@@ -328,6 +328,15 @@ pub struct Approve {
     pub fingerprint: String,
 }
 
+/// A machine came online or went offline: the `machine` event of `GET /api/v1/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Presence<'a> {
+    pub id: &'a MachineId,
+    pub online: bool,
+    /// When the server noticed, in Unix milliseconds.
+    pub at_ms: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

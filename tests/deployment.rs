@@ -198,6 +198,53 @@ fn a_zone_deployment_with_set_boot_reaches_booted_on_three_agents() {
 }
 
 #[test]
+fn an_image_a_machine_already_holds_is_deployed_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), SERVE);
+    let (image, _) = catalogue_id(&server, dir, 6 << 20);
+    let agent = start_agent(dir, &server, "lab-r", &[]);
+    let first = deploy(&server, &[&image, "--machine", "lab-r"]);
+    wait_state(&server, &first, "completed");
+
+    // The same image again, now to boot: no download, yet the new deployment completes and
+    // its own action runs.
+    let second = deploy(
+        &server,
+        &[&image, "--machine", "lab-r", "--action", "set-boot"],
+    );
+    let d = wait_state(&server, &second, "completed");
+    assert_eq!(machine_state(&d, "lab-r"), "booted", "{d:#}");
+    // The boot program appends a line per run.
+    let marker = std::fs::read_to_string(dir.join("lab-r.marker")).unwrap();
+    assert_eq!(
+        marker.lines().collect::<Vec<_>>(),
+        [format!("set-boot {image} {second}")]
+    );
+    // And a third time with the same action: its boot runs too, for its own deployment.
+    let third = deploy(
+        &server,
+        &[&image, "--machine", "lab-r", "--action", "set-boot"],
+    );
+    let d = wait_state(&server, &third, "completed");
+    assert_eq!(machine_state(&d, "lab-r"), "booted", "{d:#}");
+    let marker = std::fs::read_to_string(dir.join("lab-r.marker")).unwrap();
+    assert_eq!(
+        marker.lines().collect::<Vec<_>>(),
+        [
+            format!("set-boot {image} {second}"),
+            format!("set-boot {image} {third}")
+        ]
+    );
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("image staged").count(),
+        3,
+        "one staging per deployment:\n{log}"
+    );
+}
+
+#[test]
 fn an_agent_offline_at_the_start_catches_up_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();

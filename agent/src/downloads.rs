@@ -200,12 +200,15 @@ impl Downloads {
     }
 
     /// Handles `artifact_assignment`; the same assignment twice does the work once. An image
-    /// that failed is tried again.
+    /// that failed is tried again. An image held for an earlier deployment serves the new one
+    /// at once: the swarm re-checks the file (from its resume record when that still matches)
+    /// and the new deployment's action runs, without downloading anything again.
     pub async fn assign(self: &Arc<Self>, assignment: ArtifactAssignment) {
         {
             let held = self.lock_held();
             if let Some(h) = held.get(&assignment.image)
                 && h.assignment.info_hash == assignment.info_hash
+                && h.assignment.deployment == assignment.deployment
                 && h.state != ImageState::Failed
             {
                 tracing::info!(image = %assignment.image, "already assigned; nothing to do");
@@ -354,12 +357,16 @@ impl Downloads {
                 ),
             )));
         }
+        // `booted` is per deployment: a later deployment of the same image runs its own action.
         let (booted, staged) = self
             .lock_held()
             .get(&assignment.image)
             .filter(|h| h.assignment.info_hash == assignment.info_hash)
             .map_or((false, false), |h| {
-                (h.booted, h.state == ImageState::Staged)
+                (
+                    h.booted && h.assignment.deployment == assignment.deployment,
+                    h.state == ImageState::Staged,
+                )
             });
         self.lock_held().insert(
             assignment.image.clone(),

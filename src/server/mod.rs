@@ -26,7 +26,6 @@ pub mod broker_log;
 pub mod catalog;
 pub mod config;
 pub mod credentials;
-pub mod dashboard;
 pub mod deployment;
 pub mod enrollment;
 pub mod fleet;

@@ -413,7 +413,11 @@ fn rezone(
 fn show_presence(live: &broadcast::Sender<Live>, machine: &MachineId, online: bool, at_ms: i64) {
     let _ = live.send(Live::new(
         "machine",
-        &serde_json::json!({ "id": machine, "online": online, "at_ms": at_ms }),
+        &crate::api::Presence {
+            id: machine,
+            online,
+            at_ms,
+        },
     ));
 }
 

@@ -196,7 +196,7 @@ mod tests {
     use boottorrent_bt::{InfoHash, PeerId};
     use std::net::SocketAddr;
     use std::os::unix::fs::PermissionsExt;
-    use std::process::{Child, Command, Stdio};
+    use std::process::Command;
 
     fn request(event: Event) -> AnnounceRequest {
         let mut info_hash = [0u8; 20];
@@ -230,21 +230,15 @@ mod tests {
 
     /// An `opentracker` process on a free loopback port, killed when dropped.
     struct Opentracker {
-        child: Child,
+        process: boottorrent_testkit::Proc,
         base_url: String,
-    }
-
-    impl Drop for Opentracker {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 
     impl Opentracker {
         /// Starts opentracker in `dir`, serving only `hashes` (the Debian build refuses any
         /// torrent not on its whitelist), and waits until it answers announces.
         async fn start(dir: &std::path::Path, hashes: &[InfoHash]) -> Opentracker {
+            boottorrent_testkit::require_tool("opentracker", "opentracker");
             let whitelist: String = hashes.iter().map(|h| format!("{h}\n")).collect();
             std::fs::write(dir.join("whitelist"), whitelist).unwrap();
             // Started as root, opentracker chroots into `-d` and drops to `nobody` before it
@@ -256,28 +250,19 @@ mod tests {
             // The port is free when we look but could be taken before opentracker binds it;
             // a tracker that exits at once gets another try on another port.
             for _ in 0..3 {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .expect("finding a free port")
-                    .port();
-                let child = Command::new("opentracker")
+                let port = boottorrent_testkit::free_port();
+                let mut command = Command::new("opentracker");
+                command
                     .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-d"])
                     .arg(dir)
                     .args(["-w", "whitelist"])
-                    .current_dir(dir)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "starting `opentracker` failed ({e}); this test needs the Debian \
-                             package `opentracker` installed"
-                        )
-                    });
+                    .current_dir(dir);
                 // Owned by the guard from here on, so a panic below still kills it.
                 let mut tracker = Opentracker {
-                    child,
+                    process: boottorrent_testkit::spawn(
+                        command,
+                        dir.join(format!("opentracker-{port}.log")),
+                    ),
                     base_url: format!("http://127.0.0.1:{port}/announce"),
                 };
                 // Every hash, not just the first: opentracker loads its whitelist line by line
@@ -304,8 +289,11 @@ mod tests {
             probe.info_hash = probe_hash;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
-                if let Some(status) = self.child.try_wait().expect("polling opentracker") {
-                    eprintln!("opentracker exited with {status}");
+                if let Some(status) = self.process.exited() {
+                    eprintln!(
+                        "opentracker exited with {status}:\n{}",
+                        self.process.log_text()
+                    );
                     return false;
                 }
                 match client.announce(&self.base_url, &probe).await {

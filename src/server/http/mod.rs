@@ -13,7 +13,8 @@
 //!
 //! This module holds the router, the shared state and who may do what; the handlers live by
 //! resource: `machines` (and the event log), `images` (and `.torrent` files), `deployments`,
-//! `zones`, `tracker`, `events` (the live stream), and `error` (the error answers).
+//! `zones`, `tracker`, `events` (the live stream), `dashboard` (the web page's files), and
+//! `error` (the error answers).
 
 use std::sync::Arc;
 
@@ -51,6 +52,7 @@ use crate::server::registry::{Approval, ApproveError};
 use crate::server::store::{KeyRecord, LogEntry, MachineRecord, Store};
 use crate::server::zone::{Zone, ZoneSpec};
 
+mod dashboard;
 mod deployments;
 mod error;
 mod events;
@@ -145,7 +147,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/torrents/{file}", get(torrent_file))
         .merge(tracker_routes(&state))
-        .merge(crate::server::dashboard::routes())
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::coded(ErrorCode::NoSuchEndpoint, "no such endpoint") })
         .with_state(state)
 }

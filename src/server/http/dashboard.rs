@@ -41,15 +41,15 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 static INDEX: Asset = asset(
-    include_bytes!("../../assets/dashboard/index.html"),
+    include_bytes!("../../../assets/dashboard/index.html"),
     "text/html; charset=utf-8",
 );
 static APP_JS: Asset = asset(
-    include_bytes!("../../assets/dashboard/app.js"),
+    include_bytes!("../../../assets/dashboard/app.js"),
     "text/javascript; charset=utf-8",
 );
 static STYLE_CSS: Asset = asset(
-    include_bytes!("../../assets/dashboard/style.css"),
+    include_bytes!("../../../assets/dashboard/style.css"),
     "text/css; charset=utf-8",
 );
 
