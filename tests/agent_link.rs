@@ -304,3 +304,63 @@ fn an_agent_whose_startup_was_refused_sends_it_again_until_answered() {
         agent.log_text()
     );
 }
+
+/// A lab PC that booted a new image runs the agent inside that image: its own configuration
+/// (no machine id, no pinned key, and the golden image's host name, which every machine
+/// shares), and only the store on the host volume in common with the agent that ran before.
+/// It must come back as the same machine with the same key, approved, without an operator.
+#[test]
+fn an_agent_in_a_freshly_booted_image_is_the_same_machine_through_its_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), &[]);
+    enroll(&server, dir, "pc-s");
+    let mut before = run_agent(dir, &server, "pc-s", &[]);
+    wait_for("pc-s online", || {
+        (server.online("pc-s") == Some(true)).then_some(())
+    });
+    let first = server.machine("pc-s").unwrap();
+    assert_eq!(first["key_state"], "approved");
+    let store = dir.join("pc-s");
+    let key_file = std::fs::read(store.join("agent.key")).unwrap();
+    assert!(before.terminate().success(), "{}", before.log_text());
+
+    // The agent of the new image: its own empty configuration, the same store.
+    let config = dir.join("image.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut command = agent(&["run"]);
+    command
+        .arg("--config")
+        .arg(&config)
+        .args(["--server", "127.0.0.1"])
+        .args(["--mqtt-port", &server.mqtt_port.to_string()])
+        .args(["--http-url", &server.url("")])
+        .arg("--data-dir")
+        .arg(&store)
+        .args(["--bt-listen", "127.0.0.1:0"])
+        .args(["--heartbeat-interval-secs", "1"])
+        .env("BOOTTORRENT_AGENT_ENROLL_TOKEN", server.enroll_token());
+    let after = spawn(command, dir.join("image.log"));
+    wait_for("pc-s online again, from the new image", || {
+        after
+            .log_text()
+            .contains("connected to the broker")
+            .then_some(())
+            .and(server.machine("pc-s"))
+            .filter(|m| m["online"] == true && m["last_seen"] != first["last_seen"])
+    });
+    let m = server.machine("pc-s").unwrap();
+    assert_eq!(m["key_state"], "approved", "{m}");
+    assert_eq!(m["public_key"], first["public_key"], "{m}");
+    assert_eq!(m["pending_key"], serde_json::Value::Null, "{m}");
+    assert_eq!(std::fs::read(store.join("agent.key")).unwrap(), key_file);
+    // Not a second machine under the host's name.
+    let machines = server.get_json("/api/v1/machines");
+    let ids: Vec<&str> = machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["pc-s"], "{machines}");
+}

@@ -32,12 +32,15 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
     /// The server's enrollment token: the MQTT password (the username is the machine id).
     pub enroll_token: Option<Secret>,
-    /// This machine's id, `[A-Za-z0-9._-]{1,64}`. Default: the host name with every other
-    /// character replaced by `-`, cut to 64 characters.
+    /// This machine's id, `[A-Za-z0-9._-]{1,64}`. Default: the id in the machine's store, and
+    /// for a new store the host name with every other character replaced by `-`, cut to 64
+    /// characters.
     pub machine_id: Option<MachineId>,
-    /// Directory for images and state; the machine key (`agent.key`) and the pinned server
-    /// key (`server.pub`) live here. Created if missing.
-    pub data_dir: PathBuf,
+    /// The machine's store ([`crate::store`]): the machine key (`agent.key`), the pinned
+    /// server key (`server.pub`), assignments, images and resume records. Created if missing.
+    /// Default: `/var/lib/boottorrent`; on Windows `X:\BootTorrent` on whichever fixed volume
+    /// has one, so that every image the machine boots finds it.
+    pub data_dir: Option<PathBuf>,
     /// Address the BitTorrent peer listens on for other machines.
     pub bt_listen: SocketAddr,
     /// What happens after an image is staged and its action asks to boot it.
@@ -88,7 +91,7 @@ impl Default for Config {
             tls_ca: None,
             enroll_token: None,
             machine_id: None,
-            data_dir: default_data_dir(),
+            data_dir: None,
             bt_listen: ([0, 0, 0, 0], 6881).into(),
             boot_backend: if cfg!(windows) {
                 BootBackend::Windows
@@ -166,8 +169,8 @@ pub struct Overrides {
     /// This machine's id [default: the host name, sanitised].
     #[arg(long, env = "BOOTTORRENT_AGENT_MACHINE_ID", value_name = "ID")]
     pub machine_id: Option<MachineId>,
-    /// Directory for images and state [default: /var/lib/boottorrent, or
-    /// %ProgramData%\BootTorrent on Windows].
+    /// The machine's store: key, pinned server key, assignments, images [default:
+    /// /var/lib/boottorrent; on Windows X:\BootTorrent on the fixed volume that has one].
     #[arg(long, env = "BOOTTORRENT_AGENT_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// BitTorrent listen address [default: 0.0.0.0:6881].
@@ -219,8 +222,8 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// Defaults, then the config file, then `overrides`; validated. The machine id is
-    /// filled in from the host name when nothing set it.
+    /// Defaults, then the config file, then `overrides`; validated. The machine id, when
+    /// nothing set it, comes from the store ([`crate::store::Store::locate`]).
     pub fn load(overrides: &Overrides) -> anyhow::Result<Config> {
         let mut config = match &overrides.config {
             Some(path) => Config::from_file(path)?,
@@ -234,11 +237,6 @@ impl Config {
             }
         };
         config.apply(overrides.clone());
-        if config.machine_id.is_none() {
-            let host = boottorrent_proto::hostname()
-                .context("finding this machine's host name for its default id; set --machine-id")?;
-            config.machine_id = Some(sanitize_machine_id(&host));
-        }
         config.validate()?;
         Ok(config)
     }
@@ -288,7 +286,7 @@ impl Config {
         set_opt(&mut self.tls_ca, tls_ca);
         set_opt(&mut self.enroll_token, enroll_token);
         set_opt(&mut self.machine_id, machine_id);
-        set(&mut self.data_dir, data_dir);
+        set_opt(&mut self.data_dir, data_dir);
         set(&mut self.bt_listen, bt_listen);
         set(&mut self.boot_backend, boot_backend);
         set_opt(&mut self.boot_command, boot_command);
@@ -358,21 +356,15 @@ impl Config {
         }
     }
 
-    /// The machine id; [`Config::load`] always sets it.
-    pub fn machine_id(&self) -> anyhow::Result<&MachineId> {
-        self.machine_id
-            .as_ref()
-            .context("no machine id: set --machine-id")
-    }
-
-    /// The machine key file.
-    pub fn key_file(&self) -> PathBuf {
-        self.data_dir.join(KEY_FILE)
-    }
-
-    /// The pinned server key file.
-    pub fn server_key_file(&self) -> PathBuf {
-        self.data_dir.join(SERVER_KEY_FILE)
+    /// Where `enroll` pins the server key: in `data_dir` when set; otherwise in the agent's
+    /// directory inside the running image (`%ProgramData%\BootTorrent` on Windows), because
+    /// enrolling happens while the golden image is built, which must not carry a store.
+    /// `run` copies the pin into the store.
+    pub fn pin_file(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(default_data_dir)
+            .join(SERVER_KEY_FILE)
     }
 
     /// The configuration as TOML, with the token masked: what `config --effective` prints.
@@ -387,7 +379,6 @@ impl Config {
     /// The default configuration as commented TOML, for `boottorrent-agent config`.
     pub fn default_toml() -> String {
         let d = Config::default();
-        let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
         format!(
             r#"# BootTorrent agent configuration (boottorrent-agent run --config FILE).
 # Every key is optional; environment variables BOOTTORRENT_AGENT_<KEY> and flags override the file.
@@ -402,10 +393,12 @@ impl Config {
 # tls_ca = "/etc/boottorrent/ca.pem"
 # The server's enrollment token: the MQTT password (the username is the machine id).
 # enroll_token = "..."
-# This machine's id, [A-Za-z0-9._-]{{1,64}} (default: the host name, other characters as "-").
+# This machine's id, [A-Za-z0-9._-]{{1,64}} (default: the id kept in the machine's store; for a
+# new store the host name, other characters as "-").
 # machine_id = "pc-101-01"
-# Directory for images and state; agent.key (this machine's key) and server.pub live here.
-data_dir = {data_dir}
+# The machine's store: its key (agent.key), the pinned server key, assignments, images. Default:
+# {data_dir}
+# data_dir = "/var/lib/boottorrent"
 # Address the BitTorrent peer listens on.
 bt_listen = "{bt_listen}"
 # After staging, when the action asks to boot: "none", "command" or "windows" (bcdedit).
@@ -428,7 +421,11 @@ replay_window_secs = {window}
 # `boottorrent-agent enroll`).
 # server_key = "..."
 "#,
-            data_dir = quote(&d.data_dir.to_string_lossy()),
+            data_dir = if cfg!(windows) {
+                r"X:\BootTorrent on the fixed volume that has one (found whatever its letter)"
+            } else {
+                "/var/lib/boottorrent"
+            },
             bt_listen = d.bt_listen,
             backend = match d.boot_backend {
                 BootBackend::None => "none",
@@ -455,7 +452,8 @@ pub fn default_config_path() -> PathBuf {
     }
 }
 
-/// Where `data_dir` points when not set.
+/// The agent's own directory: the store on Linux when `data_dir` is not set; on Windows the
+/// directory inside the running image, next to the configuration.
 pub fn default_data_dir() -> PathBuf {
     if cfg!(windows) {
         program_data().join("BootTorrent")
@@ -562,7 +560,7 @@ mod tests {
         assert_eq!(config.server.as_deref(), Some("from-file"));
         assert_eq!(config.mqtt_port(), 3000);
         assert_eq!(config.heartbeat_interval_secs, 7);
-        assert_eq!(config.machine_id().unwrap().as_str(), "pc-file");
+        assert_eq!(config.machine_id.as_ref().unwrap().as_str(), "pc-file");
         assert_eq!(
             config.mqtt_keepalive_secs,
             Config::default().mqtt_keepalive_secs

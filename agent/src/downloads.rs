@@ -690,16 +690,9 @@ impl Downloads {
     fn persist(&self) {
         let list: Vec<Held> = self.lock_held().values().cloned().collect();
         let path = self.data_dir.join("assignments.json");
-        let tmp = self.data_dir.join("assignments.json.tmp");
         let result = serde_json::to_vec_pretty(&list)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)
-            });
+            .and_then(|bytes| boottorrent_swarm::storage::write_durably(&path, &bytes));
         if let Err(e) = result {
             tracing::error!(
                 "saving {}: {e}; a restart may forget an assignment",

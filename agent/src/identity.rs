@@ -2,10 +2,11 @@
 //! public key.
 //!
 //! The machine key signs every event; the server trusts it at the machine's first `startup`
-//! (or once the operator approves it), so it must survive restarts: it lives in
-//! `<data_dir>/agent.key`, mode 0600, made on first use. The server key verifies every
-//! command; it is pinned from the config (`server_key`) or from `<data_dir>/server.pub`, which
-//! `boottorrent-agent enroll` writes after showing its fingerprint.
+//! (or once the operator approves it), so it must survive restarts and image switches: it
+//! lives in the machine's store ([`crate::store`]), `agent.key`, mode 0600, made on first use.
+//! The server key verifies every command; it is pinned from the config (`server_key`), from
+//! the `server.pub` that `boottorrent-agent enroll` wrote after showing its fingerprint
+//! ([`Config::pin_file`]), or from the copy of it the store kept.
 
 use std::fmt;
 use std::io::Write;
@@ -20,6 +21,7 @@ use boottorrent_proto::{
 };
 
 use crate::config::Config;
+use crate::store::Store;
 
 /// This machine's identity and the server key it trusts.
 pub struct Identity {
@@ -46,10 +48,10 @@ impl fmt::Debug for Identity {
 
 impl Identity {
     /// Loads (or on first start creates) the machine key, and the pinned server key.
-    pub fn load(config: &Config) -> anyhow::Result<Identity> {
-        let machine = config.machine_id()?.clone();
-        let server_key = pinned_server_key(config)?;
-        let key = load_or_create_key(&config.key_file())?;
+    pub fn load(config: &Config, store: &Store) -> anyhow::Result<Identity> {
+        let machine = store.machine().clone();
+        let server_key = pinned_server_key(config, store)?;
+        let key = load_or_create_key(&store.key_file())?;
         Ok(Identity {
             machine,
             key,
@@ -95,23 +97,38 @@ fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     options.open(path)
 }
 
-/// The server key to verify commands with: `server_key` from the config, else the key in
-/// `<data_dir>/server.pub`; neither is an error telling to run `enroll`.
-pub fn pinned_server_key(config: &Config) -> anyhow::Result<VerifyingKey> {
+/// The server key to verify commands with: `server_key` from the config, else the key
+/// `enroll` pinned ([`Config::pin_file`]), which the store then keeps, else the store's copy
+/// (an image built without enrolling); none is an error telling to run `enroll`.
+pub fn pinned_server_key(config: &Config, store: &Store) -> anyhow::Result<VerifyingKey> {
+    let kept = store.server_key_file();
     let bytes = match config.server_key {
         Some(key) => key,
-        None => {
-            let path = config.server_key_file();
-            match read_server_key_file(&path)? {
+        None => match read_server_key_file(&config.pin_file())? {
+            Some(key) => {
+                if read_server_key_file(&kept).ok().flatten() != Some(key) {
+                    // Best effort: the pin in the image still works without it.
+                    match store_server_key(&kept, &key) {
+                        Ok(()) => {
+                            tracing::info!(file = %kept.display(), "the store keeps the pinned server key")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "could not copy the pinned server key into the store")
+                        }
+                    }
+                }
+                key
+            }
+            None => match read_server_key_file(&kept)? {
                 Some(key) => key,
                 None => bail!(
                     "no server key is pinned: run `boottorrent-agent enroll` (it fetches the key \
                      from the server's /api/v1/server-key and stores it in {}), or set server_key \
                      in the config",
-                    path.display()
+                    config.pin_file().display()
                 ),
-            }
-        }
+            },
+        },
     };
     verifying_key_from_bytes(&bytes).context("the pinned server key")
 }
@@ -133,20 +150,10 @@ pub fn read_server_key_file(path: &Path) -> anyhow::Result<Option<PublicKeyBytes
     }
 }
 
-/// Writes `key` to `path` atomically (temporary file, then rename).
+/// Writes `key` to `path` durably: a crash leaves the old file or the new one.
 pub fn store_server_key(path: &Path, key: &PublicKeyBytes) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the directory {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("pub.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        writeln!(file, "{}", key.to_hex())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("writing the server key {}", path.display()))
+    boottorrent_swarm::storage::write_durably(path, format!("{}\n", key.to_hex()).as_bytes())
+        .with_context(|| format!("writing the server key {}", path.display()))
 }
 
 /// Fetches the server's public key from `GET {http_url}/api/v1/server-key`.
@@ -197,11 +204,37 @@ mod tests {
     fn no_pinned_key_says_to_enroll() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
-            data_dir: dir.path().to_owned(),
+            data_dir: Some(dir.path().to_owned()),
             ..Config::default()
         };
-        let err = pinned_server_key(&config).unwrap_err();
+        let store = Store::open(dir.path(), Some(&"pc-1".parse().unwrap())).unwrap();
+        let err = pinned_server_key(&config, &store).unwrap_err();
         assert!(err.to_string().contains("enroll"), "{err}");
+    }
+
+    #[test]
+    fn the_store_keeps_the_pin_for_images_built_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = Config {
+            data_dir: Some(dir.path().join("image")),
+            ..Config::default()
+        };
+        let store = Store::open(&dir.path().join("store"), Some(&"pc-1".parse().unwrap())).unwrap();
+        let key = PublicKeyBytes::from(generate_signing_key().unwrap().verifying_key().to_bytes());
+        store_server_key(&image.pin_file(), &key).unwrap();
+        assert_eq!(
+            pinned_server_key(&image, &store).unwrap().to_bytes(),
+            *key.as_ref()
+        );
+        // The next image was built without enrolling: the store's copy serves.
+        let unenrolled = Config {
+            data_dir: Some(dir.path().join("other-image")),
+            ..Config::default()
+        };
+        assert_eq!(
+            pinned_server_key(&unenrolled, &store).unwrap().to_bytes(),
+            *key.as_ref()
+        );
     }
 
     #[test]

@@ -201,7 +201,11 @@ pub async fn run(
 
     let heartbeat_every = Duration::from_secs(config.heartbeat_interval_secs.max(1).into());
     let mut guard = ReplayGuard::new(i64::from(config.replay_window_secs) * 1000);
-    let seq_file = config.data_dir.join(SERVER_SEQ_FILE);
+    let data_dir = config
+        .data_dir
+        .clone()
+        .context("the machine's store must be located before the link starts")?;
+    let seq_file = data_dir.join(SERVER_SEQ_FILE);
     if let Some(seq) = read_seq(&seq_file) {
         guard.restore(SenderId::server(), seq);
     }
@@ -213,7 +217,7 @@ pub async fn run(
         server_key,
         guard,
         seq_file,
-        data_dir: config.data_dir.clone(),
+        data_dir,
         server_host: host,
         server_port: port,
         commands,
@@ -659,10 +663,7 @@ fn read_seq(path: &Path) -> Option<u64> {
 
 /// Best effort: losing it only shortens replay protection across a restart to the window.
 fn write_seq(path: &Path, seq: u64) {
-    let tmp = path.with_extension("seq.tmp");
-    if let Err(e) =
-        std::fs::write(&tmp, format!("{seq}\n")).and_then(|()| std::fs::rename(&tmp, path))
-    {
+    if let Err(e) = boottorrent_swarm::storage::write_durably(path, format!("{seq}\n").as_bytes()) {
         tracing::debug!(file = %path.display(), error = %e, "could not save the last server seq");
     }
 }

@@ -3,7 +3,8 @@
 //! `run` connects to the BootTorrent server over MQTT ([`link`]), announces the machine
 //! ([`inventory`]), verifies the server's commands with the pinned key ([`identity`]),
 //! downloads and seeds the images assigned to it ([`downloads`]), runs the boot backend
-//! ([`boot`]) and reports back. `enroll` pins the server key, `identity` prints the machine's
+//! ([`boot`]) and reports back. What must outlive the image the machine runs is in the
+//! machine's store ([`store`]). `enroll` pins the server key, `identity` prints the machine's
 //! key, `config` prints the configuration ([`config`]), `service` registers the Windows service.
 //!
 //! `run`'s tasks (the MQTT session and its event loop, the command handler, the swarm engine,
@@ -31,6 +32,7 @@ mod inventory;
 mod link;
 mod passkey;
 mod service;
+mod store;
 mod tasks;
 
 use config::{Config, Overrides};
@@ -137,7 +139,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Identity { key_file, settings } => {
             let key_file = match key_file {
                 Some(file) => file,
-                None => Config::load(&settings)?.key_file(),
+                None => store::Store::locate(&Config::load(&settings)?)?.key_file(),
             };
             let key = identity::load_or_create_key(&key_file)?;
             println!("{}", hex::encode(key.verifying_key().to_bytes()));
@@ -185,7 +187,7 @@ fn enroll(config: &Config, replace: bool) -> anyhow::Result<()> {
     let url = config.http_url()?;
     let runtime = runtime()?;
     let key = runtime.block_on(identity::fetch_server_key(&url))?;
-    let path = config.server_key_file();
+    let path = config.pin_file();
     let fingerprint = identity::fingerprint(&key);
     match identity::read_server_key_file(&path)? {
         Some(old) if old == key => {
@@ -209,17 +211,23 @@ fn enroll(config: &Config, replace: bool) -> anyhow::Result<()> {
 }
 
 /// Runs the agent until `stop` resolves (a signal, or the Windows service being stopped).
-fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> anyhow::Result<()> {
-    let identity = identity::Identity::load(&config)?;
-    // Checked here so that a missing setting stops start-up instead of a retry loop.
+fn run_agent(
+    mut config: Config,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> anyhow::Result<()> {
+    // Checked first so that a missing setting stops start-up instead of a retry loop.
     config.server()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let store = store::Store::locate(&config)?;
+    let identity = identity::Identity::load(&config, &store)?;
+    // From here on the configuration names the store and the machine it found.
+    config.data_dir = Some(store.dir().to_owned());
+    config.machine_id = Some(store.machine().clone());
+    let data_dir = store.dir().to_owned();
     tracing::info!(
         machine = %identity.machine,
         // What the operator compares before `boottorrent machines approve`.
         key = %identity::fingerprint(&identity.key.verifying_key().to_bytes().into()),
-        data_dir = %config.data_dir.display(),
+        store = %data_dir.display(),
         server_key = %identity::fingerprint(&identity.server_key.to_bytes().into()),
         "starting boottorrent-agent {}",
         env!("CARGO_PKG_VERSION")
@@ -240,7 +248,7 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
                 listen: config.bt_listen,
                 download_limit_bps: config.download_limit_bps,
                 upload_limit_bps: config.upload_limit_bps,
-                state_dir: Some(config.data_dir.join("resume")),
+                state_dir: Some(data_dir.join("resume")),
                 // Serve only peers the tracker has in the swarm: not any host that dials us.
                 admission: Some(passkey.admission()),
                 ..boottorrent_swarm::session::SessionConfig::default()
@@ -259,7 +267,7 @@ fn run_agent(config: Config, stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> 
         });
         let downloads = downloads::Downloads::start(
             swarm,
-            config.data_dir.clone(),
+            data_dir,
             config.http_url()?,
             passkey,
             backend,

@@ -186,28 +186,10 @@ pub enum StorageError {
         /// Hashes given.
         hashes: usize,
     },
-    /// Writing the temporary resume record.
+    /// Writing the resume record (see [`write_durably`]).
     #[error("writing resume record {}: {source}", .path.display())]
     WriteResume {
-        /// The temporary file.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// Moving the finished resume record into place.
-    #[error("renaming resume record {} to {}: {source}", .from.display(), .to.display())]
-    RenameResume {
-        /// The temporary file.
-        from: PathBuf,
         /// The resume path.
-        to: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
-    /// `fsync` of the directory holding the resume record, which makes the rename durable.
-    #[error("syncing directory {}: {source}", .path.display())]
-    SyncDir {
-        /// The directory.
         path: PathBuf,
         /// The cause.
         source: io::Error,
@@ -709,9 +691,8 @@ fn hash_piece(
 /// mtime, so the next [`check_existing`] can skip the re-hash.
 ///
 /// Call [`Storage::sync`] first: the record must never claim a piece whose bytes a crash
-/// could still lose. The record is written to a temporary file next to `resume_path`,
-/// synced and renamed into place, and the directory is synced, so a crash leaves either the
-/// old record or the new one. Saves to the same `resume_path` must not run concurrently.
+/// could still lose. The record is written with [`write_durably`], so a crash leaves either
+/// the old record or the new one. Saves to the same `resume_path` must not run concurrently.
 pub fn save_resume(
     resume_path: &Path,
     info_hash: InfoHash,
@@ -731,33 +712,38 @@ pub fn save_resume(
     let bytes = record.encode();
 
     create_parent(resume_path)?;
-    let mut tmp_name = resume_path.as_os_str().to_owned();
+    write_durably(resume_path, &bytes).map_err(|source| StorageError::WriteResume {
+        path: resume_path.to_owned(),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` so that a crash or a power cut leaves either the old file or the
+/// new one, whole: a temporary file beside it (`<name>.tmp`), synced, then
+/// [`rename_durably`] over it. Creates the parent directory. Writes to the same `path` must
+/// not run concurrently. The agent keeps all its small state files this way.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let write_error = |source| StorageError::WriteResume {
-        path: tmp.clone(),
-        source,
-    };
-    let mut file = File::create(&tmp).map_err(write_error)?;
-    file.write_all(&bytes).map_err(write_error)?;
-    file.sync_all().map_err(|source| StorageError::Sync {
-        path: tmp.clone(),
-        source,
-    })?;
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
     drop(file);
-    std::fs::rename(&tmp, resume_path).map_err(|source| StorageError::RenameResume {
-        from: tmp.clone(),
-        to: resume_path.to_owned(),
-        source,
-    })?;
+    rename_durably(&tmp, path)
+}
 
-    let dir = parent_dir(resume_path);
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| StorageError::SyncDir {
-            path: dir.to_owned(),
-            source,
-        })
+/// Renames `from` over `to` and returns once the rename itself is on disk, not only the
+/// bytes of `from`.
+///
+/// On Unix that takes an `fsync` of the directory. Windows refuses to open a directory as a
+/// file ("Access denied", os error 5), so there the move is asked to write through instead
+/// (`MoveFileExW` with `MOVEFILE_WRITE_THROUGH`), which returns once NTFS has it on disk.
+pub fn rename_durably(from: &Path, to: &Path) -> io::Result<()> {
+    platform::rename_durably(from, to)
 }
 
 /// A saved claim that the file, as it was at `mtime_ns` with `file_len` bytes, held `have`.
@@ -910,6 +896,40 @@ mod platform {
     pub fn mtime_ns(meta: &Metadata) -> i128 {
         use std::os::unix::fs::MetadataExt;
         i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+    }
+
+    #[cfg(unix)]
+    pub fn rename_durably(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+        std::fs::rename(from, to)?;
+        File::open(super::parent_dir(to))?.sync_all()
+    }
+
+    #[cfg(windows)]
+    pub fn rename_durably(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+        use std::os::windows::ffi::OsStrExt;
+        use windows_sys::Win32::Storage::FileSystem::{
+            MOVEFILE_REPLACE_EXISTING, MOVEFILE_WRITE_THROUGH, MoveFileExW,
+        };
+        let wide = |p: &std::path::Path| -> Vec<u16> {
+            p.as_os_str()
+                .encode_wide()
+                .chain(std::iter::once(0))
+                .collect()
+        };
+        let (from, to) = (wide(from), wide(to));
+        // SAFETY: both are NUL-terminated UTF-16 strings that outlive the call.
+        let ok = unsafe {
+            MoveFileExW(
+                from.as_ptr(),
+                to.as_ptr(),
+                MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH,
+            )
+        };
+        if ok == 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     #[cfg(windows)]
