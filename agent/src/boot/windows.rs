@@ -143,9 +143,29 @@ pub struct Survey {
 
 /// Runs the queries and reads their answers. An error names the query and why; nothing has
 /// been changed then.
-pub async fn survey(bcdedit: &mut impl Bcdedit) -> Result<Survey, String> {
+///
+/// `ours` is the entry the operation is about, if the record names one. A GUID in the store's
+/// listing may be a reference left behind by a tool that deleted the entry without cleaning
+/// up (`bcdedit /delete /nocleanup`); re-pointing such an entry would fail at every
+/// deployment. So that entry is also shown on its own: it exists only when `/enum {id}`
+/// shows it. A failure of that query counts as "gone": at worst the entry is copied anew and
+/// the old one, no longer recorded, is left alone.
+pub async fn survey(bcdedit: &mut impl Bcdedit, ours: Option<&EntryId>) -> Result<Survey, String> {
     let all = bcdedit.run(&Step::bcdedit(&["/enum", "all", "/v"])).await?;
-    let existing = bcd::parse_store(&all)?;
+    let mut existing = bcd::parse_store(&all)?;
+    if let Some(id) = ours.filter(|id| existing.contains(*id)) {
+        let shown = bcdedit
+            .run(&Step::bcdedit(&["/enum", id.as_str(), "/v"]))
+            .await;
+        if shown
+            .ok()
+            .and_then(|out| bcd::parse_identifier(&out))
+            .as_ref()
+            != Some(id)
+        {
+            existing.remove(id);
+        }
+    }
     let bootmgr = bcdedit
         .run(&Step::bcdedit(&["/enum", "{bootmgr}", "/v"]))
         .await?;
@@ -455,7 +475,8 @@ pub async fn boot_with(
     }
     let loaded = file.load();
     let mut notes: Vec<String> = loaded.problem.into_iter().collect();
-    let survey = match survey(bcdedit).await {
+    let ours = loaded.record.images.get(&req.image_id).map(|o| &o.entry);
+    let survey = match survey(bcdedit, ours).await {
         Ok(survey) => survey,
         Err(e) => {
             notes.push(format!("{e}; boot entries unchanged"));
@@ -523,7 +544,8 @@ pub async fn remove_with(
             )),
         );
     }
-    let survey = match survey(bcdedit).await {
+    let ours = loaded.record.images.get(image_id).map(|o| &o.entry);
+    let survey = match survey(bcdedit, ours).await {
         Ok(survey) => survey,
         Err(e) => {
             notes.push(format!("{e}; boot entries unchanged"));
@@ -1137,6 +1159,41 @@ mod tests {
         assert_eq!(m.bcd.default.as_ref(), Some(&second));
         // Deleting the default left the boot manager without one: the copy replaced none.
         assert_eq!(m.record().images["a"].previous_default, None);
+    }
+
+    #[tokio::test]
+    async fn an_entry_left_only_as_a_reference_is_made_again() {
+        let mut m = Machine::new();
+        assert!(m.boot("a", AfterDownload::SetBoot).await.ok);
+        let first = m.entry_of("a");
+        // Deleted by a tool that left it in the display order.
+        m.bcd
+            .answer(&Step::bcdedit(&["/delete", first.as_str()]))
+            .unwrap();
+        m.bcd.display_order.push(first.clone());
+        m.changes();
+        let outcome = m.boot("a", AfterDownload::Reboot).await;
+        assert!(outcome.ok, "{outcome:?}");
+        assert!(outcome.message.contains("no longer exists"), "{outcome:?}");
+        let steps = m.changes();
+        assert!(steps[0].contains("/copy"), "{steps:?}");
+        assert!(
+            !steps.iter().any(|s| s.contains(first.as_str())),
+            "{steps:?}"
+        );
+        assert_ne!(m.entry_of("a"), first);
+        // Removal the same: nothing to delete, the record forgets it.
+        let second = m.entry_of("a");
+        m.bcd
+            .answer(&Step::bcdedit(&["/delete", second.as_str()]))
+            .unwrap();
+        m.bcd.display_order.push(second.clone());
+        m.changes();
+        let outcome = m.remove("a").await;
+        assert!(outcome.ok, "{outcome:?}");
+        assert!(outcome.message.contains("no longer exists"), "{outcome:?}");
+        assert_eq!(m.changes(), Vec::<String>::new());
+        assert_eq!(m.record(), Record::default());
     }
 
     /// Runs the model and, before each step, lets the test look at the machine.
