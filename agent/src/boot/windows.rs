@@ -479,10 +479,11 @@ pub async fn boot_with(
     let survey = match survey(bcdedit, ours).await {
         Ok(survey) => survey,
         Err(e) => {
-            notes.push(format!("{e}; boot entries unchanged"));
             return noted(
                 &notes,
-                BootOutcome::failed("reading the boot configuration failed"),
+                BootOutcome::failed(format!(
+                    "reading the boot configuration failed: {e}; boot entries unchanged"
+                )),
             );
         }
     };
@@ -548,10 +549,11 @@ pub async fn remove_with(
     let survey = match survey(bcdedit, ours).await {
         Ok(survey) => survey,
         Err(e) => {
-            notes.push(format!("{e}; boot entries unchanged"));
             return noted(
                 &notes,
-                BootOutcome::failed("reading the boot configuration failed"),
+                BootOutcome::failed(format!(
+                    "reading the boot configuration failed: {e}; boot entries unchanged"
+                )),
             );
         }
     };
