@@ -236,7 +236,7 @@ fn run_agent(
     let backend = boot::Backend::from_config(
         config.boot_backend,
         config.boot_command.as_deref(),
-        &config.data_dir,
+        &data_dir,
     )?;
     runtime()?.block_on(async move {
         let tasks = tasks::Tasks::new();

@@ -1,9 +1,10 @@
-//! The boot entries the agent made, kept in `<data dir>/boot-entries.json`.
+//! The boot entries the agent made, kept in `boot-entries.json` in the
+//! agent's data dir (the machine's store, which every image it boots finds again).
 //!
 //! The record is what makes an entry ours: the `windows` backend changes or deletes only the
 //! entries named here (and sets the boot manager's default back to the one it replaced). It
-//! is rewritten atomically (a temporary file, synced, then renamed over the old one), so a
-//! power cut leaves the old record or the new one. A record that cannot be read is logged,
+//! is rewritten atomically (`swarm::storage::write_durably`: a temporary file, synced, then
+//! renamed over the old one), so a power cut leaves the old record or the new one. A record that cannot be read is logged,
 //! moved aside for the operator and treated as empty: the agent then owns nothing and touches
 //! nothing but what it makes afresh, which is safe, where guessing would not be.
 
@@ -119,18 +120,12 @@ impl RecordFile {
         }
     }
 
-    /// Writes the record atomically. The error says which file and why.
+    /// Writes the record atomically, as the agent writes all its small state files. The
+    /// error says which file and why.
     pub fn save(&self, record: &Record) -> Result<(), String> {
-        let tmp = self.path.with_extension("json.tmp");
         let result = serde_json::to_vec_pretty(record)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &self.path)
-            });
+            .and_then(|bytes| boottorrent_swarm::storage::write_durably(&self.path, &bytes));
         result.map_err(|e| {
             format!(
                 "saving the record of our boot entries {} failed: {e}",
@@ -210,7 +205,10 @@ mod tests {
     #[test]
     fn an_unwritable_record_says_where() {
         let dir = tempfile::tempdir().unwrap();
-        let file = RecordFile::in_dir(&dir.path().join("missing"));
+        // A data dir that is a file cannot hold the record.
+        let not_a_dir = dir.path().join("data");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let file = RecordFile::in_dir(&not_a_dir);
         let e = file.save(&sample()).unwrap_err();
         assert!(e.contains("boot-entries.json"), "{e}");
     }
