@@ -228,6 +228,7 @@ impl Downloads {
         if let Some((_, token)) = self.lock_downloading().remove(&unassignment.image) {
             token.cancel();
         }
+        boot::forget(&self.boot, unassignment.image.as_str()).await;
         let held = self.lock_held().remove(&unassignment.image);
         self.persist();
         let handle = self

@@ -233,7 +233,11 @@ fn run_agent(
         env!("CARGO_PKG_VERSION")
     );
     // Made before anything starts: a bad setting stops start-up with nothing to undo.
-    let backend = boot::Backend::from_config(config.boot_backend, config.boot_command.as_deref())?;
+    let backend = boot::Backend::from_config(
+        config.boot_backend,
+        config.boot_command.as_deref(),
+        &data_dir,
+    )?;
     runtime()?.block_on(async move {
         let tasks = tasks::Tasks::new();
         let (commands_tx, mut commands_rx) = mpsc::channel::<boottorrent_proto::Command>(64);
