@@ -5,7 +5,6 @@ use clap::Parser;
 mod api;
 mod cli;
 mod server;
-mod vhdx;
 
 use cli::args::{Cli, Command};
 use cli::{deploy, images, machines, status, torrent};

@@ -11,7 +11,7 @@ use boottorrent_tracker::create::{CreateOptions, create};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::cli::args::{TorrentCommand, TorrentCreateArgs};
-use crate::vhdx;
+use boottorrent_vhdx as vhdx;
 
 /// Where torrents point when neither --announce nor a public URL is given: a server on this
 /// machine with its default HTTP port.

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::ImageStatus;
 use crate::server::passkey::{Passkeys, SEEDER};
 use crate::server::store::{ImageRecord, ImageState, Store, StoreError};
-use crate::vhdx;
+use boottorrent_vhdx as vhdx;
 
 /// Why a catalog operation failed; the HTTP layer maps each to a status.
 #[derive(Debug, thiserror::Error)]

@@ -20,28 +20,29 @@
 //! when it attaches the disk.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
+use crate::guid::Guid;
 
-const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
+pub(crate) const KIB: u64 = 1024;
+pub(crate) const MIB: u64 = 1024 * KIB;
+
+pub(crate) const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
 /// Bytes of a header covered by its checksum.
-const HEADER_LEN: usize = 4 * KIB as usize;
-const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
+pub(crate) const HEADER_LEN: usize = 4 * KIB as usize;
+pub(crate) const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
 /// Bytes of a region table covered by its checksum.
-const REGION_TABLE_LEN: usize = 64 * KIB as usize;
+pub(crate) const REGION_TABLE_LEN: usize = 64 * KIB as usize;
 /// Bytes at the start of the metadata region holding its table.
-const METADATA_TABLE_LEN: usize = 64 * KIB as usize;
+pub(crate) const METADATA_TABLE_LEN: usize = 64 * KIB as usize;
 /// Both the region table and the metadata table allow at most this many entries.
-const MAX_ENTRIES: u32 = 2047;
+pub(crate) const MAX_ENTRIES: u32 = 2047;
 /// Largest virtual disk the format allows (64 TiB).
 const MAX_VIRTUAL_SIZE: u64 = 64 * 1024 * 1024 * MIB;
 
 /// A GUID as stored on disk: the first three fields little-endian, the last eight bytes as is.
 /// Written field by field so each constant reads exactly as the specification prints it.
-const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
+pub(crate) const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
     let a = d1.to_le_bytes();
     let b = d2.to_le_bytes();
     let c = d3.to_le_bytes();
@@ -51,49 +52,49 @@ const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
     ]
 }
 
-const BAT_REGION: [u8; 16] = guid(
+pub(crate) const BAT_REGION: [u8; 16] = guid(
     0x2DC2_7766,
     0xF623,
     0x4200,
     [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
 );
-const METADATA_REGION: [u8; 16] = guid(
+pub(crate) const METADATA_REGION: [u8; 16] = guid(
     0x8B7C_A206,
     0x4790,
     0x4B9A,
     [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
 );
-const FILE_PARAMETERS: [u8; 16] = guid(
+pub(crate) const FILE_PARAMETERS: [u8; 16] = guid(
     0xCAA1_6737,
     0xFA36,
     0x4D43,
     [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
 );
-const VIRTUAL_DISK_SIZE: [u8; 16] = guid(
+pub(crate) const VIRTUAL_DISK_SIZE: [u8; 16] = guid(
     0x2FA5_4224,
     0xCD1B,
     0x4876,
     [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
 );
-const PAGE_83_DATA: [u8; 16] = guid(
+pub(crate) const PAGE_83_DATA: [u8; 16] = guid(
     0xBECA_12AB,
     0xB2E6,
     0x4523,
     [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
 );
-const LOGICAL_SECTOR_SIZE: [u8; 16] = guid(
+pub(crate) const LOGICAL_SECTOR_SIZE: [u8; 16] = guid(
     0x8141_BF1D,
     0xA96F,
     0x4709,
     [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
 );
-const PHYSICAL_SECTOR_SIZE: [u8; 16] = guid(
+pub(crate) const PHYSICAL_SECTOR_SIZE: [u8; 16] = guid(
     0xCDA3_48C7,
     0x445D,
     0x4471,
     [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
 );
-const PARENT_LOCATOR: [u8; 16] = guid(
+pub(crate) const PARENT_LOCATOR: [u8; 16] = guid(
     0xA8D3_5F2D,
     0xB30B,
     0x454D,
@@ -111,6 +112,13 @@ pub struct VhdxInfo {
     pub physical_sector_size: Option<u32>,
     /// Size of the VHDX file itself in bytes.
     pub file_size: u64,
+    /// Block size in bytes (a power of two from 1 MiB to 256 MiB).
+    pub block_size: u32,
+    /// Whether this is a differencing disk, only usable next to its parent.
+    pub has_parent: bool,
+    /// The current header's `DataWriteGuid`: changes whenever the disk's data changes, and is
+    /// what a differencing child's `parent_linkage` names.
+    pub data_write_guid: Guid,
     /// Problems that did not stop validation, such as a damaged header whose copy was good.
     pub warnings: Vec<String>,
 }
@@ -235,10 +243,97 @@ pub enum VhdxError {
         /// What is wrong.
         reason: String,
     },
+    /// A differencing disk's parent locator is malformed, or lacks the parent's linkage.
+    #[error("checking VHDX {}: parent locator check failed: {reason}", path.display())]
+    BadParentLocator {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A differencing disk was expected, and the file is a whole disk.
+    #[error(
+        "checking differencing VHDX {}: differencing check failed: its file parameters do not \
+         say it has a parent; it is a whole disk, not a child",
+        path.display()
+    )]
+    NotDifferencing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A valid child that does not belong to the given parent.
+    #[error(
+        "checking differencing VHDX {} against its parent {}: {check} check failed: {reason}",
+        child.display(),
+        parent.display()
+    )]
+    Linkage {
+        /// The child.
+        child: PathBuf,
+        /// The parent it was checked against.
+        parent: PathBuf,
+        /// The check, such as "parent linkage".
+        check: &'static str,
+        /// What differs, and what to do.
+        reason: String,
+    },
+    /// A valid VHDX that cannot be the parent of a new child.
+    #[error("creating a child of VHDX {}: parent check failed: {reason}", path.display())]
+    UnusableParent {
+        /// The parent.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The child path is already taken.
+    #[error(
+        "creating differencing VHDX {}: the file already exists; an old child is never \
+         overwritten, remove it first",
+        path.display()
+    )]
+    ChildExists {
+        /// The child's path.
+        path: PathBuf,
+    },
+    /// Writing the child failed; nothing is left at its path.
+    #[error("creating differencing VHDX {}: {step}: {cause}", path.display())]
+    Write {
+        /// The child's path.
+        path: PathBuf,
+        /// The step that failed, such as "writing the temporary file".
+        step: &'static str,
+        /// The operating system's reason.
+        cause: std::io::Error,
+    },
+    /// The operating system gave no random numbers for the child's GUIDs.
+    #[error(
+        "creating differencing VHDX {}: no random numbers for its GUIDs from the operating \
+         system: {cause}",
+        path.display()
+    )]
+    Random {
+        /// The child's path.
+        path: PathBuf,
+        /// The generator's reason.
+        cause: getrandom::Error,
+    },
 }
 
 /// Validates the VHDX file at `path` and returns the virtual disk's geometry.
 pub fn inspect(path: &Path) -> Result<VhdxInfo, VhdxError> {
+    examine(path).map(|examined| examined.info)
+}
+
+/// What validation found, with the parts creating and checking children need beyond
+/// [`VhdxInfo`].
+pub(crate) struct Examined {
+    pub(crate) info: VhdxInfo,
+    pub(crate) log_pending: bool,
+    /// The parent locator item's bytes, when the metadata lists one.
+    pub(crate) parent_locator: Option<Vec<u8>>,
+}
+
+pub(crate) fn examine(path: &Path) -> Result<Examined, VhdxError> {
     let open_err = |cause| VhdxError::Open {
         path: path.to_owned(),
         cause,
@@ -289,18 +384,37 @@ pub fn inspect(path: &Path) -> Result<VhdxInfo, VhdxError> {
     let regions = region_table(&disk, &mut warnings)?;
     let metadata = read_metadata(&disk, &regions.metadata)?;
     check_bat(&disk, &regions.bat, &metadata)?;
+    let parent_locator = match metadata.parent_locator {
+        Some((offset, len)) => {
+            let mut item = vec![0u8; len as usize];
+            disk.read(
+                regions.metadata.offset + offset,
+                &mut item,
+                "parent locator",
+            )?;
+            Some(item)
+        }
+        None => None,
+    };
     if metadata.has_parent {
         warnings.push(
             "this is a differencing disk: it is only usable next to its parent image".to_owned(),
         );
     }
 
-    Ok(VhdxInfo {
-        virtual_size: metadata.virtual_size,
-        logical_sector_size: metadata.logical_sector_size,
-        physical_sector_size: metadata.physical_sector_size,
-        file_size,
-        warnings,
+    Ok(Examined {
+        info: VhdxInfo {
+            virtual_size: metadata.virtual_size,
+            logical_sector_size: metadata.logical_sector_size,
+            physical_sector_size: metadata.physical_sector_size,
+            file_size,
+            block_size: metadata.block_size,
+            has_parent: metadata.has_parent,
+            data_write_guid: Guid::from_bytes(header.data_write_guid),
+            warnings,
+        },
+        log_pending: header.log_guid != [0; 16],
+        parent_locator,
     })
 }
 
@@ -313,18 +427,46 @@ struct Disk<'a> {
 
 impl Disk<'_> {
     fn read(&self, offset: u64, buf: &mut [u8], what: &'static str) -> Result<(), VhdxError> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|cause| VhdxError::Read {
-                path: self.path.to_owned(),
-                what,
-                cause,
-            })
+        read_exact_at(&self.file, buf, offset).map_err(|cause| VhdxError::Read {
+            path: self.path.to_owned(),
+            what,
+            cause,
+        })
     }
+}
+
+/// Positioned reads on every platform the agent runs on: Unix has `read_exact_at`; Windows
+/// only `seek_read`, which may return fewer bytes than asked.
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file ends before the structure does",
+                ));
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 struct Header {
     sequence: u64,
+    data_write_guid: [u8; 16],
     log_guid: [u8; 16],
 }
 
@@ -371,6 +513,7 @@ fn parse_header(buf: &mut [u8]) -> Result<Header, String> {
     }
     Ok(Header {
         sequence: le_u64(buf, 8),
+        data_write_guid: buf[32..48].try_into().expect("16 bytes"),
         log_guid: buf[48..64].try_into().expect("16 bytes"),
     })
 }
@@ -522,6 +665,8 @@ struct Metadata {
     virtual_size: u64,
     logical_sector_size: u32,
     physical_sector_size: Option<u32>,
+    /// Where the parent locator item lies (offset within the metadata region, length).
+    parent_locator: Option<(u64, u32)>,
 }
 
 /// Metadata items the format defines. An item marked required that is not one of these makes
@@ -670,18 +815,24 @@ fn read_metadata(disk: &Disk, region: &Region) -> Result<Metadata, VhdxError> {
         ));
     }
 
+    let parent_locator = items
+        .iter()
+        .find(|(g, _, _)| *g == PARENT_LOCATOR)
+        .map(|&(_, offset, len)| (offset, len));
+
     Ok(Metadata {
         block_size,
         has_parent,
         virtual_size,
         logical_sector_size,
         physical_sector_size,
+        parent_locator,
     })
 }
 
 /// BAT entry states meaning "these bytes are in the file": a payload block fully or partially
 /// present, or a sector bitmap block present (which shares the value 6).
-const PAYLOAD_BLOCK_FULLY_PRESENT: u64 = 6;
+pub(crate) const PAYLOAD_BLOCK_FULLY_PRESENT: u64 = 6;
 const PAYLOAD_BLOCK_PARTIALLY_PRESENT: u64 = 7;
 
 /// Every block the BAT says is stored must lie inside the file: a file cut short by an
@@ -719,8 +870,9 @@ fn check_bat(disk: &Disk, region: &Region, meta: &Metadata) -> Result<(), VhdxEr
         let (len, what) = if is_bitmap {
             (MIB, "sector bitmap block")
         } else {
-            // The last payload block holds only what remains of the disk.
-            let len = block_size.min(meta.virtual_size - payload_index * block_size);
+            // The last payload block holds only what remains of the disk; a differencing disk's
+            // BAT fills its last chunk with entries past the end, which cover nothing.
+            let len = block_size.min(meta.virtual_size.saturating_sub(payload_index * block_size));
             payload_index += 1;
             (len, "data block")
         };
@@ -750,7 +902,7 @@ fn check_bat(disk: &Disk, region: &Region, meta: &Metadata) -> Result<(), VhdxEr
 }
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), as VHDX checksums use.
-fn crc32c(bytes: &[u8]) -> u32 {
+pub(crate) fn crc32c(bytes: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut table = [0u32; 256];
         let mut i = 0;
@@ -775,33 +927,26 @@ fn crc32c(bytes: &[u8]) -> u32 {
     })
 }
 
-fn le_u16(buf: &[u8], at: usize) -> u16 {
+pub(crate) fn le_u16(buf: &[u8], at: usize) -> u16 {
     u16::from_le_bytes(buf[at..at + 2].try_into().expect("2 bytes"))
 }
 
-fn le_u32(buf: &[u8], at: usize) -> u32 {
+pub(crate) fn le_u32(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn le_u64(buf: &[u8], at: usize) -> u64 {
+pub(crate) fn le_u64(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Bytes as an escaped, quoted string: readable when they are text, safe when they are not.
-fn show_bytes(bytes: &[u8]) -> String {
+pub(crate) fn show_bytes(bytes: &[u8]) -> String {
     format!("\"{}\"", bytes.escape_ascii())
 }
 
 /// A GUID in the usual textual form.
 fn show_guid(g: &[u8; 16]) -> String {
-    format!(
-        "{:08X}-{:04X}-{:04X}-{}-{}",
-        u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
-        u16::from_le_bytes([g[4], g[5]]),
-        u16::from_le_bytes([g[6], g[7]]),
-        hex::encode_upper(&g[8..10]),
-        hex::encode_upper(&g[10..16]),
-    )
+    Guid::from_bytes(*g).to_string()
 }
 
 #[cfg(test)]
