@@ -424,6 +424,8 @@ impl Deployment {
         self.cancelled_ms = Some(now_ms);
         let done = self.action.final_state();
         for m in self.machines.values_mut() {
+            // Nothing waits for a cancelled deployment's machines to come back.
+            m.rebooted_ms = None;
             if m.state != done {
                 transition(
                     &self.id,
@@ -745,6 +747,10 @@ mod tests {
         let error = d.machines[&pc].error.clone().unwrap();
         assert!(error.contains("did not come back within 1 s"), "{error}");
         assert_eq!(d.rebooting().count(), 0);
+        let mut d = rebooting();
+        d.cancel(20);
+        assert_eq!(d.rebooting().count(), 0);
+        assert!(d.reboot_overdue(&pc, 10, 1010, 1000).is_empty());
     }
 
     #[test]
