@@ -274,6 +274,7 @@ fn an_agent_whose_startup_was_refused_sends_it_again_until_answered() {
             free_disk_bytes: 0,
             images: vec![],
             public_key: boottorrent_proto::PublicKeyBytes::from(signing.verifying_key().to_bytes()),
+            running: None,
         });
         let payload = boottorrent_proto::Envelope::sign(
             &topic,

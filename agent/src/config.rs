@@ -48,6 +48,11 @@ pub struct Config {
     /// Program the `command` backend runs (it gets `BOOTTORRENT_IMAGE_PATH` and friends in its
     /// environment).
     pub boot_command: Option<PathBuf>,
+    /// With the `command` backend: a file inside the running system that holds the id of the
+    /// image it was booted from (one line), written there by the site's boot program or built
+    /// into the image. Read at every start to tell the server which image runs; a missing
+    /// file means none that BootTorrent booted. Unset: the agent reports none.
+    pub running_image_file: Option<PathBuf>,
     /// Download cap in bytes per second; unset for none. The server's
     /// `machine_configuration` may lower it.
     pub download_limit_bps: Option<u64>,
@@ -99,6 +104,7 @@ impl Default for Config {
                 BootBackend::None
             },
             boot_command: None,
+            running_image_file: None,
             download_limit_bps: None,
             upload_limit_bps: None,
             disk_reserve_bytes: 256 << 20,
@@ -125,6 +131,7 @@ impl fmt::Debug for Config {
             .field("bt_listen", &self.bt_listen)
             .field("boot_backend", &self.boot_backend)
             .field("boot_command", &self.boot_command)
+            .field("running_image_file", &self.running_image_file)
             .field("download_limit_bps", &self.download_limit_bps)
             .field("upload_limit_bps", &self.upload_limit_bps)
             .field("disk_reserve_bytes", &self.disk_reserve_bytes)
@@ -182,6 +189,14 @@ pub struct Overrides {
     /// Program the `command` boot backend runs.
     #[arg(long, env = "BOOTTORRENT_AGENT_BOOT_COMMAND", value_name = "PROGRAM")]
     pub boot_command: Option<PathBuf>,
+    /// File in the running system holding the id of the image it was booted from (`command`
+    /// backend).
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_RUNNING_IMAGE_FILE",
+        value_name = "FILE"
+    )]
+    pub running_image_file: Option<PathBuf>,
     /// Download cap, bytes per second.
     #[arg(long, env = "BOOTTORRENT_AGENT_DOWNLOAD_LIMIT_BPS", value_name = "BPS")]
     pub download_limit_bps: Option<u64>,
@@ -262,6 +277,7 @@ impl Config {
             bt_listen,
             boot_backend,
             boot_command,
+            running_image_file,
             download_limit_bps,
             upload_limit_bps,
             disk_reserve_bytes,
@@ -290,6 +306,7 @@ impl Config {
         set(&mut self.bt_listen, bt_listen);
         set(&mut self.boot_backend, boot_backend);
         set_opt(&mut self.boot_command, boot_command);
+        set_opt(&mut self.running_image_file, running_image_file);
         set_opt(&mut self.download_limit_bps, download_limit_bps);
         set_opt(&mut self.upload_limit_bps, upload_limit_bps);
         set(&mut self.disk_reserve_bytes, disk_reserve_bytes);
@@ -406,6 +423,13 @@ boot_backend = "{backend}"
 # Program the "command" backend runs, with BOOTTORRENT_IMAGE_PATH, BOOTTORRENT_IMAGE_ID,
 # BOOTTORRENT_DEPLOYMENT_ID and BOOTTORRENT_ACTION in its environment.
 # boot_command = "/usr/local/sbin/boottorrent-boot"
+# With "command": a file inside the running system holding the id of the image it was booted
+# from, one line. The boot program writes $BOOTTORRENT_IMAGE_ID there in the system it boots
+# (or the image carries it); the agent reads it at every start and tells the server, which
+# marks a `reboot` deployment booted only when the machine comes back running that image.
+# Missing file: running no image BootTorrent booted. (The "windows" backend needs nothing:
+# it reads the boot device of {{current}} from bcdedit.)
+# running_image_file = "/etc/boottorrent/running-image"
 # Download and upload caps, bytes per second (default: none).
 # download_limit_bps = 12500000
 # upload_limit_bps = 12500000

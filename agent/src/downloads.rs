@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::boot::{self, Backend, BootRequest};
 use crate::passkey::Passkey;
+use crate::running;
 use crate::tasks::Tasks;
 
 /// How often a download reports its progress.
@@ -260,6 +261,9 @@ impl Downloads {
             .await;
             return;
         };
+        if let Some(deployment) = &command.deployment {
+            self.record_boot(&command.image, deployment, &held.path);
+        }
         let outcome = boot::run(
             &self.boot,
             &BootRequest {
@@ -277,6 +281,25 @@ impl Downloads {
         .await;
         self.report_boot(command.deployment, command.image, outcome)
             .await;
+    }
+
+    /// Records in the store what is about to be booted, so that the agent starting inside it
+    /// can name the deployment ([`running`]). A record that cannot be written is logged, not
+    /// fatal: the boot still happens, and the server learns of it by the image.
+    fn record_boot(
+        &self,
+        image: &ImageId,
+        deployment: &boottorrent_proto::DeploymentId,
+        path: &Path,
+    ) {
+        match running::record(&self.data_dir, image, deployment, path) {
+            Ok(()) => {
+                tracing::info!(%image, %deployment, path = %path.display(), "recorded the boot in the store")
+            }
+            Err(e) => {
+                tracing::warn!(%image, %deployment, "{e:#}; the agent in the booted system will not know the deployment")
+            }
+        }
     }
 
     /// Sends the `boot` event of a backend run, and an `error` event when it failed.
@@ -519,6 +542,7 @@ impl Downloads {
         }))
         .await;
         if run_boot {
+            self.record_boot(&assignment.image, &assignment.deployment, &path);
             let outcome = boot::run(
                 &self.boot,
                 &BootRequest {

@@ -31,9 +31,9 @@ use anyhow::{Context, bail};
 use boottorrent_proto::{
     Command, Encoding, Event, EventKind, GLOBAL_COMMANDS_FILTER, Heartbeat, HeldImage,
     MAX_PAYLOAD_BYTES, MachineConfiguration, MachineId, Presence, PublicKeyBytes, ReplayGuard,
-    Scope, Secret, SenderId, Shutdown, SigningKey, Startup, Status, Topic, VerifyingKey, ZoneId,
-    decode_command, event_topic, login_password, machine_commands_filter, now_ms,
-    zone_commands_filter,
+    RunningImage, Scope, Secret, SenderId, Shutdown, SigningKey, Startup, Status, Topic,
+    VerifyingKey, ZoneId, decode_command, event_topic, login_password, machine_commands_filter,
+    now_ms, zone_commands_filter,
 };
 use rumqttc::{
     AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
@@ -65,6 +65,13 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(3);
 /// File in the data dir holding the last accepted server seq, so that a command captured
 /// before an agent restart cannot be replayed after it.
 const SERVER_SEQ_FILE: &str = "server.seq";
+
+/// Startups carrying `running` the server may leave unanswered on one connection before the
+/// agent sends them without it: a server older than the field refuses such a startup (its
+/// signature check re-encodes what it decoded), and a machine it never answers would never get
+/// past startup. A current server answers the first one unless it is refusing the machine
+/// for other reasons, which a few tries ride out.
+const RUNNING_TRIES: u32 = 3;
 
 /// What the driver tells the session.
 #[derive(Debug)]
@@ -132,12 +139,14 @@ impl Signer {
 ///
 /// Returns an error only for what retrying cannot fix: no server or enrollment token
 /// configured, an unreadable CA file. Broker outages are retried forever.
+#[allow(clippy::too_many_arguments)] // one call site, in `main`
 pub async fn run(
     config: Config,
     identity: Identity,
     commands: mpsc::Sender<Command>,
     mut events: mpsc::Receiver<Event>,
     held: HeldFn,
+    running: Option<RunningImage>,
     tasks: Tasks,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -227,6 +236,8 @@ pub async fn run(
         heartbeat_every,
         connected: false,
         answered: false,
+        running,
+        running_tries: 0,
         started: Instant::now(),
         tasks,
         shutdown: shutdown.clone(),
@@ -319,6 +330,10 @@ struct Session {
     /// have refused it (too many new machines at once, waiting for approval) or its answer
     /// was lost (commands travel at QoS 0).
     answered: bool,
+    /// The image this machine runs, told in every `startup` ([`crate::running`]).
+    running: Option<RunningImage>,
+    /// Startups carrying `running` sent on this connection; see [`RUNNING_TRIES`].
+    running_tries: u32,
     started: Instant,
 }
 
@@ -328,6 +343,7 @@ impl Session {
     fn on_connected(&mut self) {
         self.connected = true;
         self.answered = false;
+        self.running_tries = 0;
         tracing::info!(machine = %self.machine, "connected to the broker");
         let mut filters = vec![
             GLOBAL_COMMANDS_FILTER.to_owned(),
@@ -346,7 +362,7 @@ impl Session {
         }));
     }
 
-    fn startup(&self) -> Startup {
+    fn startup(&mut self) -> Startup {
         let inventory = inventory::collect(
             &self.data_dir,
             Some((self.server_host.as_str(), self.server_port)),
@@ -360,7 +376,28 @@ impl Session {
             free_disk_bytes: inventory.free_disk_bytes,
             images: (self.held)(),
             public_key: self.public_key,
+            running: self.running_for_startup(),
         }
+    }
+
+    /// `running` for the next startup, left out once [`RUNNING_TRIES`] startups carrying it
+    /// went unanswered on this connection.
+    fn running_for_startup(&mut self) -> Option<RunningImage> {
+        let running = self.running.clone()?;
+        if self.running_tries >= RUNNING_TRIES {
+            if self.running_tries == RUNNING_TRIES {
+                self.running_tries += 1;
+                tracing::warn!(
+                    image = %running.image,
+                    "the server answered none of {RUNNING_TRIES} startups saying which image runs; \
+                     sending them without it (a server older than this agent refuses the field: \
+                     upgrade it, and reboot deployments will see this machine come back)"
+                );
+            }
+            return None;
+        }
+        self.running_tries += 1;
+        Some(running)
     }
 
     fn heartbeat(&mut self) {
@@ -726,10 +763,26 @@ mod tests {
             heartbeat_every: Duration::from_secs(10),
             connected: false,
             answered: false,
+            running: None,
+            running_tries: 0,
             started: Instant::now(),
             tasks: Tasks::new(),
             shutdown: CancellationToken::new(),
         };
+        // `running` goes out in the first startups of a connection only, then is left out
+        // for a server that does not answer them (an older one refuses the field).
+        session.running = Some(RunningImage {
+            image: "img".parse().unwrap(),
+            deployment: None,
+        });
+        let tries: Vec<bool> = (0..RUNNING_TRIES + 2)
+            .map(|_| session.startup().running.is_some())
+            .collect();
+        assert_eq!(tries.iter().filter(|r| **r).count() as u32, RUNNING_TRIES);
+        assert!(tries[0] && !tries[tries.len() - 1]);
+        session.running_tries = 0; // as `on_connected` does
+        assert!(session.startup().running.is_some());
+
         let mut seq = 1000;
         let mut sign = |topic: &str, body: Command, key: &SigningKey| {
             seq += 1;

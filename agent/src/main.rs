@@ -31,6 +31,7 @@ mod identity;
 mod inventory;
 mod link;
 mod passkey;
+mod running;
 mod service;
 mod store;
 mod tasks;
@@ -239,6 +240,9 @@ fn run_agent(
         &data_dir,
     )?;
     runtime()?.block_on(async move {
+        // What runs changes only with a restart: found once, told in every startup.
+        let running =
+            running::determine(&backend, config.running_image_file.as_deref(), &data_dir).await;
         let tasks = tasks::Tasks::new();
         let (commands_tx, mut commands_rx) = mpsc::channel::<boottorrent_proto::Command>(64);
         let (events_tx, events_rx) = mpsc::channel(256);
@@ -314,6 +318,7 @@ fn run_agent(
                 commands_tx,
                 events_rx,
                 held,
+                running,
                 tasks.clone(),
                 tasks.token(),
             ),

@@ -208,11 +208,20 @@ function renderMachines() {
   fillTable("machines-table", machines.map((m) => el("tr", { "data-machine": m.id, "data-online": m.online },
     el("td", {}, m.id, m.hostname && m.hostname !== m.id ? el("small", {}, " " + m.hostname) : null),
     el("td", {}, el("span", { class: m.online ? "online" : "offline" }, m.online ? "online" : "offline")),
+    runningCell(m.running),
     el("td", {}, m.zones.join(", ") || "–"),
     el("td", {}, m.images.length ? m.images.map(heldView) : "–"),
     el("td", { title: m.last_seen }, ago(Date.parse(m.last_seen))),
     el("td", {}, m.agent_version || "–"),
-    keyCell(m))), 7, "No machine has registered yet.");
+    keyCell(m))), 8, "No machine has registered yet.");
+}
+
+// What a machine runs, by its agent's last startup: an image BootTorrent booted (with the
+// deployment that booted it), or "–" for anything else (its installed system).
+function runningCell(running) {
+  if (!running) return el("td", { class: "running", title: "no image BootTorrent booted" }, "–");
+  return el("td", { class: "running", "data-image": running.image },
+    imageName(running.image), running.deployment ? el("small", {}, " " + running.deployment) : null);
 }
 
 // The key state with the fingerprint an operator compares with what the agent printed, and
@@ -282,6 +291,7 @@ function machineProgressRow(m) {
   return el("tr", { "data-machine": m.id, "data-state": m.state },
     el("td", {}, m.id),
     el("td", {}, el("span", { class: "state", "data-state": m.state }, m.state)),
+    runningCell(m.running),
     el("td", {}, bar(m.bytes_done, m.bytes_total)),
     el("td", {}, `${bytes(m.bytes_done)} / ${bytes(m.bytes_total)}`),
     el("td", {}, moving ? rate(m.download_bps) : "–"),
@@ -305,7 +315,7 @@ function deploymentView(d, open) {
       el("small", { class: "mono" }, d.id), " ",
       d.state === "running" ? el("button", { type: "button", "data-cancel": d.id }, "Cancel") : null),
     el("table", { class: "dep-machines" },
-      el("thead", {}, el("tr", {}, ["machine", "state", "progress", "bytes", "rate", "ETA", "peers", "error"]
+      el("thead", {}, el("tr", {}, ["machine", "state", "running", "progress", "bytes", "rate", "ETA", "peers", "error"]
         .map((h) => el("th", {}, h)))),
       el("tbody", {}, d.machines.map(machineProgressRow))));
 }

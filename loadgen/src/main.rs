@@ -115,6 +115,7 @@ impl Machine {
             free_disk_bytes: 1 << 40,
             images: vec![],
             public_key,
+            running: None,
         }))
     }
 

@@ -245,6 +245,29 @@ pub struct Startup {
     pub images: Vec<HeldImage>,
     /// The machine's Ed25519 public key, which the operator approves on first contact.
     pub public_key: PublicKeyBytes,
+    /// The image the machine runs now, when it runs one that BootTorrent booted; `None`
+    /// when it runs anything else (its installed system) or the agent cannot tell.
+    ///
+    /// Left out of the encoding when `None`, and `None` when absent, so both directions of a
+    /// mixed fleet keep working as far as they can: a new server takes an old agent's startup
+    /// (no field: runs nothing known), and a new agent that runs no booted image sends the
+    /// very bytes an old agent sends, which an old server takes. An old server refuses a
+    /// startup that carries the field: the signature covers a re-encoding of what was
+    /// decoded, so no reader can skip a field it does not know. Upgrade the server first;
+    /// the agent also leaves the field out after the server ignored it three times
+    /// (see the agent's `link` module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<RunningImage>,
+}
+
+/// Which image a machine runs, as its agent determined it from inside that image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningImage {
+    /// The image.
+    pub image: ImageId,
+    /// The deployment that booted it, when the agent recorded one.
+    pub deployment: Option<DeploymentId>,
 }
 
 /// Event `heartbeat`: the agent is alive; also what it holds, so the server can notice
@@ -587,6 +610,7 @@ mod tests {
             free_disk_bytes: 0,
             images: vec![],
             public_key: Bytes([0; 32]),
+            running: None,
         };
         let json = serde_json::to_value(&startup).unwrap();
         assert_eq!(
@@ -601,6 +625,41 @@ mod tests {
         bad["ips"] = serde_json::json!(["10.0.0.256"]);
         let err = serde_json::from_value::<Startup>(bad).unwrap_err();
         assert!(err.to_string().contains("\"10.0.0.256\""), "{err}");
+    }
+
+    #[test]
+    fn running_is_optional_both_ways() {
+        let mut startup = Startup {
+            agent_version: "0.1.0".into(),
+            hostname: "pc".into(),
+            os: "Linux".into(),
+            ips: vec![],
+            macs: vec![],
+            free_disk_bytes: 0,
+            images: vec![],
+            public_key: Bytes([0; 32]),
+            running: None,
+        };
+        // Nothing running: the encoding an older agent wrote, which an older server reads.
+        let old = serde_json::to_value(&startup).unwrap();
+        assert!(old.get("running").is_none(), "{old}");
+        assert_eq!(serde_json::from_value::<Startup>(old).unwrap(), startup);
+        startup.running = Some(RunningImage {
+            image: "win11".parse().unwrap(),
+            deployment: Some("d-1".parse().unwrap()),
+        });
+        for packed in [
+            rmp_serde::to_vec_named(&startup).unwrap(),
+            serde_json::to_vec(&startup).unwrap(),
+        ] {
+            let back: Startup = crate::codec::decode(&packed).unwrap();
+            assert_eq!(back, startup);
+        }
+        let json = serde_json::to_value(&startup).unwrap();
+        assert_eq!(
+            json["running"],
+            serde_json::json!({"image": "win11", "deployment": "d-1"})
+        );
     }
 
     #[test]

@@ -70,17 +70,21 @@ fn startup() -> impl Strategy<Value = Startup> {
         any::<u64>(),
         held_images(),
         any::<[u8; 32]>(),
+        prop::option::of((image_id(), prop::option::of(deployment_id()))),
     )
         .prop_map(
-            |((agent_version, hostname, os), ips, macs, free_disk_bytes, images, key)| Startup {
-                agent_version,
-                hostname,
-                os,
-                ips,
-                macs,
-                free_disk_bytes,
-                images,
-                public_key: Bytes(key),
+            |((agent_version, hostname, os), ips, macs, free_disk_bytes, images, key, running)| {
+                Startup {
+                    agent_version,
+                    hostname,
+                    os,
+                    ips,
+                    macs,
+                    free_disk_bytes,
+                    images,
+                    public_key: Bytes(key),
+                    running: running.map(|(image, deployment)| RunningImage { image, deployment }),
+                }
             },
         )
 }

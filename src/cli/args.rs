@@ -182,6 +182,10 @@ pub struct ServeArgs {
     /// [default: 300].
     #[arg(long, env = "BOOTTORRENT_STALL_TIMEOUT_SECS", value_name = "SECS")]
     pub stall_timeout_secs: Option<u32>,
+    /// Seconds a machine has to come back running the image after a `reboot` deployment
+    /// restarted it [default: 900].
+    #[arg(long, env = "BOOTTORRENT_REBOOT_TIMEOUT_SECS", value_name = "SECS")]
+    pub reboot_timeout_secs: Option<u32>,
 }
 
 /// How the client commands reach the server.

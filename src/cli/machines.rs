@@ -5,7 +5,7 @@ use anyhow::bail;
 use crate::api::Approve;
 use crate::cli::args::{ClientArgs, MachinesCommand};
 use crate::cli::client::{get, send};
-use crate::cli::view::{LogEntry, Machine, MachineChange, read};
+use crate::cli::view::{LogEntry, Machine, MachineChange, read, running_text};
 
 /// Runs one `machines` subcommand and prints its result.
 pub async fn run(command: MachinesCommand) -> anyhow::Result<()> {
@@ -112,18 +112,19 @@ fn print_table(machines: &[Machine]) {
         return;
     }
     println!(
-        "{:<24} {:<7} {:<11} {:<24} {:<20} {:<6} ZONES",
-        "ID", "ONLINE", "KEY", "LAST SEEN", "HOSTNAME", "IMAGES"
+        "{:<24} {:<7} {:<11} {:<24} {:<20} {:<6} {:<24} ZONES",
+        "ID", "ONLINE", "KEY", "LAST SEEN", "HOSTNAME", "IMAGES", "RUNNING"
     );
     for m in machines {
         println!(
-            "{:<24} {:<7} {:<11} {:<24} {:<20} {:<6} {}",
+            "{:<24} {:<7} {:<11} {:<24} {:<20} {:<6} {:<24} {}",
             m.id,
             if m.online { "yes" } else { "no" },
             m.key_state.to_string(),
             m.last_seen,
             m.hostname,
             m.images.len(),
+            running_text(m.running.as_ref()),
             m.zones.join(",")
         );
     }

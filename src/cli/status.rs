@@ -21,7 +21,7 @@ use crate::cli::text::{
     Align, counts_text, describe, eta_text, machines_text, percent_text, rate_text, table,
     time_text,
 };
-use crate::cli::view::{Deployment, MachineProgress, Transition, Word};
+use crate::cli::view::{Deployment, MachineProgress, Transition, Word, running_text};
 
 /// The server sends a comment every 15 s; this much silence means the connection is dead even
 /// if the socket has not noticed.
@@ -302,6 +302,7 @@ fn snapshot_text(d: &Deployment) -> String {
                 vec![
                     m.id.clone(),
                     m.state.to_string(),
+                    running_text(m.running.as_ref()),
                     bytes(m.bytes_done, m.bytes_total),
                     percent_text(m.bytes_done, m.bytes_total).unwrap_or_else(|| "-".into()),
                     rate_text(m.current_download_bps()),
@@ -311,6 +312,7 @@ fn snapshot_text(d: &Deployment) -> String {
         rows.push(vec![
             "total".into(),
             String::new(),
+            String::new(),
             bytes(d.bytes_done, d.bytes_total),
             percent_text(d.bytes_done, d.bytes_total).unwrap_or_else(|| "-".into()),
             rate_text(d.download_bps),
@@ -319,6 +321,7 @@ fn snapshot_text(d: &Deployment) -> String {
             &[
                 ("MACHINE", Align::Left),
                 ("STATE", Align::Left),
+                ("RUNNING", Align::Left),
                 ("BYTES", Align::Right),
                 ("DONE", Align::Right),
                 ("RATE", Align::Right),

@@ -94,6 +94,29 @@ pub(crate) struct MachineProgress {
     pub error: Option<String>,
     pub updated_ms: i64,
     pub transitions: Vec<Transition>,
+    /// What the machine ran at its last startup.
+    pub running: Option<Running>,
+}
+
+/// The image a machine runs (`running` in the API); `None` where it is shown means none
+/// BootTorrent booted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub(crate) struct Running {
+    pub image: String,
+    pub deployment: Option<String>,
+}
+
+/// "win11 (d-1)", "win11", or "-" for no image BootTorrent booted.
+pub(crate) fn running_text(running: Option<&Running>) -> String {
+    match running {
+        Some(Running {
+            image,
+            deployment: Some(d),
+        }) => format!("{image} ({d})"),
+        Some(r) => r.image.clone(),
+        None => "-".into(),
+    }
 }
 
 /// One state change of one machine.
@@ -169,6 +192,8 @@ pub(crate) struct Machine {
     pub hostname: String,
     pub images: Vec<Value>,
     pub zones: Vec<String>,
+    /// The image it runs now.
+    pub running: Option<Running>,
     /// The fingerprint of the key that waits for approval, if one does.
     pub pending_fingerprint: Option<String>,
 }

@@ -86,6 +86,9 @@ pub struct Config {
     pub announce_interval_secs: u32,
     /// Seconds without progress after which a deploying machine is shown `stalled`.
     pub stall_timeout_secs: u32,
+    /// Seconds a machine has to come back running the image after a `reboot` deployment's
+    /// boot step; then it is `failed` ("did not come back").
+    pub reboot_timeout_secs: u32,
     /// Zones defined in the file (`[[zones]]`); the API can add more and replace these.
     pub zones: Vec<crate::server::zone::ConfigZone>,
 }
@@ -118,6 +121,7 @@ impl Default for Config {
             replay_window_secs: 300,
             announce_interval_secs: 60,
             stall_timeout_secs: 300,
+            reboot_timeout_secs: 900,
             zones: Vec::new(),
         }
     }
@@ -156,6 +160,7 @@ impl fmt::Debug for Config {
             .field("replay_window_secs", &self.replay_window_secs)
             .field("announce_interval_secs", &self.announce_interval_secs)
             .field("stall_timeout_secs", &self.stall_timeout_secs)
+            .field("reboot_timeout_secs", &self.reboot_timeout_secs)
             .field("zones", &self.zones)
             .finish()
     }
@@ -259,6 +264,7 @@ impl Config {
             &args.announce_interval_secs,
         );
         set(&mut self.stall_timeout_secs, &args.stall_timeout_secs);
+        set(&mut self.reboot_timeout_secs, &args.reboot_timeout_secs);
     }
 
     /// Checks what serde cannot: pairs of settings that only make sense together, ranges.
@@ -286,6 +292,13 @@ impl Config {
             bail!(
                 "stall_timeout_secs is {}; use at least 10 seconds (agents report every 1.5 s)",
                 self.stall_timeout_secs
+            );
+        }
+        if self.reboot_timeout_secs < 5 {
+            bail!(
+                "reboot_timeout_secs is {}; use at least 5 seconds (and more than a machine takes \
+                 to restart and start the agent: the default is 900)",
+                self.reboot_timeout_secs
             );
         }
         let mut seen = std::collections::HashSet::new();
@@ -444,6 +457,9 @@ replay_window_secs = 300
 announce_interval_secs = 60
 # Seconds without progress after which a deploying machine is shown as stalled.
 stall_timeout_secs = 300
+# Seconds a machine has to come back running the image after a `reboot` deployment restarted
+# it (its agent's startup says what runs); then it is failed: "did not come back".
+reboot_timeout_secs = 900
 
 # Zones: machines by id and/or by subnet (CIDR). The API (boottorrent zones set ...) can add
 # zones, replace these, and give a zone images every member should hold (--image).

@@ -8,11 +8,21 @@
 //! Per machine: `pending → downloading → verifying → staged`, and for `set_boot` / `reboot` on
 //! `→ booting → booted`; or `failed` with the agent's reason; or `stalled` when no progress
 //! arrived for a while, which new progress undoes. A cancelled deployment accepts nothing.
+//!
+//! What `booted` means depends on the action. For `set_boot` it is the boot entry set: the
+//! agent's boot backend succeeded, and the machine boots the image whenever it next restarts.
+//! For `reboot` it is the machine running the image: the backend's success only starts the
+//! wait (`booting`, with [`MachineProgress::rebooted_ms`] set), and the machine is `booted`
+//! when its agent, started inside the new system, says in its `startup` that it runs the
+//! deployment's image ([`Deployment::on_running`]). One that comes back running anything
+//! else is `failed` naming what it runs; one that does not come back within the reboot
+//! timeout is `failed` too ([`Deployment::reboot_overdue`]).
 
 use std::collections::BTreeMap;
 
 use boottorrent_proto::{
-    ArtifactAssignment, DeploymentId, ImageId, ImageState, InfoHash, MachineId, Sha256,
+    ArtifactAssignment, DeploymentId, ImageId, ImageState, InfoHash, MachineId, RunningImage,
+    Sha256,
 };
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +50,14 @@ pub struct MachineProgress {
     /// When progress last moved (bytes or state): what `stalled` measures from.
     pub updated_ms: i64,
     pub transitions: Vec<Transition>,
+    /// For `reboot`: when the agent reported the reboot under way; set while the deployment
+    /// waits for the machine to come back running the image, `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebooted_ms: Option<i64>,
+    /// What the machine's agent said it runs in its last startup; `None` for no image
+    /// BootTorrent booted (or an agent too old to say).
+    #[serde(default)]
+    pub running: Option<RunningImage>,
 }
 
 /// A transition that just happened, for the live event stream.
@@ -141,6 +159,8 @@ impl Deployment {
                     state: MachineState::Pending,
                     at_ms: now_ms,
                 }],
+                rebooted_ms: None,
+                running: None,
             },
         );
         true
@@ -215,7 +235,8 @@ impl Deployment {
         changes
     }
 
-    /// Applies a `boot` report (the result of the boot action).
+    /// Applies a `boot` report (the result of the boot action). For `reboot`, success means
+    /// the machine is restarting: it stays `booting` until it comes back ([`Self::on_running`]).
     pub fn on_boot(
         &mut self,
         machine: &MachineId,
@@ -223,16 +244,124 @@ impl Deployment {
         message: &str,
         now_ms: i64,
     ) -> Vec<Change> {
+        let reboot = self.action == Action::Reboot;
         let mut changes = Vec::new();
         if let Some((id, m)) = self.live_machine(machine) {
-            let (state, error) = if ok {
-                (MachineState::Booted, None)
-            } else {
-                (MachineState::Failed, Some(format!("boot: {message}")))
+            if matches!(m.state, MachineState::Booted | MachineState::Failed) && reboot {
+                // A repeated report after the machine came back (or was given up on)
+                // changes nothing: what runs decided.
+                return changes;
+            }
+            let (state, error) = match (ok, reboot) {
+                (true, false) => (MachineState::Booted, None),
+                (true, true) => {
+                    m.rebooted_ms = Some(now_ms);
+                    (MachineState::Booting, None)
+                }
+                (false, _) => (MachineState::Failed, Some(format!("boot: {message}"))),
             };
+            if state == MachineState::Booting {
+                // Already booting since it staged: the wait starts now all the same.
+                m.updated_ms = now_ms;
+            }
             transition(id, m, state, error, now_ms, &mut changes);
         }
         changes
+    }
+
+    /// Applies what a machine's `startup` says it runs: remembered for the view, and, for a
+    /// `reboot` deployment waiting for this machine to come back, the verdict: `booted` when
+    /// it runs this deployment's image, `failed` naming what it runs otherwise. Returns the
+    /// transitions and whether anything changed (the record needs writing).
+    pub fn on_running(
+        &mut self,
+        machine: &MachineId,
+        running: Option<&RunningImage>,
+        now_ms: i64,
+    ) -> (Vec<Change>, bool) {
+        let image = self.image.id.clone();
+        let reboot = self.action == Action::Reboot;
+        let mut changes = Vec::new();
+        let Some((id, m)) = self.live_machine(machine) else {
+            return (changes, false);
+        };
+        let mut changed = m.running.as_ref() != running;
+        m.running = running.cloned();
+        let runs_it = running.is_some_and(|r| r.image == image);
+        let booted_for_us = running.is_some_and(|r| r.deployment.as_ref() == Some(id));
+        let waiting = m.rebooted_ms.is_some();
+        if reboot && (waiting || m.state == MachineState::Booting) {
+            if runs_it && (waiting || booted_for_us) {
+                // Also without a boot report (lost, or the machine restarted before it left)
+                // when the agent recorded the boot for this deployment; a machine merely
+                // still running this image from before has not rebooted yet.
+                m.rebooted_ms = None;
+                transition(id, m, MachineState::Booted, None, now_ms, &mut changes);
+                changed = true;
+            } else if waiting {
+                m.rebooted_ms = None;
+                let what = match running {
+                    Some(r) => match &r.deployment {
+                        Some(d) => format!("image {} (of deployment {d})", r.image),
+                        None => format!("image {}", r.image),
+                    },
+                    None => "no image BootTorrent booted (its old system, or an agent that \
+                             cannot tell: see running_image_file)"
+                        .to_owned(),
+                };
+                let error = format!("came back from the reboot running {what}, not image {image}");
+                transition(
+                    id,
+                    m,
+                    MachineState::Failed,
+                    Some(error),
+                    now_ms,
+                    &mut changes,
+                );
+                changed = true;
+            }
+        }
+        (changes, changed)
+    }
+
+    /// Fails a machine still waiting `timeout_ms` after its reboot began; nothing for one that
+    /// came back, or whose reboot began later than `rebooted_ms` (a stale deadline).
+    pub fn reboot_overdue(
+        &mut self,
+        machine: &MachineId,
+        rebooted_ms: i64,
+        now_ms: i64,
+        timeout_ms: i64,
+    ) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if let Some((id, m)) = self.live_machine(machine)
+            && m.rebooted_ms == Some(rebooted_ms)
+            && now_ms - rebooted_ms >= timeout_ms
+        {
+            m.rebooted_ms = None;
+            let error = format!(
+                "did not come back within {} s of the reboot (no startup from the machine \
+                 since; is it on, and does the booted system start the agent?)",
+                timeout_ms / 1000
+            );
+            transition(
+                id,
+                m,
+                MachineState::Failed,
+                Some(error),
+                now_ms,
+                &mut changes,
+            );
+        }
+        changes
+    }
+
+    /// The machines waiting to come back from a reboot, with when the reboot began.
+    pub fn rebooting(&self) -> impl Iterator<Item = (&MachineId, i64)> {
+        self.machines
+            .values()
+            .filter(|_| !self.is_cancelled())
+            .filter_map(|m| Some((&m.id, m.rebooted_ms?)))
     }
 
     /// Applies an `error` report for this deployment.
@@ -260,10 +389,13 @@ impl Deployment {
             return changes;
         }
         for m in self.machines.values_mut() {
-            if matches!(
-                m.state,
-                MachineState::Downloading | MachineState::Verifying | MachineState::Booting
-            ) && now_ms - m.updated_ms > timeout_ms
+            // A machine rebooting is waited for by the reboot timeout instead.
+            if m.rebooted_ms.is_none()
+                && matches!(
+                    m.state,
+                    MachineState::Downloading | MachineState::Verifying | MachineState::Booting
+                )
+                && now_ms - m.updated_ms > timeout_ms
             {
                 let error = Some(format!(
                     "no progress for {} s while {}",
@@ -292,6 +424,8 @@ impl Deployment {
         self.cancelled_ms = Some(now_ms);
         let done = self.action.final_state();
         for m in self.machines.values_mut() {
+            // Nothing waits for a cancelled deployment's machines to come back.
+            m.rebooted_ms = None;
             if m.state != done {
                 transition(
                     &self.id,
@@ -528,6 +662,115 @@ mod tests {
             d.machines[&m("pc-02")].error.as_deref(),
             Some("disk_full: no room")
         );
+    }
+
+    fn runs(image: &str, deployment: Option<&str>) -> RunningImage {
+        RunningImage {
+            image: image.parse().unwrap(),
+            deployment: deployment.map(|d| d.parse().unwrap()),
+        }
+    }
+
+    /// A `reboot` deployment with pc-01 staged and its boot backend done at `t = 10`.
+    fn rebooting() -> Deployment {
+        let mut d = deployment(Action::Reboot);
+        let pc = m("pc-01");
+        assert_eq!(
+            states(&d.on_progress(&pc, &progress(100, ImageState::Staged), 1)),
+            ["staged", "booting"]
+        );
+        assert!(
+            d.on_boot(&pc, true, "rebooting", 10).is_empty(),
+            "still booting: the backend returning is not the machine running it"
+        );
+        assert_eq!(d.machines[&pc].rebooted_ms, Some(10));
+        assert_eq!(d.rebooting().collect::<Vec<_>>(), [(&pc, 10)]);
+        d
+    }
+
+    #[test]
+    fn reboot_is_booted_when_the_machine_runs_the_image() {
+        let mut d = rebooting();
+        let pc = m("pc-01");
+        // Progress and a late boot report from the rebooted agent do not decide anything.
+        d.on_progress(&pc, &progress(100, ImageState::Seeding), 20);
+        assert_eq!(d.machines[&pc].state, MachineState::Booting);
+        let (changes, changed) = d.on_running(&pc, Some(&runs("img", Some("d-1"))), 30);
+        assert_eq!(states(&changes), ["booted"]);
+        assert!(changed);
+        assert_eq!(d.machines[&pc].rebooted_ms, None);
+        assert_eq!(d.machines[&pc].running, Some(runs("img", Some("d-1"))));
+        assert!(d.on_boot(&pc, true, "again", 31).is_empty());
+        // Later startups only update what it runs.
+        let (changes, changed) = d.on_running(&pc, None, 40);
+        assert!(changes.is_empty() && changed);
+        assert_eq!(d.machines[&pc].state, MachineState::Booted);
+        assert!(d.reboot_overdue(&pc, 10, 10_000_000, 1000).is_empty());
+    }
+
+    #[test]
+    fn reboot_into_the_old_system_fails_naming_what_runs() {
+        let mut d = rebooting();
+        let pc = m("pc-01");
+        let (changes, _) = d.on_running(&pc, Some(&runs("old", Some("d-0"))), 30);
+        assert_eq!(states(&changes), ["failed"]);
+        let error = d.machines[&pc].error.clone().unwrap();
+        assert!(
+            error.contains("image old (of deployment d-0)") && error.contains("not image img"),
+            "{error}"
+        );
+        let mut d = rebooting();
+        let (changes, _) = d.on_running(&pc, None, 30);
+        assert_eq!(states(&changes), ["failed"]);
+        assert!(
+            d.machines[&pc]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("running no image BootTorrent booted")
+        );
+        assert_eq!(d.overall(), OverallState::Running, "pc-02 is pending");
+    }
+
+    #[test]
+    fn reboot_that_never_comes_back_fails_after_the_timeout() {
+        let mut d = rebooting();
+        let pc = m("pc-01");
+        // The stall sweep leaves a rebooting machine to the reboot timeout.
+        assert!(d.sweep_stalled(10_000_000, 1000).is_empty());
+        assert!(d.reboot_overdue(&pc, 10, 1009, 1000).is_empty());
+        assert!(
+            d.reboot_overdue(&pc, 9, 5000, 1000).is_empty(),
+            "a stale deadline"
+        );
+        assert_eq!(states(&d.reboot_overdue(&pc, 10, 1010, 1000)), ["failed"]);
+        let error = d.machines[&pc].error.clone().unwrap();
+        assert!(error.contains("did not come back within 1 s"), "{error}");
+        assert_eq!(d.rebooting().count(), 0);
+        let mut d = rebooting();
+        d.cancel(20);
+        assert_eq!(d.rebooting().count(), 0);
+        assert!(d.reboot_overdue(&pc, 10, 1010, 1000).is_empty());
+    }
+
+    #[test]
+    fn a_startup_before_the_reboot_decides_nothing() {
+        let mut d = deployment(Action::Reboot);
+        let pc = m("pc-01");
+        d.on_progress(&pc, &progress(100, ImageState::Staged), 1);
+        // The agent reconnects while its backend runs, already running this image from an
+        // earlier deployment: not this deployment's reboot.
+        let (changes, changed) = d.on_running(&pc, Some(&runs("img", Some("d-0"))), 2);
+        assert!(changes.is_empty() && changed);
+        assert_eq!(d.machines[&pc].state, MachineState::Booting);
+        // Its boot report was lost, but the agent recorded the boot for this deployment.
+        let (changes, _) = d.on_running(&pc, Some(&runs("img", Some("d-1"))), 3);
+        assert_eq!(states(&changes), ["booted"]);
+        // `set_boot` is booted when the entry is set; what runs does not matter.
+        let mut d = deployment(Action::SetBoot);
+        d.on_progress(&pc, &progress(100, ImageState::Staged), 1);
+        assert_eq!(states(&d.on_boot(&pc, true, "entry set", 2)), ["booted"]);
+        assert!(d.on_running(&pc, None, 3).0.is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! machines, lost messages, machines that join a zone later and a server restart are all the
 //! same case.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use boottorrent_proto::{
@@ -75,6 +75,11 @@ pub struct Fleet {
     zones: Vec<Zone>,
     deployments: BTreeMap<DeploymentId, Deployment>,
     stall_timeout_ms: i64,
+    reboot_timeout_ms: i64,
+    /// Machines waiting to come back from a reboot: (when it began, deployment, machine),
+    /// earliest first, so the sweep looks at the overdue ones only, not at every machine.
+    /// An entry whose machine came back meanwhile is dropped when its time comes.
+    rebooting: BTreeSet<(i64, DeploymentId, MachineId)>,
     live: broadcast::Sender<Live>,
     shown: HashMap<DeploymentId, Instant>,
     resent: HashMap<(DeploymentId, MachineId), i64>,
@@ -89,6 +94,7 @@ impl Fleet {
         store: Store,
         config_zones: &[ConfigZone],
         stall_timeout_secs: u32,
+        reboot_timeout_secs: u32,
         live: broadcast::Sender<Live>,
         grants: Grants,
     ) -> Result<Fleet, StoreError> {
@@ -119,11 +125,17 @@ impl Fleet {
             .values()
             .flat_map(|d| d.machines.keys().cloned())
             .collect();
+        let rebooting = deployments
+            .values()
+            .flat_map(|d| d.rebooting().map(|(m, at)| (at, d.id.clone(), m.clone())))
+            .collect();
         let fleet = Fleet {
             store,
             zones,
             deployments,
             stall_timeout_ms: i64::from(stall_timeout_secs) * 1000,
+            reboot_timeout_ms: i64::from(reboot_timeout_secs) * 1000,
+            rebooting,
             live,
             shown: HashMap::new(),
             resent: HashMap::new(),
@@ -185,6 +197,10 @@ impl Fleet {
                         .and_then(|id| self.deployments.get_mut(id))
                     {
                         changes.extend(d.on_boot(&machine.id, report.ok, &report.message, now_ms));
+                        if let Some(at) = d.machines.get(&machine.id).and_then(|m| m.rebooted_ms) {
+                            self.rebooting
+                                .insert((at, d.id.clone(), machine.id.clone()));
+                        }
                         touched.push((d.id.clone(), false));
                     }
                 }
@@ -204,6 +220,21 @@ impl Fleet {
                     }
                 }
                 Event::Startup(_) | Event::Heartbeat(_) => {
+                    if let Event::Startup(startup) = event {
+                        // What runs changes only with a restart, and every start sends a
+                        // startup: the deployments the machine is in learn it here.
+                        for d in self.deployments.values_mut() {
+                            if !d.machines.contains_key(&machine.id) {
+                                continue;
+                            }
+                            let (c, changed) =
+                                d.on_running(&machine.id, startup.running.as_ref(), now_ms);
+                            changes.extend(c);
+                            if changed {
+                                touched.push((d.id.clone(), false));
+                            }
+                        }
+                    }
                     let forced = matches!(event, Event::Startup(_));
                     let joined = self.reconcile(machine, forced, signer, now_ms, &mut out);
                     if !joined.is_empty() {
@@ -581,10 +612,25 @@ impl Fleet {
         Ok(out)
     }
 
-    /// Marks machines without progress as stalled.
+    /// Marks machines without progress as stalled, and machines that did not come back from a
+    /// reboot in time as failed.
     pub fn sweep(&mut self, now_ms: i64) {
         let mut changes = Vec::new();
         let mut touched = Vec::new();
+        while let Some((at, _, _)) = self.rebooting.first()
+            && now_ms - at >= self.reboot_timeout_ms
+        {
+            let Some((at, id, machine)) = self.rebooting.pop_first() else {
+                break;
+            };
+            if let Some(d) = self.deployments.get_mut(&id) {
+                let c = d.reboot_overdue(&machine, at, now_ms, self.reboot_timeout_ms);
+                if !c.is_empty() {
+                    touched.push((id, true));
+                    changes.extend(c);
+                }
+            }
+        }
         for d in self.deployments.values_mut() {
             let c = d.sweep_stalled(now_ms, self.stall_timeout_ms);
             if !c.is_empty() {

@@ -141,6 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store.clone(),
         &config.zones,
         config.stall_timeout_secs,
+        config.reboot_timeout_secs,
         live.clone(),
         grants,
     )

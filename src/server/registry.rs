@@ -863,6 +863,7 @@ fn apply_startup(record: &mut MachineRecord, startup: &boottorrent_proto::Startu
     record.macs = startup.macs.clone();
     record.free_disk_bytes = startup.free_disk_bytes;
     record.images = startup.images.clone();
+    record.running = startup.running.clone();
 }
 
 /// Zone ids for a log line: `a, b`.

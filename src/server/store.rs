@@ -105,6 +105,9 @@ pub struct MachineRecord {
     pub last_seq: u64,
     /// The agent spoke JSON in its last startup, so commands to it are JSON too.
     pub prefers_json: bool,
+    /// The image the machine runs, as its last startup said; `None` for none BootTorrent
+    /// booted, or an agent too old to say.
+    pub running: Option<boottorrent_proto::RunningImage>,
 }
 
 impl MachineRecord {
@@ -126,6 +129,7 @@ impl MachineRecord {
             last_seen_ms: now_ms,
             last_seq: 0,
             prefers_json: false,
+            running: None,
         }
     }
 }

@@ -156,6 +156,7 @@ impl Agent {
             free_disk_bytes: 512 << 30,
             images: vec![],
             public_key: boottorrent_proto::Bytes(self.key.verifying_key().to_bytes()),
+            running: None,
         })
     }
 

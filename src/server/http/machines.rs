@@ -20,6 +20,9 @@ pub struct MachineView {
     pub observed_ips: Vec<std::net::IpAddr>,
     pub macs: Vec<String>,
     pub free_disk_bytes: u64,
+    /// The image the machine runs now, by its last startup; `null` for none BootTorrent
+    /// booted (its installed system), or an agent too old to say.
+    pub running: Option<boottorrent_proto::RunningImage>,
     /// `approved`, `pending` (new machine waiting), or `key_changed` (known machine presented
     /// another key, waiting).
     pub key_state: KeyState,
@@ -51,6 +54,7 @@ impl MachineView {
             observed_ips: m.observed_ips,
             macs: m.macs,
             free_disk_bytes: m.free_disk_bytes,
+            running: m.running,
             key_state,
             public_key: k.approved,
             fingerprint: k.approved.as_ref().map(fingerprint),

@@ -1,0 +1,234 @@
+//! `reboot` deployments end to end: the real server and agents as processes on loopback, the
+//! `command` backend standing in for the boot step. A "reboot" is the test stopping the agent
+//! and starting the agent of the booted system: a new process with its own configuration and
+//! the same store. Whether the machine came back in the image is what that agent reads from
+//! its `running_image_file`, which the test's boot program writes into the "next system".
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Heartbeats (and the server's sweeps) every 2 s; a machine has 20 s to come back.
+const SERVE: &[&str] = &[
+    "--heartbeat-interval-secs",
+    "2",
+    "--reboot-timeout-secs",
+    "20",
+];
+
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn wait_long<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A boot program that writes the image id into the "next system" of the machine
+/// (`$NEXT_SYSTEM/running-image`), as a site's program writes it into the root it boots.
+fn boot_script(dir: &Path) -> PathBuf {
+    let script = dir.join("reboot.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nset -e\nmkdir -p \"$NEXT_SYSTEM\"\n\
+         printf '%s\\n' \"$BOOTTORRENT_IMAGE_ID\" > \"$NEXT_SYSTEM/running-image\"\n\
+         echo \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID\" >> \"$NEXT_SYSTEM/boots\"\n",
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&script, perms).unwrap();
+    script
+}
+
+/// Starts the agent of machine `id` in its "installed system": the `command` backend with
+/// [`boot_script`], and a `running_image_file` that does not exist (runs no booted image).
+fn start_installed(dir: &Path, server: &Server, id: &str) -> Proc {
+    enroll(server, dir, id);
+    let script = boot_script(dir);
+    let installed = dir.join(format!("{id}-installed/running-image"));
+    let mut command = run_agent_command(
+        dir,
+        server,
+        id,
+        &[
+            "--boot-backend",
+            "command",
+            "--boot-command",
+            script.to_str().unwrap(),
+            "--running-image-file",
+            installed.to_str().unwrap(),
+        ],
+    );
+    command.env("NEXT_SYSTEM", dir.join(format!("{id}-next")));
+    let agent = spawn(command, dir.join(format!("{id}.log")));
+    wait_for("the agent online", || server.online(id).filter(|o| *o));
+    agent
+}
+
+/// Starts the agent of the system machine `id` rebooted into: its own configuration file
+/// (no machine id: the store names the machine), the same store, and `running_image_file`
+/// inside that system.
+fn start_rebooted(dir: &Path, server: &Server, id: &str, system: &Path) -> Proc {
+    let config = dir.join(format!("{id}-rebooted.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"127.0.0.1\"\nmqtt_port = {}\nhttp_url = {:?}\ndata_dir = {:?}\n\
+             bt_listen = \"127.0.0.1:0\"\nheartbeat_interval_secs = 1\n\
+             boot_backend = \"command\"\nboot_command = {:?}\nrunning_image_file = {:?}\n",
+            server.mqtt_port,
+            server.url(""),
+            dir.join(id),
+            boot_script(dir),
+            system.join("running-image"),
+        ),
+    )
+    .unwrap();
+    let mut command = agent(&["run"]);
+    command
+        .arg("--config")
+        .arg(&config)
+        .env("BOOTTORRENT_AGENT_ENROLL_TOKEN", server.enroll_token());
+    spawn(command, dir.join(format!("{id}-rebooted.log")))
+}
+
+fn deploy_reboot(server: &Server, image: &str, machines: &[&str]) -> String {
+    let mut args = vec!["deploy", "--json", image, "--action", "reboot"];
+    for m in machines {
+        args.extend(["--machine", m]);
+    }
+    let out = output(server.cli(&args));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    d["id"].as_str().unwrap().to_owned()
+}
+
+fn machine<'a>(d: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    d["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in {d:#}"))
+}
+
+/// Waits until the agent's boot step ran and the server waits for `id` to come back.
+fn wait_rebooting(server: &Server, deployment: &str, id: &str) -> serde_json::Value {
+    wait_long(&format!("{id} rebooting"), || {
+        let d = server.get_json(&format!("/api/v1/deployments/{deployment}"));
+        let m = machine(&d, id);
+        (m["state"] == "booting" && m["rebooted_ms"].is_i64()).then(|| d.clone())
+    })
+}
+
+#[test]
+fn a_reboot_is_booted_when_the_machine_comes_back_running_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), SERVE);
+    let (image, _) = catalogue(&server, dir, 4 << 20);
+    let image = image["id"].as_str().unwrap().to_owned();
+    let mut installed = start_installed(dir, &server, "lab-a");
+    let m = server.machine("lab-a").unwrap();
+    assert_eq!(m["running"], serde_json::Value::Null, "{m}");
+
+    let id = deploy_reboot(&server, &image, &["lab-a"]);
+    let d = wait_rebooting(&server, &id, "lab-a");
+    // The boot step succeeding is not the machine running the image.
+    assert_eq!(d["state"], "running", "{d:#}");
+    let next = dir.join("lab-a-next");
+    assert_eq!(
+        std::fs::read_to_string(next.join("boots")).unwrap(),
+        format!("reboot {image}\n")
+    );
+    let key = std::fs::read(dir.join("lab-a/agent.key")).unwrap();
+    assert!(installed.terminate().success(), "{}", installed.log_text());
+
+    let rebooted = start_rebooted(dir, &server, "lab-a", &next);
+    let d = wait_long("the deployment completed", || {
+        let d = server.get_json(&format!("/api/v1/deployments/{id}"));
+        (d["state"] != "running").then_some(d)
+    });
+    assert_eq!(d["state"], "completed", "{d:#}\n{}", rebooted.log_text());
+    let m = machine(&d, "lab-a");
+    assert_eq!(m["state"], "booted", "{m:#}");
+    assert_eq!(
+        m["running"],
+        serde_json::json!({"image": image, "deployment": id})
+    );
+    // The machine shows what it runs, the same machine with the same key.
+    let shown = server.machine("lab-a").unwrap();
+    assert_eq!(
+        shown["running"],
+        serde_json::json!({"image": image, "deployment": id}),
+        "{shown}"
+    );
+    assert_eq!(std::fs::read(dir.join("lab-a/agent.key")).unwrap(), key);
+    let log = rebooted.log_text();
+    assert!(log.contains("running image"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(next.join("boots")).unwrap(),
+        format!("reboot {image}\n"),
+        "the boot step does not run again in the booted system"
+    );
+    // The operator's views say it too.
+    let list = output(server.cli(&["machines", "list"]));
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("RUNNING") && list.contains(&image), "{list}");
+    let status = output(server.cli(&["status", &id]));
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("RUNNING") && status.contains(&format!("{image} ({id})")),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_machine_back_in_its_old_system_or_not_back_at_all_fails_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), SERVE);
+    let (image, _) = catalogue(&server, dir, 4 << 20);
+    let image = image["id"].as_str().unwrap().to_owned();
+    let mut old = start_installed(dir, &server, "lab-old");
+    let mut gone = start_installed(dir, &server, "lab-gone");
+
+    let id = deploy_reboot(&server, &image, &["lab-old", "lab-gone"]);
+    wait_rebooting(&server, &id, "lab-old");
+    wait_rebooting(&server, &id, "lab-gone");
+    assert!(old.terminate().success(), "{}", old.log_text());
+    assert!(gone.terminate().success(), "{}", gone.log_text());
+
+    // lab-old comes back in the system it ran before: one that says it runs another image.
+    let before = dir.join("lab-old-before");
+    std::fs::create_dir_all(&before).unwrap();
+    std::fs::write(before.join("running-image"), "old-image\n").unwrap();
+    let _back = start_rebooted(dir, &server, "lab-old", &before);
+    let d = wait_long("lab-old failed", || {
+        let d = server.get_json(&format!("/api/v1/deployments/{id}"));
+        (machine(&d, "lab-old")["state"] == "failed").then_some(d)
+    });
+    let error = machine(&d, "lab-old")["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("running image old-image") && error.contains(&format!("not image {image}")),
+        "{error}"
+    );
+    assert_eq!(machine(&d, "lab-gone")["state"], "booting", "{d:#}");
+
+    // lab-gone never comes back: failed once the reboot timeout passed.
+    let d = wait_long("lab-gone failed", || {
+        let d = server.get_json(&format!("/api/v1/deployments/{id}"));
+        (machine(&d, "lab-gone")["state"] == "failed").then_some(d)
+    });
+    let error = machine(&d, "lab-gone")["error"].as_str().unwrap();
+    assert!(error.contains("did not come back within 20 s"), "{error}");
+    assert_eq!(d["state"], "failed", "{d:#}");
+}
