@@ -73,6 +73,10 @@ pub struct Config {
     /// The server's Ed25519 public key, 64 hex digits. Default: the key `enroll` stored in
     /// `<data_dir>/server.pub`.
     pub server_key: Option<PublicKeyBytes>,
+    /// The directory of the configuration file in use (or of the default one when there is
+    /// none): the agent's own directory inside the running image. Not a setting.
+    #[serde(skip)]
+    pub config_dir: Option<PathBuf>,
 }
 
 /// Which boot backend runs after staging.
@@ -112,6 +116,7 @@ impl Default for Config {
             mqtt_keepalive_secs: 30,
             replay_window_secs: 300,
             server_key: None,
+            config_dir: None,
         }
     }
 }
@@ -139,6 +144,7 @@ impl fmt::Debug for Config {
             .field("mqtt_keepalive_secs", &self.mqtt_keepalive_secs)
             .field("replay_window_secs", &self.replay_window_secs)
             .field("server_key", &self.server_key)
+            .field("config_dir", &self.config_dir)
             .finish()
     }
 }
@@ -240,17 +246,16 @@ impl Config {
     /// Defaults, then the config file, then `overrides`; validated. The machine id, when
     /// nothing set it, comes from the store ([`crate::store::Store::locate`]).
     pub fn load(overrides: &Overrides) -> anyhow::Result<Config> {
-        let mut config = match &overrides.config {
-            Some(path) => Config::from_file(path)?,
-            None => {
-                let path = default_config_path();
-                if path.exists() {
-                    Config::from_file(&path)?
-                } else {
-                    Config::default()
-                }
-            }
+        let path = overrides.config.clone().unwrap_or_else(default_config_path);
+        let mut config = if overrides.config.is_some() || path.exists() {
+            Config::from_file(&path)?
+        } else {
+            Config::default()
         };
+        config.config_dir = std::path::absolute(&path)
+            .unwrap_or(path)
+            .parent()
+            .map(Path::to_owned);
         config.apply(overrides.clone());
         config.validate()?;
         Ok(config)
@@ -373,13 +378,16 @@ impl Config {
         }
     }
 
-    /// Where `enroll` pins the server key: in `data_dir` when set; otherwise in the agent's
-    /// directory inside the running image (`%ProgramData%\BootTorrent` on Windows), because
-    /// enrolling happens while the golden image is built, which must not carry a store.
-    /// `run` copies the pin into the store.
+    /// Where `enroll` pins the server key: in `data_dir` when set; otherwise next to the
+    /// configuration file, in the agent's directory inside the running image
+    /// (`%ProgramData%\BootTorrent` on Windows), because enrolling happens while the golden
+    /// image is built, which must not carry a store. `run` copies the pin into the store.
+    /// Not `%ProgramData%` itself: a service's environment may name another directory
+    /// (Wine's does) than the administrator's console did.
     pub fn pin_file(&self) -> PathBuf {
         self.data_dir
             .clone()
+            .or_else(|| self.config_dir.clone())
             .unwrap_or_else(default_data_dir)
             .join(SERVER_KEY_FILE)
     }

@@ -58,7 +58,8 @@ enum Command {
         settings: Overrides,
     },
     /// Fetch the server's public key from its HTTP API, show its fingerprint, and pin it in
-    /// <data-dir>/server.pub. Makes no machine key, so it is safe in a golden image.
+    /// server.pub (in --data-dir when set, else next to the config file). Makes no machine
+    /// key, so it is safe in a golden image.
     Enroll {
         #[command(flatten)]
         settings: Overrides,
@@ -113,16 +114,50 @@ enum ServiceAction {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BOOTTORRENT_AGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("BOOTTORRENT_AGENT_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    // A service has no console: its log goes to a file next to its configuration, where an
+    // operator (and the Wine tests) can read why it stopped.
+    let service_log = match &cli.command {
+        Command::Service {
+            action: ServiceAction::Run { settings },
+        } => Some(service::log_file(
+            &settings
+                .config
+                .clone()
+                .unwrap_or_else(config::default_config_path),
+        )),
+        _ => None,
+    };
+    match service_log
+        .as_ref()
+        .map(|path| (path, service::open_log(path)))
+    {
+        Some((_, Ok(file))) => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .init(),
+        other => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            if let Some((path, Err(e))) = other {
+                tracing::warn!("cannot open the service log {}: {e}", path.display());
+            }
+        }
+    }
+    let in_service = service_log.is_some();
     match dispatch(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if in_service => {
+            tracing::error!("the agent stopped: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("Error: {e:#}");
             std::process::ExitCode::FAILURE

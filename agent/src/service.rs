@@ -17,6 +17,35 @@ use std::path::Path;
 /// The service's name for the service control manager (`sc query BootTorrentAgent`).
 pub const SERVICE_NAME: &str = "BootTorrentAgent";
 
+/// The service's log: `agent.log` next to its configuration file.
+pub fn log_file(config_path: &Path) -> std::path::PathBuf {
+    config_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("agent.log")
+}
+
+/// Size past which the service's log is moved to `agent.log.1` when the service starts, so
+/// that a machine running for a term keeps two bounded files.
+const LOG_ROTATE_BYTES: u64 = 16 << 20;
+
+/// Opens the service's log for appending, after moving a large one aside.
+pub fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        std::fs::rename(path, old)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
 /// Fires (or is dropped) when Windows asks the service to stop: `sc stop`, or system shutdown.
 pub type StopSignal = tokio::sync::oneshot::Receiver<()>;
 
@@ -80,6 +109,9 @@ mod windows {
     const ERROR_SERVICE_DOES_NOT_EXIST: i32 = 1060;
     const ERROR_FAILED_SERVICE_CONTROLLER_CONNECT: i32 = 1063;
     const ERROR_SERVICE_EXISTS: i32 = 1073;
+    /// A `ChangeServiceConfig2` information level this service manager does not implement
+    /// (Wine's cannot set failure actions).
+    const ERROR_INVALID_LEVEL: i32 = 124;
 
     /// The arguments before `--config <file>` on the service's command line; the CLI routes
     /// them to [`run_service`].
@@ -159,18 +191,33 @@ mod windows {
             action_type: ServiceActionType::Restart,
             delay: Duration::from_secs(5),
         };
-        service
-            .update_failure_actions(ServiceFailureActions {
+        // Restarting is what keeps a lab machine reporting, but a service manager that cannot
+        // record it (Wine's) should not stop the install: say so and go on without it.
+        let optional = |result: windows_service::Result<()>, what: &str| match result {
+            Ok(()) => Ok(()),
+            Err(e) if winapi_code(&e) == Some(ERROR_INVALID_LEVEL) => {
+                tracing::warn!(
+                    "this service manager cannot record {what} ({e}); the service is installed \
+                     without it and is not restarted after a failure"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("setting {what}")),
+        };
+        optional(
+            service.update_failure_actions(ServiceFailureActions {
                 reset_period: ServiceFailureResetPeriod::After(Duration::from_secs(24 * 3600)),
                 reboot_msg: None,
                 command: None,
                 actions: Some(vec![restart.clone(), restart.clone(), restart]),
-            })
-            .context("setting the service's restart-on-failure actions")?;
+            }),
+            "the service's restart-on-failure actions",
+        )?;
         // An agent that exits with an error (not only one that crashes) is restarted too.
-        service
-            .set_failure_actions_on_non_crash_failures(true)
-            .context("setting the service's restart-on-failure actions")?;
+        optional(
+            service.set_failure_actions_on_non_crash_failures(true),
+            "restarts after non-crash failures",
+        )?;
         Ok(())
     }
 
@@ -238,7 +285,17 @@ mod windows {
 
     fn service_main(_arguments: Vec<OsString>) {
         let result = serve();
+        // A non-zero exit code is what makes Windows apply the restart-on-failure actions.
+        let exit_code = match &result {
+            Ok(()) => ServiceExitCode::NO_ERROR,
+            Err(_) => ServiceExitCode::ServiceSpecific(1),
+        };
+        // The result is kept before `Stopped` is reported: the dispatcher may return (and
+        // `run_service` read it) as soon as the service manager hears that.
         *RESULT.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        if let Some(handle) = *STATUS.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = handle.set_service_status(status(ServiceState::Stopped, exit_code));
+        }
     }
 
     fn status(state: ServiceState, exit_code: ServiceExitCode) -> ServiceStatus {
@@ -291,13 +348,6 @@ mod windows {
         handle
             .set_service_status(status(ServiceState::Running, ServiceExitCode::NO_ERROR))
             .context("reporting the service as running")?;
-        let result = agent(stop_signal);
-        // A non-zero exit code is what makes Windows apply the restart-on-failure actions.
-        let exit_code = match &result {
-            Ok(()) => ServiceExitCode::NO_ERROR,
-            Err(_) => ServiceExitCode::ServiceSpecific(1),
-        };
-        let _ = handle.set_service_status(status(ServiceState::Stopped, exit_code));
-        result
+        agent(stop_signal)
     }
 }

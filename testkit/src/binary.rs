@@ -24,6 +24,20 @@ pub fn agent_binary() -> PathBuf {
     workspace_binary("boottorrent-agent", "boottorrent-agent")
 }
 
+/// `boottorrent-agent.exe` for 64-bit Windows ([`WINDOWS_TARGET`]), built like the others: what
+/// the Wine tests run.
+pub fn windows_agent_binary() -> PathBuf {
+    cross_binary(
+        "boottorrent-agent",
+        "boottorrent-agent",
+        WINDOWS_TARGET,
+        "boottorrent-agent.exe",
+    )
+}
+
+/// The target triple of the Windows agent: MinGW, which this machine can link without MSVC.
+pub const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
+
 /// The workspace's target dir (what `CARGO_TARGET_DIR` or the default made it for this build),
 /// where tests keep artifacts worth looking at afterwards.
 pub fn target_dir() -> PathBuf {
@@ -44,24 +58,62 @@ fn profile_dir() -> PathBuf {
 
 /// Binary `name` of workspace package `package`, built if missing or stale.
 pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
-    // Tests run on many threads: one build, and the others wait for it.
-    static CHECKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
     let profile = profile_dir();
-    let path = profile.join(name);
-    if checked.iter().any(|n| n == name) {
-        return path;
+    checked_build(
+        package,
+        name,
+        None,
+        &profile,
+        &profile.join(name),
+        &profile.join(format!("{name}.d")),
+    )
+}
+
+/// Binary `name` of `package` built for `target` (`target/<target>/<profile>/<file>`).
+fn cross_binary(package: &str, name: &str, target: &str, file: &str) -> PathBuf {
+    let profile = profile_dir();
+    let dir = target_dir()
+        .join(target)
+        .join(profile.file_name().expect("a profile name"));
+    let stem = Path::new(file)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or(name);
+    checked_build(
+        package,
+        name,
+        Some(target),
+        &profile,
+        &dir.join(file),
+        &dir.join(format!("{stem}.d")),
+    )
+}
+
+/// `path`, built first (once per test process) if missing or older than its sources.
+fn checked_build(
+    package: &str,
+    name: &str,
+    target: Option<&str>,
+    profile: &Path,
+    path: &Path,
+    dep_info: &Path,
+) -> PathBuf {
+    // Tests run on many threads: one build, and the others wait for it.
+    static CHECKED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.iter().any(|p| p == path) {
+        return path.to_owned();
     }
-    if let Some(why) = why_build(&path, &profile.join(format!("{name}.d"))) {
-        build(package, name, &profile, &why);
+    if let Some(why) = why_build(path, dep_info) {
+        build(package, name, target, profile, &why);
         assert!(
             path.exists(),
             "`cargo build -p {package}` left no {}",
             path.display()
         );
     }
-    checked.push(name.to_owned());
-    path
+    checked.push(path.to_owned());
+    path.to_owned()
 }
 
 /// Why `binary` must be built first, or `None` if it is there and newer than every source
@@ -109,8 +161,9 @@ fn dep_info_sources(text: &str) -> Vec<String> {
     sources
 }
 
-/// `cargo build -p package --bin name` into the target dir and profile of the running test.
-fn build(package: &str, name: &str, profile: &Path, why: &str) {
+/// `cargo build -p package --bin name` into the target dir and profile of the running test,
+/// for `target` when given.
+fn build(package: &str, name: &str, target: Option<&str>, profile: &Path, why: &str) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut command = Command::new(cargo);
@@ -123,6 +176,9 @@ fn build(package: &str, name: &str, profile: &Path, why: &str) {
                 .parent()
                 .expect("the profile dir is inside the target dir"),
         );
+    if let Some(target) = target {
+        command.args(["--target", target]);
+    }
     match profile.file_name().and_then(|p| p.to_str()) {
         Some("debug") => {}
         Some("release") => {
