@@ -35,7 +35,10 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
 
     let source = std::fs::read(&vhdx).unwrap();
     for id in ["lab-a", "lab-b"] {
-        let path = dir.join(id).join("images").join("golden.vhdx");
+        let path = dir
+            .join(id)
+            .join("images")
+            .join(format!("{}.vhdx", image["id"].as_str().unwrap()));
         wait_for_long("the download to complete", || {
             std::fs::read(&path)
                 .ok()
@@ -244,7 +247,11 @@ fn not_enough_disk_is_an_error_event_and_nothing_starts() {
     assert_eq!(report.code, "disk_full", "{report:?}");
     assert!(report.message.contains("bytes free"), "{report:?}");
     assert!(
-        !dir.join("lab-full/images/golden.vhdx").exists(),
+        !dir.join(format!(
+            "lab-full/images/{}.vhdx",
+            image["id"].as_str().unwrap()
+        ))
+        .exists(),
         "a download started anyway"
     );
 }
@@ -273,7 +280,10 @@ fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
     first.kill9();
 
     let _second = run_agent(dir, &server, "lab-r", &[]);
-    let path = dir.join("lab-r/images/golden.vhdx");
+    let path = dir.join(format!(
+        "lab-r/images/{}.vhdx",
+        image["id"].as_str().unwrap()
+    ));
     let source = std::fs::read(&vhdx).unwrap();
     wait_for_long("the resumed download to complete", || {
         std::fs::read(&path)
@@ -360,7 +370,7 @@ fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\necho \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID $BOOTTORRENT_DEPLOYMENT_ID $BOOTTORRENT_IMAGE_PATH\" >> {}\n",
+            "#!/bin/sh\necho \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID $BOOTTORRENT_DEPLOYMENT_ID $BOOTTORRENT_IMAGE_PATH $BOOTTORRENT_PARENT_PATH\" >> {}\n",
             record.display()
         ),
     )
@@ -391,11 +401,17 @@ fn the_command_backend_runs_after_staging_and_on_a_boot_command() {
     };
     assert!(report.ok, "{report:?}");
     let id = image["id"].as_str().unwrap();
-    let image_path = dir.join("lab-boot/images/golden.vhdx");
+    // It boots the image's differencing child; the golden is its parent.
+    let golden = dir.join(format!("lab-boot/images/{id}.vhdx"));
+    let child = dir.join(format!("lab-boot/children/{id}.vhdx"));
     let lines = std::fs::read_to_string(&record).unwrap();
     assert_eq!(
         lines.trim(),
-        format!("set-boot {id} {deployment} {}", image_path.display())
+        format!(
+            "set-boot {id} {deployment} {} {}",
+            child.display(),
+            golden.display()
+        )
     );
 
     // Booting it on command: the same program, action reboot.
@@ -435,7 +451,10 @@ fn an_agent_serves_only_peers_the_tracker_has_in_the_swarm() {
     let agent = run_agent(dir, &server, "lab-s", &[]);
     wait_for("the agent online", || server.online("lab-s").filter(|o| *o));
     assign(&server, &image, Some("lab-s"));
-    let path = dir.join("lab-s/images/golden.vhdx");
+    let path = dir.join(format!(
+        "lab-s/images/{}.vhdx",
+        image["id"].as_str().unwrap()
+    ));
     let source = std::fs::read(&vhdx).unwrap();
     wait_for_long("the agent to hold the image", || {
         (std::fs::read(&path).ok()? == source).then_some(())

@@ -70,7 +70,7 @@ fn sigterm_mid_download_exits_cleanly_and_the_restart_resumes() {
     assert!(resume.exists(), "no resume record {}", resume.display());
 
     let second = run_agent(dir, &server, "lab-t", &[]);
-    let path = dir.join("lab-t/images/golden.vhdx");
+    let path = dir.join(format!("lab-t/images/{id}.vhdx"));
     let source = std::fs::read(&vhdx).unwrap();
     boottorrent_testkit::wait_until(
         "the resumed download to complete",

@@ -145,7 +145,7 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
     let source = std::fs::read(&vhdx).unwrap();
     for m in machines {
         assert_eq!(
-            std::fs::read(dir.join(m).join("images/golden.vhdx")).unwrap(),
+            std::fs::read(dir.join(m).join(format!("images/{image}.vhdx"))).unwrap(),
             source,
             "{m}'s copy"
         );

@@ -153,7 +153,7 @@ fn a_zone_deployment_with_set_boot_reaches_booted_on_three_agents() {
         let marker = std::fs::read_to_string(dir.join(format!("{machine}.marker"))).unwrap();
         assert_eq!(marker.trim(), format!("set-boot {image} {id}"));
         assert_eq!(
-            std::fs::read(dir.join(machine).join("images/golden.vhdx")).unwrap(),
+            std::fs::read(dir.join(machine).join(format!("images/{image}.vhdx"))).unwrap(),
             source
         );
     }
@@ -202,7 +202,7 @@ fn an_image_a_machine_already_holds_is_deployed_again_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let server = Server::start(&dir.join("server"), SERVE);
-    let (image, _) = catalogue_id(&server, dir, 6 << 20);
+    let (image, vhdx) = catalogue_id(&server, dir, 6 << 20);
     let agent = start_agent(dir, &server, "lab-r", &[]);
     let first = deploy(&server, &[&image, "--machine", "lab-r"]);
     wait_state(&server, &first, "completed");
@@ -242,6 +242,22 @@ fn an_image_a_machine_already_holds_is_deployed_again_at_once() {
         3,
         "one staging per deployment:\n{log}"
     );
+    // What was booted is a differencing child in the store, kept across the two boots; the
+    // golden it reads through is still byte for byte the catalog's image.
+    let store = dir.join("lab-r");
+    let golden = std::fs::read_dir(store.join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read(&golden).unwrap(),
+        std::fs::read(&vhdx).unwrap()
+    );
+    let child = store.join("children").join(format!("{image}.vhdx"));
+    boottorrent_vhdx::inspect_child(&child, &golden).unwrap();
+    assert_eq!(log.matches("made the boot child").count(), 1, "{log}");
 }
 
 #[test]
@@ -270,7 +286,7 @@ fn an_agent_offline_at_the_start_catches_up_when_it_returns() {
     let d = wait_state(&server, &id, "completed");
     assert_eq!(d["counts"]["staged"], 2, "{d:#}");
     assert_eq!(
-        std::fs::read(dir.join("room-late/images/golden.vhdx")).unwrap(),
+        std::fs::read(dir.join(format!("room-late/images/{image}.vhdx"))).unwrap(),
         std::fs::read(&vhdx).unwrap()
     );
 }
@@ -297,7 +313,7 @@ fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
             .then_some(())
     });
     for m in ids {
-        assert!(dir.join(m).join("images/golden.vhdx").exists());
+        assert!(dir.join(m).join(format!("images/{image}.vhdx")).exists());
     }
 
     let out = output(server.cli(&["deployments", "cancel", &id]));
@@ -306,7 +322,7 @@ fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
     assert_eq!(d["state"], "cancelled", "{d:#}");
     assert_eq!(d["counts"]["cancelled"], 2, "{d:#}");
     for m in ids {
-        let file = dir.join(m).join("images/golden.vhdx");
+        let file = dir.join(m).join(format!("images/{image}.vhdx"));
         wait_long(&format!("{} deleted", file.display()), || {
             (!file.exists()).then_some(())
         });
@@ -325,7 +341,7 @@ fn cancelling_mid_download_stops_the_agents_and_deletes_the_files() {
     std::thread::sleep(Duration::from_secs(3));
     let later = deployment(&server, &id);
     assert_eq!(later["counts"], d["counts"]);
-    assert!(!dir.join("cx-1/images/golden.vhdx").exists());
+    assert!(!dir.join(format!("cx-1/images/{image}.vhdx")).exists());
 }
 
 #[test]
@@ -358,7 +374,7 @@ fn a_server_killed_mid_deployment_and_restarted_still_completes_it() {
     let source = std::fs::read(&vhdx).unwrap();
     for m in ids {
         assert_eq!(
-            std::fs::read(dir.join(m).join("images/golden.vhdx")).unwrap(),
+            std::fs::read(dir.join(m).join(format!("images/{image}.vhdx"))).unwrap(),
             source
         );
         let marker = std::fs::read_to_string(dir.join(format!("{m}.marker"))).unwrap();
@@ -562,7 +578,7 @@ fn a_machine_that_joins_a_zone_later_gets_the_zones_images() {
     });
     assert_eq!(deployment(&server, &id)["state"], "completed");
     assert_eq!(
-        std::fs::read(dir.join("zj-2/images/golden.vhdx")).unwrap(),
+        std::fs::read(dir.join(format!("zj-2/images/{image}.vhdx"))).unwrap(),
         std::fs::read(&vhdx).unwrap()
     );
     // The zone's membership went to the agent too: its machine record says so.
@@ -577,4 +593,29 @@ fn a_machine_that_joins_a_zone_later_gets_the_zones_images() {
             .len(),
         1
     );
+}
+
+/// This week's `golden.vhdx` and next week's are two images with one name: a machine holds
+/// both, each in its own file, and the first is not overwritten by the second.
+#[test]
+fn two_images_with_the_same_name_are_held_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), SERVE);
+    std::fs::create_dir_all(dir.join("week-1")).unwrap();
+    std::fs::create_dir_all(dir.join("week-2")).unwrap();
+    let (first, first_file) = catalogue_id(&server, &dir.join("week-1"), 3 << 20);
+    let (second, second_file) = catalogue_id(&server, &dir.join("week-2"), 5 << 20);
+    let _agent = start_agent(dir, &server, "lab-w", &[]);
+    let d1 = deploy(&server, &[&first, "--machine", "lab-w"]);
+    wait_state(&server, &d1, "completed");
+    let d2 = deploy(&server, &[&second, "--machine", "lab-w"]);
+    wait_state(&server, &d2, "completed");
+    for (image, file) in [(&first, &first_file), (&second, &second_file)] {
+        assert_eq!(
+            std::fs::read(dir.join(format!("lab-w/images/{image}.vhdx"))).unwrap(),
+            std::fs::read(file).unwrap(),
+            "{image}"
+        );
+    }
 }

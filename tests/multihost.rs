@@ -329,8 +329,16 @@ impl<'a> Lab<'a> {
         })
     }
 
+    /// The image file a host holds (these tests deploy one image; the agent names it by id).
     fn image_on(&self, host: usize) -> Vec<u8> {
-        std::fs::read(self.dir.join(machine(host)).join("images/golden.vhdx")).unwrap_or_default()
+        std::fs::read_dir(self.dir.join(machine(host)).join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "vhdx"))
+            .and_then(|p| std::fs::read(p).ok())
+            .unwrap_or_default()
     }
 
     /// Every one of `hosts` holds exactly `bytes` as its staged image.
@@ -503,7 +511,7 @@ fn a_peer_serving_corrupt_data_is_rejected_and_reported() {
     // Host 1 gets the image first, then its copy is overwritten with garbage while it seeds.
     let first = lab.deploy_to(&image, &[1]);
     lab.wait_completed(&first);
-    let path = dir.path().join("host-1/images/golden.vhdx");
+    let path = dir.path().join(format!("host-1/images/{image}.vhdx"));
     let garbage: Vec<u8> = bytes.iter().map(|b| b ^ 0x5a).collect();
     std::fs::OpenOptions::new()
         .write(true)

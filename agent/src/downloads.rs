@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::boot::{self, Backend, BootRequest};
+use crate::child;
 use crate::passkey::Passkey;
 use crate::running;
 use crate::tasks::Tasks;
@@ -230,6 +231,7 @@ impl Downloads {
             token.cancel();
         }
         boot::forget(&self.boot, unassignment.image.as_str()).await;
+        child::remove(&self.data_dir, &unassignment.image);
         let held = self.lock_held().remove(&unassignment.image);
         self.persist();
         let handle = self
@@ -261,13 +263,22 @@ impl Downloads {
             .await;
             return;
         };
+        let bootable = match self.bootable(&command.image, &held.path) {
+            Ok(bootable) => bootable,
+            Err(outcome) => {
+                self.report_boot(command.deployment, command.image, outcome)
+                    .await;
+                return;
+            }
+        };
         if let Some(deployment) = &command.deployment {
-            self.record_boot(&command.image, deployment, &held.path);
+            self.record_boot(&command.image, deployment, &bootable.path);
         }
         let outcome = boot::run(
             &self.boot,
             &BootRequest {
-                image_path: held.path.clone(),
+                image_path: bootable.path,
+                parent_path: bootable.parent,
                 image_id: command.image.to_string(),
                 image_name: held.assignment.name.clone(),
                 deployment_id: command
@@ -281,6 +292,33 @@ impl Downloads {
         .await;
         self.report_boot(command.deployment, command.image, outcome)
             .await;
+    }
+
+    /// What to boot for the staged image at `golden`: its differencing child, made (and room
+    /// for it checked) now; a failure is the boot's outcome, before any boot entry changes.
+    fn bootable(
+        &self,
+        image: &ImageId,
+        golden: &Path,
+    ) -> Result<child::Bootable, boot::BootOutcome> {
+        let boot_steps = !matches!(self.boot, Backend::None);
+        if !boot_steps {
+            return Ok(child::Bootable {
+                path: golden.to_owned(),
+                parent: None,
+            });
+        }
+        child::prepare(
+            &self.data_dir,
+            image,
+            golden,
+            self.disk_reserve,
+            crate::inventory::free_disk_bytes,
+        )
+        .map_err(|e| boot::BootOutcome {
+            ok: false,
+            message: e.to_string(),
+        })
     }
 
     /// Records in the store what is about to be booted, so that the agent starting inside it
@@ -542,11 +580,20 @@ impl Downloads {
         }))
         .await;
         if run_boot {
-            self.record_boot(&assignment.image, &assignment.deployment, &path);
+            let bootable = match self.bootable(&assignment.image, &path) {
+                Ok(bootable) => bootable,
+                Err(outcome) => {
+                    self.report_boot(Some(assignment.deployment), assignment.image, outcome)
+                        .await;
+                    return Ok(());
+                }
+            };
+            self.record_boot(&assignment.image, &assignment.deployment, &bootable.path);
             let outcome = boot::run(
                 &self.boot,
                 &BootRequest {
-                    image_path: path,
+                    image_path: bootable.path,
+                    parent_path: bootable.parent,
                     image_id: assignment.image.to_string(),
                     image_name: assignment.name.clone(),
                     deployment_id: assignment.deployment.to_string(),
@@ -680,17 +727,45 @@ impl Downloads {
         Ok(meta)
     }
 
-    /// Where the image goes: under `<data>/images`, named by the file name of the assignment's
-    /// save path when that is a safe single name, else by the torrent's name. Only the name is
-    /// taken, so a command can never make the agent write outside its data dir.
+    /// Where the image goes: `<data>/images/<image id>`, with the extension of the
+    /// assignment's file name (`.vhdx`, which the boot step looks at). By id, not by name:
+    /// this week's `win11.vhdx` and next week's are two images, held side by side, and must
+    /// never share a file. The id was checked where it entered, so no command can make the
+    /// agent write outside its store. A file an older agent kept for this image under its
+    /// name is moved to the new one rather than fetched again.
     fn image_path(&self, a: &ArtifactAssignment, meta: &Metainfo) -> PathBuf {
         let images = self.data_dir.join("images");
-        let name = Path::new(&a.save_path)
+        let named = Path::new(&a.save_path)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .filter(|n| boottorrent_bt::metainfo::check_file_name(n).is_ok())
             .unwrap_or_else(|| meta.name.clone());
-        images.join(name)
+        let extension = Path::new(&named)
+            .extension()
+            .and_then(|e| e.to_str())
+            .filter(|e| {
+                (1..=16).contains(&e.len()) && e.chars().all(|c| c.is_ascii_alphanumeric())
+            });
+        let path = match extension {
+            Some(ext) => images.join(format!("{}.{ext}", a.image)),
+            None => images.join(a.image.as_str()),
+        };
+        let old = images.join(&named);
+        let kept_by_name = self
+            .lock_held()
+            .get(&a.image)
+            .is_some_and(|h| h.path == old && old != path);
+        if kept_by_name && !path.exists() && old.exists() {
+            match std::fs::rename(&old, &path) {
+                Ok(()) => {
+                    tracing::info!(image = %a.image, from = %old.display(), to = %path.display(), "moved the image to its file by id")
+                }
+                Err(e) => {
+                    tracing::warn!(image = %a.image, "moving {} to {}: {e}; it is fetched again", old.display(), path.display())
+                }
+            }
+        }
+        path
     }
 
     /// The assignment is in `held` (or failed): repeats are recognised there from now on.

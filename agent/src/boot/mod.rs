@@ -124,8 +124,11 @@ impl Backend {
 /// A staged, verified image and what the deployment wants done with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootRequest {
-    /// The image file on this machine.
+    /// The file to boot: the image's differencing child ([`crate::child`]), or the image
+    /// itself when it is no VHDX.
     pub image_path: PathBuf,
+    /// The golden image the child reads through, when `image_path` is a child.
+    pub parent_path: Option<PathBuf>,
     /// The image's id in the catalog.
     pub image_id: String,
     /// The image's human-readable name; it names the boot entry.
@@ -217,13 +220,20 @@ async fn run_command(program: &Path, req: &BootRequest, limit: Duration) -> Boot
     // The program's working directory is the agent's; an absolute path means the same to both.
     let image_path =
         std::path::absolute(&req.image_path).unwrap_or_else(|_| req.image_path.clone());
-    let env: [(&str, &OsStr); 5] = [
+    let parent_path = req
+        .parent_path
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    let mut env: Vec<(&str, &OsStr)> = vec![
         ("BOOTTORRENT_IMAGE_PATH", image_path.as_os_str()),
         ("BOOTTORRENT_IMAGE_ID", OsStr::new(&req.image_id)),
         ("BOOTTORRENT_IMAGE_NAME", OsStr::new(&req.image_name)),
         ("BOOTTORRENT_DEPLOYMENT_ID", OsStr::new(&req.deployment_id)),
         ("BOOTTORRENT_ACTION", OsStr::new(action_name(req.action))),
     ];
+    if let Some(parent) = &parent_path {
+        env.push(("BOOTTORRENT_PARENT_PATH", parent.as_os_str()));
+    }
     let ran = run_process(program.as_os_str(), &[], &env, limit, OUTPUT_TAIL).await;
     let what = format!("boot command {}", program.display());
     match ran.exit {
@@ -292,6 +302,7 @@ mod tests {
     fn request(action: AfterDownload) -> BootRequest {
         BootRequest {
             image_path: PathBuf::from("images/lab.vhdx"),
+            parent_path: Some(PathBuf::from("images/golden.vhdx")),
             image_id: "img-1".into(),
             image_name: "Lab image".into(),
             deployment_id: "dep-7".into(),
@@ -369,7 +380,8 @@ mod tests {
                 ),
             );
             let mut req = request(AfterDownload::SetBoot);
-            req.image_path = dir.path().join("lab.vhdx");
+            req.image_path = dir.path().join("children/img-1.vhdx");
+            req.parent_path = Some(dir.path().join("images/lab.vhdx"));
             let outcome = run_with(&backend, &req, COMMAND_TIME_LIMIT).await;
             assert!(outcome.ok, "{outcome:?}");
             assert!(
@@ -386,6 +398,10 @@ mod tests {
                     "BOOTTORRENT_IMAGE_ID=img-1",
                     "BOOTTORRENT_IMAGE_NAME=Lab image",
                     &format!("BOOTTORRENT_IMAGE_PATH={}", req.image_path.display()),
+                    &format!(
+                        "BOOTTORRENT_PARENT_PATH={}",
+                        req.parent_path.as_ref().unwrap().display()
+                    ),
                     "args=0",
                 ]
             );

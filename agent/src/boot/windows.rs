@@ -695,6 +695,7 @@ mod tests {
     fn request(image: &str, action: AfterDownload) -> BootRequest {
         BootRequest {
             image_path: format!(r"D:\BootTorrent\images\{image}.vhdx").into(),
+            parent_path: None,
             image_id: image.into(),
             image_name: format!("Lab {image}"),
             deployment_id: "dep-7".into(),
