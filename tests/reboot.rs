@@ -97,8 +97,15 @@ fn start_rebooted(dir: &Path, server: &Server, id: &str, system: &Path) -> Proc 
     command
         .arg("--config")
         .arg(&config)
-        .env("BOOTTORRENT_AGENT_ENROLL_TOKEN", server.enroll_token());
-    spawn(command, dir.join(format!("{id}-rebooted.log")))
+        .env("BOOTTORRENT_AGENT_ENROLL_TOKEN", server.enroll_token())
+        // Its boot program boots the next system the same way.
+        .env("NEXT_SYSTEM", dir.join(format!("{id}-next")));
+    // One log per start: a machine reboots more than once in a term.
+    let mut n = 1;
+    while dir.join(format!("{id}-rebooted-{n}.log")).exists() {
+        n += 1;
+    }
+    spawn(command, dir.join(format!("{id}-rebooted-{n}.log")))
 }
 
 fn deploy_reboot(server: &Server, image: &str, machines: &[&str]) -> String {
@@ -231,4 +238,91 @@ fn a_machine_back_in_its_old_system_or_not_back_at_all_fails_with_the_reason() {
     let error = machine(&d, "lab-gone")["error"].as_str().unwrap();
     assert!(error.contains("did not come back within 20 s"), "{error}");
     assert_eq!(d["state"], "failed", "{d:#}");
+}
+
+/// One machine through a term, as a lab runs it (#16): it reboots into image A, comes back
+/// running A and seeds A unchanged; reboots into B and runs B; A is withdrawn and deleted
+/// with its boot child; B deployed again completes at once. The same key throughout, and no
+/// approval asked at any start. Both images are `golden.vhdx`, as this week's and next
+/// week's would be.
+#[test]
+fn a_machine_lives_a_term_of_images_with_one_key_and_no_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), SERVE);
+    std::fs::create_dir_all(dir.join("week-1")).unwrap();
+    std::fs::create_dir_all(dir.join("week-2")).unwrap();
+    let (a, a_file) = catalogue(&server, &dir.join("week-1"), 3 << 20);
+    let (b, _) = catalogue(&server, &dir.join("week-2"), 5 << 20);
+    let (a, b) = (
+        a["id"].as_str().unwrap().to_owned(),
+        b["id"].as_str().unwrap().to_owned(),
+    );
+    let store = dir.join("lab-l");
+    let next = dir.join("lab-l-next");
+    let mut agent = start_installed(dir, &server, "lab-l");
+    let key = server.machine("lab-l").unwrap()["public_key"].clone();
+    let same_machine = |what: &str| {
+        let m = server.machine("lab-l").unwrap();
+        assert_eq!(m["key_state"], "approved", "{what}: {m}");
+        assert_eq!(m["public_key"], key, "{what}: {m}");
+        m
+    };
+
+    for (image, step) in [(&a, "A"), (&b, "B")] {
+        let id = deploy_reboot(&server, image, &["lab-l"]);
+        wait_rebooting(&server, &id, "lab-l");
+        assert!(agent.terminate().success(), "{}", agent.log_text());
+        agent = start_rebooted(dir, &server, "lab-l", &next);
+        let d = wait_long(&format!("the reboot into {step}"), || {
+            let d = server.get_json(&format!("/api/v1/deployments/{id}"));
+            (d["state"] != "running").then_some(d)
+        });
+        assert_eq!(d["state"], "completed", "{d:#}\n{}", agent.log_text());
+        let m = same_machine(step);
+        assert_eq!(m["running"]["image"], image.as_str(), "{m}");
+        // What it runs is a child; the golden keeps seeding exactly what the catalog has.
+        assert!(store.join(format!("children/{image}.vhdx")).exists());
+    }
+    assert_eq!(
+        std::fs::read(store.join(format!("images/{a}.vhdx"))).unwrap(),
+        std::fs::read(&a_file).unwrap(),
+        "A seeds unchanged"
+    );
+
+    // A is withdrawn: the machine deletes it and its boot child.
+    let first = server.get_json("/api/v1/deployments");
+    let a_deployment = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["image"]["id"] == a.as_str() || d["image"] == a.as_str())
+        .unwrap_or_else(|| panic!("no deployment of {a} in {first:#}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    output(server.cli(&["deployments", "cancel", &a_deployment]));
+    wait_long("A deleted", || {
+        (!store.join(format!("images/{a}.vhdx")).exists()
+            && !store.join(format!("children/{a}.vhdx")).exists())
+        .then_some(())
+    });
+    assert!(store.join(format!("images/{b}.vhdx")).exists());
+
+    // B again, to stage: nothing to fetch, the deployment completes at once.
+    let out = output(server.cli(&["deploy", "--json", &b, "--machine", "lab-l"]));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let again = d["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    let d = wait_long("B deployed again", || {
+        let d = server.get_json(&format!("/api/v1/deployments/{again}"));
+        (d["state"] == "completed").then_some(d)
+    });
+    assert_eq!(machine(&d, "lab-l")["state"], "staged", "{d:#}");
+    eprintln!(
+        "re-deploy of a held image completed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    same_machine("the end of the term");
+    drop(agent);
 }
