@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -16,15 +16,8 @@ const DEPLOY_PATIENCE: Duration = Duration::from_secs(120);
 /// how long a test waits for reconciliation.
 const SERVE: &[&str] = &["--heartbeat-interval-secs", "2"];
 
-fn wait_long<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + DEPLOY_PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_long<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, DEPLOY_PATIENCE, check)
 }
 
 /// Adds a VHDX to the catalog with the CLI; returns the image's id and the file.

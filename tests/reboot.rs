@@ -21,15 +21,8 @@ const SERVE: &[&str] = &[
 
 const PATIENCE: Duration = Duration::from_secs(120);
 
-fn wait_long<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_long<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, PATIENCE, check)
 }
 
 /// A boot program that writes the image id into the "next system" of the machine
