@@ -111,6 +111,13 @@ fn the_windows_agent_stages_an_image_as_a_service_and_a_booted_image_finds_its_s
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // A service has no console: what it did is in its log file next to its configuration.
+    let logged = std::fs::read_to_string(&service_log).unwrap_or_default();
+    assert!(
+        logged.contains("starting boottorrent-agent") && logged.contains("lab-win"),
+        "the service's log {}:\n{logged}",
+        service_log.display()
+    );
     let first = server.machine("lab-win").unwrap();
     assert_eq!(first["key_state"], "approved", "{first}");
 
