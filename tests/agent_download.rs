@@ -321,6 +321,60 @@ fn a_killed_agent_resumes_and_fetches_only_what_is_missing() {
 }
 
 #[test]
+fn a_staged_image_is_read_only_and_one_changed_on_disk_is_repaired_at_the_next_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), &[]);
+    let (image, vhdx) = catalogue(&server, dir, 8 << 20);
+    enroll(&server, dir, "lab-g");
+    let mut first = run_agent(dir, &server, "lab-g", &[]);
+    wait_for("the agent online", || server.online("lab-g").filter(|o| *o));
+    let progress = Events::watch(&server, EventKind::Progress);
+    assign(&server, &image, Some("lab-g"));
+    let staged = || loop {
+        if let (_, Event::Progress(p)) = progress.next("progress")
+            && p.state == ImageState::Staged
+        {
+            break;
+        }
+    };
+    staged();
+    let path = dir.join(format!(
+        "lab-g/images/{}.vhdx",
+        image["id"].as_str().unwrap()
+    ));
+    let source = std::fs::read(&vhdx).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), source);
+    let mode = || std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(), 0o444, "the verified golden image is read-only");
+    first.terminate();
+
+    // Something changes the golden while the agent is stopped (the test runs as root, whom the
+    // missing write bits do not stop; on Windows the read-only attribute would refuse it).
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xA5; 4096], 1 << 20).unwrap();
+    }
+    assert_ne!(std::fs::read(&path).unwrap(), source);
+    let second = run_agent(dir, &server, "lab-g", &[]);
+    staged();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        source,
+        "the changed piece is fetched again"
+    );
+    assert_eq!(mode(), 0o444, "sealed again once verified");
+    let log = second.log_text();
+    assert!(
+        log.contains("no longer matches its torrent"),
+        "the agent says why it downloads again:\n{}",
+        second.log_tail(30)
+    );
+}
+
+#[test]
 fn an_image_whose_sha256_does_not_match_is_not_staged() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,12 @@ fn the_windows_agent_stages_an_image_as_a_service_and_a_booted_image_finds_its_s
     assert!(store.join("agent.key").is_file());
     let images = files(&store.join("images"));
     assert_eq!(images.len(), 1, "{images:?}");
+    // Verified, the golden is sealed: Wine keeps the read-only attribute as missing write bits.
+    let mode = std::fs::metadata(store.join("images").join(&images[0]))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o222, 0, "the staged image is read-only: {mode:o}");
 
     // A service stop is a clean stop: the engine saves its resume record, the server hears
     // the machine leave.

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::boot::{self, Backend, BootRequest};
 use crate::child;
+use crate::golden;
 use crate::passkey::Passkey;
 use crate::running;
 use crate::tasks::Tasks;
@@ -239,6 +240,12 @@ impl Downloads {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&unassignment.image);
+        // Windows refuses to delete a read-only file.
+        if let Some(h) = &held
+            && let Err(e) = golden::unseal(&h.path)
+        {
+            tracing::warn!(image = %unassignment.image, path = %h.path.display(), "making the image writable to delete it: {e}");
+        }
         if let Some(handle) = handle {
             let _ = self.session.remove(handle.info_hash(), true).await;
         } else if let Some(h) = held {
@@ -450,22 +457,74 @@ impl Downloads {
         if let Some(previous) = previous {
             let _ = self.session.remove(previous.info_hash(), false).await;
         }
-        let handle = self
-            .session
-            .add(AddTorrent {
-                metainfo: torrent,
+        // A staged image is sealed (see `golden`) and only seeded, through a read-only handle.
+        // If the swarm's check finds it changed, what differs is downloaded again and the
+        // whole file verified again.
+        let mut staged = staged;
+        loop {
+            let mode = if staged {
+                Mode::Seed
+            } else {
+                golden::unseal(&path).map_err(|e| {
+                    Failure::new(
+                        "swarm",
+                        format!(
+                            "making {} writable to download into it: {e}",
+                            path.display()
+                        ),
+                    )
+                })?;
+                Mode::Download
+            };
+            let added = self.session.add(AddTorrent {
+                metainfo: torrent.clone(),
                 path: path.clone(),
-                mode: Mode::Download,
+                mode,
                 peers: Vec::new(),
                 use_tracker: true,
-            })
-            .map_err(|e| Failure::new("swarm", format!("starting the download: {e}")))?;
-        self.handles
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(assignment.image.clone(), handle.clone());
-        self.started(&assignment.image);
-        self.follow(assignment, handle, path, staged, token).await
+            });
+            let handle = match added {
+                Ok(handle) => handle,
+                // Gone, or cut short: nothing a seed can serve, but a download can fill.
+                Err(e) if staged => {
+                    tracing::warn!(image = %assignment.image, "cannot seed the staged image ({e}); downloading it again");
+                    staged = false;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Failure::new("swarm", format!("starting the download: {e}")).into());
+                }
+            };
+            self.handles
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(assignment.image.clone(), handle.clone());
+            self.started(&assignment.image);
+            match self
+                .follow(
+                    assignment.clone(),
+                    handle.clone(),
+                    path.clone(),
+                    staged,
+                    token,
+                )
+                .await
+            {
+                Err(Stop::Failed(e)) if staged && e.code == "download" => {
+                    tracing::warn!(
+                        image = %assignment.image,
+                        "the staged image no longer matches its torrent ({e}); downloading what differs"
+                    );
+                    self.handles
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&assignment.image);
+                    let _ = self.session.remove(handle.info_hash(), false).await;
+                    staged = false;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Reports progress until the download completes, then stages and boots.
@@ -566,6 +625,9 @@ impl Downloads {
             run
         };
         self.persist();
+        if let Err(e) = golden::seal(&path) {
+            tracing::warn!(image = %assignment.image, path = %path.display(), "making the verified image read-only: {e}; it is staged all the same");
+        }
         tracing::info!(image = %assignment.image, "image staged; seeding it to peers");
         let s = stats.borrow().clone();
         self.send(Event::Progress(Progress {

@@ -28,6 +28,7 @@ mod boot;
 mod child;
 mod config;
 mod downloads;
+mod golden;
 mod identity;
 mod inventory;
 mod link;
