@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use boottorrent_proto::{AfterDownload, MachineId, PublicKeyBytes, ZoneId};
+use boottorrent_proto::{AfterDownload, MachineId, Persistence, PublicKeyBytes, ZoneId};
 use serde::{Deserialize, Serialize};
 
 /// The body of every error answer: `{"error": "<what failed and what to do>", "code": "<code>"}`.
@@ -238,6 +238,9 @@ pub struct CreateDeployment {
     pub target: Target,
     #[serde(default)]
     pub action: Action,
+    /// What becomes of a booted machine's writes; `reset` needs `set_boot` or `reboot`.
+    #[serde(default)]
+    pub persistence: Persistence,
 }
 
 /// Where a zone's definition came from (`source` of a zone).

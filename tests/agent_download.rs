@@ -150,6 +150,7 @@ fn assignment_of(image: &serde_json::Value) -> ArtifactAssignment {
         torrent_url: image["torrent_url"].as_str().unwrap().to_owned(),
         save_path: "golden.vhdx".into(),
         action: AfterDownload::Stage,
+        persistence: Default::default(),
     }
 }
 

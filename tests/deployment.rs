@@ -452,6 +452,20 @@ fn bad_deployment_and_zone_requests_are_refused_and_create_nothing() {
             400,
             "explode",
         ),
+        (
+            format!(
+                r#"{{"image": "{image}", "target": {{"global": true}}, "persistence": "reset"}}"#
+            ),
+            400,
+            "action \"stage\" boots nothing",
+        ),
+        (
+            format!(
+                r#"{{"image": "{image}", "target": {{"global": true}}, "action": "reboot", "persistence": "forever"}}"#
+            ),
+            400,
+            "forever",
+        ),
         (format!(r#"{{"image": "{image}""#), 400, ""),
         ("not json".to_owned(), 400, ""),
     ];

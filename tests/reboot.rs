@@ -25,15 +25,17 @@ fn wait_long<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
     wait_until(what, PATIENCE, check)
 }
 
-/// A boot program that writes the image id into the "next system" of the machine
-/// (`$NEXT_SYSTEM/running-image`), as a site's program writes it into the root it boots.
+/// A boot program that writes the image id and the file booted into the "next system" of
+/// the machine (`$NEXT_SYSTEM/running-image`), as a site's program writes them into the root
+/// it boots, and logs each run to `$NEXT_SYSTEM/boots`.
 fn boot_script(dir: &Path) -> PathBuf {
     let script = dir.join("reboot.sh");
     std::fs::write(
         &script,
         "#!/bin/sh\nset -e\nmkdir -p \"$NEXT_SYSTEM\"\n\
-         printf '%s\\n' \"$BOOTTORRENT_IMAGE_ID\" > \"$NEXT_SYSTEM/running-image\"\n\
-         echo \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID\" >> \"$NEXT_SYSTEM/boots\"\n",
+         printf '%s\\n%s\\n' \"$BOOTTORRENT_IMAGE_ID\" \"$BOOTTORRENT_IMAGE_PATH\" \
+           > \"$NEXT_SYSTEM/running-image\"\n\
+         echo \"$BOOTTORRENT_ACTION $BOOTTORRENT_IMAGE_ID $BOOTTORRENT_IMAGE_PATH\" >> \"$NEXT_SYSTEM/boots\"\n",
     )
     .unwrap();
     let mut perms = std::fs::metadata(&script).unwrap().permissions();
@@ -145,10 +147,9 @@ fn a_reboot_is_booted_when_the_machine_comes_back_running_the_image() {
     // The boot step succeeding is not the machine running the image.
     assert_eq!(d["state"], "running", "{d:#}");
     let next = dir.join("lab-a-next");
-    assert_eq!(
-        std::fs::read_to_string(next.join("boots")).unwrap(),
-        format!("reboot {image}\n")
-    );
+    let child = dir.join(format!("lab-a/children/{image}.vhdx"));
+    let boots = format!("reboot {image} {}\n", child.display());
+    assert_eq!(std::fs::read_to_string(next.join("boots")).unwrap(), boots);
     let key = std::fs::read(dir.join("lab-a/agent.key")).unwrap();
     assert!(installed.terminate().success(), "{}", installed.log_text());
 
@@ -176,7 +177,7 @@ fn a_reboot_is_booted_when_the_machine_comes_back_running_the_image() {
     assert!(log.contains("running image"), "{log}");
     assert_eq!(
         std::fs::read_to_string(next.join("boots")).unwrap(),
-        format!("reboot {image}\n"),
+        boots,
         "the boot step does not run again in the booted system"
     );
     // The operator's views say it too.
@@ -317,5 +318,114 @@ fn a_machine_lives_a_term_of_images_with_one_key_and_no_approval() {
         started.elapsed().as_secs_f64()
     );
     same_machine("the end of the term");
+    drop(agent);
+}
+
+/// A `reset` deployment (#16): every boot starts from a fresh child of the golden. The agent
+/// started inside the image makes the other child anew and points the boot entry at it, once
+/// per boot; what the system wrote into the child it ran is gone at the boot after.
+#[test]
+fn a_reset_image_starts_every_boot_from_a_fresh_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), SERVE);
+    let (image, _) = catalogue(&server, dir, 3 << 20);
+    let image = image["id"].as_str().unwrap().to_owned();
+    let store = dir.join("lab-r");
+    let next = dir.join("lab-r-next");
+    let slots = [
+        store.join(format!("children/{image}.vhdx")),
+        store.join(format!("children/{image}.2.vhdx")),
+    ];
+    let boots = || -> Vec<String> {
+        let text = std::fs::read_to_string(next.join("boots")).unwrap_or_default();
+        text.lines().map(str::to_owned).collect()
+    };
+    let booted = |action: &str, slot: &Path| format!("{action} {image} {}", slot.display());
+    // A boot: the system the boot entry points at now starts, with its own marker.
+    let boot_into = |n: u32| -> PathBuf {
+        let system = dir.join(format!("lab-r-boot-{n}"));
+        std::fs::create_dir_all(&system).unwrap();
+        std::fs::copy(next.join("running-image"), system.join("running-image")).unwrap();
+        system
+    };
+
+    let mut agent = start_installed(dir, &server, "lab-r");
+    let out = output(server.cli(&[
+        "deploy",
+        "--json",
+        &image,
+        "--action",
+        "reboot",
+        "--persistence",
+        "reset",
+        "--machine",
+        "lab-r",
+    ]));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["persistence"], "reset", "{d:#}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    wait_rebooting(&server, &id, "lab-r");
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    assert_eq!(boots(), [booted("reboot", &slots[0])]);
+    let fresh = std::fs::metadata(&slots[0]).unwrap().len();
+
+    // Boot 1, from the first child: the deployment is done, and the second child is ready.
+    let first_boot = boot_into(1);
+    agent = start_rebooted(dir, &server, "lab-r", &first_boot);
+    let d = wait_long("the reboot into the image", || {
+        let d = server.get_json(&format!("/api/v1/deployments/{id}"));
+        (d["state"] != "running").then_some(d)
+    });
+    assert_eq!(d["state"], "completed", "{d:#}\n{}", agent.log_text());
+    wait_long("the next child made", || (boots().len() == 2).then_some(()));
+    assert_eq!(
+        boots()[1],
+        booted("set-boot", &slots[1]),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(std::fs::metadata(&slots[1]).unwrap().len(), fresh);
+    // The running system writes into its child.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&slots[0])
+            .unwrap();
+        f.write_all(&[0x5A; 1 << 20]).unwrap();
+    }
+
+    // The agent restarts within the same boot: nothing is made again.
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    agent = start_rebooted(dir, &server, "lab-r", &first_boot);
+    wait_long("the restarted agent's check", || {
+        agent
+            .log_text()
+            .contains("made earlier in this boot")
+            .then_some(())
+    });
+    assert_eq!(boots().len(), 2, "{:?}", boots());
+
+    // Boot 2, from the second child: the first, written into, is made anew for boot 3.
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    agent = start_rebooted(dir, &server, "lab-r", &boot_into(2));
+    wait_long("the next child made again", || {
+        (boots().len() == 3).then_some(())
+    });
+    assert_eq!(
+        boots()[2],
+        booted("set-boot", &slots[0]),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        std::fs::metadata(&slots[0]).unwrap().len(),
+        fresh,
+        "what boot 1 wrote is gone"
+    );
+    let m = server.machine("lab-r").unwrap();
+    assert_eq!(m["running"]["image"], image.as_str(), "{m}");
+    assert_eq!(m["key_state"], "approved", "{m}");
     drop(agent);
 }

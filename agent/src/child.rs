@@ -7,10 +7,19 @@
 //! linkage, written by [`boottorrent_vhdx::create_child`]), and the backends boot that.
 //! Windows writes only into the child; the golden stays byte for byte what the swarm serves.
 //!
-//! A child is kept across deployments of the same image (`keep`): a later deployment re-uses
-//! it while its linkage to the golden holds, and makes a new one when it does not (a
-//! re-downloaded golden has a new data write GUID). An image that is not a VHDX (a Linux
-//! site's raw or squashfs image with the `command` backend) is booted as it is.
+//! What becomes of the booted system's writes is the deployment's `persistence`:
+//!
+//! - `keep`: one child, `<image>.vhdx`, kept across reboots and deployments of the same image:
+//!   a later deployment re-uses it while its linkage to the golden holds, and makes a new one
+//!   when it does not (a re-downloaded golden has a new data write GUID).
+//! - `reset`: a fresh child for every boot, so every boot starts from the golden. The child
+//!   the machine runs cannot be replaced while it runs (Windows holds its boot disk open), so
+//!   a `reset` image has two, `<image>.vhdx` and `<image>.2.vhdx`: the agent started inside
+//!   one makes the other anew and points the boot entry at it ([`next_slot`]), with nothing
+//!   running outside Windows.
+//!
+//! An image that is not a VHDX (a Linux site's raw or squashfs image with the `command`
+//! backend) is booted as it is.
 //!
 //! Room first: a booted child can grow to the image's whole virtual size, so the boot step is
 //! refused, before anything is changed, unless the store's volume has that much free beyond
@@ -18,7 +27,7 @@
 
 use std::path::{Path, PathBuf};
 
-use boottorrent_proto::ImageId;
+use boottorrent_proto::{ImageId, Persistence};
 use boottorrent_vhdx::{ParentLocator, VhdxError};
 
 /// The directory of the children in the store.
@@ -62,12 +71,36 @@ pub enum ChildError {
     Locator { image: ImageId, reason: String },
 }
 
-/// The child of `golden` to boot, made if missing or stale, after checking room for it.
-/// `free` reports the free bytes of the store's volume (a parameter so tests can set it).
+/// The two files a child of `image` may be: the first is `keep`'s, and `reset` alternates.
+pub fn slots(store: &Path, image: &ImageId) -> [PathBuf; 2] {
+    let children = store.join(CHILDREN_DIR);
+    [
+        children.join(format!("{image}.vhdx")),
+        children.join(format!("{image}.2.vhdx")),
+    ]
+}
+
+/// The child to make for the next boot of a `reset` image while the machine runs `running`:
+/// the slot it does not run from.
+pub fn next_slot(store: &Path, image: &ImageId, running: Option<&Path>) -> PathBuf {
+    let [first, second] = slots(store, image);
+    if running == Some(first.as_path()) {
+        second
+    } else {
+        first
+    }
+}
+
+/// The child of `golden` to boot, after checking room for it: for `keep`, the image's one
+/// child, made if missing or stale; for `reset`, a fresh child in the slot the machine does
+/// not run from (`running`, the file booted now, if known). `free` reports the free bytes of
+/// the store's volume (a parameter so tests can set it).
 pub fn prepare(
     store: &Path,
     image: &ImageId,
     golden: &Path,
+    persistence: Persistence,
+    running: Option<&Path>,
     reserve: u64,
     free: impl FnOnce(&Path) -> std::io::Result<u64>,
 ) -> Result<Bootable, ChildError> {
@@ -86,16 +119,20 @@ pub fn prepare(
     };
     let info = boottorrent_vhdx::inspect(golden).map_err(vhdx_error)?;
     let children = store.join(CHILDREN_DIR);
-    let child = children.join(format!("{image}.vhdx"));
-    let current = child.exists()
-        && boottorrent_vhdx::inspect_child(&child, golden)
-            .inspect_err(|e| tracing::info!(%image, "making a new boot child: {e}"))
-            .is_ok();
-    // What the child holds already counts as used; what it may still grow by must be free.
-    let held = std::fs::metadata(&child)
-        .ok()
-        .filter(|_| current)
-        .map_or(0, |m| m.len());
+    let (child, current) = match persistence {
+        Persistence::Keep => {
+            let [child, _] = slots(store, image);
+            let current = child.exists()
+                && boottorrent_vhdx::inspect_child(&child, golden)
+                    .inspect_err(|e| tracing::info!(%image, "making a new boot child: {e}"))
+                    .is_ok();
+            (child, current)
+        }
+        Persistence::Reset => (next_slot(store, image, running), false),
+    };
+    // What the child holds already counts as used; what it may still grow by must be free. A
+    // child about to be replaced frees what it holds.
+    let held = std::fs::metadata(&child).map_or(0, |m| m.len());
     let needed = info.virtual_size.saturating_sub(held) + reserve;
     if let Ok(free) = free(store)
         && free < needed
@@ -117,7 +154,7 @@ pub fn prepare(
         if child.exists() {
             std::fs::remove_file(&child).map_err(|e| ChildError::Locator {
                 image: image.clone(),
-                reason: format!("removing the stale child {}: {e}", child.display()),
+                reason: format!("removing the old child {}: {e}", child.display()),
             })?;
         }
         let locator = locator(golden, &child).map_err(|reason| ChildError::Locator {
@@ -133,13 +170,16 @@ pub fn prepare(
     })
 }
 
-/// Deletes the boot child of `image`, if any: its golden is gone, so it could not boot.
+/// Deletes the boot children of `image`, if any: its golden is gone, so they could not boot.
 pub fn remove(store: &Path, image: &ImageId) {
-    let child = store.join(CHILDREN_DIR).join(format!("{image}.vhdx"));
-    match std::fs::remove_file(&child) {
-        Ok(()) => tracing::info!(%image, child = %child.display(), "deleted the boot child"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(%image, child = %child.display(), "deleting the boot child: {e}"),
+    for child in slots(store, image) {
+        match std::fs::remove_file(&child) {
+            Ok(()) => tracing::info!(%image, child = %child.display(), "deleted the boot child"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(%image, child = %child.display(), "deleting the boot child: {e}")
+            }
+        }
     }
 }
 
@@ -177,6 +217,8 @@ fn locator(golden: &Path, child: &Path) -> Result<ParentLocator, String> {
 mod tests {
     use super::*;
 
+    const KEEP: Persistence = Persistence::Keep;
+
     fn id(s: &str) -> ImageId {
         s.parse().unwrap()
     }
@@ -203,7 +245,7 @@ mod tests {
         let golden = golden(store, "64M");
         let before = std::fs::read(&golden).unwrap();
         let plenty = |_: &Path| Ok(u64::MAX);
-        let first = prepare(store, &id("img-1"), &golden, 0, plenty).unwrap();
+        let first = prepare(store, &id("img-1"), &golden, KEEP, None, 0, plenty).unwrap();
         assert_eq!(first.path, store.join("children/img-1.vhdx"));
         assert_eq!(first.parent.as_deref(), Some(golden.as_path()));
         boottorrent_vhdx::inspect_child(&first.path, &golden).unwrap();
@@ -211,7 +253,7 @@ mod tests {
         assert_eq!(std::fs::read(&golden).unwrap(), before);
         // Written into, the child is kept by the next deployment of the same image.
         let marker = std::fs::metadata(&first.path).unwrap().modified().unwrap();
-        let again = prepare(store, &id("img-1"), &golden, 0, plenty).unwrap();
+        let again = prepare(store, &id("img-1"), &golden, KEEP, None, 0, plenty).unwrap();
         assert_eq!(again, first);
         assert_eq!(
             std::fs::metadata(&again.path).unwrap().modified().unwrap(),
@@ -227,11 +269,11 @@ mod tests {
         let store = dir.path();
         let old = golden(store, "64M");
         let plenty = |_: &Path| Ok(u64::MAX);
-        prepare(store, &id("img-1"), &old, 0, plenty).unwrap();
+        prepare(store, &id("img-1"), &old, KEEP, None, 0, plenty).unwrap();
         // The image downloaded again: a new golden with a new data write GUID.
         std::fs::remove_file(&old).unwrap();
         let new = golden(store, "64M");
-        let child = prepare(store, &id("img-1"), &new, 0, plenty).unwrap();
+        let child = prepare(store, &id("img-1"), &new, KEEP, None, 0, plenty).unwrap();
         boottorrent_vhdx::inspect_child(&child.path, &new).unwrap();
     }
 
@@ -240,7 +282,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path();
         let golden = golden(store, "1G");
-        let e = prepare(store, &id("img-1"), &golden, 256 << 20, |_| Ok(1 << 30)).unwrap_err();
+        let e = prepare(store, &id("img-1"), &golden, KEEP, None, 256 << 20, |_| {
+            Ok(1 << 30)
+        })
+        .unwrap_err();
         let text = e.to_string();
         assert!(
             text.contains("not enough room to boot image img-1"),
@@ -252,7 +297,7 @@ mod tests {
         );
         assert!(!store.join(CHILDREN_DIR).join("img-1.vhdx").exists());
         // Just enough: booted.
-        prepare(store, &id("img-1"), &golden, 256 << 20, |_| {
+        prepare(store, &id("img-1"), &golden, KEEP, None, 256 << 20, |_| {
             Ok((1 << 30) + (256 << 20))
         })
         .unwrap();
@@ -263,7 +308,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rootfs.squashfs");
         std::fs::write(&path, b"not a disk").unwrap();
-        let b = prepare(dir.path(), &id("img-2"), &path, 0, |_| Ok(0)).unwrap();
+        let b = prepare(dir.path(), &id("img-2"), &path, KEEP, None, 0, |_| Ok(0)).unwrap();
         assert_eq!(b, Bootable { path, parent: None });
+    }
+
+    #[test]
+    fn a_reset_image_gets_a_fresh_child_in_the_slot_it_does_not_run_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path();
+        let golden = golden(store, "64M");
+        let plenty = |_: &Path| Ok(u64::MAX);
+        let reset = Persistence::Reset;
+        let [first, second] = slots(store, &id("img-1"));
+        // Not running the image: the first slot.
+        let boot1 = prepare(store, &id("img-1"), &golden, reset, None, 0, plenty).unwrap();
+        assert_eq!(boot1.path, first);
+        let fresh_len = std::fs::metadata(&first).unwrap().len();
+        // The booted system writes into it.
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&first)
+                .unwrap();
+            f.write_all(&[7; 1 << 20]).unwrap();
+        }
+        // Running from the first, the next boot gets the second, new.
+        let boot2 = prepare(store, &id("img-1"), &golden, reset, Some(&first), 0, plenty).unwrap();
+        assert_eq!(boot2.path, second);
+        boottorrent_vhdx::inspect_child(&second, &golden).unwrap();
+        // Running from the second, the first is made anew: what the system wrote is gone.
+        let boot3 = prepare(
+            store,
+            &id("img-1"),
+            &golden,
+            reset,
+            Some(&second),
+            0,
+            plenty,
+        )
+        .unwrap();
+        assert_eq!(boot3.path, first);
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), fresh_len);
+        boottorrent_vhdx::inspect_child(&first, &golden).unwrap();
+        // The golden's children go with it, both of them.
+        remove(store, &id("img-1"));
+        assert!(!first.exists() && !second.exists());
     }
 }

@@ -195,8 +195,9 @@ pub struct Overrides {
     /// Program the `command` boot backend runs.
     #[arg(long, env = "BOOTTORRENT_AGENT_BOOT_COMMAND", value_name = "PROGRAM")]
     pub boot_command: Option<PathBuf>,
-    /// File in the running system holding the id of the image it was booted from (`command`
-    /// backend).
+    /// File in the running system holding the id of the image it was booted from, and on a
+    /// second line the file booted (`command` backend; a `reset` deployment needs the second
+    /// line).
     #[arg(
         long,
         env = "BOOTTORRENT_AGENT_RUNNING_IMAGE_FILE",
@@ -432,9 +433,11 @@ boot_backend = "{backend}"
 # BOOTTORRENT_DEPLOYMENT_ID and BOOTTORRENT_ACTION in its environment.
 # boot_command = "/usr/local/sbin/boottorrent-boot"
 # With "command": a file inside the running system holding the id of the image it was booted
-# from, one line. The boot program writes $BOOTTORRENT_IMAGE_ID there in the system it boots
-# (or the image carries it); the agent reads it at every start and tells the server, which
-# marks a `reboot` deployment booted only when the machine comes back running that image.
+# from, and on a second line the file booted. The boot program writes $BOOTTORRENT_IMAGE_ID
+# and $BOOTTORRENT_IMAGE_PATH there in the system it boots (or the image carries the id); the
+# agent reads it at every start and tells the server, which marks a `reboot` deployment
+# booted only when the machine comes back running that image. A `reset` deployment needs the
+# second line, to know which of the image's two boot children runs.
 # Missing file: running no image BootTorrent booted. (The "windows" backend needs nothing:
 # it reads the boot device of {{current}} from bcdedit.)
 # running_image_file = "/etc/boottorrent/running-image"

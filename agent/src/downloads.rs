@@ -26,7 +26,7 @@ use boottorrent_bt::InfoHash;
 use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_proto::{
     AfterDownload, ArtifactAssignment, ArtifactUnassignment, BootReport, ErrorReport, Event,
-    HeldImage, ImageId, ImageState, Progress,
+    HeldImage, ImageId, ImageState, Persistence, Progress,
 };
 use boottorrent_swarm::session::{AddTorrent, Mode, Session, TorrentHandle, TorrentState};
 use tokio::sync::mpsc;
@@ -36,7 +36,7 @@ use crate::boot::{self, Backend, BootRequest};
 use crate::child;
 use crate::golden;
 use crate::passkey::Passkey;
-use crate::running;
+use crate::running::{self, Running};
 use crate::tasks::Tasks;
 
 /// How often a download reports its progress.
@@ -76,6 +76,8 @@ pub struct Downloads {
     /// removes its own entry, not that of a newer download of the same image.
     downloading: Mutex<HashMap<ImageId, (u64, CancellationToken)>>,
     next_download: AtomicU64,
+    /// What the machine runs, found at start; it changes only with a restart.
+    running: Option<Running>,
 }
 
 impl Downloads {
@@ -90,6 +92,7 @@ impl Downloads {
         boot: Backend,
         disk_reserve: u64,
         events: mpsc::Sender<Event>,
+        running: Option<Running>,
         tasks: &Tasks,
     ) -> Arc<Downloads> {
         let downloads = Arc::new(Downloads {
@@ -111,11 +114,19 @@ impl Downloads {
             shutdown: tasks.token(),
             downloading: Mutex::new(HashMap::new()),
             next_download: AtomicU64::new(0),
+            running,
         });
         tasks.spawn("introduce", {
             let d = downloads.clone();
             async move {
                 d.introduce().await;
+                Ok(())
+            }
+        });
+        tasks.spawn("next boot", {
+            let d = downloads.clone();
+            async move {
+                d.prepare_next_boot().await;
                 Ok(())
             }
         });
@@ -270,7 +281,8 @@ impl Downloads {
             .await;
             return;
         };
-        let bootable = match self.bootable(&command.image, &held.path) {
+        let bootable = match self.bootable(&command.image, &held.path, held.assignment.persistence)
+        {
             Ok(bootable) => bootable,
             Err(outcome) => {
                 self.report_boot(command.deployment, command.image, outcome)
@@ -301,12 +313,87 @@ impl Downloads {
             .await;
     }
 
+    /// For a `reset` image the machine runs: makes the fresh child its next boot starts from
+    /// and points the boot entry at it (see [`child`]), once per boot. A failure is an `error`
+    /// event: the next boot would then start from the child that runs now, with its writes.
+    async fn prepare_next_boot(&self) {
+        let Some(running) = &self.running else {
+            return;
+        };
+        let image = &running.image.image;
+        let Some(held) = self.lock_held().get(image).cloned() else {
+            return;
+        };
+        if held.assignment.persistence != Persistence::Reset || matches!(self.boot, Backend::None) {
+            return;
+        }
+        let failed = |message: String| {
+            tracing::error!(%image, "{message}");
+            Event::Error(ErrorReport {
+                code: "reset_failed".into(),
+                message,
+                deployment: None,
+            })
+        };
+        let Some(path) = &running.path else {
+            let message = format!(
+                "image {image} is deployed with persistence reset, but this agent cannot tell \
+                 which of its boot children runs, so the next boot keeps this one's changes; \
+                 the boot program should write $BOOTTORRENT_IMAGE_PATH as the second line of \
+                 running_image_file"
+            );
+            self.send(failed(message)).await;
+            return;
+        };
+        let next = child::next_slot(&self.data_dir, image, Some(path));
+        if next.exists() && running::newest_path(&self.data_dir, image).as_ref() == Some(&next) {
+            tracing::info!(%image, next = %next.display(), "the next boot's fresh child was made earlier in this boot");
+            return;
+        }
+        let bootable = match self.bootable(image, &held.path, Persistence::Reset) {
+            Ok(bootable) => bootable,
+            Err(outcome) => {
+                self.send(failed(outcome.message)).await;
+                return;
+            }
+        };
+        let deployment = running
+            .image
+            .deployment
+            .clone()
+            .unwrap_or_else(|| held.assignment.deployment.clone());
+        self.record_boot(image, &deployment, &bootable.path);
+        let outcome = boot::run(
+            &self.boot,
+            &BootRequest {
+                image_path: bootable.path.clone(),
+                parent_path: bootable.parent,
+                image_id: image.to_string(),
+                image_name: held.assignment.name.clone(),
+                deployment_id: deployment.to_string(),
+                action: AfterDownload::SetBoot,
+            },
+        )
+        .await;
+        if outcome.ok {
+            tracing::info!(%image, next = %bootable.path.display(), "the next boot starts from a fresh child (persistence reset)");
+        } else {
+            let message = format!(
+                "pointing the boot entry of image {image} at its fresh child {}: {}",
+                bootable.path.display(),
+                outcome.message
+            );
+            self.send(failed(message)).await;
+        }
+    }
+
     /// What to boot for the staged image at `golden`: its differencing child, made (and room
     /// for it checked) now; a failure is the boot's outcome, before any boot entry changes.
     fn bootable(
         &self,
         image: &ImageId,
         golden: &Path,
+        persistence: Persistence,
     ) -> Result<child::Bootable, boot::BootOutcome> {
         let boot_steps = !matches!(self.boot, Backend::None);
         if !boot_steps {
@@ -315,10 +402,18 @@ impl Downloads {
                 parent: None,
             });
         }
+        // The child this machine runs from now, which a `reset` image must not replace.
+        let running = self
+            .running
+            .as_ref()
+            .filter(|r| r.image.image == *image)
+            .and_then(|r| r.path.as_deref());
         child::prepare(
             &self.data_dir,
             image,
             golden,
+            persistence,
+            running,
             self.disk_reserve,
             crate::inventory::free_disk_bytes,
         )
@@ -642,7 +737,7 @@ impl Downloads {
         }))
         .await;
         if run_boot {
-            let bootable = match self.bootable(&assignment.image, &path) {
+            let bootable = match self.bootable(&assignment.image, &path, assignment.persistence) {
                 Ok(bootable) => bootable,
                 Err(outcome) => {
                     self.report_boot(Some(assignment.deployment), assignment.image, outcome)

@@ -318,6 +318,7 @@ fn run_agent(
             backend,
             config.disk_reserve_bytes,
             events_tx,
+            running.clone(),
             &tasks,
         );
         let held: link::HeldFn = {
@@ -355,7 +356,7 @@ fn run_agent(
                 commands_tx,
                 events_rx,
                 held,
-                running,
+                running.map(|r| r.image),
                 tasks.clone(),
                 tasks.token(),
             ),

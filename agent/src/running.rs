@@ -14,9 +14,11 @@
 //!   which differs between the host system (`C:`) and a booted image (where the host volume
 //!   gets another letter), case-insensitively as NTFS compares names.
 //! - `command`: `running_image_file`, a file inside the running system that holds the image
-//!   id. The site's boot program writes `$BOOTTORRENT_IMAGE_ID` there in the system it boots
-//!   (or the image carries it); the agent only reads it. A missing file means the machine runs
-//!   no image BootTorrent booted.
+//!   id and, on its second line, the file booted. The site's boot program writes
+//!   `$BOOTTORRENT_IMAGE_ID` and `$BOOTTORRENT_IMAGE_PATH` there in the system it boots (or
+//!   the image carries the id); the agent only reads it. A missing file means the machine runs
+//!   no image BootTorrent booted. Without the second line the agent knows the image but not
+//!   which of its boot children runs, which a `reset` image needs (see [`crate::child`]).
 //! - `none`: nothing is ever booted; the agent reports none.
 
 use std::path::{Path, PathBuf};
@@ -40,6 +42,14 @@ const KEEP: usize = 32;
 #[cfg(windows)]
 const BCDEDIT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// What this machine runs: the image as `startup` tells it, and the file booted when the
+/// backend can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub image: RunningImage,
+    pub path: Option<PathBuf>,
+}
+
 /// One boot the agent asked a backend for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootRecord {
@@ -61,7 +71,9 @@ struct BootsFile {
 }
 
 /// Records, before a backend runs, that `image` of `deployment` is booted from `path`. It
-/// replaces an earlier record of the same image.
+/// replaces an earlier record of the same image and file; a record of another file of the
+/// image stays (a `reset` image alternates between two children, and the one running must
+/// still be recognised after the next one is recorded).
 pub fn record(
     store: &Path,
     image: &ImageId,
@@ -69,7 +81,7 @@ pub fn record(
     path: &Path,
 ) -> anyhow::Result<()> {
     let mut boots = recorded(store);
-    boots.retain(|b| b.image != *image);
+    boots.retain(|b| b.image != *image || b.path != path);
     boots.push(BootRecord {
         image: image.clone(),
         deployment: deployment.clone(),
@@ -115,13 +127,22 @@ pub fn recorded(store: &Path) -> Vec<BootRecord> {
     }
 }
 
+/// The file most recently recorded as booted for `image`: what its boot entry points at.
+pub fn newest_path(store: &Path, image: &ImageId) -> Option<PathBuf> {
+    recorded(store)
+        .into_iter()
+        .rev()
+        .find(|b| b.image == *image)
+        .map(|b| b.path)
+}
+
 /// What this machine runs, by the means of `backend` (see the module docs). Logs what it
 /// found and why, since an operator reading a failed deployment asks exactly that.
 pub async fn determine(
     backend: &Backend,
     running_image_file: Option<&Path>,
     store: &Path,
-) -> Option<RunningImage> {
+) -> Option<Running> {
     let boots = recorded(store);
     match backend {
         Backend::None => None,
@@ -145,7 +166,10 @@ pub async fn determine(
                 }
             };
             match parse_marker(&text) {
-                Ok(image) => Some(found(image, &boots, &format!("{}", file.display()))),
+                Ok((image, path)) => Some(Running {
+                    image: found(image, &boots, &format!("{}", file.display())),
+                    path,
+                }),
                 Err(e) => {
                     tracing::warn!(file = %file.display(), "running_image_file {e}; reporting no running image");
                     None
@@ -172,20 +196,22 @@ fn found(image: ImageId, boots: &[BootRecord], source: &str) -> RunningImage {
     RunningImage { image, deployment }
 }
 
-/// The image id in a marker file: its first non-empty line, trimmed.
-pub fn parse_marker(text: &str) -> Result<ImageId, String> {
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty());
-    let Some(line) = line else {
+/// The image id in a marker file, its first non-empty line, and the file booted, its second
+/// if there is one; trimmed.
+pub fn parse_marker(text: &str) -> Result<(ImageId, Option<PathBuf>), String> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let Some(line) = lines.next() else {
         return Err("is empty: write the image id (BOOTTORRENT_IMAGE_ID) into it".into());
     };
-    line.parse().map_err(|e| {
+    let image = line.parse().map_err(|e| {
         let shown: String = line.chars().take(80).collect();
         format!("holds {shown:?}, which is not an image id ({e})")
-    })
+    })?;
+    Ok((image, lines.next().map(PathBuf::from)))
 }
 
 #[cfg(windows)]
-async fn windows_current(boots: &[BootRecord]) -> Option<RunningImage> {
+async fn windows_current(boots: &[BootRecord]) -> Option<Running> {
     let run = tokio::process::Command::new("bcdedit")
         .args(["/enum", "{current}"])
         .kill_on_drop(true)
@@ -211,7 +237,7 @@ async fn windows_current(boots: &[BootRecord]) -> Option<RunningImage> {
 }
 
 #[cfg(not(windows))]
-async fn windows_current(_boots: &[BootRecord]) -> Option<RunningImage> {
+async fn windows_current(_boots: &[BootRecord]) -> Option<Running> {
     tracing::warn!(
         "boot_backend \"windows\" reads bcdedit, which runs only on Windows; reporting no running image"
     );
@@ -222,7 +248,7 @@ async fn windows_current(_boots: &[BootRecord]) -> Option<RunningImage> {
 /// record whose file is the current boot device. `None` when the system does not boot from
 /// a VHD, or from one no record names (each logged).
 #[cfg_attr(not(windows), allow(dead_code))] // Windows runs it; tested everywhere.
-pub fn match_current(bcdedit: &str, boots: &[BootRecord]) -> Option<RunningImage> {
+pub fn match_current(bcdedit: &str, boots: &[BootRecord]) -> Option<Running> {
     let Some(device) = current_vhd(bcdedit) else {
         tracing::info!(
             "running no image BootTorrent booted ({{current}} does not boot from a VHD)"
@@ -234,11 +260,10 @@ pub fn match_current(bcdedit: &str, boots: &[BootRecord]) -> Option<RunningImage
         .rev()
         .find(|b| same_file(&b.path.to_string_lossy(), &device));
     match hit {
-        Some(b) => Some(found(
-            b.image.clone(),
-            boots,
-            &format!("boot device {device}"),
-        )),
+        Some(b) => Some(Running {
+            image: found(b.image.clone(), boots, &format!("boot device {device}")),
+            path: Some(b.path.clone()),
+        }),
         None => {
             tracing::info!(
                 device,
@@ -359,9 +384,12 @@ systemroot              \\Windows
         ];
         assert_eq!(
             match_current(BOOTED_FROM_VHD, &boots),
-            Some(RunningImage {
-                image: "win11".parse().unwrap(),
-                deployment: Some("d-2".parse().unwrap()),
+            Some(Running {
+                image: RunningImage {
+                    image: "win11".parse().unwrap(),
+                    deployment: Some("d-2".parse().unwrap()),
+                },
+                path: Some(r"C:\BootTorrent\images\win11 lab.VHDX".into()),
             })
         );
         assert_eq!(match_current(INSTALLED_SYSTEM, &boots), None);
@@ -371,8 +399,18 @@ systemroot              \\Windows
     }
 
     #[test]
-    fn a_marker_holds_one_image_id() {
-        assert_eq!(parse_marker("\n  win11 \n").unwrap().as_str(), "win11");
+    fn a_marker_holds_an_image_id_and_maybe_the_file_booted() {
+        assert_eq!(
+            parse_marker("\n  win11 \n").unwrap(),
+            ("win11".parse().unwrap(), None)
+        );
+        assert_eq!(
+            parse_marker("win11\n/store/children/win11.2.vhdx\n").unwrap(),
+            (
+                "win11".parse().unwrap(),
+                Some("/store/children/win11.2.vhdx".into())
+            )
+        );
         assert!(parse_marker(" \n").unwrap_err().contains("empty"));
         let err = parse_marker("not an id!").unwrap_err();
         assert!(err.contains("not an id!"), "{err}");
@@ -393,20 +431,31 @@ systemroot              \\Windows
         let img: ImageId = "img-a".parse().unwrap();
         record(store.path(), &img, &"d-1".parse().unwrap(), Path::new("/a")).unwrap();
         record(store.path(), &img, &"d-2".parse().unwrap(), Path::new("/a")).unwrap();
-        assert_eq!(recorded(store.path()).len(), 1, "one record per image");
+        assert_eq!(
+            recorded(store.path()).len(),
+            1,
+            "one record per image and file"
+        );
         std::fs::write(&marker, "img-a\n").unwrap();
         assert_eq!(
             determine(&backend, Some(&marker), store.path()).await,
-            Some(RunningImage {
-                image: img,
-                deployment: Some("d-2".parse().unwrap()),
+            Some(Running {
+                image: RunningImage {
+                    image: img.clone(),
+                    deployment: Some("d-2".parse().unwrap()),
+                },
+                path: None,
             })
         );
+        // The next child of a `reset` image is recorded beside the running one.
+        record(store.path(), &img, &"d-2".parse().unwrap(), Path::new("/b")).unwrap();
+        assert_eq!(recorded(store.path()).len(), 2);
+        assert_eq!(newest_path(store.path(), &img), Some("/b".into()));
         std::fs::write(&marker, "img-b").unwrap();
         assert_eq!(
             determine(&backend, Some(&marker), store.path())
                 .await
-                .map(|r| (r.image.to_string(), r.deployment)),
+                .map(|r| (r.image.image.to_string(), r.image.deployment)),
             Some(("img-b".into(), None))
         );
         assert_eq!(determine(&backend, None, store.path()).await, None);

@@ -367,6 +367,27 @@ pub enum AfterDownload {
     Reboot,
 }
 
+/// What becomes of the writes a booted image makes into its boot child.
+///
+/// Sent in `artifact_assignment` only when it is `reset`, so an agent that predates it still
+/// reads every `keep` assignment; an older agent refuses a `reset` one as malformed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Persistence {
+    /// One child, kept across reboots and later deployments of the image.
+    #[default]
+    Keep,
+    /// A fresh child at every boot: the agent in the running image makes the next one.
+    Reset,
+}
+
+impl Persistence {
+    /// True for the default, which is left out of an assignment.
+    pub fn is_keep(&self) -> bool {
+        *self == Persistence::Keep
+    }
+}
+
 /// Command `artifact_assignment`: download an image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +410,9 @@ pub struct ArtifactAssignment {
     pub save_path: String,
     /// What to do once it is verified.
     pub action: AfterDownload,
+    /// What becomes of the booted system's writes.
+    #[serde(default, skip_serializing_if = "Persistence::is_keep")]
+    pub persistence: Persistence,
 }
 
 /// Command `artifact_unassignment`: stop downloading or seeding an image and drop it.

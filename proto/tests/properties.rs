@@ -154,6 +154,10 @@ fn after_download() -> impl Strategy<Value = AfterDownload> {
     ]
 }
 
+fn persistence() -> impl Strategy<Value = Persistence> {
+    prop_oneof![Just(Persistence::Keep), Just(Persistence::Reset)]
+}
+
 fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         (
@@ -162,10 +166,17 @@ fn command() -> impl Strategy<Value = Command> {
             any::<u64>(),
             any::<[u8; 32]>(),
             (text(), text()),
-            after_download(),
+            (after_download(), persistence()),
         )
             .prop_map(
-                |((deployment, image, name), hash, size, sha, (torrent_url, save_path), action)| {
+                |(
+                    (deployment, image, name),
+                    hash,
+                    size,
+                    sha,
+                    (torrent_url, save_path),
+                    (action, persistence),
+                )| {
                     Command::ArtifactAssignment(ArtifactAssignment {
                         deployment,
                         image,
@@ -176,6 +187,7 @@ fn command() -> impl Strategy<Value = Command> {
                         torrent_url,
                         save_path,
                         action,
+                        persistence,
                     })
                 }
             ),

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use boottorrent_proto::Persistence;
 use clap::{Args, Parser, Subcommand};
 
 /// BootTorrent: re-image a fleet of PCs from VHDX images over a peer-to-peer swarm.
@@ -324,6 +325,18 @@ pub struct DeployArgs {
     /// What each machine does once the image is downloaded and verified.
     #[arg(long, value_enum, default_value_t = DeployAction::Stage)]
     pub action: DeployAction,
+    /// What becomes of what a booted machine writes: `keep` (one boot child per image,
+    /// surviving reboots and later deployments) or `reset` (a fresh child at every boot, so
+    /// each boot starts from the golden image; needs `--action set-boot` or `reboot`).
+    #[arg(
+        long,
+        default_value = "keep",
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(["keep", "reset"]),
+            |word| if word == "reset" { Persistence::Reset } else { Persistence::Keep },
+        )
+    )]
+    pub persistence: Persistence,
     /// Stay and follow the deployment to its end, exactly like `boottorrent status ID --watch`
     /// (same output and exit status).
     #[arg(long)]

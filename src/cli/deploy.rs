@@ -27,6 +27,7 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         image,
         target,
         action,
+        persistence,
         watch,
         client,
     } = args;
@@ -48,6 +49,7 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         image,
         target,
         action: action.api_action(),
+        persistence,
     };
     let raw = send(
         &client,
@@ -173,6 +175,9 @@ fn deployment_details(d: &Deployment) -> String {
     out += &format!("  image     {} ({})\n", d.image_name, d.image);
     out += &format!("  target    {}\n", target_text(&d.target));
     out += &format!("  action    {}\n", d.action);
+    if let Some(persistence) = &d.persistence {
+        out += &format!("  persist   {persistence}\n");
+    }
     out += &format!("  created   {}\n", time_text(d.created_ms));
     out += &format!("  machines  {}\n", counts_line(&d.state_counts()));
     out += &format!(

@@ -13,6 +13,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use boottorrent_proto::Persistence;
+
 use crate::api::{
     Action, ImageStatus, KeyState, MachineOutcome, MachineState, OverallState, Target, ZoneSource,
 };
@@ -70,6 +72,8 @@ pub(crate) struct Deployment {
     pub image_name: String,
     pub target: Word<Target, Value>,
     pub action: Word<Action>,
+    /// `None` from a server that predates the choice (which kept every child).
+    pub persistence: Option<Word<Persistence>>,
     pub created_ms: i64,
     pub state: Word<OverallState>,
     pub counts: BTreeMap<Word<MachineState>, u64>,

@@ -21,8 +21,8 @@
 use std::collections::BTreeMap;
 
 use boottorrent_proto::{
-    ArtifactAssignment, DeploymentId, ImageId, ImageState, InfoHash, MachineId, RunningImage,
-    Sha256,
+    ArtifactAssignment, DeploymentId, ImageId, ImageState, InfoHash, MachineId, Persistence,
+    RunningImage, Sha256,
 };
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +96,9 @@ pub struct Deployment {
     /// Made by a zone's `images` (desired state) rather than by an operator's request.
     #[serde(default)]
     pub zone_image: bool,
+    /// Records from before the choice existed kept their child: `keep`.
+    #[serde(default)]
+    pub persistence: Persistence,
     pub machines: BTreeMap<MachineId, MachineProgress>,
 }
 
@@ -115,6 +118,7 @@ impl Deployment {
             created_ms: now_ms,
             cancelled_ms: None,
             zone_image: false,
+            persistence: Persistence::Keep,
             machines: BTreeMap::new(),
         }
     }
@@ -135,6 +139,7 @@ impl Deployment {
             torrent_url: self.image.torrent_url.clone(),
             save_path: self.image.name.clone(),
             action: self.action.after_download(),
+            persistence: self.persistence,
         }
     }
 
@@ -496,6 +501,7 @@ impl Deployment {
             created_ms: self.created_ms,
             cancelled_ms: self.cancelled_ms,
             zone_image: self.zone_image,
+            persistence: self.persistence,
             state: self.overall(),
             counts,
             bytes_done: done,
@@ -519,6 +525,7 @@ pub struct DeploymentView<'a> {
     pub created_ms: i64,
     pub cancelled_ms: Option<i64>,
     pub zone_image: bool,
+    pub persistence: Persistence,
     pub state: OverallState,
     /// Machines in each state; only states that occur.
     pub counts: BTreeMap<&'static str, u64>,

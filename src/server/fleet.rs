@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use boottorrent_proto::{
-    ArtifactUnassignment, Command, CommandKind, DeploymentId, Encoding, Event, MachineId, Scope,
-    Topic, ZoneId,
+    ArtifactUnassignment, Command, CommandKind, DeploymentId, Encoding, Event, MachineId,
+    Persistence, Scope, Topic, ZoneId,
 };
 use tokio::sync::broadcast;
 
@@ -68,6 +68,7 @@ pub struct NewDeployment {
     pub image: ImageRef,
     pub target: Target,
     pub action: Action,
+    pub persistence: Persistence,
 }
 
 pub struct Fleet {
@@ -351,6 +352,13 @@ impl Fleet {
         signer: &mut Signer,
         now_ms: i64,
     ) -> Result<(Deployment, Vec<Outgoing>), FleetError> {
+        if request.persistence == Persistence::Reset && request.action == Action::Stage {
+            return Err(FleetError::Invalid(
+                "persistence \"reset\" gives a booted machine a fresh child at every boot, and \
+                 action \"stage\" boots nothing; use action \"set_boot\" or \"reboot\""
+                    .into(),
+            ));
+        }
         let machines = self.store.machines()?;
         let approved = |m: &MachineId| {
             machines
@@ -410,6 +418,7 @@ impl Fleet {
             request.action,
             now_ms,
         );
+        d.persistence = request.persistence;
         for m in &members {
             d.add_machine(m, d.image.size, now_ms);
         }
@@ -598,6 +607,7 @@ impl Fleet {
                     image: image.clone(),
                     target: target.clone(),
                     action: Action::Stage,
+                    persistence: Persistence::Keep,
                 },
                 signer,
                 now_ms,

@@ -76,6 +76,7 @@ pub(super) async fn create_deployment(
                 image,
                 target: body.target,
                 action: body.action,
+                persistence: body.persistence,
             })
             .await,
     )?;

@@ -267,6 +267,7 @@ async fn malformed_deployment_requests_say_what_is_wrong() {
         image: "win11".into(),
         target: crate::api::Target::Zone("lab".parse().unwrap()),
         action: crate::api::Action::Reboot,
+        persistence: boottorrent_proto::Persistence::Reset,
     })
     .unwrap();
     assert_eq!(
