@@ -375,6 +375,72 @@ fn a_staged_image_is_read_only_and_one_changed_on_disk_is_repaired_at_the_next_s
     );
 }
 
+/// An agent updated over a store of the older layout, where images were kept by their file
+/// name (`images/golden.vhdx`), moves each to its file by id (two images may share a name) and
+/// seeds it from there without fetching it again.
+#[test]
+fn an_image_kept_by_name_in_an_older_store_is_moved_to_its_file_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), &[]);
+    let (image, vhdx) = catalogue(&server, dir, 8 << 20);
+    let id = image["id"].as_str().unwrap().to_owned();
+    enroll(&server, dir, "lab-m");
+    let mut first = run_agent(dir, &server, "lab-m", &[]);
+    wait_for("the agent online", || server.online("lab-m").filter(|o| *o));
+    let progress = Events::watch(&server, EventKind::Progress);
+    assign(&server, &image, Some("lab-m"));
+    let staged = || loop {
+        if let (_, Event::Progress(p)) = progress.next("progress")
+            && p.state == ImageState::Staged
+        {
+            break;
+        }
+    };
+    staged();
+    first.terminate();
+    let uploaded = || {
+        let v = server.get_json(&format!("/api/v1/images/{id}"));
+        v["uploaded"].as_u64().unwrap()
+    };
+    // The seeder's counters tick once a second.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let sent = uploaded();
+
+    // Rewrite the store as the older agent left it.
+    let store = dir.join("lab-m");
+    let by_id = store.join(format!("images/{id}.vhdx"));
+    let list_file = store.join("assignments.json");
+    let mut list: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&list_file).unwrap()).unwrap();
+    let name = list[0]["assignment"]["save_path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let by_name = store.join("images").join(&name);
+    assert_ne!(by_name, by_id);
+    std::fs::rename(&by_id, &by_name).unwrap();
+    list[0]["path"] = serde_json::json!(by_name);
+    std::fs::write(&list_file, serde_json::to_vec(&list).unwrap()).unwrap();
+
+    let second = run_agent(dir, &server, "lab-m", &[]);
+    staged();
+    assert!(!by_name.exists(), "{}", second.log_tail(30));
+    assert_eq!(
+        std::fs::read(&by_id).unwrap(),
+        std::fs::read(&vhdx).unwrap()
+    );
+    assert!(
+        second
+            .log_text()
+            .contains("moved the image to its file by id"),
+        "{}",
+        second.log_tail(30)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(uploaded(), sent, "nothing was fetched again");
+}
+
 #[test]
 fn an_image_whose_sha256_does_not_match_is_not_staged() {
     let dir = tempfile::tempdir().unwrap();

@@ -351,3 +351,25 @@ mod windows {
         agent(stop_signal)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_log_is_moved_aside_at_start_and_a_small_one_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("agent.log");
+        let old = dir.path().join("agent.log.1");
+        std::fs::write(&log, b"yesterday\n").unwrap();
+        std::io::Write::write_all(&mut open_log(&log).unwrap(), b"today\n").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"yesterday\ntoday\n");
+        assert!(!old.exists());
+        // Past the limit, the log replaces the older one aside and starts anew.
+        std::fs::write(&old, b"last month").unwrap();
+        std::fs::write(&log, vec![b'x'; LOG_ROTATE_BYTES as usize + 1]).unwrap();
+        std::io::Write::write_all(&mut open_log(&log).unwrap(), b"fresh\n").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"fresh\n");
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), LOG_ROTATE_BYTES + 1);
+    }
+}
