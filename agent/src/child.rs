@@ -40,6 +40,8 @@ pub struct Bootable {
     pub path: PathBuf,
     /// The golden image it reads through, when `path` is a child.
     pub parent: Option<PathBuf>,
+    /// The name of its boot entry ([`entries`]).
+    pub entry: String,
 }
 
 /// Why an image cannot be booted; the message is the `boot` event's.
@@ -80,6 +82,14 @@ pub fn slots(store: &Path, image: &ImageId) -> [PathBuf; 2] {
     ]
 }
 
+/// The names of the boot entries of an image's children, in the order of [`slots`]. A
+/// `reset` image has an entry per child, so that the entry a machine booted from keeps naming
+/// the file it runs (which [`crate::running`] reads back from `bcdedit /enum {current}`) after
+/// the agent points the next boot at the other child.
+pub fn entries(image: &ImageId) -> [String; 2] {
+    [image.to_string(), format!("{image}.2")]
+}
+
 /// The child to make for the next boot of a `reset` image while the machine runs `running`:
 /// the slot it does not run from.
 pub fn next_slot(store: &Path, image: &ImageId, running: Option<&Path>) -> PathBuf {
@@ -111,6 +121,7 @@ pub fn prepare(
         return Ok(Bootable {
             path: golden.to_owned(),
             parent: None,
+            entry: image.to_string(),
         });
     }
     let vhdx_error = |source| ChildError::Vhdx {
@@ -164,7 +175,14 @@ pub fn prepare(
         boottorrent_vhdx::create_child(golden, &child, &locator).map_err(vhdx_error)?;
         tracing::info!(%image, child = %child.display(), parent = %golden.display(), "made the boot child");
     }
+    let [_, second] = slots(store, image);
+    let [first_entry, second_entry] = entries(image);
     Ok(Bootable {
+        entry: if child == second {
+            second_entry
+        } else {
+            first_entry
+        },
         path: child,
         parent: Some(golden.to_owned()),
     })
@@ -309,7 +327,14 @@ mod tests {
         let path = dir.path().join("rootfs.squashfs");
         std::fs::write(&path, b"not a disk").unwrap();
         let b = prepare(dir.path(), &id("img-2"), &path, KEEP, None, 0, |_| Ok(0)).unwrap();
-        assert_eq!(b, Bootable { path, parent: None });
+        assert_eq!(
+            b,
+            Bootable {
+                path,
+                parent: None,
+                entry: "img-2".into()
+            }
+        );
     }
 
     #[test]
@@ -336,6 +361,7 @@ mod tests {
         // Running from the first, the next boot gets the second, new.
         let boot2 = prepare(store, &id("img-1"), &golden, reset, Some(&first), 0, plenty).unwrap();
         assert_eq!(boot2.path, second);
+        assert_eq!(boot2.entry, "img-1.2", "each child has its own boot entry");
         boottorrent_vhdx::inspect_child(&second, &golden).unwrap();
         // Running from the second, the first is made anew: what the system wrote is gone.
         let boot3 = prepare(
@@ -349,6 +375,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(boot3.path, first);
+        assert_eq!(boot3.entry, "img-1");
         assert_eq!(std::fs::metadata(&first).unwrap().len(), fresh_len);
         boottorrent_vhdx::inspect_child(&first, &golden).unwrap();
         // The golden's children go with it, both of them.

@@ -242,7 +242,9 @@ impl Downloads {
         if let Some((_, token)) = self.lock_downloading().remove(&unassignment.image) {
             token.cancel();
         }
-        boot::forget(&self.boot, unassignment.image.as_str()).await;
+        for entry in child::entries(&unassignment.image) {
+            boot::forget(&self.boot, &entry).await;
+        }
         child::remove(&self.data_dir, &unassignment.image);
         let held = self.lock_held().remove(&unassignment.image);
         self.persist();
@@ -298,6 +300,7 @@ impl Downloads {
             &BootRequest {
                 image_path: bootable.path,
                 parent_path: bootable.parent,
+                entry: bootable.entry,
                 image_id: command.image.to_string(),
                 image_name: held.assignment.name.clone(),
                 deployment_id: command
@@ -368,6 +371,7 @@ impl Downloads {
             &BootRequest {
                 image_path: bootable.path.clone(),
                 parent_path: bootable.parent,
+                entry: bootable.entry,
                 image_id: image.to_string(),
                 image_name: held.assignment.name.clone(),
                 deployment_id: deployment.to_string(),
@@ -400,6 +404,7 @@ impl Downloads {
             return Ok(child::Bootable {
                 path: golden.to_owned(),
                 parent: None,
+                entry: image.to_string(),
             });
         }
         // The child this machine runs from now, which a `reset` image must not replace.
@@ -751,6 +756,7 @@ impl Downloads {
                 &BootRequest {
                     image_path: bootable.path,
                     parent_path: bootable.parent,
+                    entry: bootable.entry,
                     image_id: assignment.image.to_string(),
                     image_name: assignment.name.clone(),
                     deployment_id: assignment.deployment.to_string(),

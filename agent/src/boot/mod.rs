@@ -131,6 +131,9 @@ pub struct BootRequest {
     pub parent_path: Option<PathBuf>,
     /// The image's id in the catalog.
     pub image_id: String,
+    /// The name the backend keeps its boot entry under: the image id, or for the second
+    /// child of a `reset` image its own ([`crate::child::entries`]).
+    pub entry: String,
     /// The image's human-readable name; it names the boot entry.
     pub image_name: String,
     /// The deployment that asked for it.
@@ -304,6 +307,7 @@ mod tests {
             image_path: PathBuf::from("images/lab.vhdx"),
             parent_path: Some(PathBuf::from("images/golden.vhdx")),
             image_id: "img-1".into(),
+            entry: "img-1".into(),
             image_name: "Lab image".into(),
             deployment_id: "dep-7".into(),
             action,

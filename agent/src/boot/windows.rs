@@ -205,8 +205,8 @@ pub struct Plan {
 /// An entry to record once `bcdedit /copy` has printed its id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewEntry {
-    /// The image it boots.
-    pub image_id: String,
+    /// The name it is recorded under ([`BootRequest::entry`]).
+    pub key: String,
     /// The file it boots.
     pub path: PathBuf,
     /// See [`OwnedEntry::previous_default`].
@@ -266,7 +266,7 @@ pub fn plan_boot(
     let device = vhd_device(image_path)?;
     let name = entry_name(&req.image_name);
     let description = format!("BootTorrent: {name}");
-    let owned = record.images.get(&req.image_id).cloned();
+    let owned = record.images.get(&req.entry).cloned();
     let target = owned
         .as_ref()
         .map_or(NEW_ENTRY.to_owned(), |o| o.entry.to_string());
@@ -313,7 +313,7 @@ pub fn plan_boot(
     let new_entry = match owned {
         Some(owned) => {
             record.images.insert(
-                req.image_id.clone(),
+                req.entry.clone(),
                 OwnedEntry {
                     entry: owned.entry,
                     path: image_path.to_owned(),
@@ -323,7 +323,7 @@ pub fn plan_boot(
             None
         }
         None => Some(NewEntry {
-            image_id: req.image_id.clone(),
+            key: req.entry.clone(),
             path: image_path.to_owned(),
             previous_default,
         }),
@@ -475,7 +475,7 @@ pub async fn boot_with(
     }
     let loaded = file.load();
     let mut notes: Vec<String> = loaded.problem.into_iter().collect();
-    let ours = loaded.record.images.get(&req.image_id).map(|o| &o.entry);
+    let ours = loaded.record.images.get(&req.entry).map(|o| &o.entry);
     let survey = match survey(bcdedit, ours).await {
         Ok(survey) => survey,
         Err(e) => {
@@ -509,17 +509,14 @@ pub async fn boot_with(
         };
         record
             .images
-            .insert(new.image_id.clone(), new.with_id(id.clone()));
+            .insert(new.key.clone(), new.with_id(id.clone()));
         file.save(&record)
     })
     .await;
     if let Copied::Removed(id) = fate
-        && record
-            .images
-            .get(&req.image_id)
-            .is_some_and(|o| o.entry == id)
+        && record.images.get(&req.entry).is_some_and(|o| o.entry == id)
     {
-        record.images.remove(&req.image_id);
+        record.images.remove(&req.entry);
         if let Err(e) = file.save(&record) {
             notes.push(format!(
                 "{e}; the record names {id}, which is gone, and the next run forgets it"
@@ -697,6 +694,7 @@ mod tests {
             image_path: format!(r"D:\BootTorrent\images\{image}.vhdx").into(),
             parent_path: None,
             image_id: image.into(),
+            entry: image.into(),
             image_name: format!("Lab {image}"),
             deployment_id: "dep-7".into(),
             action,
@@ -755,7 +753,7 @@ mod tests {
         assert_eq!(
             p.new_entry,
             Some(NewEntry {
-                image_id: "win11".into(),
+                key: "win11".into(),
                 path: req.image_path.clone(),
                 previous_default: Some(id(1)),
             })
@@ -1116,6 +1114,59 @@ mod tests {
             "{outcome:?}"
         );
         assert!(m.bcd.log.is_empty(), "{:?}", m.bcd.log);
+    }
+
+    /// A `reset` image alternates between two children, each with its own entry: the entry
+    /// the machine booted from keeps naming the child it runs while the default moves to the
+    /// other, and unassigning the image leaves the boot manager as it was.
+    #[tokio::test]
+    async fn a_reset_image_alternates_between_two_entries_of_its_own() {
+        let mut m = Machine::new();
+        let original = m.bcd.entries.clone();
+        let slots = [
+            r"D:\BootTorrent\children\a.vhdx",
+            r"D:\BootTorrent\children\a.2.vhdx",
+        ];
+        let keys = ["a", "a.2"];
+        let boot = async |m: &mut Machine, slot: usize, action| {
+            let mut req = request("a", action);
+            req.image_path = slots[slot].into();
+            req.entry = keys[slot].into();
+            let outcome = boot_with(&req, &req.image_path, &m.file, &mut m.bcd).await;
+            assert!(outcome.ok, "{outcome:?}");
+        };
+        let device = |slot: usize| format!("vhd=[D:]{}", &slots[slot][2..]);
+        boot(&mut m, 0, AfterDownload::Reboot).await;
+        let first = m.entry_of("a");
+        // Running from the first child, the agent points the next boot at the second.
+        boot(&mut m, 1, AfterDownload::SetBoot).await;
+        let second = m.entry_of("a.2");
+        assert_ne!(first, second);
+        assert_eq!(m.bcd.default.as_ref(), Some(&second));
+        assert_eq!(
+            m.bcd.entries[&first].device,
+            device(0),
+            "the running entry is left as it is"
+        );
+        assert_eq!(m.bcd.entries[&second].device, device(1));
+        // Running from the second, back to the first: no third entry.
+        boot(&mut m, 0, AfterDownload::SetBoot).await;
+        assert_eq!(m.entry_of("a"), first);
+        assert_eq!(m.bcd.default.as_ref(), Some(&first));
+        assert_eq!(m.bcd.entries.len(), original.len() + 2);
+        let ours = BTreeSet::from([first, second]);
+        let steps = m.changes();
+        assert_only_ours(&m, &steps, &ours);
+        // Unassigned: both go, and the machine's own entry is the default again.
+        for key in keys {
+            let outcome = m.remove(key).await;
+            assert!(outcome.ok, "{outcome:?}");
+        }
+        assert_eq!(m.bcd.entries, original);
+        assert_eq!(m.bcd.default.as_ref(), Some(&m.windows));
+        assert_eq!(m.record(), Record::default());
+        let steps = m.changes();
+        assert_only_ours(&m, &steps, &ours);
     }
 
     #[tokio::test]
