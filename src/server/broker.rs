@@ -74,6 +74,54 @@ fn admin_session(client_id: &str) -> bool {
 /// Links made besides the orchestrator's, for it to fall back on if its link fails.
 const SPARE_LINKS: usize = 2;
 
+/// Prefix of the health probe's client ids (see `broker_probe`). Reserved like every
+/// `boottorrent-*` id; only the probe's own secret admits it.
+pub const PROBE_CLIENT_PREFIX: &str = "boottorrent-probe-";
+
+/// Entries of rumqttd's connection table the server takes itself: the orchestrator's link,
+/// its spares and the health probe (a bridge in the broker file takes one more). Clients of
+/// the front get the rest (see [`client_limit`]).
+const OWN_CONNECTIONS: usize = 1 + SPARE_LINKS + 1;
+
+/// The largest `max_connections` accepted: rumqttd allocates its tables for that many at
+/// start, and a mistyped value would abort the process there.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+/// Characters rumqttd's router refuses in a client id. It refuses such a login only after
+/// it registered the client's last will, and the next login with the same id then panics
+/// inside rumqttd and poisons its table of wills, so our login check refuses them first.
+const CLIENT_ID_FORBIDDEN: &[char] = &['+', '$', '#', '/'];
+
+/// How many clients the front may relay to rumqttd at once: its `max_connections` less the
+/// server's own entries, so that rumqttd never reaches its own limit. At that limit rumqttd
+/// answers no CONNACK, and the client's retry panics inside it and poisons its table of
+/// last wills, after which no client can connect or leave a will until a restart (issue
+/// #17); a refusal by the front is a clean CONNACK 3 instead.
+pub fn client_limit(config: &rumqttd::Config, origin: &str) -> anyhow::Result<usize> {
+    let own = OWN_CONNECTIONS + usize::from(config.bridge.is_some());
+    let max = config.router.max_connections;
+    if max > MAX_CONNECTIONS_LIMIT {
+        bail!(
+            "{origin}: [router] max_connections is {max}; rumqttd reserves its tables for that \
+             many connections at start, so at most {MAX_CONNECTIONS_LIMIT} is accepted"
+        );
+    }
+    match max.checked_sub(own) {
+        Some(clients) if clients > 0 => Ok(clients),
+        _ => bail!(
+            "{origin}: [router] max_connections is {max}; the server keeps {own} of rumqttd's \
+             connections for itself (its broker link, {SPARE_LINKS} spares and the health \
+             probe{}), so set at least {} to admit any client",
+            if config.bridge.is_some() {
+                ", and the bridge"
+            } else {
+                ""
+            },
+            own + 1
+        ),
+    }
+}
+
 /// A started broker and the orchestrator's link into it.
 pub struct Running {
     pub link_tx: LinkTx,
@@ -92,6 +140,10 @@ pub struct Listeners {
     pub plain: TcpListener,
     /// The MQTT-over-TLS listener (`mqtts_listen`) when TLS files are configured.
     pub tls: Option<TcpListener>,
+    /// How many clients the front may relay at once, over both listeners ([`client_limit`]).
+    pub max_clients: usize,
+    /// The health probe's password; it never leaves the process.
+    pub probe_secret: Secret,
 }
 
 /// Builds the rumqttd config, checks it, binds the client listeners, starts the broker threads
@@ -103,7 +155,8 @@ pub fn start(
     keyring: Keyring,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(Running, Listeners)> {
-    let (mut broker_config, internal) = broker_config(config)?;
+    let (mut broker_config, internal, max_clients) = broker_config(config)?;
+    let probe_secret = Secret::new(random_hex(24)?);
     let max_packet = broker_config
         .v4
         .as_ref()
@@ -115,6 +168,7 @@ pub fn start(
         keyring,
         login_window_ms: i64::from(config.replay_window_secs) * 1000,
         metrics,
+        probe_secret: probe_secret.clone(),
     };
     let mut addresses = Vec::new();
     for listeners in [
@@ -138,7 +192,10 @@ pub fn start(
                     listener = %server.name,
                     listen = %server.listen,
                     "this listener from the broker file is served by rumqttd directly: logins \
-                     are checked, but not the topic rules that keep a machine to its own topics"
+                     are checked, but not the topic rules that keep a machine to its own topics; \
+                     its clients are not counted by the front either, yet each one shares \
+                     rumqttd's max_connections with the front's clients: if they fill it, \
+                     rumqttd refuses everyone without CONNACK and can wedge (see /healthz)"
                 );
                 addresses.push((server.name.clone(), server.listen));
             }
@@ -201,13 +258,15 @@ pub fn start(
             max_packet,
             plain,
             tls,
+            max_clients,
+            probe_secret,
         },
     ))
 }
 
 /// The broker config: the embedded or given file, with BootTorrent's listener moved to a free
-/// loopback port (returned) behind the front.
-fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr)> {
+/// loopback port (returned) behind the front, and how many clients the front may relay.
+fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr, usize)> {
     let (text, origin) = match &config.broker_config {
         Some(path) => (
             std::fs::read_to_string(path)
@@ -221,6 +280,7 @@ fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr
     };
     let mut broker: rumqttd::Config =
         toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
+    let max_clients = client_limit(&broker, &origin)?;
     let v4 = broker.v4.get_or_insert_with(HashMap::new);
     for (name, listener) in v4.iter() {
         if listener.connections.max_payload_size < MIN_PACKET_LIMIT {
@@ -247,7 +307,15 @@ fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr
         .context("finding a free loopback port for the embedded MQTT broker")?;
     plain.listen = internal;
     plain.tls = None;
-    Ok((broker, internal))
+    Ok((broker, internal, max_clients))
+}
+
+/// `bytes` random bytes in hex: the probe's password.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)
+        .map_err(|e| anyhow::anyhow!("reading random bytes for the health probe: {e}"))?;
+    Ok(hex::encode(buf))
 }
 
 /// rumqttd reads the PEM files only when the first TLS client connects and then merely logs
@@ -308,12 +376,15 @@ struct Authenticator {
     keyring: Keyring,
     login_window_ms: i64,
     metrics: Arc<Metrics>,
+    /// The health probe's password (see `broker_probe`).
+    probe_secret: Secret,
 }
 
 /// Why a login was refused; logged, never told to the client (MQTT 3.1.1 has one code).
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
     ClientIdNotUsername,
+    ClientIdForbidden,
     Reserved,
     InvalidId,
     WrongAdminToken,
@@ -326,6 +397,9 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::ClientIdNotUsername => {
                 f.write_str("the client id is not the username (admin: `admin` or `admin-*`)")
+            }
+            Refusal::ClientIdForbidden => {
+                f.write_str("the client id contains one of + $ # / (MQTT wildcards and separators)")
             }
             Refusal::Reserved => f.write_str("the id is reserved for the server"),
             Refusal::InvalidId => f.write_str("the username is not a valid machine id"),
@@ -360,6 +434,15 @@ impl Authenticator {
     }
 
     fn decide(&self, client_id: &str, user: &str, pass: &str, now_ms: i64) -> Result<(), Refusal> {
+        if client_id.contains(CLIENT_ID_FORBIDDEN) {
+            return Err(Refusal::ClientIdForbidden);
+        }
+        if client_id.starts_with(PROBE_CLIENT_PREFIX)
+            && user == client_id
+            && token_matches(&self.probe_secret, pass)
+        {
+            return Ok(());
+        }
         if user == ADMIN_USER {
             if !admin_session(client_id) {
                 return Err(Refusal::ClientIdNotUsername);
@@ -416,7 +499,8 @@ mod tests {
     #[test]
     fn embedded_config_has_the_plain_listener() {
         let config = Config::default();
-        let (broker, internal) = broker_config(&config).unwrap();
+        let (broker, internal, clients) = broker_config(&config).unwrap();
+        assert_eq!(clients, 10010 - OWN_CONNECTIONS);
         let v4 = broker.v4.unwrap();
         assert_eq!(v4[PLAIN_LISTENER].listen, internal);
         assert!(
@@ -445,7 +529,7 @@ mod tests {
             .unwrap();
         // Topic length prefix, topic, packet id, payload.
         assert!(2 + longest + 2 + boottorrent_proto::MAX_PAYLOAD_BYTES <= MIN_PACKET_LIMIT);
-        let (broker, _) = broker_config(&Config::default()).unwrap();
+        let (broker, _, _) = broker_config(&Config::default()).unwrap();
         let limit = broker.v4.unwrap()[PLAIN_LISTENER]
             .connections
             .max_payload_size;
@@ -490,6 +574,7 @@ mod tests {
 
     const ENROLL: &str = "enroll-token-0123456789";
     const ADMIN: &str = "admin-token-0123456789";
+    const PROBE: &str = "probe-secret-0123456789";
     const NOW: i64 = 1_764_000_000_000;
 
     fn authenticator() -> Authenticator {
@@ -499,6 +584,7 @@ mod tests {
             keyring: Keyring::default(),
             login_window_ms: 300_000,
             metrics: Arc::new(Metrics::default()),
+            probe_secret: Secret::new(PROBE.into()),
         }
     }
 
@@ -543,6 +629,69 @@ mod tests {
             auth.decide("administrator", "administrator", ENROLL, NOW),
             Ok(())
         );
+    }
+
+    #[test]
+    fn ids_rumqttd_would_refuse_after_taking_their_will_are_refused_first() {
+        let auth = authenticator();
+        for id in ["admin-a/b", "admin-#", "admin-$x", "admin-+"] {
+            assert_eq!(
+                auth.decide(id, "admin", ADMIN, NOW),
+                Err(Refusal::ClientIdForbidden),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_probe_secret_admits_the_probe() {
+        let auth = authenticator();
+        let probe = format!("{PROBE_CLIENT_PREFIX}0");
+        assert_eq!(auth.decide(&probe, &probe, PROBE, NOW), Ok(()));
+        assert_eq!(
+            auth.decide(&probe, &probe, ENROLL, NOW),
+            Err(Refusal::Reserved)
+        );
+        assert_eq!(
+            auth.decide(&probe, &probe, ADMIN, NOW),
+            Err(Refusal::Reserved)
+        );
+        assert_eq!(
+            auth.decide("pc-01", "pc-01", PROBE, NOW),
+            Err(Refusal::WrongEnrollToken)
+        );
+    }
+
+    #[test]
+    fn a_broker_file_must_leave_room_for_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        for (max, ok) in [(4, false), (5, true), (1_000_001, false)] {
+            std::fs::write(
+                &path,
+                EMBEDDED_CONFIG.replace(
+                    "max_connections = 10010",
+                    &format!("max_connections = {max}"),
+                ),
+            )
+            .unwrap();
+            let config = Config {
+                broker_config: Some(path.clone()),
+                ..Config::default()
+            };
+            match broker_config(&config) {
+                Ok((_, _, clients)) => assert!(ok && clients == 1, "{max}: {clients}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok, "{max}: {e}");
+                    assert!(e.contains(&format!("max_connections is {max};")), "{e}");
+                    assert!(
+                        e.contains("set at least 5") || e.contains("at most 1000000"),
+                        "{e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -21,12 +21,26 @@
 //! The operator's `admin` sessions (rumqttd admits them only with the admin token) pass
 //! unfiltered. Each refusal is counted in `/metrics` and logged at most once per interval.
 //!
+//! The front also keeps rumqttd below its `max_connections`. At that limit rumqttd sends no
+//! CONNACK, and the refused client's next attempt with the same id panics inside rumqttd
+//! and poisons its table of last wills: from then on every login and every disconnect
+//! panics, no will is published, and nobody can connect until a restart (issue #17). So the
+//! front relays at most [`broker::client_limit`] clients (rumqttd's limit less the server's
+//! own links) over its listeners together; one more is answered CONNACK 3 (server
+//! unavailable) before the broker sees it, counted and logged once per interval. A client's
+//! slot is given back only once rumqttd has closed its side of the session: rumqttd queues
+//! the disconnect for its router before it closes, so the router always takes the
+//! disconnect before the CONNECT of whoever gets the slot next. Listeners a broker file adds
+//! are served by rumqttd directly and not counted here.
+//!
 //! Everything else is relayed as it came, whole packets at a time, so that a SUBACK or PUBACK
 //! made here never lands inside a packet from the broker. The login itself stays rumqttd's
 //! (its callback is `broker::Authenticator`); the front only reads who logs in.
 //!
 //! Tasks: one accept loop per listener and one task per connection, tracked so that shutdown
 //! waits for them; shutdown closes every connection (agents reconnect).
+//!
+//! [`broker::client_limit`]: crate::server::broker::client_limit
 
 use std::io;
 use std::net::SocketAddr;
@@ -42,6 +56,7 @@ use rumqttc::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,23 +68,41 @@ use crate::server::metrics::{Metrics, MqttRefusal};
 /// same as the broker's `connection_timeout_ms`, so idle sockets cannot pile up here either.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What one front needs: where the broker listens and how big a packet may be.
+/// What the fronts of the MQTT listeners share: where the broker listens, how big a packet
+/// may be, and the slots of the clients relayed to it.
 pub struct Front {
     /// rumqttd's listener on loopback.
-    pub broker: SocketAddr,
+    broker: SocketAddr,
     /// The broker's `max_payload_size`: larger packets are refused here as there.
-    pub max_packet: usize,
-    pub metrics: Arc<Metrics>,
+    max_packet: usize,
+    /// One permit per client the broker may take; held until rumqttd closed its side.
+    slots: Semaphore,
+    /// The number of slots, for messages.
+    max_clients: usize,
+    metrics: Arc<Metrics>,
     /// One log line per interval for each kind of refusal and for an unreachable broker.
-    pub logs: Mutex<Logs>,
+    logs: Mutex<Logs>,
 }
 
 #[derive(Default)]
-pub struct Logs {
+struct Logs {
     subscribe: Throttle,
     publish: Throttle,
     will: Throttle,
+    limit: Throttle,
     broker: Throttle,
+}
+
+/// A client's place among the broker's connections, counted in `/metrics` while held.
+struct Slot<'a> {
+    _permit: SemaphorePermit<'a>,
+    metrics: &'a Metrics,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.metrics.mqtt_connection_closed();
+    }
 }
 
 /// Who is logged in on a connection, as far as topics go.
@@ -156,6 +189,26 @@ enum RelayError {
 }
 
 impl Front {
+    /// A front for the broker at `broker` that relays at most `max_clients` clients at once
+    /// (see [`crate::server::broker::client_limit`]).
+    pub fn new(
+        broker: SocketAddr,
+        max_packet: usize,
+        max_clients: usize,
+        metrics: Arc<Metrics>,
+    ) -> Front {
+        metrics.set_mqtt_client_limit(max_clients);
+        Front {
+            broker,
+            max_packet,
+            // `client_limit` keeps it far below the semaphore's maximum; clamp regardless.
+            slots: Semaphore::new(max_clients.min(Semaphore::MAX_PERMITS)),
+            max_clients,
+            metrics,
+            logs: Mutex::default(),
+        }
+    }
+
     /// `Some(lines suppressed)` when the log line `which` picks may be written now.
     fn log(&self, which: fn(&mut Logs) -> &mut Throttle) -> Option<u64> {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
@@ -205,6 +258,20 @@ impl Front {
             }
         }
 
+        let Ok(permit) = self.slots.try_acquire() else {
+            self.over_limit(&parsed.client_id, remote);
+            let mut out = BytesMut::new();
+            ConnAck::new(ConnectReturnCode::ServiceUnavailable, false)
+                .write(&mut out)
+                .map_err(RelayError::Malformed)?;
+            client.write_all(&out).await?;
+            return Ok(());
+        };
+        self.metrics.mqtt_connection_opened();
+        let slot = Slot {
+            _permit: permit,
+            metrics: &self.metrics,
+        };
         let mut broker = TcpStream::connect(self.broker).await.inspect_err(|e| {
             if let Some(suppressed) = self.log(|l| &mut l.broker) {
                 tracing::error!(
@@ -216,8 +283,43 @@ impl Front {
             }
         })?;
         let _ = broker.set_nodelay(true);
-        broker.write_all(&connect).await?;
+        let result = self
+            .session(
+                &mut client,
+                &mut broker,
+                connect,
+                from_client,
+                &role,
+                remote,
+                shutdown,
+            )
+            .await;
+        // The client is done with; the slot is not until rumqttd let go of the session.
+        drop(client);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            () = until_closed(broker) => {}
+        }
+        drop(slot);
+        result
+    }
 
+    /// Relays one session after CONNECT until either side closes it.
+    #[allow(clippy::too_many_arguments)]
+    async fn session<S>(
+        &self,
+        client: &mut S,
+        broker: &mut TcpStream,
+        connect: Bytes,
+        mut from_client: BytesMut,
+        role: &Role,
+        remote: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        broker.write_all(&connect).await?;
         let mut from_broker = BytesMut::with_capacity(1024);
         loop {
             tokio::select! {
@@ -227,7 +329,7 @@ impl Front {
                         return Ok(());
                     }
                     while let Some((header, frame)) = self.next_frame(&mut from_client)? {
-                        self.client_packet(header, frame, &role, remote, &mut client, &mut broker)
+                        self.client_packet(header, frame, role, remote, client, broker)
                             .await?;
                     }
                     from_client.reserve(1024);
@@ -318,6 +420,25 @@ impl Front {
         }
     }
 
+    /// Counts and logs (once per interval) a client refused because the broker is full.
+    fn over_limit(&self, client_id: &str, remote: SocketAddr) {
+        self.metrics.mqtt_connection_over_limit();
+        if let Some(suppressed) = self.log(|l| &mut l.limit) {
+            // The id is the client's choice: shown escaped and bounded.
+            let client_id: String = client_id.chars().take(64).collect();
+            tracing::warn!(
+                ?client_id,
+                %remote,
+                suppressed,
+                "refused an MQTT connection with CONNACK 3 (server unavailable): {} clients \
+                 are connected, all that the broker's max_connections leaves room for (raise \
+                 [router] max_connections in the broker file); it is admitted when one leaves \
+                 (more refusals are counted in boottorrent_mqtt_connections_over_limit_total)",
+                self.max_clients
+            );
+        }
+    }
+
     fn refused(&self, what: MqttRefusal, role: &Role, remote: SocketAddr, topic: &str) {
         self.metrics.mqtt_refused(what);
         let which: fn(&mut Logs) -> &mut Throttle = match what {
@@ -346,6 +467,22 @@ impl Front {
     }
 }
 
+/// Half-closes the front's side of a relayed session and waits until rumqttd closed its side.
+/// rumqttd sends its router the disconnect before it closes the socket, and the router takes
+/// events in order, so after this a new CONNECT cannot find the old session still counted.
+/// Keeping our side open for reading also lets rumqttd's CONNACK write succeed when the
+/// client left at once: a failed CONNACK write would leave the session in rumqttd's table
+/// forever.
+async fn until_closed(mut broker: TcpStream) {
+    let _ = broker.shutdown().await;
+    let mut sink = [0u8; 4096];
+    while let Ok(n) = broker.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,12 +502,7 @@ mod tests {
 
     #[test]
     fn frames_are_split_whole_and_oversized_ones_refused() {
-        let front = Front {
-            broker: "127.0.0.1:1".parse().unwrap(),
-            max_packet: 100,
-            metrics: Arc::default(),
-            logs: Mutex::default(),
-        };
+        let front = Front::new("127.0.0.1:1".parse().unwrap(), 100, 1, Arc::default());
         let mut buf = BytesMut::new();
         rumqttc::Packet::PingReq.write(&mut buf, 100).unwrap();
         let publish = Publish::new("a/b", QoS::AtMostOnce, vec![7u8; 10]);
