@@ -171,10 +171,21 @@ fn the_connection_over_the_limit_is_refused_cleanly_and_the_next_free_slot_is_ta
     assert!(!text.contains("panicked"), "rumqttd panicked:\n{text}");
 }
 
-/// Logs in as the operator on `port` with a plain socket and no retry: the session, if the
-/// broker answered CONNACK 0. (mosquitto retries with the same client id, and after a
-/// refusal by rumqttd's own limit that retry panics inside rumqttd.)
-fn login(server: &Server, port: u16, client_id: &str) -> Option<TcpStream> {
+/// What a login with a plain socket got.
+#[derive(Debug)]
+enum Login {
+    /// CONNACK 0: the session.
+    Admitted(TcpStream),
+    /// A CONNACK with this refusal code.
+    Refused(u8),
+    /// Closed without a CONNACK: what rumqttd does at its own limit.
+    Dropped,
+}
+
+/// Logs in as the operator on `port` with a plain socket and no retry. (mosquitto retries
+/// with the same client id, and after a refusal by rumqttd's own limit that retry panics
+/// inside rumqttd.)
+fn login(server: &Server, port: u16, client_id: &str) -> Login {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut connect = rumqttc::Connect::new(client_id);
@@ -185,11 +196,60 @@ fn login(server: &Server, port: u16, client_id: &str) -> Option<TcpStream> {
     stream.write_all(&out).unwrap();
     let mut ack = [0u8; 4];
     match stream.read_exact(&mut ack) {
-        Ok(()) if ack == [0x20, 2, 0, 0] => Some(stream),
+        Ok(()) if ack == [0x20, 2, 0, 0] => Login::Admitted(stream),
+        Ok(()) if ack[..3] == [0x20, 2, 0] => Login::Refused(ack[3]),
         Ok(()) => panic!("{client_id} got {ack:?}"),
-        // Closed without CONNACK: refused by rumqttd's table.
-        Err(_) => None,
+        Err(_) => Login::Dropped,
     }
+}
+
+#[test]
+fn clients_leaving_and_coming_at_the_limit_never_meet_rumqttds_own_limit() {
+    // A lab after a power cut: every machine drops and reconnects at once, over and over.
+    // Each reconnect must find its slot either free in rumqttd too (CONNACK 0) or taken
+    // (CONNACK 3, try again), never a rumqttd still counting the session that left.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = dir.path().join("broker.toml");
+    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--broker-config", broker.to_str().unwrap()],
+    );
+    let mut refused = 0;
+    for round in 0..10 {
+        let mut sessions = Vec::new();
+        let mut waiting: Vec<String> = (0..CLIENTS).map(|n| format!("admin-{n}")).collect();
+        wait_for(&format!("round {round} to be all connected"), || {
+            waiting.retain(|id| match login(&server, server.mqtt_port, id) {
+                Login::Admitted(stream) => {
+                    sessions.push(stream);
+                    false
+                }
+                Login::Refused(3) => {
+                    refused += 1;
+                    true
+                }
+                other => panic!(
+                    "{id} in round {round}: {other:?}\n{}",
+                    server.proc.log_tail(30)
+                ),
+            });
+            waiting.is_empty().then_some(())
+        });
+        // One more is refused by the front, not dropped by rumqttd.
+        assert!(matches!(
+            login(&server, server.mqtt_port, "admin-extra"),
+            Login::Refused(3)
+        ));
+        drop(sessions);
+    }
+    let text = server.log_text();
+    assert!(
+        !text.contains("no space for new connection") && !text.contains("panicked"),
+        "rumqttd reached its own limit:\n{text}"
+    );
+    assert_eq!(healthz(&server).0, 200);
+    eprintln!("reconnects refused while slots were given back: {refused}");
 }
 
 #[test]
@@ -215,7 +275,11 @@ fn healthz_turns_unhealthy_while_the_broker_accepts_nobody_and_well_again_after(
     let mut ids = (0..).map(|n| format!("admin-d{n}"));
     let mut direct_clients: Vec<TcpStream> = Vec::new();
     while direct_clients.len() < MAX_CONNECTIONS - 3 {
-        direct_clients.extend(login(&server, direct, &ids.next().unwrap()));
+        match login(&server, direct, &ids.next().unwrap()) {
+            Login::Admitted(stream) => direct_clients.push(stream),
+            Login::Dropped => {}
+            Login::Refused(code) => panic!("refused with {code}"),
+        }
     }
     let body = wait_for("/healthz to report the full broker", || {
         let (status, body) = healthz(&server);

@@ -16,7 +16,14 @@
 //! rumqttd has no per-client ACL, so it listens on loopback only and clients reach it through
 //! `broker_front`, which keeps each machine to its own topics. What a message may do is then
 //! decided by its signature (see `registry`). Listeners a broker file adds besides
-//! `[v4.mqtt]` are served by rumqttd directly, without those topic rules (logged at start).
+//! `[v4.mqtt]` are served by rumqttd directly, without those topic rules and without the
+//! front's connection limit (logged at start).
+//!
+//! rumqttd's `max_connections` is one table for the server's own links and every client. At
+//! that limit rumqttd answers no CONNACK and the client's retry wedges it (issue #17; see
+//! docs/architecture.md for what upstream would need), so [`client_limit`] leaves the front
+//! only what the server does not take itself, and `broker_probe` watches that rumqttd still
+//! admits clients.
 //!
 //! [`login_password`]: boottorrent_proto::login_password
 
