@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{PATIENCE, Proc, Server, free_port, run_within, spawn, wait_for};
+use common::{PATIENCE, Proc, Server, free_port, run_agent, run_within, spawn, wait_for};
 
 /// rumqttd's `max_connections` in these tests.
 const MAX_CONNECTIONS: usize = 20;
@@ -250,6 +250,54 @@ fn clients_leaving_and_coming_at_the_limit_never_meet_rumqttds_own_limit() {
     );
     assert_eq!(healthz(&server).0, 200);
     eprintln!("reconnects refused while slots were given back: {refused}");
+}
+
+#[test]
+fn a_real_agent_refused_at_the_limit_gets_in_when_a_slot_frees_and_leaves_its_will() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let broker = dir.join("broker.toml");
+    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
+    let server = Server::start(
+        &dir.join("data"),
+        &["--broker-config", broker.to_str().unwrap()],
+    );
+    let mut sessions: Vec<TcpStream> = (0..CLIENTS)
+        .map(
+            |n| match login(&server, server.mqtt_port, &format!("admin-{n}")) {
+                Login::Admitted(stream) => stream,
+                other => panic!("admin-{n}: {other:?}"),
+            },
+        )
+        .collect();
+
+    let agent = run_agent(
+        dir,
+        &server,
+        "pc-full",
+        &["--server-key", &server.key_hex()],
+    );
+    wait_for("the agent to be refused", || {
+        let log = agent.log_text();
+        assert!(!log.contains("Error:"), "the agent stopped:\n{log}");
+        log.contains("ServiceUnavailable").then_some(())
+    });
+    assert_eq!(server.online("pc-full"), None, "known without a login");
+
+    // A slot frees: the agent's next retry gets in, registers and is online.
+    sessions.pop();
+    wait_for("the agent to be online", || {
+        (server.online("pc-full") == Some(true)).then_some(())
+    });
+    assert!(server.metric("boottorrent_mqtt_connections_over_limit_total") >= 1);
+
+    // Killed without a goodbye: its last will (a signed `offline`) still marks it offline.
+    let mut agent = agent;
+    agent.kill9();
+    wait_for("the agent's will to mark it offline", || {
+        (server.online("pc-full") == Some(false)).then_some(())
+    });
+    assert!(!server.log_text().contains("panicked"));
 }
 
 #[test]
