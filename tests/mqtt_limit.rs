@@ -4,8 +4,9 @@
 //! `/healthz` said "ok").
 //!
 //! The real `boottorrent` binary with a broker file of 20 connections (the server keeps 4 of
-//! them for its own links and its health probe, so 16 clients), filled with `mosquitto_sub`
-//! sessions on loopback.
+//! them for its own links and its health probe, so 16 clients), filled on loopback with
+//! `mosquitto_sub` sessions or MQTT logins over plain sockets; the client over the limit is a
+//! `mosquitto_sub` (plain or TLS) or a real `boottorrent-agent`.
 
 mod common;
 
@@ -298,6 +299,74 @@ fn a_real_agent_refused_at_the_limit_gets_in_when_a_slot_frees_and_leaves_its_wi
         (server.online("pc-full") == Some(false)).then_some(())
     });
     assert!(!server.log_text().contains("panicked"));
+}
+
+#[test]
+fn the_tls_port_counts_toward_the_same_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let tls = boottorrent_testkit::make_tls_files(dir);
+    let broker = dir.join("broker.toml");
+    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
+    let mqtts = free_port();
+    let server = Server::start(
+        &dir.join("data"),
+        &[
+            "--broker-config",
+            broker.to_str().unwrap(),
+            "--tls-cert",
+            tls.cert.to_str().unwrap(),
+            "--tls-key",
+            tls.key.to_str().unwrap(),
+            "--mqtts-listen",
+            &format!("127.0.0.1:{mqtts}"),
+            "--https-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+    );
+    let mut sessions: Vec<TcpStream> = (0..CLIENTS)
+        .map(
+            |n| match login(&server, server.mqtt_port, &format!("admin-{n}")) {
+                Login::Admitted(stream) => stream,
+                other => panic!("admin-{n}: {other:?}"),
+            },
+        )
+        .collect();
+    let over_tls = || {
+        let mut command = Command::new("mosquitto_sub");
+        command
+            .args(["-d", "-h", "127.0.0.1", "-p", &mqtts.to_string()])
+            .arg("--cafile")
+            .arg(&tls.ca)
+            .args([
+                "-i",
+                "admin-tls",
+                "-u",
+                "admin",
+                "-P",
+                &server.admin_token(),
+            ])
+            .args(["-t", "limit/none", "-W", "2"]);
+        let out = run_within(command, PATIENCE);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let refused = over_tls();
+    assert!(
+        refused.contains("Connection Refused: broker unavailable"),
+        "{refused}"
+    );
+    assert_eq!(
+        server.metric("boottorrent_mqtt_connections_over_limit_total"),
+        1
+    );
+    sessions.pop();
+    wait_for("the TLS client to get the freed slot", || {
+        over_tls().contains("received CONNACK (0)").then_some(())
+    });
 }
 
 #[test]
