@@ -62,7 +62,7 @@ pub async fn run(broker: SocketAddr, secret: Secret, health: Health, shutdown: C
                     SUBSYSTEM,
                     format!(
                         "the embedded MQTT broker admits no clients: a login on its loopback \
-                         listener {why} ({failures} probes in a row); if a listener of the \
+                         listener {why} (failed probes in a row: {failures}); if a listener of the \
                          broker file holds all of its max_connections, close some of those \
                          clients, otherwise restart the server"
                     ),
