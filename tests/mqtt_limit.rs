@@ -370,7 +370,7 @@ fn the_tls_port_counts_toward_the_same_limit() {
 }
 
 #[test]
-fn healthz_turns_unhealthy_while_the_broker_accepts_nobody_and_well_again_after() {
+fn clients_of_a_listener_the_front_does_not_count_turn_healthz_unhealthy_but_wedge_nothing() {
     // A listener of the broker file is served by rumqttd directly: the front does not count
     // its clients, so they can fill rumqttd's table; the health probe then gets no CONNACK.
     let dir = tempfile::tempdir().unwrap();
@@ -420,6 +420,39 @@ fn healthz_turns_unhealthy_while_the_broker_accepts_nobody_and_well_again_after(
         (healthz(&server).0 == 200).then_some(())
     });
     let log = dir.path().join("again.log");
-    let _again = connected(&server, server.mqtt_port, "admin-again", &[], &log);
-    assert!(!server.log_text().contains("panicked"));
+    let again = connected(&server, server.mqtt_port, "admin-again", &[], &log);
+    drop(again);
+
+    // Full again while a client of the front logs in: rumqttd drops it without CONNACK and
+    // keeps its will entry, on which its retry would crash rumqttd for everyone. The front
+    // refuses that id from then on instead; every other id still gets in.
+    while direct_clients.len() < MAX_CONNECTIONS - 3 {
+        match login(&server, direct, &ids.next().unwrap()) {
+            Login::Admitted(stream) => direct_clients.push(stream),
+            Login::Dropped => {}
+            Login::Refused(code) => panic!("refused with {code}"),
+        }
+    }
+    assert!(matches!(
+        login(&server, server.mqtt_port, "admin-unlucky"),
+        Login::Dropped
+    ));
+    // mosquitto retries with the same id, as the load generator did.
+    let retry = attempt(&server, "admin-unlucky");
+    assert!(
+        retry.contains("Connection Refused: broker unavailable"),
+        "{retry}"
+    );
+    direct_clients.truncate(MAX_CONNECTIONS - 3 - 4);
+    let log = dir.path().join("after.log");
+    let _after = connected(&server, server.mqtt_port, "admin-after", &[], &log);
+    assert!(matches!(
+        login(&server, server.mqtt_port, "admin-unlucky"),
+        Login::Refused(3)
+    ));
+    let (status, body) = healthz(&server);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("admin-unlucky"), "{body}");
+    let text = server.log_text();
+    assert!(!text.contains("panicked"), "rumqttd panicked:\n{text}");
 }

@@ -129,6 +129,77 @@ pub fn client_limit(config: &rumqttd::Config, origin: &str) -> anyhow::Result<us
     }
 }
 
+/// The logins the front has relayed and not yet seen answered, and whether our login check
+/// admitted each: how the front tells rumqttd's refusal at its own limit (admitted, then
+/// closed without CONNACK) from a wrong password (closed without CONNACK, never admitted).
+/// Keyed by client id and password, so that someone else's failed guess at the same id
+/// cannot pass for an admitted login. Passwords stay here only while their login is in
+/// flight.
+#[derive(Clone, Default)]
+pub struct Admissions(Arc<std::sync::Mutex<HashMap<(String, String), InFlight>>>);
+
+#[derive(Default)]
+struct InFlight {
+    waiting: u32,
+    admitted: bool,
+}
+
+/// One relayed login waiting for its answer; forgotten when dropped.
+pub struct Expected {
+    admissions: Admissions,
+    key: (String, String),
+}
+
+impl Admissions {
+    /// Notes that the front relays a login as `client_id` with `password`.
+    pub fn expect(&self, client_id: &str, password: &str) -> Expected {
+        let key = (client_id.to_owned(), password.to_owned());
+        self.lock().entry(key.clone()).or_default().waiting += 1;
+        Expected {
+            admissions: self.clone(),
+            key,
+        }
+    }
+
+    fn admitted(&self, client_id: &str, password: &str) {
+        let mut map = self.lock();
+        if map.is_empty() {
+            return;
+        }
+        if let Some(entry) = map.get_mut(&(client_id.to_owned(), password.to_owned())) {
+            entry.admitted = true;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), InFlight>> {
+        // Every change is one field of one entry: a panic elsewhere leaves it consistent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Expected {
+    /// Whether our login check admitted a login with this id and password since it was
+    /// expected.
+    pub fn admitted(&self) -> bool {
+        self.admissions
+            .lock()
+            .get(&self.key)
+            .is_some_and(|entry| entry.admitted)
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        let mut map = self.admissions.lock();
+        if let Some(entry) = map.get_mut(&self.key) {
+            entry.waiting -= 1;
+            if entry.waiting == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A started broker and the orchestrator's link into it.
 pub struct Running {
     pub link_tx: LinkTx,
@@ -151,6 +222,8 @@ pub struct Listeners {
     pub max_clients: usize,
     /// The health probe's password; it never leaves the process.
     pub probe_secret: Secret,
+    /// What our login check admitted of the logins the front relays.
+    pub admissions: Admissions,
 }
 
 /// Builds the rumqttd config, checks it, binds the client listeners, starts the broker threads
@@ -164,6 +237,7 @@ pub fn start(
 ) -> anyhow::Result<(Running, Listeners)> {
     let (mut broker_config, internal, max_clients) = broker_config(config)?;
     let probe_secret = Secret::new(random_hex(24)?);
+    let admissions = Admissions::default();
     let max_packet = broker_config
         .v4
         .as_ref()
@@ -176,6 +250,7 @@ pub fn start(
         login_window_ms: i64::from(config.replay_window_secs) * 1000,
         metrics,
         probe_secret: probe_secret.clone(),
+        admissions: admissions.clone(),
     };
     let mut addresses = Vec::new();
     for listeners in [
@@ -267,6 +342,7 @@ pub fn start(
             tls,
             max_clients,
             probe_secret,
+            admissions,
         },
     ))
 }
@@ -385,6 +461,8 @@ struct Authenticator {
     metrics: Arc<Metrics>,
     /// The health probe's password (see `broker_probe`).
     probe_secret: Secret,
+    /// Told of every admitted login, for the front.
+    admissions: Admissions,
 }
 
 /// Why a login was refused; logged, never told to the client (MQTT 3.1.1 has one code).
@@ -424,7 +502,10 @@ impl std::fmt::Display for Refusal {
 impl Authenticator {
     fn check(&self, client_id: &str, user: &str, pass: &str, now_ms: i64) -> bool {
         match self.decide(client_id, user, pass, now_ms) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.admissions.admitted(client_id, pass);
+                true
+            }
             Err(why) => {
                 self.metrics.mqtt_login_refused();
                 crate::server::broker_log::refused_by_us();
@@ -592,6 +673,7 @@ mod tests {
             login_window_ms: 300_000,
             metrics: Arc::new(Metrics::default()),
             probe_secret: Secret::new(PROBE.into()),
+            admissions: Admissions::default(),
         }
     }
 
@@ -648,6 +730,24 @@ mod tests {
                 "{id}"
             );
         }
+    }
+
+    #[test]
+    fn the_front_learns_which_of_its_logins_were_admitted() {
+        let auth = authenticator();
+        let good = auth.admissions.expect("admin-1", ADMIN);
+        let guess = auth.admissions.expect("admin-1", "wrong");
+        let other = auth.admissions.expect("admin-2", ADMIN);
+        assert!(!auth.check("admin-1", "admin", "wrong", NOW));
+        assert!(auth.check("admin-1", "admin", ADMIN, NOW));
+        assert!(good.admitted());
+        assert!(!guess.admitted(), "a failed guess at the same id");
+        assert!(!other.admitted());
+        drop((good, guess, other));
+        assert!(
+            auth.admissions.lock().is_empty(),
+            "nothing kept after the answer"
+        );
     }
 
     #[test]

@@ -31,7 +31,10 @@
 //! slot is given back only once rumqttd has closed its side of the session: rumqttd queues
 //! the disconnect for its router before it closes, so the router always takes the
 //! disconnect before the CONNECT of whoever gets the slot next. Listeners a broker file adds
-//! are served by rumqttd directly and not counted here.
+//! are served by rumqttd directly and not counted here; if their clients fill rumqttd's
+//! table, a login relayed here that rumqttd then drops leaves that client id stranded, and
+//! the front refuses it from then on rather than let its retry crash rumqttd
+//! ([`Front::strand`]).
 //!
 //! Everything else is relayed as it came, whole packets at a time, so that a SUBACK or PUBACK
 //! made here never lands inside a packet from the broker. The login itself stays rumqttd's
@@ -42,6 +45,7 @@
 //!
 //! [`broker::client_limit`]: crate::server::broker::client_limit
 
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,7 +64,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::server::broker::ADMIN_USER;
+use crate::server::broker::{ADMIN_USER, Admissions, Expected};
+use crate::server::health::Health;
 use crate::server::listener::{Throttle, TlsAcceptor, accept};
 use crate::server::metrics::{Metrics, MqttRefusal};
 
@@ -79,6 +84,11 @@ pub struct Front {
     slots: Semaphore,
     /// The number of slots, for messages.
     max_clients: usize,
+    /// Which relayed logins our login check admitted.
+    admissions: Admissions,
+    /// Client ids rumqttd refused after taking their last will (see [`Front::strand`]).
+    stranded: Mutex<HashSet<String>>,
+    health: Health,
     metrics: Arc<Metrics>,
     /// One log line per interval for each kind of refusal and for an unreachable broker.
     logs: Mutex<Logs>,
@@ -90,6 +100,7 @@ struct Logs {
     publish: Throttle,
     will: Throttle,
     limit: Throttle,
+    stranded: Throttle,
     broker: Throttle,
 }
 
@@ -195,6 +206,8 @@ impl Front {
         broker: SocketAddr,
         max_packet: usize,
         max_clients: usize,
+        admissions: Admissions,
+        health: Health,
         metrics: Arc<Metrics>,
     ) -> Front {
         metrics.set_mqtt_client_limit(max_clients);
@@ -204,6 +217,9 @@ impl Front {
             // `client_limit` keeps it far below the semaphore's maximum; clamp regardless.
             slots: Semaphore::new(max_clients.min(Semaphore::MAX_PERMITS)),
             max_clients,
+            admissions,
+            stranded: Mutex::default(),
+            health,
             metrics,
             logs: Mutex::default(),
         }
@@ -249,23 +265,27 @@ impl Front {
         if let Some(will) = &parsed.last_will {
             if !role.may_publish(&will.topic) {
                 self.refused(MqttRefusal::Will, &role, remote, &will.topic);
-                let mut out = BytesMut::new();
-                ConnAck::new(ConnectReturnCode::NotAuthorized, false)
-                    .write(&mut out)
-                    .map_err(RelayError::Malformed)?;
-                client.write_all(&out).await?;
-                return Ok(());
+                return refuse(&mut client, ConnectReturnCode::NotAuthorized).await;
             }
         }
 
+        if self.is_stranded(&parsed.client_id) {
+            if let Some(suppressed) = self.log(|l| &mut l.stranded) {
+                let client_id: String = parsed.client_id.chars().take(64).collect();
+                tracing::warn!(
+                    ?client_id,
+                    %remote,
+                    suppressed,
+                    "refused an MQTT connection with CONNACK 3 (server unavailable): the \
+                     broker would crash on this client id until the server restarts (see \
+                     /healthz)"
+                );
+            }
+            return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
+        }
         let Ok(permit) = self.slots.try_acquire() else {
             self.over_limit(&parsed.client_id, remote);
-            let mut out = BytesMut::new();
-            ConnAck::new(ConnectReturnCode::ServiceUnavailable, false)
-                .write(&mut out)
-                .map_err(RelayError::Malformed)?;
-            client.write_all(&out).await?;
-            return Ok(());
+            return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
         };
         self.metrics.mqtt_connection_opened();
         let slot = Slot {
@@ -283,6 +303,8 @@ impl Front {
             }
         })?;
         let _ = broker.set_nodelay(true);
+        let password = parsed.login.as_ref().map_or("", |l| l.password.as_str());
+        let mut unanswered = Some(self.admissions.expect(&parsed.client_id, password));
         let result = self
             .session(
                 &mut client,
@@ -291,17 +313,60 @@ impl Front {
                 from_client,
                 &role,
                 remote,
+                &mut unanswered,
                 shutdown,
             )
             .await;
         // The client is done with; the slot is not until rumqttd let go of the session.
         drop(client);
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            () = until_closed(broker) => {}
+        let answered_late = tokio::select! {
+            _ = shutdown.cancelled() => return result,
+            answered = until_closed(broker) => answered,
+        };
+        if let Some(expected) = unanswered {
+            // rumqttd closed without a word after our check admitted the login: its router
+            // refused it (rumqttd's table full), and rumqttd keeps the client's will entry.
+            // A keep-alive of 0 is refused after the check too, but before that entry.
+            if !answered_late && expected.admitted() && parsed.keep_alive != 0 {
+                self.strand(&parsed.client_id, remote);
+            }
         }
         drop(slot);
         result
+    }
+
+    fn is_stranded(&self, client_id: &str) -> bool {
+        let stranded = self.stranded.lock().unwrap_or_else(|e| e.into_inner());
+        !stranded.is_empty() && stranded.contains(client_id)
+    }
+
+    /// Refuses `client_id` from now on. rumqttd (0.20) keeps the last-will entry of a login
+    /// its router refused, and the next login with that id panics on it while holding the
+    /// table of wills, which then fails every login and disconnect until a restart. So the
+    /// id is answered CONNACK 3 here until the server restarts, and `/healthz` says so: one
+    /// machine shut out instead of all. It happens only when clients of a listener the front
+    /// does not count fill rumqttd's table.
+    fn strand(&self, client_id: &str, remote: SocketAddr) {
+        let count = {
+            let mut stranded = self.stranded.lock().unwrap_or_else(|e| e.into_inner());
+            stranded.insert(client_id.to_owned());
+            stranded.len()
+        };
+        let client_id: String = client_id.chars().take(64).collect();
+        tracing::error!(
+            ?client_id,
+            %remote,
+            "the embedded MQTT broker refused a login at its max_connections; the client \
+             id is refused from now on, as rumqttd would crash on it"
+        );
+        self.health.degraded(
+            "mqtt_stranded",
+            format!(
+                "{count} MQTT client id(s) cannot log in until the server restarts, the last \
+                 {client_id:?}: rumqttd refused them when clients of a listener from the \
+                 broker file filled its max_connections, and would crash on their next login"
+            ),
+        );
     }
 
     /// Relays one session after CONNECT until either side closes it.
@@ -314,6 +379,7 @@ impl Front {
         mut from_client: BytesMut,
         role: &Role,
         remote: SocketAddr,
+        unanswered: &mut Option<Expected>,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError>
     where
@@ -338,6 +404,8 @@ impl Front {
                     if read? == 0 {
                         return Ok(());
                     }
+                    // The broker answered (its CONNACK): the password is forgotten.
+                    *unanswered = None;
                     // Whole packets only, so that answers made here never split one.
                     while let Some((_, frame)) = self.next_frame(&mut from_broker)? {
                         client.write_all(&frame).await?;
@@ -473,14 +541,32 @@ impl Front {
 /// Keeping our side open for reading also lets rumqttd's CONNACK write succeed when the
 /// client left at once: a failed CONNACK write would leave the session in rumqttd's table
 /// forever.
-async fn until_closed(mut broker: TcpStream) {
+///
+/// Returns whether rumqttd sent anything meanwhile.
+async fn until_closed(mut broker: TcpStream) -> bool {
     let _ = broker.shutdown().await;
     let mut sink = [0u8; 4096];
+    let mut answered = false;
     while let Ok(n) = broker.read(&mut sink).await {
         if n == 0 {
             break;
         }
+        answered = true;
     }
+    answered
+}
+
+/// Answers a CONNECT with a refusal CONNACK.
+async fn refuse<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    code: ConnectReturnCode,
+) -> Result<(), RelayError> {
+    let mut out = BytesMut::new();
+    ConnAck::new(code, false)
+        .write(&mut out)
+        .map_err(RelayError::Malformed)?;
+    client.write_all(&out).await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -502,7 +588,14 @@ mod tests {
 
     #[test]
     fn frames_are_split_whole_and_oversized_ones_refused() {
-        let front = Front::new("127.0.0.1:1".parse().unwrap(), 100, 1, Arc::default());
+        let front = Front::new(
+            "127.0.0.1:1".parse().unwrap(),
+            100,
+            1,
+            Admissions::default(),
+            Health::default(),
+            Arc::default(),
+        );
         let mut buf = BytesMut::new();
         rumqttc::Packet::PingReq.write(&mut buf, 100).unwrap();
         let publish = Publish::new("a/b", QoS::AtMostOnce, vec![7u8; 10]);

@@ -226,6 +226,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mqtt.internal,
         mqtt.max_packet,
         mqtt.max_clients,
+        mqtt.admissions.clone(),
+        health.clone(),
         metrics.clone(),
     ));
     spawn(&tasks, &shutdown, "mqtt-probe", {
