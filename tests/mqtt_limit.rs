@@ -456,3 +456,30 @@ fn clients_of_a_listener_the_front_does_not_count_turn_healthz_unhealthy_but_wed
     let text = server.log_text();
     assert!(!text.contains("panicked"), "rumqttd panicked:\n{text}");
 }
+
+#[test]
+fn a_broker_file_without_room_for_clients_stops_startup_with_the_number_to_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = dir.path().join("broker.toml");
+    std::fs::write(&broker, broker_file_with(4, "")).unwrap();
+    let mut command = Command::new(common::BOOTTORRENT);
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--bt-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--broker-config")
+        .arg(&broker);
+    let out = run_within(command, PATIENCE);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "serve started with no room for clients"
+    );
+    assert!(
+        err.contains("max_connections is 4") && err.contains("set at least 5"),
+        "{err}"
+    );
+}
