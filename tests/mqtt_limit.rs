@@ -254,6 +254,47 @@ fn clients_leaving_and_coming_at_the_limit_never_meet_rumqttds_own_limit() {
 }
 
 #[test]
+fn a_client_reconnecting_at_the_limit_takes_over_its_own_session() {
+    // A machine whose network blinked comes back while the broker still holds its old
+    // session: with every slot taken it must not wait for that session to time out.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = dir.path().join("broker.toml");
+    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--broker-config", broker.to_str().unwrap()],
+    );
+    let mut sessions: Vec<TcpStream> = (0..CLIENTS)
+        .map(
+            |n| match login(&server, server.mqtt_port, &format!("admin-{n}")) {
+                Login::Admitted(stream) => stream,
+                other => panic!("admin-{n}: {other:?}"),
+            },
+        )
+        .collect();
+    assert!(matches!(
+        login(&server, server.mqtt_port, "admin-new"),
+        Login::Refused(3)
+    ));
+    let Login::Admitted(_again) = login(&server, server.mqtt_port, "admin-0") else {
+        panic!("admin-0 could not take over its own session");
+    };
+    // The broker closed the old session, and the slot is still one.
+    let mut rest = Vec::new();
+    assert_eq!(sessions[0].read_to_end(&mut rest).unwrap_or(0), 0);
+    assert_eq!(
+        server.metric("boottorrent_mqtt_connections_open"),
+        CLIENTS as u64
+    );
+    assert!(matches!(
+        login(&server, server.mqtt_port, "admin-new"),
+        Login::Refused(3)
+    ));
+    sessions.clear();
+    assert!(!server.log_text().contains("panicked"));
+}
+
+#[test]
 fn a_real_agent_refused_at_the_limit_gets_in_when_a_slot_frees_and_leaves_its_will() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();

@@ -27,10 +27,12 @@
 //! panics, no will is published, and nobody can connect until a restart (issue #17). So the
 //! front relays at most [`broker::client_limit`] clients (rumqttd's limit less the server's
 //! own links) over its listeners together; one more is answered CONNACK 3 (server
-//! unavailable) before the broker sees it, counted and logged once per interval. A client's
-//! slot is given back only once rumqttd has closed its side of the session: rumqttd queues
-//! the disconnect for its router before it closes, so the router always takes the
-//! disconnect before the CONNECT of whoever gets the slot next. Listeners a broker file adds
+//! unavailable) before the broker sees it, counted and logged once per interval. A slot
+//! belongs to a client id, not a connection: rumqttd keeps one connection per client id, so
+//! a machine reconnecting while its old session lingers shares that session's slot and takes
+//! it over. A slot is given back only once rumqttd has closed its side of every session of
+//! that id: rumqttd queues the disconnect for its router before it closes, so the router
+//! always takes the disconnect before the CONNECT of whoever gets the slot next. Listeners a broker file adds
 //! are served by rumqttd directly and not counted here; if their clients fill rumqttd's
 //! table, a login relayed here that rumqttd then drops leaves that client id stranded, and
 //! the front refuses it from then on rather than let its retry crash rumqttd
@@ -45,11 +47,11 @@
 //!
 //! [`broker::client_limit`]: crate::server::broker::client_limit
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use boottorrent_proto::{MachineId, machine_may_publish, machine_may_subscribe};
@@ -60,7 +62,7 @@ use rumqttc::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -81,7 +83,9 @@ pub struct Front {
     /// The broker's `max_payload_size`: larger packets are refused here as there.
     max_packet: usize,
     /// One permit per client the broker may take; held until rumqttd closed its side.
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
+    /// The slot of each client id with a session here, shared by all its sessions.
+    by_id: Mutex<HashMap<String, Weak<IdSlot>>>,
     /// The number of slots, for messages.
     max_clients: usize,
     /// Which relayed logins our login check admitted.
@@ -104,15 +108,41 @@ struct Logs {
     broker: Throttle,
 }
 
-/// A client's place among the broker's connections, counted in `/metrics` while held.
+/// A client id's place among the broker's connections, counted in `/metrics` while held.
+///
+/// All sessions of one client id share it: rumqttd holds at most one connection per client
+/// id (a new login drops the older one first), so a machine that reconnects while its stale
+/// session lingers takes that session over even when every slot is taken.
+struct IdSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for IdSlot {
+    fn drop(&mut self) {
+        self.metrics.mqtt_connection_closed();
+    }
+}
+
+/// One session's hold on its client id's slot; the slot is freed with its last session.
 struct Slot<'a> {
-    _permit: SemaphorePermit<'a>,
-    metrics: &'a Metrics,
+    front: &'a Front,
+    client_id: String,
+    slot: Option<Arc<IdSlot>>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.metrics.mqtt_connection_closed();
+        let mut by_id = self.front.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        // Dropped under the lock, so that no session finds the slot between its last
+        // holder leaving and its entry going.
+        self.slot = None;
+        if by_id
+            .get(&self.client_id)
+            .is_some_and(|slot| slot.strong_count() == 0)
+        {
+            by_id.remove(&self.client_id);
+        }
     }
 }
 
@@ -215,7 +245,8 @@ impl Front {
             broker,
             max_packet,
             // `client_limit` keeps it far below the semaphore's maximum; clamp regardless.
-            slots: Semaphore::new(max_clients.min(Semaphore::MAX_PERMITS)),
+            slots: Arc::new(Semaphore::new(max_clients.min(Semaphore::MAX_PERMITS))),
+            by_id: Mutex::default(),
             max_clients,
             admissions,
             stranded: Mutex::default(),
@@ -283,14 +314,9 @@ impl Front {
             }
             return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
         }
-        let Ok(permit) = self.slots.try_acquire() else {
+        let Some(slot) = self.slot(&parsed.client_id) else {
             self.over_limit(&parsed.client_id, remote);
             return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
-        };
-        self.metrics.mqtt_connection_opened();
-        let slot = Slot {
-            _permit: permit,
-            metrics: &self.metrics,
         };
         let mut broker = TcpStream::connect(self.broker).await.inspect_err(|e| {
             if let Some(suppressed) = self.log(|l| &mut l.broker) {
@@ -333,6 +359,30 @@ impl Front {
         }
         drop(slot);
         result
+    }
+
+    /// The slot of `client_id`: the one its other sessions hold, else a free one, if any.
+    fn slot(&self, client_id: &str) -> Option<Slot<'_>> {
+        let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = by_id.get(client_id).and_then(Weak::upgrade);
+        let slot = match shared {
+            Some(slot) => slot,
+            None => {
+                let permit = self.slots.clone().try_acquire_owned().ok()?;
+                self.metrics.mqtt_connection_opened();
+                let slot = Arc::new(IdSlot {
+                    _permit: permit,
+                    metrics: self.metrics.clone(),
+                });
+                by_id.insert(client_id.to_owned(), Arc::downgrade(&slot));
+                slot
+            }
+        };
+        Some(Slot {
+            front: self,
+            client_id: client_id.to_owned(),
+            slot: Some(slot),
+        })
     }
 
     fn is_stranded(&self, client_id: &str) -> bool {
@@ -584,6 +634,37 @@ mod tests {
         assert!(Role::Admin.may_subscribe("#"));
         assert!(!Role::Nobody.may_subscribe("boottorrent/cmd/global/#"));
         assert!(!Role::Machine("pc-1".parse().unwrap()).may_subscribe("#"));
+    }
+
+    #[test]
+    fn sessions_of_one_client_id_share_its_slot_and_the_last_frees_it() {
+        let metrics = Arc::new(Metrics::default());
+        let front = Front::new(
+            "127.0.0.1:1".parse().unwrap(),
+            100,
+            2,
+            Admissions::default(),
+            Health::default(),
+            metrics.clone(),
+        );
+        let a1 = front.slot("pc-a").unwrap();
+        let a2 = front.slot("pc-a").unwrap();
+        let b = front.slot("pc-b").unwrap();
+        assert!(front.slot("pc-c").is_none(), "two ids hold both slots");
+        assert_eq!(metrics.snapshot().mqtt_connections_open, 2);
+        drop(a1);
+        assert!(
+            front.slot("pc-c").is_none(),
+            "pc-a's other session holds its slot"
+        );
+        drop(a2);
+        let c = front.slot("pc-c").unwrap();
+        drop((b, c));
+        assert_eq!(metrics.snapshot().mqtt_connections_open, 0);
+        assert!(
+            front.by_id.lock().unwrap().is_empty(),
+            "no entry outlives its id"
+        );
     }
 
     #[test]

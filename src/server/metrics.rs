@@ -152,11 +152,11 @@ impl Metrics {
     pub fn mqtt_refused(&self, what: MqttRefusal) {
         self.mqtt_refused[what as usize].fetch_add(1, Ordering::Relaxed);
     }
-    /// The front relays one more client to the broker.
+    /// The front relays one more client id to the broker.
     pub fn mqtt_connection_opened(&self) {
         self.mqtt_connections_open.fetch_add(1, Ordering::Relaxed);
     }
-    /// The broker closed a session the front relayed.
+    /// The broker closed the last session of a client id the front relayed.
     pub fn mqtt_connection_closed(&self) {
         self.mqtt_connections_open.fetch_sub(1, Ordering::Relaxed);
     }
@@ -277,7 +277,7 @@ impl Metrics {
         for (name, help, value) in [
             (
                 "boottorrent_mqtt_connections_open",
-                "MQTT clients connected through the server's MQTT ports (plain and TLS).",
+                "MQTT clients (client ids) connected through the server's MQTT ports, plain and TLS.",
                 s.mqtt_connections_open,
             ),
             (
