@@ -94,9 +94,10 @@ const OWN_CONNECTIONS: usize = 1 + SPARE_LINKS + 1;
 /// start, and a mistyped value would abort the process there.
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
-/// Characters rumqttd's router refuses in a client id. It refuses such a login only after
-/// it registered the client's last will, and the next login with the same id then panics
-/// inside rumqttd and poisons its table of wills, so our login check refuses them first.
+/// Characters rumqttd's router refuses in a client id. The router sees the login only after
+/// rumqttd's listener put the client into its table of waiting wills, and the refusal leaves
+/// it there: the next login with the same id panics on it and poisons that table, so our
+/// login check refuses such ids first.
 const CLIENT_ID_FORBIDDEN: &[char] = &['+', '$', '#', '/'];
 
 /// How many clients the front may relay to rumqttd at once: its `max_connections` less the
