@@ -16,7 +16,14 @@
 //! rumqttd has no per-client ACL, so it listens on loopback only and clients reach it through
 //! `broker_front`, which keeps each machine to its own topics. What a message may do is then
 //! decided by its signature (see `registry`). Listeners a broker file adds besides
-//! `[v4.mqtt]` are served by rumqttd directly, without those topic rules (logged at start).
+//! `[v4.mqtt]` are served by rumqttd directly, without those topic rules and without the
+//! front's connection limit (logged at start).
+//!
+//! rumqttd's `max_connections` is one table for the server's own links and every client. At
+//! that limit rumqttd answers no CONNACK and the client's retry wedges it (issue #17; see
+//! docs/architecture.md for what upstream would need), so [`client_limit`] leaves the front
+//! only what the server does not take itself, and `broker_probe` watches that rumqttd still
+//! admits clients.
 //!
 //! [`login_password`]: boottorrent_proto::login_password
 
@@ -74,6 +81,126 @@ fn admin_session(client_id: &str) -> bool {
 /// Links made besides the orchestrator's, for it to fall back on if its link fails.
 const SPARE_LINKS: usize = 2;
 
+/// Prefix of the health probe's client ids (see `broker_probe`). Reserved like every
+/// `boottorrent-*` id; only the probe's own secret admits it.
+pub const PROBE_CLIENT_PREFIX: &str = "boottorrent-probe-";
+
+/// Entries of rumqttd's connection table the server takes itself: the orchestrator's link,
+/// its spares and the health probe (a bridge in the broker file takes one more). Clients of
+/// the front get the rest (see [`client_limit`]).
+const OWN_CONNECTIONS: usize = 1 + SPARE_LINKS + 1;
+
+/// The largest `max_connections` accepted: rumqttd allocates its tables for that many at
+/// start, and a mistyped value would abort the process there.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+/// Characters rumqttd's router refuses in a client id. The router sees the login only after
+/// rumqttd's listener put the client into its table of waiting wills, and the refusal leaves
+/// it there: the next login with the same id panics on it and poisons that table, so our
+/// login check refuses such ids first.
+const CLIENT_ID_FORBIDDEN: &[char] = &['+', '$', '#', '/'];
+
+/// How many clients the front may relay to rumqttd at once: its `max_connections` less the
+/// server's own entries, so that rumqttd never reaches its own limit. At that limit rumqttd
+/// answers no CONNACK, and the client's retry panics inside it and poisons its table of
+/// last wills, after which no client can connect or leave a will until a restart (issue
+/// #17); a refusal by the front is a clean CONNACK 3 instead.
+pub fn client_limit(config: &rumqttd::Config, origin: &str) -> anyhow::Result<usize> {
+    let own = OWN_CONNECTIONS + usize::from(config.bridge.is_some());
+    let max = config.router.max_connections;
+    if max > MAX_CONNECTIONS_LIMIT {
+        bail!(
+            "{origin}: [router] max_connections is {max}; rumqttd reserves its tables for that \
+             many connections at start, so at most {MAX_CONNECTIONS_LIMIT} is accepted"
+        );
+    }
+    match max.checked_sub(own) {
+        Some(clients) if clients > 0 => Ok(clients),
+        _ => bail!(
+            "{origin}: [router] max_connections is {max}; the server keeps {own} of rumqttd's \
+             connections for itself (its broker link, {SPARE_LINKS} spares and the health \
+             probe{}), so set at least {} to admit any client",
+            if config.bridge.is_some() {
+                ", and the bridge"
+            } else {
+                ""
+            },
+            own + 1
+        ),
+    }
+}
+
+/// The logins the front has relayed and not yet seen answered, and whether our login check
+/// admitted each: how the front tells rumqttd's refusal at its own limit (admitted, then
+/// closed without CONNACK) from a wrong password (closed without CONNACK, never admitted).
+/// Keyed by client id and password, so that someone else's failed guess at the same id
+/// cannot pass for an admitted login. Passwords stay here only while their login is in
+/// flight.
+#[derive(Clone, Default)]
+pub struct Admissions(Arc<std::sync::Mutex<HashMap<(String, String), InFlight>>>);
+
+#[derive(Default)]
+struct InFlight {
+    waiting: u32,
+    admitted: bool,
+}
+
+/// One relayed login waiting for its answer; forgotten when dropped.
+pub struct Expected {
+    admissions: Admissions,
+    key: (String, String),
+}
+
+impl Admissions {
+    /// Notes that the front relays a login as `client_id` with `password`.
+    pub fn expect(&self, client_id: &str, password: &str) -> Expected {
+        let key = (client_id.to_owned(), password.to_owned());
+        self.lock().entry(key.clone()).or_default().waiting += 1;
+        Expected {
+            admissions: self.clone(),
+            key,
+        }
+    }
+
+    fn admitted(&self, client_id: &str, password: &str) {
+        let mut map = self.lock();
+        if map.is_empty() {
+            return;
+        }
+        if let Some(entry) = map.get_mut(&(client_id.to_owned(), password.to_owned())) {
+            entry.admitted = true;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), InFlight>> {
+        // Every change is one field of one entry: a panic elsewhere leaves it consistent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Expected {
+    /// Whether our login check admitted a login with this id and password since it was
+    /// expected.
+    pub fn admitted(&self) -> bool {
+        self.admissions
+            .lock()
+            .get(&self.key)
+            .is_some_and(|entry| entry.admitted)
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        let mut map = self.admissions.lock();
+        if let Some(entry) = map.get_mut(&self.key) {
+            entry.waiting -= 1;
+            if entry.waiting == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A started broker and the orchestrator's link into it.
 pub struct Running {
     pub link_tx: LinkTx,
@@ -92,6 +219,12 @@ pub struct Listeners {
     pub plain: TcpListener,
     /// The MQTT-over-TLS listener (`mqtts_listen`) when TLS files are configured.
     pub tls: Option<TcpListener>,
+    /// How many clients the front may relay at once, over both listeners ([`client_limit`]).
+    pub max_clients: usize,
+    /// The health probe's password; it never leaves the process.
+    pub probe_secret: Secret,
+    /// What our login check admitted of the logins the front relays.
+    pub admissions: Admissions,
 }
 
 /// Builds the rumqttd config, checks it, binds the client listeners, starts the broker threads
@@ -103,7 +236,9 @@ pub fn start(
     keyring: Keyring,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(Running, Listeners)> {
-    let (mut broker_config, internal) = broker_config(config)?;
+    let (mut broker_config, internal, max_clients) = broker_config(config)?;
+    let probe_secret = Secret::new(random_hex(24)?);
+    let admissions = Admissions::default();
     let max_packet = broker_config
         .v4
         .as_ref()
@@ -115,6 +250,8 @@ pub fn start(
         keyring,
         login_window_ms: i64::from(config.replay_window_secs) * 1000,
         metrics,
+        probe_secret: probe_secret.clone(),
+        admissions: admissions.clone(),
     };
     let mut addresses = Vec::new();
     for listeners in [
@@ -138,7 +275,10 @@ pub fn start(
                     listener = %server.name,
                     listen = %server.listen,
                     "this listener from the broker file is served by rumqttd directly: logins \
-                     are checked, but not the topic rules that keep a machine to its own topics"
+                     are checked, but not the topic rules that keep a machine to its own topics; \
+                     its clients are not counted by the front either, yet each one shares \
+                     rumqttd's max_connections with the front's clients: if they fill it, \
+                     rumqttd refuses everyone without CONNACK and can wedge (see /healthz)"
                 );
                 addresses.push((server.name.clone(), server.listen));
             }
@@ -201,13 +341,16 @@ pub fn start(
             max_packet,
             plain,
             tls,
+            max_clients,
+            probe_secret,
+            admissions,
         },
     ))
 }
 
 /// The broker config: the embedded or given file, with BootTorrent's listener moved to a free
-/// loopback port (returned) behind the front.
-fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr)> {
+/// loopback port (returned) behind the front, and how many clients the front may relay.
+fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr, usize)> {
     let (text, origin) = match &config.broker_config {
         Some(path) => (
             std::fs::read_to_string(path)
@@ -221,6 +364,7 @@ fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr
     };
     let mut broker: rumqttd::Config =
         toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
+    let max_clients = client_limit(&broker, &origin)?;
     let v4 = broker.v4.get_or_insert_with(HashMap::new);
     for (name, listener) in v4.iter() {
         if listener.connections.max_payload_size < MIN_PACKET_LIMIT {
@@ -247,7 +391,15 @@ fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr
         .context("finding a free loopback port for the embedded MQTT broker")?;
     plain.listen = internal;
     plain.tls = None;
-    Ok((broker, internal))
+    Ok((broker, internal, max_clients))
+}
+
+/// `bytes` random bytes in hex: the probe's password.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)
+        .map_err(|e| anyhow::anyhow!("reading random bytes for the health probe: {e}"))?;
+    Ok(hex::encode(buf))
 }
 
 /// rumqttd reads the PEM files only when the first TLS client connects and then merely logs
@@ -308,12 +460,17 @@ struct Authenticator {
     keyring: Keyring,
     login_window_ms: i64,
     metrics: Arc<Metrics>,
+    /// The health probe's password (see `broker_probe`).
+    probe_secret: Secret,
+    /// Told of every admitted login, for the front.
+    admissions: Admissions,
 }
 
 /// Why a login was refused; logged, never told to the client (MQTT 3.1.1 has one code).
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
     ClientIdNotUsername,
+    ClientIdForbidden,
     Reserved,
     InvalidId,
     WrongAdminToken,
@@ -326,6 +483,9 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::ClientIdNotUsername => {
                 f.write_str("the client id is not the username (admin: `admin` or `admin-*`)")
+            }
+            Refusal::ClientIdForbidden => {
+                f.write_str("the client id contains one of + $ # / (MQTT wildcards and separators)")
             }
             Refusal::Reserved => f.write_str("the id is reserved for the server"),
             Refusal::InvalidId => f.write_str("the username is not a valid machine id"),
@@ -343,7 +503,10 @@ impl std::fmt::Display for Refusal {
 impl Authenticator {
     fn check(&self, client_id: &str, user: &str, pass: &str, now_ms: i64) -> bool {
         match self.decide(client_id, user, pass, now_ms) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.admissions.admitted(client_id, pass);
+                true
+            }
             Err(why) => {
                 self.metrics.mqtt_login_refused();
                 crate::server::broker_log::refused_by_us();
@@ -360,6 +523,15 @@ impl Authenticator {
     }
 
     fn decide(&self, client_id: &str, user: &str, pass: &str, now_ms: i64) -> Result<(), Refusal> {
+        if client_id.contains(CLIENT_ID_FORBIDDEN) {
+            return Err(Refusal::ClientIdForbidden);
+        }
+        if client_id.starts_with(PROBE_CLIENT_PREFIX)
+            && user == client_id
+            && token_matches(&self.probe_secret, pass)
+        {
+            return Ok(());
+        }
         if user == ADMIN_USER {
             if !admin_session(client_id) {
                 return Err(Refusal::ClientIdNotUsername);
@@ -416,7 +588,8 @@ mod tests {
     #[test]
     fn embedded_config_has_the_plain_listener() {
         let config = Config::default();
-        let (broker, internal) = broker_config(&config).unwrap();
+        let (broker, internal, clients) = broker_config(&config).unwrap();
+        assert_eq!(clients, 10010 - OWN_CONNECTIONS);
         let v4 = broker.v4.unwrap();
         assert_eq!(v4[PLAIN_LISTENER].listen, internal);
         assert!(
@@ -445,7 +618,7 @@ mod tests {
             .unwrap();
         // Topic length prefix, topic, packet id, payload.
         assert!(2 + longest + 2 + boottorrent_proto::MAX_PAYLOAD_BYTES <= MIN_PACKET_LIMIT);
-        let (broker, _) = broker_config(&Config::default()).unwrap();
+        let (broker, _, _) = broker_config(&Config::default()).unwrap();
         let limit = broker.v4.unwrap()[PLAIN_LISTENER]
             .connections
             .max_payload_size;
@@ -490,6 +663,7 @@ mod tests {
 
     const ENROLL: &str = "enroll-token-0123456789";
     const ADMIN: &str = "admin-token-0123456789";
+    const PROBE: &str = "probe-secret-0123456789";
     const NOW: i64 = 1_764_000_000_000;
 
     fn authenticator() -> Authenticator {
@@ -499,6 +673,8 @@ mod tests {
             keyring: Keyring::default(),
             login_window_ms: 300_000,
             metrics: Arc::new(Metrics::default()),
+            probe_secret: Secret::new(PROBE.into()),
+            admissions: Admissions::default(),
         }
     }
 
@@ -543,6 +719,87 @@ mod tests {
             auth.decide("administrator", "administrator", ENROLL, NOW),
             Ok(())
         );
+    }
+
+    #[test]
+    fn ids_rumqttd_would_refuse_after_taking_their_will_are_refused_first() {
+        let auth = authenticator();
+        for id in ["admin-a/b", "admin-#", "admin-$x", "admin-+"] {
+            assert_eq!(
+                auth.decide(id, "admin", ADMIN, NOW),
+                Err(Refusal::ClientIdForbidden),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_front_learns_which_of_its_logins_were_admitted() {
+        let auth = authenticator();
+        let good = auth.admissions.expect("admin-1", ADMIN);
+        let guess = auth.admissions.expect("admin-1", "wrong");
+        let other = auth.admissions.expect("admin-2", ADMIN);
+        assert!(!auth.check("admin-1", "admin", "wrong", NOW));
+        assert!(auth.check("admin-1", "admin", ADMIN, NOW));
+        assert!(good.admitted());
+        assert!(!guess.admitted(), "a failed guess at the same id");
+        assert!(!other.admitted());
+        drop((good, guess, other));
+        assert!(
+            auth.admissions.lock().is_empty(),
+            "nothing kept after the answer"
+        );
+    }
+
+    #[test]
+    fn only_the_probe_secret_admits_the_probe() {
+        let auth = authenticator();
+        let probe = format!("{PROBE_CLIENT_PREFIX}0");
+        assert_eq!(auth.decide(&probe, &probe, PROBE, NOW), Ok(()));
+        assert_eq!(
+            auth.decide(&probe, &probe, ENROLL, NOW),
+            Err(Refusal::Reserved)
+        );
+        assert_eq!(
+            auth.decide(&probe, &probe, ADMIN, NOW),
+            Err(Refusal::Reserved)
+        );
+        assert_eq!(
+            auth.decide("pc-01", "pc-01", PROBE, NOW),
+            Err(Refusal::WrongEnrollToken)
+        );
+    }
+
+    #[test]
+    fn a_broker_file_must_leave_room_for_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        for (max, ok) in [(4, false), (5, true), (1_000_001, false)] {
+            std::fs::write(
+                &path,
+                EMBEDDED_CONFIG.replace(
+                    "max_connections = 10010",
+                    &format!("max_connections = {max}"),
+                ),
+            )
+            .unwrap();
+            let config = Config {
+                broker_config: Some(path.clone()),
+                ..Config::default()
+            };
+            match broker_config(&config) {
+                Ok((_, _, clients)) => assert!(ok && clients == 1, "{max}: {clients}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok, "{max}: {e}");
+                    assert!(e.contains(&format!("max_connections is {max};")), "{e}");
+                    assert!(
+                        e.contains("set at least 5") || e.contains("at most 1000000"),
+                        "{e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -21,17 +21,37 @@
 //! The operator's `admin` sessions (rumqttd admits them only with the admin token) pass
 //! unfiltered. Each refusal is counted in `/metrics` and logged at most once per interval.
 //!
+//! The front also keeps rumqttd below its `max_connections`. At that limit rumqttd sends no
+//! CONNACK, and the refused client's next attempt with the same id panics inside rumqttd
+//! and poisons its table of last wills: from then on every login and every disconnect
+//! panics, no will is published, and nobody can connect until a restart (issue #17). So the
+//! front relays at most [`broker::client_limit`] clients (rumqttd's limit less the server's
+//! own links) over its listeners together; one more is answered CONNACK 3 (server
+//! unavailable) before the broker sees it, counted and logged once per interval. A slot
+//! belongs to a client id, not a connection: rumqttd keeps one connection per client id, so
+//! a machine reconnecting while its old session lingers shares that session's slot and takes
+//! it over. A slot is given back only once rumqttd has closed its side of every session of
+//! that id: rumqttd queues the disconnect for its router before it closes, so the router
+//! always takes the disconnect before the CONNECT of whoever gets the slot next. Listeners a broker file adds
+//! are served by rumqttd directly and not counted here; if their clients fill rumqttd's
+//! table, a login relayed here that rumqttd then drops leaves that client id stranded, and
+//! the front refuses it from then on rather than let its retry crash rumqttd
+//! ([`Front::strand`]).
+//!
 //! Everything else is relayed as it came, whole packets at a time, so that a SUBACK or PUBACK
 //! made here never lands inside a packet from the broker. The login itself stays rumqttd's
 //! (its callback is `broker::Authenticator`); the front only reads who logs in.
 //!
 //! Tasks: one accept loop per listener and one task per connection, tracked so that shutdown
 //! waits for them; shutdown closes every connection (agents reconnect).
+//!
+//! [`broker::client_limit`]: crate::server::broker::client_limit
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use boottorrent_proto::{MachineId, machine_may_publish, machine_may_subscribe};
@@ -42,10 +62,12 @@ use rumqttc::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::server::broker::ADMIN_USER;
+use crate::server::broker::{ADMIN_USER, Admissions, Expected};
+use crate::server::health::Health;
 use crate::server::listener::{Throttle, TlsAcceptor, accept};
 use crate::server::metrics::{Metrics, MqttRefusal};
 
@@ -53,23 +75,75 @@ use crate::server::metrics::{Metrics, MqttRefusal};
 /// same as the broker's `connection_timeout_ms`, so idle sockets cannot pile up here either.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What one front needs: where the broker listens and how big a packet may be.
+/// What the fronts of the MQTT listeners share: where the broker listens, how big a packet
+/// may be, and the slots of the clients relayed to it.
 pub struct Front {
     /// rumqttd's listener on loopback.
-    pub broker: SocketAddr,
+    broker: SocketAddr,
     /// The broker's `max_payload_size`: larger packets are refused here as there.
-    pub max_packet: usize,
-    pub metrics: Arc<Metrics>,
+    max_packet: usize,
+    /// One permit per client the broker may take; held until rumqttd closed its side.
+    slots: Arc<Semaphore>,
+    /// The slot of each client id with a session here, shared by all its sessions.
+    by_id: Mutex<HashMap<String, Weak<IdSlot>>>,
+    /// The number of slots, for messages.
+    max_clients: usize,
+    /// Which relayed logins our login check admitted.
+    admissions: Admissions,
+    /// Client ids rumqttd refused after taking their last will (see [`Front::strand`]).
+    stranded: Mutex<HashSet<String>>,
+    health: Health,
+    metrics: Arc<Metrics>,
     /// One log line per interval for each kind of refusal and for an unreachable broker.
-    pub logs: Mutex<Logs>,
+    logs: Mutex<Logs>,
 }
 
 #[derive(Default)]
-pub struct Logs {
+struct Logs {
     subscribe: Throttle,
     publish: Throttle,
     will: Throttle,
+    limit: Throttle,
+    stranded: Throttle,
     broker: Throttle,
+}
+
+/// A client id's place among the broker's connections, counted in `/metrics` while held.
+///
+/// All sessions of one client id share it: rumqttd holds at most one connection per client
+/// id (a new login drops the older one first), so a machine that reconnects while its stale
+/// session lingers takes that session over even when every slot is taken.
+struct IdSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for IdSlot {
+    fn drop(&mut self) {
+        self.metrics.mqtt_connection_closed();
+    }
+}
+
+/// One session's hold on its client id's slot; the slot is freed with its last session.
+struct Slot<'a> {
+    front: &'a Front,
+    client_id: String,
+    slot: Option<Arc<IdSlot>>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut by_id = self.front.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        // Dropped under the lock, so that no session finds the slot between its last
+        // holder leaving and its entry going.
+        self.slot = None;
+        if by_id
+            .get(&self.client_id)
+            .is_some_and(|slot| slot.strong_count() == 0)
+        {
+            by_id.remove(&self.client_id);
+        }
+    }
 }
 
 /// Who is logged in on a connection, as far as topics go.
@@ -156,6 +230,32 @@ enum RelayError {
 }
 
 impl Front {
+    /// A front for the broker at `broker` that relays at most `max_clients` clients at once
+    /// (see [`crate::server::broker::client_limit`]).
+    pub fn new(
+        broker: SocketAddr,
+        max_packet: usize,
+        max_clients: usize,
+        admissions: Admissions,
+        health: Health,
+        metrics: Arc<Metrics>,
+    ) -> Front {
+        metrics.set_mqtt_client_limit(max_clients);
+        Front {
+            broker,
+            max_packet,
+            // `client_limit` keeps it far below the semaphore's maximum; clamp regardless.
+            slots: Arc::new(Semaphore::new(max_clients.min(Semaphore::MAX_PERMITS))),
+            by_id: Mutex::default(),
+            max_clients,
+            admissions,
+            stranded: Mutex::default(),
+            health,
+            metrics,
+            logs: Mutex::default(),
+        }
+    }
+
     /// `Some(lines suppressed)` when the log line `which` picks may be written now.
     fn log(&self, which: fn(&mut Logs) -> &mut Throttle) -> Option<u64> {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
@@ -196,15 +296,28 @@ impl Front {
         if let Some(will) = &parsed.last_will {
             if !role.may_publish(&will.topic) {
                 self.refused(MqttRefusal::Will, &role, remote, &will.topic);
-                let mut out = BytesMut::new();
-                ConnAck::new(ConnectReturnCode::NotAuthorized, false)
-                    .write(&mut out)
-                    .map_err(RelayError::Malformed)?;
-                client.write_all(&out).await?;
-                return Ok(());
+                return refuse(&mut client, ConnectReturnCode::NotAuthorized).await;
             }
         }
 
+        if self.is_stranded(&parsed.client_id) {
+            if let Some(suppressed) = self.log(|l| &mut l.stranded) {
+                let client_id: String = parsed.client_id.chars().take(64).collect();
+                tracing::warn!(
+                    ?client_id,
+                    %remote,
+                    suppressed,
+                    "refused an MQTT connection with CONNACK 3 (server unavailable): the \
+                     broker would crash on this client id until the server restarts (see \
+                     /healthz)"
+                );
+            }
+            return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
+        }
+        let Some(slot) = self.slot(&parsed.client_id) else {
+            self.over_limit(&parsed.client_id, remote);
+            return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
+        };
         let mut broker = TcpStream::connect(self.broker).await.inspect_err(|e| {
             if let Some(suppressed) = self.log(|l| &mut l.broker) {
                 tracing::error!(
@@ -216,8 +329,113 @@ impl Front {
             }
         })?;
         let _ = broker.set_nodelay(true);
-        broker.write_all(&connect).await?;
+        let password = parsed.login.as_ref().map_or("", |l| l.password.as_str());
+        let mut unanswered = Some(self.admissions.expect(&parsed.client_id, password));
+        let result = self
+            .session(
+                &mut client,
+                &mut broker,
+                connect,
+                from_client,
+                &role,
+                remote,
+                &mut unanswered,
+                shutdown,
+            )
+            .await;
+        // The client is done with; the slot is not until rumqttd let go of the session.
+        drop(client);
+        let answered_late = tokio::select! {
+            _ = shutdown.cancelled() => return result,
+            answered = until_closed(broker) => answered,
+        };
+        if let Some(expected) = unanswered {
+            // rumqttd closed without a word after our check admitted the login: its router
+            // refused it (rumqttd's table full), and rumqttd keeps the client's will entry.
+            // A keep-alive of 0 is refused after the check too, but before that entry.
+            if !answered_late && expected.admitted() && parsed.keep_alive != 0 {
+                self.strand(&parsed.client_id, remote);
+            }
+        }
+        drop(slot);
+        result
+    }
 
+    /// The slot of `client_id`: the one its other sessions hold, else a free one, if any.
+    fn slot(&self, client_id: &str) -> Option<Slot<'_>> {
+        let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = by_id.get(client_id).and_then(Weak::upgrade);
+        let slot = match shared {
+            Some(slot) => slot,
+            None => {
+                let permit = self.slots.clone().try_acquire_owned().ok()?;
+                self.metrics.mqtt_connection_opened();
+                let slot = Arc::new(IdSlot {
+                    _permit: permit,
+                    metrics: self.metrics.clone(),
+                });
+                by_id.insert(client_id.to_owned(), Arc::downgrade(&slot));
+                slot
+            }
+        };
+        Some(Slot {
+            front: self,
+            client_id: client_id.to_owned(),
+            slot: Some(slot),
+        })
+    }
+
+    fn is_stranded(&self, client_id: &str) -> bool {
+        let stranded = self.stranded.lock().unwrap_or_else(|e| e.into_inner());
+        !stranded.is_empty() && stranded.contains(client_id)
+    }
+
+    /// Refuses `client_id` from now on. rumqttd (0.20) keeps the last-will entry of a login
+    /// its router refused, and the next login with that id panics on it while holding the
+    /// table of wills, which then fails every login and disconnect until a restart. So the
+    /// id is answered CONNACK 3 here until the server restarts, and `/healthz` says so: one
+    /// machine shut out instead of all. It happens only when clients of a listener the front
+    /// does not count fill rumqttd's table.
+    fn strand(&self, client_id: &str, remote: SocketAddr) {
+        let count = {
+            let mut stranded = self.stranded.lock().unwrap_or_else(|e| e.into_inner());
+            stranded.insert(client_id.to_owned());
+            stranded.len()
+        };
+        let client_id: String = client_id.chars().take(64).collect();
+        tracing::error!(
+            ?client_id,
+            %remote,
+            "the embedded MQTT broker refused a login at its max_connections; the client \
+             id is refused from now on, as rumqttd would crash on it"
+        );
+        self.health.degraded(
+            "mqtt_stranded",
+            format!(
+                "{count} MQTT client id(s) cannot log in until the server restarts, the last \
+                 {client_id:?}: rumqttd refused them when clients of a listener from the \
+                 broker file filled its max_connections, and would crash on their next login"
+            ),
+        );
+    }
+
+    /// Relays one session after CONNECT until either side closes it.
+    #[allow(clippy::too_many_arguments)]
+    async fn session<S>(
+        &self,
+        client: &mut S,
+        broker: &mut TcpStream,
+        connect: Bytes,
+        mut from_client: BytesMut,
+        role: &Role,
+        remote: SocketAddr,
+        unanswered: &mut Option<Expected>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        broker.write_all(&connect).await?;
         let mut from_broker = BytesMut::with_capacity(1024);
         loop {
             tokio::select! {
@@ -227,7 +445,7 @@ impl Front {
                         return Ok(());
                     }
                     while let Some((header, frame)) = self.next_frame(&mut from_client)? {
-                        self.client_packet(header, frame, &role, remote, &mut client, &mut broker)
+                        self.client_packet(header, frame, role, remote, client, broker)
                             .await?;
                     }
                     from_client.reserve(1024);
@@ -236,6 +454,8 @@ impl Front {
                     if read? == 0 {
                         return Ok(());
                     }
+                    // The broker answered (its CONNACK): the password is forgotten.
+                    *unanswered = None;
                     // Whole packets only, so that answers made here never split one.
                     while let Some((_, frame)) = self.next_frame(&mut from_broker)? {
                         client.write_all(&frame).await?;
@@ -318,6 +538,25 @@ impl Front {
         }
     }
 
+    /// Counts and logs (once per interval) a client refused because the broker is full.
+    fn over_limit(&self, client_id: &str, remote: SocketAddr) {
+        self.metrics.mqtt_connection_over_limit();
+        if let Some(suppressed) = self.log(|l| &mut l.limit) {
+            // The id is the client's choice: shown escaped and bounded.
+            let client_id: String = client_id.chars().take(64).collect();
+            tracing::warn!(
+                ?client_id,
+                %remote,
+                suppressed,
+                "refused an MQTT connection with CONNACK 3 (server unavailable): {} clients \
+                 are connected, all that the broker's max_connections leaves room for (raise \
+                 [router] max_connections in the broker file); it is admitted when one leaves \
+                 (more refusals are counted in boottorrent_mqtt_connections_over_limit_total)",
+                self.max_clients
+            );
+        }
+    }
+
     fn refused(&self, what: MqttRefusal, role: &Role, remote: SocketAddr, topic: &str) {
         self.metrics.mqtt_refused(what);
         let which: fn(&mut Logs) -> &mut Throttle = match what {
@@ -346,6 +585,40 @@ impl Front {
     }
 }
 
+/// Half-closes the front's side of a relayed session and waits until rumqttd closed its side.
+/// rumqttd sends its router the disconnect before it closes the socket, and the router takes
+/// events in order, so after this a new CONNECT cannot find the old session still counted.
+/// Keeping our side open for reading also lets rumqttd's CONNACK write succeed when the
+/// client left at once: a failed CONNACK write would leave the session in rumqttd's table
+/// forever.
+///
+/// Returns whether rumqttd sent anything meanwhile.
+async fn until_closed(mut broker: TcpStream) -> bool {
+    let _ = broker.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut answered = false;
+    while let Ok(n) = broker.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+        answered = true;
+    }
+    answered
+}
+
+/// Answers a CONNECT with a refusal CONNACK.
+async fn refuse<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    code: ConnectReturnCode,
+) -> Result<(), RelayError> {
+    let mut out = BytesMut::new();
+    ConnAck::new(code, false)
+        .write(&mut out)
+        .map_err(RelayError::Malformed)?;
+    client.write_all(&out).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,13 +637,46 @@ mod tests {
     }
 
     #[test]
+    fn sessions_of_one_client_id_share_its_slot_and_the_last_frees_it() {
+        let metrics = Arc::new(Metrics::default());
+        let front = Front::new(
+            "127.0.0.1:1".parse().unwrap(),
+            100,
+            2,
+            Admissions::default(),
+            Health::default(),
+            metrics.clone(),
+        );
+        let a1 = front.slot("pc-a").unwrap();
+        let a2 = front.slot("pc-a").unwrap();
+        let b = front.slot("pc-b").unwrap();
+        assert!(front.slot("pc-c").is_none(), "two ids hold both slots");
+        assert_eq!(metrics.snapshot().mqtt_connections_open, 2);
+        drop(a1);
+        assert!(
+            front.slot("pc-c").is_none(),
+            "pc-a's other session holds its slot"
+        );
+        drop(a2);
+        let c = front.slot("pc-c").unwrap();
+        drop((b, c));
+        assert_eq!(metrics.snapshot().mqtt_connections_open, 0);
+        assert!(
+            front.by_id.lock().unwrap().is_empty(),
+            "no entry outlives its id"
+        );
+    }
+
+    #[test]
     fn frames_are_split_whole_and_oversized_ones_refused() {
-        let front = Front {
-            broker: "127.0.0.1:1".parse().unwrap(),
-            max_packet: 100,
-            metrics: Arc::default(),
-            logs: Mutex::default(),
-        };
+        let front = Front::new(
+            "127.0.0.1:1".parse().unwrap(),
+            100,
+            1,
+            Admissions::default(),
+            Health::default(),
+            Arc::default(),
+        );
         let mut buf = BytesMut::new();
         rumqttc::Packet::PingReq.write(&mut buf, 100).unwrap();
         let publish = Publish::new("a/b", QoS::AtMostOnce, vec![7u8; 10]);

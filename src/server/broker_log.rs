@@ -43,6 +43,33 @@ pub fn count_into(metrics: Arc<Metrics>) {
     let _ = METRICS.set(metrics);
 }
 
+/// Counts and logs panics on rumqttd's threads. rumqttd runs its listeners and router on
+/// threads and tasks of its own; tokio catches a panicking task and the panic only reaches
+/// stderr. A panic there can leave rumqttd's state poisoned (issue #17), so each one is also
+/// logged through `tracing` with where it happened and counted in
+/// `boottorrent_mqtt_broker_panics_total`; whether the broker still admits clients is the
+/// health probe's to say. The previous hook still runs (the usual message on stderr).
+pub fn report_panics(metrics: Arc<Metrics>) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Some(location) = info.location().filter(|l| l.file().contains("/rumqttd-")) {
+            metrics.mqtt_broker_panicked();
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(
+                target: TARGET,
+                %location,
+                "the embedded MQTT broker panicked: {message}; see /healthz"
+            );
+        }
+        previous(info);
+    }));
+}
+
 /// Called by the login check for each refusal it counted and logged itself.
 pub fn refused_by_us() {
     REFUSED_BY_US.with(|r| r.set(true));

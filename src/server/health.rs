@@ -24,6 +24,13 @@ impl Health {
         }
     }
 
+    /// Records that `subsystem` works again; logged if it was degraded.
+    pub fn recovered(&self, subsystem: &'static str) {
+        if let Some(why) = self.lock().remove(subsystem) {
+            tracing::info!(subsystem, "recovered (was: {why})");
+        }
+    }
+
     /// Every degraded subsystem and why; empty when all is well.
     pub fn problems(&self) -> BTreeMap<&'static str, String> {
         self.lock().clone()
@@ -46,5 +53,7 @@ mod tests {
         health.degraded("mqtt_link", "lost again");
         assert_eq!(health.problems().len(), 1);
         assert_eq!(health.problems()["mqtt_link"], "lost again");
+        health.recovered("mqtt_link");
+        assert!(health.problems().is_empty());
     }
 }

@@ -102,6 +102,10 @@ pub struct Metrics {
     commands_failed: AtomicU64,
     mqtt_logins_refused: AtomicU64,
     mqtt_refused: [AtomicU64; MqttRefusal::ALL.len()],
+    mqtt_connections_open: AtomicU64,
+    mqtt_connections_over_limit: AtomicU64,
+    mqtt_client_limit: AtomicU64,
+    mqtt_broker_panics: AtomicU64,
     http_unauthorized: AtomicU64,
 }
 
@@ -115,6 +119,10 @@ pub struct Snapshot {
     pub commands_failed: u64,
     pub mqtt_logins_refused: u64,
     pub mqtt_refused: Vec<(MqttRefusal, u64)>,
+    pub mqtt_connections_open: u64,
+    pub mqtt_connections_over_limit: u64,
+    pub mqtt_client_limit: u64,
+    pub mqtt_broker_panics: u64,
     pub http_unauthorized: u64,
 }
 
@@ -144,6 +152,28 @@ impl Metrics {
     pub fn mqtt_refused(&self, what: MqttRefusal) {
         self.mqtt_refused[what as usize].fetch_add(1, Ordering::Relaxed);
     }
+    /// The front relays one more client id to the broker.
+    pub fn mqtt_connection_opened(&self) {
+        self.mqtt_connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The broker closed the last session of a client id the front relayed.
+    pub fn mqtt_connection_closed(&self) {
+        self.mqtt_connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// The front refused a client because `mqtt_client_limit` were relayed.
+    pub fn mqtt_connection_over_limit(&self) {
+        self.mqtt_connections_over_limit
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    /// How many clients the front relays at most (set once at start).
+    pub fn set_mqtt_client_limit(&self, limit: usize) {
+        self.mqtt_client_limit
+            .store(u64::try_from(limit).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+    /// A thread of the embedded broker panicked.
+    pub fn mqtt_broker_panicked(&self) {
+        self.mqtt_broker_panics.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn http_unauthorized(&self) {
         self.http_unauthorized.fetch_add(1, Ordering::Relaxed);
     }
@@ -166,6 +196,10 @@ impl Metrics {
                 .zip(&self.mqtt_refused)
                 .map(|(r, c)| (*r, get(c)))
                 .collect(),
+            mqtt_connections_open: get(&self.mqtt_connections_open),
+            mqtt_connections_over_limit: get(&self.mqtt_connections_over_limit),
+            mqtt_client_limit: get(&self.mqtt_client_limit),
+            mqtt_broker_panics: get(&self.mqtt_broker_panics),
             http_unauthorized: get(&self.http_unauthorized),
         }
     }
@@ -206,6 +240,16 @@ impl Metrics {
             s.mqtt_logins_refused,
         );
         counter(
+            "boottorrent_mqtt_connections_over_limit_total",
+            "MQTT connections refused with CONNACK 3 (server unavailable) because boottorrent_mqtt_client_limit clients were connected.",
+            s.mqtt_connections_over_limit,
+        );
+        counter(
+            "boottorrent_mqtt_broker_panics_total",
+            "Panics on the embedded broker's threads (rumqttd); see the log.",
+            s.mqtt_broker_panics,
+        );
+        counter(
             "boottorrent_http_unauthorized_total",
             "HTTP requests refused for a missing or wrong token (401), or a viewer token on a change (403).",
             s.http_unauthorized,
@@ -232,19 +276,29 @@ impl Metrics {
         );
         for (name, help, value) in [
             (
+                "boottorrent_mqtt_connections_open",
+                "MQTT clients (client ids) connected through the server's MQTT ports, plain and TLS.",
+                s.mqtt_connections_open,
+            ),
+            (
+                "boottorrent_mqtt_client_limit",
+                "MQTT clients the server's MQTT ports admit at once (rumqttd's max_connections less the server's own links).",
+                s.mqtt_client_limit,
+            ),
+            (
                 "boottorrent_machines",
                 "Machines known to the server.",
-                machines_known,
+                machines_known as u64,
             ),
             (
                 "boottorrent_machines_online",
                 "Machines currently online.",
-                machines_online,
+                machines_online as u64,
             ),
             (
                 "boottorrent_machines_offline",
                 "Machines known but not connected.",
-                machines_known.saturating_sub(machines_online),
+                machines_known.saturating_sub(machines_online) as u64,
             ),
         ] {
             let _ = writeln!(

@@ -11,7 +11,8 @@
 //! The rooms, by the job each does:
 //!
 //! - where clients come in: `broker` (the embedded rumqttd and its login check, with
-//!   `keyring` and `broker_log`), `broker_front` (the MQTT ports and their topic rules),
+//!   `keyring`, `broker_log` and `broker_probe`, which tells `/healthz` whether it admits
+//!   clients), `broker_front` (the MQTT ports, their topic rules and connection limit),
 //!   `http` with `listener` and `dashboard` (API, tracker, dashboard);
 //! - what the fleet is: `orchestrator` (the single writer), `registry` and `enrollment`
 //!   (machines, their keys and how fast new ones join), `fleet`, `deployment` and `zone`
@@ -23,6 +24,7 @@
 pub mod broker;
 pub mod broker_front;
 pub mod broker_log;
+pub mod broker_probe;
 pub mod catalog;
 pub mod config;
 pub mod credentials;
@@ -86,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let health = Health::default();
     crate::server::broker_log::count_into(metrics.clone());
+    crate::server::broker_log::report_panics(metrics.clone());
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding the HTTP listener on {}", config.http_listen))?;
@@ -218,11 +221,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
     // Clients reach the broker through the front, which keeps machines to their own topics.
-    let front = Arc::new(broker_front::Front {
-        broker: mqtt.internal,
-        max_packet: mqtt.max_packet,
-        metrics: metrics.clone(),
-        logs: Default::default(),
+    let mqtt_max_clients = mqtt.max_clients;
+    let front = Arc::new(broker_front::Front::new(
+        mqtt.internal,
+        mqtt.max_packet,
+        mqtt.max_clients,
+        mqtt.admissions.clone(),
+        health.clone(),
+        metrics.clone(),
+    ));
+    spawn(&tasks, &shutdown, "mqtt-probe", {
+        let (token, health) = (shutdown.child_token(), health.clone());
+        let (internal, secret) = (mqtt.internal, mqtt.probe_secret.clone());
+        async move {
+            broker_probe::run(internal, secret, health, token).await;
+            Ok(())
+        }
     });
     let mqtt_tls = match (&config.tls_cert, &config.tls_key, mqtt.tls) {
         (Some(cert), Some(key), Some(listener)) => Some((
@@ -318,6 +332,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.close();
     tracing::info!(
         mqtt = %config.mqtt_listen,
+        mqtt_max_clients,
         mqtts = %config.tls_cert.as_ref().map(|_| config.mqtts_listen.to_string()).unwrap_or_else(|| "off".into()),
         https = %config.https_url().unwrap_or_else(|| "off".into()),
         http = %config.http_listen,
