@@ -716,3 +716,103 @@ fn a_burst_of_10000_events_is_all_processed() {
     );
     assert_eq!(server.dropped("replayed"), 0);
 }
+
+/// A campus has thousands of machines: the list comes a page at a time, in id order, with a
+/// link to the next page, filtered on the server; the fleet's counts come without the list;
+/// `machines list` follows the pages.
+#[test]
+fn the_machine_list_comes_in_pages_and_filters_and_the_fleet_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let ids: Vec<String> = (0..25).map(|i| format!("pc-{i:02}")).collect();
+    for id in &ids {
+        register(&server, &mut Agent::new(id));
+    }
+    let lab: Vec<&str> = ids[3..8].iter().map(String::as_str).collect();
+    let mut args = vec!["zones", "set", "lab"];
+    for m in &lab {
+        args.extend(["--machine", m]);
+    }
+    common::output(server.cli(&args));
+
+    // Pages of 10: 10, 10, 5, each but the last linking to the next.
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/machines?limit=10".to_owned();
+    let mut pages = 0;
+    loop {
+        let response = server.get(&path);
+        assert_eq!(response.status(), 200, "{path}");
+        let next = response
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let page: serde_json::Value = response.json().unwrap();
+        let page = page.as_array().unwrap();
+        pages += 1;
+        seen.extend(page.iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+        match next {
+            Some(link) => {
+                assert_eq!(page.len(), 10, "{link}");
+                assert!(link.ends_with(r#">; rel="next""#), "{link}");
+                path = link[1..link.find('>').unwrap()].to_owned();
+                assert!(path.contains("limit=10"), "{path}");
+            }
+            None => {
+                assert_eq!(page.len(), 5);
+                break;
+            }
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids, "every machine once, in id order");
+
+    // Filtered on the server: a zone's members, a page of them, and none.
+    let lab_list = server.get_json("/api/v1/machines?zone=lab");
+    let got: Vec<&str> = lab_list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, lab);
+    let response = server.get("/api/v1/machines?zone=lab&limit=2&after=pc-03");
+    let link = response.headers()["link"].to_str().unwrap().to_owned();
+    assert!(
+        link.contains("after=pc-05") && link.contains("zone=lab"),
+        "{link}"
+    );
+    let page: serde_json::Value = response.json().unwrap();
+    assert_eq!(page[0]["id"], "pc-04");
+    assert_eq!(page.as_array().unwrap().len(), 2);
+    assert_eq!(
+        server.get_json("/api/v1/machines?key_state=pending"),
+        serde_json::json!([]),
+        "this server approves new machines"
+    );
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "online=maybe",
+        "zone=a/b",
+        "colour=red",
+    ] {
+        let response = server.get(&format!("/api/v1/machines?{bad}"));
+        assert_eq!(response.status(), 400, "{bad}");
+    }
+
+    // Counted at a glance.
+    let fleet = server.get_json("/api/v1/fleet");
+    assert_eq!(fleet["machines"], 25, "{fleet}");
+    assert_eq!(fleet["key_states"]["approved"], 25, "{fleet}");
+    assert_eq!(fleet["zones"]["lab"]["machines"], 5, "{fleet}");
+
+    // The operator's list follows the pages.
+    let out = common::output(server.cli(&["machines", "list", "--page-size", "7"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for id in &ids {
+        assert!(text.contains(id.as_str()), "{id} missing:\n{text}");
+    }
+    let out = common::output(server.cli(&["machines", "list", "--json", "--zone", "lab"]));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 5);
+}

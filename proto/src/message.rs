@@ -207,6 +207,19 @@ pub enum ImageState {
     Failed,
 }
 
+impl ImageState {
+    /// The state as the protocol spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Downloading => "downloading",
+            ImageState::Verifying => "verifying",
+            ImageState::Staged => "staged",
+            ImageState::Seeding => "seeding",
+            ImageState::Failed => "failed",
+        }
+    }
+}
+
 /// An image an agent holds, in any state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

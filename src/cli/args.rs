@@ -264,8 +264,15 @@ pub enum ImageCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum MachinesCommand {
-    /// List every known machine: online state, last contact, key state, zones, images.
-    List(ClientArgs),
+    /// List known machines: online state, last contact, key state, zones, images. Every
+    /// machine, or those the filters keep (all of them must hold). The server answers a page
+    /// at a time; this follows the pages to the end.
+    List {
+        #[command(flatten)]
+        filter: MachineFilter,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show everything the server knows about one machine.
     Show {
         /// Machine id.
@@ -311,6 +318,36 @@ pub enum MachinesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// Which machines `machines list` shows; the query of `GET /api/v1/machines`.
+#[derive(Debug, Clone, Default, Args, serde::Serialize)]
+pub struct MachineFilter {
+    /// Members of this zone.
+    #[arg(long, value_name = "ZONE", value_parser = parse_id)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Only machines online (true) or offline (false).
+    #[arg(long, value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
+    /// Only machines whose key is `approved`, `pending` (new, waiting for approval) or
+    /// `key_changed` (known machine with another key, waiting).
+    #[arg(long, value_name = "STATE", value_parser = ["approved", "pending", "key_changed"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_state: Option<String>,
+    /// Machines that hold this image (by id), in any state.
+    #[arg(long, value_name = "IMAGE", value_parser = parse_id)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Machines that run this image (by id) now.
+    #[arg(long, value_name = "IMAGE", value_parser = parse_id)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+    /// Machines per request, 1 to 1000 (the server's default is 500).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[serde(rename = "limit", skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u16>,
 }
 
 /// Arguments of `boottorrent deploy`.

@@ -64,6 +64,47 @@ pub(crate) async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value
     answer(&url, response).await
 }
 
+/// A paged list of the API, every page: the answers' arrays one after the other, following
+/// each answer's `Link: <...>; rel="next"` header.
+pub(crate) async fn get_pages(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
+    let token = token(client)?;
+    let http = http_client(client)?;
+    let mut all = Vec::new();
+    let mut next = Some(path.to_owned());
+    while let Some(path) = next.take() {
+        let url = url(client, &path)?;
+        let response = http
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .with_context(|| format!("connecting to {url}; is the server running? (--server)"))?;
+        next = response
+            .headers()
+            .get_all(reqwest::header::LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(next_link)
+            .map(str::to_owned);
+        match answer(&url, response).await? {
+            Value::Array(page) => all.extend(page),
+            other => bail!("{url} answered {other}, not a list"),
+        }
+    }
+    Ok(Value::Array(all))
+}
+
+/// The target of a `Link` header's `rel="next"` entry: `</api/v1/x?after=a>; rel="next"`.
+fn next_link(header: &str) -> Option<&str> {
+    header.split(',').find_map(|entry| {
+        let (target, params) = entry.trim().split_once(';')?;
+        let next = params
+            .split(';')
+            .any(|p| p.trim().replace(' ', "") == r#"rel="next""#);
+        next.then(|| target.trim().strip_prefix('<')?.strip_suffix('>'))?
+    })
+}
+
 /// The HTTP client of every command: the system's trusted CAs, plus `--ca-cert` for a server
 /// whose HTTPS certificate the site's own CA signed.
 pub(crate) fn http_client(client: &ClientArgs) -> anyhow::Result<reqwest::Client> {
@@ -239,6 +280,21 @@ mod tests {
             message: message.map(str::to_owned),
         }
         .into()
+    }
+
+    #[test]
+    fn the_next_page_is_the_link_marked_next() {
+        assert_eq!(
+            next_link(r#"</api/v1/machines?limit=10&after=pc-09>; rel="next""#),
+            Some("/api/v1/machines?limit=10&after=pc-09")
+        );
+        assert_eq!(
+            next_link(r#"</first>; rel="first", </second>; rel = "next""#),
+            Some("/second")
+        );
+        assert_eq!(next_link(r#"</first>; rel="first""#), None);
+        assert_eq!(next_link("garbage"), None);
+        assert_eq!(next_link(r#"/no-brackets; rel="next""#), None);
     }
 
     #[test]

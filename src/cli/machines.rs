@@ -4,14 +4,15 @@ use anyhow::bail;
 
 use crate::api::Approve;
 use crate::cli::args::{ClientArgs, MachinesCommand};
-use crate::cli::client::{get, send};
+use crate::cli::client::{get, get_pages, send};
 use crate::cli::view::{LogEntry, Machine, MachineChange, read, running_text};
 
 /// Runs one `machines` subcommand and prints its result.
 pub async fn run(command: MachinesCommand) -> anyhow::Result<()> {
     match command {
-        MachinesCommand::List(client) => {
-            let list = get(&client, "/api/v1/machines").await?;
+        MachinesCommand::List { filter, client } => {
+            let query = serde_urlencoded::to_string(&filter)?;
+            let list = get_pages(&client, &format!("/api/v1/machines?{query}")).await?;
             if client.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -49,7 +50,7 @@ pub async fn run(command: MachinesCommand) -> anyhow::Result<()> {
             client,
             ..
         } => {
-            let list = get(&client, "/api/v1/machines").await?;
+            let list = get_pages(&client, "/api/v1/machines").await?;
             let waiting: Vec<(String, String)> = read::<Vec<Machine>>(&list, "machine list")?
                 .into_iter()
                 .filter_map(|m| Some((m.id, m.pending_fingerprint?)))

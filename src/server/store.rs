@@ -291,6 +291,43 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` machines with their keys, in id order, after `after` (from the first when
+    /// `None`), that `keep` keeps; and whether more would follow. Reads from `after` on and
+    /// stops at the first match past the page, so a page of an unfiltered list costs the page,
+    /// not the fleet.
+    pub fn machines_page(
+        &self,
+        after: Option<&MachineId>,
+        limit: usize,
+        mut keep: impl FnMut(&MachineRecord, &KeyRecord) -> bool,
+    ) -> Result<(Vec<(MachineRecord, KeyRecord)>, bool), StoreError> {
+        use std::ops::Bound;
+        let tx = self.db.begin_read()?;
+        let machines = tx.open_table(MACHINES)?;
+        let keys = tx.open_table(MACHINE_KEYS)?;
+        let start = match after {
+            Some(id) => Bound::Excluded(id.as_str()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for row in machines.range::<&str>((start, Bound::Unbounded))? {
+            let (id, value) = row?;
+            let record: MachineRecord = decode("machines", id.value(), value.value())?;
+            let key = match keys.get(id.value())? {
+                Some(v) => decode("machine_keys", id.value(), v.value())?,
+                None => KeyRecord::default(),
+            };
+            if !keep(&record, &key) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push((record, key));
+        }
+        Ok((out, false))
+    }
+
     /// One machine with its keys.
     pub fn machine(
         &self,

@@ -33,13 +33,18 @@ pub struct MachineView {
     pub pending_fingerprint: Option<String>,
 }
 
+/// Whether a machine's key is trusted, as the API says it.
+fn key_state(k: &KeyRecord) -> KeyState {
+    match (&k.approved, &k.pending) {
+        (Some(_), None) => KeyState::Approved,
+        (Some(_), Some(_)) => KeyState::KeyChanged,
+        (None, _) => KeyState::Pending,
+    }
+}
+
 impl MachineView {
     fn new(m: MachineRecord, k: KeyRecord) -> Self {
-        let key_state = match (&k.approved, &k.pending) {
-            (Some(_), None) => KeyState::Approved,
-            (Some(_), Some(_)) => KeyState::KeyChanged,
-            (None, _) => KeyState::Pending,
-        };
+        let key_state = key_state(&k);
         MachineView {
             id: m.id,
             online: m.online,
@@ -64,19 +69,156 @@ impl MachineView {
     }
 }
 
+/// Machines in one answer when the request does not say.
+pub(super) const MACHINES_PAGE: usize = 500;
+
+/// The most machines one answer may carry.
+pub(super) const MAX_MACHINES_PAGE: usize = 1000;
+
+/// Query of `GET /api/v1/machines`: a page, and which machines count.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MachinesQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<usize>,
+    /// The page starts after this machine id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<MachineId>,
+    /// Members of this zone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<ZoneId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    online: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_state: Option<KeyState>,
+    /// Machines holding this image, in any state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<ImageId>,
+    /// Machines running this image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    running: Option<ImageId>,
+}
+
+impl MachinesQuery {
+    fn keeps(&self, m: &MachineRecord, k: &KeyRecord) -> bool {
+        self.zone.as_ref().is_none_or(|z| m.zones.contains(z))
+            && self.online.is_none_or(|o| m.online == o)
+            && self.key_state.is_none_or(|s| key_state(k) == s)
+            && self
+                .image
+                .as_ref()
+                .is_none_or(|i| m.images.iter().any(|h| &h.image == i))
+            && self
+                .running
+                .as_ref()
+                .is_none_or(|i| m.running.as_ref().is_some_and(|r| &r.image == i))
+    }
+}
+
+/// A page of the machines, in id order, that the query's filters keep. A fleet has
+/// thousands, so no answer carries them all: when more follow, the `Link` header names the
+/// next page (`rel="next"`, the same query after the page's last id).
 pub(super) async fn list_machines(
     State(state): State<AppState>,
-) -> Result<Json<Vec<MachineView>>, ApiError> {
+    query: Result<Query<MachinesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = query.limit.unwrap_or(MACHINES_PAGE);
+    if limit == 0 || limit > MAX_MACHINES_PAGE {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "limit {limit} is out of range: ask for 1 to {MAX_MACHINES_PAGE} machines, and \
+                 follow the Link header for the next page"
+            ),
+        ));
+    }
+    let (page, more) = state
+        .store
+        .machines_page(query.after.as_ref(), limit, |m, k| query.keeps(m, k))
+        .map_err(|e| ApiError::internal("reading machines", e))?;
+    let next = match page.last() {
+        Some((last, _)) if more => Some(MachinesQuery {
+            after: Some(last.id.clone()),
+            limit: query.limit,
+            ..query
+        }),
+        _ => None,
+    };
+    let views: Vec<MachineView> = page
+        .into_iter()
+        .map(|(m, k)| MachineView::new(m, k))
+        .collect();
+    let mut response = Json(views).into_response();
+    if let Some(next) = next {
+        // Ids, zone names and words only: nothing in the query needs escaping beyond this.
+        let query = serde_urlencoded::to_string(&next)
+            .map_err(|e| ApiError::internal("writing the next page's link", e))?;
+        let link = format!("</api/v1/machines?{query}>; rel=\"next\"");
+        if let Ok(value) = axum::http::HeaderValue::from_str(&link) {
+            response
+                .headers_mut()
+                .insert(axum::http::header::LINK, value);
+        }
+    }
+    Ok(response)
+}
+
+/// `GET /api/v1/fleet`: the fleet counted at a glance, without listing it.
+#[derive(Debug, Default, Serialize)]
+pub(super) struct FleetSummary {
+    machines: u64,
+    online: u64,
+    /// Machines by key state; only states that occur.
+    key_states: BTreeMap<&'static str, u64>,
+    /// Per zone: its members and how many of them are online.
+    zones: BTreeMap<ZoneId, ZoneCount>,
+    /// Per image: how many machines hold it in each state.
+    images: BTreeMap<ImageId, BTreeMap<&'static str, u64>>,
+    /// Per image: how many machines run it.
+    running: BTreeMap<ImageId, u64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct ZoneCount {
+    machines: u64,
+    online: u64,
+}
+
+pub(super) async fn fleet_summary(
+    State(state): State<AppState>,
+) -> Result<Json<FleetSummary>, ApiError> {
     let machines = state
         .store
         .machines()
         .map_err(|e| ApiError::internal("reading machines", e))?;
-    Ok(Json(
-        machines
-            .into_iter()
-            .map(|(m, k)| MachineView::new(m, k))
-            .collect(),
-    ))
+    let mut s = FleetSummary::default();
+    for (m, k) in &machines {
+        s.machines += 1;
+        s.online += u64::from(m.online);
+        let word = match key_state(k) {
+            KeyState::Approved => "approved",
+            KeyState::Pending => "pending",
+            KeyState::KeyChanged => "key_changed",
+        };
+        *s.key_states.entry(word).or_default() += 1;
+        for z in &m.zones {
+            let count = s.zones.entry(z.clone()).or_default();
+            count.machines += 1;
+            count.online += u64::from(m.online);
+        }
+        for h in &m.images {
+            *s.images
+                .entry(h.image.clone())
+                .or_default()
+                .entry(h.state.as_str())
+                .or_default() += 1;
+        }
+        if let Some(r) = &m.running {
+            *s.running.entry(r.image.clone()).or_default() += 1;
+        }
+    }
+    Ok(Json(s))
 }
 
 pub(super) async fn show_machine(

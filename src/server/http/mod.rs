@@ -16,6 +16,7 @@
 //! `zones`, `tracker`, `events` (the live stream), `dashboard` (the web page's files), and
 //! `error` (the error answers).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
@@ -111,6 +112,7 @@ pub fn router(state: AppState) -> Router {
     // later is closed by default.
     let api = Router::new()
         .route("/api/v1/machines", get(list_machines))
+        .route("/api/v1/fleet", get(fleet_summary))
         .route(
             "/api/v1/machines/{id}",
             get(show_machine).delete(delete_machine),
