@@ -775,13 +775,7 @@ impl Registry {
     /// Marks offline every machine that missed three heartbeat intervals; returns them.
     pub fn sweep_offline(&mut self, now_ms: i64) -> Result<Vec<MachineId>, StoreError> {
         let limit_ms = 3 * i64::from(self.settings.heartbeat_interval_secs) * 1000;
-        let stale: Vec<MachineId> = self
-            .store
-            .machines()?
-            .into_iter()
-            .filter(|(m, _)| m.online && now_ms - m.last_seen_ms > limit_ms)
-            .map(|(m, _)| m.id)
-            .collect();
+        let stale = self.store.online_unheard_since(now_ms - limit_ms);
         if stale.is_empty() {
             return Ok(stale);
         }

@@ -13,7 +13,7 @@ use boottorrent_proto::{DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBy
 
 use crate::server::deployment::Deployment;
 use crate::server::zone::Zone;
-use redb::{Database, ReadableTable, TableDefinition, TableHandle};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
@@ -221,6 +221,35 @@ pub struct LogEntry {
 #[derive(Clone)]
 pub struct Store {
     db: std::sync::Arc<Database>,
+    presence: std::sync::Arc<std::sync::Mutex<Presence>>,
+}
+
+/// When each online machine was last heard from, kept in step with the machines table (a
+/// write's changes are applied once it committed) so that the offline sweep looks at the
+/// overdue machines only: decoding every record of a 10,000-machine fleet at every sweep is
+/// what it replaces.
+#[derive(Debug, Default)]
+struct Presence {
+    seen: std::collections::HashMap<MachineId, i64>,
+    by_time: std::collections::BTreeSet<(i64, MachineId)>,
+}
+
+impl Presence {
+    /// The machine is online, last heard at `last_seen_ms`; or, with `None`, not online (or
+    /// gone).
+    fn set(&mut self, id: &MachineId, last_seen_ms: Option<i64>) {
+        if let Some(old) = self.seen.remove(id) {
+            self.by_time.remove(&(old, id.clone()));
+        }
+        if let Some(at) = last_seen_ms {
+            self.seen.insert(id.clone(), at);
+            self.by_time.insert((at, id.clone()));
+        }
+    }
+
+    fn of(record: &MachineRecord) -> Option<i64> {
+        record.online.then_some(record.last_seen_ms)
+    }
 }
 
 impl Store {
@@ -268,9 +297,39 @@ impl Store {
         tx.open_table(ZONES)?;
         tx.open_table(DEPLOYMENTS)?;
         tx.commit()?;
-        Ok(Store {
+        let store = Store {
             db: std::sync::Arc::new(db),
-        })
+            presence: Default::default(),
+        };
+        {
+            let mut presence = store.lock_presence();
+            for (record, _) in store.machines()? {
+                presence.set(&record.id, Presence::of(&record));
+            }
+        }
+        Ok(store)
+    }
+
+    fn lock_presence(&self) -> std::sync::MutexGuard<'_, Presence> {
+        // Each change is one whole `set`; a panic between two leaves nothing half done.
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many machines there are, and how many of them are online; without reading them.
+    pub fn machine_counts(&self) -> Result<(u64, u64), StoreError> {
+        let tx = self.db.begin_read()?;
+        let total = tx.open_table(MACHINES)?.len()?;
+        Ok((total, self.lock_presence().seen.len() as u64))
+    }
+
+    /// Online machines last heard from before `before_ms`, oldest first; from memory.
+    pub fn online_unheard_since(&self, before_ms: i64) -> Vec<MachineId> {
+        self.lock_presence()
+            .by_time
+            .iter()
+            .take_while(|(at, _)| *at < before_ms)
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     /// Every machine with its keys, ordered by id.
@@ -443,17 +502,23 @@ impl Store {
         f: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let tx = self.db.begin_write()?;
-        let out = {
+        let (out, presence) = {
             let mut batch = Batch {
                 machines: tx.open_table(MACHINES)?,
                 keys: tx.open_table(MACHINE_KEYS)?,
                 log: tx.open_table(EVENT_LOG)?,
                 zones: tx.open_table(ZONES)?,
                 deployments: tx.open_table(DEPLOYMENTS)?,
+                presence: Vec::new(),
             };
-            f(&mut batch)?
+            let out = f(&mut batch)?;
+            (out, batch.presence)
         };
         tx.commit()?;
+        let mut index = self.lock_presence();
+        for (id, at) in &presence {
+            index.set(id, *at);
+        }
         Ok(out)
     }
 }
@@ -465,6 +530,8 @@ pub struct Batch<'tx> {
     log: redb::Table<'tx, u64, &'static [u8]>,
     zones: redb::Table<'tx, &'static str, &'static [u8]>,
     deployments: redb::Table<'tx, &'static str, &'static [u8]>,
+    /// Presence changes, for [`Store`]'s index once the transaction committed.
+    presence: Vec<(MachineId, Option<i64>)>,
 }
 
 impl Batch<'_> {
@@ -487,6 +554,8 @@ impl Batch<'_> {
     pub fn put_machine(&mut self, record: &MachineRecord) -> Result<(), StoreError> {
         let bytes = encode("machines", record.id.as_str(), record)?;
         self.machines.insert(record.id.as_str(), bytes.as_slice())?;
+        self.presence
+            .push((record.id.clone(), Presence::of(record)));
         Ok(())
     }
 
@@ -494,6 +563,7 @@ impl Batch<'_> {
     pub fn delete_machine(&mut self, id: &MachineId) -> Result<(), StoreError> {
         self.machines.remove(id.as_str())?;
         self.keys.remove(id.as_str())?;
+        self.presence.push((id.clone(), None));
         Ok(())
     }
 
@@ -698,5 +768,54 @@ mod tests {
         let _first = Store::open(&path).unwrap();
         let err = Store::open(&path).err().unwrap();
         assert!(err.to_string().contains("db.redb"), "{err}");
+    }
+
+    #[test]
+    fn the_presence_index_follows_committed_writes_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let online = |name: &str, at: i64| {
+            let mut m = MachineRecord::new(id(name), at);
+            m.online = true;
+            m.last_seen_ms = at;
+            m
+        };
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .write(|b| {
+                    b.put_machine(&online("pc-a", 100))?;
+                    b.put_machine(&online("pc-b", 300))?;
+                    b.put_machine(&online("pc-c", 200))?;
+                    b.put_machine(&MachineRecord::new(id("pc-off"), 50))
+                })
+                .unwrap();
+            assert_eq!(store.online_unheard_since(250), [id("pc-a"), id("pc-c")]);
+            // Heard from again, gone offline, deleted.
+            store
+                .write(|b| {
+                    b.put_machine(&online("pc-a", 400))?;
+                    let mut c = online("pc-c", 200);
+                    c.online = false;
+                    b.put_machine(&c)?;
+                    b.delete_machine(&id("pc-b"))
+                })
+                .unwrap();
+            assert_eq!(store.online_unheard_since(1000), [id("pc-a")]);
+            // A write that fails changes nothing.
+            let failed = store.write(|b| {
+                b.put_machine(&online("pc-z", 1))?;
+                Err::<(), _>(StoreError::TooNew {
+                    path: path.clone(),
+                    found: 9,
+                })
+            });
+            assert!(failed.is_err());
+            assert_eq!(store.online_unheard_since(1000), [id("pc-a")]);
+            assert_eq!(store.machine_counts().unwrap(), (3, 1));
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.online_unheard_since(1000), [id("pc-a")]);
+        assert!(store.online_unheard_since(400).is_empty());
     }
 }

@@ -349,12 +349,12 @@ async fn metrics(
             ));
         }
     }
-    let machines = state
+    // Counted, not read: a scrape every few seconds should not decode the whole fleet.
+    let (machines, online) = state
         .store
-        .machines()
-        .map_err(|e| ApiError::internal("reading machines", e))?;
-    let online = machines.iter().filter(|(m, _)| m.online).count();
-    let mut body = state.metrics.render(machines.len(), online);
+        .machine_counts()
+        .map_err(|e| ApiError::internal("counting machines", e))?;
+    let mut body = state.metrics.render(machines as usize, online as usize);
     let t = state.tracker.counters();
     body.push_str(&format!(
         "# HELP boottorrent_tracker_announces_total Announce requests, failed ones included.\n\
