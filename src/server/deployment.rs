@@ -82,9 +82,9 @@ pub struct ImageRef {
     pub torrent_url: String,
 }
 
-/// A deployment as stored. The per-machine map lives inside it: a deployment is read and
-/// written whole, and the fleet writes each deployment an event batch touched once, in the
-/// batch's second transaction (after the registry's).
+/// A deployment as stored: its record, and a row per machine beside it (see `store`), so
+/// that the fleet writes, in an event batch's second transaction (after the registry's),
+/// the records of the deployments the batch touched and the rows of the machines it moved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deployment {
     pub id: DeploymentId,
@@ -99,6 +99,9 @@ pub struct Deployment {
     /// Records from before the choice existed kept their child: `keep`.
     #[serde(default)]
     pub persistence: Persistence,
+    /// Stored as rows of their own (see `store`), so a machine's progress does not rewrite
+    /// the whole fleet's; read here from a record written before that.
+    #[serde(default, skip_serializing)]
     pub machines: BTreeMap<MachineId, MachineProgress>,
 }
 

@@ -185,7 +185,7 @@ impl Fleet {
                             && d.target.includes(&machine.id, &machine.zones)
                             && d.add_machine(&machine.id, d.image.size, now_ms);
                         changes.extend(d.on_progress(&machine.id, p, now_ms));
-                        touched.push((d.id.clone(), joined));
+                        touched.push((d.id.clone(), machine.id.clone(), joined));
                         if joined {
                             joiners.push(&machine.id);
                         }
@@ -202,7 +202,7 @@ impl Fleet {
                             self.rebooting
                                 .insert((at, d.id.clone(), machine.id.clone()));
                         }
-                        touched.push((d.id.clone(), false));
+                        touched.push((d.id.clone(), machine.id.clone(), false));
                     }
                 }
                 Event::Error(report) => {
@@ -217,7 +217,7 @@ impl Fleet {
                             &report.message,
                             now_ms,
                         ));
-                        touched.push((d.id.clone(), false));
+                        touched.push((d.id.clone(), machine.id.clone(), false));
                     }
                 }
                 Event::Startup(_) | Event::Heartbeat(_) => {
@@ -232,7 +232,7 @@ impl Fleet {
                                 d.on_running(&machine.id, startup.running.as_ref(), now_ms);
                             changes.extend(c);
                             if changed {
-                                touched.push((d.id.clone(), false));
+                                touched.push((d.id.clone(), machine.id.clone(), false));
                             }
                         }
                     }
@@ -241,7 +241,7 @@ impl Fleet {
                     if !joined.is_empty() {
                         joiners.push(&machine.id);
                     }
-                    touched.extend(joined.into_iter().map(|id| (id, true)));
+                    touched.extend(joined.into_iter().map(|id| (id, machine.id.clone(), true)));
                 }
                 Event::Status(_) | Event::Shutdown(_) => {}
             }
@@ -266,7 +266,7 @@ impl Fleet {
             if !joined.is_empty() {
                 joiners.push(&machine.id);
             }
-            touched.extend(joined.into_iter().map(|id| (id, true)));
+            touched.extend(joined.into_iter().map(|id| (id, machine.id.clone(), true)));
         }
         self.regrant(joiners);
         self.commit(&touched, &[]);
@@ -478,7 +478,7 @@ impl Fleet {
         tracing::info!(deployment = %d.id, image = %d.image.id, target = %d.target, machines = members.len(), "deployment started");
         self.deployments.insert(d.id.clone(), d.clone());
         self.regrant(&members);
-        self.show(&d, true);
+        self.show(&d.id, true);
         Ok((d, out))
     }
 
@@ -529,7 +529,7 @@ impl Fleet {
         tracing::info!(deployment = %d.id, "deployment cancelled");
         self.regrant(d.machines.keys());
         self.announce(&changes);
-        self.show(&d, true);
+        self.show(&d.id, true);
         Ok((d, out))
     }
 
@@ -636,37 +636,50 @@ impl Fleet {
             if let Some(d) = self.deployments.get_mut(&id) {
                 let c = d.reboot_overdue(&machine, at, now_ms, self.reboot_timeout_ms);
                 if !c.is_empty() {
-                    touched.push((id, true));
+                    touched.push((id, machine, true));
                     changes.extend(c);
                 }
             }
         }
         for d in self.deployments.values_mut() {
             let c = d.sweep_stalled(now_ms, self.stall_timeout_ms);
-            if !c.is_empty() {
-                touched.push((d.id.clone(), true));
-                changes.extend(c);
-            }
+            touched.extend(c.iter().map(|c| (d.id.clone(), c.machine.clone(), true)));
+            changes.extend(c);
         }
         if !touched.is_empty() {
             self.commit(&touched, &changes);
         }
     }
 
-    /// Writes touched deployments in one transaction and tells live watchers. On a store
-    /// failure the in-memory state is reloaded from the store, so memory never runs ahead of
-    /// what is durable; the agents' next reports bring the lost changes back.
-    fn commit(&mut self, touched: &[(DeploymentId, bool)], changes: &[Change]) {
+    /// Writes what changed, in one transaction: the touched machines' rows and their
+    /// deployments' small records, never a whole fleet's rows for one machine's progress.
+    /// Then tells live watchers. On a store failure the in-memory state is reloaded from the
+    /// store, so memory never runs ahead of what is durable; the agents' next reports bring
+    /// the lost changes back.
+    fn commit(&mut self, touched: &[(DeploymentId, MachineId, bool)], changes: &[Change]) {
         if touched.is_empty() {
             return;
         }
-        let mut ids: Vec<&DeploymentId> = touched.iter().map(|(id, _)| id).collect();
+        let mut ids: Vec<&DeploymentId> = touched.iter().map(|(id, _, _)| id).collect();
         ids.sort();
         ids.dedup();
+        let mut rows: Vec<(&DeploymentId, &MachineId)> =
+            touched.iter().map(|(id, m, _)| (id, m)).collect();
+        rows.sort();
+        rows.dedup();
         let result = self.store.write(|batch| {
             for id in &ids {
                 if let Some(d) = self.deployments.get(*id) {
-                    batch.put_deployment(d)?;
+                    batch.put_deployment_header(d)?;
+                }
+            }
+            for (id, machine) in &rows {
+                if let Some(m) = self
+                    .deployments
+                    .get(*id)
+                    .and_then(|d| d.machines.get(*machine))
+                {
+                    batch.put_deployment_machine(id, m)?;
                 }
             }
             Ok(())
@@ -690,11 +703,10 @@ impl Fleet {
             }
         }
         self.announce(changes);
-        for (id, forced) in touched {
-            let changed = *forced || changes.iter().any(|c| &c.deployment == id);
-            if let Some(d) = self.deployments.get(id).cloned() {
-                self.show(&d, changed);
-            }
+        for id in ids {
+            let changed = touched.iter().any(|(t, _, forced)| t == id && *forced)
+                || changes.iter().any(|c| &c.deployment == id);
+            self.show(id, changed);
         }
     }
 
@@ -705,15 +717,18 @@ impl Fleet {
     }
 
     /// Broadcasts a deployment's view: always when `changed`, else at most every second.
-    fn show(&mut self, d: &Deployment, changed: bool) {
+    fn show(&mut self, id: &DeploymentId, changed: bool) {
         let now = Instant::now();
         let due = self
             .shown
-            .get(&d.id)
+            .get(id)
             .is_none_or(|at| now.duration_since(*at) >= SHOW_EVERY);
-        if changed || due {
-            self.shown.insert(d.id.clone(), now);
+        if !(changed || due) {
+            return;
+        }
+        if let Some(d) = self.deployments.get(id) {
             let _ = self.live.send(Live::new("deployment", &d.view()));
+            self.shown.insert(id.clone(), now);
         }
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use boottorrent_proto::{DeploymentId, HeldImage, ImageId, MachineId, PublicKeyBytes, ZoneId};
 
-use crate::server::deployment::Deployment;
+use crate::server::deployment::{Deployment, MachineProgress};
 use crate::server::zone::Zone;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -25,12 +25,17 @@ const TORRENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("torrents");
 const ZONES: TableDefinition<&str, &[u8]> = TableDefinition::new("zones");
 /// Deployments by id, each with its machines' states and transitions.
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+/// One row per machine of a deployment, keyed `<deployment>/<machine>` (ids hold no `/`), so
+/// that a machine's progress rewrites its own row and not a record of the whole fleet.
+const DEPLOYMENT_MACHINES: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("deployment_machines");
 /// Facts about the file itself; `schema_version` for now.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The layout this build reads and writes. Version 1 added zones, deployments and this
 /// version number; files made before it have no number and count as version 0.
-pub const SCHEMA_VERSION: u64 = 1;
+/// 2: a deployment's machines moved from its record to `deployment_machines`.
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// What went wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -273,9 +278,9 @@ impl Store {
             }
             Some(SCHEMA_VERSION) => {}
             older => {
-                // Version 0 to 1: the new tables are created below and nothing else changed;
-                // later migrations go here, each in this same transaction, so a crash leaves
-                // the file as it was. A new file has only the table just opened.
+                // Each migration runs in this same transaction, so a crash leaves the file as
+                // it was. A new file has only the table just opened. 0 to 1: the new tables
+                // are created below. 1 to 2: each deployment's machines move to their rows.
                 let fresh = tx.list_tables()?.all(|t| t.name() == "meta");
                 if !fresh {
                     tracing::info!(
@@ -284,6 +289,21 @@ impl Store {
                         to = SCHEMA_VERSION,
                         "migrating the database"
                     );
+                    let mut deployments = tx.open_table(DEPLOYMENTS)?;
+                    let mut rows = tx.open_table(DEPLOYMENT_MACHINES)?;
+                    let mut moved = Vec::new();
+                    for row in deployments.iter()? {
+                        let (id, value) = row?;
+                        let d: Deployment = decode("deployments", id.value(), value.value())?;
+                        moved.push(d);
+                    }
+                    for d in &moved {
+                        for m in d.machines.values() {
+                            put_row(&mut rows, &d.id, m)?;
+                        }
+                        let bytes = encode("deployments", d.id.as_str(), d)?;
+                        deployments.insert(d.id.as_str(), bytes.as_slice())?;
+                    }
                 }
                 tx.open_table(META)?
                     .insert("schema_version", SCHEMA_VERSION)?;
@@ -296,6 +316,7 @@ impl Store {
         tx.open_table(TORRENTS)?;
         tx.open_table(ZONES)?;
         tx.open_table(DEPLOYMENTS)?;
+        tx.open_table(DEPLOYMENT_MACHINES)?;
         tx.commit()?;
         let store = Store {
             db: std::sync::Arc::new(db),
@@ -482,18 +503,54 @@ impl Store {
         all(&self.db, ZONES, "zones")
     }
 
-    /// Every deployment, ordered by id (which starts with the creation time).
+    /// Every deployment with its machines, ordered by id (which starts with the creation
+    /// time).
     pub fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
-        all(&self.db, DEPLOYMENTS, "deployments")
+        let tx = self.db.begin_read()?;
+        let rows = tx.open_table(DEPLOYMENT_MACHINES)?;
+        let mut out: Vec<Deployment> = all(&self.db, DEPLOYMENTS, "deployments")?;
+        let index: std::collections::HashMap<String, usize> = out
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.to_string(), i))
+            .collect();
+        for row in rows.iter()? {
+            let (key, value) = row?;
+            // Ids hold no `/`, so the first one ends the deployment's.
+            let Some((deployment, _)) = key.value().split_once('/') else {
+                continue;
+            };
+            let Some(&at) = index.get(deployment) else {
+                continue;
+            };
+            let m: MachineProgress = decode("deployment_machines", key.value(), value.value())?;
+            out[at].machines.insert(m.id.clone(), m);
+        }
+        Ok(out)
     }
 
+    /// One deployment with its machines.
     pub fn deployment(&self, id: &DeploymentId) -> Result<Option<Deployment>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(DEPLOYMENTS)?;
-        table
+        let Some(mut d) = table
             .get(id.as_str())?
-            .map(|v| decode("deployments", id.as_str(), v.value()))
-            .transpose()
+            .map(|v| decode::<Deployment>("deployments", id.as_str(), v.value()))
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let rows = tx.open_table(DEPLOYMENT_MACHINES)?;
+        let prefix = row_prefix(id);
+        for row in rows.range::<&str>(prefix.as_str()..)? {
+            let (key, value) = row?;
+            if !key.value().starts_with(&prefix) {
+                break;
+            }
+            let m: MachineProgress = decode("deployment_machines", key.value(), value.value())?;
+            d.machines.insert(m.id.clone(), m);
+        }
+        Ok(Some(d))
     }
 
     /// Runs `f` in one write transaction and commits it; nothing of it is kept if `f` fails.
@@ -509,6 +566,7 @@ impl Store {
                 log: tx.open_table(EVENT_LOG)?,
                 zones: tx.open_table(ZONES)?,
                 deployments: tx.open_table(DEPLOYMENTS)?,
+                deployment_machines: tx.open_table(DEPLOYMENT_MACHINES)?,
                 presence: Vec::new(),
             };
             let out = f(&mut batch)?;
@@ -530,6 +588,7 @@ pub struct Batch<'tx> {
     log: redb::Table<'tx, u64, &'static [u8]>,
     zones: redb::Table<'tx, &'static str, &'static [u8]>,
     deployments: redb::Table<'tx, &'static str, &'static [u8]>,
+    deployment_machines: redb::Table<'tx, &'static str, &'static [u8]>,
     /// Presence changes, for [`Store`]'s index once the transaction committed.
     presence: Vec<(MachineId, Option<i64>)>,
 }
@@ -586,11 +645,31 @@ impl Batch<'_> {
             .transpose()
     }
 
+    /// Writes a deployment and every one of its machines.
     pub fn put_deployment(&mut self, deployment: &Deployment) -> Result<(), StoreError> {
+        self.put_deployment_header(deployment)?;
+        for m in deployment.machines.values() {
+            put_row(&mut self.deployment_machines, &deployment.id, m)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a deployment without its machines' rows: what changes with any of them (its
+    /// cancellation, say) but is small.
+    pub fn put_deployment_header(&mut self, deployment: &Deployment) -> Result<(), StoreError> {
         let bytes = encode("deployments", deployment.id.as_str(), deployment)?;
         self.deployments
             .insert(deployment.id.as_str(), bytes.as_slice())?;
         Ok(())
+    }
+
+    /// Writes one machine's row of a deployment.
+    pub fn put_deployment_machine(
+        &mut self,
+        deployment: &DeploymentId,
+        machine: &MachineProgress,
+    ) -> Result<(), StoreError> {
+        put_row(&mut self.deployment_machines, deployment, machine)
     }
 
     /// Appends to the event log; the entry's `seq` is assigned here.
@@ -619,6 +698,22 @@ impl Batch<'_> {
 }
 
 /// Every record of a string-keyed table.
+/// The key prefix of a deployment's machine rows.
+fn row_prefix(deployment: &DeploymentId) -> String {
+    format!("{deployment}/")
+}
+
+fn put_row(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    deployment: &DeploymentId,
+    machine: &MachineProgress,
+) -> Result<(), StoreError> {
+    let key = format!("{deployment}/{}", machine.id);
+    let bytes = encode("deployment_machines", &key, machine)?;
+    table.insert(key.as_str(), bytes.as_slice())?;
+    Ok(())
+}
+
 fn all<T: DeserializeOwned>(
     db: &Database,
     table: TableDefinition<&str, &[u8]>,
@@ -757,7 +852,10 @@ mod tests {
             tx.commit().unwrap();
         }
         let err = Store::open(&path).err().unwrap().to_string();
-        assert!(err.contains("schema version 2"), "{err}");
+        assert!(
+            err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+            "{err}"
+        );
         assert!(err.contains("newer"), "{err}");
     }
 
@@ -817,5 +915,98 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.online_unheard_since(1000), [id("pc-a")]);
         assert!(store.online_unheard_since(400).is_empty());
+    }
+
+    fn deployment_of(id: &str, machines: &[&str]) -> Deployment {
+        let image = crate::server::deployment::ImageRef {
+            id: "img".parse().unwrap(),
+            name: "img.vhdx".into(),
+            info_hash: boottorrent_proto::Bytes([1; 20]),
+            sha256: boottorrent_proto::Bytes([2; 32]),
+            size: 100,
+            torrent_url: "http://server/torrents/01.torrent".into(),
+        };
+        let mut d = Deployment::new(
+            id.parse().unwrap(),
+            image,
+            crate::api::Target::Global(true),
+            crate::api::Action::Stage,
+            1000,
+        );
+        for m in machines {
+            d.add_machine(&id_of(m), 100, 1000);
+        }
+        d
+    }
+
+    fn id_of(s: &str) -> MachineId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_deployments_machines_are_rows_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        // Ids where one is a prefix of the other, and sorts after it once `/` is appended.
+        let mut a = deployment_of("d-1", &["pc-1", "pc-2"]);
+        let b = deployment_of("d-1-2", &["pc-3"]);
+        store
+            .write(|batch| {
+                batch.put_deployment(&a)?;
+                batch.put_deployment(&b)
+            })
+            .unwrap();
+        assert_eq!(store.deployments().unwrap(), [a.clone(), b.clone()]);
+        // One machine moves: its row alone is written, and reads back in place.
+        a.machines.get_mut(&id_of("pc-2")).unwrap().bytes_done = 60;
+        store
+            .write(|batch| batch.put_deployment_machine(&a.id, &a.machines[&id_of("pc-2")]))
+            .unwrap();
+        assert_eq!(store.deployment(&a.id).unwrap(), Some(a.clone()));
+        assert_eq!(store.deployment(&b.id).unwrap(), Some(b.clone()));
+        assert_eq!(store.deployments().unwrap(), [a, b]);
+    }
+
+    #[test]
+    fn a_version_1_database_has_its_deployments_machines_moved_to_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let d = deployment_of("d-7", &["pc-1", "pc-2"]);
+        {
+            // As version 1 wrote it: the machines inside the deployment's record.
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1)
+                .unwrap();
+            let mut record = serde_json::to_value(&d).unwrap();
+            record["machines"] = serde_json::to_value(&d.machines).unwrap();
+            tx.open_table(DEPLOYMENTS)
+                .unwrap()
+                .insert("d-7", serde_json::to_vec(&record).unwrap().as_slice())
+                .unwrap();
+            tx.open_table(MACHINES).unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.deployments().unwrap(), std::slice::from_ref(&d));
+        let tx = store.db.begin_read().unwrap();
+        assert_eq!(
+            tx.open_table(DEPLOYMENT_MACHINES).unwrap().len().unwrap(),
+            2
+        );
+        let version = tx
+            .open_table(META)
+            .unwrap()
+            .get("schema_version")
+            .unwrap()
+            .map(|v| v.value());
+        assert_eq!(version, Some(SCHEMA_VERSION));
+        // The record itself no longer carries them.
+        let record = tx.open_table(DEPLOYMENTS).unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(record.get("d-7").unwrap().unwrap().value()).unwrap();
+        assert!(record.get("machines").is_none(), "{record}");
     }
 }
