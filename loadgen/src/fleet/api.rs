@@ -1,0 +1,92 @@
+//! The server's HTTP API as the generator uses it: with the admin token, timed.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    pub fn new(base: &str, token: String) -> anyhow::Result<Api> {
+        Ok(Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .context("building the HTTP client")?,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    /// `GET path` as `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.timed_get(path).await.1
+    }
+
+    /// `GET path` as `T`, and how long the answer took (until its whole body was read).
+    pub async fn timed_get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> (Duration, anyhow::Result<T>) {
+        let url = format!("{}{path}", self.base);
+        let sent = Instant::now();
+        let body = async {
+            let response = self
+                .http
+                .get(&url)
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .with_context(|| format!("GET {url}"))?;
+            let status = response.status();
+            let bytes = response
+                .bytes()
+                .await
+                .with_context(|| format!("reading the answer of GET {url}"))?;
+            if !status.is_success() {
+                bail!("GET {url}: {status}: {}", String::from_utf8_lossy(&bytes));
+            }
+            Ok(bytes)
+        }
+        .await;
+        let took = sent.elapsed();
+        let parsed = body.and_then(|bytes| {
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("GET {url}: not the JSON expected"))
+        });
+        (took, parsed)
+    }
+
+    /// `method path` with a JSON body; the answer as JSON.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .with_context(|| format!("reading the answer of {method} {url}"))?;
+        if !status.is_success() {
+            bail!("{method} {url}: {status}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("{method} {url}: answer is not JSON"))
+    }
+}
