@@ -32,7 +32,7 @@ use boottorrent_proto::{
     Command, Event, EventKind, GLOBAL_COMMANDS_FILTER, Heartbeat, HeldImage, MAX_PAYLOAD_BYTES,
     MachineConfiguration, MachineId, MachineSigner, Presence, PublicKeyBytes, ReplayGuard,
     RunningImage, Secret, SenderId, Shutdown, Startup, Status, VerifyingKey, ZoneId,
-    accept_command, machine_commands_filter, now_ms, zone_commands_filter,
+    accept_command, machine_commands_filter, now_ms, zone_commands_filter, zone_filter_changes,
 };
 use rumqttc::{
     AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
@@ -483,19 +483,12 @@ impl Session {
             return false;
         }
         if self.connected {
-            for gone in self
-                .zones
-                .iter()
-                .filter(|z| !configuration.zones.contains(z))
-            {
-                self.unsubscribe(&zone_commands_filter(gone));
+            let (left, joined) = zone_filter_changes(&self.zones, &configuration.zones);
+            for filter in left {
+                self.unsubscribe(&filter);
             }
-            for new in configuration
-                .zones
-                .iter()
-                .filter(|z| !self.zones.contains(z))
-            {
-                self.subscribe(&zone_commands_filter(new));
+            for filter in joined {
+                self.subscribe(&filter);
             }
         }
         self.zones = configuration.zones.clone();

@@ -46,7 +46,7 @@ pub use login::{
     Admission, LoginError, LoginPassword, LoginProof, PasskeyAnswer, Purpose, login_password,
     passkey_request,
 };
-pub use machine::{CommandRefused, MachineSigner, accept_command};
+pub use machine::{CommandRefused, MachineSigner, accept_command, zone_filter_changes};
 pub use message::*;
 pub use replay::*;
 pub use secret::Secret;

@@ -7,7 +7,7 @@
 use crate::{
     CodecError, Command, CommandKind, Encoding, Envelope, EnvelopeError, Event, MachineId,
     Presence, ReplayGuard, Scope, SenderId, Signer, SigningKey, Status, Topic, TopicError,
-    VerifyingKey, ZoneId, decode_command, event_topic, login_password,
+    VerifyingKey, ZoneId, decode_command, event_topic, login_password, zone_commands_filter,
 };
 
 /// Signs as one machine: its events (MessagePack, one sequence counter), its MQTT
@@ -144,6 +144,22 @@ pub fn accept_command(
     Ok(envelope)
 }
 
+/// The subscriptions to change when a machine's zones go from `old` to `new`: the command
+/// filters of the zones it left, then of the zones it joined.
+pub fn zone_filter_changes(old: &[ZoneId], new: &[ZoneId]) -> (Vec<String>, Vec<String>) {
+    let left = old
+        .iter()
+        .filter(|z| !new.contains(z))
+        .map(zone_commands_filter)
+        .collect();
+    let joined = new
+        .iter()
+        .filter(|z| !old.contains(z))
+        .map(zone_commands_filter)
+        .collect();
+    (left, joined)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +188,17 @@ mod tests {
         will.verify(&will_topic, &key).unwrap();
         assert!(will.seq > e2.seq);
         assert!(signer.password("tok", now_ms()).ends_with(":tok"));
+    }
+
+    #[test]
+    fn zone_changes_name_the_filters_left_and_joined() {
+        let zones =
+            |ids: &[&str]| -> Vec<ZoneId> { ids.iter().map(|z| z.parse().unwrap()).collect() };
+        let (left, joined) = zone_filter_changes(&zones(&["a", "b"]), &zones(&["b", "c"]));
+        assert_eq!(left, ["boottorrent/cmd/zone/a/#"]);
+        assert_eq!(joined, ["boottorrent/cmd/zone/c/#"]);
+        let (left, joined) = zone_filter_changes(&zones(&["a"]), &zones(&["a"]));
+        assert!(left.is_empty() && joined.is_empty());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use std::time::Duration;
 use boottorrent_proto::{
     Command, DeploymentId, Event, GLOBAL_COMMANDS_FILTER, Heartbeat, Presence, ReplayGuard, Status,
     VerifyingKey, ZoneId, accept_command, machine_commands_filter, now_ms, zone_commands_filter,
+    zone_filter_changes,
 };
 use rumqttc::{AsyncClient, ConnectionError, EventLoop, Outgoing, Packet, QoS};
 use tokio::time::Instant;
@@ -243,21 +244,14 @@ impl Agent {
                     self.answered = true;
                     self.tally.answered(self.index);
                 }
-                for new in configuration
-                    .zones
-                    .iter()
-                    .filter(|z| !self.zones.contains(z))
-                {
-                    self.subscribe(&zone_commands_filter(new));
-                }
-                for gone in self
-                    .zones
-                    .iter()
-                    .filter(|z| !configuration.zones.contains(z))
-                {
-                    if let Err(e) = self.client.try_unsubscribe(zone_commands_filter(gone)) {
+                let (left, joined) = zone_filter_changes(&self.zones, &configuration.zones);
+                for filter in left {
+                    if let Err(e) = self.client.try_unsubscribe(filter) {
                         eprintln!("agent {}: could not queue an unsubscribe: {e}", self.index);
                     }
+                }
+                for filter in joined {
+                    self.subscribe(&filter);
                 }
                 self.zones = configuration.zones;
                 let every =

@@ -112,6 +112,10 @@ pub struct Fleet {
     json: bool,
 }
 
+/// Open files the server holds per connected agent: the front's socket for the agent, its
+/// relay connection to the embedded broker on loopback, and the broker's end of that.
+const FILES_PER_AGENT: u64 = 3;
+
 /// One row of GET /api/v1/machines, as far as the generator reads it.
 #[derive(Deserialize)]
 struct MachineRow {
@@ -132,7 +136,7 @@ pub async fn run(args: Fleet) -> anyhow::Result<()> {
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
-    if let Some(limit) = server::open_file_limit() {
+    if let Some(limit) = server::open_file_limit("self") {
         // One descriptor per agent, plus some for HTTP and the runtime.
         if (args.agents as u64) + 64 > limit {
             bail!(
@@ -240,6 +244,19 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
     .context("making the zone")?;
 
     let usage = |pid: Option<u32>| pid.and_then(|p| Usage::of(&p.to_string()).ok());
+    let server_open_files = target
+        .pid
+        .and_then(|p| server::open_file_limit(&p.to_string()));
+    if let Some(limit) = server_open_files {
+        if (args.agents as u64).saturating_mul(FILES_PER_AGENT) > limit {
+            eprintln!(
+                "warning: the server may open {limit} files and holds {FILES_PER_AGENT} per \
+                 agent, so it can take about {} of the {} agents; the others will time out",
+                limit / FILES_PER_AGENT,
+                args.agents
+            );
+        }
+    }
     let broker = Arc::new(broker_address(&target.mqtt)?);
     let token: Arc<str> = target.enroll_token.clone().into();
     let start = Instant::now();
@@ -417,6 +434,7 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
         server: target.http.clone(),
         mqtt: target.mqtt.clone(),
         server_pid: target.pid,
+        server_open_files,
         connected: tally.connected.load(Ordering::Relaxed),
         all_connected_secs: (tally.connected.load(Ordering::Relaxed) == args.agents)
             .then(|| tally.last_first_connect_ms.load(Ordering::Relaxed) as f64 / 1000.0),

@@ -14,6 +14,8 @@ pub struct Report {
     pub server: String,
     pub mqtt: String,
     pub server_pid: Option<u32>,
+    /// The server's limit on open files (it needs about three per agent).
+    pub server_open_files: Option<u64>,
     /// Agents that got a CONNACK at least once, and when the last of them first did
     /// (seconds from the start of the ramp; `None` unless all did).
     pub connected: usize,

@@ -195,9 +195,10 @@ impl Usage {
     }
 }
 
-/// The soft limit on open files of this process, from `/proc/self/limits`.
-pub fn open_file_limit() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/limits")
+/// The soft limit on open files of process `pid` (`"self"` for this one), from
+/// `/proc/<pid>/limits`.
+pub fn open_file_limit(pid: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
         .ok()?
         .lines()
         .find_map(|l| {
