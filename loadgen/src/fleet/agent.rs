@@ -196,7 +196,7 @@ impl Agent {
             return;
         }
         if was_connected {
-            self.tally.dropped(self.index, error);
+            self.tally.dropped(error);
         } else {
             self.tally.failed(error);
         }

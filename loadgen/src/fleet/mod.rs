@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use boottorrent_proto::{DeploymentId, ServerKeyAnswer, verifying_key_from_bytes};
+use boottorrent_proto::{DeploymentId, ServerKeyAnswer, VerifyingKey, verifying_key_from_bytes};
 use clap::Args;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -196,7 +196,12 @@ pub async fn run(args: Fleet) -> anyhow::Result<()> {
             eprintln!("warning: {e:#}");
         }
     }
-    let report = result?;
+    let report = result.with_context(|| {
+        format!(
+            "the run failed; its files (the server's data and log, the images) stay in {}",
+            work.display()
+        )
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -243,7 +248,6 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
     .await
     .context("making the zone")?;
 
-    let usage = |pid: Option<u32>| pid.and_then(|p| Usage::of(&p.to_string()).ok());
     let server_open_files = target
         .pid
         .and_then(|p| server::open_file_limit(&p.to_string()));
@@ -258,52 +262,150 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
         }
     }
     let broker = Arc::new(broker_address(&target.mqtt)?);
-    let token: Arc<str> = target.enroll_token.clone().into();
     let start = Instant::now();
     let tally = Arc::new(Tally::new(args.agents, start));
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-
-    // The ramp: agent i starts at i/N of the ramp.
-    let ramp = Duration::from_secs_f64(args.ramp_secs.max(0.0));
     let mut machines = Vec::with_capacity(args.agents);
     for id in &ids {
         machines.push(Machine::new(id)?);
     }
-    tracker.spawn({
-        let (tracker, tally, stop, broker, token) = (
-            tracker.clone(),
-            tally.clone(),
-            stop.clone(),
-            broker.clone(),
-            token.clone(),
-        );
-        let (n, connect_timeout_secs) = (args.agents, args.connect_timeout_secs);
-        async move {
-            for (index, machine) in machines.into_iter().enumerate() {
-                let at = start + ramp.mul_f64(index as f64 / n as f64);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep_until(at) => {}
-                }
-                let spec = agent::Spec {
-                    index,
-                    machine,
-                    broker: broker.clone(),
-                    token: token.clone(),
-                    server_key,
-                    connect_timeout_secs,
-                };
-                tracker.spawn(agent::run(spec, tally.clone(), stop.clone()));
-            }
-        }
-    });
+    let shared = Shared {
+        broker,
+        token: target.enroll_token.clone().into(),
+        server_key,
+        tally: tally.clone(),
+        stop: stop.clone(),
+        tracker: tracker.clone(),
+        connect_timeout_secs: args.connect_timeout_secs,
+    };
+    let over = Duration::from_secs_f64(args.ramp_secs.max(0.0));
+    tracker.spawn(ramp(machines, shared, start, over));
 
-    // Until all are online in the API (or the timeout), polling and timing the API.
+    let online = wait_online(args, api, &ids, &prefix, &tally, start).await;
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    let idle = idle(target.pid, Duration::from_secs(args.idle_secs)).await;
+
+    // Every agent the server answered should get the global deployment; the zone's members
+    // the zone's.
+    let answered = tally.answered.load(Ordering::Relaxed);
+    let deployments = [
+        (
+            "global".to_owned(),
+            serde_json::json!({ "global": true }),
+            answered,
+        ),
+        (
+            format!("zone {zone}"),
+            serde_json::json!({ "zone": zone }),
+            zone_agents,
+        ),
+    ];
+    let mut fanouts = Vec::new();
+    for (image, (what, to, expected)) in images.iter().zip(deployments) {
+        fanouts.push(fan_out(args, api, &tally, image, what, to, expected).await?);
+        // Let the last receipts' verifications and the server's bookkeeping finish, so that
+        // the next deployment is timed on its own.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let server_end = target.pid.and_then(|p| Usage::of(&p.to_string()).ok());
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(15), tracker.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("warning: some agents had not stopped 15 s after being told to");
+    }
+    let generator = Usage::of("self")?;
+    let connected = tally.connected.load(Ordering::Relaxed);
+    Ok(Report {
+        agents: args.agents,
+        ramp_secs: args.ramp_secs,
+        server: target.http.clone(),
+        mqtt: target.mqtt.clone(),
+        server_pid: target.pid,
+        server_open_files,
+        connected,
+        all_connected_secs: (connected == args.agents)
+            .then(|| tally.last_first_connect_ms.load(Ordering::Relaxed) as f64 / 1000.0),
+        answered,
+        all_answered_secs: (answered == args.agents)
+            .then(|| tally.last_first_answer_ms.load(Ordering::Relaxed) as f64 / 1000.0),
+        online_in_api: online.count,
+        all_online_secs: online.all_by.map(|d| d.as_secs_f64()),
+        poll_ms: args.poll_ms,
+        failed: tally::lock(&tally.failed).clone(),
+        dropped: tally::lock(&tally.dropped).clone(),
+        reconnects: tally.reconnects.load(Ordering::Relaxed),
+        refused_commands: tally.refused_commands.load(Ordering::Relaxed),
+        first_refused_command: tally::lock(&tally.first_refused_command).clone(),
+        idle,
+        server_peak_rss_mib: server_end.map(|u| u.peak_rss_mib),
+        server_cpu_secs: server_end.map(|u| u.cpu_secs),
+        fanout: fanouts,
+        api: online.latencies.summaries(),
+        generator_cpu_secs: generator.cpu_secs,
+        generator_peak_rss_mib: generator.peak_rss_mib,
+    })
+}
+
+/// What every agent task gets a handle of.
+struct Shared {
+    broker: Arc<(String, u16)>,
+    token: Arc<str>,
+    server_key: VerifyingKey,
+    tally: Arc<Tally>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    connect_timeout_secs: u64,
+}
+
+/// The ramp: starts agent i of N at i/N of `over` after `start`, each in its own task.
+async fn ramp(machines: Vec<Machine>, shared: Shared, start: Instant, over: Duration) {
+    let n = machines.len();
+    for (index, machine) in machines.into_iter().enumerate() {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep_until(start + over.mul_f64(index as f64 / n as f64)) => {}
+        }
+        let spec = agent::Spec {
+            index,
+            machine,
+            broker: shared.broker.clone(),
+            token: shared.token.clone(),
+            server_key: shared.server_key,
+            connect_timeout_secs: shared.connect_timeout_secs,
+        };
+        shared
+            .tracker
+            .spawn(agent::run(spec, shared.tally.clone(), shared.stop.clone()));
+    }
+}
+
+/// How far the fleet got in the API, and how fast the API answered meanwhile.
+struct Online {
+    /// Our machines online at the last poll.
+    count: usize,
+    /// When all of them first were, from the start of the ramp.
+    all_by: Option<Duration>,
+    latencies: Latencies,
+}
+
+/// Polls the API every `--poll-ms` until all agents are online in it or `--timeout-secs`
+/// passed, timing each request; says how far the fleet got every 5 s on stderr.
+async fn wait_online(
+    args: &Fleet,
+    api: &Api,
+    ids: &[String],
+    prefix: &str,
+    tally: &Tally,
+    start: Instant,
+) -> Online {
     let mut latencies = Latencies::default();
     let deadline = start + Duration::from_secs(args.timeout_secs);
-    let mut online = 0;
-    let mut all_online = None;
+    let mut count = 0;
     let mut said = Instant::now();
     // One machine's view is timed once the server knows that machine (before, it is a 404).
     let mut known = false;
@@ -315,28 +417,32 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
         latencies.add("GET /api/v1/machines", took, rows.is_ok());
         if let Ok(rows) = rows {
             known |= rows.iter().any(|m| m.id == ids[0]);
-            online = rows
+            count = rows
                 .iter()
                 .filter(|m| m.online && m.id.starts_with(&ours))
                 .count();
         }
-        if online == args.agents {
-            all_online = Some(start.elapsed());
-            break;
+        if count == args.agents {
+            return Online {
+                count,
+                all_by: Some(start.elapsed()),
+                latencies,
+            };
         }
         let paths = [member.as_str(), "/api/v1/deployments", "/healthz"];
         for path in paths.into_iter().skip(usize::from(!known)) {
             let (took, answer) = api.timed_get::<serde_json::Value>(path).await;
-            latencies.add(
-                &format!("GET {}", label(path, &member)),
-                took,
-                answer.is_ok(),
-            );
+            let endpoint = if path == member {
+                "/api/v1/machines/{id}"
+            } else {
+                path
+            };
+            latencies.add(&format!("GET {endpoint}"), took, answer.is_ok());
         }
         if said.elapsed() >= Duration::from_secs(5) {
             said = Instant::now();
             eprintln!(
-                "{:>6.1} s: {} connected, {} answered, {online} online in the API (of {})",
+                "{:>6.1} s: {} connected, {} answered, {count} online in the API (of {})",
                 start.elapsed().as_secs_f64(),
                 tally.connected.load(Ordering::Relaxed),
                 tally.answered.load(Ordering::Relaxed),
@@ -345,139 +451,69 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
         }
         tokio::time::sleep_until(polled + Duration::from_millis(args.poll_ms)).await;
     }
+    Online {
+        count,
+        all_by: None,
+        latencies,
+    }
+}
 
-    // Idle: heartbeats only.
-    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
-    let idle = match usage(target.pid) {
-        Some(before) => {
-            let window = Instant::now();
-            tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-            usage(target.pid).map(|after| Idle {
-                window_secs: window.elapsed().as_secs_f64(),
-                cpu_percent: (after.cpu_secs - before.cpu_secs) / window.elapsed().as_secs_f64()
-                    * 100.0,
-                rss_mib: after.rss_mib,
-                peak_rss_mib: after.peak_rss_mib,
-            })
-        }
-        None => {
-            tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-            None
-        }
+/// The server's CPU use over `window` and its memory at the end of it; `None` without its pid.
+async fn idle(pid: Option<u32>, window: Duration) -> Option<Idle> {
+    let usage = || pid.and_then(|p| Usage::of(&p.to_string()).ok());
+    let Some(before) = usage() else {
+        tokio::time::sleep(window).await;
+        return None;
     };
-
-    // Fan-out: every agent the server answered should get the global one; the zone's members
-    // the zone's.
-    let reached = tally.answered.load(Ordering::Relaxed);
-    let mut fanouts = Vec::new();
-    for (image, what, deploy_target, expected) in [
-        (
-            &images[0],
-            "global".to_owned(),
-            serde_json::json!({ "global": true }),
-            reached,
-        ),
-        (
-            &images[1],
-            format!("zone {zone}"),
-            serde_json::json!({ "zone": zone }),
-            zone_agents,
-        ),
-    ] {
-        let sent = Instant::now();
-        let answer = api
-            .send(
-                reqwest::Method::POST,
-                "/api/v1/deployments",
-                &serde_json::json!({ "image": image, "target": deploy_target, "action": "stage" }),
-            )
-            .await
-            .with_context(|| format!("deploying to {what}"))?;
-        let post = sent.elapsed();
-        let id: DeploymentId = answer["id"]
-            .as_str()
-            .and_then(|id| id.parse().ok())
-            .with_context(|| format!("the deployment's answer has no id: {answer}"))?;
-        let until = sent + Duration::from_secs(args.fanout_timeout_secs);
-        let mut receipts = tally.receipts(&id);
-        while receipts.len() < expected && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            receipts = tally.receipts(&id);
-        }
-        fanouts.push(Fanout::new(
-            what,
-            expected,
-            receipts
-                .iter()
-                .map(|at| at.saturating_duration_since(sent))
-                .collect(),
-            post,
-        ));
-        // Let the last receipts' verifications and the server's bookkeeping finish, so that
-        // the next deployment is timed on its own.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-
-    let server_end = usage(target.pid);
-    stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(15), tracker.wait())
-        .await
-        .is_err()
-    {
-        eprintln!("warning: some agents had not stopped 15 s after being told to");
-    }
-    let generator = Usage::of("self")?;
-    Ok(Report {
-        agents: args.agents,
-        ramp_secs: args.ramp_secs,
-        server: target.http.clone(),
-        mqtt: target.mqtt.clone(),
-        server_pid: target.pid,
-        server_open_files,
-        connected: tally.connected.load(Ordering::Relaxed),
-        all_connected_secs: (tally.connected.load(Ordering::Relaxed) == args.agents)
-            .then(|| tally.last_first_connect_ms.load(Ordering::Relaxed) as f64 / 1000.0),
-        answered: reached,
-        all_answered_secs: (reached == args.agents)
-            .then(|| tally.last_first_answer_ms.load(Ordering::Relaxed) as f64 / 1000.0),
-        online_in_api: online,
-        all_online_secs: all_online.map(|d| d.as_secs_f64()),
-        poll_ms: args.poll_ms,
-        failed: tally
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
-        dropped: tally
-            .dropped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
-        reconnects: tally.reconnects.load(Ordering::Relaxed),
-        refused_commands: tally.refused_commands.load(Ordering::Relaxed),
-        first_refused_command: tally
-            .first_refused_command
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
-        idle,
-        server_peak_rss_mib: server_end.map(|u| u.peak_rss_mib),
-        server_cpu_secs: server_end.map(|u| u.cpu_secs),
-        fanout: fanouts,
-        api: latencies.summaries(),
-        generator_cpu_secs: generator.cpu_secs,
-        generator_peak_rss_mib: generator.peak_rss_mib,
+    let from = Instant::now();
+    tokio::time::sleep(window).await;
+    let after = usage()?;
+    let secs = from.elapsed().as_secs_f64();
+    Some(Idle {
+        window_secs: secs,
+        cpu_percent: (after.cpu_secs - before.cpu_secs) / secs * 100.0,
+        rss_mib: after.rss_mib,
+        peak_rss_mib: after.peak_rss_mib,
     })
 }
 
-/// The endpoint's name in the report: one machine's path with a placeholder.
-fn label<'a>(path: &'a str, member: &str) -> &'a str {
-    if path == member {
-        "/api/v1/machines/{id}"
-    } else {
-        path
+/// Deploys `image` to `to` (a deployment target as the API takes it) and times when each of
+/// the `expected` agents receives its assignment, from just before the POST; waits at most
+/// `--fanout-timeout-secs`.
+async fn fan_out(
+    args: &Fleet,
+    api: &Api,
+    tally: &Tally,
+    image: &str,
+    what: String,
+    to: serde_json::Value,
+    expected: usize,
+) -> anyhow::Result<Fanout> {
+    let sent = Instant::now();
+    let answer = api
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/deployments",
+            &serde_json::json!({ "image": image, "target": to, "action": "stage" }),
+        )
+        .await
+        .with_context(|| format!("deploying to {what}"))?;
+    let post = sent.elapsed();
+    let id: DeploymentId = answer["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("the deployment's answer has no id: {answer}"))?;
+    let until = sent + Duration::from_secs(args.fanout_timeout_secs);
+    let mut receipts = tally.receipts(&id);
+    while receipts.len() < expected && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        receipts = tally.receipts(&id);
     }
+    let took = receipts
+        .iter()
+        .map(|at| at.saturating_duration_since(sent))
+        .collect();
+    Ok(Fanout::new(what, expected, took, post))
 }
 
 /// Catalogues a new 1 MiB raw image named `name` made in `work`, and waits until it can be

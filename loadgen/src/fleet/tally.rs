@@ -89,7 +89,7 @@ impl Tally {
         *lock(&self.failed).entry(failure_kind(error)).or_default() += 1;
     }
 
-    pub fn dropped(&self, _index: usize, error: &ConnectionError) {
+    pub fn dropped(&self, error: &ConnectionError) {
         *lock(&self.dropped).entry(drop_kind(error)).or_default() += 1;
     }
 
@@ -140,7 +140,7 @@ fn drop_kind(error: &ConnectionError) -> &'static str {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section is one insert: a panic cannot leave the data half-changed.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
