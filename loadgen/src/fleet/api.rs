@@ -34,33 +34,12 @@ impl Api {
         &self,
         path: &str,
     ) -> (Duration, anyhow::Result<T>) {
-        let url = format!("{}{path}", self.base);
         let sent = Instant::now();
-        let body = async {
-            let response = self
-                .http
-                .get(&url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .with_context(|| format!("GET {url}"))?;
-            let status = response.status();
-            let bytes = response
-                .bytes()
-                .await
-                .with_context(|| format!("reading the answer of GET {url}"))?;
-            if !status.is_success() {
-                bail!("GET {url}: {status}: {}", String::from_utf8_lossy(&bytes));
-            }
-            Ok(bytes)
-        }
-        .await;
-        let took = sent.elapsed();
-        let parsed = body.and_then(|bytes| {
-            serde_json::from_slice(&bytes)
-                .with_context(|| format!("GET {url}: not the JSON expected"))
-        });
-        (took, parsed)
+        let body = self.call(reqwest::Method::GET, path, None).await;
+        (
+            sent.elapsed(),
+            body.and_then(|bytes| parse(&bytes, "GET", path)),
+        )
     }
 
     /// `method path` with a JSON body; the answer as JSON.
@@ -70,23 +49,45 @@ impl Api {
         path: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
+        let bytes = self.call(method.clone(), path, Some(body)).await?;
+        parse(&bytes, method.as_str(), path)
+    }
+
+    /// The body of the answer to `method path`, which must be a success.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<bytes::Bytes> {
         let url = format!("{}{path}", self.base);
-        let response = self
+        let mut request = self
             .http
             .request(method.clone(), &url)
-            .bearer_auth(&self.token)
-            .json(body)
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
             .send()
             .await
             .with_context(|| format!("{method} {url}"))?;
         let status = response.status();
-        let text = response
-            .text()
+        let bytes = response
+            .bytes()
             .await
             .with_context(|| format!("reading the answer of {method} {url}"))?;
         if !status.is_success() {
-            bail!("{method} {url}: {status}: {text}");
+            bail!(
+                "{method} {url}: {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
         }
-        serde_json::from_str(&text).with_context(|| format!("{method} {url}: answer is not JSON"))
+        Ok(bytes)
     }
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8], method: &str, path: &str) -> anyhow::Result<T> {
+    serde_json::from_slice(bytes)
+        .with_context(|| format!("{method} {path}: the answer is not the JSON expected"))
 }
