@@ -29,11 +29,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use boottorrent_proto::{
-    Command, Encoding, Event, EventKind, GLOBAL_COMMANDS_FILTER, Heartbeat, HeldImage,
-    MAX_PAYLOAD_BYTES, MachineConfiguration, MachineId, Presence, PublicKeyBytes, ReplayGuard,
-    RunningImage, Scope, Secret, SenderId, Shutdown, SigningKey, Startup, Status, Topic,
-    VerifyingKey, ZoneId, decode_command, event_topic, login_password, machine_commands_filter,
-    now_ms, zone_commands_filter,
+    Command, Event, EventKind, GLOBAL_COMMANDS_FILTER, Heartbeat, HeldImage, MAX_PAYLOAD_BYTES,
+    MachineConfiguration, MachineId, MachineSigner, Presence, PublicKeyBytes, ReplayGuard,
+    RunningImage, Secret, SenderId, Shutdown, Startup, Status, VerifyingKey, ZoneId,
+    accept_command, machine_commands_filter, now_ms, zone_commands_filter, zone_filter_changes,
 };
 use rumqttc::{
     AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
@@ -84,47 +83,17 @@ enum Net {
     Lost,
 }
 
-/// Signs events as this machine.
-struct Signer {
-    machine: MachineId,
-    inner: boottorrent_proto::Signer,
-}
-
-impl Signer {
-    fn new(machine: MachineId, key: SigningKey) -> Signer {
-        let inner = boottorrent_proto::Signer::new(SenderId::from(machine.clone()), key, now_ms());
-        Signer { machine, inner }
-    }
-
-    /// The event signed for its topic, encoded as MessagePack.
-    fn sign(&mut self, event: Event) -> anyhow::Result<(Topic, Vec<u8>)> {
-        let topic = event_topic(&self.machine, &event);
-        let payload = self
-            .inner
-            .sign(&topic, event, Encoding::MessagePack, now_ms())
-            .with_context(|| format!("signing an event for {topic}"))?;
-        Ok((topic, payload))
-    }
-
-    /// A fresh MQTT password: proof of this machine's key, then the enrollment token (see
-    /// `boottorrent_proto::login`). A machine the server knows cannot log in without it.
-    fn password(&self, token: &Secret) -> String {
-        login_password(&self.machine, self.inner.key(), token.expose(), now_ms())
-    }
-
-    /// The last will: `status` offline, retained, QoS 1. The server accepts a correctly
-    /// signed will whatever its age, so one signed at connect time stays good.
-    fn will(&mut self) -> anyhow::Result<LastWill> {
-        let (topic, payload) = self.sign(Event::Status(Status {
-            presence: Presence::Offline,
-        }))?;
-        Ok(LastWill::new(
-            topic.to_string(),
-            payload,
-            QoS::AtLeastOnce,
-            true,
-        ))
-    }
+/// The last will: `status` offline, retained, QoS 1 ([`MachineSigner::offline_will`]).
+fn will(signer: &mut MachineSigner) -> anyhow::Result<LastWill> {
+    let (topic, payload) = signer
+        .offline_will(now_ms())
+        .context("signing the last will")?;
+    Ok(LastWill::new(
+        topic.to_string(),
+        payload,
+        QoS::AtLeastOnce,
+        true,
+    ))
 }
 
 /// Runs the MQTT session until `shutdown` is cancelled, then publishes `shutdown` and
@@ -165,11 +134,15 @@ pub async fn run(
         server_key,
     } = identity;
     let public_key = PublicKeyBytes::from(key.verifying_key().to_bytes());
-    let signer = Arc::new(Mutex::new(Signer::new(machine.clone(), key)));
+    let signer = Arc::new(Mutex::new(MachineSigner::new(
+        machine.clone(),
+        key,
+        now_ms(),
+    )));
 
     // Each lock in its own statement: a guard lives to the end of the statement it is in.
-    let password = lock(&signer).password(&token);
-    let will = lock(&signer).will()?;
+    let password = lock(&signer).password(token.expose(), now_ms());
+    let will = will(&mut lock(&signer))?;
     let mut options = MqttOptions::new(machine.as_str(), host.clone(), port);
     options
         .set_keep_alive(Duration::from_secs(
@@ -305,7 +278,7 @@ pub async fn run(
 /// The session task's state; see the module docs.
 struct Session {
     client: AsyncClient,
-    signer: Arc<Mutex<Signer>>,
+    signer: Arc<Mutex<MachineSigner>>,
     machine: MachineId,
     public_key: PublicKeyBytes,
     server_key: VerifyingKey,
@@ -444,10 +417,11 @@ impl Session {
             tracing::debug!("not connected; dropped a {kind} event");
             return;
         }
-        let (topic, payload) = match lock(&self.signer).sign(event) {
+        let signed = lock(&self.signer).event(event, now_ms());
+        let (topic, payload) = match signed {
             Ok(signed) => signed,
             Err(e) => {
-                tracing::error!("dropped a {kind} event: {e:#}");
+                tracing::error!("dropped a {kind} event: signing it: {e}");
                 return;
             }
         };
@@ -463,35 +437,25 @@ impl Session {
     /// Verifies and dispatches one incoming message. Returns whether the heartbeat interval
     /// changed.
     fn on_message(&mut self, topic_text: &str, payload: &[u8]) -> bool {
-        let topic = match topic_text.parse::<Topic>() {
-            Ok(topic) => topic,
-            Err(e) => {
-                tracing::warn!("ignored a message on {topic_text:?}: {e}");
-                return false;
-            }
-        };
-        let Topic::Command { scope, kind } = &topic else {
-            tracing::warn!("ignored a message on {topic_text:?}: an event topic, not a command");
-            return false;
-        };
-        let kind = *kind;
-        if !self.addressed_to_us(scope) {
-            tracing::warn!("ignored {kind} command on {topic_text}: not addressed to this machine");
-            return false;
-        }
-        let envelope = match decode_command(kind, payload) {
+        let envelope = match accept_command(
+            topic_text,
+            payload,
+            &self.machine,
+            &self.zones,
+            &self.server_key,
+            &mut self.guard,
+            now_ms(),
+        ) {
             Ok(envelope) => envelope,
             Err(e) => {
-                tracing::warn!(
-                    "ignored {kind} command on {topic_text}: not a signed envelope of that kind: {e}"
-                );
+                match e.kind() {
+                    Some(kind) => tracing::warn!("ignored {kind} command on {topic_text}: {e}"),
+                    None => tracing::warn!("ignored a message on {topic_text:?}: {e}"),
+                }
                 return false;
             }
         };
-        if let Err(e) = envelope.accept(&topic, &self.server_key, &mut self.guard, now_ms()) {
-            tracing::warn!("ignored {kind} command on {topic_text}: {e}");
-            return false;
-        }
+        let kind = envelope.body.kind();
         write_seq(&self.seq_file, envelope.seq);
         tracing::info!(
             seq = envelope.seq,
@@ -509,14 +473,6 @@ impl Session {
         }
     }
 
-    fn addressed_to_us(&self, scope: &Scope) -> bool {
-        match scope {
-            Scope::Global => true,
-            Scope::Machine(machine) => *machine == self.machine,
-            Scope::Zone(zone) => self.zones.contains(zone),
-        }
-    }
-
     /// Applies a `machine_configuration`: re-subscribes for changed zones and takes the
     /// heartbeat interval. Returns whether the interval changed.
     fn configure(&mut self, configuration: MachineConfiguration) -> bool {
@@ -527,19 +483,12 @@ impl Session {
             return false;
         }
         if self.connected {
-            for gone in self
-                .zones
-                .iter()
-                .filter(|z| !configuration.zones.contains(z))
-            {
-                self.unsubscribe(&zone_commands_filter(gone));
+            let (left, joined) = zone_filter_changes(&self.zones, &configuration.zones);
+            for filter in left {
+                self.unsubscribe(&filter);
             }
-            for new in configuration
-                .zones
-                .iter()
-                .filter(|z| !self.zones.contains(z))
-            {
-                self.subscribe(&zone_commands_filter(new));
+            for filter in joined {
+                self.subscribe(&filter);
             }
         }
         self.zones = configuration.zones.clone();
@@ -590,7 +539,7 @@ impl Session {
 async fn drive(
     mut eventloop: EventLoop,
     net: mpsc::Sender<Net>,
-    signer: Arc<Mutex<Signer>>,
+    signer: Arc<Mutex<MachineSigner>>,
     token: Secret,
     broker: String,
     stop: CancellationToken,
@@ -628,14 +577,14 @@ async fn drive(
                 if net.send(Net::Lost).await.is_err() {
                     return;
                 }
-                match lock(&signer).will() {
+                match will(&mut lock(&signer)) {
                     Ok(will) => {
                         eventloop.mqtt_options.set_last_will(will);
                     }
                     Err(e) => tracing::error!("could not sign a new last will: {e:#}"),
                 }
                 // The server refuses a login proof it has seen or that has gone stale.
-                let password = lock(&signer).password(&token);
+                let password = lock(&signer).password(token.expose(), now_ms());
                 let user = eventloop.mqtt_options.client_id();
                 eventloop.mqtt_options.set_credentials(user, password);
                 tokio::select! {
@@ -689,7 +638,7 @@ fn heartbeat_timer(every: Duration) -> tokio::time::Interval {
     timer
 }
 
-fn lock(signer: &Mutex<Signer>) -> std::sync::MutexGuard<'_, Signer> {
+fn lock(signer: &Mutex<MachineSigner>) -> std::sync::MutexGuard<'_, MachineSigner> {
     // Signing cannot leave the signer half-updated, so a poisoned lock is still usable.
     signer.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -708,34 +657,35 @@ fn write_seq(path: &Path, seq: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use boottorrent_proto::{BootCommand, Envelope, decode_event, generate_signing_key};
+    use boottorrent_proto::{
+        BootCommand, Encoding, Envelope, SigningKey, Topic, decode_event, generate_signing_key,
+    };
 
-    fn signer() -> Signer {
-        Signer::new("pc-1".parse().unwrap(), generate_signing_key().unwrap())
+    fn signer() -> MachineSigner {
+        MachineSigner::new(
+            "pc-1".parse().unwrap(),
+            generate_signing_key().unwrap(),
+            now_ms(),
+        )
     }
 
     #[test]
-    fn events_verify_with_the_machine_key_and_seqs_increase() {
+    fn the_will_is_the_signed_offline_status_retained_at_qos_1() {
         let mut s = signer();
-        let vk = s.inner.key().verifying_key();
-        let (t1, p1) = s
-            .sign(Event::Status(Status {
-                presence: Presence::Online,
-            }))
-            .unwrap();
-        let (_, p2) = s
-            .sign(Event::Status(Status {
-                presence: Presence::Online,
-            }))
-            .unwrap();
-        assert_eq!(t1.to_string(), "boottorrent/evt/machine/pc-1/status");
-        let e1 = decode_event(EventKind::Status, &p1).unwrap();
-        let e2 = decode_event(EventKind::Status, &p2).unwrap();
-        e1.verify(&t1, &vk).unwrap();
-        assert!(e2.seq > e1.seq);
-        let will = s.will().unwrap();
+        let vk = s.key().verifying_key();
+        let will = will(&mut s).unwrap();
         assert_eq!(will.topic, "boottorrent/evt/machine/pc-1/status");
         assert!(will.retain);
+        assert_eq!(will.qos, QoS::AtLeastOnce);
+        let topic: Topic = will.topic.parse().unwrap();
+        let envelope = decode_event(EventKind::Status, &will.message).unwrap();
+        envelope.verify(&topic, &vk).unwrap();
+        assert_eq!(
+            envelope.body,
+            Event::Status(Status {
+                presence: Presence::Offline
+            })
+        );
     }
 
     #[tokio::test]
@@ -747,7 +697,7 @@ mod tests {
         let s = signer();
         let mut session = Session {
             client,
-            public_key: PublicKeyBytes::from(s.inner.key().verifying_key().to_bytes()),
+            public_key: PublicKeyBytes::from(s.key().verifying_key().to_bytes()),
             signer: Arc::new(Mutex::new(s)),
             machine: "pc-1".parse().unwrap(),
             server_key: server.verifying_key(),

@@ -29,6 +29,7 @@ pub mod host;
 pub mod id;
 pub mod keys;
 pub mod login;
+pub mod machine;
 pub mod message;
 pub mod replay;
 pub mod secret;
@@ -45,6 +46,7 @@ pub use login::{
     Admission, LoginError, LoginPassword, LoginProof, PasskeyAnswer, Purpose, login_password,
     passkey_request,
 };
+pub use machine::{CommandRefused, MachineSigner, accept_command, zone_filter_changes};
 pub use message::*;
 pub use replay::*;
 pub use secret::Secret;

@@ -19,6 +19,11 @@ pub fn server_binary() -> PathBuf {
     workspace_binary("boottorrent", "boottorrent")
 }
 
+/// `boottorrent-loadgen`, the simulated fleet.
+pub fn loadgen_binary() -> PathBuf {
+    workspace_binary("boottorrent-loadgen", "boottorrent-loadgen")
+}
+
 /// `boottorrent-agent`.
 pub fn agent_binary() -> PathBuf {
     workspace_binary("boottorrent-agent", "boottorrent-agent")

@@ -1,0 +1,556 @@
+//! `fleet`: N simulated agents against one server, and what it takes.
+//!
+//! Steps: start a server (or use `--server`), catalogue two small raw images, put the first
+//! `--zone-agents` machines in a zone, start the agents over `--ramp-secs` (one task each,
+//! [`agent`]), poll the API until all are online (timing the API meanwhile), measure the
+//! server's CPU and memory over an idle window, then deploy one image to every machine and
+//! one to the zone and time when each agent receives its assignment. Then the agents stop
+//! cleanly and the server (if started here) is stopped.
+//!
+//! Tasks: the coordinator (this module), the ramp that spawns the agents, and one task per
+//! agent in a [`TaskTracker`]; they share a [`Tally`] and one cancellation token.
+
+mod agent;
+mod api;
+mod report;
+mod server;
+mod tally;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use boottorrent_proto::{DeploymentId, ServerKeyAnswer, VerifyingKey, verifying_key_from_bytes};
+use clap::Args;
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::machine::{Machine, broker_address};
+use api::Api;
+use report::{Fanout, Idle, Latencies, Report};
+use server::{Started, Usage};
+use tally::Tally;
+
+#[derive(Args)]
+pub struct Fleet {
+    /// How many simulated agents to run, each with its own key, login and MQTT connection
+    /// (one task each, all in this process).
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Seconds over which the agents start, evenly spaced; 0 starts them all at once (a
+    /// power-on storm).
+    #[arg(long, default_value_t = 10.0)]
+    ramp_secs: f64,
+    /// How many of the agents (the first ones) form the zone that the zone deployment
+    /// targets; by default a tenth of them, at least one.
+    #[arg(long)]
+    zone_agents: Option<usize>,
+    /// Give up waiting for every agent to be online in the API after this many seconds from
+    /// the start of the ramp, and measure with those that are.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+    /// Seconds to let the server settle once all agents are online, before the idle window.
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
+    /// Seconds over which the server's CPU use is averaged once all agents are online and it
+    /// settled; heartbeats go on meanwhile, nothing else. One heartbeat interval (the
+    /// server's default is 30 s) sees every agent's heartbeat once.
+    #[arg(long, default_value_t = 30)]
+    idle_secs: u64,
+    /// Seconds to wait for every targeted agent to receive a deployment's assignment.
+    #[arg(long, default_value_t = 60)]
+    fanout_timeout_secs: u64,
+    /// Milliseconds between polls of the API while the agents come online; each poll times
+    /// GET /api/v1/machines (which gives the online count), one machine, the deployments
+    /// and /healthz.
+    #[arg(long, default_value_t = 1000)]
+    poll_ms: u64,
+    /// Seconds an agent's connection attempt may take until CONNACK; rumqttc's default,
+    /// which the agent uses, is 5.
+    #[arg(long, default_value_t = 5)]
+    connect_timeout_secs: u64,
+    /// Prefix of the simulated machines' ids (`<prefix>-00001`, ...); by default `lg` and
+    /// this process's id, so that runs against one server do not collide.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// The `boottorrent` binary to start when no --server is given; by default the one next
+    /// to this program (target/release/boottorrent after `cargo build --release`).
+    #[arg(long, value_name = "PATH")]
+    server_binary: Option<PathBuf>,
+    /// New machines the started server admits per minute (`enroll_per_minute`); by default
+    /// 60 × agents, so that the rate limit for made-up machines does not set the pace of a
+    /// first enrolment. The started server has `auto_approve` on and defaults otherwise.
+    #[arg(long)]
+    enroll_per_minute: Option<u32>,
+    /// Use this running server's HTTP API instead of starting one (then also give --mqtt,
+    /// --admin-token and --enroll-token). It must have `auto_approve` on and be able to read
+    /// files in --work-dir (the images deployed are made there).
+    #[arg(long, requires_all = ["mqtt", "admin_token", "enroll_token"])]
+    server: Option<String>,
+    /// With --server: its MQTT listener, host:port.
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// With --server: the admin token (`<data-dir>/admin.token`).
+    #[arg(long, env = "BOOTTORRENT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// With --server: the enrollment token (`<data-dir>/enroll.token`).
+    #[arg(long, env = "BOOTTORRENT_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
+    /// With --server: its process id, to measure its CPU and memory from /proc (same host).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Directory for the started server's data and log and for the images; by default a new
+    /// one under the system's temp dir, removed afterwards unless the run failed.
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Open files the server holds per connected agent: the front's socket for the agent, its
+/// relay connection to the embedded broker on loopback, and the broker's end of that.
+const FILES_PER_AGENT: u64 = 3;
+
+/// One row of GET /api/v1/machines, as far as the generator reads it.
+#[derive(Deserialize)]
+struct MachineRow {
+    id: String,
+    online: bool,
+}
+
+/// What a run needs of the server, started here or given.
+struct Target {
+    api: Api,
+    http: String,
+    mqtt: String,
+    enroll_token: String,
+    pid: Option<u32>,
+}
+
+pub async fn run(args: Fleet) -> anyhow::Result<()> {
+    if args.agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    if let Some(limit) = server::open_file_limit("self") {
+        // One descriptor per agent, plus some for HTTP and the runtime.
+        if (args.agents as u64) + 64 > limit {
+            bail!(
+                "{} agents need as many open files, but this process may open {limit}: raise \
+                 the limit (`ulimit -n`) or run fewer agents",
+                args.agents
+            );
+        }
+    }
+    let (work, made_work) = match &args.work_dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("boottorrent-loadgen-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&work)
+        .with_context(|| format!("creating the work dir {}", work.display()))?;
+
+    let mut started = None;
+    let target = match &args.server {
+        Some(http) => Target {
+            api: Api::new(http, args.admin_token.clone().unwrap_or_default())?,
+            http: http.clone(),
+            mqtt: args.mqtt.clone().unwrap_or_default(),
+            enroll_token: args.enroll_token.clone().unwrap_or_default(),
+            pid: args.server_pid,
+        },
+        None => {
+            let binary = match &args.server_binary {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()
+                    .context("finding this program's path")?
+                    .with_file_name("boottorrent"),
+            };
+            let per_minute = args.enroll_per_minute.unwrap_or_else(|| {
+                u32::try_from(args.agents.saturating_mul(60))
+                    .unwrap_or(u32::MAX)
+                    .max(1000)
+            });
+            let server = Started::start(&binary, &work, per_minute).await?;
+            let target = Target {
+                api: Api::new(&server.http, server.token("admin.token")?)?,
+                http: server.http.clone(),
+                mqtt: server.mqtt.clone(),
+                enroll_token: server.token("enroll.token")?,
+                pid: Some(server.pid()),
+            };
+            started = Some(server);
+            target
+        }
+    };
+
+    let result = measure(&args, &target, &work).await;
+    if let Some(server) = started {
+        if let Err(e) = server.stop().await {
+            eprintln!("warning: {e:#}");
+        }
+    }
+    let report = result.with_context(|| {
+        format!(
+            "the run failed; its files (the server's data and log, the images) stay in {}",
+            work.display()
+        )
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    if made_work {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(())
+}
+
+async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyhow::Result<Report> {
+    let api = &target.api;
+    let run_id = format!("{}-{}", std::process::id(), boottorrent_proto::now_ms());
+    let prefix = args
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("lg{}", std::process::id()));
+    let zone = format!("{prefix}-zone");
+    let zone_agents = args
+        .zone_agents
+        .unwrap_or(args.agents / 10)
+        .clamp(1, args.agents);
+
+    // The server key every command must verify with, as `boottorrent-agent enroll` pins it.
+    let answer: ServerKeyAnswer = api.get("/api/v1/server-key").await?;
+    let key = boottorrent_proto::PublicKeyBytes::from_hex(answer.public_key.trim())
+        .map_err(|e| anyhow::anyhow!("the server key is not 64 hex digits: {e}"))?;
+    let server_key = verifying_key_from_bytes(&key).context("the server key")?;
+
+    // Two images, one per deployment, so that neither deployment finds the image assigned.
+    let mut images = Vec::new();
+    for which in ["global", "zone"] {
+        images.push(add_image(api, work, &format!("{prefix}-{which}"), &run_id).await?);
+    }
+    let ids: Vec<String> = (0..args.agents)
+        .map(|i| format!("{prefix}-{i:05}"))
+        .collect();
+    api.send(
+        reqwest::Method::PUT,
+        &format!("/api/v1/zones/{zone}"),
+        &serde_json::json!({ "machines": &ids[..zone_agents] }),
+    )
+    .await
+    .context("making the zone")?;
+
+    let server_open_files = target
+        .pid
+        .and_then(|p| server::open_file_limit(&p.to_string()));
+    if let Some(limit) = server_open_files {
+        if (args.agents as u64).saturating_mul(FILES_PER_AGENT) > limit {
+            eprintln!(
+                "warning: the server may open {limit} files and holds {FILES_PER_AGENT} per \
+                 agent, so it can take about {} of the {} agents; the others will time out",
+                limit / FILES_PER_AGENT,
+                args.agents
+            );
+        }
+    }
+    let broker = Arc::new(broker_address(&target.mqtt)?);
+    let start = Instant::now();
+    let tally = Arc::new(Tally::new(args.agents, start));
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut machines = Vec::with_capacity(args.agents);
+    for id in &ids {
+        machines.push(Machine::new(id)?);
+    }
+    let shared = Shared {
+        broker,
+        token: target.enroll_token.clone().into(),
+        server_key,
+        tally: tally.clone(),
+        stop: stop.clone(),
+        tracker: tracker.clone(),
+        connect_timeout_secs: args.connect_timeout_secs,
+    };
+    let over = Duration::from_secs_f64(args.ramp_secs.max(0.0));
+    tracker.spawn(ramp(machines, shared, start, over));
+
+    let online = wait_online(args, api, &ids, &prefix, &tally, start).await;
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    let idle = idle(target.pid, Duration::from_secs(args.idle_secs)).await;
+
+    // Every agent the server answered should get the global deployment; the zone's members
+    // the zone's.
+    let answered = tally.answered.load(Ordering::Relaxed);
+    let deployments = [
+        (
+            "global".to_owned(),
+            serde_json::json!({ "global": true }),
+            answered,
+        ),
+        (
+            format!("zone {zone}"),
+            serde_json::json!({ "zone": zone }),
+            zone_agents,
+        ),
+    ];
+    let mut fanouts = Vec::new();
+    for (image, (what, to, expected)) in images.iter().zip(deployments) {
+        fanouts.push(fan_out(args, api, &tally, image, what, to, expected).await?);
+        // Let the last receipts' verifications and the server's bookkeeping finish, so that
+        // the next deployment is timed on its own.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let server_end = target.pid.and_then(|p| Usage::of(&p.to_string()).ok());
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(15), tracker.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("warning: some agents had not stopped 15 s after being told to");
+    }
+    let generator = Usage::of("self")?;
+    let connected = tally.connected.load(Ordering::Relaxed);
+    Ok(Report {
+        agents: args.agents,
+        ramp_secs: args.ramp_secs,
+        server: target.http.clone(),
+        mqtt: target.mqtt.clone(),
+        server_pid: target.pid,
+        server_open_files,
+        connected,
+        all_connected_secs: (connected == args.agents)
+            .then(|| tally.last_first_connect_ms.load(Ordering::Relaxed) as f64 / 1000.0),
+        answered,
+        all_answered_secs: (answered == args.agents)
+            .then(|| tally.last_first_answer_ms.load(Ordering::Relaxed) as f64 / 1000.0),
+        online_in_api: online.count,
+        all_online_secs: online.all_by.map(|d| d.as_secs_f64()),
+        poll_ms: args.poll_ms,
+        failed: tally::lock(&tally.failed).clone(),
+        dropped: tally::lock(&tally.dropped).clone(),
+        reconnects: tally.reconnects.load(Ordering::Relaxed),
+        refused_commands: tally.refused_commands.load(Ordering::Relaxed),
+        first_refused_command: tally::lock(&tally.first_refused_command).clone(),
+        idle,
+        server_peak_rss_mib: server_end.map(|u| u.peak_rss_mib),
+        server_cpu_secs: server_end.map(|u| u.cpu_secs),
+        fanout: fanouts,
+        api: online.latencies.summaries(),
+        generator_cpu_secs: generator.cpu_secs,
+        generator_peak_rss_mib: generator.peak_rss_mib,
+    })
+}
+
+/// What every agent task gets a handle of.
+struct Shared {
+    broker: Arc<(String, u16)>,
+    token: Arc<str>,
+    server_key: VerifyingKey,
+    tally: Arc<Tally>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    connect_timeout_secs: u64,
+}
+
+/// The ramp: starts agent i of N at i/N of `over` after `start`, each in its own task.
+async fn ramp(machines: Vec<Machine>, shared: Shared, start: Instant, over: Duration) {
+    let n = machines.len();
+    for (index, machine) in machines.into_iter().enumerate() {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep_until(start + over.mul_f64(index as f64 / n as f64)) => {}
+        }
+        let spec = agent::Spec {
+            index,
+            machine,
+            broker: shared.broker.clone(),
+            token: shared.token.clone(),
+            server_key: shared.server_key,
+            connect_timeout_secs: shared.connect_timeout_secs,
+        };
+        shared
+            .tracker
+            .spawn(agent::run(spec, shared.tally.clone(), shared.stop.clone()));
+    }
+}
+
+/// How far the fleet got in the API, and how fast the API answered meanwhile.
+struct Online {
+    /// Our machines online at the last poll.
+    count: usize,
+    /// When all of them first were, from the start of the ramp.
+    all_by: Option<Duration>,
+    latencies: Latencies,
+}
+
+/// Polls the API every `--poll-ms` until all agents are online in it or `--timeout-secs`
+/// passed, timing each request; says how far the fleet got every 5 s on stderr.
+async fn wait_online(
+    args: &Fleet,
+    api: &Api,
+    ids: &[String],
+    prefix: &str,
+    tally: &Tally,
+    start: Instant,
+) -> Online {
+    let mut latencies = Latencies::default();
+    let deadline = start + Duration::from_secs(args.timeout_secs);
+    let mut count = 0;
+    let mut said = Instant::now();
+    // One machine's view is timed once the server knows that machine (before, it is a 404).
+    let mut known = false;
+    let member = format!("/api/v1/machines/{}", ids[0]);
+    let ours = format!("{prefix}-");
+    while Instant::now() < deadline {
+        let polled = Instant::now();
+        let (took, rows) = api.timed_get::<Vec<MachineRow>>("/api/v1/machines").await;
+        latencies.add("GET /api/v1/machines", took, rows.is_ok());
+        if let Ok(rows) = rows {
+            known |= rows.iter().any(|m| m.id == ids[0]);
+            count = rows
+                .iter()
+                .filter(|m| m.online && m.id.starts_with(&ours))
+                .count();
+        }
+        if count == args.agents {
+            return Online {
+                count,
+                all_by: Some(start.elapsed()),
+                latencies,
+            };
+        }
+        let paths = [member.as_str(), "/api/v1/deployments", "/healthz"];
+        for path in paths.into_iter().skip(usize::from(!known)) {
+            let (took, answer) = api.timed_get::<serde_json::Value>(path).await;
+            let endpoint = if path == member {
+                "/api/v1/machines/{id}"
+            } else {
+                path
+            };
+            latencies.add(&format!("GET {endpoint}"), took, answer.is_ok());
+        }
+        if said.elapsed() >= Duration::from_secs(5) {
+            said = Instant::now();
+            eprintln!(
+                "{:>6.1} s: {} connected, {} answered, {count} online in the API (of {})",
+                start.elapsed().as_secs_f64(),
+                tally.connected.load(Ordering::Relaxed),
+                tally.answered.load(Ordering::Relaxed),
+                args.agents
+            );
+        }
+        tokio::time::sleep_until(polled + Duration::from_millis(args.poll_ms)).await;
+    }
+    Online {
+        count,
+        all_by: None,
+        latencies,
+    }
+}
+
+/// The server's CPU use over `window` and its memory at the end of it; `None` without its pid.
+async fn idle(pid: Option<u32>, window: Duration) -> Option<Idle> {
+    let usage = || pid.and_then(|p| Usage::of(&p.to_string()).ok());
+    let Some(before) = usage() else {
+        tokio::time::sleep(window).await;
+        return None;
+    };
+    let from = Instant::now();
+    tokio::time::sleep(window).await;
+    let after = usage()?;
+    let secs = from.elapsed().as_secs_f64();
+    Some(Idle {
+        window_secs: secs,
+        cpu_percent: (after.cpu_secs - before.cpu_secs) / secs * 100.0,
+        rss_mib: after.rss_mib,
+        peak_rss_mib: after.peak_rss_mib,
+    })
+}
+
+/// Deploys `image` to `to` (a deployment target as the API takes it) and times when each of
+/// the `expected` agents receives its assignment, from just before the POST; waits at most
+/// `--fanout-timeout-secs`.
+async fn fan_out(
+    args: &Fleet,
+    api: &Api,
+    tally: &Tally,
+    image: &str,
+    what: String,
+    to: serde_json::Value,
+    expected: usize,
+) -> anyhow::Result<Fanout> {
+    let sent = Instant::now();
+    let answer = api
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/deployments",
+            &serde_json::json!({ "image": image, "target": to, "action": "stage" }),
+        )
+        .await
+        .with_context(|| format!("deploying to {what}"))?;
+    let post = sent.elapsed();
+    let id: DeploymentId = answer["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("the deployment's answer has no id: {answer}"))?;
+    let until = sent + Duration::from_secs(args.fanout_timeout_secs);
+    let mut receipts = tally.receipts(&id);
+    while receipts.len() < expected && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        receipts = tally.receipts(&id);
+    }
+    let took = receipts
+        .iter()
+        .map(|at| at.saturating_duration_since(sent))
+        .collect();
+    Ok(Fanout::new(what, expected, took, post))
+}
+
+/// Catalogues a new 1 MiB raw image named `name` made in `work`, and waits until it can be
+/// deployed; its id.
+async fn add_image(
+    api: &Api,
+    work: &std::path::Path,
+    name: &str,
+    run_id: &str,
+) -> anyhow::Result<String> {
+    let path = work.join(format!("{name}.img"));
+    // Content unique to this run and image: the same content twice is one image.
+    let line = format!("boottorrent-loadgen image {name} of run {run_id}\n");
+    let content: Vec<u8> = line.bytes().cycle().take(1 << 20).collect();
+    std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    let path = std::path::absolute(&path).context("making the image path absolute")?;
+    let view = api
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/images",
+            &serde_json::json!({ "path": path, "name": name, "raw": true }),
+        )
+        .await
+        .context("adding an image (the server must be able to read the generator's work dir)")?;
+    let id = view["id"]
+        .as_str()
+        .with_context(|| format!("the image's answer has no id: {view}"))?
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view: serde_json::Value = api.get(&format!("/api/v1/images/{id}")).await?;
+        match view["state"].as_str() {
+            Some("ready") => return Ok(id),
+            Some("importing" | "checking") if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => bail!("image {name} did not become ready: {view}"),
+        }
+    }
+}
