@@ -730,7 +730,11 @@ fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
     let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(numbers[0], numbers[1], "soft limit not raised: {line}");
     let text = server.log_text();
-    assert_eq!(text.matches("open-file limit").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("raised the open-file limit").count(),
+        1,
+        "{text}"
+    );
 }
 
 #[test]

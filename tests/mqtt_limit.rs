@@ -524,3 +524,41 @@ fn a_broker_file_without_room_for_clients_stops_startup_with_the_number_to_set()
         "{err}"
     );
 }
+
+/// A host that gives the service few open files (a 10,000-machine run stopped at 6,706 agents
+/// with "Too many open files" on every accept, HTTP's included): the front admits what the
+/// files hold, three per agent beside HTTP's share and the server's own, and refuses the next
+/// client with CONNACK 3 while HTTP keeps answering.
+#[test]
+fn the_open_file_limit_caps_the_clients_and_the_next_is_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1,400 files, 64 of them HTTP's, 1,280 the server's own: (1400 - 64 - 1280) / 3 = 18.
+    let server = Server::start_with_open_files(
+        &dir.path().join("data"),
+        1400,
+        &["--http-max-connections", "64"],
+    );
+    let fit = 18;
+    let mut log = logs(dir.path());
+    let warned = server.proc.log_text();
+    assert!(
+        warned.contains("admits fewer MQTT clients") && warned.contains("needed="),
+        "{warned}"
+    );
+    let clients: Vec<Proc> = (0..fit)
+        .map(|n| {
+            connected(
+                &server,
+                server.mqtt_port,
+                &format!("admin-{n}"),
+                &[],
+                &log(&format!("f{n}")),
+            )
+        })
+        .collect();
+    let refused = attempt(&server, "admin-over");
+    assert!(refused.contains("CONNACK (3)"), "{refused}");
+    assert_eq!(healthz(&server).0, 200);
+    assert_eq!(server.metric("boottorrent_mqtt_client_limit"), fit as u64);
+    drop(clients);
+}

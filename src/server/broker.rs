@@ -130,6 +130,30 @@ pub fn client_limit(config: &rumqttd::Config, origin: &str) -> anyhow::Result<us
     }
 }
 
+/// Open files each client of the front takes: its socket, the front's relay connection to
+/// rumqttd, and rumqttd's end of that connection.
+const FILES_PER_CLIENT: u64 = 3;
+
+/// Open files kept for everything else besides the HTTP connections: the seeder's peers (its
+/// `max_peers`), the database, the images it serves, logs, the tracker and the broker's own
+/// links.
+const OTHER_FILES: u64 = 1024 + 256;
+
+/// How many clients the front may relay within `open_files` (the soft open-file limit),
+/// leaving room for `http_max_connections` (at most a quarter of the files, where they are
+/// scarce) and everything else. Past it, accepting more agents would make every later
+/// accept fail, HTTP's included, instead of refusing one client cleanly.
+pub fn clients_within_open_files(open_files: u64, http_max_connections: u32) -> usize {
+    let http = u64::from(http_max_connections).min(open_files / 4);
+    let spare = open_files.saturating_sub(http + OTHER_FILES);
+    usize::try_from(spare / FILES_PER_CLIENT).unwrap_or(usize::MAX)
+}
+
+/// The open-file limit that admits `clients` clients with `http_max_connections`.
+pub fn open_files_for(clients: usize, http_max_connections: u32) -> u64 {
+    clients as u64 * FILES_PER_CLIENT + u64::from(http_max_connections) + OTHER_FILES
+}
+
 /// The logins the front has relayed and not yet seen answered, and whether our login check
 /// admitted each: how the front tells rumqttd's refusal at its own limit (admitted, then
 /// closed without CONNACK) from a wrong password (closed without CONNACK, never admitted).
@@ -237,6 +261,25 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(Running, Listeners)> {
     let (mut broker_config, internal, max_clients) = broker_config(config)?;
+    let max_clients = match crate::server::listener::open_file_limit() {
+        Some(open_files) => {
+            let fit = clients_within_open_files(open_files, config.http_max_connections);
+            if fit < max_clients {
+                tracing::warn!(
+                    open_files,
+                    clients = fit,
+                    max_connections = broker_config.router.max_connections,
+                    needed = open_files_for(max_clients, config.http_max_connections),
+                    "the open-file limit admits fewer MQTT clients than the broker's \
+                     max_connections: the MQTT ports refuse clients past {fit} with CONNACK 3 \
+                     rather than run out of files; raise the service's LimitNOFILE (ulimit -n) \
+                     to the `needed` number for the broker's limit"
+                );
+            }
+            fit.min(max_clients).max(1)
+        }
+        None => max_clients,
+    };
     let probe_secret = Secret::new(random_hex(24)?);
     let admissions = Admissions::default();
     let max_packet = broker_config
@@ -584,6 +627,22 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_front_admits_what_the_open_file_limit_holds() {
+        // This machine's 20,000 with the default 4,096 HTTP connections: 4,874 agents.
+        assert_eq!(clients_within_open_files(20_000, 4096), 4874);
+        // What a 10,000-machine site needs (the embedded broker.toml's 10,010 less 4).
+        let needed = open_files_for(10_006, 4096);
+        assert_eq!(needed, 35_394);
+        assert!(clients_within_open_files(needed, 4096) >= 10_006);
+        // Scarce files: HTTP gets at most a quarter, the agents still some.
+        assert_eq!(
+            clients_within_open_files(4096, 4096),
+            (4096 - 1024 - 1280) / 3
+        );
+        assert_eq!(clients_within_open_files(1000, 4096), 0);
+    }
 
     #[test]
     fn embedded_config_has_the_plain_listener() {

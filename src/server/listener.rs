@@ -468,6 +468,19 @@ impl AsyncWrite for Deadline {
     }
 }
 
+/// This process's soft open-file limit, if it can be read.
+pub fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
+
 /// Raises this process's soft open-file limit to its hard limit. Every agent holds an MQTT
 /// connection and the HTTP port takes thousands more; the usual soft limit of 1,024 would be
 /// reached by a fleet, let alone a flood. Logged once; a failure only costs headroom.

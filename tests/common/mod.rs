@@ -33,6 +33,23 @@ impl Server {
         ))
     }
 
+    /// Starts the server with a soft and hard open-file limit of `open_files` (`ulimit -n`
+    /// in a wrapper script next to `data_dir`), as a host that gives the service few files.
+    pub fn start_with_open_files(data_dir: &Path, open_files: u32, extra: &[&str]) -> Server {
+        let wrapper = data_dir.with_extension("ulimit.sh");
+        std::fs::write(
+            &wrapper,
+            format!("#!/bin/sh\nulimit -n {open_files} || exit 97\nexec {BOOTTORRENT} \"$@\"\n"),
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&wrapper).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&wrapper, perms).unwrap();
+        Server(boottorrent_testkit::Server::start(
+            &wrapper, data_dir, extra,
+        ))
+    }
+
     /// Starts again on the same ports and data directory (after `kill9`), as a restarted
     /// appliance would: torrents made before carry this server's URL.
     pub fn restart(&self, extra: &[&str]) -> Server {
