@@ -1,9 +1,12 @@
-//! The operator's web dashboard end to end: the real server and two agents as processes, and
-//! a headless Chromium (driven by `dashboard_browser.py` through selenium) that signs in
-//! (a wrong token refused, the viewer token reading but refused a deployment), deploys an
-//! image from the page with the admin token and watches both machines reach `staged` on it. Afterwards the API must
-//! show the deployment the page made. The browser's screenshot is kept as a test artifact in
-//! `target/test-artifacts/dashboard.png`.
+//! The operator's web dashboard end to end: the real server and two agents as processes, 30
+//! more machines registered by signed startups (so the machines table has two pages of 25),
+//! and a headless Chromium (driven by `dashboard_browser.py` through selenium) that signs in
+//! (a wrong token refused, the viewer token reading but refused a deployment), pages through
+//! the machines and filters them, deploys an image from the page with the admin token to the
+//! machine ids typed into the form (an unknown one refused first) and watches both machines
+//! reach `staged` on it. A deployment to the 30 made-up machines, which never progress, shows
+//! 20 of them and how many more. Afterwards the API must show the deployment the page made.
+//! The browser's screenshot is kept as a test artifact in `target/test-artifacts/dashboard.png`.
 
 mod common;
 
@@ -90,10 +93,50 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
         .iter()
         .map(|id| start_agent(dir, &server, id))
         .collect();
+    // More machines than the page's 25 rows: the made-up ones sort before pc-01.
+    let fakes = register_fakes(&server, 30);
+    wait_for("the server to count 32 machines", || {
+        (server.get_json("/api/v1/fleet")["machines"] == 32).then_some(())
+    });
+    common::output(server.cli(&[
+        "zones",
+        "set",
+        "lab",
+        "--machine",
+        "pc-01",
+        "--machine",
+        "pc-02",
+    ]));
     assert_eq!(
         server.get_json("/api/v1/deployments"),
         serde_json::json!([])
     );
+    // A deployment to the made-up machines: they never answer, so it stays pending, 30 rows.
+    let mut deploy = vec!["deploy", image.as_str()];
+    for id in &fakes {
+        deploy.extend(["--machine", id.as_str()]);
+    }
+    common::output(server.cli(&deploy));
+    let stuck = server.get_json("/api/v1/deployments")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Cut short on the server: the rows asked for, and how many more.
+    let cut = server.get_json(&format!("/api/v1/deployments/{stuck}?machines=20"));
+    assert_eq!(cut["machines"].as_array().unwrap().len(), 20, "{cut:#}");
+    assert_eq!(cut["more_machines"], 10, "{cut:#}");
+    assert_eq!(
+        cut["counts"],
+        serde_json::json!({ "pending": 30 }),
+        "{cut:#}"
+    );
+    let whole = server.get_json(&format!("/api/v1/deployments/{stuck}"));
+    assert_eq!(whole["machines"].as_array().unwrap().len(), 30);
+    assert!(whole.get("more_machines").is_none(), "{whole:#}");
+    for bad in ["machines=1001", "machines=-1", "rows=3"] {
+        let response = server.get(&format!("/api/v1/deployments?{bad}"));
+        assert_eq!(response.status(), 400, "{bad}");
+    }
 
     let screenshot = screenshot_path();
     let _ = std::fs::remove_file(&screenshot);
@@ -104,6 +147,7 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
             &server.token("admin.token"),
             &server.token("viewer.token"),
             &image,
+            &stuck,
             screenshot.to_str().unwrap(),
         ],
         &dir.join("browser.log"),
@@ -130,8 +174,9 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
         .unwrap_or_else(|| panic!("the browser script named no deployment:\n{shown}"))
         .trim()
         .to_owned();
-    let all = server.get_json("/api/v1/deployments");
-    assert_eq!(all.as_array().unwrap().len(), 1, "{all:#}");
+    let all = server.get_json("/api/v1/deployments?machines=0");
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all:#}");
+    assert_eq!(all[0]["id"], id.as_str(), "the newest first: {all:#}");
     let d = server.get_json(&format!("/api/v1/deployments/{id}"));
     assert_eq!(d["image"], image.as_str(), "{d:#}");
     assert_eq!(d["action"], "stage", "{d:#}");
@@ -150,6 +195,25 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
             "{m}'s copy"
         );
     }
+}
+
+/// Registers `count` made-up machines `fake-00`.. by their signed startups (each its own key and
+/// login, as agents enrol), from four threads, and waits until the server counts them.
+fn register_fakes(server: &Server, count: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(|i| format!("fake-{i:02}")).collect();
+    std::thread::scope(|scope| {
+        for sender in 0..4 {
+            let ids = &ids;
+            scope.spawn(move || {
+                for id in ids.iter().skip(sender).step_by(4) {
+                    let mut fake = Agent::new(id);
+                    let (topic, payload) = fake.startup();
+                    server.publish(&fake, &topic, &payload);
+                }
+            });
+        }
+    });
+    ids
 }
 
 fn tail(text: &str, lines: usize) -> String {
