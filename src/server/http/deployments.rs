@@ -96,7 +96,7 @@ pub(super) struct DeploymentQuery {
 }
 
 impl DeploymentQuery {
-    fn parse(
+    pub(super) fn parse(
         query: Result<Query<DeploymentQuery>, axum::extract::rejection::QueryRejection>,
     ) -> Result<Option<usize>, ApiError> {
         let Query(query) =
@@ -115,7 +115,7 @@ impl DeploymentQuery {
 }
 
 /// The view of `d` with every machine, or at most `rows` of them.
-fn view(d: &Deployment, rows: Option<usize>) -> DeploymentView<'_> {
+pub(super) fn view(d: &Deployment, rows: Option<usize>) -> DeploymentView<'_> {
     match rows {
         Some(rows) => d.view_cut(rows),
         None => d.view(),
