@@ -4,13 +4,14 @@
 Usage: dashboard_browser.py SERVER_URL ADMIN_TOKEN VIEWER_TOKEN IMAGE_ID STUCK_DEPLOYMENT
                             SCREENSHOT_PATH
 
-The server has 32 machines: fake-00..fake-29 (registered, never progressing) and pc-01, pc-02
-(real agents, zone `lab`); STUCK_DEPLOYMENT sends the image to the 30 fakes.
+The server has 32 machines: fake-00..fake-29 (registered, never progressing, zone `fakes`)
+and pc-01, pc-02 (real agents, zone `lab`); STUCK_DEPLOYMENT sends the image to the 30 fakes.
 
 Opens the page and checks that it shows no fleet data before sign-in, that a wrong token is
 refused with the API's message (HTTP 401) and the sign-in form comes back, that the viewer
 token shows the fleet's counts and the machines a page of 25 at a time (Next, Previous), that
-the zone filter leaves the zone's machines, that the stuck deployment shows 20 machine rows and
+the zone filter leaves the zone's machines, that a zone of 30 shows its count and 5 ids and
+"25 more", that the stuck deployment shows 20 machine rows and
 "10 more", and that a deployment with the viewer token is refused (HTTP 403). Then signs in
 with the admin token, deploys IMAGE_ID (action stage) to the zone's machines by typing their
 ids into the form (an unknown id first, which the server refuses by name), and waits until the
@@ -169,6 +170,12 @@ def drive(driver, url, token, viewer, image, stuck):
         raise Failure(f"zone {ZONE} should show pc-01, pc-02: {machines}")
     wait(f"zone {ZONE} counted with 2 members", PAGE_READY_SECS, lambda: css(
         By.CSS_SELECTOR, f'#zones-table tr[data-zone="{ZONE}"][data-members="2"]'))
+    # A zone of 30: its count, its first five ids and how many more, not 30 ids.
+    fakes = wait("zone fakes counted with 30 members", PAGE_READY_SECS, lambda: css(
+        By.CSS_SELECTOR, '#zones-table tr[data-zone="fakes"][data-members="30"] td'))
+    for shown in (fakes[1].text, fakes[4].text):  # the ids listed, the members
+        if "fake-04 … 25 more" not in shown or "fake-05" in shown:
+            raise Failure(f"zone fakes should show 5 ids and 25 more: {shown!r}")
     print(f"zone filter: {machines}", flush=True)
 
     # A deployment of 30 machines shows the first 20 and says how many more.

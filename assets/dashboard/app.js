@@ -247,7 +247,7 @@ async function refreshLists(withDeployments) {
     const path = shownPath();
     const [page, fleet, images, zones] = await Promise.all([
       apiPage(path), api("GET", "/api/v1/fleet"), api("GET", "/api/v1/images"),
-      api("GET", "/api/v1/zones"),
+      api("GET", "/api/v1/zones?ids=" + ZONE_IDS_SHOWN),
     ]);
     if (path === shownPath()) {
       state.page = page.items;
@@ -364,26 +364,28 @@ function keyCell(m) {
     el("button", { type: "button", "data-delete": m.id }, waiting && !m.fingerprint ? "Reject" : "Delete"));
 }
 
-// The first few ids of a long list, and how many more: a zone of 300 machines is a number,
-// not a wall of ids (the machines table, filtered on the zone, lists them a page at a time).
-function someIds(ids) {
+// The first few ids of a long list, and how many more (`more` of them the server left out
+// already): a zone of 300 machines is a number, not a wall of ids (the machines table,
+// filtered on the zone, lists them a page at a time).
+function someIds(ids, more) {
   if (!ids.length) return "–";
+  const left = ids.length - ZONE_IDS_SHOWN + (more || 0);
   const shown = ids.slice(0, ZONE_IDS_SHOWN).join(", ");
-  return ids.length > ZONE_IDS_SHOWN ? `${shown} … ${ids.length - ZONE_IDS_SHOWN} more` : shown;
+  return left > 0 ? `${shown} … ${left} more` : shown;
 }
 
 function renderZones() {
   const counted = (state.fleet && state.fleet.zones) || {};
   fillTable("zones-table", state.zones.map((z) => {
-    const c = counted[z.id] || { machines: z.members.length, online: null };
+    const c = counted[z.id] || { machines: z.members.length + (z.more_members || 0), online: null };
     return el("tr", { "data-zone": z.id, "data-members": c.machines },
       el("td", {}, z.id),
-      el("td", {}, someIds(z.machines)),
+      el("td", {}, someIds(z.machines, z.more_machines)),
       el("td", {}, z.subnets.join(", ") || "–"),
       el("td", {}, z.images.map(imageName).join(", ") || "–"),
       el("td", { class: "members" }, el("strong", {}, String(c.machines)),
         c.online === null ? "" : ` (${c.online} online)`,
-        z.members.length ? el("small", {}, " " + someIds(z.members)) : null),
+        z.members.length ? el("small", {}, " " + someIds(z.members, z.more_members)) : null),
       el("td", {}, z.source));
   }), 6, "No zones.");
 }
@@ -428,7 +430,9 @@ function syncSelect(select, options, emptyText) {
 function renderDeployForm() {
   const ready = [...state.images.values()].filter((i) => i.state === "ready");
   syncSelect($("deploy-image"), ready.map((i) => [i.id, `${i.name} (${bytes(i.size)})`]), "no ready image");
-  const zones = state.zones.map((z) => [z.id, `${z.id} (${z.members.length} machines)`]);
+  const counted = (state.fleet && state.fleet.zones) || {};
+  const zones = state.zones.map((z) => [z.id,
+    `${z.id} (${(counted[z.id] || {}).machines || z.members.length + (z.more_members || 0)} machines)`]);
   syncSelect($("deploy-zone"), zones, "no zone");
 }
 
