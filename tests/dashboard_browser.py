@@ -184,6 +184,10 @@ def drive(driver, url, token, viewer, image, stuck):
         more = css(By.CSS_SELECTOR, f'#deployment-list [data-deployment="{stuck}"] tr[data-more="10"]')
         return len(rows) == 20 and more
     wait("the 30-machine deployment to show 20 rows and 10 more", PAGE_READY_SECS, stuck_rows)
+    # Nothing of it moves, so no time left can be told (not "0 s").
+    eta = driver.find_element(By.CSS_SELECTOR, f'#deployment-list [data-deployment="{stuck}"] .eta').text
+    if eta != "ETA –":
+        raise Failure(f"a deployment where nothing downloads should show no ETA: {eta!r}")
     # Each machine's key is shown by the fingerprint its agent logs, for comparing by eye.
     for machine in machines:
         shown = css(By.CSS_SELECTOR, f'#machines-table tr[data-machine="{machine}"] .fingerprint')

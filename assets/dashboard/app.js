@@ -460,6 +460,14 @@ function stragglersFirst(d) {
   return [...(d.machines || [])].sort((a, b) => rank(a) - rank(b) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
 }
 
+// Seconds until the deployment is done. With every machine's row: when its slowest downloading
+// machine is. With the rows cut short the slowest may not be among them: what is left over the
+// whole swarm's rate instead (Infinity, shown as "–", while nothing moves).
+function deploymentEta(d, total) {
+  if ((d.machines || []).length >= total) return remainingSecs(d.machines);
+  return d.download_bps > 0 ? (d.bytes_total - d.bytes_done) / d.download_bps : Infinity;
+}
+
 function deploymentView(d, open) {
   const counts = Object.entries(d.counts || {}).map(([s, n]) => `${n} ${s}`).join(", ");
   const total = Object.values(d.counts || {}).reduce((a, n) => a + n, 0);
@@ -474,7 +482,7 @@ function deploymentView(d, open) {
       bar(d.bytes_done, d.bytes_total), " ",
       el("span", { class: "rate", title: "download rate" }, rate(d.download_bps)), " ",
       el("span", { class: "eta", title: "time left" },
-        d.state === "running" ? "ETA " + duration(remainingSecs(d.machines)) : ""), " ",
+        d.state === "running" ? "ETA " + duration(deploymentEta(d, total)) : ""), " ",
       el("small", { class: "mono" }, d.id), " ",
       d.state === "running" ? el("button", { type: "button", "data-cancel": d.id }, "Cancel") : null),
     el("table", { class: "dep-machines" },
