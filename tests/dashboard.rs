@@ -1,12 +1,14 @@
 //! The operator's web dashboard end to end: the real server and two agents as processes, 30
 //! more machines registered by signed startups (so the machines table has two pages of 25),
-//! and a headless Chromium (driven by `dashboard_browser.py` through selenium) that signs in
-//! (a wrong token refused, the viewer token reading but refused a deployment), pages through
-//! the machines and filters them, deploys an image from the page with the admin token to the
-//! machine ids typed into the form (an unknown one refused first) and watches both machines
-//! reach `staged` on it. A deployment to the 30 made-up machines, which never progress, shows
-//! 20 of them and how many more. Afterwards the API must show the deployment the page made.
-//! The browser's screenshot is kept as a test artifact in `target/test-artifacts/dashboard.png`.
+//! one more left waiting for approval, and a headless Chromium (driven by
+//! `dashboard_browser.py` through selenium) that signs in (a wrong token refused, the viewer
+//! token reading but refused a deployment), pages through the machines and filters them, finds
+//! the waiting machine from the counts and approves it, deploys an image from the page with
+//! the admin token to the machine ids typed into the form (an unknown one refused first) and
+//! watches both machines reach `staged` on it. A deployment to the 30 made-up machines, which
+//! never progress, shows 20 of them and how many more. Afterwards the API must show the
+//! deployment the page made. The browser's screenshot is kept as a test artifact in
+//! `target/test-artifacts/dashboard.png`.
 
 mod common;
 
@@ -16,8 +18,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Heartbeats every 2 s: the server re-sends a lost assignment at a heartbeat.
-const SERVE: &[&str] = &["--heartbeat-interval-secs", "2"];
+/// Heartbeats every 2 s: the server re-sends a lost assignment at a heartbeat. New machines
+/// wait for the operator's approval, as on a site without `auto_approve`: the page shows how
+/// many wait, lists them and approves one.
+const SERVE: &[&str] = &["--heartbeat-interval-secs", "2", "--auto-approve", "false"];
+
+/// The machine left waiting for approval, for the page to approve.
+const WAITING: &str = "new-pc";
 
 /// The browser script waits up to 90 s for the machines; this bounds a hung browser.
 const BROWSER_PATIENCE: Duration = Duration::from_secs(240);
@@ -55,12 +62,18 @@ fn screenshot_path() -> PathBuf {
     dir.join("dashboard.png")
 }
 
-/// Enrolls (pins the server's key) and starts an agent; waits until the server has it online.
+/// Enrolls (pins the server's key) and starts an agent; it waits for approval.
 fn start_agent(dir: &Path, server: &Server, id: &str) -> Proc {
     enroll(server, dir, id);
-    let agent = run_agent(dir, server, id, &[]);
-    wait_for("the agent online", || server.online(id).filter(|o| *o));
-    agent
+    run_agent(dir, server, id, &[])
+}
+
+/// Waits until the fleet's counts have `n` machines waiting for approval.
+fn wait_waiting(server: &Server, n: u64) {
+    wait_for(&format!("{n} machines waiting for approval"), || {
+        let fleet = server.get_json("/api/v1/fleet");
+        (fleet["key_states"]["pending"].as_u64().unwrap_or(0) == n).then_some(())
+    });
 }
 
 /// Runs the browser script, its output going to `log`; kills it if it outlives
@@ -95,9 +108,15 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
         .collect();
     // More machines than the page's 25 rows: the made-up ones sort before pc-01.
     let fakes = register_fakes(&server, 30);
-    wait_for("the server to count 32 machines", || {
-        (server.get_json("/api/v1/fleet")["machines"] == 32).then_some(())
-    });
+    // A first enrolment: everything waiting approved at once; then the agents come online.
+    wait_waiting(&server, 32);
+    common::output(server.cli(&["machines", "approve", "--all-waiting"]));
+    for id in machines {
+        wait_for("the agent online", || server.online(id).filter(|o| *o));
+    }
+    // One more, left waiting for the page.
+    register_fakes_named(&server, &[WAITING.to_owned()]);
+    wait_waiting(&server, 1);
     common::output(server.cli(&[
         "zones",
         "set",
@@ -214,6 +233,9 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
     let all = server.get_json("/api/v1/deployments?machines=0");
     assert_eq!(all.as_array().unwrap().len(), 2, "{all:#}");
     assert_eq!(all[0]["id"], id.as_str(), "the newest first: {all:#}");
+    // The waiting machine the page approved.
+    let approved = server.machine(WAITING).unwrap();
+    assert_eq!(approved["key_state"], "approved", "{approved:#}");
     let d = server.get_json(&format!("/api/v1/deployments/{id}"));
     assert_eq!(d["image"], image.as_str(), "{d:#}");
     assert_eq!(d["action"], "stage", "{d:#}");
@@ -235,9 +257,15 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
 }
 
 /// Registers `count` made-up machines `fake-00`.. by their signed startups (each its own key and
-/// login, as agents enrol), from four threads, and waits until the server counts them.
+/// login, as agents enrol), from four threads.
 fn register_fakes(server: &Server, count: usize) -> Vec<String> {
     let ids: Vec<String> = (0..count).map(|i| format!("fake-{i:02}")).collect();
+    register_fakes_named(server, &ids);
+    ids
+}
+
+/// Registers made-up machines with these ids, as [`register_fakes`] does.
+fn register_fakes_named(server: &Server, ids: &[String]) {
     std::thread::scope(|scope| {
         for sender in 0..4 {
             let ids = &ids;
@@ -266,7 +294,6 @@ fn register_fakes(server: &Server, count: usize) -> Vec<String> {
             });
         }
     });
-    ids
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -4,16 +4,18 @@
 Usage: dashboard_browser.py SERVER_URL ADMIN_TOKEN VIEWER_TOKEN IMAGE_ID STUCK_DEPLOYMENT
                             SCREENSHOT_PATH
 
-The server has 32 machines: fake-00..fake-29 (registered, never progressing, zone `fakes`)
-and pc-01, pc-02 (real agents, zone `lab`); STUCK_DEPLOYMENT sends the image to the 30 fakes.
+The server has 33 machines: fake-00..fake-29 (registered, never progressing, zone `fakes`),
+new-pc (made up too, waiting for approval) and pc-01, pc-02 (real agents, zone `lab`);
+STUCK_DEPLOYMENT sends the image to the 30 fakes.
 
 Opens the page and checks that it shows no fleet data before sign-in, that a wrong token is
 refused with the API's message (HTTP 401) and the sign-in form comes back, that the viewer
 token shows the fleet's counts and the machines a page of 25 at a time (Next, Previous), that
+the count of machines waiting for approval leads to new-pc, that
 the zone filter leaves the zone's machines, that a zone of 30 shows its count and 5 ids and
 "25 more", that the stuck deployment shows 20 machine rows and
 "10 more", and that a deployment with the viewer token is refused (HTTP 403). Then signs in
-with the admin token, deploys IMAGE_ID (action stage) to the zone's machines by typing their
+with the admin token, approves new-pc from the page, deploys IMAGE_ID (action stage) to the zone's machines by typing their
 ids into the form (an unknown id first, which the server refuses by name), and waits until the
 page shows each of them `staged` in the deployment and holding the image in the machines table,
 and the image filter leaves exactly them. Everything is read from the page's
@@ -85,9 +87,10 @@ def error_banner(driver):
     return driver.find_element(By.ID, "error-text").text.strip()
 
 
-FLEET = 32
+FLEET = 33
 PAGE = 25
 ZONE = "lab"
+WAITING = "new-pc"
 
 
 def drive(driver, url, token, viewer, image, stuck):
@@ -151,6 +154,18 @@ def drive(driver, url, token, viewer, image, stuck):
     driver.find_element(By.ID, "page-prev").click()
     wait("the first page again", PAGE_READY_SECS, page_shows(1, PAGE, "fake-00"))
     print(f"machines paged: {len(first)} + {len(second)}", flush=True)
+
+    # The count of machines waiting for approval leads to them.
+    def show_waiting():
+        wait("the counts to show 1 machine waiting", PAGE_READY_SECS, lambda: css(
+            By.CSS_SELECTOR, '#fleet-counts [data-count="waiting"][data-n="1"]'))
+        driver.find_element(By.ID, "show-waiting").click()
+        wait(f"{WAITING} listed as waiting", PAGE_READY_SECS, lambda: shown_ids() == [WAITING])
+        if Select(driver.find_element(By.ID, "filter-key")).first_selected_option.get_attribute("value") != "pending":
+            raise Failure("the waiting machines should be shown by the key filter")
+
+    show_waiting()
+    choose("filter-key", "")
 
     # Filtered on the server: the zone's two machines, both online.
     def online_machines():
@@ -224,6 +239,15 @@ def drive(driver, url, token, viewer, image, stuck):
          lambda: driver.find_element(By.ID, "conn").get_attribute("data-state") == "open")
     if error_banner(driver):
         raise Failure(f"a refusal is still shown after signing in again: {error_banner(driver)}")
+    # Approved from the page, by the fingerprint it shows (the confirm dialog accepted).
+    show_waiting()
+    driver.find_element(By.CSS_SELECTOR, f'#machines-table [data-approve="{WAITING}"]').click()
+    wait("the approval's confirm dialog", 5, lambda: driver.switch_to.alert).accept()
+    wait(f"{WAITING} gone from the waiting machines", PAGE_READY_SECS, lambda: not shown_ids() and css(
+        By.CSS_SELECTOR, '#fleet-counts [data-count="waiting"][data-n="0"]'))
+    print(f"{WAITING} approved from the page", flush=True)
+    choose("filter-key", "")
+
     wait(f"zone {ZONE} offered as a filter", PAGE_READY_SECS,
          lambda: css(By.CSS_SELECTOR, f'#filter-zone option[value="{ZONE}"]'))
     machines = show_zone()
