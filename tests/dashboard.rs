@@ -189,7 +189,7 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
     let whole = server.get_json(&format!("/api/v1/deployments/{stuck}"));
     assert_eq!(whole["machines"].as_array().unwrap().len(), 30);
     assert!(whole.get("more_machines").is_none(), "{whole:#}");
-    for bad in ["machines=1001", "machines=-1", "rows=3"] {
+    for bad in ["machines=1001", "machines=-1", "limit=x", "rows=3"] {
         let response = server.get(&format!("/api/v1/deployments?{bad}"));
         assert_eq!(response.status(), 400, "{bad}");
     }
@@ -233,6 +233,23 @@ fn an_operator_deploys_from_the_dashboard_and_sees_both_machines_staged() {
     let all = server.get_json("/api/v1/deployments?machines=0");
     assert_eq!(all.as_array().unwrap().len(), 2, "{all:#}");
     assert_eq!(all[0]["id"], id.as_str(), "the newest first: {all:#}");
+    // The newest only, and whatever still runs: the stuck one, older, is kept.
+    let ids = |path: &str| -> Vec<String> {
+        let list = server.get_json(path);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        ids("/api/v1/deployments?limit=1"),
+        [id.as_str(), stuck.as_str()]
+    );
+    assert_eq!(
+        ids("/api/v1/deployments?limit=0&machines=0"),
+        [stuck.as_str()]
+    );
     // The waiting machine the page approved.
     let approved = server.machine(WAITING).unwrap();
     assert_eq!(approved["key_state"], "approved", "{approved:#}");

@@ -257,7 +257,8 @@ async function refreshLists(withDeployments) {
     state.images = new Map(images.map((i) => [i.id, i]));
     state.zones = zones;
     if (withDeployments) {
-      (await api("GET", "/api/v1/deployments?machines=" + DEPLOYMENT_ROWS)).forEach(mergeDeployment);
+      const path = `/api/v1/deployments?machines=${DEPLOYMENT_ROWS}&limit=${SHOWN_DEPLOYMENTS}`;
+      (await api("GET", path)).forEach(mergeDeployment);
     }
     clearError("poll");
     renderAll();
@@ -510,10 +511,13 @@ function renderDeployments() {
   const all = [...state.deployments.values()].sort((a, b) => b.created_ms - a.created_ms);
   const shown = all.filter((d, i) => i < SHOWN_DEPLOYMENTS || d.state === "running");
   if (!shown.length) return list.replaceChildren(el("p", { class: "empty" }, "No deployments yet."));
-  const hidden = all.length - shown.length;
+  // The server sends only the newest SHOWN_DEPLOYMENTS (and older running ones), so how many
+  // older ones there are is not known here.
+  const older = all.length >= SHOWN_DEPLOYMENTS;
   list.replaceChildren(
     ...shown.map((d) => deploymentView(d, open.has(d.id) ? open.get(d.id) : defaultOpen(d))),
-    hidden ? el("p", { class: "empty" }, `${hidden} older deployments not shown.`) : []);
+    ...(older ? [el("p", { class: "empty" },
+      "Older deployments are not shown: `boottorrent deployments list` lists them all.")] : []));
 }
 
 function renderAuth() {

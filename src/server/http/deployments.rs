@@ -101,16 +101,32 @@ impl DeploymentQuery {
     ) -> Result<Option<usize>, ApiError> {
         let Query(query) =
             query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-        match query.machines {
-            Some(n) if n > MAX_MACHINE_ROWS => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "machines={n} is out of range: ask for 0 to {MAX_MACHINE_ROWS} machine rows \
-                     per deployment, or leave it out for every machine"
-                ),
-            )),
-            rows => Ok(rows),
-        }
+        machine_rows(query.machines)
+    }
+}
+
+/// Query of `GET /api/v1/deployments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeploymentListQuery {
+    /// As in [`DeploymentQuery`].
+    machines: Option<usize>,
+    /// Only the newest this many deployments, and every older one still running: a site
+    /// keeps hundreds of finished ones over a term.
+    limit: Option<usize>,
+}
+
+/// `?machines=N` checked.
+fn machine_rows(rows: Option<usize>) -> Result<Option<usize>, ApiError> {
+    match rows {
+        Some(n) if n > MAX_MACHINE_ROWS => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "machines={n} is out of range: ask for 0 to {MAX_MACHINE_ROWS} machine rows per \
+                 deployment, or leave it out for every machine"
+            ),
+        )),
+        rows => Ok(rows),
     }
 }
 
@@ -124,16 +140,25 @@ pub(super) fn view(d: &Deployment, rows: Option<usize>) -> DeploymentView<'_> {
 
 pub(super) async fn list_deployments(
     State(state): State<AppState>,
-    query: Result<Query<DeploymentQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<DeploymentListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let rows = DeploymentQuery::parse(query)?;
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let rows = machine_rows(query.machines)?;
+    let newest = query.limit.unwrap_or(usize::MAX);
     let mut all = state
         .store
         .deployments()
         .map_err(|e| ApiError::internal("reading deployments", e))?;
     // Ids start with the creation time.
     all.reverse();
-    Ok(Json(all.iter().map(|d| view(d, rows)).collect::<Vec<_>>()).into_response())
+    Ok(Json(
+        all.iter()
+            .enumerate()
+            .filter(|(i, d)| *i < newest || d.overall() == OverallState::Running)
+            .map(|(_, d)| view(d, rows))
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
 }
 
 pub(super) async fn show_deployment(
