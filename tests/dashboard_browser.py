@@ -1,14 +1,24 @@
 #!/usr/bin/python3
 """Drives the BootTorrent dashboard in headless Chromium, as an operator would.
 
-Usage: dashboard_browser.py SERVER_URL ADMIN_TOKEN VIEWER_TOKEN IMAGE_ID SCREENSHOT_PATH
+Usage: dashboard_browser.py SERVER_URL ADMIN_TOKEN VIEWER_TOKEN IMAGE_ID STUCK_DEPLOYMENT
+                            SCREENSHOT_PATH
+
+The server has 33 machines: fake-00..fake-29 (registered, never progressing, zone `fakes`),
+new-pc (made up too, waiting for approval) and pc-01, pc-02 (real agents, zone `lab`);
+STUCK_DEPLOYMENT sends the image to the 30 fakes.
 
 Opens the page and checks that it shows no fleet data before sign-in, that a wrong token is
 refused with the API's message (HTTP 401) and the sign-in form comes back, that the viewer
-token shows the fleet but a deployment with it is refused (HTTP 403), then signs in with the
-admin token, deploys IMAGE_ID (action stage) to every machine the page shows online, ticking
-them in the form's machine list, and waits until the page shows each of them `staged` in the
-deployment and holding the image in the machines table. Everything is read from the page's
+token shows the fleet's counts and the machines a page of 25 at a time (Next, Previous), that
+the count of machines waiting for approval leads to new-pc, that
+the zone filter leaves the zone's machines, that a zone of 30 shows its count and 5 ids and
+"25 more", that the stuck deployment shows 20 machine rows and
+"10 more", and that a deployment with the viewer token is refused (HTTP 403). Then signs in
+with the admin token, approves new-pc from the page, deploys IMAGE_ID (action stage) to the zone's machines by typing their
+ids into the form (an unknown id first, which the server refuses by name), and waits until the
+page shows each of them `staged` in the deployment and holding the image in the machines table,
+and the image filter leaves exactly them. Everything is read from the page's
 DOM, never from the API: the point is that the page shows what happens. Prints
 `deployment <id>` and exits 0; on any failure prints why, the page's visible error text and
 the browser's console log, and exits 1. The screenshot is saved either way.
@@ -18,6 +28,7 @@ chromium, chromium-driver and python3-selenium, which scripts/test installs.
 """
 
 import os
+import re
 import sys
 import time
 import traceback
@@ -76,7 +87,13 @@ def error_banner(driver):
     return driver.find_element(By.ID, "error-text").text.strip()
 
 
-def drive(driver, url, token, viewer, image):
+FLEET = 33
+PAGE = 25
+ZONE = "lab"
+WAITING = "new-pc"
+
+
+def drive(driver, url, token, viewer, image, stuck):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -107,11 +124,85 @@ def drive(driver, url, token, viewer, image):
     wait("the live event stream to connect with the viewer token (#conn live)", PAGE_READY_SECS,
          lambda: driver.find_element(By.ID, "conn").get_attribute("data-state") == "open")
 
+    def shown_ids():
+        return [row.get_attribute("data-machine")
+                for row in css(By.CSS_SELECTOR, "#machines-table tr[data-machine]")]
+
+    def page_shows(number, count, first):
+        """The pager says page `number` and the table has `count` rows starting at `first`."""
+        def check():
+            ids = shown_ids()
+            info = driver.find_element(By.ID, "page-info").get_attribute("data-page")
+            return info == str(number) and len(ids) == count and ids[0] == first and ids
+        return check
+
+    def choose(select, value):
+        Select(driver.find_element(By.ID, select)).select_by_value(value)
+
+    # The counts come from the server's tally, not from a list of every machine.
+    wait(f"the counts to show {FLEET} machines", PAGE_READY_SECS, lambda: css(
+        By.CSS_SELECTOR, f'#fleet-counts [data-count="machines"][data-n="{FLEET}"]'))
+    # A page at a time, in id order: 25 made-up machines, then the other 7.
+    choose("page-size", str(PAGE))
+    first = wait("the first page of 25", PAGE_READY_SECS, page_shows(1, PAGE, "fake-00"))
+    if "pc-01" in first or not driver.find_element(By.ID, "page-prev").get_property("disabled"):
+        raise Failure(f"page 1 should start the list and have no previous page: {first}")
+    driver.find_element(By.ID, "page-next").click()
+    second = wait("the second page", PAGE_READY_SECS, page_shows(2, FLEET - PAGE, "fake-25"))
+    if second[-2:] != ["pc-01", "pc-02"] or not driver.find_element(By.ID, "page-next").get_property("disabled"):
+        raise Failure(f"page 2 should end the list with pc-01, pc-02 and have no next page: {second}")
+    driver.find_element(By.ID, "page-prev").click()
+    wait("the first page again", PAGE_READY_SECS, page_shows(1, PAGE, "fake-00"))
+    print(f"machines paged: {len(first)} + {len(second)}", flush=True)
+
+    # The count of machines waiting for approval leads to them.
+    def show_waiting():
+        wait("the counts to show 1 machine waiting", PAGE_READY_SECS, lambda: css(
+            By.CSS_SELECTOR, '#fleet-counts [data-count="waiting"][data-n="1"]'))
+        driver.find_element(By.ID, "show-waiting").click()
+        wait(f"{WAITING} listed as waiting", PAGE_READY_SECS, lambda: shown_ids() == [WAITING])
+        if Select(driver.find_element(By.ID, "filter-key")).first_selected_option.get_attribute("value") != "pending":
+            raise Failure("the waiting machines should be shown by the key filter")
+
+    show_waiting()
+    choose("filter-key", "")
+
+    # Filtered on the server: the zone's two machines, both online.
     def online_machines():
         rows = css(By.CSS_SELECTOR, '#machines-table tr[data-machine][data-online="true"]')
-        return [row.get_attribute("data-machine") for row in rows] if len(rows) >= 2 else None
+        ids = [row.get_attribute("data-machine") for row in rows]
+        return ids if ids == shown_ids() and len(ids) == 2 else None
 
-    machines = wait("two machines shown online", PAGE_READY_SECS, online_machines)
+    def show_zone():
+        choose("filter-zone", ZONE)
+        return wait(f"the zone filter to show {ZONE}'s two machines online", PAGE_READY_SECS,
+                    online_machines)
+
+    wait(f"zone {ZONE} offered as a filter", PAGE_READY_SECS,
+         lambda: css(By.CSS_SELECTOR, f'#filter-zone option[value="{ZONE}"]'))
+    machines = show_zone()
+    if machines != ["pc-01", "pc-02"]:
+        raise Failure(f"zone {ZONE} should show pc-01, pc-02: {machines}")
+    wait(f"zone {ZONE} counted with 2 members", PAGE_READY_SECS, lambda: css(
+        By.CSS_SELECTOR, f'#zones-table tr[data-zone="{ZONE}"][data-members="2"]'))
+    # A zone of 30: its count, its first five ids and how many more, not 30 ids.
+    fakes = wait("zone fakes counted with 30 members", PAGE_READY_SECS, lambda: css(
+        By.CSS_SELECTOR, '#zones-table tr[data-zone="fakes"][data-members="30"] td'))
+    for shown in (fakes[1].text, fakes[4].text):  # the ids listed, the members
+        if "fake-04 … 25 more" not in shown or "fake-05" in shown:
+            raise Failure(f"zone fakes should show 5 ids and 25 more: {shown!r}")
+    print(f"zone filter: {machines}", flush=True)
+
+    # A deployment of 30 machines shows the first 20 and says how many more.
+    def stuck_rows():
+        rows = css(By.CSS_SELECTOR, f'#deployment-list [data-deployment="{stuck}"] tr[data-machine]')
+        more = css(By.CSS_SELECTOR, f'#deployment-list [data-deployment="{stuck}"] tr[data-more="10"]')
+        return len(rows) == 20 and more
+    wait("the 30-machine deployment to show 20 rows and 10 more", PAGE_READY_SECS, stuck_rows)
+    # Nothing of it moves, so no time left can be told (not "0 s").
+    eta = driver.find_element(By.CSS_SELECTOR, f'#deployment-list [data-deployment="{stuck}"] .eta').text
+    if eta != "ETA –":
+        raise Failure(f"a deployment where nothing downloads should show no ETA: {eta!r}")
     # Each machine's key is shown by the fingerprint its agent logs, for comparing by eye.
     for machine in machines:
         shown = css(By.CSS_SELECTOR, f'#machines-table tr[data-machine="{machine}"] .fingerprint')
@@ -120,16 +211,17 @@ def drive(driver, url, token, viewer, image):
     wait(f"image {image} offered in the deploy form", PAGE_READY_SECS,
          lambda: css(By.CSS_SELECTOR, f'#deploy-image option[value="{image}"]'))
 
-    def fill_form():
+    def fill_form(ids):
         Select(driver.find_element(By.ID, "deploy-image")).select_by_value(image)
-        driver.find_element(By.CSS_SELECTOR, 'input[name="target-kind"][value="machines"]').click()
-        for machine in machines:
-            box = driver.find_element(By.CSS_SELECTOR, f'#deploy-machines input[value="{machine}"]')
-            if not box.is_selected():
-                box.click()
+        typed = driver.find_element(By.ID, "deploy-machines")
+        typed.clear()
+        typed.send_keys(ids)
+        if not driver.find_element(
+                By.CSS_SELECTOR, 'input[name="target-kind"][value="machines"]').is_selected():
+            raise Failure("typing machine ids should choose the machines target")
         Select(driver.find_element(By.ID, "deploy-action")).select_by_value("stage")
 
-    fill_form()
+    fill_form(", ".join(machines))
     driver.find_element(By.ID, "deploy-submit").click()
     forbidden = wait("the page to show the viewer's refused deployment", 10,
                      lambda: error_banner(driver))
@@ -147,10 +239,29 @@ def drive(driver, url, token, viewer, image):
          lambda: driver.find_element(By.ID, "conn").get_attribute("data-state") == "open")
     if error_banner(driver):
         raise Failure(f"a refusal is still shown after signing in again: {error_banner(driver)}")
-    machines = wait("two machines shown online", PAGE_READY_SECS, online_machines)
+    # Approved from the page, by the fingerprint it shows (the confirm dialog accepted).
+    show_waiting()
+    driver.find_element(By.CSS_SELECTOR, f'#machines-table [data-approve="{WAITING}"]').click()
+    wait("the approval's confirm dialog", 5, lambda: driver.switch_to.alert).accept()
+    wait(f"{WAITING} gone from the waiting machines", PAGE_READY_SECS, lambda: not shown_ids() and css(
+        By.CSS_SELECTOR, '#fleet-counts [data-count="waiting"][data-n="0"]'))
+    print(f"{WAITING} approved from the page", flush=True)
+    choose("filter-key", "")
+
+    wait(f"zone {ZONE} offered as a filter", PAGE_READY_SECS,
+         lambda: css(By.CSS_SELECTOR, f'#filter-zone option[value="{ZONE}"]'))
+    machines = show_zone()
     wait(f"image {image} offered in the deploy form", PAGE_READY_SECS,
          lambda: css(By.CSS_SELECTOR, f'#deploy-image option[value="{image}"]'))
-    fill_form()
+    # The ids are checked by the server: an unknown one is refused by name, nothing deployed.
+    fill_form(f"{machines[0]} pc-99")
+    driver.find_element(By.ID, "deploy-submit").click()
+    unknown = wait("the page to show the unknown machine refused", 10, lambda: error_banner(driver))
+    if "pc-99" not in unknown:
+        raise Failure(f"a deployment to an unknown machine should name it: {unknown!r}")
+    print(f"unknown machine refused: {unknown}", flush=True)
+    driver.find_element(By.ID, "error-close").click()
+    fill_form(" ".join(machines))
     driver.find_element(By.ID, "deploy-submit").click()
 
     def created():
@@ -187,6 +298,19 @@ def drive(driver, url, token, viewer, image):
 
     wait("the machines table to show the image held by both machines", 20, held, interval=0.5)
 
+    # Every machine that holds the image, whatever its zone: exactly these two.
+    choose("filter-zone", "")
+    choose("filter-image", image)
+    holders = wait("the image filter to leave the two machines", PAGE_READY_SECS,
+                   lambda: shown_ids() == machines and shown_ids())
+    print(f"image filter: {holders}", flush=True)
+
+    # Nothing on the page is a value the script failed to have.
+    text = driver.find_element(By.TAG_NAME, "body").text
+    broken = re.findall(r".{0,40}(?:undefined|null|NaN|\[object Object\]).{0,40}", text)
+    if broken:
+        raise Failure(f"the page shows a missing value: {broken}")
+
 
 def report(driver):
     """What an engineer needs to see why the page did not get there."""
@@ -204,10 +328,10 @@ def report(driver):
 
 
 def main(argv):
-    if len(argv) != 6:
+    if len(argv) != 7:
         print(__doc__, file=sys.stderr)
         return 2
-    url, token, viewer, image, screenshot = argv[1:]
+    url, token, viewer, image, stuck, screenshot = argv[1:]
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -226,7 +350,7 @@ def main(argv):
         print("headless Chromium did not start (see above)")
         return 1
     try:
-        drive(driver, url, token, viewer, image)
+        drive(driver, url, token, viewer, image, stuck)
         ok = True
     except Exception as e:
         print(f"FAILED: {e}")

@@ -5,19 +5,33 @@
 // sessionStorage, so it is gone with the tab, and sent on every request. A 401 signs out and
 // says why; a 403 (the viewer token on a change) is shown and the page stays signed in.
 //
-// Where the data comes from: machines, images and zones are fetched at sign-in, on every
-// (re)connect of the live event stream and every few seconds; deployments are fetched at
-// sign-in and on (re)connect, then kept current by the `deployment`, `transition` and
-// `machine` events of GET /api/v1/events.
+// Where the data comes from: a fleet has thousands of machines, so no request lists them all.
+// The machines table shows one page (GET /api/v1/machines with the operator's filters, a
+// `limit` and an `after` cursor; the server's Link header says whether another page follows);
+// the counts at a glance come from GET /api/v1/fleet. Both, images and zones are fetched at
+// sign-in, on every (re)connect of the live event stream and every few seconds; `machine`
+// events update the rows of the page shown. Deployments are fetched at sign-in and on
+// (re)connect with at most DEPLOYMENT_ROWS machine rows each (stragglers first, the server
+// says how many it left out), then kept current by the `deployment` events (cut short the same
+// way) and `transition` events of GET /api/v1/events.
 "use strict";
 
 const POLL_MS = 5000;
 const TOKEN_KEY = "boottorrent.token";
 // Older finished deployments are left out: a lab accumulates hundreds over a term.
 const SHOWN_DEPLOYMENTS = 30;
+// Machine rows shown per deployment: the stragglers an operator acts on, not a room of 300
+// that all staged.
+const DEPLOYMENT_ROWS = 20;
+// Member ids shown inline per zone before "… N more".
+const ZONE_IDS_SHOWN = 5;
 
 const state = {
-  machines: new Map(), // id -> machine, as GET /api/v1/machines shows it
+  page: [], // the machines of the page shown, as GET /api/v1/machines answers
+  // The pages walked to: the path of each, the shown page last; Previous goes back one.
+  pages: [],
+  next: null, // the path of the page after the shown one (the Link header), or null
+  fleet: null, // GET /api/v1/fleet: counts of the whole fleet
   images: new Map(), // id -> image
   zones: [],
   deployments: new Map(), // id -> deployment, as in the API and the events
@@ -128,8 +142,9 @@ async function refusal(method, path, response) {
   return new Error(`${method} ${path}: ${why} (HTTP ${response.status})`);
 }
 
-// Calls the API; throws an Error whose message is the API's own `{"error": ...}` text.
-async function api(method, path, body) {
+// Sends a request to the API; throws an Error whose message is the API's own
+// `{"error": ...}` text when it is refused.
+async function send(method, path, body) {
   if (!token()) throw new Error("Sign in with a token first.");
   const headers = { Authorization: "Bearer " + token() };
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -143,8 +158,23 @@ async function api(method, path, body) {
     throw new Error(`The server did not answer ${method} ${path} (${e.message}).`);
   }
   if (!response.ok) throw await refusal(method, path, response);
+  return response;
+}
+
+async function parsed(response) {
   const text = await response.text();
   return text ? JSON.parse(text) : null;
+}
+
+// Calls the API and answers its JSON.
+const api = async (method, path, body) => parsed(await send(method, path, body));
+
+// A page of a list: its items, and the path of the next page from the answer's
+// `Link: <path>; rel="next"` header (null: this is the last).
+async function apiPage(path) {
+  const response = await send("GET", path);
+  const link = /<([^>]*)>\s*;\s*rel="next"/.exec(response.headers.get("Link") || "");
+  return { items: await parsed(response), next: link ? link[1] : null };
 }
 
 // A list fetched before an event may arrive after it: keep whichever copy saw the later change.
@@ -164,16 +194,72 @@ function mergeDeployment(d) {
   return true;
 }
 
+// ---- the page of machines ----
+
+// The first page's path for the filters and page size the operator chose.
+function firstPagePath() {
+  const query = new URLSearchParams({ limit: $("page-size").value });
+  for (const [param, select] of [["zone", "filter-zone"], ["online", "filter-online"],
+    ["key_state", "filter-key"], ["image", "filter-image"]]) {
+    if ($(select).value) query.set(param, $(select).value);
+  }
+  return "/api/v1/machines?" + query;
+}
+const shownPath = () => state.pages[state.pages.length - 1] || firstPagePath();
+
+// Reads the page at the top of state.pages and shows it, unless the operator moved to another
+// page meanwhile (that page's own read shows it).
+async function loadPage() {
+  if (!token()) return;
+  const path = shownPath();
+  try {
+    const { items, next } = await apiPage(path);
+    if (path !== shownPath()) return;
+    state.page = items;
+    state.next = next;
+    clearError("poll");
+    renderMachines();
+  } catch (e) {
+    showError(e.message, token() ? "poll" : "auth");
+  }
+}
+
+// A filter or the page size changed: back to the first page.
+function firstPage() {
+  state.pages = [firstPagePath()];
+  state.next = null;
+  loadPage();
+}
+function nextPage() {
+  if (!state.next) return;
+  state.pages.push(state.next);
+  loadPage();
+}
+function previousPage() {
+  if (state.pages.length < 2) return;
+  state.pages.pop();
+  loadPage();
+}
+
 async function refreshLists(withDeployments) {
   if (!token()) return;
   try {
-    const [machines, images, zones] = await Promise.all([
-      api("GET", "/api/v1/machines"), api("GET", "/api/v1/images"), api("GET", "/api/v1/zones"),
+    const path = shownPath();
+    const [page, fleet, images, zones] = await Promise.all([
+      apiPage(path), api("GET", "/api/v1/fleet"), api("GET", "/api/v1/images"),
+      api("GET", "/api/v1/zones?ids=" + ZONE_IDS_SHOWN),
     ]);
-    state.machines = new Map(machines.map((m) => [m.id, m]));
+    if (path === shownPath()) {
+      state.page = page.items;
+      state.next = page.next;
+    }
+    state.fleet = fleet;
     state.images = new Map(images.map((i) => [i.id, i]));
     state.zones = zones;
-    if (withDeployments) (await api("GET", "/api/v1/deployments")).forEach(mergeDeployment);
+    if (withDeployments) {
+      const path = `/api/v1/deployments?machines=${DEPLOYMENT_ROWS}&limit=${SHOWN_DEPLOYMENTS}`;
+      (await api("GET", path)).forEach(mergeDeployment);
+    }
     clearError("poll");
     renderAll();
   } catch (e) {
@@ -184,6 +270,7 @@ async function refreshLists(withDeployments) {
 // ---- rendering ----
 
 function renderAll() {
+  renderFilters();
   renderMachines();
   renderZones();
   renderImages();
@@ -202,10 +289,51 @@ function heldView(h) {
     h.state === "downloading" ? bar(h.bytes_done, h.bytes_total) : null);
 }
 
+// The fleet at a glance, counted by the server: machines, online, keys waiting for approval.
+function renderCounts() {
+  const f = state.fleet;
+  if (!f) return $("fleet-counts").replaceChildren();
+  const keys = f.key_states || {};
+  const waiting = (keys.pending || 0) + (keys.key_changed || 0);
+  const count = (name, n, text) => el("span", { class: "count-" + name, "data-count": name, "data-n": n },
+    el("strong", {}, String(n)), " " + text);
+  $("fleet-counts").replaceChildren(el("span", {},
+    count("machines", f.machines, "machines"), " · ",
+    count("online", f.online, "online"), " · ",
+    count("offline", f.machines - f.online, "offline"), " · ",
+    count("waiting", waiting, "waiting for approval"),
+    keys.key_changed ? ` (${keys.key_changed} with a changed key)` : null,
+    waiting ? el("button", { type: "button", id: "show-waiting" }, "show them") : null));
+}
+
+// The filters' choices: zones and images as the server knows them. One that went away (a
+// zone deleted) falls back to "any", and the first page is read again.
+function renderFilters() {
+  const zones = state.zones.map((z) => [z.id, z.id]);
+  const images = [...state.images.values()].sort((a, b) => a.name.localeCompare(b.name))
+    .map((i) => [i.id, i.name]);
+  const zoneGone = syncSelect($("filter-zone"), [["", "any"], ...zones]);
+  const imageGone = syncSelect($("filter-image"), [["", "any"], ...images]);
+  if (zoneGone || imageGone) firstPage();
+}
+
+function renderPager() {
+  const number = state.pages.length || 1;
+  const first = (number - 1) * Number($("page-size").value) + 1;
+  const rows = state.page.length;
+  $("page-info").textContent = rows
+    ? `page ${number}: ${first}–${first + rows - 1}, ${state.page[0].id} to ${state.page[rows - 1].id}`
+    : `page ${number}`;
+  $("page-info").dataset.page = number;
+  $("page-prev").disabled = number < 2;
+  $("page-next").disabled = !state.next;
+}
+
 function renderMachines() {
-  const machines = [...state.machines.values()].sort((a, b) => a.id.localeCompare(b.id));
-  $("machines-count").textContent = `${machines.filter((m) => m.online).length} of ${machines.length} online`;
-  fillTable("machines-table", machines.map((m) => el("tr", { "data-machine": m.id, "data-online": m.online },
+  renderCounts();
+  renderPager();
+  const filtered = ["filter-zone", "filter-online", "filter-key", "filter-image"].some((s) => $(s).value);
+  fillTable("machines-table", state.page.map((m) => el("tr", { "data-machine": m.id, "data-online": m.online },
     el("td", {}, m.id, m.hostname && m.hostname !== m.id ? el("small", {}, " " + m.hostname) : null),
     el("td", {}, el("span", { class: m.online ? "online" : "offline" }, m.online ? "online" : "offline")),
     runningCell(m.running),
@@ -213,7 +341,8 @@ function renderMachines() {
     el("td", {}, m.images.length ? m.images.map(heldView) : "–"),
     el("td", { title: m.last_seen }, ago(Date.parse(m.last_seen))),
     el("td", {}, m.agent_version || "–"),
-    keyCell(m))), 8, "No machine has registered yet.");
+    keyCell(m))), 8, filtered ? "No machine matches these filters."
+    : state.pages.length > 1 ? "No machine on this page." : "No machine has registered yet.");
 }
 
 // What a machine runs, by its agent's last startup: an image BootTorrent booted (with the
@@ -236,14 +365,39 @@ function keyCell(m) {
     el("button", { type: "button", "data-delete": m.id }, waiting && !m.fingerprint ? "Reject" : "Delete"));
 }
 
+// The first few ids of a long list, and how many more (`more` of them the server left out
+// already): a zone of 300 machines is a number, not a wall of ids (the machines table,
+// filtered on the zone, lists them a page at a time).
+function someIds(ids, more) {
+  if (!ids.length) return "–";
+  const left = ids.length - ZONE_IDS_SHOWN + (more || 0);
+  const shown = ids.slice(0, ZONE_IDS_SHOWN).join(", ");
+  return left > 0 ? `${shown} … ${left} more` : shown;
+}
+
 function renderZones() {
-  fillTable("zones-table", state.zones.map((z) => el("tr", { "data-zone": z.id },
-    el("td", {}, z.id),
-    el("td", {}, z.machines.join(", ") || "–"),
-    el("td", {}, z.subnets.join(", ") || "–"),
-    el("td", {}, z.images.map(imageName).join(", ") || "–"),
-    el("td", {}, `${z.members.length}: ${z.members.join(", ")}`),
-    el("td", {}, z.source))), 6, "No zones.");
+  const counted = (state.fleet && state.fleet.zones) || {};
+  fillTable("zones-table", state.zones.map((z) => {
+    const c = counted[z.id] || { machines: z.members.length + (z.more_members || 0), online: null };
+    return el("tr", { "data-zone": z.id, "data-members": c.machines },
+      el("td", {}, z.id),
+      el("td", {}, someIds(z.machines, z.more_machines)),
+      el("td", {}, z.subnets.join(", ") || "–"),
+      el("td", {}, z.images.map(imageName).join(", ") || "–"),
+      el("td", { class: "members" }, el("strong", {}, String(c.machines)),
+        c.online === null ? "" : ` (${c.online} online)`,
+        z.members.length ? el("small", {}, " " + someIds(z.members, z.more_members)) : null),
+      el("td", {}, z.source));
+  }), 6, "No zones.");
+}
+
+// How many machines hold an image, by state, and run it: counted by the server.
+function heldCounts(id) {
+  const f = state.fleet || {};
+  const held = Object.entries((f.images || {})[id] || {}).map(([s, n]) => `${n} ${s}`);
+  const running = (f.running || {})[id];
+  if (running) held.push(`${running} running it`);
+  return held.join(", ") || "–";
 }
 
 function renderImages() {
@@ -255,35 +409,32 @@ function renderImages() {
       i.error ? el("div", { class: "error-cell" }, i.error) : null),
     el("td", {}, bytes(i.size)),
     el("td", {}, i.state === "importing" ? bar(i.import_done, i.size) : "–"),
-    el("td", {}, i.peers))), 6, "No images: `boottorrent image add FILE` adds one.");
+    el("td", { class: "held-counts" }, heldCounts(i.id)),
+    el("td", {}, i.peers))), 7, "No images: `boottorrent image add FILE` adds one.");
 }
 
 // Replaces a <select>'s options only when they changed, keeping the operator's choice.
+// Answers whether that choice is gone (the select then shows its first option).
 function syncSelect(select, options, emptyText) {
   const key = JSON.stringify(options);
-  if (select.dataset.key === key) return;
+  if (select.dataset.key === key) return false;
   const keep = select.value;
   select.replaceChildren(...(options.length
     ? options.map(([value, text]) => el("option", { value }, text))
     : [el("option", { value: "" }, emptyText)]));
-  if (options.some(([value]) => value === keep)) select.value = keep;
+  const kept = options.some(([value]) => value === keep);
+  if (kept) select.value = keep;
   select.dataset.key = key;
+  return !kept && keep !== "";
 }
 
 function renderDeployForm() {
   const ready = [...state.images.values()].filter((i) => i.state === "ready");
   syncSelect($("deploy-image"), ready.map((i) => [i.id, `${i.name} (${bytes(i.size)})`]), "no ready image");
-  const zones = state.zones.map((z) => [z.id, `${z.id} (${z.members.length} machines)`]);
+  const counted = (state.fleet && state.fleet.zones) || {};
+  const zones = state.zones.map((z) => [z.id,
+    `${z.id} (${(counted[z.id] || {}).machines || z.members.length + (z.more_members || 0)} machines)`]);
   syncSelect($("deploy-zone"), zones, "no zone");
-  // The machine checkboxes are rebuilt only when the set of machines changed, keeping ticks.
-  const box = $("deploy-machines");
-  const ids = [...state.machines.keys()].sort();
-  if (box.dataset.key === ids.join(",")) return;
-  const ticked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
-  box.replaceChildren(...ids.map((id) => el("label", { class: "choice" },
-    el("input", { type: "checkbox", name: "deploy-machine", value: id, checked: ticked.has(id) }),
-    " " + id)));
-  box.dataset.key = ids.join(",");
 }
 
 function machineProgressRow(m) {
@@ -300,8 +451,29 @@ function machineProgressRow(m) {
     el("td", { class: "error-cell" }, m.error || ""));
 }
 
+// The order machine rows go in: what an operator must look at first (failed, stalled, then
+// those still on their way, the least far first), the machines done last. The server orders
+// the rows it cuts short (`?machines=N`) the same way.
+const ROW_ORDER = ["failed", "stalled", "pending", "downloading", "verifying", "staged", "booting", "booted", "cancelled"];
+function stragglersFirst(d) {
+  const done = d.action === "stage" ? "staged" : "booted";
+  const rank = (m) => (m.state === done ? ROW_ORDER.length - 1.5 : ROW_ORDER.indexOf(m.state));
+  return [...(d.machines || [])].sort((a, b) => rank(a) - rank(b) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+}
+
+// Seconds until the deployment is done. With every machine's row: when its slowest downloading
+// machine is. With the rows cut short the slowest may not be among them: what is left over the
+// whole swarm's rate instead (Infinity, shown as "–", while nothing moves).
+function deploymentEta(d, total) {
+  if ((d.machines || []).length >= total) return remainingSecs(d.machines);
+  return d.download_bps > 0 ? (d.bytes_total - d.bytes_done) / d.download_bps : Infinity;
+}
+
 function deploymentView(d, open) {
   const counts = Object.entries(d.counts || {}).map(([s, n]) => `${n} ${s}`).join(", ");
+  const total = Object.values(d.counts || {}).reduce((a, n) => a + n, 0);
+  const rows = stragglersFirst(d).slice(0, DEPLOYMENT_ROWS);
+  const more = total - rows.length;
   return el("details", { class: "deployment", "data-deployment": d.id, "data-state": d.state, open },
     el("summary", {},
       el("strong", {}, d.image_name || d.image), " → ", targetText(d.target), " ",
@@ -311,13 +483,16 @@ function deploymentView(d, open) {
       bar(d.bytes_done, d.bytes_total), " ",
       el("span", { class: "rate", title: "download rate" }, rate(d.download_bps)), " ",
       el("span", { class: "eta", title: "time left" },
-        d.state === "running" ? "ETA " + duration(remainingSecs(d.machines)) : ""), " ",
+        d.state === "running" ? "ETA " + duration(deploymentEta(d, total)) : ""), " ",
       el("small", { class: "mono" }, d.id), " ",
       d.state === "running" ? el("button", { type: "button", "data-cancel": d.id }, "Cancel") : null),
     el("table", { class: "dep-machines" },
       el("thead", {}, el("tr", {}, ["machine", "state", "running", "progress", "bytes", "rate", "ETA", "peers", "error"]
         .map((h) => el("th", {}, h)))),
-      el("tbody", {}, d.machines.map(machineProgressRow))));
+      el("tbody", {}, rows.map(machineProgressRow),
+        more > 0 ? el("tr", { class: "more", "data-more": more }, el("td", { colspan: 9, class: "empty" },
+          `${more} more machines (${DEPLOYMENT_ROWS} shown, those furthest behind first); `
+          + `\`boottorrent deployments show ${d.id}\` lists every one.`)) : null)));
 }
 
 // Running and failed deployments start unfolded; a fold the operator chose is kept.
@@ -336,10 +511,13 @@ function renderDeployments() {
   const all = [...state.deployments.values()].sort((a, b) => b.created_ms - a.created_ms);
   const shown = all.filter((d, i) => i < SHOWN_DEPLOYMENTS || d.state === "running");
   if (!shown.length) return list.replaceChildren(el("p", { class: "empty" }, "No deployments yet."));
-  const hidden = all.length - shown.length;
+  // The server sends only the newest SHOWN_DEPLOYMENTS (and older running ones), so how many
+  // older ones there are is not known here.
+  const older = all.length >= SHOWN_DEPLOYMENTS;
   list.replaceChildren(
     ...shown.map((d) => deploymentView(d, open.has(d.id) ? open.get(d.id) : defaultOpen(d))),
-    hidden ? el("p", { class: "empty" }, `${hidden} older deployments not shown.`) : []);
+    ...(older ? [el("p", { class: "empty" },
+      "Older deployments are not shown: `boottorrent deployments list` lists them all.")] : []));
 }
 
 function renderAuth() {
@@ -369,6 +547,7 @@ const handlers = {
   // transition is applied first only so that the row changes without waiting for it.
   transition: (t) => {
     const d = state.deployments.get(t.deployment);
+    // Absent from a list cut short: the `deployment` event that follows brings it.
     const m = d && d.machines.find((x) => x.id === t.machine);
     if (!m) return;
     d.counts[m.state] = (d.counts[m.state] || 1) - 1;
@@ -378,10 +557,12 @@ const handlers = {
     m.transitions.push({ state: t.state, at_ms: t.at_ms });
     renderDeployment(d);
   },
+  // Only the page shown changes at once; the counts and a machine new to the page come with
+  // the next poll (a room switched on is hundreds of these events in a few seconds).
   machine: (m) => {
-    const known = state.machines.get(m.id);
-    if (!known) return refreshLists(false);
-    known.online = m.online;
+    const shown = state.page.find((x) => x.id === m.id);
+    if (!shown) return;
+    shown.online = m.online;
     renderMachines();
   },
   // This watcher fell behind and missed events: start again from the lists.
@@ -411,7 +592,8 @@ async function connect() {
   stream = mine;
   setConn("connecting");
   try {
-    const response = await fetch("/api/v1/events", {
+    // Deployments in the events cut short as in the list: a few rows, not a campus a second.
+    const response = await fetch("/api/v1/events?machines=" + DEPLOYMENT_ROWS, {
       headers: { Authorization: "Bearer " + token(), Accept: "text/event-stream" },
       cache: "no-store", signal: mine.abort.signal,
     });
@@ -446,6 +628,7 @@ function signIn(value) {
   sessionStorage.setItem(TOKEN_KEY, value);
   clearError();
   renderAuth();
+  state.pages = [firstPagePath()];
   refreshLists(true);
   connect();
   // Polling covers what has no event (held images, import progress, last seen); deployments
@@ -458,7 +641,10 @@ function signOut() {
   if (stream) { stream.abort.abort(); stream = null; }
   if (poller) { clearInterval(poller); poller = null; }
   // Nothing read with the old token stays on the page.
-  state.machines = new Map();
+  state.page = [];
+  state.pages = [];
+  state.next = null;
+  state.fleet = null;
   state.images = new Map();
   state.zones = [];
   state.deployments = new Map();
@@ -479,9 +665,9 @@ async function deploy(ev) {
     if (!$("deploy-zone").value) return showError("There is no zone to deploy to.");
     target = { zone: $("deploy-zone").value };
   } else if (kind === "machines") {
-    // An empty list goes to the API too, which says what is wrong with it.
-    const ticked = form.querySelectorAll("input[name=deploy-machine]:checked");
-    target = { machines: [...ticked].map((i) => i.value) };
+    // Ids as typed, split at commas and spaces. An empty or wrong list goes to the API too,
+    // which says what is wrong with it (an unknown id is named in its 404).
+    target = { machines: $("deploy-machines").value.split(/[\s,]+/).filter(Boolean) };
   }
   if (!$("deploy-image").value) return showError("There is no ready image to deploy.");
   $("deploy-submit").disabled = true;
@@ -545,10 +731,21 @@ function init() {
   $("token-clear").addEventListener("click", () => { clearError(); signOut(); });
   $("error-close").addEventListener("click", () => clearError());
   $("deploy-form").addEventListener("submit", deploy);
-  // Choosing a zone or ticking a machine picks that kind of target.
+  // Choosing a zone or typing machine ids picks that kind of target.
   const pick = (kind) => () => { $("deploy-form").elements["target-kind"].value = kind; };
   $("deploy-zone").addEventListener("change", pick("zone"));
-  $("deploy-machines").addEventListener("change", pick("machines"));
+  $("deploy-machines").addEventListener("input", pick("machines"));
+  for (const id of ["filter-zone", "filter-online", "filter-key", "filter-image", "page-size"]) {
+    $(id).addEventListener("change", firstPage);
+  }
+  $("page-next").addEventListener("click", nextPage);
+  // The keys waiting for approval, from the counts: the filter that lists those machines.
+  $("fleet-counts").addEventListener("click", (ev) => {
+    if (!ev.target.closest("#show-waiting")) return;
+    $("filter-key").value = (state.fleet.key_states || {}).pending ? "pending" : "key_changed";
+    firstPage();
+  });
+  $("page-prev").addEventListener("click", previousPage);
   $("deployment-list").addEventListener("click", (ev) => {
     const button = ev.target.closest("[data-cancel]");
     if (!button) return;

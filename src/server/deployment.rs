@@ -511,7 +511,42 @@ impl Deployment {
             bytes_total: total,
             download_bps: rate,
             machines: self.machines.values().collect(),
+            more_machines: None,
         }
+    }
+
+    /// The API's view with at most `rows` machines: those furthest behind first (see
+    /// [`behind_first`]), then by id, and how many were left out. For a deployment to a
+    /// campus, whose whole view is megabytes, when a reader wants the stragglers.
+    pub fn view_cut(&self, rows: usize) -> DeploymentView<'_> {
+        let mut view = self.view();
+        let done = self.action.final_state();
+        // Stable: machines of the same rank stay in id order.
+        view.machines.sort_by_key(|m| behind_first(done, m.state));
+        let left_out = view.machines.len().saturating_sub(rows);
+        view.machines.truncate(rows);
+        view.more_machines = Some(left_out as u64);
+        view
+    }
+}
+
+/// Where a machine goes when a deployment's machines are listed for an operator who looks for
+/// what is wrong: failed, stalled, then those still on their way (the least far first), the
+/// machines in the deployment's final state `done` after them, cancelled ones last.
+pub fn behind_first(done: MachineState, state: MachineState) -> u8 {
+    if state == done {
+        return 8;
+    }
+    match state {
+        MachineState::Failed => 0,
+        MachineState::Stalled => 1,
+        MachineState::Pending => 2,
+        MachineState::Downloading => 3,
+        MachineState::Verifying => 4,
+        MachineState::Staged => 5,
+        MachineState::Booting => 6,
+        MachineState::Booted => 7,
+        MachineState::Cancelled => 9,
     }
 }
 
@@ -536,8 +571,12 @@ pub struct DeploymentView<'a> {
     pub bytes_total: u64,
     /// Sum over the machines that are downloading now.
     pub download_bps: u64,
-    /// Sorted by machine id.
+    /// Sorted by machine id; or, asked for at most N (`?machines=N`), those furthest behind
+    /// first.
     pub machines: Vec<&'a MachineProgress>,
+    /// With `?machines=N`: how many machines `machines` leaves out; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub more_machines: Option<u64>,
 }
 
 fn transition(
@@ -781,6 +820,44 @@ mod tests {
         d.on_progress(&pc, &progress(100, ImageState::Staged), 1);
         assert_eq!(states(&d.on_boot(&pc, true, "entry set", 2)), ["booted"]);
         assert!(d.on_running(&pc, None, 3).0.is_empty());
+    }
+
+    /// A campus deployment cut short for a reader shows what is wrong first and says how many
+    /// machines it left out; the whole view is unchanged.
+    #[test]
+    fn a_cut_view_lists_the_machines_furthest_behind_first() {
+        let mut d = deployment(Action::Stage);
+        let set = |d: &mut Deployment, id: &str, state| {
+            d.add_machine(&m(id), 100, 0);
+            d.machines.get_mut(&m(id)).unwrap().state = state;
+        };
+        set(&mut d, "pc-01", MachineState::Staged);
+        set(&mut d, "pc-02", MachineState::Downloading);
+        set(&mut d, "pc-03", MachineState::Failed);
+        set(&mut d, "pc-04", MachineState::Pending);
+        set(&mut d, "pc-05", MachineState::Stalled);
+        set(&mut d, "pc-06", MachineState::Staged);
+        set(&mut d, "pc-07", MachineState::Downloading);
+        let ids = |v: &DeploymentView| -> Vec<String> {
+            v.machines.iter().map(|m| m.id.to_string()).collect()
+        };
+        let cut = d.view_cut(5);
+        assert_eq!(ids(&cut), ["pc-03", "pc-05", "pc-04", "pc-02", "pc-07"]);
+        assert_eq!(cut.more_machines, Some(2));
+        assert_eq!(cut.counts["staged"], 2, "counts are over every machine");
+        let json = serde_json::to_value(d.view_cut(0)).unwrap();
+        assert_eq!(json["machines"], serde_json::json!([]));
+        assert_eq!(json["more_machines"], 7);
+        let whole = serde_json::to_value(d.view()).unwrap();
+        assert!(whole.get("more_machines").is_none(), "{whole}");
+        assert_eq!(whole["machines"][0]["id"], "pc-01", "in id order");
+        // For `set_boot`, `staged` is on the way: before `booted`, which is done.
+        let mut d = deployment(Action::SetBoot);
+        set(&mut d, "pc-01", MachineState::Booted);
+        set(&mut d, "pc-02", MachineState::Staged);
+        set(&mut d, "pc-03", MachineState::Cancelled);
+        assert_eq!(ids(&d.view_cut(10)), ["pc-02", "pc-01", "pc-03"]);
+        assert_eq!(d.view_cut(10).more_machines, Some(0));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! same case.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use boottorrent_proto::{
@@ -39,7 +40,12 @@ const RESEND_EVERY_MS: i64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct Live {
     pub kind: &'static str,
+    /// The event's JSON, as most watchers get it.
     pub data: String,
+    /// For a `deployment` event, the deployment itself: a watcher that asked for at most N
+    /// machine rows (`?machines=N`, the dashboard) writes its own cut from it instead of
+    /// reading megabytes of a campus deployment's `data` every second.
+    pub deployment: Option<Arc<Deployment>>,
 }
 
 impl Live {
@@ -47,6 +53,16 @@ impl Live {
         Live {
             kind,
             data: serde_json::to_string(data).unwrap_or_else(|_| "null".into()),
+            deployment: None,
+        }
+    }
+
+    /// A `deployment` event: its whole view, and the deployment for the cut views.
+    pub fn deployment(d: Deployment) -> Live {
+        let whole = Live::new("deployment", &d.view());
+        Live {
+            deployment: Some(Arc::new(d)),
+            ..whole
         }
     }
 }
@@ -727,7 +743,7 @@ impl Fleet {
             return;
         }
         if let Some(d) = self.deployments.get(id) {
-            let _ = self.live.send(Live::new("deployment", &d.view()));
+            let _ = self.live.send(Live::deployment(d.clone()));
             self.shown.insert(id.clone(), now);
         }
     }

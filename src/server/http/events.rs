@@ -1,5 +1,6 @@
 //! `/api/v1/events`: the live event stream.
 
+use super::deployments::{DeploymentQuery, view};
 use super::*;
 
 /// Most running deployments a new watcher of `GET /api/v1/events` is sent before the live
@@ -10,7 +11,9 @@ pub(super) const REPLAY_MAX: usize = 32;
 /// `GET /api/v1/events`: server-sent events. A new watcher first gets the running
 /// deployments (the newest [`REPLAY_MAX`]; if there are more, a `lagged` event first), then
 /// live changes. One that falls more than the channel's capacity behind is told so with a
-/// `lagged` event and goes on with the newest.
+/// `lagged` event and goes on with the newest. With `?machines=N` every `deployment` event
+/// carries at most N machine rows, those furthest behind first, as `GET /api/v1/deployments`
+/// does with it.
 ///
 /// Memory per watcher is bounded: the replay is read from the store one deployment at a time
 /// as the connection has room for it (not rendered up front), the live events sit once in the
@@ -19,6 +22,7 @@ pub(super) const REPLAY_MAX: usize = 32;
 /// write deadline.
 pub(super) async fn live_events(
     State(state): State<AppState>,
+    query: Result<Query<DeploymentQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<
     axum::response::sse::Sse<
         impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
@@ -27,6 +31,7 @@ pub(super) async fn live_events(
 > {
     use axum::response::sse::{Event as Sse, KeepAlive};
     use futures_util::StreamExt;
+    let rows = DeploymentQuery::parse(query)?;
     // Subscribe before reading the store, so nothing falls between the two.
     let rx = state.live.subscribe();
     let running: Vec<DeploymentId> = state
@@ -50,7 +55,7 @@ pub(super) async fn live_events(
             let view = match store.deployment(&id) {
                 Ok(Some(d)) => Some(Sse::default()
                     .event("deployment")
-                    .data(serde_json::to_string(&d.view()).unwrap_or_default())),
+                    .data(serde_json::to_string(&view(&d, rows)).unwrap_or_default())),
                 Ok(None) => None,
                 Err(e) => {
                     tracing::warn!(deployment = %id, error = %e, "reading a deployment for an event stream");
@@ -61,9 +66,18 @@ pub(super) async fn live_events(
         },
     );
     let initial = futures_util::stream::iter(lagged).chain(replay).map(Ok);
-    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+    let live = futures_util::stream::unfold(rx, move |mut rx| async move {
         let event = match rx.recv().await {
-            Ok(live) => Sse::default().event(live.kind).data(live.data),
+            Ok(live) => {
+                let data = match (rows, &live.deployment) {
+                    // Written for this watcher: a few rows of a deployment of thousands.
+                    (Some(rows), Some(d)) => {
+                        serde_json::to_string(&d.view_cut(rows)).unwrap_or_default()
+                    }
+                    _ => live.data,
+                };
+                Sse::default().event(live.kind).data(data)
+            }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 Sse::default().event("lagged").data(lagged_data(n))
             }

@@ -40,7 +40,7 @@ use crate::api::{
 use crate::server::catalog::{Catalog, CatalogError, ImageView};
 use crate::server::config::Secret;
 use crate::server::credentials::token_matches;
-use crate::server::deployment::{Deployment, ImageRef};
+use crate::server::deployment::{Deployment, DeploymentView, ImageRef};
 use crate::server::fleet::{FleetError, Live, NewDeployment};
 use crate::server::health::Health;
 use crate::server::keyring::Keyring;

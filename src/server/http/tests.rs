@@ -356,3 +356,103 @@ async fn error_kinds_follow_their_status_unless_told_otherwise() {
     );
     assert!(!challenge);
 }
+
+/// The next server-sent event of `body` that is not a keep-alive: its type and its data.
+async fn next_event(
+    body: &mut axum::body::BodyDataStream,
+    buffer: &mut String,
+) -> (String, serde_json::Value) {
+    use futures_util::StreamExt;
+    loop {
+        if let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                    .map(|v| v.trim_start().to_owned())
+            };
+            if let (Some(kind), Some(data)) = (field("event"), field("data")) {
+                return (kind, serde_json::from_str(&data).unwrap());
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), body.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream goes on")
+            .unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+/// A dashboard watching a deployment of thousands asks for a few machine rows: the replayed
+/// and the live `deployment` events carry those, furthest behind first, and how many more; a
+/// watcher that does not ask gets every machine.
+#[tokio::test]
+async fn event_streams_cut_deployments_short_when_asked() {
+    let f = fixture().await;
+    let image = ImageRef {
+        id: "img".parse().unwrap(),
+        name: "img.vhdx".into(),
+        info_hash: boottorrent_proto::Bytes([1; 20]),
+        sha256: boottorrent_proto::Bytes([2; 32]),
+        size: 100,
+        torrent_url: "http://127.0.0.1:1/torrents/01.torrent".into(),
+    };
+    let mut d = Deployment::new(
+        "d-1".parse().unwrap(),
+        image,
+        crate::api::Target::Global(true),
+        crate::api::Action::Stage,
+        0,
+    );
+    for i in 0..30 {
+        d.add_machine(&format!("pc-{i:02}").parse().unwrap(), 100, 0);
+    }
+    f.state.store.write(|b| b.put_deployment(&d)).unwrap();
+    let open = |uri: &str| {
+        let state = f.state.clone();
+        let request = request("GET", uri, Some(VIEWER), None);
+        async move {
+            let response = router(state).oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().into_data_stream()
+        }
+    };
+    let rows = |data: &serde_json::Value| data["machines"].as_array().unwrap().len();
+
+    let (mut cut, mut cut_buffer) = (open("/api/v1/events?machines=3").await, String::new());
+    let (kind, replayed) = next_event(&mut cut, &mut cut_buffer).await;
+    assert_eq!(kind, "deployment");
+    assert_eq!(
+        (rows(&replayed), &replayed["more_machines"]),
+        (3, &27.into())
+    );
+    let (mut whole, mut whole_buffer) = (open("/api/v1/events").await, String::new());
+    let (_, replayed) = next_event(&mut whole, &mut whole_buffer).await;
+    assert_eq!(rows(&replayed), 30);
+    assert!(replayed.get("more_machines").is_none(), "{replayed}");
+
+    // A live change: one machine failed goes first in the cut.
+    d.machines
+        .get_mut(&"pc-17".parse::<MachineId>().unwrap())
+        .unwrap()
+        .state = crate::api::MachineState::Failed;
+    f.state.live.send(Live::deployment(d)).unwrap();
+    let (kind, live) = next_event(&mut cut, &mut cut_buffer).await;
+    assert_eq!(kind, "deployment");
+    assert_eq!(rows(&live), 3, "{live}");
+    assert_eq!(live["machines"][0]["id"], "pc-17");
+    assert_eq!(live["more_machines"], 27);
+    assert_eq!(live["counts"]["pending"], 29);
+    let (_, live) = next_event(&mut whole, &mut whole_buffer).await;
+    assert_eq!(rows(&live), 30);
+
+    let (status, error) = refusal(
+        &f.state,
+        request("GET", "/api/v1/events?machines=1001", Some(VIEWER), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error:?}");
+}

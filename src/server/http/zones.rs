@@ -1,13 +1,71 @@
 //! `/api/v1/zones...`: rooms and groups of machines.
 
 use super::*;
+use crate::api::ZoneSource;
+use crate::server::zone::Subnet;
 
-/// A zone as the API shows it: the zone and its current members.
+/// A zone as the API shows it: the zone (its fields spelled out, so that its machine list
+/// can be cut short) and its current members.
 #[derive(Serialize)]
 pub(super) struct ZoneView<'a> {
-    #[serde(flatten)]
-    zone: &'a Zone,
+    id: &'a ZoneId,
+    machines: &'a [MachineId],
+    subnets: &'a [Subnet],
+    images: &'a [ImageId],
+    source: &'a ZoneSource,
     members: Vec<&'a MachineId>,
+    /// With `?ids=N`: how many ids `machines` leaves out; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    more_machines: Option<u64>,
+    /// With `?ids=N`: how many members `members` leaves out; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    more_members: Option<u64>,
+}
+
+impl ZoneView<'_> {
+    /// Keeps the first `shown` listed machines and members (each in its order), if a number is
+    /// given, and counts the rest.
+    fn cut(mut self, shown: Option<usize>) -> Self {
+        if let Some(shown) = shown {
+            self.more_machines = Some(self.machines.len().saturating_sub(shown) as u64);
+            self.machines = &self.machines[..shown.min(self.machines.len())];
+            self.more_members = Some(self.members.len().saturating_sub(shown) as u64);
+            self.members.truncate(shown);
+        }
+        self
+    }
+}
+
+/// The most ids `?ids=N` may ask for per list.
+const MAX_IDS: usize = 1000;
+
+/// Query of `GET /api/v1/zones` and `GET /api/v1/zones/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ZonesQuery {
+    /// At most this many machine ids in each zone's `machines` and `members` (a zone of a
+    /// whole campus lists thousands); every id without it.
+    ids: Option<usize>,
+}
+
+impl ZonesQuery {
+    fn parse(
+        query: Result<Query<ZonesQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<Option<usize>, ApiError> {
+        let Query(query) =
+            query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        match query.ids {
+            Some(n) if n > MAX_IDS => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "ids={n} is out of range: ask for 0 to {MAX_IDS} ids per list, or leave it \
+                     out for every id; `GET /api/v1/machines?zone=ID` lists a zone's members \
+                     a page at a time"
+                ),
+            )),
+            shown => Ok(shown),
+        }
+    }
 }
 
 /// `zone` with its members among `machines`.
@@ -20,7 +78,16 @@ pub(super) fn zone_view<'a>(
         .filter(|(m, _)| m.zones.contains(&zone.id))
         .map(|(m, _)| &m.id)
         .collect();
-    ZoneView { zone, members }
+    ZoneView {
+        id: &zone.id,
+        machines: &zone.machines,
+        subnets: &zone.subnets,
+        images: &zone.images,
+        source: &zone.source,
+        members,
+        more_machines: None,
+        more_members: None,
+    }
 }
 
 pub(super) fn machines_of(state: &AppState) -> Result<Vec<(MachineRecord, KeyRecord)>, ApiError> {
@@ -30,7 +97,11 @@ pub(super) fn machines_of(state: &AppState) -> Result<Vec<(MachineRecord, KeyRec
         .map_err(|e| ApiError::internal("reading machines", e))
 }
 
-pub(super) async fn list_zones(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub(super) async fn list_zones(
+    State(state): State<AppState>,
+    query: Result<Query<ZonesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let shown = ZonesQuery::parse(query)?;
     let zones = state
         .store
         .zones()
@@ -39,7 +110,7 @@ pub(super) async fn list_zones(State(state): State<AppState>) -> Result<Response
     Ok(Json(
         zones
             .iter()
-            .map(|z| zone_view(z, &machines))
+            .map(|z| zone_view(z, &machines).cut(shown))
             .collect::<Vec<_>>(),
     )
     .into_response())
@@ -48,7 +119,9 @@ pub(super) async fn list_zones(State(state): State<AppState>) -> Result<Response
 pub(super) async fn show_zone(
     State(state): State<AppState>,
     IdPath(id): IdPath<ZoneId>,
+    query: Result<Query<ZonesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let shown = ZonesQuery::parse(query)?;
     let zones = state
         .store
         .zones()
@@ -59,7 +132,7 @@ pub(super) async fn show_zone(
             format!("no zone {id}; `boottorrent zones list` shows the zones"),
         )
     })?;
-    Ok(Json(zone_view(zone, &machines_of(&state)?)).into_response())
+    Ok(Json(zone_view(zone, &machines_of(&state)?).cut(shown)).into_response())
 }
 
 pub(super) async fn put_zone(
