@@ -116,6 +116,9 @@ pub struct Fleet {
 /// relay connection to the embedded broker on loopback, and the broker's end of that.
 const FILES_PER_AGENT: u64 = 3;
 
+/// Machines per page of GET /api/v1/machines: the most the API gives.
+const PAGE: usize = 1000;
+
 /// One row of GET /api/v1/machines, as far as the generator reads it.
 #[derive(Deserialize)]
 struct MachineRow {
@@ -413,14 +416,35 @@ async fn wait_online(
     let ours = format!("{prefix}-");
     while Instant::now() < deadline {
         let polled = Instant::now();
-        let (took, rows) = api.timed_get::<Vec<MachineRow>>("/api/v1/machines").await;
-        latencies.add("GET /api/v1/machines", took, rows.is_ok());
-        if let Ok(rows) = rows {
+        // The list comes a page at a time: the online machines, a page of the most the API
+        // gives (1,000) after another, each page timed as the API's latency.
+        let mut online = Some(0);
+        let mut after: Option<String> = None;
+        loop {
+            let path = match &after {
+                Some(last) => format!("/api/v1/machines?online=true&limit={PAGE}&after={last}"),
+                None => format!("/api/v1/machines?online=true&limit={PAGE}"),
+            };
+            let (took, rows) = api.timed_get::<Vec<MachineRow>>(&path).await;
+            latencies.add("GET /api/v1/machines", took, rows.is_ok());
+            let Ok(rows) = rows else {
+                online = None;
+                break;
+            };
             known |= rows.iter().any(|m| m.id == ids[0]);
-            count = rows
-                .iter()
-                .filter(|m| m.online && m.id.starts_with(&ours))
-                .count();
+            online = online.map(|n| {
+                n + rows
+                    .iter()
+                    .filter(|m| m.online && m.id.starts_with(&ours))
+                    .count()
+            });
+            if rows.len() < PAGE {
+                break;
+            }
+            after = rows.last().map(|m| m.id.clone());
+        }
+        if let Some(online) = online {
+            count = online;
         }
         if count == args.agents {
             return Online {
