@@ -643,66 +643,6 @@ fn the_servers_signing_key_cannot_be_catalogued_as_an_image() {
     assert_eq!(server.get_json("/api/v1/images"), json!([]));
 }
 
-/// A `boottorrent serve` started with the open-file limit `soft`/`hard`, which
-/// [`Server::start`] cannot set. Killed however the test ends.
-struct LimitedServer {
-    proc: common::Proc,
-    http_port: u16,
-}
-
-impl LimitedServer {
-    fn start(dir: &Path, soft: libc::rlim_t, hard: libc::rlim_t) -> LimitedServer {
-        use std::os::unix::process::CommandExt;
-        let http_port = common::free_port();
-        let mut command = std::process::Command::new(common::BOOTTORRENT);
-        command
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args([
-                "--mqtt-listen",
-                &format!("127.0.0.1:{}", common::free_port()),
-            ])
-            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .args(["--bt-listen", &format!("127.0.0.1:{}", common::free_port())])
-            .env("BOOTTORRENT_LOG", "info");
-        // SAFETY: only setrlimit runs between fork and exec, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: soft,
-                    rlim_max: hard,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut server = LimitedServer {
-            proc: common::spawn(command, dir.join("server.log")),
-            http_port,
-        };
-        let deadline = Instant::now() + PATIENCE;
-        while !server.log_text().contains("boottorrent ready") {
-            if let Some(status) = server.proc.exited() {
-                panic!("the server exited with {status}:\n{}", server.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not start:\n{}",
-                server.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn log_text(&self) -> String {
-        self.proc.log_text()
-    }
-}
-
 /// This process's hard open-file limit.
 fn hard_open_file_limit() -> libc::rlim_t {
     let mut limit = libc::rlimit {
@@ -721,7 +661,7 @@ fn hard_open_file_limit() -> libc::rlim_t {
 fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
     let dir = tempfile::tempdir().unwrap();
     let hard = hard_open_file_limit();
-    let server = LimitedServer::start(dir.path(), 256.min(hard), hard);
+    let server = Server::start_with_open_files(&dir.path().join("data"), 256.min(hard), hard, &[]);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.proc.pid())).unwrap();
     let line = limits
         .lines()
@@ -741,7 +681,7 @@ fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
 fn running_out_of_file_descriptors_backs_off_quietly_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     // Soft and hard alike: nothing to raise, and enough to start but not for 300 clients.
-    let server = LimitedServer::start(dir.path(), 128, 128);
+    let server = Server::start_with_open_files(&dir.path().join("data"), 128, 128, &[]);
     // The kernel completes these handshakes on its own; the server runs out of descriptors
     // accepting them.
     // With a timeout: a server that stopped accepting would leave connects waiting for the

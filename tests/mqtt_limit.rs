@@ -536,6 +536,7 @@ fn the_open_file_limit_caps_the_clients_and_the_next_is_refused_cleanly() {
     let server = Server::start_with_open_files(
         &dir.path().join("data"),
         1400,
+        1400,
         &["--http-max-connections", "64"],
     );
     let fit = 18;

@@ -82,6 +82,21 @@ pub struct ImageRef {
     pub torrent_url: String,
 }
 
+#[cfg(test)]
+impl ImageRef {
+    /// A 100-byte image for tests of deployments and their storage.
+    pub fn sample() -> ImageRef {
+        ImageRef {
+            id: "img".parse().unwrap(),
+            name: "img.vhdx".into(),
+            info_hash: boottorrent_proto::Bytes([1; 20]),
+            sha256: boottorrent_proto::Bytes([2; 32]),
+            size: 100,
+            torrent_url: "http://server/torrents/01.torrent".into(),
+        }
+    }
+}
+
 /// A deployment as stored: its record, and a row per machine beside it (see `store`), so
 /// that the fleet writes, in an event batch's second transaction (after the registry's),
 /// the records of the deployments the batch touched and the rows of the machines it moved.
@@ -625,17 +640,9 @@ mod tests {
     }
 
     fn deployment(action: Action) -> Deployment {
-        let image = ImageRef {
-            id: "img".parse().unwrap(),
-            name: "img.vhdx".into(),
-            info_hash: boottorrent_proto::Bytes([1; 20]),
-            sha256: boottorrent_proto::Bytes([2; 32]),
-            size: 100,
-            torrent_url: "http://server/torrents/01.torrent".into(),
-        };
         let mut d = Deployment::new(
             "d-1".parse().unwrap(),
-            image,
+            ImageRef::sample(),
             Target::Zone("lab".parse().unwrap()),
             action,
             0,

@@ -918,17 +918,9 @@ mod tests {
     }
 
     fn deployment_of(id: &str, machines: &[&str]) -> Deployment {
-        let image = crate::server::deployment::ImageRef {
-            id: "img".parse().unwrap(),
-            name: "img.vhdx".into(),
-            info_hash: boottorrent_proto::Bytes([1; 20]),
-            sha256: boottorrent_proto::Bytes([2; 32]),
-            size: 100,
-            torrent_url: "http://server/torrents/01.torrent".into(),
-        };
         let mut d = Deployment::new(
             id.parse().unwrap(),
-            image,
+            crate::server::deployment::ImageRef::sample(),
             crate::api::Target::Global(true),
             crate::api::Action::Stage,
             1000,

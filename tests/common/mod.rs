@@ -33,13 +33,16 @@ impl Server {
         ))
     }
 
-    /// Starts the server with a soft and hard open-file limit of `open_files` (`ulimit -n`
-    /// in a wrapper script next to `data_dir`), as a host that gives the service few files.
-    pub fn start_with_open_files(data_dir: &Path, open_files: u32, extra: &[&str]) -> Server {
+    /// Starts the server with the open-file limits `soft` and `hard` (`ulimit` in a wrapper
+    /// script next to `data_dir`), as a host that gives the service few files.
+    pub fn start_with_open_files(data_dir: &Path, soft: u64, hard: u64, extra: &[&str]) -> Server {
         let wrapper = data_dir.with_extension("ulimit.sh");
         std::fs::write(
             &wrapper,
-            format!("#!/bin/sh\nulimit -n {open_files} || exit 97\nexec {BOOTTORRENT} \"$@\"\n"),
+            format!(
+                "#!/bin/sh\nulimit -S -n {soft} && ulimit -H -n {hard} || exit 97\n\
+                 exec {BOOTTORRENT} \"$@\"\n"
+            ),
         )
         .unwrap();
         let mut perms = std::fs::metadata(&wrapper).unwrap().permissions();

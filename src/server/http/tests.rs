@@ -392,17 +392,9 @@ async fn next_event(
 #[tokio::test]
 async fn event_streams_cut_deployments_short_when_asked() {
     let f = fixture().await;
-    let image = ImageRef {
-        id: "img".parse().unwrap(),
-        name: "img.vhdx".into(),
-        info_hash: boottorrent_proto::Bytes([1; 20]),
-        sha256: boottorrent_proto::Bytes([2; 32]),
-        size: 100,
-        torrent_url: "http://127.0.0.1:1/torrents/01.torrent".into(),
-    };
     let mut d = Deployment::new(
         "d-1".parse().unwrap(),
-        image,
+        ImageRef::sample(),
         crate::api::Target::Global(true),
         crate::api::Action::Stage,
         0,
