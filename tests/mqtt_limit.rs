@@ -36,6 +36,16 @@ fn broker_file_with(max_connections: usize, extra: &str) -> String {
     ) + extra
 }
 
+/// A server in `dir` whose broker file has [`MAX_CONNECTIONS`].
+fn limited_server(dir: &Path) -> Server {
+    let broker = dir.join("broker.toml");
+    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
+    Server::start(
+        &dir.join("data"),
+        &["--broker-config", broker.to_str().unwrap()],
+    )
+}
+
 /// A `mosquitto_sub` session as `client_id` (the operator's login) on `port`, returned once
 /// the broker accepted it (CONNACK 0); `extra` are more mosquitto_sub arguments.
 fn connected(server: &Server, port: u16, client_id: &str, extra: &[&str], log: &Path) -> Proc {
@@ -89,12 +99,7 @@ fn logs(dir: &Path) -> impl FnMut(&str) -> PathBuf + '_ {
 #[test]
 fn the_connection_over_the_limit_is_refused_cleanly_and_the_next_free_slot_is_taken() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = dir.path().join("broker.toml");
-    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
-    let server = Server::start(
-        &dir.path().join("data"),
-        &["--broker-config", broker.to_str().unwrap()],
-    );
+    let server = limited_server(dir.path());
     let mut log = logs(dir.path());
     let port = server.mqtt_port;
 
@@ -187,11 +192,16 @@ enum Login {
 /// with the same client id, and after a refusal by rumqttd's own limit that retry panics
 /// inside rumqttd.)
 fn login(server: &Server, port: u16, client_id: &str) -> Login {
+    login_as(port, client_id, "admin", &server.admin_token())
+}
+
+/// Logs in as `client_id` with a plain socket and no retry.
+fn login_as(port: u16, client_id: &str, username: &str, password: &str) -> Login {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut connect = rumqttc::Connect::new(client_id);
     connect.keep_alive = 600;
-    connect.set_login("admin", server.admin_token());
+    connect.set_login(username, password);
     let mut out = bytes::BytesMut::new();
     connect.write(&mut out).unwrap();
     stream.write_all(&out).unwrap();
@@ -210,12 +220,7 @@ fn clients_leaving_and_coming_at_the_limit_never_meet_rumqttds_own_limit() {
     // Each reconnect must find its slot either free in rumqttd too (CONNACK 0) or taken
     // (CONNACK 3, try again), never a rumqttd still counting the session that left.
     let dir = tempfile::tempdir().unwrap();
-    let broker = dir.path().join("broker.toml");
-    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
-    let server = Server::start(
-        &dir.path().join("data"),
-        &["--broker-config", broker.to_str().unwrap()],
-    );
+    let server = limited_server(dir.path());
     let mut refused = 0;
     for round in 0..10 {
         let mut sessions = Vec::new();
@@ -258,12 +263,7 @@ fn a_client_reconnecting_at_the_limit_takes_over_its_own_session() {
     // A machine whose network blinked comes back while the broker still holds its old
     // session: with every slot taken it must not wait for that session to time out.
     let dir = tempfile::tempdir().unwrap();
-    let broker = dir.path().join("broker.toml");
-    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
-    let server = Server::start(
-        &dir.path().join("data"),
-        &["--broker-config", broker.to_str().unwrap()],
-    );
+    let server = limited_server(dir.path());
     let mut sessions: Vec<TcpStream> = (0..CLIENTS)
         .map(
             |n| match login(&server, server.mqtt_port, &format!("admin-{n}")) {
@@ -295,15 +295,68 @@ fn a_client_reconnecting_at_the_limit_takes_over_its_own_session() {
 }
 
 #[test]
+fn a_token_holder_cannot_take_the_slots_of_known_machines() {
+    // Every golden image carries the enrollment token, and with it rumqttd admits any id it
+    // has never seen. Logins under made-up ids held every slot, and the lab's own machines
+    // were refused (CONNACK 3) for as long as the student kept them open.
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = limited_server(dir);
+    let known = ["pc-known-1", "pc-known-2"];
+    // Real agents with their keys in `dir`, returned once online.
+    let online = |ids: &[&str]| -> Vec<Proc> {
+        let key = server.key_hex();
+        let agents = ids
+            .iter()
+            .map(|id| run_agent(dir, &server, id, &["--server-key", &key]))
+            .collect();
+        for id in ids {
+            wait_for(&format!("{id} to be online"), || {
+                (server.online(id) == Some(true)).then_some(())
+            });
+        }
+        agents
+    };
+    for mut agent in online(&known) {
+        agent.kill9();
+    }
+    for id in known {
+        wait_for(&format!("{id} to be offline"), || {
+            (server.online(id) == Some(false)).then_some(())
+        });
+    }
+
+    // The student logs in under new ids until refused: the slots the two known machines
+    // may need stay free.
+    let token = server.enroll_token();
+    let mut held = Vec::new();
+    let refused = loop {
+        let id = format!("pc-made-up-{}", held.len());
+        match login_as(server.mqtt_port, &id, &id, &token) {
+            Login::Admitted(stream) => held.push(stream),
+            Login::Refused(code) => break code,
+            Login::Dropped => panic!("{id} got no CONNACK"),
+        }
+        assert!(
+            held.len() <= CLIENTS,
+            "more than {CLIENTS} clients admitted"
+        );
+    };
+    assert_eq!(refused, 3, "server unavailable");
+    assert_eq!(held.len(), CLIENTS - known.len());
+    assert!(server.metric("boottorrent_mqtt_new_ids_over_limit_total") >= 1);
+
+    // The lab's machines come back while the student holds on: both get in.
+    let _agents = online(&known);
+    drop(held);
+    assert!(!server.log_text().contains("panicked"));
+}
+
+#[test]
 fn a_real_agent_refused_at_the_limit_gets_in_when_a_slot_frees_and_leaves_its_will() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let broker = dir.join("broker.toml");
-    std::fs::write(&broker, broker_file_with(MAX_CONNECTIONS, "")).unwrap();
-    let server = Server::start(
-        &dir.join("data"),
-        &["--broker-config", broker.to_str().unwrap()],
-    );
+    let server = limited_server(dir);
     let mut sessions: Vec<TcpStream> = (0..CLIENTS)
         .map(
             |n| match login(&server, server.mqtt_port, &format!("admin-{n}")) {

@@ -32,7 +32,9 @@
 //! a machine reconnecting while its old session lingers shares that session's slot and takes
 //! it over. A slot is given back only once rumqttd has closed its side of every session of
 //! that id: rumqttd queues the disconnect for its router before it closes, so the router
-//! always takes the disconnect before the CONNECT of whoever gets the slot next. Listeners a broker file adds
+//! always takes the disconnect before the CONNECT of whoever gets the slot next. Ids the
+//! server has never seen share only the slots beside room for every known machine
+//! ([`Front::slot`]), since any student can log in under made-up ids. Listeners a broker file adds
 //! are served by rumqttd directly and not counted here; if their clients fill rumqttd's
 //! table, a login relayed here that rumqttd then drops leaves that client id stranded, and
 //! the front refuses it from then on rather than let its retry crash rumqttd
@@ -57,8 +59,9 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boottorrent_proto::{MachineId, machine_may_publish, machine_may_subscribe};
 use bytes::{Bytes, BytesMut};
@@ -74,6 +77,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::server::broker::{ADMIN_USER, Admissions, Expected};
 use crate::server::health::Health;
+use crate::server::keyring::Keyring;
 use crate::server::listener::{Throttle, TlsAcceptor, accept};
 use crate::server::metrics::{Metrics, MqttRefusal};
 
@@ -94,6 +98,13 @@ pub struct Front {
     by_id: Mutex<HashMap<String, Weak<IdSlot>>>,
     /// The number of slots, for messages.
     max_clients: usize,
+    /// Machines the server has seen: their logins may use every slot, while ids it has never
+    /// seen share what is left beside room for all of them (see [`Front::slot`]).
+    keyring: Keyring,
+    /// Slots held by ids that were new at login and were not known at the last recount.
+    new_ids: Arc<AtomicUsize>,
+    /// When `new_ids` was last recounted.
+    recounted: Mutex<Option<Instant>>,
     /// Which relayed logins our login check admitted.
     admissions: Admissions,
     /// Client ids rumqttd refused after taking their last will (see [`Front::strand`]).
@@ -110,6 +121,7 @@ struct Logs {
     publish: Throttle,
     will: Throttle,
     limit: Throttle,
+    new_ids: Throttle,
     stranded: Throttle,
     broker: Throttle,
 }
@@ -122,14 +134,28 @@ struct Logs {
 struct IdSlot {
     _permit: OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
+    /// Counted in [`Front::new_ids`] (the id was new at login and not known at the last
+    /// recount), and that counter.
+    new_id: AtomicBool,
+    new_ids: Arc<AtomicUsize>,
     /// One token per session of this id whose client has left while its relay to rumqttd is
     /// still open, cancelled when rumqttd closed that relay (see [`Front::after_the_gone`]).
     gone: Mutex<Vec<CancellationToken>>,
 }
 
+impl IdSlot {
+    /// Stops counting the slot as a new id's, once.
+    fn uncount_new_id(&self) {
+        if self.new_id.swap(false, Ordering::Relaxed) {
+            self.new_ids.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for IdSlot {
     fn drop(&mut self) {
         self.metrics.mqtt_connection_closed();
+        self.uncount_new_id();
     }
 }
 
@@ -259,6 +285,15 @@ pub async fn serve(
     connections.wait().await;
 }
 
+/// Why a login found no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Full {
+    /// Every slot is taken.
+    All,
+    /// The id is new, and the slots beside room for every known machine are taken.
+    NewIds,
+}
+
 /// Why a relayed connection ended early.
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
@@ -278,6 +313,7 @@ impl Front {
         max_packet: usize,
         max_clients: usize,
         admissions: Admissions,
+        keyring: Keyring,
         health: Health,
         metrics: Arc<Metrics>,
     ) -> Front {
@@ -289,6 +325,9 @@ impl Front {
             slots: Arc::new(Semaphore::new(max_clients.min(Semaphore::MAX_PERMITS))),
             by_id: Mutex::default(),
             max_clients,
+            keyring,
+            new_ids: Arc::default(),
+            recounted: Mutex::default(),
             admissions,
             stranded: Mutex::default(),
             health,
@@ -341,9 +380,12 @@ impl Front {
             }
         }
 
-        let Some(slot) = self.slot(&parsed.client_id) else {
-            self.over_limit(&parsed.client_id, remote);
-            return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
+        let slot = match self.slot(&parsed.client_id, &role) {
+            Ok(slot) => slot,
+            Err(full) => {
+                self.over_limit(&parsed.client_id, remote, full);
+                return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
+            }
         };
         if !self
             .after_the_gone(slot.shared(), &mut client, &mut from_client, shutdown)
@@ -463,28 +505,77 @@ impl Front {
     }
 
     /// The slot of `client_id`: the one its other sessions hold, else a free one, if any.
-    fn slot(&self, client_id: &str) -> Option<Slot<'_>> {
+    ///
+    /// Every golden image carries the enrollment token, and rumqttd admits any id the server
+    /// has never seen with it; so a student could hold every slot with made-up ids and shut
+    /// the lab's machines out. Ids the server has never seen therefore share only the slots
+    /// beside room for every known machine (`max_clients` less the known machines): a known
+    /// machine always finds its slot. An id that became known while its session lasts stops
+    /// counting as new at the next recount, which a refusal triggers (at most once a second,
+    /// so that refused logins cannot keep this lock busy).
+    fn slot(&self, client_id: &str, role: &Role) -> Result<Slot<'_>, Full> {
         let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         let shared = by_id.get(client_id).and_then(Weak::upgrade);
         let slot = match shared {
             Some(slot) => slot,
             None => {
-                let permit = self.slots.clone().try_acquire_owned().ok()?;
+                let new_id = match role {
+                    Role::Machine(machine) => self.keyring.get(machine.as_str()).is_none(),
+                    // The operator's logins and ids no machine can have: rumqttd admits the
+                    // first only with the admin token and refuses the second, at once.
+                    Role::Admin | Role::Nobody => false,
+                };
+                let permit = self
+                    .slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Full::All)?;
+                if new_id {
+                    let room = self.max_clients.saturating_sub(self.keyring.known());
+                    if self.new_ids.load(Ordering::Relaxed) >= room
+                        && self.recount_new_ids(&by_id) >= room
+                    {
+                        return Err(Full::NewIds);
+                    }
+                }
                 self.metrics.mqtt_connection_opened();
+                if new_id {
+                    self.new_ids.fetch_add(1, Ordering::Relaxed);
+                }
                 let slot = Arc::new(IdSlot {
                     _permit: permit,
                     metrics: self.metrics.clone(),
+                    new_id: AtomicBool::new(new_id),
+                    new_ids: self.new_ids.clone(),
                     gone: Mutex::default(),
                 });
                 by_id.insert(client_id.to_owned(), Arc::downgrade(&slot));
                 slot
             }
         };
-        Some(Slot {
+        Ok(Slot {
             front: self,
             client_id: client_id.to_owned(),
             slot: Some(slot),
         })
+    }
+
+    /// Stops counting the slots of ids that have become known since their login; the count
+    /// of new ids' slots after that.
+    fn recount_new_ids(&self, by_id: &HashMap<String, Weak<IdSlot>>) -> usize {
+        let mut recounted = lock(&self.recounted);
+        if recounted.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            *recounted = Some(Instant::now());
+            for (id, slot) in by_id {
+                if let Some(slot) = slot.upgrade()
+                    && slot.new_id.load(Ordering::Relaxed)
+                    && self.keyring.get(id).is_some()
+                {
+                    slot.uncount_new_id();
+                }
+            }
+        }
+        self.new_ids.load(Ordering::Relaxed)
     }
 
     fn is_stranded(&self, client_id: &str) -> bool {
@@ -641,21 +732,45 @@ impl Front {
     }
 
     /// Counts and logs (once per interval) a client refused because the broker is full.
-    fn over_limit(&self, client_id: &str, remote: SocketAddr) {
-        self.metrics.mqtt_connection_over_limit();
-        if let Some(suppressed) = self.log(|l| &mut l.limit) {
-            // The id is the client's choice: shown escaped and bounded.
-            let client_id: String = client_id.chars().take(64).collect();
-            tracing::warn!(
-                ?client_id,
-                %remote,
-                suppressed,
-                "refused an MQTT connection with CONNACK 3 (server unavailable): {} clients \
-                 are connected, all that the broker's max_connections leaves room for (raise \
-                 [router] max_connections in the broker file); it is admitted when one leaves \
-                 (more refusals are counted in boottorrent_mqtt_connections_over_limit_total)",
-                self.max_clients
-            );
+    fn over_limit(&self, client_id: &str, remote: SocketAddr, full: Full) {
+        // The id is the client's choice: shown escaped and bounded.
+        let client_id: String = client_id.chars().take(64).collect();
+        match full {
+            Full::All => {
+                self.metrics.mqtt_connection_over_limit();
+                if let Some(suppressed) = self.log(|l| &mut l.limit) {
+                    tracing::warn!(
+                        ?client_id,
+                        %remote,
+                        suppressed,
+                        "refused an MQTT connection with CONNACK 3 (server unavailable): {} \
+                         clients are connected, all that the broker's max_connections leaves \
+                         room for (raise [router] max_connections in the broker file); it is \
+                         admitted when one leaves (more refusals are counted in \
+                         boottorrent_mqtt_connections_over_limit_total)",
+                        self.max_clients
+                    );
+                }
+            }
+            Full::NewIds => {
+                self.metrics.mqtt_new_id_over_limit();
+                if let Some(suppressed) = self.log(|l| &mut l.new_ids) {
+                    tracing::warn!(
+                        ?client_id,
+                        %remote,
+                        suppressed,
+                        known_machines = self.keyring.known(),
+                        max_clients = self.max_clients,
+                        "refused an MQTT login of a machine id the server has never seen with \
+                         CONNACK 3 (server unavailable): the slots beside room for every known \
+                         machine are taken by other new ids (a first enrolment larger than the \
+                         broker's max_connections leaves room for, or made-up ids holding \
+                         connections open; raise [router] max_connections or delete machines \
+                         that will not come back); it is admitted when one leaves (counted in \
+                         boottorrent_mqtt_new_ids_over_limit_total)"
+                    );
+                }
+            }
         }
     }
 
@@ -738,6 +853,10 @@ mod tests {
         assert!(!Role::Machine("pc-1".parse().unwrap()).may_subscribe("#"));
     }
 
+    fn machine(id: &str) -> Role {
+        Role::Machine(id.parse().unwrap())
+    }
+
     #[test]
     fn sessions_of_one_client_id_share_its_slot_and_the_last_frees_it() {
         let metrics = Arc::new(Metrics::default());
@@ -746,21 +865,26 @@ mod tests {
             100,
             2,
             Admissions::default(),
+            Keyring::default(),
             Health::default(),
             metrics.clone(),
         );
-        let a1 = front.slot("pc-a").unwrap();
-        let a2 = front.slot("pc-a").unwrap();
-        let b = front.slot("pc-b").unwrap();
-        assert!(front.slot("pc-c").is_none(), "two ids hold both slots");
+        let a1 = front.slot("pc-a", &machine("pc-a")).unwrap();
+        let a2 = front.slot("pc-a", &machine("pc-a")).unwrap();
+        let b = front.slot("pc-b", &machine("pc-b")).unwrap();
+        assert_eq!(
+            front.slot("pc-c", &machine("pc-c")).err(),
+            Some(Full::All),
+            "two ids hold both slots"
+        );
         assert_eq!(metrics.snapshot().mqtt_connections_open, 2);
         drop(a1);
         assert!(
-            front.slot("pc-c").is_none(),
+            front.slot("pc-c", &machine("pc-c")).is_err(),
             "pc-a's other session holds its slot"
         );
         drop(a2);
-        let c = front.slot("pc-c").unwrap();
+        let c = front.slot("pc-c", &machine("pc-c")).unwrap();
         drop((b, c));
         assert_eq!(metrics.snapshot().mqtt_connections_open, 0);
         assert!(
@@ -770,12 +894,60 @@ mod tests {
     }
 
     #[test]
+    fn new_ids_leave_room_for_every_known_machine() {
+        let keyring = Keyring::default();
+        let key = boottorrent_proto::PublicKeyBytes::from([7u8; 32]);
+        keyring.set(&"pc-known".parse().unwrap(), key, true);
+        let metrics = Arc::new(Metrics::default());
+        let front = Front::new(
+            "127.0.0.1:1".parse().unwrap(),
+            100,
+            3,
+            Admissions::default(),
+            keyring.clone(),
+            Health::default(),
+            metrics.clone(),
+        );
+        let new_a = front.slot("pc-a", &machine("pc-a")).unwrap();
+        let new_b = front.slot("pc-b", &machine("pc-b")).unwrap();
+        assert_eq!(
+            front.slot("pc-c", &machine("pc-c")).err(),
+            Some(Full::NewIds),
+            "the third slot is pc-known's"
+        );
+        // The operator's logins are not new machines.
+        let admin = front.slot("admin-1", &Role::Admin).unwrap();
+        drop(admin);
+
+        // pc-a enrols while connected: it is known now, and no longer counted as new once
+        // a refusal recounts; room for new ids is 3 less 2 known, which pc-b holds.
+        keyring.set(&"pc-a".parse().unwrap(), key, true);
+        // (The refusal above recounted; a second recount waits a second otherwise.)
+        *front.recounted.lock().unwrap() = None;
+        assert_eq!(
+            front.slot("pc-c", &machine("pc-c")).err(),
+            Some(Full::NewIds)
+        );
+        assert_eq!(front.new_ids.load(Ordering::Relaxed), 1, "pc-b only");
+        let known = front.slot("pc-known", &machine("pc-known")).unwrap();
+
+        // pc-b leaves: its room goes to the next new id.
+        drop(new_b);
+        drop(known);
+        let new_c = front.slot("pc-c", &machine("pc-c")).unwrap();
+        drop((new_a, new_c));
+        assert_eq!(front.new_ids.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.snapshot().mqtt_connections_open, 0);
+    }
+
+    #[test]
     fn frames_are_split_whole_and_oversized_ones_refused() {
         let front = Front::new(
             "127.0.0.1:1".parse().unwrap(),
             100,
             1,
             Admissions::default(),
+            Keyring::default(),
             Health::default(),
             Arc::default(),
         );
@@ -843,6 +1015,7 @@ mod tests {
             1 << 16,
             10,
             Admissions::default(),
+            Keyring::default(),
             Health::default(),
             Arc::default(),
         ));

@@ -59,6 +59,11 @@ impl Keyring {
         }
     }
 
+    /// How many machines the server has seen (approved or waiting).
+    pub fn known(&self) -> usize {
+        self.read().len()
+    }
+
     /// Forgets `machine`: its id may enroll again with the token.
     pub fn remove(&self, machine: &MachineId) {
         self.write().remove(machine.as_str());

@@ -104,6 +104,7 @@ pub struct Metrics {
     mqtt_refused: [AtomicU64; MqttRefusal::ALL.len()],
     mqtt_connections_open: AtomicU64,
     mqtt_connections_over_limit: AtomicU64,
+    mqtt_new_ids_over_limit: AtomicU64,
     mqtt_client_limit: AtomicU64,
     mqtt_broker_panics: AtomicU64,
     http_unauthorized: AtomicU64,
@@ -121,6 +122,7 @@ pub struct Snapshot {
     pub mqtt_refused: Vec<(MqttRefusal, u64)>,
     pub mqtt_connections_open: u64,
     pub mqtt_connections_over_limit: u64,
+    pub mqtt_new_ids_over_limit: u64,
     pub mqtt_client_limit: u64,
     pub mqtt_broker_panics: u64,
     pub http_unauthorized: u64,
@@ -165,6 +167,11 @@ impl Metrics {
         self.mqtt_connections_over_limit
             .fetch_add(1, Ordering::Relaxed);
     }
+    /// The front refused a client id the server has never seen because the slots left
+    /// beside room for every known machine were taken.
+    pub fn mqtt_new_id_over_limit(&self) {
+        self.mqtt_new_ids_over_limit.fetch_add(1, Ordering::Relaxed);
+    }
     /// How many clients the front relays at most (set once at start).
     pub fn set_mqtt_client_limit(&self, limit: usize) {
         self.mqtt_client_limit
@@ -198,6 +205,7 @@ impl Metrics {
                 .collect(),
             mqtt_connections_open: get(&self.mqtt_connections_open),
             mqtt_connections_over_limit: get(&self.mqtt_connections_over_limit),
+            mqtt_new_ids_over_limit: get(&self.mqtt_new_ids_over_limit),
             mqtt_client_limit: get(&self.mqtt_client_limit),
             mqtt_broker_panics: get(&self.mqtt_broker_panics),
             http_unauthorized: get(&self.http_unauthorized),
@@ -243,6 +251,11 @@ impl Metrics {
             "boottorrent_mqtt_connections_over_limit_total",
             "MQTT connections refused with CONNACK 3 (server unavailable) because boottorrent_mqtt_client_limit clients were connected.",
             s.mqtt_connections_over_limit,
+        );
+        counter(
+            "boottorrent_mqtt_new_ids_over_limit_total",
+            "MQTT connections of client ids the server has never seen refused with CONNACK 3 (server unavailable): the slots beside room for every known machine were taken.",
+            s.mqtt_new_ids_over_limit,
         );
         counter(
             "boottorrent_mqtt_broker_panics_total",

@@ -112,6 +112,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let grants = Grants::default();
     let passkeys = Passkeys::new(&credentials.server_key, keyring.clone(), grants.clone());
     let keyring_for_http = keyring.clone();
+    let keyring_for_front = keyring.clone();
     let (link, mqtt) = tokio::task::block_in_place(|| {
         broker::start(
             &config,
@@ -227,6 +228,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mqtt.max_packet,
         mqtt.max_clients,
         mqtt.admissions.clone(),
+        keyring_for_front,
         health.clone(),
         metrics.clone(),
     ));
