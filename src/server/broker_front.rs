@@ -40,10 +40,11 @@
 //! the front refuses it from then on rather than let its retry crash rumqttd
 //! ([`Front::strand`]).
 //!
-//! A login whose client id has an earlier session here whose client already left waits
-//! until rumqttd has closed that session ([`Front::after_the_gone`]), so that a login that
-//! timed out in a power-on storm cannot reach rumqttd after its retry and drop the retry's
-//! live session. A session whose client is still connected is neither waited for nor ended:
+//! Logins queue here, at most [`CONNECTING`] of them unanswered in rumqttd at once, and a
+//! login whose client id has an earlier session here whose client already left waits until
+//! rumqttd has closed that session ([`Front::turn`]), so that a login that timed out in a
+//! power-on storm is dropped unread, or at least cannot reach rumqttd after its retry and
+//! drop the retry's live session. A session whose client is still connected is neither waited for nor ended:
 //! rumqttd's login check decides whether a new login of its id may take it over.
 //!
 //! Everything else is relayed as it came, whole packets at a time, so that a SUBACK or PUBACK
@@ -85,6 +86,11 @@ use crate::server::metrics::{Metrics, MqttRefusal};
 /// same as the broker's `connection_timeout_ms`, so idle sockets cannot pile up here either.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many logins rumqttd may have in hand at once; more wait here (see [`Front::turn`]).
+/// rumqttd takes connections one at a time, so a few keep it busy, and a longer queue there
+/// only holds logins whose clients may give up before it reaches them.
+const CONNECTING: usize = 16;
+
 /// What the fronts of the MQTT listeners share: where the broker listens, how big a packet
 /// may be, and the slots of the clients relayed to it.
 pub struct Front {
@@ -105,6 +111,8 @@ pub struct Front {
     new_ids: Arc<AtomicUsize>,
     /// When `new_ids` was last recounted.
     recounted: Mutex<Option<Instant>>,
+    /// One permit per login relayed to rumqttd and not answered yet ([`CONNECTING`]).
+    connecting: Arc<Semaphore>,
     /// Which relayed logins our login check admitted.
     admissions: Admissions,
     /// Client ids rumqttd refused after taking their last will (see [`Front::strand`]).
@@ -139,7 +147,7 @@ struct IdSlot {
     new_id: AtomicBool,
     new_ids: Arc<AtomicUsize>,
     /// One token per session of this id whose client has left while its relay to rumqttd is
-    /// still open, cancelled when rumqttd closed that relay (see [`Front::after_the_gone`]).
+    /// still open, cancelled when rumqttd closed that relay (see [`Front::turn`]).
     gone: Mutex<Vec<CancellationToken>>,
 }
 
@@ -323,6 +331,7 @@ impl Front {
             max_packet,
             // `client_limit` keeps it far below the semaphore's maximum; clamp regardless.
             slots: Arc::new(Semaphore::new(max_clients.min(Semaphore::MAX_PERMITS))),
+            connecting: Arc::new(Semaphore::new(CONNECTING)),
             by_id: Mutex::default(),
             max_clients,
             keyring,
@@ -387,12 +396,12 @@ impl Front {
                 return refuse(&mut client, ConnectReturnCode::ServiceUnavailable).await;
             }
         };
-        if !self
-            .after_the_gone(slot.shared(), &mut client, &mut from_client, shutdown)
+        let Some(connecting) = self
+            .turn(slot.shared(), &mut client, &mut from_client, shutdown)
             .await?
-        {
+        else {
             return Ok(());
-        }
+        };
         if self.is_stranded(&parsed.client_id) {
             if let Some(suppressed) = self.log(|l| &mut l.stranded) {
                 let client_id: String = parsed.client_id.chars().take(64).collect();
@@ -419,7 +428,10 @@ impl Front {
         })?;
         let _ = broker.set_nodelay(true);
         let password = parsed.login.as_ref().map_or("", |l| l.password.as_str());
-        let mut unanswered = Some(self.admissions.expect(&parsed.client_id, password));
+        let mut unanswered = Some((
+            self.admissions.expect(&parsed.client_id, password),
+            connecting,
+        ));
         let result = self
             .session(
                 &mut client,
@@ -439,7 +451,7 @@ impl Front {
             _ = shutdown.cancelled() => return result,
             answered = until_closed(broker) => answered,
         };
-        if let Some(expected) = unanswered {
+        if let Some((expected, _connecting)) = unanswered {
             // rumqttd closed without a word after our check admitted the login: its router
             // refused it (rumqttd's table full), and rumqttd keeps the client's will entry.
             // A keep-alive of 0 is refused after the check too, but before that entry.
@@ -454,45 +466,47 @@ impl Front {
         result
     }
 
-    /// Waits, before a login is relayed, until rumqttd has closed every earlier session of
-    /// the same client id whose client already left; `false` when this client leaves too
-    /// (or the server stops) meanwhile, and it is then never relayed.
+    /// Waits until a login may be relayed: once rumqttd has closed every earlier session of
+    /// the same client id whose client already left, and has fewer than [`CONNECTING`]
+    /// logins unanswered. `None` when this client leaves (or the server stops) meanwhile: it
+    /// is then never relayed.
     ///
-    /// In a power-on storm a CONNECT can sit in rumqttd's queue longer than the client waits
-    /// for its CONNACK. The client gives up and logs in again; if rumqttd then takes the
-    /// stale CONNECT after the new one, it drops the new, live session as a duplicate
-    /// (3,000 agents at once: 211-551 sessions dropped). Waiting for the stale relay to
-    /// close keeps rumqttd's order the client's order. A session whose client is still
-    /// connected is never waited for nor ended here: whether a second login of its id may
-    /// take it over is rumqttd's login check to decide, so that a holder of the enrollment
-    /// token who logs in under a machine's id is refused while the machine stays connected.
-    async fn after_the_gone<S>(
+    /// In a power-on storm a CONNECT could sit in rumqttd's queue longer than the client
+    /// waits for its CONNACK. The client gave up and logged in again, and when rumqttd took
+    /// the stale CONNECT after the new one, it dropped the new, live session as a duplicate
+    /// (3,000 agents at once: 211-551 sessions dropped). So logins queue here, where one
+    /// whose client gives up is dropped unread, and a retry waits for a stale relay of its id
+    /// to close, which keeps rumqttd's order the client's order. A session whose client is
+    /// still connected is never waited for nor ended here: whether a second login of its id
+    /// may take it over is rumqttd's login check to decide, so that a holder of the
+    /// enrollment token who logs in under a machine's id is refused while the machine stays
+    /// connected.
+    async fn turn<S>(
         &self,
         slot: &IdSlot,
         client: &mut S,
         from_client: &mut BytesMut,
         shutdown: &CancellationToken,
-    ) -> Result<bool, RelayError>
+    ) -> Result<Option<OwnedSemaphorePermit>, RelayError>
     where
         S: AsyncRead + Unpin,
     {
         let earlier: Vec<CancellationToken> = lock(&slot.gone).clone();
-        if earlier.is_empty() {
-            return Ok(true);
-        }
-        let all_closed = async {
+        let ready = async {
             for token in &earlier {
                 token.cancelled().await;
             }
+            self.connecting.clone().acquire_owned().await
         };
-        tokio::pin!(all_closed);
+        tokio::pin!(ready);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(false),
-                _ = &mut all_closed => return Ok(true),
+                _ = shutdown.cancelled() => return Ok(None),
+                // The semaphore is never closed.
+                permit = &mut ready => return Ok(permit.ok()),
                 read = client.read_buf(from_client) => {
                     if read? == 0 {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     if from_client.len() > self.max_packet {
                         return Err(RelayError::Closed(
@@ -622,7 +636,7 @@ impl Front {
         mut from_client: BytesMut,
         role: &Role,
         remote: SocketAddr,
-        unanswered: &mut Option<Expected>,
+        unanswered: &mut Option<(Expected, OwnedSemaphorePermit)>,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError>
     where
@@ -647,7 +661,8 @@ impl Front {
                     if read? == 0 {
                         return Ok(());
                     }
-                    // The broker answered (its CONNACK): the password is forgotten.
+                    // The broker answered (its CONNACK): the password is forgotten, and
+                    // the next login may go to rumqttd.
                     *unanswered = None;
                     // Whole packets only, so that answers made here never split one.
                     while let Some((_, frame)) = self.next_frame(&mut from_broker)? {
@@ -1076,6 +1091,60 @@ mod tests {
             tokio::time::timeout(QUIET, broker.accept()).await.is_err(),
             "a login whose client left while it waited reached the broker"
         );
+
+        shutdown.cancel();
+        served.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn logins_wait_here_while_the_broker_has_its_fill_unanswered() {
+        const QUIET: Duration = Duration::from_millis(300);
+        const SOON: Duration = Duration::from_secs(10);
+        let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front = Arc::new(Front::new(
+            broker.local_addr().unwrap(),
+            1 << 16,
+            100,
+            Admissions::default(),
+            Keyring::default(),
+            Health::default(),
+            Arc::default(),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(listener, front.clone(), None, shutdown.clone()));
+
+        let mut clients = Vec::new();
+        let mut relays = Vec::new();
+        for n in 0..CONNECTING {
+            clients.push(connect_as(addr, &format!("pc-{n}")).await);
+            let (mut relay, _) = broker.accept().await.unwrap();
+            relayed_connect(&front, &mut relay).await;
+            relays.push(relay);
+        }
+        // One more waits, and one that gives up while it waits is never relayed.
+        let gives_up = connect_as(addr, "pc-gives-up").await;
+        tokio::time::sleep(QUIET).await;
+        let _waits = connect_as(addr, "pc-waits").await;
+        assert!(
+            tokio::time::timeout(QUIET, broker.accept()).await.is_err(),
+            "a login went to a broker with {CONNECTING} unanswered"
+        );
+        drop(gives_up);
+        tokio::time::sleep(QUIET).await;
+
+        // The broker answers one: the next login in line goes on.
+        let mut connack = BytesMut::new();
+        ConnAck::new(ConnectReturnCode::Success, false)
+            .write(&mut connack)
+            .unwrap();
+        relays[0].write_all(&connack).await.unwrap();
+        let (mut next, _) = tokio::time::timeout(SOON, broker.accept())
+            .await
+            .expect("the waiting login is relayed once the broker answered one")
+            .unwrap();
+        assert_eq!(relayed_connect(&front, &mut next).await, "pc-waits");
 
         shutdown.cancel();
         served.await.unwrap();
