@@ -42,6 +42,16 @@ fn two_agents_register_go_offline_when_killed_and_ignore_forged_commands() {
     wait_for("both agents to show online", || {
         (server.online("pc-a") == Some(true) && server.online("pc-b") == Some(true)).then_some(())
     });
+    // The embedded broker keeps no machine's status retained: the server hears each one
+    // live, and rumqttd matches every retained message against every later subscription
+    // (issue #17). A subscriber that comes later gets none.
+    let retained = server.sniff_as(
+        "admin",
+        &server.admin_token(),
+        &["boottorrent/evt/machine/+/status"],
+        2,
+    );
+    assert!(!retained.contains("received PUBLISH"), "{retained}");
     let machine = server.get_json("/api/v1/machines/pc-b");
     assert_eq!(machine["agent_version"], env!("CARGO_PKG_VERSION"));
     assert!(!machine["os"].as_str().unwrap().is_empty(), "{machine}");

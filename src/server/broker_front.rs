@@ -18,6 +18,10 @@
 //! - a CONNECT whose last will is outside the rules is refused with CONNACK 5 (not
 //!   authorized) before the broker sees it.
 //!
+//! - a machine's PUBLISH and last will lose their retain flag: rumqttd keeps retained
+//!   messages in memory only, the server hears every status live, and rumqttd matches every
+//!   retained message against every later subscription (docs/architecture.md).
+//!
 //! The operator's `admin` sessions (rumqttd admits them only with the admin token) pass
 //! unfiltered. Each refusal is counted in `/metrics` and logged at most once per interval.
 //!
@@ -90,6 +94,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// rumqttd takes connections one at a time, so a few keep it busy, and a longer queue there
 /// only holds logins whose clients may give up before it reaches them.
 const CONNECTING: usize = 16;
+
+/// The retain flag in a PUBLISH's first byte.
+const PUBLISH_RETAIN: u8 = 0x01;
 
 /// What the fronts of the MQTT listeners share: where the broker listens, how big a packet
 /// may be, and the slots of the clients relayed to it.
@@ -376,12 +383,23 @@ impl Front {
         if !matches!(header.packet_type(), Ok(mqttbytes::PacketType::Connect)) {
             return Err(RelayError::Closed("the first packet is not CONNECT".into()));
         }
-        let parsed =
+        let mut parsed =
             rumqttc::Connect::read(header, connect.clone()).map_err(RelayError::Malformed)?;
         let role = Role::of(
             &parsed.client_id,
             parsed.login.as_ref().map(|l| l.username.as_str()),
         );
+        let connect = match &mut parsed.last_will {
+            Some(will) if will.retain && role != Role::Admin => {
+                will.retain = false;
+                let mut unretained = BytesMut::with_capacity(connect.len());
+                parsed
+                    .write(&mut unretained)
+                    .map_err(RelayError::Malformed)?;
+                unretained.freeze()
+            }
+            _ => connect,
+        };
         if let Some(will) = &parsed.last_will {
             if !role.may_publish(&will.topic) {
                 self.refused(MqttRefusal::Will, &role, remote, &will.topic);
@@ -724,6 +742,12 @@ impl Front {
                         }
                     }
                     client.write_all(&answer).await?;
+                    return Ok(());
+                }
+                if publish.retain {
+                    let mut unretained = frame.to_vec();
+                    unretained[0] &= !PUBLISH_RETAIN;
+                    broker.write_all(&unretained).await?;
                     return Ok(());
                 }
             }
