@@ -71,6 +71,7 @@ async fn fixture() -> Fixture {
         keyring,
         proof_window_ms: 30_000,
         https_url: None,
+        certificates: None,
     };
     Fixture { state, _dir: dir }
 }
