@@ -35,6 +35,11 @@ pub const MACHINE_CERT_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 const LONG_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 /// Allowance for clocks behind ours: certificates start this long before they are made.
 const BACKDATE: Duration = Duration::from_secs(3600);
+/// The PKCS#8 v1 encoding of an Ed25519 private key is this prefix and the 32-byte seed
+/// (RFC 8410, section 7).
+const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
 /// The CA's name; fixed, so that its issuer name is the same after a restart.
 const CA_NAME: &str = "BootTorrent machine CA";
 
@@ -126,7 +131,13 @@ impl MachineCa {
 
     /// A client certificate with a new key: the orchestrator's login to the broker.
     pub fn issue_client_with_key(&self, name: &str, now_ms: i64) -> anyhow::Result<Issued> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).context("generating a client key")?;
+        // PKCS#8 v1 (RFC 8410: a fixed prefix and the 32-byte seed): ring's own encoding (v2,
+        // with the public key) is refused by OpenSSL 3, and so by mosquitto's clients.
+        let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).context("generating a client key")?;
+        pkcs8.extend_from_slice(&seed);
+        let key = KeyPair::try_from(pkcs8.as_slice()).context("reading the new client key")?;
         let (params, _) = leaf_params(name, now_ms, LONG_VALIDITY)?;
         let cert = params
             .signed_by(&key, &self.issuer)
