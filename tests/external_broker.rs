@@ -320,4 +320,11 @@ fn agents_on_mosquitto_get_deployments_and_a_token_holder_cannot_touch_another_m
             && server.online("pc-b") == Some(true))
         .then_some(())
     });
+
+    // Presence through mosquitto: a machine that dies is offline by its last will.
+    let mut agent = agent;
+    agent.kill9();
+    wait_for("pc-b offline by its will", || {
+        (server.online("pc-b") == Some(false)).then_some(())
+    });
 }
