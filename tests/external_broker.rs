@@ -328,3 +328,54 @@ fn agents_on_mosquitto_get_deployments_and_a_token_holder_cannot_touch_another_m
         (server.online("pc-b") == Some(false)).then_some(())
     });
 }
+
+/// `boottorrent-loadgen fleet --certificate-login`, which docs/benchmarks.md runs at 10,000
+/// on this path, with a few agents: each gets its certificate and comes online through
+/// mosquitto, and both deployments reach them, with no failed connection.
+#[test]
+fn the_load_generator_runs_its_agents_through_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let data_dir = dir.join("server");
+    let mosquitto = Mosquitto::start(dir, &data_dir);
+    let server = Server::start(
+        &data_dir,
+        &["--broker", &format!("mqtts://127.0.0.1:{}", mosquitto.port)],
+    );
+    let mut command = Command::new(loadgen_binary());
+    command
+        .args(["fleet", "--json", "--ramp-secs", "1", "--settle-secs", "0"])
+        .args(["--idle-secs", "1", "--poll-ms", "200"])
+        .args(["--agents", "20", "--zone-agents", "5"])
+        .args(["--server", &server.url("")])
+        .args(["--mqtt", &format!("127.0.0.1:{}", mosquitto.port)])
+        .args(["--admin-token", &server.admin_token()])
+        .args(["--enroll-token", &server.enroll_token()])
+        .args(["--server-pid", &server.pid().to_string()])
+        .arg("--certificate-login")
+        .arg("--broker-ca")
+        .arg(&mosquitto.ca)
+        .arg("--work-dir")
+        .arg(dir.join("work"));
+    let out = run_within(command, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "boottorrent-loadgen failed:\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let context = format!("report:\n{report:#}\nstderr:\n{stderr}");
+    assert_eq!(report["online_in_api"], 20, "{context}");
+    assert_eq!(report["answered"], 20, "{context}");
+    assert_eq!(report["failed"], serde_json::json!({}), "{context}");
+    assert_eq!(report["dropped"], serde_json::json!({}), "{context}");
+    for (deployment, expected) in report["fanout"].as_array().unwrap().iter().zip([20, 5]) {
+        assert_eq!(deployment["received"], expected, "{context}");
+    }
+    // They were mosquitto's clients, logged in by their certificates' names.
+    assert!(
+        mosquitto.log_text().contains("-00019 (p2, c1, k30, u'"),
+        "{}",
+        mosquitto.log_text()
+    );
+}
