@@ -100,6 +100,11 @@ fn conf(out: &Path, listen: SocketAddr, run_as: Option<&str>) -> String {
          allow_anonymous false\n\
          acl_file {acl}\n\
          set_tcp_nodelay true\n\
+         # The orchestrator takes every machine's events at QoS 1 on one connection: more than\n\
+         # mosquitto's default of 20 may be in flight to it, and a power-on burst (10,000\n\
+         # startups) is queued rather than dropped past mosquitto's default 1,000.\n\
+         max_inflight_messages 1000\n\
+         max_queued_messages 100000\n\
          \n\
          listener {port} {ip}\n\
          cafile {ca}\n\
