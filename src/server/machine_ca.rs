@@ -226,3 +226,68 @@ fn at(ms: i64) -> anyhow::Result<time::OffsetDateTime> {
     time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
         .with_context(|| format!("{ms} ms is not a time a certificate can hold"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, UnixTime};
+
+    use super::*;
+
+    /// Whether `cert_pem` is a client certificate a TLS server trusting `ca_pem` accepts, by
+    /// rustls's own verifier (chain, signature, validity, client-auth usage).
+    fn accepted(ca_pem: &str, cert_pem: &str) -> Result<(), rustls::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let cert: CertificateDer = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        verifier
+            .verify_client_cert(&cert, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn machine_certificates_chain_to_the_ca_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = MachineCa::load_or_create(dir.path()).unwrap();
+        let machine_key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let public = machine_key.verifying_key().to_bytes();
+        let now = boottorrent_proto::now_ms();
+        let (cert, not_after) = ca.issue_machine("pc-1", &public, now).unwrap();
+        assert_eq!(not_after - now, MACHINE_CERT_VALIDITY.as_millis() as i64);
+        accepted(ca.cert_pem(), &cert).unwrap();
+
+        // Loaded again from the data directory: the same CA, whose new certificates the old
+        // CA certificate (the one brokers hold) still verifies.
+        let again = MachineCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+        let (cert, _) = again.issue_machine("pc-2", &public, now).unwrap();
+        accepted(ca.cert_pem(), &cert).unwrap();
+
+        // Another CA's certificates are not accepted.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = MachineCa::load_or_create(other_dir.path()).unwrap();
+        let (foreign, _) = other.issue_machine("pc-1", &public, now).unwrap();
+        assert!(accepted(ca.cert_pem(), &foreign).is_err());
+
+        // The orchestrator's client certificate too; and half a CA on disk is an error.
+        let client = ca
+            .issue_client_with_key("boottorrent-orchestrator", now)
+            .unwrap();
+        accepted(ca.cert_pem(), &client.cert_pem).unwrap();
+        std::fs::remove_file(dir.path().join(CA_KEY_FILE)).unwrap();
+        let err = MachineCa::load_or_create(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("only one of"), "{err}");
+    }
+}
