@@ -30,11 +30,15 @@ impl Mosquitto {
     /// Writes the configuration for the server data directory `data_dir` into `dir/mq`
     /// and starts mosquitto with it.
     fn start(dir: &Path, data_dir: &Path) -> Mosquitto {
+        Mosquitto::start_on(dir, data_dir, free_port(), "mq")
+    }
+
+    /// As [`Mosquitto::start`], on `port`, the configuration written into `dir/name`.
+    fn start_on(dir: &Path, data_dir: &Path, port: u16, name: &str) -> Mosquitto {
         if !Path::new("/usr/sbin/mosquitto").exists() {
             require_tool("mosquitto", "mosquitto");
         }
-        let port = free_port();
-        let out = dir.join("mq");
+        let out = dir.join(name);
         output({
             let mut c = Command::new(BOOTTORRENT);
             c.arg("broker-config")
@@ -54,7 +58,7 @@ impl Mosquitto {
         let mut text = std::fs::read_to_string(&conf).unwrap();
         text.insert_str(0, "log_type all\nlog_dest stderr\n");
         std::fs::write(&conf, text).unwrap();
-        let log = dir.join("mosquitto.log");
+        let log = dir.join(format!("mosquitto-{name}.log"));
         let mosquitto = Mosquitto {
             proc: spawn(mosquitto_command(&conf), log.clone()),
             port,
@@ -377,5 +381,52 @@ fn the_load_generator_runs_its_agents_through_mosquitto() {
         mosquitto.log_text().contains("-00019 (p2, c1, k30, u'"),
         "{}",
         mosquitto.log_text()
+    );
+}
+
+/// An agent whose stored certificate no longer works (the server's machine CA was made anew,
+/// and the broker configured with it) asks for a new one after three failed connects, and
+/// comes back online by itself.
+#[test]
+fn an_agent_replaces_a_certificate_the_broker_no_longer_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let data_dir = dir.join("server");
+    let mut mosquitto = Mosquitto::start(dir, &data_dir);
+    let port = mosquitto.port;
+    let broker = format!("mqtts://127.0.0.1:{port}");
+    let mut server = Server::start(&data_dir, &["--broker", &broker]);
+    enroll(&server, dir, "pc-c");
+    let port_text = port.to_string();
+    let agent_args = ["--mqtt-port", &port_text, "--broker-login", "certificate"];
+    let mut agent = run_agent(dir, &server, "pc-c", &agent_args);
+    wait_for("pc-c online", || server.online("pc-c").filter(|o| *o));
+    agent.terminate();
+
+    // A new machine CA: the old one's files removed, the broker configured anew with it.
+    server.terminate();
+    mosquitto.proc.kill9();
+    for file in [
+        "machine-ca.crt",
+        "machine-ca.key",
+        "orchestrator.crt",
+        "orchestrator.key",
+    ] {
+        std::fs::remove_file(data_dir.join(file)).unwrap();
+    }
+    let _mosquitto = Mosquitto::start_on(dir, &data_dir, port, "mq-new");
+    let server = server.restart(&["--broker", &broker]);
+
+    let agent = spawn(
+        run_agent_command(dir, &server, "pc-c", &agent_args),
+        dir.join("pc-c-again.log"),
+    );
+    wait_until("pc-c online again", Duration::from_secs(60), || {
+        server.online("pc-c").filter(|o| *o)
+    });
+    let log = agent.log_text();
+    assert!(
+        log.matches("got a broker certificate").count() == 1 && log.contains("retrying in"),
+        "pc-c came back without a failed connect and one new certificate:\n{log}"
     );
 }

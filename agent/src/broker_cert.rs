@@ -71,10 +71,10 @@ impl CertLogin {
     }
 
     /// The TLS transport with the stored certificate, fetching a new one first when it is
-    /// missing or past half its life.
-    pub async fn transport(&self) -> anyhow::Result<Transport> {
+    /// missing or past half its life, or when `fresh`.
+    pub async fn transport(&self, fresh: bool) -> anyhow::Result<Transport> {
         let now = boottorrent_proto::now_ms();
-        let stored = match self.stored(now) {
+        let stored = match self.stored(now).filter(|_| !fresh) {
             Some(stored) => stored,
             None => self.fetch(now).await?,
         };

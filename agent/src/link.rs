@@ -60,6 +60,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// Requests the client may queue for the event loop.
 const CLIENT_QUEUE: usize = 256;
+/// Failed connections in a row after which a certificate login asks once for a new
+/// certificate.
+const CERTIFICATE_RETRIES: u32 = 3;
 /// How long a clean shutdown may take to get `shutdown` and the DISCONNECT out.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(3);
 /// File in the data dir holding the last accepted server seq, so that a command captured
@@ -174,7 +177,7 @@ pub async fn run(
         Some(login) => {
             let mut backoff = INITIAL_BACKOFF;
             let transport = loop {
-                match login.transport().await {
+                match login.transport(false).await {
                     Ok(transport) => break transport,
                     Err(e) => tracing::warn!(
                         "{e:#}; retrying in {} s (the broker takes this machine only with a \
@@ -589,6 +592,11 @@ async fn drive(
 ) {
     let mut backoff = INITIAL_BACKOFF;
     let mut connected_at: Option<Instant> = None;
+    // Attempts since the last CONNACK: with a certificate login, the third in a row asks once
+    // for a new certificate (the server's CA may have been made anew, or the machine deleted
+    // and enrolled again); once, so that a broker outage does not turn into a certificate
+    // request per agent and retry.
+    let mut failures = 0u32;
     loop {
         let polled = tokio::select! {
             _ = stop.cancelled() => return,
@@ -597,6 +605,7 @@ async fn drive(
         let note = match polled {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(Instant::now());
+                failures = 0;
                 Net::Connected
             }
             Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => Net::Message {
@@ -613,6 +622,7 @@ async fn drive(
                 {
                     backoff = INITIAL_BACKOFF;
                 }
+                failures = failures.saturating_add(1);
                 tracing::warn!(
                     "MQTT connection to {broker}: {e}; retrying in {} s",
                     backoff.as_secs()
@@ -628,14 +638,16 @@ async fn drive(
                 }
                 match &cert_login {
                     // Renewed before it runs out: the broker checks it at every connect.
-                    Some(login) if login.due(now_ms()) => match login.transport().await {
-                        Ok(transport) => {
-                            eventloop.mqtt_options.set_transport(transport);
+                    Some(login) if login.due(now_ms()) || failures == CERTIFICATE_RETRIES => {
+                        match login.transport(failures == CERTIFICATE_RETRIES).await {
+                            Ok(transport) => {
+                                eventloop.mqtt_options.set_transport(transport);
+                            }
+                            Err(e) => tracing::warn!(
+                                "renewing the broker certificate: {e:#}; trying the old one"
+                            ),
                         }
-                        Err(e) => tracing::warn!(
-                            "renewing the broker certificate: {e:#}; trying the old one"
-                        ),
-                    },
+                    }
                     Some(_) => {}
                     None => {
                         // The server refuses a login proof it has seen or that has gone stale.
