@@ -149,7 +149,9 @@ pub struct Settings {
     pub max_packet: usize,
 }
 
-/// The login settings `config` asks for; `None` when the server runs its embedded broker.
+/// The login settings `config` asks for (an error when it names no external broker); over
+/// mqtts without a username or certificate of its own, the orchestrator's certificate from the
+/// machine CA, made on first use.
 pub fn settings(config: &Config) -> anyhow::Result<Settings> {
     let Some(url) = config.broker.clone() else {
         bail!("no external broker configured");

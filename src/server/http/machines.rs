@@ -474,7 +474,14 @@ pub(super) async fn machine_certificate(
             // One new id at a time through the gate, so the count of waiting machines it
             // checks is not raced.
             let mut gate = certificates.gate.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(why) = gate.admit(now, state.keyring.waiting(), !certificates.auto_approve) {
+            let needs_approval = !certificates.auto_approve;
+            // Counting reads every key: only when the cap applies.
+            let waiting = if needs_approval {
+                state.keyring.waiting()
+            } else {
+                0
+            };
+            if let Err(why) = gate.admit(now, waiting, needs_approval) {
                 gate.report(now);
                 return Err(ApiError::coded(
                     ErrorCode::Unavailable,
