@@ -74,5 +74,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config::Config::default_toml());
             Ok(())
         }
+        Command::BrokerConfig(args) => {
+            let written = server::mosquitto::write(&server::mosquitto::Request {
+                data_dir: &args.data_dir,
+                out: &args.out,
+                listen: args.listen,
+                names: &args.names,
+                run_as: args.run_as.as_deref(),
+            })?;
+            for path in written {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
     }
 }

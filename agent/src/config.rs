@@ -23,7 +23,8 @@ pub struct Config {
     /// Host name or IP address of the BootTorrent server, for MQTT and (by default) HTTP.
     /// Required by `run`.
     pub server: Option<String>,
-    /// MQTT port of the server. Default: 1883, or 8883 when `tls_ca` is set.
+    /// MQTT port of the server. Default: 1883, or 8883 when `tls_ca` is set or `broker_login`
+    /// is `certificate`.
     pub mqtt_port: Option<u16>,
     /// Base URL of the server's HTTP API and tracker. Default: `http://<server>:8080`.
     pub http_url: Option<String>,
@@ -32,6 +33,13 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
     /// The server's enrollment token: the MQTT password (the username is the machine id).
     pub enroll_token: Option<Secret>,
+    /// How the agent logs in to the broker: `password` (the server's embedded broker checks
+    /// a proof by the machine key with the token), or `certificate` (a server run with
+    /// `--broker` against an existing broker: the agent gets a certificate for its own key
+    /// from the server's HTTP API, keeps it in its store, renews it at half its life, and
+    /// logs in over TLS with it; `tls_ca` is then the broker's CA, by default the CA that
+    /// signed the certificate).
+    pub broker_login: BrokerLogin,
     /// This machine's id, `[A-Za-z0-9._-]{1,64}`. Default: the id in the machine's store, and
     /// for a new store the host name with every other character replaced by `-`, cut to 64
     /// characters.
@@ -79,6 +87,17 @@ pub struct Config {
     pub config_dir: Option<PathBuf>,
 }
 
+/// How the agent logs in to the broker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerLogin {
+    /// Username = machine id, password = a proof by the machine key and the enrollment token.
+    #[default]
+    Password,
+    /// A client certificate of the server's machine CA for the machine's own key, over TLS.
+    Certificate,
+}
+
 /// Which boot backend runs after staging.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -99,6 +118,7 @@ impl Default for Config {
             http_url: None,
             tls_ca: None,
             enroll_token: None,
+            broker_login: BrokerLogin::Password,
             machine_id: None,
             data_dir: None,
             bt_listen: ([0, 0, 0, 0], 6881).into(),
@@ -131,6 +151,7 @@ impl fmt::Debug for Config {
             .field("http_url", &self.http_url)
             .field("tls_ca", &self.tls_ca)
             .field("enroll_token", &self.enroll_token)
+            .field("broker_login", &self.broker_login)
             .field("machine_id", &self.machine_id)
             .field("data_dir", &self.data_dir)
             .field("bt_listen", &self.bt_listen)
@@ -179,6 +200,10 @@ pub struct Overrides {
         hide_env_values = true
     )]
     pub enroll_token: Option<Secret>,
+    /// How to log in to the broker: password (the server's embedded broker) or certificate
+    /// (a server run with --broker against an existing broker) [default: password].
+    #[arg(long, env = "BOOTTORRENT_AGENT_BROKER_LOGIN", value_enum)]
+    pub broker_login: Option<BrokerLogin>,
     /// This machine's id [default: the host name, sanitised].
     #[arg(long, env = "BOOTTORRENT_AGENT_MACHINE_ID", value_name = "ID")]
     pub machine_id: Option<MachineId>,
@@ -278,6 +303,7 @@ impl Config {
             http_url,
             tls_ca,
             enroll_token,
+            broker_login,
             machine_id,
             data_dir,
             bt_listen,
@@ -307,6 +333,7 @@ impl Config {
         set_opt(&mut self.http_url, http_url);
         set_opt(&mut self.tls_ca, tls_ca);
         set_opt(&mut self.enroll_token, enroll_token);
+        set(&mut self.broker_login, broker_login);
         set_opt(&mut self.machine_id, machine_id);
         set_opt(&mut self.data_dir, data_dir);
         set(&mut self.bt_listen, bt_listen);
@@ -358,8 +385,8 @@ impl Config {
 
     /// The MQTT port: the configured one, else 8883 with TLS and 1883 without.
     pub fn mqtt_port(&self) -> u16 {
-        self.mqtt_port
-            .unwrap_or(if self.tls_ca.is_some() { 8883 } else { 1883 })
+        let tls = self.tls_ca.is_some() || self.broker_login == BrokerLogin::Certificate;
+        self.mqtt_port.unwrap_or(if tls { 8883 } else { 1883 })
     }
 
     /// The HTTP base URL without a trailing `/`: the configured one, else
@@ -419,6 +446,11 @@ impl Config {
 # tls_ca = "/etc/boottorrent/ca.pem"
 # The server's enrollment token: the MQTT password (the username is the machine id).
 # enroll_token = "..."
+# How to log in to the broker: "password" (the server's embedded broker), or "certificate"
+# for a server run with --broker against an existing broker (mosquitto, EMQX): the agent gets
+# a certificate for its own key from the server's HTTP API, keeps it in its store, renews it
+# at half its life and logs in over TLS with it; tls_ca defaults to the CA that signed it.
+broker_login = "password"
 # This machine's id, [A-Za-z0-9._-]{{1,64}} (default: the id kept in the machine's store; for a
 # new store the host name, other characters as "-").
 # machine_id = "pc-101-01"

@@ -41,7 +41,8 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::broker_cert::CertLogin;
+use crate::config::{BrokerLogin, Config};
 use crate::identity::Identity;
 use crate::inventory;
 use crate::tasks::Tasks;
@@ -59,6 +60,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// Requests the client may queue for the event loop.
 const CLIENT_QUEUE: usize = 256;
+/// Failed connections in a row after which a certificate login asks once for a new
+/// certificate.
+const CERTIFICATE_RETRIES: u32 = 3;
 /// How long a clean shutdown may take to get `shutdown` and the DISCONNECT out.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(3);
 /// File in the data dir holding the last accepted server seq, so that a command captured
@@ -140,6 +144,22 @@ pub async fn run(
         now_ms(),
     )));
 
+    // With an external broker, the machine's certificate is its login (see `broker_cert`).
+    let cert_login = match config.broker_login {
+        BrokerLogin::Password => None,
+        BrokerLogin::Certificate => Some(CertLogin {
+            machine: machine.clone(),
+            key: lock(&signer).key().clone(),
+            token: token.clone(),
+            http: reqwest::Client::new(),
+            http_url: config.http_url()?,
+            data_dir: config
+                .data_dir
+                .clone()
+                .context("the machine's store must be located before the link starts")?,
+            tls_ca: config.tls_ca.clone(),
+        }),
+    };
     // Each lock in its own statement: a guard lives to the end of the statement it is in.
     let password = lock(&signer).password(token.expose(), now_ms());
     let will = will(&mut lock(&signer))?;
@@ -148,13 +168,37 @@ pub async fn run(
         .set_keep_alive(Duration::from_secs(
             config.mqtt_keepalive_secs.max(1).into(),
         ))
-        .set_credentials(machine.as_str(), password)
         .set_clean_session(true)
         // Envelopes are capped by the protocol; leave room for the MQTT header and topic.
         .set_max_packet_size(MAX_PAYLOAD_BYTES + 1024, MAX_PAYLOAD_BYTES + 1024)
         .set_last_will(will);
-    if let Some(ca) = &config.tls_ca {
-        options.set_transport(tls_transport(ca)?);
+    match &cert_login {
+        // The broker takes the certificate's CN as the username and client id.
+        Some(login) => {
+            let mut backoff = INITIAL_BACKOFF;
+            let transport = loop {
+                match login.transport(false).await {
+                    Ok(transport) => break transport,
+                    Err(e) => tracing::warn!(
+                        "{e:#}; retrying in {} s (the broker takes this machine only with a \
+                         certificate from the server)",
+                        backoff.as_secs()
+                    ),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            };
+            options.set_transport(transport);
+        }
+        None => {
+            options.set_credentials(machine.as_str(), password);
+            if let Some(ca) = &config.tls_ca {
+                options.set_transport(tls_transport(ca)?);
+            }
+        }
     }
     let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
     let (net_tx, mut net_rx) = mpsc::channel(64);
@@ -166,6 +210,7 @@ pub async fn run(
             net_tx,
             signer.clone(),
             token,
+            cert_login,
             format!("{host}:{port}"),
             stop_driver.clone(),
         );
@@ -177,7 +222,7 @@ pub async fn run(
     tracing::info!(
         machine = %machine,
         broker = %format!("{host}:{port}"),
-        tls = config.tls_ca.is_some(),
+        tls = config.tls_ca.is_some() || config.broker_login == BrokerLogin::Certificate,
         "connecting to the BootTorrent server"
     );
 
@@ -541,11 +586,17 @@ async fn drive(
     net: mpsc::Sender<Net>,
     signer: Arc<Mutex<MachineSigner>>,
     token: Secret,
+    cert_login: Option<CertLogin>,
     broker: String,
     stop: CancellationToken,
 ) {
     let mut backoff = INITIAL_BACKOFF;
     let mut connected_at: Option<Instant> = None;
+    // Attempts since the last CONNACK: with a certificate login, the third in a row asks once
+    // for a new certificate (the server's CA may have been made anew, or the machine deleted
+    // and enrolled again); once, so that a broker outage does not turn into a certificate
+    // request per agent and retry.
+    let mut failures = 0u32;
     loop {
         let polled = tokio::select! {
             _ = stop.cancelled() => return,
@@ -554,6 +605,7 @@ async fn drive(
         let note = match polled {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(Instant::now());
+                failures = 0;
                 Net::Connected
             }
             Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => Net::Message {
@@ -570,6 +622,7 @@ async fn drive(
                 {
                     backoff = INITIAL_BACKOFF;
                 }
+                failures = failures.saturating_add(1);
                 tracing::warn!(
                     "MQTT connection to {broker}: {e}; retrying in {} s",
                     backoff.as_secs()
@@ -583,10 +636,26 @@ async fn drive(
                     }
                     Err(e) => tracing::error!("could not sign a new last will: {e:#}"),
                 }
-                // The server refuses a login proof it has seen or that has gone stale.
-                let password = lock(&signer).password(token.expose(), now_ms());
-                let user = eventloop.mqtt_options.client_id();
-                eventloop.mqtt_options.set_credentials(user, password);
+                match &cert_login {
+                    // Renewed before it runs out: the broker checks it at every connect.
+                    Some(login) if login.due(now_ms()) || failures == CERTIFICATE_RETRIES => {
+                        match login.transport(failures == CERTIFICATE_RETRIES).await {
+                            Ok(transport) => {
+                                eventloop.mqtt_options.set_transport(transport);
+                            }
+                            Err(e) => tracing::warn!(
+                                "renewing the broker certificate: {e:#}; trying the old one"
+                            ),
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        // The server refuses a login proof it has seen or that has gone stale.
+                        let password = lock(&signer).password(token.expose(), now_ms());
+                        let user = eventloop.mqtt_options.client_id();
+                        eventloop.mqtt_options.set_credentials(user, password);
+                    }
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}

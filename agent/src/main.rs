@@ -25,6 +25,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 
 mod boot;
+mod broker_cert;
 mod child;
 mod config;
 mod downloads;

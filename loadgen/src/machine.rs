@@ -83,6 +83,60 @@ impl Machine {
     }
 }
 
+/// The PKCS#8 v1 encoding of an Ed25519 private key is this prefix and the 32-byte seed
+/// (RFC 8410, section 7).
+const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+impl Machine {
+    /// Asks the server for a certificate for this machine's key (as the agent with
+    /// `broker_login = "certificate"`) and makes the TLS transport that logs in with it.
+    pub async fn certificate_transport(
+        &self,
+        from: &crate::fleet::agent::Certificates,
+        token: &str,
+    ) -> anyhow::Result<rumqttc::Transport> {
+        let request =
+            boottorrent_proto::certificate_request(self.id(), self.signer.key(), token, now_ms());
+        let url = format!("{}/api/v1/machines/{}/certificate", from.base, self.id());
+        let response = from
+            .http
+            .post(&url)
+            .json(&request)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            anyhow::bail!("POST {url}: {status}");
+        }
+        let answer: boottorrent_proto::CertificateAnswer = response
+            .json()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut from.ca_pem.as_bytes()) {
+            roots.add(cert.context("--broker-ca: not PEM")?)?;
+        }
+        let chain = rustls_pemfile::certs(&mut answer.certificate.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("the machine certificate: not PEM")?;
+        let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();
+        pkcs8.extend_from_slice(&self.signer.key().to_bytes());
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8.into()))?;
+        Ok(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+        ))
+    }
+}
+
 /// `host:port` split, for `--mqtt`.
 pub fn broker_address(mqtt: &str) -> anyhow::Result<(String, u16)> {
     let (host, port) = mqtt

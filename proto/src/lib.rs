@@ -43,8 +43,8 @@ pub use host::hostname;
 pub use id::*;
 pub use keys::*;
 pub use login::{
-    Admission, LoginError, LoginPassword, LoginProof, PasskeyAnswer, Purpose, login_password,
-    passkey_request,
+    Admission, CertificateAnswer, CertificateRequest, LoginError, LoginPassword, LoginProof,
+    PasskeyAnswer, Purpose, certificate_request, login_password, passkey_request,
 };
 pub use machine::{CommandRefused, MachineSigner, accept_command, zone_filter_changes};
 pub use message::*;

@@ -29,6 +29,9 @@ pub enum Purpose {
     MqttLogin,
     /// Asking the server's HTTP API for the machine's tracker passkey ([`passkey_request`]).
     Passkey,
+    /// Asking the server's HTTP API for a certificate to log in to an external broker with
+    /// ([`certificate_request`]).
+    Certificate,
 }
 
 impl Purpose {
@@ -36,6 +39,7 @@ impl Purpose {
         match self {
             Purpose::MqttLogin => b"boottorrent-mqtt-login-v1\0",
             Purpose::Passkey => b"boottorrent-passkey-request-v1\0",
+            Purpose::Certificate => b"boottorrent-broker-certificate-request-v1\0",
         }
     }
 }
@@ -160,6 +164,43 @@ pub struct Admission {
 /// without a token; the server reads it with [`LoginPassword::parse`].
 pub fn passkey_request(machine: &MachineId, key: &SigningKey, now_ms: i64) -> String {
     proof(Purpose::Passkey, machine, key, "", now_ms)
+}
+
+/// A machine's request for its broker certificate (`POST /api/v1/machines/{id}/certificate`):
+/// the public key the certificate is to carry, and a proof by that key with the enrollment
+/// token, in the format of [`login_password`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertificateRequest {
+    /// The machine's Ed25519 public key, hex.
+    pub public_key: String,
+    /// `bt1:<ts_ms>:<signature hex>:<enrollment token>`, signed for [`Purpose::Certificate`].
+    pub proof: String,
+}
+
+/// The server's answer to a [`CertificateRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertificateAnswer {
+    /// The machine the certificate is for (its CN).
+    pub machine: MachineId,
+    /// The certificate, PEM.
+    pub certificate: String,
+    /// The certificate of the CA that signed it, PEM.
+    pub ca: String,
+    /// When the certificate runs out, Unix milliseconds.
+    pub not_after_ms: i64,
+}
+
+/// The certificate request of `machine` for its own `key`, with the enrollment `token`.
+pub fn certificate_request(
+    machine: &MachineId,
+    key: &SigningKey,
+    token: &str,
+    now_ms: i64,
+) -> CertificateRequest {
+    CertificateRequest {
+        public_key: hex::encode(key.verifying_key().to_bytes()),
+        proof: proof(Purpose::Certificate, machine, key, token, now_ms),
+    }
 }
 
 fn proof(purpose: Purpose, machine: &MachineId, key: &SigningKey, token: &str, ts: i64) -> String {
@@ -305,6 +346,35 @@ mod tests {
             .unwrap();
         assert_eq!(
             proof.verify(Purpose::MqttLogin, &id("pc-1"), &good, NOW, WINDOW, None),
+            Err(LoginError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_certificate_request_carries_its_key_and_proves_it_for_that_purpose_only() {
+        let request = certificate_request(&id("pc-1"), &key(1), "token", NOW);
+        assert_eq!(
+            request.public_key,
+            hex::encode(key(1).verifying_key().to_bytes())
+        );
+        let parsed = LoginPassword::parse(&request.proof);
+        assert_eq!(parsed.token, "token");
+        let proof = parsed.proof.unwrap();
+        let good = key(1).verifying_key();
+        proof
+            .verify(Purpose::Certificate, &id("pc-1"), &good, NOW, WINDOW, None)
+            .unwrap();
+        for other in [Purpose::MqttLogin, Purpose::Passkey] {
+            assert_eq!(
+                proof.verify(other, &id("pc-1"), &good, NOW, WINDOW, None),
+                Err(LoginError::BadSignature)
+            );
+        }
+        // And an MQTT password is worthless as a certificate request.
+        let password = login_password(&id("pc-1"), &key(1), "token", NOW);
+        let proof = LoginPassword::parse(&password).proof.unwrap();
+        assert_eq!(
+            proof.verify(Purpose::Certificate, &id("pc-1"), &good, NOW, WINDOW, None),
             Err(LoginError::BadSignature)
         );
     }

@@ -73,6 +73,15 @@ pub enum Command {
     Status(StatusArgs),
     /// Print the default configuration file, with a comment on every setting.
     Config,
+    /// Write a mosquitto 2.0 configuration for `serve --broker`: past about 10,000 agents, or
+    /// where the site runs mosquitto already.
+    ///
+    /// Writes mosquitto.conf, acl, ca.crt (the machine CA of the data directory, made if
+    /// missing) and broker.crt/broker.key into --out; makes the server's own client
+    /// certificate in the data directory. Run `mosquitto -c OUT/mosquitto.conf`, then
+    /// `boottorrent serve --broker mqtts://HOST:PORT`; agents need broker_login =
+    /// "certificate", mqtt_port = PORT and tls_ca = OUT/ca.crt.
+    BrokerConfig(BrokerConfigArgs),
     /// Make .torrent files locally, with the engine the image catalog uses (no server needed).
     #[command(subcommand)]
     Torrent(TorrentCommand),
@@ -119,6 +128,31 @@ pub struct ServeArgs {
     /// authentication are still set by BootTorrent.
     #[arg(long, env = "BOOTTORRENT_BROKER_CONFIG", value_name = "FILE")]
     pub broker_config: Option<PathBuf>,
+    /// Use an existing MQTT broker instead of the embedded one: mqtt://HOST:PORT or
+    /// mqtts://HOST:PORT. For sites past what one appliance carries (about 10,000 agents) or
+    /// that run a broker already (mosquitto, an EMQX cluster). The MQTT listeners are then not
+    /// opened; the broker's ACL must keep each agent to its own topics: `boottorrent
+    /// broker-config` writes such a mosquitto configuration, and agents log in to it with a
+    /// certificate from this server (agent option broker_login = "certificate").
+    #[arg(long, env = "BOOTTORRENT_BROKER", value_name = "URL")]
+    pub broker: Option<crate::server::external_broker::BrokerUrl>,
+    /// PEM CA certificate the external broker's TLS certificate must chain to
+    /// [default: <data-dir>/machine-ca.crt].
+    #[arg(long, env = "BOOTTORRENT_BROKER_CA", value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate for the external broker (needs --broker-key)
+    /// [default over mqtts: one of the machine CA for the orchestrator, in <data-dir>].
+    #[arg(long, env = "BOOTTORRENT_BROKER_CERT", value_name = "FILE")]
+    pub broker_cert: Option<PathBuf>,
+    /// PEM private key of --broker-cert.
+    #[arg(long, env = "BOOTTORRENT_BROKER_KEY", value_name = "FILE")]
+    pub broker_key: Option<PathBuf>,
+    /// Username for the external broker, when it takes a password rather than a certificate.
+    #[arg(long, env = "BOOTTORRENT_BROKER_USERNAME", value_name = "NAME")]
+    pub broker_username: Option<String>,
+    /// Password of --broker-username.
+    #[arg(long, env = "BOOTTORRENT_BROKER_PASSWORD", hide_env_values = true)]
+    pub broker_password: Option<String>,
     /// Agents' MQTT password [default: generated into <data-dir>/enroll.token].
     #[arg(long, env = "BOOTTORRENT_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
@@ -187,6 +221,33 @@ pub struct ServeArgs {
     /// restarted it [default: 900].
     #[arg(long, env = "BOOTTORRENT_REBOOT_TIMEOUT_SECS", value_name = "SECS")]
     pub reboot_timeout_secs: Option<u32>,
+}
+
+/// Settings of `boottorrent broker-config`.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerConfigArgs {
+    /// The server's data directory, where the machine CA is kept.
+    #[arg(
+        long,
+        env = "BOOTTORRENT_DATA_DIR",
+        default_value = "./data",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// Directory to write the configuration into.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Address mosquitto listens on.
+    #[arg(long, default_value = "0.0.0.0:8883", value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+    /// Host name or address agents and the server reach the broker by (its certificate's
+    /// names; repeat for several) [default: localhost and the listen address].
+    #[arg(long = "name", value_name = "HOST")]
+    pub names: Vec<String>,
+    /// User mosquitto runs as when started as root (its `user` option), who must be able to
+    /// read broker.key [default: mosquitto's own, user mosquitto].
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
 }
 
 /// How the client commands reach the server.

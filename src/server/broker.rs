@@ -62,7 +62,7 @@ pub const MIN_PACKET_LIMIT: usize = boottorrent_proto::MAX_PAYLOAD_BYTES + 1024;
 
 /// Client id of the orchestrator's in-process link. A remote client with this id would make
 /// rumqttd drop the link, so it is reserved (see [`is_reserved`]).
-const ORCHESTRATOR_CLIENT_ID: &str = "boottorrent-orchestrator";
+pub const ORCHESTRATOR_CLIENT_ID: &str = "boottorrent-orchestrator";
 
 /// Ids no machine may have: the server's own (`boottorrent-*`: its broker links, its
 /// seeder's passkey), and the operator's sessions (`admin`, or `admin-*` when a tool runs

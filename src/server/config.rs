@@ -38,6 +38,24 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// rumqttd configuration file replacing the embedded `broker.toml`.
     pub broker_config: Option<PathBuf>,
+    /// An existing MQTT broker to use instead of the embedded one (`mqtt://host:port` or
+    /// `mqtts://host:port`): past what one appliance carries (about 10,000 agents), or where
+    /// the site runs a broker already. The MQTT listeners are then not opened; the broker's
+    /// ACL keeps each agent to its own topics (`boottorrent broker-config` writes one).
+    pub broker: Option<crate::server::external_broker::BrokerUrl>,
+    /// PEM certificate of the CA that signed the external broker's TLS certificate.
+    /// Default: the server's machine CA (`<data_dir>/machine-ca.crt`), which signs the
+    /// broker certificate `boottorrent broker-config` writes.
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate and key the server logs in to the external broker with.
+    /// Default over mqtts without `broker_username`: a certificate of the machine CA for
+    /// the orchestrator's reserved id, made in the data directory.
+    pub broker_cert: Option<PathBuf>,
+    pub broker_key: Option<PathBuf>,
+    /// Username and password for the external broker, where it takes those instead of a
+    /// certificate.
+    pub broker_username: Option<String>,
+    pub broker_password: Option<Secret>,
     /// Password agents use on MQTT (username = their machine id). Generated into
     /// `<data_dir>/enroll.token` when unset.
     pub enroll_token: Option<Secret>,
@@ -106,6 +124,12 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             broker_config: None,
+            broker: None,
+            broker_ca: None,
+            broker_cert: None,
+            broker_key: None,
+            broker_username: None,
+            broker_password: None,
             enroll_token: None,
             admin_token: None,
             viewer_token: None,
@@ -142,6 +166,12 @@ impl fmt::Debug for Config {
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("broker_config", &self.broker_config)
+            .field("broker", &self.broker)
+            .field("broker_ca", &self.broker_ca)
+            .field("broker_cert", &self.broker_cert)
+            .field("broker_key", &self.broker_key)
+            .field("broker_username", &self.broker_username)
+            .field("broker_password", &self.broker_password)
             .field("enroll_token", &self.enroll_token)
             .field("admin_token", &self.admin_token)
             .field("viewer_token", &self.viewer_token)
@@ -222,6 +252,15 @@ impl Config {
         set_opt(&mut self.tls_cert, &args.tls_cert);
         set_opt(&mut self.tls_key, &args.tls_key);
         set_opt(&mut self.broker_config, &args.broker_config);
+        set_opt(&mut self.broker, &args.broker);
+        set_opt(&mut self.broker_ca, &args.broker_ca);
+        set_opt(&mut self.broker_cert, &args.broker_cert);
+        set_opt(&mut self.broker_key, &args.broker_key);
+        set_opt(&mut self.broker_username, &args.broker_username);
+        set_opt(
+            &mut self.broker_password,
+            &args.broker_password.clone().map(Secret::new),
+        );
         set_opt(
             &mut self.enroll_token,
             &args.enroll_token.clone().map(Secret::new),
@@ -273,6 +312,34 @@ impl Config {
             (Some(_), None) => bail!("tls_cert is set but tls_key is not; set both or neither"),
             (None, Some(_)) => bail!("tls_key is set but tls_cert is not; set both or neither"),
             _ => {}
+        }
+        match (&self.broker_cert, &self.broker_key) {
+            (Some(_), None) => {
+                bail!("broker_cert is set but broker_key is not; set both or neither")
+            }
+            (None, Some(_)) => {
+                bail!("broker_key is set but broker_cert is not; set both or neither")
+            }
+            _ => {}
+        }
+        if self.broker_username.is_some() != self.broker_password.is_some() {
+            bail!("broker_username and broker_password go together; set both or neither");
+        }
+        if self.broker.is_none()
+            && (self.broker_ca.is_some()
+                || self.broker_cert.is_some()
+                || self.broker_username.is_some())
+        {
+            bail!(
+                "broker_ca, broker_cert/broker_key and broker_username are for an external \
+                 broker; set broker = \"mqtts://host:port\" too, or remove them"
+            );
+        }
+        if let Some(broker) = &self.broker
+            && !broker.tls
+            && (self.broker_ca.is_some() || self.broker_cert.is_some())
+        {
+            bail!("broker {broker} is plain MQTT; use mqtts:// with broker_ca and broker_cert");
         }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -421,6 +488,18 @@ bt_listen = "0.0.0.0:6881"
 # tls_key = "/etc/boottorrent/server.key"
 # rumqttd configuration replacing the embedded broker.toml.
 # broker_config = "/etc/boottorrent/broker.toml"
+# An existing MQTT broker instead of the embedded one (past ~10,000 agents, or where the site
+# runs one): the MQTT listeners are not opened, and the broker's ACL keeps each agent to its
+# own topics (`boottorrent broker-config` writes a mosquitto configuration for it).
+# broker = "mqtts://broker.lab.example:8883"
+# CA of the broker's TLS certificate (default: <data_dir>/machine-ca.crt, the machine CA).
+# broker_ca = "/etc/boottorrent/broker-ca.crt"
+# Client certificate and key for the broker (default over mqtts: one of the machine CA for
+# the orchestrator, made in <data_dir>), or a username and password instead.
+# broker_cert = "/etc/boottorrent/orchestrator.crt"
+# broker_key = "/etc/boottorrent/orchestrator.key"
+# broker_username = "boottorrent-orchestrator"
+# broker_password = "..."
 # Agents' MQTT password (username = machine id); generated into <data_dir>/enroll.token if unset.
 # enroll_token = "..."
 # Operator token: MQTT password of user "admin" and HTTP bearer token; generated into
@@ -563,6 +642,34 @@ mod tests {
         let args = serve_args(&["--tls-cert", "/tmp/c.pem"]);
         let err = Config::load(&args).unwrap_err();
         assert!(err.to_string().contains("tls_key"), "{err}");
+    }
+
+    #[test]
+    fn external_broker_settings_are_checked_together() {
+        let config = Config::load(&serve_args(&["--broker", "mqtts://broker.lab"])).unwrap();
+        let broker = config.broker.unwrap();
+        assert_eq!((broker.tls, broker.port), (true, 8883));
+        let file: Config = toml::from_str("broker = \"mqtt://b:1\"").unwrap();
+        assert_eq!(file.broker.unwrap().to_string(), "mqtt://b:1");
+        assert!(toml::from_str::<Config>("broker = \"tcp://b\"").is_err());
+        for (argv, says) in [
+            (&["--broker-ca", "/tmp/ca.pem"][..], "external"),
+            (
+                &["--broker", "mqtt://b", "--broker-cert", "/tmp/c.pem"][..],
+                "broker_key",
+            ),
+            (
+                &["--broker", "mqtt://b", "--broker-username", "u"][..],
+                "broker_password",
+            ),
+            (
+                &["--broker", "mqtt://b", "--broker-ca", "/tmp/ca"][..],
+                "mqtts://",
+            ),
+        ] {
+            let err = Config::load(&serve_args(argv)).unwrap_err().to_string();
+            assert!(err.contains(says), "{argv:?}: {err}");
+        }
     }
 
     #[test]

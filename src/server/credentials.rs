@@ -149,7 +149,7 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 
 /// Writes a secret so that only the owner can read it, and fsyncs it: a token the operator has
 /// seen printed must survive a crash.
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

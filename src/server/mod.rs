@@ -30,13 +30,16 @@ pub mod config;
 pub mod credentials;
 pub mod deployment;
 pub mod enrollment;
+pub mod external_broker;
 pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod keyring;
 pub mod listener;
 pub mod locality;
+pub mod machine_ca;
 pub mod metrics;
+pub mod mosquitto;
 pub mod orchestrator;
 pub mod passkey;
 pub mod registry;
@@ -113,15 +116,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let passkeys = Passkeys::new(&credentials.server_key, keyring.clone(), grants.clone());
     let keyring_for_http = keyring.clone();
     let keyring_for_front = keyring.clone();
-    let (link, mqtt) = tokio::task::block_in_place(|| {
-        broker::start(
-            &config,
-            credentials.enroll_token.clone(),
-            credentials.admin_token.clone(),
-            keyring.clone(),
-            metrics.clone(),
-        )
-    })?;
+    // With an external broker (`--broker`) the site's broker admits the agents; without, the
+    // embedded one does, behind the front.
+    let embedded = match &config.broker {
+        Some(_) => None,
+        None => Some(tokio::task::block_in_place(|| {
+            broker::start(
+                &config,
+                credentials.enroll_token.clone(),
+                credentials.admin_token.clone(),
+                keyring.clone(),
+                metrics.clone(),
+            )
+        })?),
+    };
     let registry = Registry::new(
         store.clone(),
         Settings {
@@ -221,49 +229,66 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    // Clients reach the broker through the front, which keeps machines to their own topics.
-    let mqtt_max_clients = mqtt.max_clients;
-    let front = Arc::new(broker_front::Front::new(
-        mqtt.internal,
-        mqtt.max_packet,
-        mqtt.max_clients,
-        mqtt.admissions.clone(),
-        keyring_for_front,
-        health.clone(),
-        metrics.clone(),
-    ));
-    spawn(&tasks, &shutdown, "mqtt-probe", {
-        let (token, health) = (shutdown.child_token(), health.clone());
-        let (internal, secret) = (mqtt.internal, mqtt.probe_secret.clone());
-        async move {
-            broker_probe::run(internal, secret, health, token).await;
-            Ok(())
-        }
-    });
-    let mqtt_tls = match (&config.tls_cert, &config.tls_key, mqtt.tls) {
-        (Some(cert), Some(key), Some(listener)) => Some((
-            tokio::net::TcpListener::from_std(listener).context("serving MQTT over TLS")?,
-            crate::server::listener::tls_acceptor(cert, key, &[])?,
-        )),
-        _ => None,
-    };
-    let plain = tokio::net::TcpListener::from_std(mqtt.plain).context("serving MQTT")?;
-    spawn(&tasks, &shutdown, "mqtt", {
-        let (front, token) = (front.clone(), shutdown.child_token());
-        async move {
-            broker_front::serve(plain, front, None, token).await;
-            Ok(())
-        }
-    });
-    if let Some((listener, tls)) = mqtt_tls {
-        spawn(&tasks, &shutdown, "mqtts", {
-            let token = shutdown.child_token();
-            async move {
-                broker_front::serve(listener, front, Some(tls), token).await;
-                Ok(())
+    let (link, mqtt_max_clients) = match embedded {
+        Some((link, mqtt)) => {
+            // Clients reach the broker through the front, which keeps machines to their own topics.
+            let mqtt_max_clients = mqtt.max_clients;
+            let front = Arc::new(broker_front::Front::new(
+                mqtt.internal,
+                mqtt.max_packet,
+                mqtt.max_clients,
+                mqtt.admissions.clone(),
+                keyring_for_front,
+                health.clone(),
+                metrics.clone(),
+            ));
+            spawn(&tasks, &shutdown, "mqtt-probe", {
+                let (token, health) = (shutdown.child_token(), health.clone());
+                let (internal, secret) = (mqtt.internal, mqtt.probe_secret.clone());
+                async move {
+                    broker_probe::run(internal, secret, health, token).await;
+                    Ok(())
+                }
+            });
+            let mqtt_tls = match (&config.tls_cert, &config.tls_key, mqtt.tls) {
+                (Some(cert), Some(key), Some(listener)) => Some((
+                    tokio::net::TcpListener::from_std(listener).context("serving MQTT over TLS")?,
+                    crate::server::listener::tls_acceptor(cert, key, &[])?,
+                )),
+                _ => None,
+            };
+            let plain = tokio::net::TcpListener::from_std(mqtt.plain).context("serving MQTT")?;
+            spawn(&tasks, &shutdown, "mqtt", {
+                let (front, token) = (front.clone(), shutdown.child_token());
+                async move {
+                    broker_front::serve(plain, front, None, token).await;
+                    Ok(())
+                }
+            });
+            if let Some((listener, tls)) = mqtt_tls {
+                spawn(&tasks, &shutdown, "mqtts", {
+                    let token = shutdown.child_token();
+                    async move {
+                        broker_front::serve(listener, front, Some(tls), token).await;
+                        Ok(())
+                    }
+                });
             }
-        });
-    }
+            (
+                orchestrator::BrokerLink::Embedded(link),
+                Some(mqtt_max_clients),
+            )
+        }
+        None => (
+            orchestrator::BrokerLink::External(external_broker::External::start(
+                external_broker::settings(&config)?,
+                health.clone(),
+                &tasks,
+                shutdown.child_token(),
+            )?),
+            None,
+        ),
+    };
     let (handle, requests) = orchestrator::channel();
     // Check for silent machines often enough that "offline" is at most a few seconds late.
     let sweep_every = Duration::from_secs(u64::from(config.heartbeat_interval_secs).clamp(1, 10));
@@ -287,6 +312,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
         }
     });
+    // Agents of an external broker log in with a certificate of the machine CA.
+    let certificates = match &config.broker {
+        Some(_) => Some(Arc::new(machine_ca::Certificates {
+            ca: machine_ca::MachineCa::load_or_create(&config.data_dir)?,
+            enroll_token: credentials.enroll_token.clone(),
+            gate: std::sync::Mutex::new(enrollment::Gate::new(
+                enrollment::Limits {
+                    per_minute: config.enroll_per_minute,
+                    max_pending: config.max_pending_machines,
+                },
+                boottorrent_proto::now_ms(),
+            )),
+            auto_approve: config.auto_approve,
+        })),
+        None => None,
+    };
     let state = http::AppState {
         live,
         shutdown: shutdown.child_token(),
@@ -306,6 +347,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         keyring: keyring_for_http,
         proof_window_ms: i64::from(config.replay_window_secs) * 1000,
         https_url: config.https_url(),
+        certificates,
     };
     let limits = crate::server::listener::Limits {
         header_timeout: Duration::from_secs(u64::from(config.http_header_timeout_secs)),
@@ -333,7 +375,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     tasks.close();
     tracing::info!(
-        mqtt = %config.mqtt_listen,
+        mqtt = %config.broker.as_ref().map_or_else(|| config.mqtt_listen.to_string(), |b| format!("external broker {b}")),
         mqtt_max_clients,
         mqtts = %config.tls_cert.as_ref().map(|_| config.mqtts_listen.to_string()).unwrap_or_else(|| "off".into()),
         https = %config.https_url().unwrap_or_else(|| "off".into()),

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::server::broker::Running;
 use crate::server::deployment::{Deployment, ImageRef};
+use crate::server::external_broker::External;
 use crate::server::fleet::{Fleet, FleetError, Live, NewDeployment};
 use crate::server::health::Health;
 use crate::server::metrics::Metrics;
@@ -216,14 +217,90 @@ async fn notification(
     }
 }
 
+/// The orchestrator's way to the broker: links into the embedded rumqttd, or a client of an
+/// external broker (`--broker`).
+pub enum BrokerLink {
+    Embedded(Running),
+    External(External),
+}
+
+/// [`BrokerLink`] in use: the embedded links with their spares, or the external client.
+enum Bus {
+    Embedded(Links),
+    External(External),
+}
+
+/// What arrived on the bus: the first of a batch.
+enum Arrival {
+    // Boxed: a notification is large, and the external client's events are small.
+    Embedded(Box<Result<Option<Notification>, rumqttd::local::LinkError>>),
+    External((Vec<u8>, Vec<u8>)),
+}
+
+impl Bus {
+    /// The next arrival; never resolves without one (cancel-safe, for `select!`).
+    async fn next(&mut self) -> Arrival {
+        match self {
+            Bus::Embedded(links) => Arrival::Embedded(Box::new(notification(links).await)),
+            Bus::External(external) => match external.next().await {
+                Some(event) => Arrival::External(event),
+                // The driver stopped: only at shutdown, which the caller sees too.
+                None => std::future::pending().await,
+            },
+        }
+    }
+
+    /// Collects `first` and whatever else already arrived (up to [`MAX_BATCH`]) into `batch`.
+    async fn take(&mut self, first: Arrival, batch: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        match (self, first) {
+            (Bus::Embedded(links), Arrival::Embedded(first)) => {
+                if let Err(e) = drain(*first, links, batch).await {
+                    links.next(&e);
+                }
+            }
+            (Bus::External(external), Arrival::External(first)) => {
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match external.try_next() {
+                        Some(event) => batch.push(event),
+                        None => break,
+                    }
+                }
+            }
+            _ => unreachable!("an arrival comes from the bus it is handed back to"),
+        }
+    }
+
+    fn publish(&mut self, out: Vec<Outgoing>, metrics: &Metrics) {
+        match self {
+            Bus::Embedded(links) => publish(links, out, metrics),
+            Bus::External(external) => {
+                for Outgoing { topic, payload } in out {
+                    match external.publish(topic.to_string(), payload) {
+                        Ok(()) => {
+                            metrics.command_published();
+                            tracing::debug!(%topic, "published command");
+                        }
+                        Err(e) => {
+                            metrics.command_failed();
+                            tracing::error!(%topic, error = %e, "could not queue a command for the broker; the machine gets it at its next heartbeat");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs until `shutdown` is cancelled.
 ///
 /// A failed broker link does not stop the server: the orchestrator moves to one of the
 /// spare links made at start (rumqttd cannot make links once it runs), and when none is
-/// left it keeps answering the API and reports itself degraded in `/healthz`.
+/// left it keeps answering the API and reports itself degraded in `/healthz`. A client of an
+/// external broker reconnects by itself (see `external_broker`).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    link: Running,
+    link: BrokerLink,
     mut registry: Registry,
     mut fleet: Fleet,
     mut requests: mpsc::Receiver<Request>,
@@ -233,18 +310,22 @@ pub async fn run(
     sweep_every: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Running {
-        mut link_tx,
-        link_rx,
-        spares,
-    } = link;
-    link_tx
-        .subscribe(EVENTS_FILTER)
-        .map_err(|e| anyhow::anyhow!("subscribing to {EVENTS_FILTER}: {e:?}"))?;
-    let mut links = Links {
-        current: Some((link_tx, link_rx)),
-        spares,
-        health,
+    let mut bus = match link {
+        BrokerLink::Embedded(Running {
+            mut link_tx,
+            link_rx,
+            spares,
+        }) => {
+            link_tx
+                .subscribe(EVENTS_FILTER)
+                .map_err(|e| anyhow::anyhow!("subscribing to {EVENTS_FILTER}: {e:?}"))?;
+            Bus::Embedded(Links {
+                current: Some((link_tx, link_rx)),
+                spares,
+                health,
+            })
+        }
+        BrokerLink::External(external) => Bus::External(external),
     };
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,10 +335,8 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            notification = notification(&mut links) => {
-                if let Err(e) = drain(notification, &mut links, &mut batch).await {
-                    links.next(&e);
-                }
+            arrival = bus.next() => {
+                bus.take(arrival, &mut batch).await;
                 if !batch.is_empty() {
                     let now = now_ms();
                     let out = tokio::task::block_in_place(|| {
@@ -270,12 +349,12 @@ pub async fn run(
                         out
                     });
                     batch.clear();
-                    publish(&mut links, out, &metrics);
+                    bus.publish(out, &metrics);
                 }
             }
             Some(request) = requests.recv() => {
                 let out = tokio::task::block_in_place(|| serve(request, &mut registry, &mut fleet));
-                publish(&mut links, out, &metrics);
+                bus.publish(out, &metrics);
             }
             _ = sweep.tick() => {
                 let now = now_ms();

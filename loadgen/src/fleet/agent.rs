@@ -56,10 +56,21 @@ pub struct Spec {
     pub index: usize,
     pub machine: Machine,
     pub broker: Arc<(String, u16)>,
+    /// Log in with a certificate from the server (an external broker), not a password.
+    pub certificates: Option<Arc<Certificates>>,
     pub token: Arc<str>,
     pub server_key: VerifyingKey,
     /// rumqttc's limit for the TCP connect plus the CONNACK (its default, 5 s, is the agent's).
     pub connect_timeout_secs: u64,
+}
+
+/// Where certificates come from, for agents of an external broker.
+pub struct Certificates {
+    pub http: reqwest::Client,
+    /// The server's HTTP base URL.
+    pub base: String,
+    /// The broker's CA, PEM.
+    pub ca_pem: String,
 }
 
 /// The agent's state between events.
@@ -86,11 +97,32 @@ pub async fn run(spec: Spec, tally: Arc<Tally>, stop: CancellationToken) {
         index,
         mut machine,
         broker,
+        certificates,
         token,
         server_key,
         connect_timeout_secs,
     } = spec;
     let mut options = machine.options(&broker, &token);
+    if let Some(certificates) = &certificates {
+        // As the agent: ask until the server gives one, backing off.
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            match machine.certificate_transport(certificates, &token).await {
+                Ok(transport) => {
+                    options.set_transport(transport);
+                    break;
+                }
+                Err(e) => {
+                    tally.failed_certificate(&e);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
     match machine.will() {
         Ok(will) => {
             options.set_last_will(will);

@@ -10,7 +10,7 @@
 //! Tasks: the coordinator (this module), the ramp that spawns the agents, and one task per
 //! agent in a [`TaskTracker`]; they share a [`Tally`] and one cancellation token.
 
-mod agent;
+pub mod agent;
 mod api;
 mod report;
 mod server;
@@ -107,6 +107,15 @@ pub struct Fleet {
     /// one under the system's temp dir, removed afterwards unless the run failed.
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// With --server started with `--broker`: log the agents in to that external broker as
+    /// `boottorrent-agent` does with `broker_login = "certificate"`: each asks the server for
+    /// a certificate for its own key, then connects over TLS with it (--mqtt is the broker).
+    #[arg(long, requires = "broker_ca")]
+    certificate_login: bool,
+    /// With --certificate-login: the CA of the broker's TLS certificate (PEM; `broker-config`
+    /// writes it as ca.crt).
+    #[arg(long, value_name = "PEM")]
+    broker_ca: Option<PathBuf>,
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -251,8 +260,10 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
     .await
     .context("making the zone")?;
 
+    // Agents of an external broker hold no files in the server.
     let server_open_files = target
         .pid
+        .filter(|_| !args.certificate_login)
         .and_then(|p| server::open_file_limit(&p.to_string()));
     if let Some(limit) = server_open_files {
         if (args.agents as u64).saturating_mul(FILES_PER_AGENT) > limit {
@@ -273,8 +284,18 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
     for id in &ids {
         machines.push(Machine::new(id)?);
     }
+    let certificates = match &args.broker_ca {
+        Some(ca) if args.certificate_login => Some(Arc::new(agent::Certificates {
+            http: reqwest::Client::new(),
+            base: target.http.trim_end_matches('/').to_owned(),
+            ca_pem: std::fs::read_to_string(ca)
+                .with_context(|| format!("reading --broker-ca {}", ca.display()))?,
+        })),
+        _ => None,
+    };
     let shared = Shared {
         broker,
+        certificates,
         token: target.enroll_token.clone().into(),
         server_key,
         tally: tally.clone(),
@@ -357,6 +378,7 @@ async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyho
 /// What every agent task gets a handle of.
 struct Shared {
     broker: Arc<(String, u16)>,
+    certificates: Option<Arc<agent::Certificates>>,
     token: Arc<str>,
     server_key: VerifyingKey,
     tally: Arc<Tally>,
@@ -377,6 +399,7 @@ async fn ramp(machines: Vec<Machine>, shared: Shared, start: Instant, over: Dura
             index,
             machine,
             broker: shared.broker.clone(),
+            certificates: shared.certificates.clone(),
             token: shared.token.clone(),
             server_key: shared.server_key,
             connect_timeout_secs: shared.connect_timeout_secs,

@@ -89,6 +89,17 @@ impl Tally {
         *lock(&self.failed).entry(failure_kind(error)).or_default() += 1;
     }
 
+    /// A certificate request that failed (an external broker's agents need one first); the
+    /// first is printed, since its cause usually holds for all.
+    pub fn failed_certificate(&self, error: &anyhow::Error) {
+        let mut failed = lock(&self.failed);
+        let count = failed.entry("certificate request failed").or_default();
+        if *count == 0 {
+            eprintln!("a certificate request failed: {error:#}");
+        }
+        *count += 1;
+    }
+
     pub fn dropped(&self, error: &ConnectionError) {
         *lock(&self.dropped).entry(drop_kind(error)).or_default() += 1;
     }

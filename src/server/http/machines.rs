@@ -376,3 +376,137 @@ pub(super) async fn machine_passkey(
         machine: id,
     }))
 }
+
+/// `POST /api/v1/machines/{id}/certificate`: a certificate to log in to the external broker
+/// with, for the machine's own key. The body ([`boottorrent_proto::CertificateRequest`])
+/// names the key and proves it, with the enrollment token. The token admits only a new id: a
+/// machine the server holds a key for gets a certificate only for that key, so a token holder
+/// cannot log in to the broker as a known machine (nor kick it off with its client id), and the
+/// first request for a new id pins its key, so two token holders cannot both get that id.
+/// Reserved ids (the server's own) get none.
+pub(super) async fn machine_certificate(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<MachineId>,
+    body: String,
+) -> Result<Json<boottorrent_proto::CertificateAnswer>, ApiError> {
+    let Some(certificates) = state.certificates.clone() else {
+        return Err(ApiError::coded(
+            ErrorCode::NoSuchEndpoint,
+            "this server runs its embedded broker, which takes the agents' MQTT password; \
+             certificates are for a server started with --broker",
+        ));
+    };
+    let refuse = |code: ErrorCode, why: String| {
+        state.metrics.http_unauthorized();
+        ApiError::coded(code, why)
+    };
+    if crate::server::broker::is_reserved(id.as_str()) {
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            format!("{id} is reserved for the server; no machine may have it"),
+        ));
+    }
+    let request: boottorrent_proto::CertificateRequest =
+        serde_json::from_str(&body).map_err(|e| {
+            ApiError::coded(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the body is not a certificate request ({{\"public_key\", \"proof\"}}): {e}"
+                ),
+            )
+        })?;
+    let mut presented = [0u8; 32];
+    hex::decode_to_slice(request.public_key.trim(), &mut presented).map_err(|e| {
+        ApiError::coded(
+            ErrorCode::InvalidRequest,
+            format!("public_key must be 64 hex digits (an Ed25519 key): {e}"),
+        )
+    })?;
+    let key = boottorrent_proto::verifying_key_from_bytes(&PublicKeyBytes::from(presented))
+        .map_err(|e| ApiError::coded(ErrorCode::InvalidRequest, format!("public_key: {e}")))?;
+    let password = boottorrent_proto::LoginPassword::parse(request.proof.trim());
+    let proof = password.proof.ok_or_else(|| {
+        refuse(
+            ErrorCode::Unauthorized,
+            "the proof is not bt1:<ts>:<signature>:<enrollment token>".into(),
+        )
+    })?;
+    // No replay check: a replayed request gets a certificate for the key in it, which only
+    // the holder of that key can use.
+    let now = boottorrent_proto::now_ms();
+    proof
+        .verify(
+            boottorrent_proto::Purpose::Certificate,
+            &id,
+            &key,
+            now,
+            state.proof_window_ms,
+            None,
+        )
+        .map_err(|e| {
+            refuse(
+                ErrorCode::Unauthorized,
+                format!("certificate request for {id}: {e}"),
+            )
+        })?;
+    if !token_matches(&certificates.enroll_token, password.token) {
+        return Err(refuse(
+            ErrorCode::Unauthorized,
+            "wrong enrollment token (the server keeps it in <data-dir>/enroll.token)".into(),
+        ));
+    }
+    let presented = PublicKeyBytes::from(presented);
+    match state.keyring.get(id.as_str()) {
+        Some(known) if known.key == presented => {}
+        Some(known) => {
+            return Err(refuse(
+                ErrorCode::KeyMismatch,
+                format!(
+                    "machine {id} is known with key {}, not {}: a certificate is issued only for \
+                     the key the server holds (after a reinstall, `boottorrent machines delete \
+                     {id}` lets it enroll again)",
+                    fingerprint(&known.key),
+                    fingerprint(&presented)
+                ),
+            ));
+        }
+        None => {
+            // One new id at a time through the gate, so the count of waiting machines it
+            // checks is not raced.
+            let mut gate = certificates.gate.lock().unwrap_or_else(|e| e.into_inner());
+            let needs_approval = !certificates.auto_approve;
+            // Counting reads every key: only when the cap applies.
+            let waiting = if needs_approval {
+                state.keyring.waiting()
+            } else {
+                0
+            };
+            if let Err(why) = gate.admit(now, waiting, needs_approval) {
+                gate.report(now);
+                return Err(ApiError::coded(
+                    ErrorCode::Unavailable,
+                    format!("new machine {id} refused for now ({why:?}); try again later"),
+                ));
+            }
+            if let Err(held) = state.keyring.pin_new(&id, presented) {
+                if held != presented {
+                    return Err(refuse(
+                        ErrorCode::KeyMismatch,
+                        format!("machine {id} was just enrolled with another key"),
+                    ));
+                }
+            }
+            tracing::info!(machine = %id, key = %fingerprint(&presented), "new machine's key pinned for its broker certificate");
+        }
+    }
+    let (certificate, not_after_ms) = certificates
+        .ca
+        .issue_machine(id.as_str(), &presented.0, now)
+        .map_err(|e| ApiError::internal("issuing a machine certificate", format!("{e:#}")))?;
+    Ok(Json(boottorrent_proto::CertificateAnswer {
+        machine: id,
+        certificate,
+        ca: certificates.ca.cert_pem().to_owned(),
+        not_after_ms,
+    }))
+}

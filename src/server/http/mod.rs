@@ -104,6 +104,8 @@ pub struct AppState {
     pub proof_window_ms: i64,
     /// Where the HTTPS listener is, when one is configured: tokens are taken only there.
     pub https_url: Option<String>,
+    /// Broker certificates for machines, when the server uses an external broker.
+    pub certificates: Option<Arc<crate::server::machine_ca::Certificates>>,
 }
 
 /// The router with every route of this issue.
@@ -146,6 +148,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/server-key", get(server_key))
         // A machine proves its key instead of sending a token (it holds none).
         .route("/api/v1/machines/{id}/passkey", post(machine_passkey))
+        .route(
+            "/api/v1/machines/{id}/certificate",
+            post(machine_certificate),
+        )
         .merge(api)
         .route("/torrents/{file}", get(torrent_file))
         .merge(tracker_routes(&state))

@@ -71,6 +71,7 @@ async fn fixture() -> Fixture {
         keyring,
         proof_window_ms: 30_000,
         https_url: None,
+        certificates: None,
     };
     Fixture { state, _dir: dir }
 }
@@ -447,4 +448,95 @@ async fn event_streams_cut_deployments_short_when_asked() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{error:?}");
+}
+
+/// The broker certificate endpoint, with new machines waiting for approval: the token admits
+/// a new id once, up to the cap on waiting machines, and never a known id with another key.
+#[tokio::test]
+async fn broker_certificates_pin_new_ids_and_respect_the_waiting_cap() {
+    let mut fixture = fixture().await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    const ENROLL: &str = "enroll-token-for-tests";
+    fixture.state.certificates = Some(Arc::new(crate::server::machine_ca::Certificates {
+        ca: crate::server::machine_ca::MachineCa::load_or_create(ca_dir.path()).unwrap(),
+        enroll_token: Secret::new(ENROLL.into()),
+        gate: std::sync::Mutex::new(crate::server::enrollment::Gate::new(
+            crate::server::enrollment::Limits {
+                per_minute: 100,
+                max_pending: 2,
+            },
+            boottorrent_proto::now_ms(),
+        )),
+        auto_approve: false,
+    }));
+    let state = &fixture.state;
+    let ask = |id: &str, key: &boottorrent_proto::SigningKey, token: &str| {
+        let body = serde_json::to_string(&boottorrent_proto::certificate_request(
+            &id.parse().unwrap(),
+            key,
+            token,
+            boottorrent_proto::now_ms(),
+        ))
+        .unwrap();
+        request(
+            "POST",
+            &format!("/api/v1/machines/{id}/certificate"),
+            None,
+            Some(&body),
+        )
+    };
+    let key = |seed: u8| boottorrent_proto::SigningKey::from_bytes(&[seed; 32]);
+
+    let (status, _, body) = send(state, ask("pc-1", &key(1), ENROLL)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let answer: boottorrent_proto::CertificateAnswer = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer.machine.as_str(), "pc-1");
+    assert!(answer.certificate.contains("BEGIN CERTIFICATE"));
+    assert!(
+        !state.keyring.get("pc-1").unwrap().approved,
+        "pinned, waiting"
+    );
+    // Again for the same key: fine (renewal); for another key: refused.
+    assert_eq!(
+        send(state, ask("pc-1", &key(1), ENROLL)).await.0,
+        StatusCode::OK
+    );
+    let (status, error) = refusal(state, ask("pc-1", &key(2), ENROLL)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{error:?}");
+    // Reserved ids, a wrong token, a proof by another key than the one presented.
+    let (status, _) = refusal(state, ask("boottorrent-seeder", &key(3), ENROLL)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = refusal(state, ask("pc-3", &key(3), "wrong-token-for-tests")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let mut forged: serde_json::Value = serde_json::from_str(
+        &serde_json::to_string(&boottorrent_proto::certificate_request(
+            &"pc-3".parse().unwrap(),
+            &key(3),
+            ENROLL,
+            boottorrent_proto::now_ms(),
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    forged["public_key"] = hex::encode(key(4).verifying_key().to_bytes()).into();
+    let (status, _) = refusal(
+        state,
+        request(
+            "POST",
+            "/api/v1/machines/pc-3/certificate",
+            None,
+            Some(&forged.to_string()),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(state.keyring.get("pc-3").is_none(), "nothing pinned");
+    // Two machines may wait (max_pending 2): the third new id is refused for now.
+    assert_eq!(
+        send(state, ask("pc-2", &key(2), ENROLL)).await.0,
+        StatusCode::OK
+    );
+    let (status, error) = refusal(state, ask("pc-4", &key(4), ENROLL)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
+    assert!(state.keyring.get("pc-4").is_none());
 }
