@@ -33,7 +33,15 @@ use crate::server::store::MachineRecord;
 use crate::server::zone::{Zone, ZoneSpec};
 
 /// Most events applied in one batch (two transactions: the registry's, then the fleet's).
-const MAX_BATCH: usize = 1024;
+const MAX_BATCH: usize = 4096;
+
+/// Most events read from the broker and not yet applied; past this the orchestrator stops
+/// reading and the broker holds the rest (its router hands a link only so many packets).
+const MAX_PENDING: usize = 4 * MAX_BATCH;
+
+/// How often last-seen times that changed nothing else are written (see
+/// `Registry::persist_presence`); a crash loses at most this much of them.
+pub const PERSIST_PRESENCE_EVERY: Duration = Duration::from_secs(60);
 
 type Reply<T> = oneshot::Sender<Result<T, FleetError>>;
 
@@ -224,8 +232,8 @@ async fn notification(
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     link: Running,
-    mut registry: Registry,
-    mut fleet: Fleet,
+    registry: Registry,
+    fleet: Fleet,
     mut requests: mpsc::Receiver<Request>,
     live: broadcast::Sender<Live>,
     metrics: Arc<Metrics>,
@@ -248,55 +256,177 @@ pub async fn run(
     };
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::new();
+    let mut persist = tokio::time::interval(PERSIST_PRESENCE_EVERY);
+    persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    persist.reset();
+    let (jobs, done, applier) = Applier {
+        registry,
+        fleet,
+        live,
+    }
+    .spawn()?;
+    let mut done = done;
+    // Events read from the broker that the applier has not been handed yet, and whether it
+    // is busy with a batch: while it commits one, the next one grows here.
+    let mut pending: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut applying = false;
     tracing::info!("orchestrator listening on {EVENTS_FILTER}");
 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            notification = notification(&mut links) => {
+            notification = notification(&mut links), if pending.len() < MAX_PENDING => {
+                let mut batch = Vec::new();
                 if let Err(e) = drain(notification, &mut links, &mut batch).await {
                     links.next(&e);
                 }
-                if !batch.is_empty() {
-                    let now = now_ms();
-                    let out = tokio::task::block_in_place(|| {
-                        let outcome = registry.handle_batch(&batch, fleet.zones(), now);
-                        let mut out = outcome.out;
-                        out.extend(fleet.apply(&outcome.accepted, registry.signer(), now));
-                        for (machine, online) in outcome.presence {
-                            show_presence(&live, &machine, online, now);
-                        }
-                        out
-                    });
-                    batch.clear();
-                    publish(&mut links, out, &metrics);
+                pending.append(&mut batch);
+                if !applying && !pending.is_empty() {
+                    applying = hand_over(&jobs, &mut pending)?;
                 }
             }
-            Some(request) = requests.recv() => {
-                let out = tokio::task::block_in_place(|| serve(request, &mut registry, &mut fleet));
-                publish(&mut links, out, &metrics);
+            Some(finished) = done.recv() => {
+                publish(&mut links, finished.out, &metrics);
+                if finished.events {
+                    applying = !pending.is_empty() && hand_over(&jobs, &mut pending)?;
+                }
             }
-            _ = sweep.tick() => {
-                let now = now_ms();
-                tokio::task::block_in_place(|| {
-                    match registry.sweep_offline(now) {
-                        Ok(offline) if offline.is_empty() => {}
-                        Ok(offline) => {
-                            tracing::info!(machines = offline.len(), "marked machines offline after missed heartbeats");
-                            for machine in offline {
-                                show_presence(&live, &machine, false, now);
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "could not mark silent machines offline"),
-                    }
-                    fleet.sweep(now);
-                });
-            }
+            Some(request) = requests.recv() => send(&jobs, Job::Request(request))?,
+            _ = sweep.tick() => send(&jobs, Job::Sweep)?,
+            _ = persist.tick() => send(&jobs, Job::PersistPresence)?,
         }
+    }
+    // What the applier was handed is applied; last-seen times are persisted on the way out.
+    let _ = jobs.send(Job::PersistPresence);
+    drop(jobs);
+    while let Some(finished) = done.recv().await {
+        publish(&mut links, finished.out, &metrics);
+    }
+    if tokio::task::spawn_blocking(move || applier.join())
+        .await
+        .map_or(true, |joined| joined.is_err())
+    {
+        tracing::error!("the orchestrator's applier thread panicked");
     }
     tracing::info!("orchestrator stopped");
     Ok(())
+}
+
+/// Hands the applier the next batch from `pending` (the oldest [`MAX_BATCH`] events);
+/// returns `true` (it is busy now).
+fn hand_over(
+    jobs: &std::sync::mpsc::Sender<Job>,
+    pending: &mut Vec<(Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<bool> {
+    let batch = if pending.len() > MAX_BATCH {
+        let rest = pending.split_off(MAX_BATCH);
+        std::mem::replace(pending, rest)
+    } else {
+        std::mem::take(pending)
+    };
+    send(jobs, Job::Events(batch))?;
+    Ok(true)
+}
+
+fn send(jobs: &std::sync::mpsc::Sender<Job>, job: Job) -> anyhow::Result<()> {
+    jobs.send(job)
+        .map_err(|_| anyhow::anyhow!("the orchestrator's applier thread stopped (see the log)"))
+}
+
+/// Work for the applier, in the order the orchestrator took it.
+enum Job {
+    Events(Vec<(Vec<u8>, Vec<u8>)>),
+    Request(Request),
+    /// Mark silent machines offline and quiet deployments stalled.
+    Sweep,
+    /// Write the last-seen times heard since the last time.
+    PersistPresence,
+}
+
+/// What the applier did with one job.
+struct Done {
+    /// Commands to publish, now that what they follow from is committed.
+    out: Vec<Outgoing>,
+    /// The job was a batch of events (the applier is ready for the next one).
+    events: bool,
+}
+
+/// The single writer: owns the registry and the fleet on a thread of its own, so that the
+/// orchestrator keeps reading the broker while a batch is verified and committed (a commit
+/// waits for the disk). Under load the next batch grows meanwhile: a batch per commit, and
+/// commits no more often than the disk allows.
+struct Applier {
+    registry: Registry,
+    fleet: Fleet,
+    live: broadcast::Sender<Live>,
+}
+
+type Spawned = (
+    std::sync::mpsc::Sender<Job>,
+    mpsc::UnboundedReceiver<Done>,
+    std::thread::JoinHandle<()>,
+);
+
+impl Applier {
+    fn spawn(mut self) -> anyhow::Result<Spawned> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("orchestrator".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let events = matches!(job, Job::Events(_));
+                    let out = self.apply(job);
+                    if done.send(Done { out, events }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting the orchestrator's applier thread: {e}"))?;
+        Ok((jobs, done_rx, thread))
+    }
+
+    fn apply(&mut self, job: Job) -> Vec<Outgoing> {
+        let Applier {
+            registry,
+            fleet,
+            live,
+        } = self;
+        let now = now_ms();
+        match job {
+            Job::Events(batch) => {
+                let outcome = registry.handle_batch(&batch, fleet.zones(), now);
+                let mut out = outcome.out;
+                out.extend(fleet.apply(&outcome.accepted, registry.signer(), now));
+                for (machine, online) in outcome.presence {
+                    show_presence(live, &machine, online, now);
+                }
+                out
+            }
+            Job::Request(request) => serve(request, registry, fleet),
+            Job::Sweep => {
+                match registry.sweep_offline(now) {
+                    Ok(offline) if offline.is_empty() => {}
+                    Ok(offline) => {
+                        tracing::info!(
+                            machines = offline.len(),
+                            "marked machines offline after missed heartbeats"
+                        );
+                        for machine in offline {
+                            show_presence(live, &machine, false, now);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not mark silent machines offline"),
+                }
+                fleet.sweep(now);
+                Vec::new()
+            }
+            Job::PersistPresence => {
+                registry.persist_presence();
+                Vec::new()
+            }
+        }
+    }
 }
 
 /// Collects `first` and whatever else the broker already queued (up to [`MAX_BATCH`]) into

@@ -142,6 +142,9 @@ pub struct Registry {
     /// Config hash last sent to each machine since this process started; a machine that has
     /// not got its current configuration gets it on its next accepted event.
     configured: HashMap<MachineId, String>,
+    /// Approved keys as points, by machine: decompressing the key for every event was a
+    /// quarter of verifying it. Checked against the approved key's bytes at each use.
+    verifying: HashMap<MachineId, (PublicKeyBytes, boottorrent_proto::VerifyingKey)>,
     metrics: Arc<Metrics>,
 }
 
@@ -180,6 +183,7 @@ impl Registry {
             keyring,
             pending,
             configured: HashMap::new(),
+            verifying: HashMap::new(),
             metrics,
         })
     }
@@ -299,7 +303,7 @@ impl Registry {
                 format!("{kind:?} from {machine}, which waits for approval"),
             ));
         };
-        if let Err(why) = verify(&envelope, &topic, &approved) {
+        if let Err(why) = self.verify_approved(&envelope, &topic, &machine, approved) {
             return Ok(Dropped(
                 DropReason::BadSignature,
                 format!("{kind:?} from {machine}: {why}"),
@@ -331,6 +335,9 @@ impl Registry {
         if let Some(verdict) = self.replay_check(&envelope, now_ms) {
             return Ok(verdict);
         }
+        // What the record was, to tell an event that changed only when the machine was
+        // last heard from (most heartbeats): that is kept in memory, not written each time.
+        let mut unchanged = record.clone();
         record.last_seq = envelope.seq;
         record.last_seen_ms = now_ms;
         let was_online = record.online;
@@ -380,7 +387,13 @@ impl Registry {
         if record.online != was_online {
             outcome.presence.push((machine.clone(), record.online));
         }
-        batch.put_machine(&record)?;
+        unchanged.last_seq = record.last_seq;
+        unchanged.last_seen_ms = record.last_seen_ms;
+        if unchanged == record {
+            batch.heard(&record)?;
+        } else {
+            batch.put_machine(&record)?;
+        }
         self.guard.record(&envelope.from, envelope.seq);
         if record.online {
             self.configure_if_needed(&record, now_ms, &mut outcome.out);
@@ -724,6 +737,7 @@ impl Registry {
         }
         self.keyring.remove(machine);
         self.configured.remove(machine);
+        self.verifying.remove(machine);
         Ok(record)
     }
 
@@ -770,6 +784,18 @@ impl Registry {
             self.configure_if_needed(&record, now_ms, out);
         }
         Ok(Some(record))
+    }
+
+    /// Writes the last-seen times and seqs heard since the last call that nothing else
+    /// wrote (see `Store::persist_presence`); an error is logged and retried next time.
+    pub fn persist_presence(&mut self) {
+        match self.store.persist_presence() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(machines = n, "persisted last-seen times"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not persist last-seen times; trying again later")
+            }
+        }
     }
 
     /// Marks offline every machine that missed three heartbeat intervals; returns them.
@@ -839,6 +865,27 @@ impl Registry {
             self.configure_if_needed(record, now_ms, out);
         }
         Ok(moved)
+    }
+}
+
+impl Registry {
+    /// [`verify`] with the machine's approved key, decompressed once.
+    fn verify_approved(
+        &mut self,
+        envelope: &Envelope<Event>,
+        topic: &Topic,
+        machine: &MachineId,
+        approved: PublicKeyBytes,
+    ) -> Result<(), String> {
+        let key = match self.verifying.get(machine) {
+            Some((bytes, key)) if *bytes == approved => *key,
+            _ => {
+                let key = verifying_key_from_bytes(&approved).map_err(|e| e.to_string())?;
+                self.verifying.insert(machine.clone(), (approved, key));
+                key
+            }
+        };
+        envelope.verify(topic, &key).map_err(|e| e.to_string())
     }
 }
 
