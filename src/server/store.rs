@@ -243,6 +243,38 @@ struct Presence {
     seen: std::collections::HashMap<MachineId, i64>,
     by_time: std::collections::BTreeSet<(i64, MachineId)>,
     unsaved: std::collections::HashMap<MachineId, Heard>,
+    /// What the fleet and zone summaries count of each machine, so that they need not
+    /// decode every record per request.
+    facets: std::collections::HashMap<MachineId, Facets>,
+}
+
+/// What `GET /api/v1/fleet` and the zones' member lists need of one machine: kept in memory
+/// in step with the machines and keys tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facets {
+    /// Whether the machine has a record (its keys may be written first).
+    pub recorded: bool,
+    pub online: bool,
+    pub zones: Vec<ZoneId>,
+    /// Each image it holds and where that stands.
+    pub images: Vec<(ImageId, boottorrent_proto::ImageState)>,
+    /// The image it runs.
+    pub running: Option<ImageId>,
+    pub keys: KeyRecord,
+}
+
+impl Facets {
+    fn record(&mut self, record: &MachineRecord) {
+        self.recorded = true;
+        self.online = record.online;
+        self.zones.clone_from(&record.zones);
+        self.images = record
+            .images
+            .iter()
+            .map(|h| (h.image.clone(), h.state))
+            .collect();
+        self.running = record.running.as_ref().map(|r| r.image.clone());
+    }
 }
 
 /// When a machine was last heard from, and the seq of what it said: what a heartbeat
@@ -275,6 +307,11 @@ enum PresenceChange {
     Written(MachineId, Option<i64>),
     /// Heard from, online, nothing else changed; not written yet.
     Heard(MachineId, Heard),
+    /// The record was written (or, with `None`, deleted with its keys): its facets (their
+    /// keys are not the record's, and not taken).
+    Record(MachineId, Option<Box<Facets>>),
+    /// The machine's keys were written.
+    Keys(MachineId, KeyRecord),
 }
 
 impl Presence {
@@ -304,6 +341,15 @@ impl Presence {
                 self.set(&id, Some(heard.last_seen_ms));
                 self.unsaved.insert(id, heard);
             }
+            PresenceChange::Record(id, Some(written)) => {
+                let facets = self.facets.entry(id).or_default();
+                let keys = std::mem::take(&mut facets.keys);
+                *facets = Facets { keys, ..*written };
+            }
+            PresenceChange::Record(id, None) => {
+                self.facets.remove(&id);
+            }
+            PresenceChange::Keys(id, keys) => self.facets.entry(id).or_default().keys = keys,
         }
     }
 
@@ -383,8 +429,11 @@ impl Store {
         {
             let records = store.machines()?;
             let mut presence = store.lock_presence();
-            for (record, _) in records {
+            for (record, keys) in records {
                 presence.set(&record.id, Presence::of(&record));
+                let facets = presence.facets.entry(record.id.clone()).or_default();
+                facets.record(&record);
+                facets.keys = keys;
             }
         }
         Ok(store)
@@ -420,6 +469,15 @@ impl Store {
             }
             Ok(written)
         })
+    }
+
+    /// Calls `f` with every machine's [`Facets`], in no order; from memory. Holds the
+    /// index meanwhile: `f` should only count.
+    pub fn for_each_facets(&self, mut f: impl FnMut(&MachineId, &Facets)) {
+        let presence = self.lock_presence();
+        for (id, facets) in presence.facets.iter().filter(|(_, f)| f.recorded) {
+            f(id, facets);
+        }
     }
 
     /// Online machines last heard from before `before_ms`, oldest first; from memory.
@@ -716,6 +774,12 @@ impl Batch<'_> {
             record.id.clone(),
             Presence::of(record),
         ));
+        let mut facets = Facets::default();
+        facets.record(record);
+        self.presence.push(PresenceChange::Record(
+            record.id.clone(),
+            Some(Box::new(facets)),
+        ));
         Ok(())
     }
 
@@ -741,12 +805,15 @@ impl Batch<'_> {
         self.heard.remove(id);
         self.presence
             .push(PresenceChange::Written(id.clone(), None));
+        self.presence.push(PresenceChange::Record(id.clone(), None));
         Ok(())
     }
 
     pub fn put_keys(&mut self, id: &MachineId, keys: &KeyRecord) -> Result<(), StoreError> {
         let bytes = encode("machine_keys", id.as_str(), keys)?;
         self.keys.insert(id.as_str(), bytes.as_slice())?;
+        self.presence
+            .push(PresenceChange::Keys(id.clone(), keys.clone()));
         Ok(())
     }
 
@@ -1103,6 +1170,64 @@ mod tests {
         let store = Store::open(&path).unwrap();
         let r = store.machine(&id("pc-a")).unwrap().unwrap().0;
         assert_eq!((r.last_seen_ms, r.last_seq), (1000, 10));
+    }
+
+    #[test]
+    fn the_facets_follow_records_and_keys_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let facets = |store: &Store| {
+            let mut out = std::collections::BTreeMap::new();
+            store.for_each_facets(|id, f| {
+                out.insert(id.to_string(), f.clone());
+            });
+            out
+        };
+        let zone: ZoneId = "lab".parse().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .write(|b| {
+                    // Keys first, as a new machine is trusted before its record is written.
+                    b.put_keys(
+                        &id("pc-a"),
+                        &KeyRecord {
+                            approved: Some(PublicKeyBytes::from([1; 32])),
+                            ..KeyRecord::default()
+                        },
+                    )?;
+                    assert!(facets(&store).is_empty(), "nothing before the commit");
+                    let mut a = MachineRecord::new(id("pc-a"), 1);
+                    a.online = true;
+                    a.zones = vec![zone.clone()];
+                    b.put_machine(&a)?;
+                    b.put_machine(&MachineRecord::new(id("pc-b"), 1))?;
+                    // Keys without a record are not a machine.
+                    b.put_keys(&id("pc-c"), &KeyRecord::default())
+                })
+                .unwrap();
+            let f = facets(&store);
+            assert_eq!(f.keys().collect::<Vec<_>>(), ["pc-a", "pc-b"]);
+            assert!(f["pc-a"].online && f["pc-a"].keys.approved.is_some());
+            assert_eq!(f["pc-a"].zones, std::slice::from_ref(&zone));
+            store
+                .write(|b| {
+                    let (mut a, _) = b.machine(&id("pc-a"))?.unwrap();
+                    a.online = false;
+                    b.put_machine(&a)?;
+                    b.delete_machine(&id("pc-b"))
+                })
+                .unwrap();
+            let f = facets(&store);
+            assert_eq!(f.keys().collect::<Vec<_>>(), ["pc-a"]);
+            assert!(!f["pc-a"].online, "written over");
+            assert!(f["pc-a"].keys.approved.is_some(), "the keys stay");
+        }
+        let store = Store::open(&path).unwrap();
+        let f = facets(&store);
+        assert_eq!(f.keys().collect::<Vec<_>>(), ["pc-a"]);
+        assert_eq!(f["pc-a"].zones, [zone]);
+        assert!(f["pc-a"].keys.approved.is_some());
     }
 
     fn deployment_of(id: &str, machines: &[&str]) -> Deployment {
