@@ -1,17 +1,28 @@
 //! The orchestrator: the server's only connection to the broker.
 //!
-//! One task owns the in-process rumqttd link, the [`Registry`] (machines and trust) and the
-//! [`Fleet`] (zones and deployments). It waits on three things: notifications from the broker
-//! (events from machines), requests from the HTTP API (which must go through here because
-//! this task is the single writer of that state), and a timer that marks silent machines
-//! offline and quiet deployments stalled.
+//! One task owns the in-process rumqttd link; the [`Registry`] (machines and trust) and the
+//! [`Fleet`] (zones and deployments) belong to its applier, a thread of their own and the
+//! single writer of that state. The task waits on notifications from the broker (events from
+//! machines), requests from the HTTP API (which must go through the applier), the applier's
+//! answers (commands to publish), and timers: one that marks silent machines offline and
+//! quiet deployments stalled, one that persists last-seen times.
 //!
-//! Events are drained in batches: everything the broker has queued, up to `MAX_BATCH`, is
-//! applied in two database transactions, the registry's (machines, keys, the event log) and
-//! then the fleet's (the deployments the batch touched), so a burst of thousands of events
-//! costs a handful of fsyncs instead of one each. rumqttd hands a link at most `max_outgoing_packet_count`
-//! packets and then sends `Unschedule`; the link must answer with `wake` or the router never
-//! sends it anything again. That is what keeps a 10,000-event burst from stalling us.
+//! Events are applied in batches of up to `MAX_BATCH`, each in two database transactions,
+//! the registry's (machines, keys, the event log) and then the fleet's (the deployments the
+//! batch touched). While the applier verifies and commits one batch (a commit waits for the
+//! disk), the task keeps reading the broker and the next batch grows, so under load a commit
+//! takes thousands of events and the rate is not bounded by fsyncs per second. rumqttd hands a
+//! link at most `max_outgoing_packet_count` packets and then sends `Unschedule`; the link must
+//! answer with `wake` or the router never sends it anything again, so reading must not wait
+//! for a commit.
+//!
+//! Durability: every event's effect is committed before the commands that follow from it are
+//! published and before the API (which reads the database) can show it. The one exception is
+//! an event that changes nothing but when the machine was last heard from and its seq (most
+//! heartbeats): that is kept in memory, shown by every read, and written every
+//! [`PERSIST_PRESENCE_EVERY`] and on shutdown; a crash loses at most that much of last-seen
+//! times, and the replay guard restored after it may be that far behind (an envelope replayed
+//! within that window can do no more than such a heartbeat did: refresh last-seen).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +44,7 @@ use crate::server::store::MachineRecord;
 use crate::server::zone::{Zone, ZoneSpec};
 
 /// Most events applied in one batch (two transactions: the registry's, then the fleet's).
+/// Batches this big come only under load, when events queued during the previous commit.
 const MAX_BATCH: usize = 4096;
 
 /// Most events read from the broker and not yet applied; past this the orchestrator stops
