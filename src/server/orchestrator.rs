@@ -7,9 +7,9 @@
 //! answers (commands to publish), and timers: one that marks silent machines offline and
 //! quiet deployments stalled, one that persists last-seen times.
 //!
-//! Events are applied in batches of up to `MAX_BATCH`, each in two database transactions,
-//! the registry's (machines, keys, the event log) and then the fleet's (the deployments the
-//! batch touched). While the applier verifies and commits one batch (a commit waits for the
+//! Events are applied in batches of up to `MAX_BATCH`, each in one database transaction:
+//! the registry's changes (machines, keys, the event log) and the fleet's (the deployments
+//! the batch touched). While the applier verifies and commits one batch (a commit waits for the
 //! disk), the task keeps reading the broker and the next batch grows, so under load a commit
 //! takes thousands of events and the rate is not bounded by fsyncs per second. rumqttd hands a
 //! link at most `max_outgoing_packet_count` packets and then sends `Unschedule`; the link must
@@ -40,11 +40,10 @@ use crate::server::fleet::{Fleet, FleetError, Live, NewDeployment};
 use crate::server::health::Health;
 use crate::server::metrics::Metrics;
 use crate::server::registry::{Approval, ApproveError, Outgoing, Registry};
-use crate::server::store::MachineRecord;
+use crate::server::store::{MachineRecord, Store};
 use crate::server::zone::{Zone, ZoneSpec};
 
-/// Most events applied in one batch (two transactions: the registry's, then the fleet's).
-/// Batches this big come only under load, when events queued during the previous commit.
+/// Most events applied in one batch (one transaction). Batches this big come only under load, when events queued during the previous commit.
 const MAX_BATCH: usize = 4096;
 
 /// Most events read from the broker and not yet applied; past this the orchestrator stops
@@ -272,6 +271,7 @@ pub async fn run(
     persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     persist.reset();
     let (jobs, done, applier) = Applier {
+        store: registry.store().clone(),
         registry,
         fleet,
         live,
@@ -371,6 +371,8 @@ struct Applier {
     registry: Registry,
     fleet: Fleet,
     live: broadcast::Sender<Live>,
+    /// The database the registry and the fleet write to, for the one transaction of a batch.
+    store: Store,
 }
 
 type Spawned = (
@@ -403,13 +405,29 @@ impl Applier {
             registry,
             fleet,
             live,
+            store,
         } = self;
         let now = now_ms();
         match job {
             Job::Events(batch) => {
-                let outcome = registry.handle_batch(&batch, fleet.zones(), now);
+                // One transaction for the whole batch: the registry's changes (machines,
+                // keys, the log) and the deployments they move.
+                let result = store.write(|tx| {
+                    let handled = registry.handle_in(tx, &batch, fleet.zones(), now)?;
+                    let fleet_out =
+                        fleet.apply_in(tx, handled.accepted(), registry.signer(), now)?;
+                    Ok((handled, fleet_out))
+                });
+                let (handled, fleet_out) = match result {
+                    Ok((handled, fleet_out)) => (Ok(handled), Some(fleet_out)),
+                    Err(e) => (Err(e), None),
+                };
+                fleet.finish(fleet_out.as_ref().map(|(_, moved)| moved));
+                let outcome = registry.finish(handled, batch.len(), now);
                 let mut out = outcome.out;
-                out.extend(fleet.apply(&outcome.accepted, registry.signer(), now));
+                if let Some((commands, _)) = fleet_out {
+                    out.extend(commands);
+                }
                 for (machine, online) in outcome.presence {
                     show_presence(live, &machine, online, now);
                 }

@@ -128,6 +128,19 @@ enum Verdict {
     Dropped(DropReason, String),
 }
 
+/// What [`Registry::handle_in`] did in a transaction not yet committed.
+pub struct Handled {
+    outcome: BatchOutcome,
+    verdicts: Vec<Verdict>,
+}
+
+impl Handled {
+    /// The events from trusted machines, for the fleet to apply in the same transaction.
+    pub fn accepted(&self) -> &[Accepted] {
+        &self.outcome.accepted
+    }
+}
+
 pub struct Registry {
     store: Store,
     settings: Settings,
@@ -188,28 +201,36 @@ impl Registry {
         })
     }
 
-    /// Applies a batch of `(topic, payload)` events in one transaction and returns the
-    /// commands to publish once it committed.
-    pub fn handle_batch(
+    /// Applies a batch of events inside `batch`, a transaction the caller commits (the
+    /// orchestrator writes the fleet's changes in the same one); hand what this returns,
+    /// with whether the commit worked, to [`Registry::finish`].
+    pub fn handle_in(
         &mut self,
+        batch: &mut Batch<'_>,
         events: &[(Vec<u8>, Vec<u8>)],
         zones: &[Zone],
         now_ms: i64,
-    ) -> BatchOutcome {
-        let store = self.store.clone();
+    ) -> Result<Handled, StoreError> {
+        let mut outcome = BatchOutcome::default();
         let mut verdicts = Vec::with_capacity(events.len());
-        let result = store.write(|batch| {
-            let mut outcome = BatchOutcome::default();
-            for (topic, payload) in events {
-                self.metrics.event_received();
-                let verdict = self.handle(batch, topic, payload, zones, now_ms, &mut outcome)?;
-                verdicts.push(verdict);
-            }
-            Ok(outcome)
-        });
+        for (topic, payload) in events {
+            self.metrics.event_received();
+            verdicts.push(self.handle(batch, topic, payload, zones, now_ms, &mut outcome)?);
+        }
+        Ok(Handled { outcome, verdicts })
+    }
+
+    /// After the transaction of [`Registry::handle_in`] committed (or failed): counts the
+    /// verdicts; the outcome to act on, empty if the batch was lost.
+    pub fn finish(
+        &mut self,
+        result: Result<Handled, StoreError>,
+        events: usize,
+        now_ms: i64,
+    ) -> BatchOutcome {
         self.gate.report(now_ms);
         match result {
-            Ok(out) => {
+            Ok(Handled { outcome, verdicts }) => {
                 for verdict in verdicts {
                     match verdict {
                         Verdict::Accepted => self.metrics.event_accepted(),
@@ -219,11 +240,11 @@ impl Registry {
                         }
                     }
                 }
-                out
+                outcome
             }
             Err(e) => {
-                tracing::error!(error = %e, events = events.len(), "could not store a batch of events; they are dropped and machines will re-send their state");
-                for _ in events {
+                tracing::error!(error = %e, events, "could not store a batch of events; they are dropped and machines will re-send their state");
+                for _ in 0..events {
                     self.metrics.event_dropped(DropReason::StoreFailed);
                 }
                 // Machines configured in the failed batch must be configured again.
@@ -636,6 +657,11 @@ impl Registry {
         let encoded = boottorrent_proto::encode(&config, Encoding::MessagePack).unwrap_or_default();
         config.config_hash = hex::encode(&Sha256::digest(&encoded)[..8]);
         config
+    }
+
+    /// The database the registry writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The server's one command signer, lent to whoever else sends commands.
