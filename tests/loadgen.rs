@@ -102,3 +102,50 @@ fn the_generator_starts_its_own_server() {
         "the started server logs into the work dir"
     );
 }
+
+/// `rate` as `scripts/bench-rate` runs it, small: agents send at a rate while new machines
+/// enrol, and the server applies what was sent (a debug build keeps up with 200 events/s).
+#[test]
+fn the_rate_generator_sees_its_events_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let mut command = Command::new(loadgen_binary());
+    command
+        .args([
+            "rate",
+            "--json",
+            "--agents",
+            "10",
+            "--events-per-sec",
+            "200",
+        ])
+        .args(["--new-per-sec", "5", "--secs", "5", "--warmup-secs", "1"])
+        .args(["--server-binary", BOOTTORRENT])
+        .arg("--work-dir")
+        .arg(&work);
+    let out = run_within(command, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "boottorrent-loadgen rate failed:\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the report is not JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let context = format!("report:\n{report:#}\nstderr:\n{stderr}");
+    let number = |key: &str| {
+        report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {context}"))
+    };
+    assert!(number("sent_per_sec") > 150.0, "{context}");
+    assert!(number("new_acked_per_sec") > 3.0, "{context}");
+    assert!(number("applied_per_sec") > 150.0, "{context}");
+    assert!(report["drain_secs"].is_f64(), "drained: {context}");
+    assert_eq!(report["dropped"], 0, "{context}");
+    assert_eq!(report["metrics_failures"], 0, "{context}");
+    assert!(number("server_cpu_percent") > 0.0, "{context}");
+}

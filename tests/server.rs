@@ -4,6 +4,7 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use boottorrent_proto::{
     Command as BtCommand, CommandKind, Encoding, Event, Heartbeat, Presence, Scope, Topic,
@@ -296,6 +297,50 @@ fn machines_survive_kill_9_and_restart() {
     let log = server.get_json("/api/v1/machines");
     assert_eq!(log.as_array().unwrap().len(), 1);
     register(&server, &mut agent);
+}
+
+/// A heartbeat that changes nothing but last-seen is kept in memory (shown by the API at
+/// once) and written at shutdown: a clean stop keeps it, a kill -9 may lose it but nothing
+/// else, and the machine reports on after either.
+#[test]
+fn last_seen_is_shown_at_once_and_kept_across_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut agent = Agent::new("pc-8");
+    let mut server = Server::start(&data, &[]);
+    register(&server, &mut agent);
+    let registered = server.machine("pc-8").unwrap()["last_seen"].clone();
+    let heartbeat = |server: &Server, agent: &mut Agent, after: &serde_json::Value| {
+        // The API shows milliseconds: let the clock move past the last one shown.
+        std::thread::sleep(Duration::from_millis(20));
+        let (topic, payload) = agent.heartbeat();
+        server.publish(agent, &topic, &payload);
+        wait_for("the heartbeat's last-seen in the API", || {
+            let seen = server.machine("pc-8")?["last_seen"].clone();
+            (seen.as_str() > after.as_str()).then_some(seen)
+        })
+    };
+    let heard = heartbeat(&server, &mut agent, &registered);
+    assert_eq!(server.terminate().code(), Some(0));
+
+    let mut server = server.restart(&[]);
+    let m = server.machine("pc-8").unwrap();
+    assert_eq!(m["last_seen"], heard, "written at shutdown: {m:#}");
+    assert_eq!(m["key_state"], "approved");
+    let later = heartbeat(&server, &mut agent, &heard);
+    server.kill9();
+
+    let mut server = server.restart(&[]);
+    let m = server.machine("pc-8").unwrap();
+    let kept = m["last_seen"].as_str().unwrap().to_owned();
+    assert!(
+        Some(kept.as_str()) >= heard.as_str() && Some(kept.as_str()) <= later.as_str(),
+        "after kill -9, last-seen is the one written at the last stop or a later one: {m:#}"
+    );
+    assert_eq!(m["key_state"], "approved");
+    // The machine's next events still apply.
+    heartbeat(&server, &mut agent, &serde_json::Value::String(kept));
+    server.kill9();
 }
 
 #[test]

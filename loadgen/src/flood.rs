@@ -44,7 +44,7 @@ pub struct Flood {
 
 /// Logs in with `options`, publishes `(topic, payload)` at QoS 1 and waits for the broker's
 /// acknowledgement; on failure, what failed.
-async fn publish_once(
+pub(crate) async fn publish_once(
     options: MqttOptions,
     topic: String,
     payload: Vec<u8>,

@@ -9,10 +9,13 @@
 //!   server uses with them, how fast a deployment reaches them, and API latency meanwhile.
 //! - `flood` ([`flood`]): made-up machines enrol as fast as possible while one real machine
 //!   reports.
+//! - `rate` ([`rate`]): events at a sustained rate, new machines enrolling meanwhile; how
+//!   many the server applies per second and how far behind it falls.
 
 mod fleet;
 mod flood;
 mod machine;
+mod rate;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -39,6 +42,11 @@ enum Command {
     /// Made-up machines enrol as fast as asked while one real machine reports; prints how
     /// late its heartbeats are applied.
     Flood(flood::Flood),
+    /// Connected agents send signed progress and heartbeats at a sustained rate while new
+    /// machines enrol; reports the events the server applied per second (median, worst),
+    /// the backlog, its drain time and the server's CPU. Starts its own `boottorrent serve`
+    /// unless --server is given.
+    Rate(rate::Rate),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +58,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Fleet(args) => runtime.block_on(fleet::run(args)),
         Command::Flood(args) => runtime.block_on(flood::run(args)),
+        Command::Rate(args) => runtime.block_on(rate::run(args)),
     }
 }

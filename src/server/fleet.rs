@@ -26,7 +26,7 @@ use crate::api::{Action, Target, ZoneSource};
 use crate::server::deployment::{Change, Deployment, ImageRef, new_id};
 use crate::server::passkey::Grants;
 use crate::server::registry::{Accepted, Outgoing, Signer, encoding_of};
-use crate::server::store::{MachineRecord, Store, StoreError};
+use crate::server::store::{Batch, MachineRecord, Store, StoreError};
 use crate::server::zone::{ConfigZone, Zone, ZoneSpec};
 
 /// Progress of one deployment is broadcast at most this often; transitions at once.
@@ -85,6 +85,14 @@ pub struct NewDeployment {
     pub target: Target,
     pub action: Action,
     pub persistence: Persistence,
+}
+
+/// The deployments a batch of events moved, between [`Fleet::apply_in`] and
+/// [`Fleet::finish`]: (deployment, machine, whether the machine joined it) and the
+/// transitions.
+pub struct Moved {
+    touched: Vec<(DeploymentId, MachineId, bool)>,
+    changes: Vec<Change>,
 }
 
 pub struct Fleet {
@@ -180,14 +188,37 @@ impl Fleet {
         &self.zones
     }
 
-    /// Applies events from trusted machines: progress, boot results and errors move their
-    /// deployments; startups and heartbeats are reconciled against the desired state.
-    pub fn apply(
+    /// Applies events from trusted machines inside `batch`, a transaction the caller commits
+    /// (with the registry's changes of the same events): progress, boot results and errors
+    /// move their deployments; startups and heartbeats are reconciled against the desired
+    /// state. Hand what this returns, with whether the commit worked, to [`Fleet::finish`].
+    pub fn apply_in(
+        &mut self,
+        batch: &mut Batch<'_>,
+        accepted: &[Accepted],
+        signer: &mut Signer,
+        now_ms: i64,
+    ) -> Result<(Vec<Outgoing>, Moved), StoreError> {
+        let (out, moved) = self.plan(accepted, signer, now_ms);
+        self.write_rows(batch, &moved.touched)?;
+        Ok((out, moved))
+    }
+
+    /// After the transaction of [`Fleet::apply_in`] committed (`Some`) or failed (`None`).
+    pub fn finish(&mut self, moved: Option<&Moved>) {
+        match moved {
+            Some(moved) => self.committed(&moved.touched, &moved.changes),
+            None => self.reload(),
+        }
+    }
+
+    /// What [`Fleet::apply_in`] does in memory: the deployments moved, the commands to send.
+    fn plan(
         &mut self,
         accepted: &[Accepted],
         signer: &mut Signer,
         now_ms: i64,
-    ) -> Vec<Outgoing> {
+    ) -> (Vec<Outgoing>, Moved) {
         let mut out = Vec::new();
         let mut touched = Vec::new();
         let mut changes = Vec::new();
@@ -263,8 +294,7 @@ impl Fleet {
             }
         }
         self.regrant(joiners);
-        self.commit(&touched, &changes);
-        out
+        (out, Moved { touched, changes })
     }
 
     /// Reconciles machines whose zones changed, now rather than at their next heartbeat.
@@ -676,6 +706,23 @@ impl Fleet {
         if touched.is_empty() {
             return;
         }
+        let store = self.store.clone();
+        match store.write(|batch| self.write_rows(batch, touched)) {
+            Ok(()) => self.committed(touched, changes),
+            Err(e) => {
+                tracing::error!(error = %e, "could not store deployment progress; reloading the last stored state");
+                self.reload();
+            }
+        }
+    }
+
+    /// Writes the deployments `touched` names: each one's record and the rows of the
+    /// machines it names.
+    fn write_rows(
+        &self,
+        batch: &mut Batch<'_>,
+        touched: &[(DeploymentId, MachineId, bool)],
+    ) -> Result<(), StoreError> {
         let mut ids: Vec<&DeploymentId> = touched.iter().map(|(id, _, _)| id).collect();
         ids.sort();
         ids.dedup();
@@ -683,30 +730,38 @@ impl Fleet {
             touched.iter().map(|(id, m, _)| (id, m)).collect();
         rows.sort();
         rows.dedup();
-        let result = self.store.write(|batch| {
-            for id in &ids {
-                if let Some(d) = self.deployments.get(*id) {
-                    batch.put_deployment_header(d)?;
-                }
+        for id in &ids {
+            if let Some(d) = self.deployments.get(*id) {
+                batch.put_deployment_header(d)?;
             }
-            for (id, machine) in &rows {
-                if let Some(m) = self
-                    .deployments
-                    .get(*id)
-                    .and_then(|d| d.machines.get(*machine))
-                {
-                    batch.put_deployment_machine(id, m)?;
-                }
+        }
+        for (id, machine) in &rows {
+            if let Some(m) = self
+                .deployments
+                .get(*id)
+                .and_then(|d| d.machines.get(*machine))
+            {
+                batch.put_deployment_machine(id, m)?;
             }
-            Ok(())
-        });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "could not store deployment progress; reloading the last stored state");
-            if let Ok(stored) = self.store.deployments() {
-                self.deployments = stored.into_iter().map(|d| (d.id.clone(), d)).collect();
-            }
+        }
+        Ok(())
+    }
+
+    /// The deployments as last stored, after a write that failed.
+    fn reload(&mut self) {
+        if let Ok(stored) = self.store.deployments() {
+            self.deployments = stored.into_iter().map(|d| (d.id.clone(), d)).collect();
+        }
+    }
+
+    /// After the deployments `touched` were committed: the transitions logged and shown.
+    fn committed(&mut self, touched: &[(DeploymentId, MachineId, bool)], changes: &[Change]) {
+        if touched.is_empty() {
             return;
         }
+        let mut ids: Vec<&DeploymentId> = touched.iter().map(|(id, _, _)| id).collect();
+        ids.sort();
+        ids.dedup();
         for change in changes {
             let state = change.state.as_str();
             match &change.error {

@@ -1,17 +1,28 @@
 //! The orchestrator: the server's only connection to the broker.
 //!
-//! One task owns the in-process rumqttd link, the [`Registry`] (machines and trust) and the
-//! [`Fleet`] (zones and deployments). It waits on three things: notifications from the broker
-//! (events from machines), requests from the HTTP API (which must go through here because
-//! this task is the single writer of that state), and a timer that marks silent machines
-//! offline and quiet deployments stalled.
+//! One task owns the in-process rumqttd link; the [`Registry`] (machines and trust) and the
+//! [`Fleet`] (zones and deployments) belong to its applier, a thread of their own and the
+//! single writer of that state. The task waits on notifications from the broker (events from
+//! machines), requests from the HTTP API (which must go through the applier), the applier's
+//! answers (commands to publish), and timers: one that marks silent machines offline and
+//! quiet deployments stalled, one that persists last-seen times.
 //!
-//! Events are drained in batches: everything the broker has queued, up to `MAX_BATCH`, is
-//! applied in two database transactions, the registry's (machines, keys, the event log) and
-//! then the fleet's (the deployments the batch touched), so a burst of thousands of events
-//! costs a handful of fsyncs instead of one each. rumqttd hands a link at most `max_outgoing_packet_count`
-//! packets and then sends `Unschedule`; the link must answer with `wake` or the router never
-//! sends it anything again. That is what keeps a 10,000-event burst from stalling us.
+//! Events are applied in batches of up to `MAX_BATCH`, each in one database transaction:
+//! the registry's changes (machines, keys, the event log) and the fleet's (the deployments
+//! the batch touched). While the applier verifies and commits one batch (a commit waits for the
+//! disk), the task keeps reading the broker and the next batch grows, so under load a commit
+//! takes thousands of events and the rate is not bounded by fsyncs per second. rumqttd hands a
+//! link at most `max_outgoing_packet_count` packets and then sends `Unschedule`; the link must
+//! answer with `wake` or the router never sends it anything again, so reading must not wait
+//! for a commit.
+//!
+//! Durability: every event's effect is committed before the commands that follow from it are
+//! published and before the API (which reads the database) can show it. The one exception is
+//! an event that changes nothing but when the machine was last heard from and its seq (most
+//! heartbeats): that is kept in memory, shown by every read, and written every
+//! [`PERSIST_PRESENCE_EVERY`] and on shutdown; a crash loses at most that much of last-seen
+//! times, and the replay guard restored after it may be that far behind (an envelope replayed
+//! within that window can do no more than such a heartbeat did: refresh last-seen).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,11 +41,19 @@ use crate::server::fleet::{Fleet, FleetError, Live, NewDeployment};
 use crate::server::health::Health;
 use crate::server::metrics::Metrics;
 use crate::server::registry::{Approval, ApproveError, Outgoing, Registry};
-use crate::server::store::MachineRecord;
+use crate::server::store::{MachineRecord, Store};
 use crate::server::zone::{Zone, ZoneSpec};
 
-/// Most events applied in one batch (two transactions: the registry's, then the fleet's).
-const MAX_BATCH: usize = 1024;
+/// Most events applied in one batch (one transaction). Batches this big come only under load, when events queued during the previous commit.
+const MAX_BATCH: usize = 4096;
+
+/// Most events read from the broker and not yet applied; past this the orchestrator stops
+/// reading and the broker holds the rest (its router hands a link only so many packets).
+const MAX_PENDING: usize = 4 * MAX_BATCH;
+
+/// How often last-seen times that changed nothing else are written (see
+/// `Registry::persist_presence`); a crash loses at most this much of them.
+pub const PERSIST_PRESENCE_EVERY: Duration = Duration::from_secs(60);
 
 type Reply<T> = oneshot::Sender<Result<T, FleetError>>;
 
@@ -301,8 +320,8 @@ impl Bus {
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     link: BrokerLink,
-    mut registry: Registry,
-    mut fleet: Fleet,
+    registry: Registry,
+    fleet: Fleet,
     mut requests: mpsc::Receiver<Request>,
     live: broadcast::Sender<Live>,
     metrics: Arc<Metrics>,
@@ -329,53 +348,194 @@ pub async fn run(
     };
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::new();
+    let mut persist = tokio::time::interval(PERSIST_PRESENCE_EVERY);
+    persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    persist.reset();
+    let (jobs, done, applier) = Applier {
+        store: registry.store().clone(),
+        registry,
+        fleet,
+        live,
+    }
+    .spawn()?;
+    let mut done = done;
+    // Events read from the broker that the applier has not been handed yet, and whether it
+    // is busy with a batch: while it commits one, the next one grows here.
+    let mut pending: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut applying = false;
     tracing::info!("orchestrator listening on {EVENTS_FILTER}");
 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            arrival = bus.next() => {
+            arrival = bus.next(), if pending.len() < MAX_PENDING => {
+                let mut batch = Vec::new();
                 bus.take(arrival, &mut batch).await;
-                if !batch.is_empty() {
-                    let now = now_ms();
-                    let out = tokio::task::block_in_place(|| {
-                        let outcome = registry.handle_batch(&batch, fleet.zones(), now);
-                        let mut out = outcome.out;
-                        out.extend(fleet.apply(&outcome.accepted, registry.signer(), now));
-                        for (machine, online) in outcome.presence {
-                            show_presence(&live, &machine, online, now);
-                        }
-                        out
-                    });
-                    batch.clear();
-                    bus.publish(out, &metrics);
+                pending.append(&mut batch);
+                if !applying && !pending.is_empty() {
+                    applying = hand_over(&jobs, &mut pending)?;
                 }
             }
-            Some(request) = requests.recv() => {
-                let out = tokio::task::block_in_place(|| serve(request, &mut registry, &mut fleet));
-                bus.publish(out, &metrics);
+            Some(finished) = done.recv() => {
+                bus.publish(finished.out, &metrics);
+                if finished.events {
+                    applying = !pending.is_empty() && hand_over(&jobs, &mut pending)?;
+                }
             }
-            _ = sweep.tick() => {
-                let now = now_ms();
-                tokio::task::block_in_place(|| {
-                    match registry.sweep_offline(now) {
-                        Ok(offline) if offline.is_empty() => {}
-                        Ok(offline) => {
-                            tracing::info!(machines = offline.len(), "marked machines offline after missed heartbeats");
-                            for machine in offline {
-                                show_presence(&live, &machine, false, now);
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "could not mark silent machines offline"),
-                    }
-                    fleet.sweep(now);
-                });
-            }
+            Some(request) = requests.recv() => send(&jobs, Job::Request(request))?,
+            _ = sweep.tick() => send(&jobs, Job::Sweep)?,
+            _ = persist.tick() => send(&jobs, Job::PersistPresence)?,
         }
+    }
+    // What the applier was handed is applied; last-seen times are persisted on the way out.
+    let _ = jobs.send(Job::PersistPresence);
+    drop(jobs);
+    while let Some(finished) = done.recv().await {
+        bus.publish(finished.out, &metrics);
+    }
+    if tokio::task::spawn_blocking(move || applier.join())
+        .await
+        .map_or(true, |joined| joined.is_err())
+    {
+        tracing::error!("the orchestrator's applier thread panicked");
     }
     tracing::info!("orchestrator stopped");
     Ok(())
+}
+
+/// Hands the applier the next batch from `pending` (the oldest [`MAX_BATCH`] events);
+/// returns `true` (it is busy now).
+fn hand_over(
+    jobs: &std::sync::mpsc::Sender<Job>,
+    pending: &mut Vec<(Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<bool> {
+    let batch = if pending.len() > MAX_BATCH {
+        let rest = pending.split_off(MAX_BATCH);
+        std::mem::replace(pending, rest)
+    } else {
+        std::mem::take(pending)
+    };
+    send(jobs, Job::Events(batch))?;
+    Ok(true)
+}
+
+fn send(jobs: &std::sync::mpsc::Sender<Job>, job: Job) -> anyhow::Result<()> {
+    jobs.send(job)
+        .map_err(|_| anyhow::anyhow!("the orchestrator's applier thread stopped (see the log)"))
+}
+
+/// Work for the applier, in the order the orchestrator took it.
+enum Job {
+    Events(Vec<(Vec<u8>, Vec<u8>)>),
+    Request(Request),
+    /// Mark silent machines offline and quiet deployments stalled.
+    Sweep,
+    /// Write the last-seen times heard since the last time.
+    PersistPresence,
+}
+
+/// What the applier did with one job.
+struct Done {
+    /// Commands to publish, now that what they follow from is committed.
+    out: Vec<Outgoing>,
+    /// The job was a batch of events (the applier is ready for the next one).
+    events: bool,
+}
+
+/// The single writer: owns the registry and the fleet on a thread of its own, so that the
+/// orchestrator keeps reading the broker while a batch is verified and committed (a commit
+/// waits for the disk). Under load the next batch grows meanwhile: a batch per commit, and
+/// commits no more often than the disk allows.
+struct Applier {
+    registry: Registry,
+    fleet: Fleet,
+    live: broadcast::Sender<Live>,
+    /// The database the registry and the fleet write to, for the one transaction of a batch.
+    store: Store,
+}
+
+type Spawned = (
+    std::sync::mpsc::Sender<Job>,
+    mpsc::UnboundedReceiver<Done>,
+    std::thread::JoinHandle<()>,
+);
+
+impl Applier {
+    fn spawn(mut self) -> anyhow::Result<Spawned> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("orchestrator".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let events = matches!(job, Job::Events(_));
+                    let out = self.apply(job);
+                    if done.send(Done { out, events }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting the orchestrator's applier thread: {e}"))?;
+        Ok((jobs, done_rx, thread))
+    }
+
+    fn apply(&mut self, job: Job) -> Vec<Outgoing> {
+        let Applier {
+            registry,
+            fleet,
+            live,
+            store,
+        } = self;
+        let now = now_ms();
+        match job {
+            Job::Events(batch) => {
+                // One transaction for the whole batch: the registry's changes (machines,
+                // keys, the log) and the deployments they move.
+                let result = store.write(|tx| {
+                    let handled = registry.handle_in(tx, &batch, fleet.zones(), now)?;
+                    let fleet_out =
+                        fleet.apply_in(tx, handled.accepted(), registry.signer(), now)?;
+                    Ok((handled, fleet_out))
+                });
+                let (handled, fleet_out) = match result {
+                    Ok((handled, fleet_out)) => (Ok(handled), Some(fleet_out)),
+                    Err(e) => (Err(e), None),
+                };
+                fleet.finish(fleet_out.as_ref().map(|(_, moved)| moved));
+                let outcome = registry.finish(handled, batch.len(), now);
+                let mut out = outcome.out;
+                if let Some((commands, _)) = fleet_out {
+                    out.extend(commands);
+                }
+                for (machine, online) in outcome.presence {
+                    show_presence(live, &machine, online, now);
+                }
+                out
+            }
+            Job::Request(request) => serve(request, registry, fleet),
+            Job::Sweep => {
+                match registry.sweep_offline(now) {
+                    Ok(offline) if offline.is_empty() => {}
+                    Ok(offline) => {
+                        tracing::info!(
+                            machines = offline.len(),
+                            "marked machines offline after missed heartbeats"
+                        );
+                        for machine in offline {
+                            show_presence(live, &machine, false, now);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not mark silent machines offline"),
+                }
+                fleet.sweep(now);
+                Vec::new()
+            }
+            Job::PersistPresence => {
+                registry.persist_presence();
+                Vec::new()
+            }
+        }
+    }
 }
 
 /// Collects `first` and whatever else the broker already queued (up to [`MAX_BATCH`]) into

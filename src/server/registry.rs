@@ -128,6 +128,19 @@ enum Verdict {
     Dropped(DropReason, String),
 }
 
+/// What [`Registry::handle_in`] did in a transaction not yet committed.
+pub struct Handled {
+    outcome: BatchOutcome,
+    verdicts: Vec<Verdict>,
+}
+
+impl Handled {
+    /// The events from trusted machines, for the fleet to apply in the same transaction.
+    pub fn accepted(&self) -> &[Accepted] {
+        &self.outcome.accepted
+    }
+}
+
 pub struct Registry {
     store: Store,
     settings: Settings,
@@ -142,6 +155,9 @@ pub struct Registry {
     /// Config hash last sent to each machine since this process started; a machine that has
     /// not got its current configuration gets it on its next accepted event.
     configured: HashMap<MachineId, String>,
+    /// Approved keys as points, by machine: decompressing the key for every event was a
+    /// quarter of verifying it. Checked against the approved key's bytes at each use.
+    verifying: HashMap<MachineId, (PublicKeyBytes, boottorrent_proto::VerifyingKey)>,
     metrics: Arc<Metrics>,
 }
 
@@ -180,32 +196,41 @@ impl Registry {
             keyring,
             pending,
             configured: HashMap::new(),
+            verifying: HashMap::new(),
             metrics,
         })
     }
 
-    /// Applies a batch of `(topic, payload)` events in one transaction and returns the
-    /// commands to publish once it committed.
-    pub fn handle_batch(
+    /// Applies a batch of events inside `batch`, a transaction the caller commits (the
+    /// orchestrator writes the fleet's changes in the same one); hand what this returns,
+    /// with whether the commit worked, to [`Registry::finish`].
+    pub fn handle_in(
         &mut self,
+        batch: &mut Batch<'_>,
         events: &[(Vec<u8>, Vec<u8>)],
         zones: &[Zone],
         now_ms: i64,
-    ) -> BatchOutcome {
-        let store = self.store.clone();
+    ) -> Result<Handled, StoreError> {
+        let mut outcome = BatchOutcome::default();
         let mut verdicts = Vec::with_capacity(events.len());
-        let result = store.write(|batch| {
-            let mut outcome = BatchOutcome::default();
-            for (topic, payload) in events {
-                self.metrics.event_received();
-                let verdict = self.handle(batch, topic, payload, zones, now_ms, &mut outcome)?;
-                verdicts.push(verdict);
-            }
-            Ok(outcome)
-        });
+        for (topic, payload) in events {
+            self.metrics.event_received();
+            verdicts.push(self.handle(batch, topic, payload, zones, now_ms, &mut outcome)?);
+        }
+        Ok(Handled { outcome, verdicts })
+    }
+
+    /// After the transaction of [`Registry::handle_in`] committed (or failed): counts the
+    /// verdicts; the outcome to act on, empty if the batch was lost.
+    pub fn finish(
+        &mut self,
+        result: Result<Handled, StoreError>,
+        events: usize,
+        now_ms: i64,
+    ) -> BatchOutcome {
         self.gate.report(now_ms);
         match result {
-            Ok(out) => {
+            Ok(Handled { outcome, verdicts }) => {
                 for verdict in verdicts {
                     match verdict {
                         Verdict::Accepted => self.metrics.event_accepted(),
@@ -215,11 +240,11 @@ impl Registry {
                         }
                     }
                 }
-                out
+                outcome
             }
             Err(e) => {
-                tracing::error!(error = %e, events = events.len(), "could not store a batch of events; they are dropped and machines will re-send their state");
-                for _ in events {
+                tracing::error!(error = %e, events, "could not store a batch of events; they are dropped and machines will re-send their state");
+                for _ in 0..events {
                     self.metrics.event_dropped(DropReason::StoreFailed);
                 }
                 // Machines configured in the failed batch must be configured again.
@@ -299,7 +324,7 @@ impl Registry {
                 format!("{kind:?} from {machine}, which waits for approval"),
             ));
         };
-        if let Err(why) = verify(&envelope, &topic, &approved) {
+        if let Err(why) = self.verify_approved(&envelope, &topic, &machine, approved) {
             return Ok(Dropped(
                 DropReason::BadSignature,
                 format!("{kind:?} from {machine}: {why}"),
@@ -331,6 +356,9 @@ impl Registry {
         if let Some(verdict) = self.replay_check(&envelope, now_ms) {
             return Ok(verdict);
         }
+        // What the record was, to tell an event that changed only when the machine was
+        // last heard from (most heartbeats): that is kept in memory, not written each time.
+        let mut unchanged = record.clone();
         record.last_seq = envelope.seq;
         record.last_seen_ms = now_ms;
         let was_online = record.online;
@@ -380,7 +408,13 @@ impl Registry {
         if record.online != was_online {
             outcome.presence.push((machine.clone(), record.online));
         }
-        batch.put_machine(&record)?;
+        unchanged.last_seq = record.last_seq;
+        unchanged.last_seen_ms = record.last_seen_ms;
+        if unchanged == record {
+            batch.heard(&record)?;
+        } else {
+            batch.put_machine(&record)?;
+        }
         self.guard.record(&envelope.from, envelope.seq);
         if record.online {
             self.configure_if_needed(&record, now_ms, &mut outcome.out);
@@ -625,6 +659,11 @@ impl Registry {
         config
     }
 
+    /// The database the registry writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The server's one command signer, lent to whoever else sends commands.
     pub fn signer(&mut self) -> &mut Signer {
         &mut self.signer
@@ -724,6 +763,7 @@ impl Registry {
         }
         self.keyring.remove(machine);
         self.configured.remove(machine);
+        self.verifying.remove(machine);
         Ok(record)
     }
 
@@ -770,6 +810,18 @@ impl Registry {
             self.configure_if_needed(&record, now_ms, out);
         }
         Ok(Some(record))
+    }
+
+    /// Writes the last-seen times and seqs heard since the last call that nothing else
+    /// wrote (see `Store::persist_presence`); an error is logged and retried next time.
+    pub fn persist_presence(&mut self) {
+        match self.store.persist_presence() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(machines = n, "persisted last-seen times"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not persist last-seen times; trying again later")
+            }
+        }
     }
 
     /// Marks offline every machine that missed three heartbeat intervals; returns them.
@@ -839,6 +891,27 @@ impl Registry {
             self.configure_if_needed(record, now_ms, out);
         }
         Ok(moved)
+    }
+}
+
+impl Registry {
+    /// [`verify`] with the machine's approved key, decompressed once.
+    fn verify_approved(
+        &mut self,
+        envelope: &Envelope<Event>,
+        topic: &Topic,
+        machine: &MachineId,
+        approved: PublicKeyBytes,
+    ) -> Result<(), String> {
+        let key = match self.verifying.get(machine) {
+            Some((bytes, key)) if *bytes == approved => *key,
+            _ => {
+                let key = verifying_key_from_bytes(&approved).map_err(|e| e.to_string())?;
+                self.verifying.insert(machine.clone(), (approved, key));
+                key
+            }
+        };
+        envelope.verify(topic, &key).map_err(|e| e.to_string())
     }
 }
 

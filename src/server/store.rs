@@ -233,10 +233,85 @@ pub struct Store {
 /// write's changes are applied once it committed) so that the offline sweep looks at the
 /// overdue machines only: decoding every record of a 10,000-machine fleet at every sweep is
 /// what it replaces.
+///
+/// It also holds what an event changed when it changed nothing but when the machine was last
+/// heard from and its seq ([`Batch::heard`]): those are not written per event but by
+/// [`Store::persist_presence`] every so often (and on shutdown), and every read of a record
+/// shows them meanwhile. A crash loses at most one period of them, nothing else.
 #[derive(Debug, Default)]
 struct Presence {
     seen: std::collections::HashMap<MachineId, i64>,
     by_time: std::collections::BTreeSet<(i64, MachineId)>,
+    unsaved: std::collections::HashMap<MachineId, Heard>,
+    /// What the fleet and zone summaries count of each machine, so that they need not
+    /// decode every record per request.
+    facets: std::collections::HashMap<MachineId, Facets>,
+}
+
+/// What `GET /api/v1/fleet` and the zones' member lists need of one machine: kept in memory
+/// in step with the machines and keys tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facets {
+    /// Whether the machine has a record (its keys may be written first).
+    pub recorded: bool,
+    pub online: bool,
+    pub zones: Vec<ZoneId>,
+    /// Each image it holds and where that stands.
+    pub images: Vec<(ImageId, boottorrent_proto::ImageState)>,
+    /// The image it runs.
+    pub running: Option<ImageId>,
+    pub keys: KeyRecord,
+}
+
+impl Facets {
+    fn record(&mut self, record: &MachineRecord) {
+        self.recorded = true;
+        self.online = record.online;
+        self.zones.clone_from(&record.zones);
+        self.images = record
+            .images
+            .iter()
+            .map(|h| (h.image.clone(), h.state))
+            .collect();
+        self.running = record.running.as_ref().map(|r| r.image.clone());
+    }
+}
+
+/// When a machine was last heard from, and the seq of what it said: what a heartbeat
+/// changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Heard {
+    last_seen_ms: i64,
+    last_seq: u64,
+}
+
+impl Heard {
+    fn of(record: &MachineRecord) -> Heard {
+        Heard {
+            last_seen_ms: record.last_seen_ms,
+            last_seq: record.last_seq,
+        }
+    }
+
+    /// `record` as it stands with this heard on top (never moving it back).
+    fn overlay(self, record: &mut MachineRecord) {
+        record.last_seen_ms = record.last_seen_ms.max(self.last_seen_ms);
+        record.last_seq = record.last_seq.max(self.last_seq);
+    }
+}
+
+/// A change to the presence index, applied once its transaction committed.
+#[derive(Debug)]
+enum PresenceChange {
+    /// The record was written: online since `Some(last seen)`, or not online (or gone).
+    Written(MachineId, Option<i64>),
+    /// Heard from, online, nothing else changed; not written yet.
+    Heard(MachineId, Heard),
+    /// The record was written (or, with `None`, deleted with its keys): its facets (their
+    /// keys are not the record's, and not taken).
+    Record(MachineId, Option<Box<Facets>>),
+    /// The machine's keys were written.
+    Keys(MachineId, KeyRecord),
 }
 
 impl Presence {
@@ -254,6 +329,35 @@ impl Presence {
 
     fn of(record: &MachineRecord) -> Option<i64> {
         record.online.then_some(record.last_seen_ms)
+    }
+
+    fn apply(&mut self, change: PresenceChange) {
+        match change {
+            PresenceChange::Written(id, at) => {
+                self.set(&id, at);
+                self.unsaved.remove(&id);
+            }
+            PresenceChange::Heard(id, heard) => {
+                self.set(&id, Some(heard.last_seen_ms));
+                self.unsaved.insert(id, heard);
+            }
+            PresenceChange::Record(id, Some(written)) => {
+                let facets = self.facets.entry(id).or_default();
+                let keys = std::mem::take(&mut facets.keys);
+                *facets = Facets { keys, ..*written };
+            }
+            PresenceChange::Record(id, None) => {
+                self.facets.remove(&id);
+            }
+            PresenceChange::Keys(id, keys) => self.facets.entry(id).or_default().keys = keys,
+        }
+    }
+
+    /// `record` with what was heard from it since it was written.
+    fn overlay(&self, record: &mut MachineRecord) {
+        if let Some(heard) = self.unsaved.get(&record.id) {
+            heard.overlay(record);
+        }
     }
 }
 
@@ -323,9 +427,13 @@ impl Store {
             presence: Default::default(),
         };
         {
+            let records = store.machines()?;
             let mut presence = store.lock_presence();
-            for (record, _) in store.machines()? {
+            for (record, keys) in records {
                 presence.set(&record.id, Presence::of(&record));
+                let facets = presence.facets.entry(record.id.clone()).or_default();
+                facets.record(&record);
+                facets.keys = keys;
             }
         }
         Ok(store)
@@ -343,6 +451,35 @@ impl Store {
         Ok((total, self.lock_presence().seen.len() as u64))
     }
 
+    /// Writes the last-seen times and seqs heard since the last call (see [`Batch::heard`])
+    /// in one transaction; how many machines.
+    pub fn persist_presence(&self) -> Result<usize, StoreError> {
+        let unsaved: Vec<MachineId> = self.lock_presence().unsaved.keys().cloned().collect();
+        if unsaved.is_empty() {
+            return Ok(0);
+        }
+        self.write(|batch| {
+            let mut written = 0;
+            for id in &unsaved {
+                // Read through the batch: the record with what was heard on top.
+                if let Some((record, _)) = batch.machine(id)? {
+                    batch.put_machine(&record)?;
+                    written += 1;
+                }
+            }
+            Ok(written)
+        })
+    }
+
+    /// Calls `f` with every machine's [`Facets`], in no order; from memory. Holds the
+    /// index meanwhile: `f` should only count.
+    pub fn for_each_facets(&self, mut f: impl FnMut(&MachineId, &Facets)) {
+        let presence = self.lock_presence();
+        for (id, facets) in presence.facets.iter().filter(|(_, f)| f.recorded) {
+            f(id, facets);
+        }
+    }
+
     /// Online machines last heard from before `before_ms`, oldest first; from memory.
     pub fn online_unheard_since(&self, before_ms: i64) -> Vec<MachineId> {
         self.lock_presence()
@@ -358,10 +495,12 @@ impl Store {
         let tx = self.db.begin_read()?;
         let machines = tx.open_table(MACHINES)?;
         let keys = tx.open_table(MACHINE_KEYS)?;
+        let presence = self.lock_presence();
         let mut out = Vec::new();
         for row in machines.iter()? {
             let (id, value) = row?;
-            let record: MachineRecord = decode("machines", id.value(), value.value())?;
+            let mut record: MachineRecord = decode("machines", id.value(), value.value())?;
+            presence.overlay(&mut record);
             let key = match keys.get(id.value())? {
                 Some(v) => decode("machine_keys", id.value(), v.value())?,
                 None => KeyRecord::default(),
@@ -392,7 +531,8 @@ impl Store {
         let mut out = Vec::new();
         for row in machines.range::<&str>((start, Bound::Unbounded))? {
             let (id, value) = row?;
-            let record: MachineRecord = decode("machines", id.value(), value.value())?;
+            let mut record: MachineRecord = decode("machines", id.value(), value.value())?;
+            self.lock_presence().overlay(&mut record);
             let key = match keys.get(id.value())? {
                 Some(v) => decode("machine_keys", id.value(), v.value())?,
                 None => KeyRecord::default(),
@@ -418,7 +558,8 @@ impl Store {
         let Some(value) = machines.get(id.as_str())? else {
             return Ok(None);
         };
-        let record = decode("machines", id.as_str(), value.value())?;
+        let mut record: MachineRecord = decode("machines", id.as_str(), value.value())?;
+        self.lock_presence().overlay(&mut record);
         let keys = tx.open_table(MACHINE_KEYS)?;
         let key = match keys.get(id.as_str())? {
             Some(v) => decode("machine_keys", id.as_str(), v.value())?,
@@ -568,14 +709,16 @@ impl Store {
                 deployments: tx.open_table(DEPLOYMENTS)?,
                 deployment_machines: tx.open_table(DEPLOYMENT_MACHINES)?,
                 presence: Vec::new(),
+                heard: std::collections::HashMap::new(),
+                index: &self.presence,
             };
             let out = f(&mut batch)?;
             (out, batch.presence)
         };
         tx.commit()?;
         let mut index = self.lock_presence();
-        for (id, at) in &presence {
-            index.set(id, *at);
+        for change in presence {
+            index.apply(change);
         }
         Ok(out)
     }
@@ -590,7 +733,11 @@ pub struct Batch<'tx> {
     deployments: redb::Table<'tx, &'static str, &'static [u8]>,
     deployment_machines: redb::Table<'tx, &'static str, &'static [u8]>,
     /// Presence changes, for [`Store`]'s index once the transaction committed.
-    presence: Vec<(MachineId, Option<i64>)>,
+    presence: Vec<PresenceChange>,
+    /// What [`Batch::heard`] took in this transaction, for reads within it.
+    heard: std::collections::HashMap<MachineId, Heard>,
+    /// The store's index, for reads within the transaction.
+    index: &'tx std::sync::Mutex<Presence>,
 }
 
 impl Batch<'_> {
@@ -602,7 +749,14 @@ impl Batch<'_> {
         let Some(value) = self.machines.get(id.as_str())? else {
             return Ok(None);
         };
-        let record = decode("machines", id.as_str(), value.value())?;
+        let mut record: MachineRecord = decode("machines", id.as_str(), value.value())?;
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .overlay(&mut record);
+        if let Some(heard) = self.heard.get(id) {
+            heard.overlay(&mut record);
+        }
         let key = match self.keys.get(id.as_str())? {
             Some(v) => decode("machine_keys", id.as_str(), v.value())?,
             None => KeyRecord::default(),
@@ -610,11 +764,37 @@ impl Batch<'_> {
         Ok(Some((record, key)))
     }
 
+    /// Writes a machine's record. Read it with [`Batch::machine`] first: a record built
+    /// otherwise would drop what was heard since it was last written.
     pub fn put_machine(&mut self, record: &MachineRecord) -> Result<(), StoreError> {
         let bytes = encode("machines", record.id.as_str(), record)?;
         self.machines.insert(record.id.as_str(), bytes.as_slice())?;
+        self.heard.remove(&record.id);
+        self.presence.push(PresenceChange::Written(
+            record.id.clone(),
+            Presence::of(record),
+        ));
+        let mut facets = Facets::default();
+        facets.record(record);
+        self.presence.push(PresenceChange::Record(
+            record.id.clone(),
+            Some(Box::new(facets)),
+        ));
+        Ok(())
+    }
+
+    /// An online machine was heard from and nothing changed but its last-seen time and seq:
+    /// kept in memory (and shown by every read) until [`Store::persist_presence`] writes it.
+    /// A machine not online is written instead: going online is a transition, and those are
+    /// always written.
+    pub fn heard(&mut self, record: &MachineRecord) -> Result<(), StoreError> {
+        if !record.online {
+            return self.put_machine(record);
+        }
+        let heard = Heard::of(record);
+        self.heard.insert(record.id.clone(), heard);
         self.presence
-            .push((record.id.clone(), Presence::of(record)));
+            .push(PresenceChange::Heard(record.id.clone(), heard));
         Ok(())
     }
 
@@ -622,13 +802,18 @@ impl Batch<'_> {
     pub fn delete_machine(&mut self, id: &MachineId) -> Result<(), StoreError> {
         self.machines.remove(id.as_str())?;
         self.keys.remove(id.as_str())?;
-        self.presence.push((id.clone(), None));
+        self.heard.remove(id);
+        self.presence
+            .push(PresenceChange::Written(id.clone(), None));
+        self.presence.push(PresenceChange::Record(id.clone(), None));
         Ok(())
     }
 
     pub fn put_keys(&mut self, id: &MachineId, keys: &KeyRecord) -> Result<(), StoreError> {
         let bytes = encode("machine_keys", id.as_str(), keys)?;
         self.keys.insert(id.as_str(), bytes.as_slice())?;
+        self.presence
+            .push(PresenceChange::Keys(id.clone(), keys.clone()));
         Ok(())
     }
 
@@ -915,6 +1100,134 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.online_unheard_since(1000), [id("pc-a")]);
         assert!(store.online_unheard_since(400).is_empty());
+    }
+
+    #[test]
+    fn a_heartbeat_is_kept_in_memory_shown_by_reads_and_written_when_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let mut m = MachineRecord::new(id("pc-a"), 100);
+        m.online = true;
+        m.last_seq = 1;
+        {
+            let store = Store::open(&path).unwrap();
+            store.write(|b| b.put_machine(&m)).unwrap();
+            // Heard at 500 with seq 7: every read shows it, the sweep's index too.
+            store
+                .write(|b| {
+                    let (mut r, _) = b.machine(&id("pc-a"))?.unwrap();
+                    r.last_seen_ms = 500;
+                    r.last_seq = 7;
+                    b.heard(&r)?;
+                    // Within the same transaction as well.
+                    assert_eq!(b.machine(&id("pc-a"))?.unwrap().0.last_seen_ms, 500);
+                    Ok(())
+                })
+                .unwrap();
+            let shown = store.machine(&id("pc-a")).unwrap().unwrap().0;
+            assert_eq!((shown.last_seen_ms, shown.last_seq), (500, 7));
+            assert_eq!(store.machines().unwrap()[0].0.last_seen_ms, 500);
+            let page = store.machines_page(None, 10, |_, _| true).unwrap().0;
+            assert_eq!(page[0].0.last_seen_ms, 500);
+            assert!(store.online_unheard_since(400).is_empty());
+            // A write of anything else carries it.
+            store
+                .write(|b| {
+                    let (mut r, _) = b.machine(&id("pc-a"))?.unwrap();
+                    r.hostname = "a".into();
+                    b.put_machine(&r)
+                })
+                .unwrap();
+            store
+                .write(|b| {
+                    let (mut r, _) = b.machine(&id("pc-a"))?.unwrap();
+                    r.last_seen_ms = 900;
+                    r.last_seq = 9;
+                    b.heard(&r)
+                })
+                .unwrap();
+            // Dropped without persisting: a crash.
+        }
+        {
+            let store = Store::open(&path).unwrap();
+            let r = store.machine(&id("pc-a")).unwrap().unwrap().0;
+            assert_eq!(
+                (r.hostname.as_str(), r.last_seen_ms, r.last_seq),
+                ("a", 500, 7),
+                "the write before the crash kept what was heard before it; the later heartbeat is lost"
+            );
+            store
+                .write(|b| {
+                    let (mut r, _) = b.machine(&id("pc-a"))?.unwrap();
+                    r.last_seen_ms = 1000;
+                    r.last_seq = 10;
+                    b.heard(&r)
+                })
+                .unwrap();
+            assert_eq!(store.persist_presence().unwrap(), 1);
+            assert_eq!(store.persist_presence().unwrap(), 0, "nothing new to write");
+        }
+        let store = Store::open(&path).unwrap();
+        let r = store.machine(&id("pc-a")).unwrap().unwrap().0;
+        assert_eq!((r.last_seen_ms, r.last_seq), (1000, 10));
+    }
+
+    #[test]
+    fn the_facets_follow_records_and_keys_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let facets = |store: &Store| {
+            let mut out = std::collections::BTreeMap::new();
+            store.for_each_facets(|id, f| {
+                out.insert(id.to_string(), f.clone());
+            });
+            out
+        };
+        let zone: ZoneId = "lab".parse().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .write(|b| {
+                    // Keys first, as a new machine is trusted before its record is written.
+                    b.put_keys(
+                        &id("pc-a"),
+                        &KeyRecord {
+                            approved: Some(PublicKeyBytes::from([1; 32])),
+                            ..KeyRecord::default()
+                        },
+                    )?;
+                    assert!(facets(&store).is_empty(), "nothing before the commit");
+                    let mut a = MachineRecord::new(id("pc-a"), 1);
+                    a.online = true;
+                    a.zones = vec![zone.clone()];
+                    b.put_machine(&a)?;
+                    b.put_machine(&MachineRecord::new(id("pc-b"), 1))?;
+                    // Keys without a record are not a machine.
+                    b.put_keys(&id("pc-c"), &KeyRecord::default())
+                })
+                .unwrap();
+            let f = facets(&store);
+            assert_eq!(f.keys().collect::<Vec<_>>(), ["pc-a", "pc-b"]);
+            assert!(f["pc-a"].online && f["pc-a"].keys.approved.is_some());
+            assert_eq!(f["pc-a"].zones, std::slice::from_ref(&zone));
+            store
+                .write(|b| {
+                    let (mut a, _) = b.machine(&id("pc-a"))?.unwrap();
+                    a.online = false;
+                    b.put_machine(&a)?;
+                    b.delete_machine(&id("pc-b"))
+                })
+                .unwrap();
+            let f = facets(&store);
+            assert_eq!(f.keys().collect::<Vec<_>>(), ["pc-a"]);
+            assert!(!f["pc-a"].online, "written over");
+            assert!(f["pc-a"].keys.approved.is_some(), "the keys stay");
+        }
+        let store = Store::open(&path).unwrap();
+        let f = facets(&store);
+        assert_eq!(f.keys().collect::<Vec<_>>(), ["pc-a"]);
+        assert_eq!(f["pc-a"].zones, [zone]);
+        assert!(f["pc-a"].keys.approved.is_some());
     }
 
     fn deployment_of(id: &str, machines: &[&str]) -> Deployment {

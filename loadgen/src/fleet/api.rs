@@ -53,6 +53,12 @@ impl Api {
         parse(&bytes, method.as_str(), path)
     }
 
+    /// `GET path` as text (the Prometheus exposition of `/metrics`).
+    pub async fn text(&self, path: &str) -> anyhow::Result<String> {
+        let bytes = self.call(reqwest::Method::GET, path, None).await?;
+        String::from_utf8(bytes.to_vec()).with_context(|| format!("GET {path}: not UTF-8"))
+    }
+
     /// The body of the answer to `method path`, which must be a success.
     async fn call(
         &self,

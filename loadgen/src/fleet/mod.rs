@@ -11,9 +11,9 @@
 //! agent in a [`TaskTracker`]; they share a [`Tally`] and one cancellation token.
 
 pub mod agent;
-mod api;
+pub(crate) mod api;
 mod report;
-mod server;
+pub(crate) mod server;
 mod tally;
 
 use std::path::PathBuf;
@@ -565,7 +565,7 @@ async fn fan_out(
 
 /// Catalogues a new 1 MiB raw image named `name` made in `work`, and waits until it can be
 /// deployed; its id.
-async fn add_image(
+pub(crate) async fn add_image(
     api: &Api,
     work: &std::path::Path,
     name: &str,

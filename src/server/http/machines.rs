@@ -188,15 +188,13 @@ struct ZoneCount {
 pub(super) async fn fleet_summary(
     State(state): State<AppState>,
 ) -> Result<Json<FleetSummary>, ApiError> {
-    let machines = state
-        .store
-        .machines()
-        .map_err(|e| ApiError::internal("reading machines", e))?;
+    // Counted from the store's in-memory index: decoding every record took 0.4 s a
+    // request at 11,000 machines.
     let mut s = FleetSummary::default();
-    for (m, k) in &machines {
+    state.store.for_each_facets(|_, m| {
         s.machines += 1;
         s.online += u64::from(m.online);
-        let word = match key_state(k) {
+        let word = match key_state(&m.keys) {
             KeyState::Approved => "approved",
             KeyState::Pending => "pending",
             KeyState::KeyChanged => "key_changed",
@@ -207,17 +205,17 @@ pub(super) async fn fleet_summary(
             count.machines += 1;
             count.online += u64::from(m.online);
         }
-        for h in &m.images {
+        for (image, held) in &m.images {
             *s.images
-                .entry(h.image.clone())
+                .entry(image.clone())
                 .or_default()
-                .entry(h.state.as_str())
+                .entry(held.as_str())
                 .or_default() += 1;
         }
-        if let Some(r) = &m.running {
-            *s.running.entry(r.image.clone()).or_default() += 1;
+        if let Some(image) = &m.running {
+            *s.running.entry(image.clone()).or_default() += 1;
         }
-    }
+    });
     Ok(Json(s))
 }
 

@@ -71,12 +71,12 @@ impl ZonesQuery {
 /// `zone` with its members among `machines`.
 pub(super) fn zone_view<'a>(
     zone: &'a Zone,
-    machines: &'a [(MachineRecord, KeyRecord)],
+    machines: &'a [(MachineId, Vec<ZoneId>)],
 ) -> ZoneView<'a> {
     let members = machines
         .iter()
-        .filter(|(m, _)| m.zones.contains(&zone.id))
-        .map(|(m, _)| &m.id)
+        .filter(|(_, zones)| zones.contains(&zone.id))
+        .map(|(id, _)| id)
         .collect();
     ZoneView {
         id: &zone.id,
@@ -90,11 +90,17 @@ pub(super) fn zone_view<'a>(
     }
 }
 
-pub(super) fn machines_of(state: &AppState) -> Result<Vec<(MachineRecord, KeyRecord)>, ApiError> {
-    state
-        .store
-        .machines()
-        .map_err(|e| ApiError::internal("reading machines", e))
+/// Every machine in a zone, with its zones, in id order; from the store's in-memory index
+/// (not by decoding every record).
+pub(super) fn machines_of(state: &AppState) -> Result<Vec<(MachineId, Vec<ZoneId>)>, ApiError> {
+    let mut out = Vec::new();
+    state.store.for_each_facets(|id, m| {
+        if !m.zones.is_empty() {
+            out.push((id.clone(), m.zones.clone()));
+        }
+    });
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 pub(super) async fn list_zones(
