@@ -335,12 +335,13 @@ impl SuperSeed {
         // Which held offers to let go, decided before any peer's offers change.
         let release: Vec<Vec<u32>> = (0..peers.len())
             .map(|at| {
+                let alone = alone(peers, at);
                 peers[at]
                     .offers
                     .live
                     .iter()
                     .filter(|o| !o.pending())
-                    .filter(|o| o.expired(now) || !worth_holding(peers, at, o.piece))
+                    .filter(|o| o.expired(now) || alone || !needed_elsewhere(peers, at, o.piece))
                     .map(|o| o.piece)
                     .collect()
             })
@@ -395,11 +396,15 @@ impl SuperSeed {
 /// another peer lacks the piece (someone to pass it on to), and another peer has something
 /// `peers[at]` lacks (it is not a lone leecher, which only we can serve).
 fn worth_holding(peers: &[Peer<'_>], at: usize, piece: u32) -> bool {
-    let needed_elsewhere = peers
+    needed_elsewhere(peers, at, piece) && !alone(peers, at)
+}
+
+/// Whether a peer other than `peers[at]` lacks `piece`.
+fn needed_elsewhere(peers: &[Peer<'_>], at: usize, piece: u32) -> bool {
+    peers
         .iter()
         .enumerate()
-        .any(|(i, p)| i != at && !p.has.get(piece));
-    needed_elsewhere && !alone(peers, at)
+        .any(|(i, p)| i != at && !p.has.get(piece))
 }
 
 /// Whether nobody but us has anything `peers[at]` lacks.
