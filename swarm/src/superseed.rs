@@ -14,6 +14,10 @@
 //! sizing the target by its rate lets a fast peer's link fill while a fleet sharing our link
 //! (each peer getting a share of it) still gets a few distinct pieces each.
 //!
+//! Only pieces never offered before are offered by rate: once every piece a peer lacks is
+//! out, a peer that others can serve gets no more than [`FLOOR`] (what it takes now would
+//! leave us a second time, and the others have it or soon will).
+//!
 //! Holding is skipped where it cannot help: when nobody else lacks the piece (nobody to pass
 //! it on to), and when nobody else has anything the peer lacks (a lone leecher: it can get
 //! pieces from us only, so it is served as a plain seed would, its target ahead of its
@@ -223,14 +227,23 @@ impl SuperSeed {
         if peer.has.is_full() {
             return Vec::new();
         }
-        let target = self.target(peer.offers);
         let (pending, held) = peer.offers.counted(now);
-        let room = target
-            .saturating_sub(pending)
-            .min((HOLD_FACTOR * target).saturating_sub(pending + held));
+        let room_for = |target: usize| {
+            target
+                .saturating_sub(pending)
+                .min((HOLD_FACTOR * target).saturating_sub(pending + held))
+        };
+        let room = room_for(self.target(peer.offers));
         if room == 0 {
             return Vec::new();
         }
+        // Pieces offered before go out from us a second time if taken: a peer others can
+        // serve gets only its floor of those; its rate buys it pieces not yet out.
+        let second_room = if alone(peers, at) {
+            room
+        } else {
+            room_for(FLOOR)
+        };
         // Offering a piece raises only its own score, and it is not offered to this peer
         // twice: the `room` lowest scores now are the pieces one-by-one picking would take.
         let mut seen = vec![0u32; self.offer_count.len()];
@@ -249,9 +262,18 @@ impl SuperSeed {
                 (score, rand::random::<u16>(), i)
             })
             .collect();
-        if candidates.len() > room {
-            candidates.select_nth_unstable(room - 1);
-            candidates.truncate(room);
+        let fresh = candidates
+            .iter()
+            .filter(|c| self.offer_count[c.2 as usize] == 0)
+            .count();
+        // Fresh pieces score lowest (never offered, so nobody has them): they come first.
+        let take = room.min(fresh.max(second_room));
+        if take == 0 {
+            return Vec::new();
+        }
+        if candidates.len() > take {
+            candidates.select_nth_unstable(take - 1);
+            candidates.truncate(take);
         }
         candidates.sort_unstable();
         let offers = &mut peers[at].offers;
@@ -778,6 +800,33 @@ mod tests {
         let mut out = swarm.seed.offer_count.clone();
         out.sort_unstable();
         assert!(out[pieces as usize - 1] <= 1);
+    }
+
+    #[test]
+    fn once_every_piece_is_out_only_a_lone_peer_is_offered_by_its_rate() {
+        let t0 = Instant::now();
+        let mut swarm = Swarm::new(256, 2);
+        // Peer 0 is fast (8 pieces a second): its target is well above the floor.
+        swarm.tick(t0);
+        swarm.peers[0].3 = 8 * u64::from(PIECE);
+        let t1 = t0 + Duration::from_secs(1);
+        swarm.tick(t1);
+        assert!(swarm.seed.target(&swarm.peers[0].2) >= 4 * FLOOR);
+        // Every piece is out: offered to peer 1, which announced one, so it can serve peer 0.
+        for piece in 0..256u32 {
+            swarm.peers[1].2.offered.insert(piece);
+            let n = &mut swarm.seed.offer_count[piece as usize];
+            *n = (*n).max(1);
+        }
+        swarm.announce(1, 0, t1);
+        swarm.peers[0].2.live.clear();
+        let second = swarm.top_up(0, t1);
+        assert_eq!(second.len(), FLOOR, "{second:?}");
+        // Alone (nobody has anything it lacks), it is offered by its rate again.
+        swarm.peers[1].1 = Bitfield::new(256);
+        swarm.peers[0].2.live.clear();
+        let alone = swarm.top_up(0, t1);
+        assert!(alone.len() >= 4 * FLOOR, "{}", alone.len());
     }
 
     #[test]
