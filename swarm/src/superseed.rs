@@ -193,7 +193,7 @@ pub(crate) struct Peer<'a> {
 #[derive(Debug)]
 pub(crate) struct SuperSeed {
     geometry: Geometry,
-    /// How often each piece was offered (offers a peer ignored taken back).
+    /// How often each piece was offered.
     offer_count: Vec<u32>,
 }
 
@@ -373,7 +373,6 @@ impl SuperSeed {
             let offers = &mut *peer.offers;
             offers.observe(peer.uploaded, now);
             let unchoked = peer.unchoked;
-            let offer_count = &mut self.offer_count;
             offers.live.retain_mut(|o| {
                 if release.contains(&o.piece) {
                     return false;
@@ -382,14 +381,9 @@ impl SuperSeed {
                     // It cannot request: not its fault that it does not.
                     o.touched = now;
                 }
-                if o.ignored(now) {
-                    // The piece did not leave us: it stays as rare as it was for the others.
-                    if let Some(n) = offer_count.get_mut(o.piece as usize) {
-                        *n = n.saturating_sub(1);
-                    }
-                    return false;
-                }
-                true
+                // It stops counting, but stays offered (the peer may still ask for it, and
+                // then it leaves us): it is not handed to another peer as if never offered.
+                !o.ignored(now)
             });
             keys.push(peer.key);
         }
