@@ -9,10 +9,11 @@
 //! An offer is *pending* until the peer has requested all of it, then *held* until another
 //! peer is seen with the piece (the peer passed it on). A peer holds pending offers up to its
 //! target: enough to cover [`COVER`] at the rate we upload to it, and at least [`FLOOR`]; and
-//! pending and held ones together up to [`HOLD_FACTOR`] times that. Counting what a peer requested, not what it announced, keeps a peer whose HAVEs
-//! come in batches (Transmission sends them about once a second) supplied meanwhile; and
-//! sizing the target by its rate lets a fast peer's link fill while a fleet sharing our link
-//! (each peer getting a share of it) still gets a few distinct pieces each.
+//! pending and held ones together up to [`HOLD_FACTOR`] times that. Counting what a peer
+//! requested, not what it announced, keeps a peer whose HAVEs come in batches (Transmission
+//! sends them about once a second) supplied meanwhile; and sizing the target by its rate lets
+//! a fast peer's link fill while a fleet sharing our link (each peer getting a share of it)
+//! still gets a few distinct pieces each.
 //!
 //! Only pieces never offered before are offered by rate: once every piece a peer lacks is
 //! out, a peer that others can serve gets no more than [`FLOOR`] (what it takes now would
