@@ -28,8 +28,11 @@ use crate::wire::{
 };
 use crate::{BLOCK_LEN, Bitfield};
 
-/// Requests a peer may queue with us before it counts as flooding.
-const MAX_QUEUED_REQUESTS: usize = 2048;
+/// Requests a peer may queue with us (256 MiB of blocks, 192 KiB of memory); more are
+/// refused, not queued. Transmission asks for ten seconds' worth at the rate it sees, about
+/// 16,000 blocks at 25 MB/s, and does not stop at a count it is not told (it would be, by the
+/// BEP 10 `reqq`, which we do not send): a peer that asks too far ahead is not hostile.
+const MAX_QUEUED_REQUESTS: usize = 16384;
 /// Our request pipeline: at least this many blocks in flight per peer...
 const MIN_PIPELINE: usize = 16;
 /// ...and at most this many (8 MiB), enough for 1 Gbit/s at 60 ms round trip.
@@ -501,25 +504,26 @@ impl Connection {
             )));
         }
         let servable = {
-            let st = self.torrent.lock();
+            let mut st = self.torrent.lock();
             let offered = self.torrent.mode != Mode::SuperSeed
                 || st
                     .peers
                     .get(&self.key)
                     .is_some_and(|p| p.offers.may_request(r.piece));
-            st.picker.have().get(r.piece) && offered
+            let room = self.requests.len() < MAX_QUEUED_REQUESTS;
+            let servable = st.picker.have().get(r.piece) && offered && !self.am_choking && room;
+            if servable {
+                self.torrent.requested(&mut st, self.key, r.piece, r.len);
+            }
+            servable
         };
-        if self.am_choking || !servable {
-            // BEP 6 answers with a reject; plain BEP 3 peers just get nothing.
+        if !servable {
+            // BEP 6 answers with a reject; plain BEP 3 peers just get nothing (and ask again
+            // when their request times out).
             if self.fast {
                 send(sink, Message::Reject(r)).await?;
             }
             return Ok(());
-        }
-        if self.requests.len() >= MAX_QUEUED_REQUESTS {
-            return Err(End::Violation(format!(
-                "more than {MAX_QUEUED_REQUESTS} requests queued"
-            )));
         }
         self.requests.push_back(r);
         Ok(())

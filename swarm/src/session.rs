@@ -296,7 +296,7 @@ async fn lifecycle(torrent: Arc<Torrent>, use_tracker: bool) {
             torrent.rotate_slots();
         }
         if torrent.mode == Mode::SuperSeed {
-            torrent.release_stale_offers();
+            torrent.superseed_tick();
         }
         connect_candidates(&torrent);
         if last_save.elapsed() >= SAVE_EVERY {

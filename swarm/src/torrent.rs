@@ -211,7 +211,7 @@ impl Torrent {
                 banned_log: Vec::new(),
                 strikes: HashMap::new(),
                 phase: TorrentState::Checking { pieces_checked: 0 },
-                superseed: SuperSeed::new(pieces),
+                superseed: SuperSeed::new(geometry),
                 dirty: false,
             }),
             stats_tx: watch::channel(stats).0,
@@ -651,8 +651,29 @@ impl Torrent {
         let State {
             peers, superseed, ..
         } = st;
-        let offered = superseed.top_up(&mut seed_view(peers), key);
+        let offered = superseed.top_up(&mut seed_view(peers), key, Instant::now());
         send_offers(peers, offered.into_iter().map(|piece| (key, piece)));
+    }
+
+    /// Super-seeding: `key` asked for `len` bytes of `piece`, which it was offered; when that
+    /// is all of the piece, the offer makes room for the next (see `superseed`).
+    pub fn requested(&self, st: &mut State, key: PeerKey, piece: u32, len: u32) {
+        if self.mode != Mode::SuperSeed {
+            return;
+        }
+        let now = Instant::now();
+        let size = self.meta.geometry.piece_size(piece);
+        let State {
+            peers, superseed, ..
+        } = st;
+        let taken = peers
+            .get_mut(&key)
+            .is_some_and(|p| p.offers.requested(piece, len, size, now));
+        if taken {
+            let offered = superseed.taken(&mut seed_view(peers), key, piece, now);
+            tracing::trace!(peer = key, piece, new = ?offered, "offer taken");
+            send_offers(peers, offered.into_iter().map(|piece| (key, piece)));
+        }
     }
 
     /// Super-seeding: `from` announced `piece`; offers it fulfilled are replaced.
@@ -667,13 +688,28 @@ impl Torrent {
         send_offers(peers, offered);
     }
 
-    /// Super-seeding: offers held past `superseed::RELEASE` make room for new ones.
-    pub fn release_stale_offers(&self) {
+    /// Super-seeding, once a second: rates are sampled, offers held long enough or ignored
+    /// make room for new ones (see `superseed`).
+    pub fn superseed_tick(&self) {
         let mut st = self.lock();
         let State {
             peers, superseed, ..
         } = &mut *st;
-        let offered = superseed.release_stale(&mut seed_view(peers), Instant::now());
+        let now = Instant::now();
+        let offered = superseed.tick(&mut seed_view(peers), now);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for p in peers.values() {
+                let (rate, pending, held) = p.offers.summary(now);
+                tracing::debug!(
+                    peer = %p.addr,
+                    rate,
+                    pending,
+                    held,
+                    target = superseed.target(&p.offers),
+                    "super-seeding offers"
+                );
+            }
+        }
         send_offers(peers, offered);
     }
 
@@ -777,6 +813,8 @@ fn seed_view(peers: &mut HashMap<PeerKey, PeerSlot>) -> Vec<superseed::Peer<'_>>
             key: *key,
             has: &p.has,
             offers: &mut p.offers,
+            uploaded: p.uploaded,
+            unchoked: !p.choke.choked,
         })
         .collect()
 }
