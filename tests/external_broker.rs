@@ -430,3 +430,62 @@ fn an_agent_replaces_a_certificate_the_broker_no_longer_takes() {
         "pc-c came back without a failed connect and one new certificate:\n{log}"
     );
 }
+
+/// A key pinned by a certificate request is stored before the certificate is issued: after a
+/// restart of the server, another token holder asking for that id with another key is refused
+/// (two parties would otherwise hold broker logins for one machine), the first key still gets
+/// its renewal, and the real agent holding it then starts up as that machine.
+#[test]
+fn a_pinned_key_outlives_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let data_dir = dir.join("server");
+    let mosquitto = Mosquitto::start(dir, &data_dir);
+    let broker = format!("mqtts://127.0.0.1:{}", mosquitto.port);
+    let mut server = Server::start(&data_dir, &["--broker", &broker]);
+
+    // Token holder A asks for the new id pc-x with the key its agent will use.
+    let a = generate_signing_key().unwrap();
+    std::fs::create_dir_all(dir.join("pc-x")).unwrap();
+    std::fs::write(
+        dir.join("pc-x/agent.key"),
+        format!("{}\n", boottorrent_proto::signing_key_to_hex(&a)),
+    )
+    .unwrap();
+    let response = ask_certificate(&server, "pc-x", &a);
+    assert_eq!(response.status(), 200, "{:?}", response.text());
+
+    server.terminate();
+    let server = server.restart(&["--broker", &broker]);
+
+    // Token holder B, with another key: refused, as before the restart.
+    let b = generate_signing_key().unwrap();
+    let refused = ask_certificate(&server, "pc-x", &b);
+    assert_eq!(refused.status(), 409, "{:?}", refused.text());
+    // A's key: a renewal.
+    let renewed = ask_certificate(&server, "pc-x", &a);
+    assert_eq!(renewed.status(), 200, "{:?}", renewed.text());
+
+    // The agent with A's key gets its own certificate and its first startup is taken: the
+    // machine comes online with the details it sent.
+    enroll(&server, dir, "pc-x");
+    let port = mosquitto.port.to_string();
+    let agent_args = ["--mqtt-port", &port, "--broker-login", "certificate"];
+    let _agent = run_agent(dir, &server, "pc-x", &agent_args);
+    wait_for("pc-x online through mosquitto", || {
+        server.online("pc-x").filter(|o| *o)
+    });
+    let machine = server.machine("pc-x").unwrap();
+    assert_eq!(
+        machine["public_key"].as_str(),
+        Some(hex::encode(a.verifying_key().to_bytes()).as_str()),
+        "{machine}"
+    );
+    assert!(
+        !machine["agent_version"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "the startup filled in the machine: {machine}"
+    );
+}

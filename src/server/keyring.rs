@@ -1,8 +1,8 @@
 //! The machine keys the broker's login check reads.
 //!
-//! The registry (on the orchestrator task) is the only writer of machine keys; the broker
-//! checks logins on rumqttd's own threads and cannot ask the orchestrator and wait. So the
-//! registry mirrors every key it stores here, and the login check reads this map: a machine
+//! The registry (on the orchestrator's applier thread) is the only writer of machine keys; the
+//! broker checks logins on rumqttd's own threads and cannot ask the orchestrator and wait. So
+//! the registry mirrors every key it stores here, and the login check reads this map: a machine
 //! the server has seen (approved or waiting) must log in with a proof by the key it showed,
 //! and only an id missing here may log in with the enrollment token alone.
 
@@ -64,30 +64,6 @@ impl Keyring {
         self.read().len()
     }
 
-    /// Pins `key` for `machine` (waiting for approval) if the server holds no key for it yet;
-    /// otherwise returns the key it holds. One lock for the check and the pin, so that of two
-    /// token holders asking for one new id at once, exactly one gets it.
-    pub fn pin_new(&self, machine: &MachineId, key: PublicKeyBytes) -> Result<(), PublicKeyBytes> {
-        let mut keys = self.write();
-        if let Some(held) = keys.get(machine.as_str()) {
-            return Err(held.key);
-        }
-        keys.insert(
-            machine.clone(),
-            LoginKey {
-                key,
-                approved: false,
-                last_login_ms: None,
-            },
-        );
-        Ok(())
-    }
-
-    /// How many machines wait for approval.
-    pub fn waiting(&self) -> usize {
-        self.read().values().filter(|k| !k.approved).count()
-    }
-
     /// Forgets `machine`: its id may enroll again with the token.
     pub fn remove(&self, machine: &MachineId) {
         self.write().remove(machine.as_str());
@@ -111,23 +87,5 @@ impl Keyring {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<MachineId, LoginKey>> {
         self.keys.write().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_id_is_pinned_once_and_counts_as_waiting() {
-        let keyring = Keyring::default();
-        let pc: MachineId = "pc-1".parse().unwrap();
-        let (k1, k2) = (PublicKeyBytes::from([1; 32]), PublicKeyBytes::from([2; 32]));
-        keyring.pin_new(&pc, k1).unwrap();
-        assert_eq!(keyring.pin_new(&pc, k2), Err(k1), "the first key stays");
-        assert_eq!(keyring.waiting(), 1);
-        keyring.set(&pc, k1, true);
-        assert_eq!(keyring.waiting(), 0);
-        assert_eq!(keyring.pin_new(&pc, k1), Err(k1));
     }
 }

@@ -177,14 +177,11 @@ impl MachineCa {
     }
 }
 
-/// What the certificate endpoint needs: the CA, the enrollment token, and a gate for new ids
-/// with the limits of the registry's (new ids are admitted here first, at the same rate).
+/// What the certificate endpoint needs: the CA and the enrollment token. New ids go through
+/// the registry's enrollment gate, as a first `startup` does.
 pub struct Certificates {
     pub ca: MachineCa,
     pub enroll_token: crate::server::config::Secret,
-    pub gate: std::sync::Mutex<crate::server::enrollment::Gate>,
-    /// Whether new machines are trusted at once (then the waiting cap does not apply).
-    pub auto_approve: bool,
 }
 
 fn ca_params() -> anyhow::Result<CertificateParams> {

@@ -317,14 +317,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(_) => Some(Arc::new(machine_ca::Certificates {
             ca: machine_ca::MachineCa::load_or_create(&config.data_dir)?,
             enroll_token: credentials.enroll_token.clone(),
-            gate: std::sync::Mutex::new(enrollment::Gate::new(
-                enrollment::Limits {
-                    per_minute: config.enroll_per_minute,
-                    max_pending: config.max_pending_machines,
-                },
-                boottorrent_proto::now_ms(),
-            )),
-            auto_approve: config.auto_approve,
         })),
         None => None,
     };

@@ -40,8 +40,8 @@ use crate::server::external_broker::External;
 use crate::server::fleet::{Fleet, FleetError, Live, NewDeployment};
 use crate::server::health::Health;
 use crate::server::metrics::Metrics;
-use crate::server::registry::{Approval, ApproveError, Outgoing, Registry};
-use crate::server::store::{MachineRecord, Store};
+use crate::server::registry::{Approval, ApproveError, Outgoing, Pin, Registry};
+use crate::server::store::{MachineRecord, Store, StoreError};
 use crate::server::zone::{Zone, ZoneSpec};
 
 /// Most events applied in one batch (one transaction). Batches this big come only under load, when events queued during the previous commit.
@@ -68,6 +68,13 @@ pub enum Request {
     DeleteMachine {
         machine: MachineId,
         reply: oneshot::Sender<Result<MachineRecord, ApproveError>>,
+    },
+    /// Stores `key` for `machine` if the id is new (the broker certificate endpoint, before it
+    /// issues one); answers once that is committed.
+    PinNewKey {
+        machine: MachineId,
+        key: boottorrent_proto::PublicKeyBytes,
+        reply: oneshot::Sender<Result<Pin, StoreError>>,
     },
     /// An approved machine's signed request came from this address.
     Observed {
@@ -153,6 +160,21 @@ impl Handle {
         self.ask(|reply| Request::Approve {
             machine,
             fingerprint,
+            reply,
+        })
+        .await
+    }
+
+    /// Pins `key` for `machine` if the server has never seen the id; resolves once the key is
+    /// stored (see `Registry::pin_new`).
+    pub async fn pin_new_key(
+        &self,
+        machine: MachineId,
+        key: boottorrent_proto::PublicKeyBytes,
+    ) -> anyhow::Result<Result<Pin, StoreError>> {
+        self.ask(|reply| Request::PinNewKey {
+            machine,
+            key,
             reply,
         })
         .await
@@ -580,6 +602,13 @@ fn serve(request: Request, registry: &mut Registry, fleet: &mut Fleet) -> Vec<Ou
         }
         Request::DeleteMachine { machine, reply } => {
             let _ = reply.send(registry.delete(&machine, now));
+        }
+        Request::PinNewKey {
+            machine,
+            key,
+            reply,
+        } => {
+            let _ = reply.send(registry.pin_new(&machine, key, fleet.zones(), now));
         }
         Request::Observed { machine, ip } => {
             match registry.observed(&machine, ip, fleet.zones(), now, &mut out) {

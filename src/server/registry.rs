@@ -5,7 +5,9 @@
 //! on first use) that key is approved at once; otherwise it waits for the operator. Every
 //! later event must be signed by the approved key. A known machine that presents a different
 //! key is refused until the operator approves the new one, so the shared enrollment token
-//! alone never lets anyone speak for a machine that already exists.
+//! alone never lets anyone speak for a machine that already exists. Behind an external broker,
+//! the agent asks for its broker certificate before its first startup: that request stores the
+//! new id's key the same way ([`Registry::pin_new`]), and the startup then finds it known.
 //!
 //! The registry is synchronous and owns the write side of machines and keys; the
 //! orchestrator feeds it batches from the broker and publishes what it returns.
@@ -100,6 +102,18 @@ pub enum Approval {
     Approved(PublicKeyBytes),
     /// Nothing was waiting; the machine's key was already approved.
     AlreadyApproved(PublicKeyBytes),
+}
+
+/// What became of a certificate request's key for an id (see [`Registry::pin_new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    /// The id was new: the key is stored for it.
+    Pinned,
+    /// The server knows the id already, by this key (approved, else the one waiting), or by
+    /// none.
+    Known(Option<PublicKeyBytes>),
+    /// The id is new, but the enrollment gate admits no new id now.
+    Refused(enrollment::Refused),
 }
 
 /// Why an approval could not be done.
@@ -470,6 +484,14 @@ impl Registry {
                     ));
                 }
                 (None, Some(pending)) if pending == presented && !self.settings.auto_approve => {
+                    // A key pinned by a certificate request came before any startup: the
+                    // first one fills in what the operator is shown. A write only when
+                    // something changed, since a waiting agent repeats its startup.
+                    let mut shown = record.clone();
+                    apply_startup(&mut shown, startup, zones);
+                    if shown != record {
+                        batch.put_machine(&shown)?;
+                    }
                     return Ok(Dropped(
                         DropReason::Unapproved,
                         format!("startup from {machine}, which waits for approval"),
@@ -502,27 +524,16 @@ impl Registry {
                         format!("{machine} is reserved for the server"),
                     ));
                 }
-                let needs_approval = !self.settings.auto_approve;
-                if let Err(why) = self.gate.admit(now_ms, self.pending, needs_approval) {
-                    return Ok(Dropped(
-                        DropReason::EnrollmentLimited,
-                        format!("new machine {machine} refused: {why:?}"),
-                    ));
-                }
-                let mut record = MachineRecord::new(machine.clone(), now_ms);
-                let mut keys = KeyRecord::default();
-                if needs_approval {
-                    keys.pending = Some(presented);
-                    self.pending += 1;
-                    let detail = format!(
-                        "new machine with key {}; run `boottorrent machines approve {machine} {}`",
-                        fingerprint(&presented),
-                        fingerprint(&presented)
-                    );
-                    tracing::info!(machine = %machine, "{detail}");
-                    batch.log(now_ms, Some(machine), "awaiting_approval", detail)?;
-                    batch.put_keys(machine, &keys)?;
-                    self.keyring.set(machine, presented, false);
+                let (mut record, keys) = match self.enroll(batch, machine, presented, now_ms)? {
+                    Ok(enrolled) => enrolled,
+                    Err(why) => {
+                        return Ok(Dropped(
+                            DropReason::EnrollmentLimited,
+                            format!("new machine {machine} refused: {why:?}"),
+                        ));
+                    }
+                };
+                if keys.approved.is_none() {
                     // Shown to the operator to help decide; not trusted for anything else.
                     apply_startup(&mut record, startup, zones);
                     record.online = false;
@@ -532,7 +543,6 @@ impl Registry {
                         format!("startup from new machine {machine}, which waits for approval"),
                     ));
                 }
-                self.trust(batch, machine, &mut keys, presented, now_ms)?;
                 (record, keys, true)
             }
         };
@@ -568,6 +578,81 @@ impl Registry {
             event: Event::Startup(startup.clone()),
         });
         Ok(Verdict::Accepted)
+    }
+
+    /// Admits a new id through the enrollment gate and stores its key: waiting for approval,
+    /// or trusted on first use with auto-approve. The caller stores the record it returns
+    /// (new, offline), filled in as far as it knows the machine.
+    fn enroll(
+        &mut self,
+        batch: &mut Batch<'_>,
+        machine: &MachineId,
+        key: PublicKeyBytes,
+        now_ms: i64,
+    ) -> Result<Result<(MachineRecord, KeyRecord), enrollment::Refused>, StoreError> {
+        let needs_approval = !self.settings.auto_approve;
+        if let Err(why) = self.gate.admit(now_ms, self.pending, needs_approval) {
+            return Ok(Err(why));
+        }
+        let record = MachineRecord::new(machine.clone(), now_ms);
+        let mut keys = KeyRecord::default();
+        if needs_approval {
+            keys.pending = Some(key);
+            self.pending += 1;
+            let detail = format!(
+                "new machine with key {}; run `boottorrent machines approve {machine} {}`",
+                fingerprint(&key),
+                fingerprint(&key)
+            );
+            tracing::info!(machine = %machine, "{detail}");
+            batch.log(now_ms, Some(machine), "awaiting_approval", detail)?;
+            batch.put_keys(machine, &keys)?;
+            self.keyring.set(machine, key, false);
+        } else {
+            self.trust(batch, machine, &mut keys, key, now_ms)?;
+        }
+        Ok(Ok((record, keys)))
+    }
+
+    /// Pins `key` for `machine` if the server has never seen the id (the broker certificate
+    /// endpoint, before it issues one): the machine is stored as a first `startup` would store
+    /// it, waiting for approval or trusted with auto-approve, through the same enrollment gate,
+    /// and committed before this returns, so a restart cannot let another key take the id.
+    /// The machine's details come with its first startup.
+    pub fn pin_new(
+        &mut self,
+        machine: &MachineId,
+        key: PublicKeyBytes,
+        zones: &[Zone],
+        now_ms: i64,
+    ) -> Result<Pin, StoreError> {
+        let store = self.store.clone();
+        let result = store.write(|batch| {
+            if let Some((_, keys)) = batch.machine(machine)? {
+                return Ok(Pin::Known(keys.approved.or(keys.pending)));
+            }
+            let (mut record, _) = match self.enroll(batch, machine, key, now_ms)? {
+                Ok(enrolled) => enrolled,
+                Err(why) => return Ok(Pin::Refused(why)),
+            };
+            record.zones = zone::membership(zones, &record.id, &record.observed_ips);
+            batch.put_machine(&record)?;
+            Ok(Pin::Pinned)
+        });
+        self.gate.report(now_ms);
+        if result.is_err()
+            && self
+                .keyring
+                .get(machine.as_str())
+                .is_some_and(|k| k.key == key)
+        {
+            // Not stored after all: neither counted nor admitted at the broker.
+            if !self.settings.auto_approve {
+                self.pending = self.pending.saturating_sub(1);
+            }
+            self.keyring.remove(machine);
+        }
+        result
     }
 
     /// Makes `key` the machine's approved key (first use, or auto-approve switched on for a

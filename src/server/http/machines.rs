@@ -380,7 +380,8 @@ pub(super) async fn machine_passkey(
 /// names the key and proves it, with the enrollment token. The token admits only a new id: a
 /// machine the server holds a key for gets a certificate only for that key, so a token holder
 /// cannot log in to the broker as a known machine (nor kick it off with its client id), and the
-/// first request for a new id pins its key, so two token holders cannot both get that id.
+/// first request for a new id stores its key before answering (as a first `startup` would), so
+/// two token holders cannot both get that id, even across a restart.
 /// Reserved ids (the server's own) get none.
 pub(super) async fn machine_certificate(
     State(state): State<AppState>,
@@ -454,48 +455,45 @@ pub(super) async fn machine_certificate(
         ));
     }
     let presented = PublicKeyBytes::from(presented);
-    match state.keyring.get(id.as_str()) {
-        Some(known) if known.key == presented => {}
-        Some(known) => {
-            return Err(refuse(
-                ErrorCode::KeyMismatch,
-                format!(
-                    "machine {id} is known with key {}, not {}: a certificate is issued only for \
-                     the key the server holds (after a reinstall, `boottorrent machines delete \
-                     {id}` lets it enroll again)",
-                    fingerprint(&known.key),
-                    fingerprint(&presented)
-                ),
-            ));
-        }
-        None => {
-            // One new id at a time through the gate, so the count of waiting machines it
-            // checks is not raced.
-            let mut gate = certificates.gate.lock().unwrap_or_else(|e| e.into_inner());
-            let needs_approval = !certificates.auto_approve;
-            // Counting reads every key: only when the cap applies.
-            let waiting = if needs_approval {
-                state.keyring.waiting()
-            } else {
-                0
-            };
-            if let Err(why) = gate.admit(now, waiting, needs_approval) {
-                gate.report(now);
+    let held = match state.keyring.get(id.as_str()) {
+        Some(known) => Some(known.key),
+        // A new id, as far as the broker's keys say: the orchestrator stores the key (through
+        // the enrollment gate) and answers once it is committed, so the pin outlives a
+        // restart. Of two token holders asking for one new id, its single writer lets one win.
+        None => match state
+            .orchestrator
+            .pin_new_key(id.clone(), presented)
+            .await
+            .map_err(|e| ApiError::coded(ErrorCode::Unavailable, e.to_string()))?
+            .map_err(|e| ApiError::internal("storing a new machine's key", e))?
+        {
+            Pin::Pinned => {
+                tracing::info!(machine = %id, key = %fingerprint(&presented), "new machine's key stored for its broker certificate");
+                Some(presented)
+            }
+            Pin::Known(held) => held,
+            Pin::Refused(why) => {
                 return Err(ApiError::coded(
                     ErrorCode::Unavailable,
                     format!("new machine {id} refused for now ({why:?}); try again later"),
                 ));
             }
-            if let Err(held) = state.keyring.pin_new(&id, presented) {
-                if held != presented {
-                    return Err(refuse(
-                        ErrorCode::KeyMismatch,
-                        format!("machine {id} was just enrolled with another key"),
-                    ));
-                }
-            }
-            tracing::info!(machine = %id, key = %fingerprint(&presented), "new machine's key pinned for its broker certificate");
-        }
+        },
+    };
+    if held != Some(presented) {
+        let known = held
+            .as_ref()
+            .map(|k| format!("with key {}", fingerprint(k)))
+            .unwrap_or_else(|| "without a key".into());
+        return Err(refuse(
+            ErrorCode::KeyMismatch,
+            format!(
+                "machine {id} is known {known}, not {}: a certificate is issued only for the key \
+                 the server holds (after a reinstall, `boottorrent machines delete {id}` lets it \
+                 enroll again)",
+                fingerprint(&presented)
+            ),
+        ));
     }
     let (certificate, not_after_ms) = certificates
         .ca

@@ -49,7 +49,7 @@ use crate::server::locality::ServerLocality;
 use crate::server::metrics::Metrics;
 use crate::server::orchestrator;
 use crate::server::passkey::Passkeys;
-use crate::server::registry::{Approval, ApproveError};
+use crate::server::registry::{Approval, ApproveError, Pin};
 use crate::server::store::{KeyRecord, LogEntry, MachineRecord, Store};
 use crate::server::zone::{Zone, ZoneSpec};
 

@@ -450,9 +450,73 @@ async fn event_streams_cut_deployments_short_when_asked() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{error:?}");
 }
 
+/// Runs the real orchestrator for `state` (its applier thread, a registry on the fixture's
+/// store with the keyring `state` reads, a fleet), linked to an in-process rumqttd router
+/// without listeners; new machines wait for approval, at most `max_pending` at once. Cancel
+/// the token and await the task to stop it, as the server stops.
+fn run_orchestrator(
+    state: &mut AppState,
+    max_pending: u32,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let now = boottorrent_proto::now_ms();
+    let registry = crate::server::registry::Registry::new(
+        state.store.clone(),
+        crate::server::registry::Settings {
+            auto_approve: false,
+            heartbeat_interval_secs: 30,
+            replay_window_ms: 300_000,
+            enrollment: crate::server::enrollment::Limits {
+                per_minute: 100,
+                max_pending,
+            },
+        },
+        boottorrent_proto::generate_signing_key().unwrap(),
+        state.keyring.clone(),
+        state.metrics.clone(),
+        now,
+    )
+    .unwrap();
+    let fleet = crate::server::fleet::Fleet::load(
+        state.store.clone(),
+        &[],
+        600,
+        900,
+        state.live.clone(),
+        Grants::default(),
+    )
+    .unwrap();
+    let config: rumqttd::Config = toml::from_str(crate::server::broker::EMBEDDED_CONFIG).unwrap();
+    let broker = rumqttd::Broker::new(config);
+    let (link_tx, link_rx) = broker.link("boottorrent-orchestrator").unwrap();
+    let link = orchestrator::BrokerLink::Embedded(crate::server::broker::Running {
+        link_tx,
+        link_rx,
+        spares: Vec::new(),
+    });
+    let (handle, requests) = orchestrator::channel();
+    state.orchestrator = handle;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(orchestrator::run(
+        link,
+        registry,
+        fleet,
+        requests,
+        state.live.clone(),
+        state.metrics.clone(),
+        Health::default(),
+        std::time::Duration::from_secs(10),
+        stop.clone(),
+    ));
+    (stop, task)
+}
+
 /// The broker certificate endpoint, with new machines waiting for approval: the token admits
-/// a new id once, up to the cap on waiting machines, and never a known id with another key.
-#[tokio::test]
+/// a new id once, up to the cap on waiting machines, and never a known id with another key,
+/// not even after a restart (the pin is stored before the certificate is issued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_certificates_pin_new_ids_and_respect_the_waiting_cap() {
     let mut fixture = fixture().await;
     let ca_dir = tempfile::tempdir().unwrap();
@@ -460,15 +524,8 @@ async fn broker_certificates_pin_new_ids_and_respect_the_waiting_cap() {
     fixture.state.certificates = Some(Arc::new(crate::server::machine_ca::Certificates {
         ca: crate::server::machine_ca::MachineCa::load_or_create(ca_dir.path()).unwrap(),
         enroll_token: Secret::new(ENROLL.into()),
-        gate: std::sync::Mutex::new(crate::server::enrollment::Gate::new(
-            crate::server::enrollment::Limits {
-                per_minute: 100,
-                max_pending: 2,
-            },
-            boottorrent_proto::now_ms(),
-        )),
-        auto_approve: false,
     }));
+    let (stop, orchestrator) = run_orchestrator(&mut fixture.state, 2);
     let state = &fixture.state;
     let ask = |id: &str, key: &boottorrent_proto::SigningKey, token: &str| {
         let body = serde_json::to_string(&boottorrent_proto::certificate_request(
@@ -539,4 +596,35 @@ async fn broker_certificates_pin_new_ids_and_respect_the_waiting_cap() {
     let (status, error) = refusal(state, ask("pc-4", &key(4), ENROLL)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
     assert!(state.keyring.get("pc-4").is_none());
+    // Stored, not only pinned in memory: the API shows pc-1 waiting with its key.
+    let (status, _, body) = send(
+        state,
+        request("GET", "/api/v1/machines/pc-1", Some(VIEWER), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let shown: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(shown["key_state"], "pending", "{shown}");
+    assert_eq!(
+        shown["pending_key"],
+        hex::encode(key(1).verifying_key().to_bytes()),
+        "{shown}"
+    );
+
+    // A restart: a new orchestrator and keyring over the same database. Another key for
+    // pc-1 is still refused, and pc-1's own key still gets its renewal.
+    stop.cancel();
+    orchestrator.await.unwrap().unwrap();
+    fixture.state.keyring = Keyring::default();
+    let (stop, orchestrator) = run_orchestrator(&mut fixture.state, 2);
+    let state = &fixture.state;
+    let (status, error) = refusal(state, ask("pc-1", &key(5), ENROLL)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{error:?}");
+    assert_eq!(
+        send(state, ask("pc-1", &key(1), ENROLL)).await.0,
+        StatusCode::OK
+    );
+    assert!(!state.keyring.get("pc-1").unwrap().approved);
+    stop.cancel();
+    orchestrator.await.unwrap().unwrap();
 }
