@@ -434,15 +434,36 @@ fn an_agent_replaces_a_certificate_the_broker_no_longer_takes() {
 /// A key pinned by a certificate request is stored before the certificate is issued: after a
 /// restart of the server, another token holder asking for that id with another key is refused
 /// (two parties would otherwise hold broker logins for one machine), the first key still gets
-/// its renewal, and the real agent holding it then starts up as that machine.
+/// its renewal, and the real agent holding it then starts up as that machine, trusted on first
+/// use.
 #[test]
 fn a_pinned_key_outlives_a_server_restart() {
+    pinned_key_outlives_a_restart(false);
+}
+
+/// As [`a_pinned_key_outlives_a_server_restart`], with new machines waiting for the operator:
+/// the agent's first startup fills in the waiting machine, and it comes online once approved.
+#[test]
+fn a_pinned_key_waiting_for_approval_outlives_a_server_restart() {
+    pinned_key_outlives_a_restart(true);
+}
+
+fn pinned_key_outlives_a_restart(approval: bool) {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let data_dir = dir.join("server");
     let mosquitto = Mosquitto::start(dir, &data_dir);
     let broker = format!("mqtts://127.0.0.1:{}", mosquitto.port);
-    let mut server = Server::start(&data_dir, &["--broker", &broker]);
+    let auto_approve = if approval { "false" } else { "true" };
+    let args = [
+        "--broker",
+        &broker,
+        "--auto-approve",
+        auto_approve,
+        "--heartbeat-interval-secs",
+        "2",
+    ];
+    let mut server = Server::start(&data_dir, &args);
 
     // Token holder A asks for the new id pc-x with the key its agent will use.
     let a = generate_signing_key().unwrap();
@@ -456,7 +477,7 @@ fn a_pinned_key_outlives_a_server_restart() {
     assert_eq!(response.status(), 200, "{:?}", response.text());
 
     server.terminate();
-    let server = server.restart(&["--broker", &broker]);
+    let server = server.restart(&args);
 
     // Token holder B, with another key: refused, as before the restart.
     let b = generate_signing_key().unwrap();
@@ -467,18 +488,36 @@ fn a_pinned_key_outlives_a_server_restart() {
     assert_eq!(renewed.status(), 200, "{:?}", renewed.text());
 
     // The agent with A's key gets its own certificate and its first startup is taken: the
-    // machine comes online with the details it sent.
+    // machine shows the details it sent.
     enroll(&server, dir, "pc-x");
     let port = mosquitto.port.to_string();
     let agent_args = ["--mqtt-port", &port, "--broker-login", "certificate"];
     let _agent = run_agent(dir, &server, "pc-x", &agent_args);
-    wait_for("pc-x online through mosquitto", || {
+    let a_hex = hex::encode(a.verifying_key().to_bytes());
+    if approval {
+        let machine = wait_for("pc-x's startup shown while it waits", || {
+            server
+                .machine("pc-x")
+                .filter(|m| !m["agent_version"].as_str().unwrap_or_default().is_empty())
+        });
+        assert_eq!(machine["key_state"], "pending", "{machine}");
+        assert_eq!(machine["pending_key"].as_str(), Some(a_hex.as_str()));
+        let fingerprint = boottorrent_proto::fingerprint(&a.verifying_key().to_bytes().into());
+        let approved = reqwest::blocking::Client::new()
+            .post(server.url("/api/v1/machines/pc-x/approve"))
+            .bearer_auth(server.admin_token())
+            .json(&serde_json::json!({ "fingerprint": fingerprint }))
+            .send()
+            .unwrap();
+        assert_eq!(approved.status(), 200, "{:?}", approved.text());
+    }
+    wait_until("pc-x online through mosquitto", DEPLOY_PATIENCE, || {
         server.online("pc-x").filter(|o| *o)
     });
     let machine = server.machine("pc-x").unwrap();
     assert_eq!(
         machine["public_key"].as_str(),
-        Some(hex::encode(a.verifying_key().to_bytes()).as_str()),
+        Some(a_hex.as_str()),
         "{machine}"
     );
     assert!(
