@@ -524,15 +524,13 @@ impl Registry {
                         format!("{machine} is reserved for the server"),
                     ));
                 }
-                let (mut record, keys) = match self.enroll(batch, machine, presented, now_ms)? {
-                    Ok(enrolled) => enrolled,
-                    Err(why) => {
-                        return Ok(Dropped(
-                            DropReason::EnrollmentLimited,
-                            format!("new machine {machine} refused: {why:?}"),
-                        ));
-                    }
-                };
+                if let Err(why) = self.admit(now_ms) {
+                    return Ok(Dropped(
+                        DropReason::EnrollmentLimited,
+                        format!("new machine {machine} refused: {why:?}"),
+                    ));
+                }
+                let (mut record, keys) = self.enroll(batch, machine, presented, now_ms)?;
                 if keys.approved.is_none() {
                     // Shown to the operator to help decide; not trusted for anything else.
                     apply_startup(&mut record, startup, zones);
@@ -580,20 +578,23 @@ impl Registry {
         Ok(Verdict::Accepted)
     }
 
-    /// Admits a new id through the enrollment gate and stores its key: waiting for approval,
-    /// or trusted on first use with auto-approve. The caller stores the record it returns
-    /// (new, offline), filled in as far as it knows the machine.
+    /// Whether the enrollment gate lets one more new id in now (a refusal is counted there).
+    fn admit(&mut self, now_ms: i64) -> Result<(), enrollment::Refused> {
+        let needs_approval = !self.settings.auto_approve;
+        self.gate.admit(now_ms, self.pending, needs_approval)
+    }
+
+    /// Stores a new id's key, the gate having admitted it: waiting for approval, or trusted on
+    /// first use with auto-approve. The caller stores the record it returns (new, offline),
+    /// filled in as far as it knows the machine.
     fn enroll(
         &mut self,
         batch: &mut Batch<'_>,
         machine: &MachineId,
         key: PublicKeyBytes,
         now_ms: i64,
-    ) -> Result<Result<(MachineRecord, KeyRecord), enrollment::Refused>, StoreError> {
+    ) -> Result<(MachineRecord, KeyRecord), StoreError> {
         let needs_approval = !self.settings.auto_approve;
-        if let Err(why) = self.gate.admit(now_ms, self.pending, needs_approval) {
-            return Ok(Err(why));
-        }
         let record = MachineRecord::new(machine.clone(), now_ms);
         let mut keys = KeyRecord::default();
         if needs_approval {
@@ -611,7 +612,7 @@ impl Registry {
         } else {
             self.trust(batch, machine, &mut keys, key, now_ms)?;
         }
-        Ok(Ok((record, keys)))
+        Ok((record, keys))
     }
 
     /// Pins `key` for `machine` if the server has never seen the id (the broker certificate
@@ -626,20 +627,23 @@ impl Registry {
         zones: &[Zone],
         now_ms: i64,
     ) -> Result<Pin, StoreError> {
+        // Read first: a known id, or one the gate refuses, costs no write transaction (a
+        // token holder may ask for made-up ids as fast as it likes). This thread is the only
+        // writer, so nothing stores the id between this read and the write.
+        if let Some((_, keys)) = self.store.machine(machine)? {
+            return Ok(Pin::Known(keys.approved.or(keys.pending)));
+        }
+        if let Err(why) = self.admit(now_ms) {
+            self.gate.report(now_ms);
+            return Ok(Pin::Refused(why));
+        }
         let store = self.store.clone();
         let result = store.write(|batch| {
-            if let Some((_, keys)) = batch.machine(machine)? {
-                return Ok(Pin::Known(keys.approved.or(keys.pending)));
-            }
-            let (mut record, _) = match self.enroll(batch, machine, key, now_ms)? {
-                Ok(enrolled) => enrolled,
-                Err(why) => return Ok(Pin::Refused(why)),
-            };
+            let (mut record, _) = self.enroll(batch, machine, key, now_ms)?;
             record.zones = zone::membership(zones, &record.id, &record.observed_ips);
             batch.put_machine(&record)?;
             Ok(Pin::Pinned)
         });
-        self.gate.report(now_ms);
         if result.is_err()
             && self
                 .keyring
