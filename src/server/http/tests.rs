@@ -625,6 +625,26 @@ async fn broker_certificates_pin_new_ids_and_respect_the_waiting_cap() {
         StatusCode::OK
     );
     assert!(!state.keyring.get("pc-1").unwrap().approved);
+    // Two token holders asking for one new id at once: the single writer lets exactly one
+    // have it (pc-2 was approved to make room under the cap).
+    let (status, _, body) = send(
+        state,
+        request(
+            "POST",
+            "/api/v1/machines/pc-2/approve",
+            Some(ADMIN),
+            Some(&serde_json::json!({ "fingerprint": fingerprint(&key(2).verifying_key().to_bytes().into()) }).to_string()),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (first, second) = tokio::join!(
+        send(state, ask("pc-9", &key(6), ENROLL)),
+        send(state, ask("pc-9", &key(7), ENROLL))
+    );
+    let mut statuses = [first.0, second.0];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::CONFLICT]);
     stop.cancel();
     orchestrator.await.unwrap().unwrap();
 }
