@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::fleet::api::Api;
-use crate::fleet::server::{Started, Usage};
+use crate::fleet::server::{Given, Run, Target, Usage};
 use crate::machine::{Machine, broker_address};
 
 #[derive(Args)]
@@ -206,79 +206,27 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// What a run needs of the server.
-struct Target {
-    api: Api,
-    mqtt: String,
-    enroll_token: String,
-    pid: Option<u32>,
-}
-
 pub async fn run(args: Rate) -> anyhow::Result<()> {
     if args.agents == 0 || args.events_per_sec == 0 {
         bail!("--agents and --events-per-sec must be at least 1");
     }
-    let (work, made_work) = match &args.work_dir {
-        Some(dir) => (dir.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("boottorrent-rate-{}", std::process::id())),
-            true,
-        ),
+    // Room for every connected machine and twice the new ones.
+    let per_minute = u32::try_from(args.agents)
+        .unwrap_or(u32::MAX)
+        .saturating_add(args.new_per_sec.saturating_mul(120))
+        .max(1000);
+    let given = Given {
+        server: args.server.clone(),
+        admin_token: args.admin_token.clone(),
+        mqtt: args.mqtt.clone(),
+        enroll_token: args.enroll_token.clone(),
+        server_pid: args.server_pid,
+        server_binary: args.server_binary.clone(),
+        work_dir: args.work_dir.clone(),
     };
-    std::fs::create_dir_all(&work)
-        .with_context(|| format!("creating the work dir {}", work.display()))?;
-    let mut started = None;
-    let target = match &args.server {
-        Some(http) => Target {
-            api: Api::new(http, args.admin_token.clone().unwrap_or_default())?,
-            mqtt: args.mqtt.clone().unwrap_or_default(),
-            enroll_token: args.enroll_token.clone().unwrap_or_default(),
-            pid: args.server_pid,
-        },
-        None => {
-            let binary = match &args.server_binary {
-                Some(path) => path.clone(),
-                None => std::env::current_exe()
-                    .context("finding this program's path")?
-                    .with_file_name("boottorrent"),
-            };
-            // Room for every connected machine and twice the new ones.
-            let per_minute = u32::try_from(args.agents)
-                .unwrap_or(u32::MAX)
-                .saturating_add(args.new_per_sec.saturating_mul(120))
-                .max(1000);
-            let server = Started::start(&binary, &work, per_minute).await?;
-            let target = Target {
-                api: Api::new(&server.http, server.token("admin.token")?)?,
-                mqtt: server.mqtt.clone(),
-                enroll_token: server.token("enroll.token")?,
-                pid: Some(server.pid()),
-            };
-            started = Some(server);
-            target
-        }
-    };
-    let result = measure(&args, &target, &work).await;
-    if let Some(server) = started {
-        if let Err(e) = server.stop().await {
-            eprintln!("warning: {e:#}");
-        }
-    }
-    let report = result.with_context(|| {
-        format!(
-            "the run failed; its files stay in {} (the server's log is server.log there)",
-            work.display()
-        )
-    })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{report}");
-    }
-    if made_work {
-        let _ = std::fs::remove_dir_all(&work);
-    }
-    Ok(())
+    let run = Run::prepare(given, "boottorrent-rate", per_minute).await?;
+    let result = measure(&args, &run.target, &run.work).await;
+    run.finish(result, args.json).await
 }
 
 async fn measure(args: &Rate, target: &Target, work: &std::path::Path) -> anyhow::Result<Report> {

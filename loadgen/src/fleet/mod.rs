@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::machine::{Machine, broker_address};
 use api::Api;
 use report::{Fanout, Idle, Latencies, Report};
-use server::{Started, Usage};
+use server::{Given, Run, Target, Usage};
 use tally::Tally;
 
 #[derive(Args)]
@@ -135,15 +135,6 @@ struct MachineRow {
     online: bool,
 }
 
-/// What a run needs of the server, started here or given.
-struct Target {
-    api: Api,
-    http: String,
-    mqtt: String,
-    enroll_token: String,
-    pid: Option<u32>,
-}
-
 pub async fn run(args: Fleet) -> anyhow::Result<()> {
     if args.agents == 0 {
         bail!("--agents must be at least 1");
@@ -158,71 +149,23 @@ pub async fn run(args: Fleet) -> anyhow::Result<()> {
             );
         }
     }
-    let (work, made_work) = match &args.work_dir {
-        Some(dir) => (dir.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("boottorrent-loadgen-{}", std::process::id())),
-            true,
-        ),
+    let per_minute = args.enroll_per_minute.unwrap_or_else(|| {
+        u32::try_from(args.agents.saturating_mul(60))
+            .unwrap_or(u32::MAX)
+            .max(1000)
+    });
+    let given = Given {
+        server: args.server.clone(),
+        admin_token: args.admin_token.clone(),
+        mqtt: args.mqtt.clone(),
+        enroll_token: args.enroll_token.clone(),
+        server_pid: args.server_pid,
+        server_binary: args.server_binary.clone(),
+        work_dir: args.work_dir.clone(),
     };
-    std::fs::create_dir_all(&work)
-        .with_context(|| format!("creating the work dir {}", work.display()))?;
-
-    let mut started = None;
-    let target = match &args.server {
-        Some(http) => Target {
-            api: Api::new(http, args.admin_token.clone().unwrap_or_default())?,
-            http: http.clone(),
-            mqtt: args.mqtt.clone().unwrap_or_default(),
-            enroll_token: args.enroll_token.clone().unwrap_or_default(),
-            pid: args.server_pid,
-        },
-        None => {
-            let binary = match &args.server_binary {
-                Some(path) => path.clone(),
-                None => std::env::current_exe()
-                    .context("finding this program's path")?
-                    .with_file_name("boottorrent"),
-            };
-            let per_minute = args.enroll_per_minute.unwrap_or_else(|| {
-                u32::try_from(args.agents.saturating_mul(60))
-                    .unwrap_or(u32::MAX)
-                    .max(1000)
-            });
-            let server = Started::start(&binary, &work, per_minute).await?;
-            let target = Target {
-                api: Api::new(&server.http, server.token("admin.token")?)?,
-                http: server.http.clone(),
-                mqtt: server.mqtt.clone(),
-                enroll_token: server.token("enroll.token")?,
-                pid: Some(server.pid()),
-            };
-            started = Some(server);
-            target
-        }
-    };
-
-    let result = measure(&args, &target, &work).await;
-    if let Some(server) = started {
-        if let Err(e) = server.stop().await {
-            eprintln!("warning: {e:#}");
-        }
-    }
-    let report = result.with_context(|| {
-        format!(
-            "the run failed; its files (the server's data and log, the images) stay in {}",
-            work.display()
-        )
-    })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{report}");
-    }
-    if made_work {
-        let _ = std::fs::remove_dir_all(&work);
-    }
-    Ok(())
+    let run = Run::prepare(given, "boottorrent-loadgen", per_minute).await?;
+    let result = measure(&args, &run.target, &run.work).await;
+    run.finish(result, args.json).await
 }
 
 async fn measure(args: &Fleet, target: &Target, work: &std::path::Path) -> anyhow::Result<Report> {

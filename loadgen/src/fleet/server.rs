@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::fleet::api::Api;
+
 /// A `boottorrent serve` this program started; killed when dropped.
 pub struct Started {
     child: Child,
@@ -14,6 +16,118 @@ pub struct Started {
     pub mqtt: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+}
+
+/// The server a run measures.
+pub struct Target {
+    pub api: Api,
+    pub http: String,
+    pub mqtt: String,
+    pub enroll_token: String,
+    /// Its process, when known, for `/proc`.
+    pub pid: Option<u32>,
+}
+
+/// A running server named on the command line (`--server` and its companions), or how to
+/// start one.
+pub struct Given {
+    pub server: Option<String>,
+    pub admin_token: Option<String>,
+    pub mqtt: Option<String>,
+    pub enroll_token: Option<String>,
+    pub server_pid: Option<u32>,
+    pub server_binary: Option<PathBuf>,
+    pub work_dir: Option<PathBuf>,
+}
+
+/// One run of a load generator: its work dir, the server it measures, and the server it
+/// started for that (stopped by [`Run::finish`]).
+pub struct Run {
+    pub work: PathBuf,
+    made_work: bool,
+    pub target: Target,
+    started: Option<Started>,
+}
+
+impl Run {
+    /// Makes the work dir (`--work-dir`, else a new one named `name`-<pid> in the temp dir)
+    /// and reaches the server: the given one, else a new one started there that admits
+    /// `enroll_per_minute` new machines.
+    pub async fn prepare(given: Given, name: &str, enroll_per_minute: u32) -> anyhow::Result<Run> {
+        let (work, made_work) = match given.work_dir {
+            Some(dir) => (dir, false),
+            None => (
+                std::env::temp_dir().join(format!("{name}-{}", std::process::id())),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&work)
+            .with_context(|| format!("creating the work dir {}", work.display()))?;
+        if let Some(http) = given.server {
+            let target = Target {
+                api: Api::new(&http, given.admin_token.unwrap_or_default())?,
+                http,
+                mqtt: given.mqtt.unwrap_or_default(),
+                enroll_token: given.enroll_token.unwrap_or_default(),
+                pid: given.server_pid,
+            };
+            return Ok(Run {
+                work,
+                made_work,
+                target,
+                started: None,
+            });
+        }
+        let binary = match given.server_binary {
+            Some(path) => path,
+            None => std::env::current_exe()
+                .context("finding this program's path")?
+                .with_file_name("boottorrent"),
+        };
+        let server = Started::start(&binary, &work, enroll_per_minute).await?;
+        let target = Target {
+            api: Api::new(&server.http, server.token("admin.token")?)?,
+            http: server.http.clone(),
+            mqtt: server.mqtt.clone(),
+            enroll_token: server.token("enroll.token")?,
+            pid: Some(server.pid()),
+        };
+        Ok(Run {
+            work,
+            made_work,
+            target,
+            started: Some(server),
+        })
+    }
+
+    /// Stops the server it started, prints the report (JSON with `json`), and removes a work
+    /// dir it made, unless the run failed: then its files stay for a look.
+    pub async fn finish<R>(self, result: anyhow::Result<R>, json: bool) -> anyhow::Result<()>
+    where
+        R: serde::Serialize + std::fmt::Display,
+    {
+        if let Some(server) = self.started {
+            if let Err(e) = server.stop().await {
+                eprintln!("warning: {e:#}");
+            }
+        }
+        let report = result.with_context(|| {
+            format!(
+                "the run failed; its files (the server's data, its log server.log, the \
+                 images) stay in {}",
+                self.work.display()
+            )
+        })?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{report}");
+        }
+        if self.made_work {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+        Ok(())
+    }
 }
 
 /// How long a fresh server may take to answer `/healthz`.
