@@ -1042,26 +1042,59 @@ mod tests {
         while relay.read(&mut sink).await.unwrap() != 0 {}
     }
 
+    /// How long nothing must happen for a test to take it that nothing will, and how long
+    /// something due may take.
+    const QUIET: Duration = Duration::from_millis(300);
+    const SOON: Duration = Duration::from_secs(10);
+
+    /// A front for `max_clients` serving on loopback, relaying to `broker`, a listener the
+    /// test answers by hand; `stop` shuts it down.
+    struct Served {
+        broker: TcpListener,
+        front: Arc<Front>,
+        addr: SocketAddr,
+        stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+    }
+
+    impl Served {
+        async fn start(max_clients: usize) -> Served {
+            let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let front = Arc::new(Front::new(
+                broker.local_addr().unwrap(),
+                1 << 16,
+                max_clients,
+                Admissions::default(),
+                Keyring::default(),
+                Health::default(),
+                Arc::default(),
+            ));
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let shutdown = CancellationToken::new();
+            let served = tokio::spawn(serve(listener, front.clone(), None, shutdown.clone()));
+            let stop = Box::pin(async move {
+                shutdown.cancel();
+                served.await.unwrap();
+            });
+            Served {
+                broker,
+                front,
+                addr,
+                stop,
+            }
+        }
+    }
+
     /// rumqttd stands in for by a listener the test answers by hand, so that the test
     /// decides when "the broker" takes a login: a late login is the case under test.
     #[tokio::test]
     async fn a_login_waits_for_a_gone_session_of_its_id_and_never_for_a_live_one() {
-        const QUIET: Duration = Duration::from_millis(300);
-        const SOON: Duration = Duration::from_secs(10);
-        let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front = Arc::new(Front::new(
-            broker.local_addr().unwrap(),
-            1 << 16,
-            10,
-            Admissions::default(),
-            Keyring::default(),
-            Health::default(),
-            Arc::default(),
-        ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let served = tokio::spawn(serve(listener, front.clone(), None, shutdown.clone()));
+        let Served {
+            broker,
+            front,
+            addr,
+            stop,
+        } = Served::start(10).await;
 
         // A login the broker has not answered yet when its client gives up.
         let first = connect_as(addr, "pc-1").await;
@@ -1116,28 +1149,17 @@ mod tests {
             "a login whose client left while it waited reached the broker"
         );
 
-        shutdown.cancel();
-        served.await.unwrap();
+        stop.await;
     }
 
     #[tokio::test]
     async fn logins_wait_here_while_the_broker_has_its_fill_unanswered() {
-        const QUIET: Duration = Duration::from_millis(300);
-        const SOON: Duration = Duration::from_secs(10);
-        let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front = Arc::new(Front::new(
-            broker.local_addr().unwrap(),
-            1 << 16,
-            100,
-            Admissions::default(),
-            Keyring::default(),
-            Health::default(),
-            Arc::default(),
-        ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let served = tokio::spawn(serve(listener, front.clone(), None, shutdown.clone()));
+        let Served {
+            broker,
+            front,
+            addr,
+            stop,
+        } = Served::start(100).await;
 
         let mut clients = Vec::new();
         let mut relays = Vec::new();
@@ -1170,7 +1192,6 @@ mod tests {
             .unwrap();
         assert_eq!(relayed_connect(&front, &mut next).await, "pc-waits");
 
-        shutdown.cancel();
-        served.await.unwrap();
+        stop.await;
     }
 }
