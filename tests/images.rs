@@ -65,15 +65,8 @@ fn download_with_aria2c(server: &Server, image: &Value, dir: &Path) -> PathBuf {
     let status = Command::new("timeout")
         .arg("120")
         .arg("aria2c")
-        .args([
-            "--enable-dht=false",
-            "--enable-dht6=false",
-            "--bt-enable-lpd=false",
-            "--enable-peer-exchange=false",
-            "--seed-time=0",
-            "--summary-interval=0",
-            "--quiet=true",
-        ])
+        .args(boottorrent_testkit::ARIA2C_NO_DISCOVERY)
+        .args(["--seed-time=0", "--summary-interval=0", "--quiet=true"])
         .arg(format!("--listen-port={port}"))
         .arg(format!("--dir={}", out_dir.display()))
         .arg(&torrent)

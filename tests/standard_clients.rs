@@ -194,11 +194,8 @@ fn aria2c(job: &Job<'_>) -> PathBuf {
     let port = free_port().to_string();
     let mut command = Command::new("aria2c");
     command
+        .args(boottorrent_testkit::ARIA2C_NO_DISCOVERY)
         .args([
-            "--enable-dht=false",
-            "--enable-dht6=false",
-            "--bt-enable-lpd=false",
-            "--enable-peer-exchange=false",
             "--seed-time=0",
             "--summary-interval=0",
             "--console-log-level=warn",

@@ -37,6 +37,15 @@ pub use process::{Proc, output, run_within, spawn, spawn_reading_stdout};
 pub use server::Server;
 pub use tls::{TlsFiles, make_tls_files};
 
+/// aria2c's options that keep it to the peers a tracker names: DHT, local peer discovery and
+/// peer exchange would otherwise send traffic past loopback.
+pub const ARIA2C_NO_DISCOVERY: [&str; 4] = [
+    "--enable-dht=false",
+    "--enable-dht6=false",
+    "--bt-enable-lpd=false",
+    "--enable-peer-exchange=false",
+];
+
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

@@ -365,11 +365,8 @@ impl Aria2 {
             .arg(format!("--log={}", message_log.display()))
             .arg("--log-level=info")
             .arg(format!("--listen-port={port}"))
+            .args(boottorrent_testkit::ARIA2C_NO_DISCOVERY)
             .args([
-                "--enable-dht=false",
-                "--enable-dht6=false",
-                "--bt-enable-lpd=false",
-                "--enable-peer-exchange=false",
                 "--bt-tracker-connect-timeout=10",
                 "--bt-tracker-timeout=10",
                 "--file-allocation=none",
