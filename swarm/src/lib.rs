@@ -31,6 +31,7 @@ pub mod announce;
 mod assembly;
 mod choker;
 mod control;
+pub mod mse;
 mod peer;
 pub mod picker;
 mod rate;
