@@ -239,6 +239,24 @@ pub struct MseStream<S> {
 }
 
 impl<S> MseStream<S> {
+    /// A plaintext connection whose first bytes `pending` were already read (while telling
+    /// MSE from plaintext), so both kinds of connection are one type to the peer code.
+    pub fn plain(io: S, pending: Vec<u8>) -> Self {
+        MseStream {
+            io,
+            enc: None,
+            dec: None,
+            pending,
+            pending_at: 0,
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// The underlying connection (for socket options).
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
     /// Whether the connection is RC4-encrypted (false: plaintext selected after the handshake).
     pub fn encrypted(&self) -> bool {
         self.enc.is_some()

@@ -86,14 +86,21 @@ pub(crate) async fn dial(torrent: &Arc<Torrent>, addr: SocketAddr) -> Result<(),
         return Err("connected to ourselves".into());
     }
     torrent.dial_connected(addr);
-    run(torrent, stream, addr, theirs, true).await;
+    run(
+        torrent,
+        PeerStream::plain(stream, Vec::new()),
+        addr,
+        theirs,
+        true,
+    )
+    .await;
     Ok(())
 }
 
 /// Runs a handshaken connection until it ends.
 pub(crate) async fn run(
     torrent: &Arc<Torrent>,
-    stream: TcpStream,
+    stream: PeerStream,
     addr: SocketAddr,
     theirs: Handshake,
     outbound: bool,
@@ -102,7 +109,7 @@ pub(crate) async fn run(
         tracing::debug!(peer = %addr, "connection not admitted");
         return;
     };
-    let _ = stream.set_nodelay(true);
+    let _ = stream.get_ref().set_nodelay(true);
     let mut conn = Connection {
         torrent: torrent.clone(),
         key,
@@ -152,16 +159,19 @@ struct Connection {
     rate_window: (Instant, u64),
 }
 
-type Sink = FramedWrite<tokio::net::tcp::OwnedWriteHalf, MessageCodec>;
+/// A peer connection, plaintext or MSE-encrypted: the wire code below does not care which.
+pub(crate) type PeerStream = crate::mse::MseStream<TcpStream>;
+
+type Sink = FramedWrite<tokio::io::WriteHalf<PeerStream>, MessageCodec>;
 
 impl Connection {
     async fn run(
         &mut self,
-        stream: TcpStream,
+        stream: PeerStream,
         mut cmds: mpsc::UnboundedReceiver<Cmd>,
         run: tokio_util::sync::CancellationToken,
     ) -> End {
-        let (read, write) = stream.into_split();
+        let (read, write) = tokio::io::split(stream);
         let mut reader = FramedRead::new(read, MessageCodec::new());
         let mut sink = FramedWrite::new(write, MessageCodec::new());
         if let Err(e) = self.introduce(&mut sink).await {

@@ -35,7 +35,8 @@ pub use crate::control::{
     TorrentState, TorrentStats,
 };
 use crate::metainfo::Metainfo;
-use crate::peer;
+use crate::mse;
+use crate::peer::{self, PeerStream};
 use crate::rate::RateLimiter;
 use crate::torrent::{Shared, Torrent};
 use crate::wire::{HANDSHAKE_LEN, Handshake};
@@ -210,6 +211,35 @@ impl Session {
     }
 
     async fn inbound(&self, mut stream: TcpStream, addr: SocketAddr) -> Result<(), String> {
+        // A plaintext handshake starts with 19 + "BitTorrent protocol"; anything else is taken
+        // as the start of an MSE public key (clients like Transmission prefer encryption).
+        let mut first = [0u8; 20];
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut first))
+            .await
+            .map_err(|_| "no handshake within 10 s".to_owned())?
+            .map_err(|e| format!("reading handshake: {e}"))?;
+        let mut stream = if &first == mse::PLAIN_PREFIX {
+            PeerStream::plain(stream, first.to_vec())
+        } else {
+            let known: Vec<[u8; 20]> = self
+                .torrents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .map(|h| h.0)
+                .collect();
+            let accepted =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, mse::accept(stream, &first, &known, true))
+                    .await
+                    .map_err(|_| "encrypted (MSE) handshake not finished within 10 s".to_owned())?
+                    .map_err(|e| format!("encrypted (MSE) handshake refused: {e}"))?;
+            tracing::info!(
+                peer = %addr,
+                rc4 = accepted.stream.encrypted(),
+                "accepted an encrypted (MSE) connection"
+            );
+            accepted.stream
+        };
         let mut buf = [0u8; HANDSHAKE_LEN];
         tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut buf))
             .await
