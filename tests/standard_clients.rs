@@ -63,13 +63,14 @@ fn transmission_aria2c_and_libtorrent_each_fetch_an_image_alone_from_the_super_s
         .unwrap()
         .try_into()
         .unwrap();
-    let clients: [(&str, Fetch); 3] = [
+    let clients: [(&str, Fetch); 4] = [
         ("transmission", transmission),
         ("aria2c", aria2c),
         ("libtorrent", libtorrent),
+        ("libtorrent, encryption forced", libtorrent_encrypted),
     ];
     for (client, fetch) in clients {
-        let out = dir.path().join(client);
+        let out = dir.path().join(client.replace(", ", "-").replace(' ', "-"));
         std::fs::create_dir_all(&out).unwrap();
         let started = Instant::now();
         let file = fetch(&Job {
@@ -226,6 +227,20 @@ fn libtorrent(job: &Job<'_>) -> PathBuf {
     assert!(
         downloaded >= LEN as u64,
         "libtorrent downloaded {downloaded} bytes in {secs} s, less than the image"
+    );
+    out.join("lt-127.0.0.1").join(name)
+}
+
+/// libtorrent as above, but refusing any plaintext connection: the seeder must answer its
+/// message stream encryption handshake (RC4) for it to get a byte.
+fn libtorrent_encrypted(job: &Job<'_>) -> PathBuf {
+    let (torrent, out, name) = (job.torrent, job.out, job.name);
+    let secs = TRANSFER.as_secs() as u32;
+    let downloaded = common::libtorrent_download_encrypted(out, torrent, "127.0.0.1", "-", secs);
+    assert!(
+        downloaded >= LEN as u64,
+        "libtorrent with encryption forced downloaded {downloaded} bytes in {secs} s, less than \
+         the image"
     );
     out.join("lt-127.0.0.1").join(name)
 }

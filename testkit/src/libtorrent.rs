@@ -14,6 +14,29 @@ pub fn libtorrent_download(
     peer: &str,
     secs: u32,
 ) -> u64 {
+    run(dir, torrent, bind_ip, peer, secs, false)
+}
+
+/// [`libtorrent_download`] with message stream encryption forced both ways and RC4 the only
+/// level allowed: libtorrent then never exchanges a plaintext byte with any peer.
+pub fn libtorrent_download_encrypted(
+    dir: &std::path::Path,
+    torrent: &std::path::Path,
+    bind_ip: &str,
+    peer: &str,
+    secs: u32,
+) -> u64 {
+    run(dir, torrent, bind_ip, peer, secs, true)
+}
+
+fn run(
+    dir: &std::path::Path,
+    torrent: &std::path::Path,
+    bind_ip: &str,
+    peer: &str,
+    secs: u32,
+    encrypted: bool,
+) -> u64 {
     require_tool("/usr/bin/python3", "python3-libtorrent");
     let script = dir.join("lt_fetch.py");
     std::fs::write(
@@ -21,11 +44,16 @@ pub fn libtorrent_download(
         r#"
 import sys, time
 import libtorrent as lt
-torrent, bind_ip, peer, secs, save = sys.argv[1:6]
-s = lt.session({"listen_interfaces": bind_ip + ":0", "outgoing_interfaces": bind_ip,
-                "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
-                "enable_natpmp": False, "enable_incoming_utp": False,
-                "enable_outgoing_utp": False})
+torrent, bind_ip, peer, secs, save, encryption = sys.argv[1:7]
+settings = {"listen_interfaces": bind_ip + ":0", "outgoing_interfaces": bind_ip,
+            "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
+            "enable_natpmp": False, "enable_incoming_utp": False,
+            "enable_outgoing_utp": False}
+if encryption == "forced":
+    settings.update({"out_enc_policy": lt.enc_policy.forced,
+                     "in_enc_policy": lt.enc_policy.forced,
+                     "allowed_enc_level": lt.enc_level.rc4})
+s = lt.session(settings)
 p = lt.add_torrent_params()
 p.ti = lt.torrent_info(torrent)
 p.save_path = save
@@ -47,6 +75,7 @@ print(h.status().total_payload_download, flush=True)
         .arg(torrent)
         .args([bind_ip, peer, &secs.to_string()])
         .arg(&save)
+        .arg(if encrypted { "forced" } else { "any" })
         .output()
         .expect("running python3 with libtorrent (Debian python3-libtorrent)");
     assert!(
