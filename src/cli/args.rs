@@ -196,7 +196,9 @@ pub struct ServeArgs {
     /// `boottorrent machines approve` (false) [default: false].
     #[arg(long, env = "BOOTTORRENT_AUTO_APPROVE", value_name = "BOOL")]
     pub auto_approve: Option<bool>,
-    /// Seconds between agent heartbeats; three missed mark a machine offline [default: 30].
+    /// Seconds between agent heartbeats; three missed mark a machine offline. Past 3,000
+    /// machines the server lengthens it in 30 s steps so that the fleet sends at most 100 a
+    /// second (120 s at 10,000) [default: 30].
     #[arg(long, env = "BOOTTORRENT_HEARTBEAT_INTERVAL_SECS", value_name = "SECS")]
     pub heartbeat_interval_secs: Option<u32>,
     /// New machine ids admitted per minute; bounds a flood of made-up machines from anyone

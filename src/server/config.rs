@@ -529,6 +529,7 @@ enroll_per_minute = 1000
 # Most machines waiting for approval at once (auto_approve = false).
 max_pending_machines = 10000
 # Seconds between agent heartbeats; three missed intervals mark a machine offline.
+# Past 3,000 machines the server lengthens it in 30 s steps (at most 100 heartbeats a second).
 heartbeat_interval_secs = 30
 # Seconds an envelope's timestamp may differ from the server clock.
 replay_window_secs = 300

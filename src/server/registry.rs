@@ -172,7 +172,31 @@ pub struct Registry {
     /// Approved keys as points, by machine: decompressing the key for every event was a
     /// quarter of verifying it. Checked against the approved key's bytes at each use.
     verifying: HashMap<MachineId, (PublicKeyBytes, boottorrent_proto::VerifyingKey)>,
+    /// The longest heartbeat interval sent to any machine since this process started: a
+    /// machine told a longer interval than today's keeps it until its next event, and must not
+    /// be swept offline meanwhile.
+    longest_told_secs: u32,
     metrics: Arc<Metrics>,
+}
+
+/// How many heartbeats a second the whole fleet may send before the server lengthens the
+/// interval. Heartbeats are nearly all of the server's idle CPU (about 0.6 ms each across the
+/// MQTT front, rumqttd and the orchestrator; docs/benchmarks.md), so this keeps a campus's
+/// idle load near what 3,000 machines at 30 s cost.
+const FLEET_HEARTBEATS_PER_SEC: u32 = 100;
+
+/// The heartbeat interval to give machines when the fleet has `machines` of them: the
+/// operator's `configured` one, lengthened in steps of 30 s so that the fleet sends at most
+/// [`FLEET_HEARTBEATS_PER_SEC`]. Steps, not a smooth curve, because each change re-sends every
+/// machine its configuration.
+fn heartbeat_interval_for(configured: u32, machines: usize) -> u32 {
+    let machines = u32::try_from(machines).unwrap_or(u32::MAX);
+    let needed = machines.div_ceil(FLEET_HEARTBEATS_PER_SEC);
+    if needed <= configured {
+        configured
+    } else {
+        needed.div_ceil(30).saturating_mul(30)
+    }
 }
 
 impl Registry {
@@ -211,6 +235,7 @@ impl Registry {
             pending,
             configured: HashMap::new(),
             verifying: HashMap::new(),
+            longest_told_secs: 0,
             metrics,
         })
     }
@@ -714,6 +739,7 @@ impl Registry {
             return;
         }
         let hash = config.config_hash.clone();
+        let interval = config.heartbeat_interval_secs;
         let topic = Topic::Command {
             scope: Scope::Machine(record.id.clone()),
             kind: CommandKind::MachineConfiguration,
@@ -727,6 +753,7 @@ impl Registry {
             Some(outgoing) => {
                 out.push(outgoing);
                 self.configured.insert(record.id.clone(), hash);
+                self.longest_told_secs = self.longest_told_secs.max(interval);
             }
             None => self.metrics.command_failed(),
         }
@@ -736,7 +763,7 @@ impl Registry {
     fn configuration(&self, record: &MachineRecord) -> MachineConfiguration {
         let mut config = MachineConfiguration {
             zones: record.zones.clone(),
-            heartbeat_interval_secs: self.settings.heartbeat_interval_secs,
+            heartbeat_interval_secs: self.heartbeat_interval_secs(),
             download_limit_bps: None,
             upload_limit_bps: None,
             config_hash: String::new(),
@@ -913,9 +940,16 @@ impl Registry {
         }
     }
 
-    /// Marks offline every machine that missed three heartbeat intervals; returns them.
+    /// The heartbeat interval machines get now (see [`heartbeat_interval_for`]).
+    fn heartbeat_interval_secs(&self) -> u32 {
+        heartbeat_interval_for(self.settings.heartbeat_interval_secs, self.keyring.known())
+    }
+
+    /// Marks offline every machine that missed three heartbeat intervals (the longest any
+    /// machine may still be keeping); returns them.
     pub fn sweep_offline(&mut self, now_ms: i64) -> Result<Vec<MachineId>, StoreError> {
-        let limit_ms = 3 * i64::from(self.settings.heartbeat_interval_secs) * 1000;
+        let interval = self.heartbeat_interval_secs().max(self.longest_told_secs);
+        let limit_ms = 3 * i64::from(interval) * 1000;
         let stale = self.store.online_unheard_since(now_ms - limit_ms);
         if stale.is_empty() {
             return Ok(stale);
@@ -1037,5 +1071,40 @@ pub fn encoding_of(record: &MachineRecord) -> Encoding {
         Encoding::Json
     } else {
         Encoding::MessagePack
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heartbeat_interval_for;
+
+    #[test]
+    fn a_lab_keeps_the_operators_interval() {
+        assert_eq!(heartbeat_interval_for(30, 0), 30);
+        assert_eq!(heartbeat_interval_for(30, 300), 30);
+        assert_eq!(heartbeat_interval_for(30, 3_000), 30);
+        assert_eq!(heartbeat_interval_for(1, 50), 1);
+        assert_eq!(heartbeat_interval_for(600, 10_000), 600);
+    }
+
+    #[test]
+    fn a_campus_gets_longer_intervals_in_steps_of_thirty_seconds() {
+        assert_eq!(heartbeat_interval_for(30, 3_001), 60);
+        assert_eq!(heartbeat_interval_for(30, 6_000), 60);
+        assert_eq!(heartbeat_interval_for(30, 6_001), 90);
+        assert_eq!(heartbeat_interval_for(30, 10_000), 120);
+        assert_eq!(heartbeat_interval_for(1, 10_000), 120);
+        for machines in [3_001, 10_000, 50_000, 1_000_000] {
+            let interval = heartbeat_interval_for(30, machines);
+            assert!(
+                machines as u32 / interval <= super::FLEET_HEARTBEATS_PER_SEC,
+                "{machines} machines at {interval} s send more than the budget"
+            );
+        }
+    }
+
+    #[test]
+    fn an_absurd_fleet_does_not_overflow() {
+        assert!(heartbeat_interval_for(30, usize::MAX) >= 30);
     }
 }
