@@ -940,9 +940,12 @@ impl Registry {
         }
     }
 
-    /// The heartbeat interval machines get now (see [`heartbeat_interval_for`]).
+    /// The heartbeat interval machines get now (see [`heartbeat_interval_for`]). Only
+    /// approved machines count: anyone holding the enrollment token can add waiting ones, and
+    /// must not be able to slow every machine's heartbeat that way.
     fn heartbeat_interval_secs(&self) -> u32 {
-        heartbeat_interval_for(self.settings.heartbeat_interval_secs, self.keyring.known())
+        let approved = self.keyring.known().saturating_sub(self.pending);
+        heartbeat_interval_for(self.settings.heartbeat_interval_secs, approved)
     }
 
     /// Marks offline every machine that missed three heartbeat intervals (the longest any
