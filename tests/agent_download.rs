@@ -607,6 +607,7 @@ fn an_agent_serves_only_peers_the_tracker_has_in_the_swarm() {
         "127.0.0.2",
         &format!("127.0.0.1:{port}"),
         6,
+        boottorrent_testkit::Encryption::Any,
     );
     assert_eq!(got, 0, "the agent served a host outside the swarm");
     assert!(

@@ -763,7 +763,14 @@ fn a_host_without_a_passkey_gets_no_torrent_no_peers_and_not_a_byte_from_the_see
     )
     .unwrap();
     assert_eq!(
-        boottorrent_testkit::libtorrent_download(dir.path(), &stolen, "127.0.0.2", &seeder, 6),
+        boottorrent_testkit::libtorrent_download(
+            dir.path(),
+            &stolen,
+            "127.0.0.2",
+            &seeder,
+            6,
+            boottorrent_testkit::Encryption::Any
+        ),
         0,
         "the seeder served a host without a passkey"
     );
@@ -777,7 +784,14 @@ fn a_host_without_a_passkey_gets_no_torrent_no_peers_and_not_a_byte_from_the_see
     let granted = dir.path().join("granted.torrent");
     std::fs::write(&granted, &operator_torrent).unwrap();
     assert_eq!(
-        boottorrent_testkit::libtorrent_download(dir.path(), &granted, "127.0.0.3", "-", 60),
+        boottorrent_testkit::libtorrent_download(
+            dir.path(),
+            &granted,
+            "127.0.0.3",
+            "-",
+            60,
+            boottorrent_testkit::Encryption::Any
+        ),
         4 << 20
     );
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, free_port, require_tool, spawn, wait_until};
+use common::{Encryption, Server, free_port, require_tool, spawn, wait_until};
 use serde_json::Value;
 
 /// The image: 128 MiB, in 1 MiB pieces. A client held to two pieces a second would need 64 s.
@@ -66,8 +66,10 @@ fn transmission_aria2c_and_libtorrent_each_fetch_an_image_alone_from_the_super_s
     let clients: [(&str, Fetch); 4] = [
         ("transmission", transmission),
         ("aria2c", aria2c),
-        ("libtorrent", libtorrent),
-        ("libtorrent, encryption forced", libtorrent_encrypted),
+        ("libtorrent", |job| libtorrent(job, Encryption::Any)),
+        ("libtorrent, encryption forced", |job| {
+            libtorrent(job, Encryption::Forced)
+        }),
     ];
     for (client, fetch) in clients {
         let out = dir.path().join(client.replace(", ", "-").replace(' ', "-"));
@@ -219,28 +221,16 @@ fn aria2c(job: &Job<'_>) -> PathBuf {
 }
 
 /// libtorrent (python3-libtorrent) bound to 127.0.0.1 without DHT, local service discovery,
-/// UPnP, NAT-PMP or uTP; returns the file once it is seeding.
-fn libtorrent(job: &Job<'_>) -> PathBuf {
+/// UPnP, NAT-PMP or uTP; returns the file once it is seeding. With `Encryption::Forced` the
+/// seeder must answer its message stream encryption handshake (RC4) for it to get a byte.
+fn libtorrent(job: &Job<'_>, encryption: Encryption) -> PathBuf {
     let (torrent, out, name) = (job.torrent, job.out, job.name);
     let secs = TRANSFER.as_secs() as u32;
-    let downloaded = common::libtorrent_download(out, torrent, "127.0.0.1", "-", secs);
+    let downloaded = common::libtorrent_download(out, torrent, "127.0.0.1", "-", secs, encryption);
     assert!(
         downloaded >= LEN as u64,
-        "libtorrent downloaded {downloaded} bytes in {secs} s, less than the image"
-    );
-    out.join("lt-127.0.0.1").join(name)
-}
-
-/// libtorrent as above, but refusing any plaintext connection: the seeder must answer its
-/// message stream encryption handshake (RC4) for it to get a byte.
-fn libtorrent_encrypted(job: &Job<'_>) -> PathBuf {
-    let (torrent, out, name) = (job.torrent, job.out, job.name);
-    let secs = TRANSFER.as_secs() as u32;
-    let downloaded = common::libtorrent_download_encrypted(out, torrent, "127.0.0.1", "-", secs);
-    assert!(
-        downloaded >= LEN as u64,
-        "libtorrent with encryption forced downloaded {downloaded} bytes in {secs} s, less than \
-         the image"
+        "libtorrent ({encryption:?}) downloaded {downloaded} bytes in {secs} s, less than the \
+         image"
     );
     out.join("lt-127.0.0.1").join(name)
 }

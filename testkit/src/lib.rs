@@ -30,7 +30,7 @@ pub mod wine;
 pub use agent::{KEEPALIVE_SECS, agent, enroll, marker_boot_script, run_agent, run_agent_command};
 pub use binary::{agent_binary, loadgen_binary, server_binary, windows_agent_binary};
 pub use images::{catalogue, make_vhdx};
-pub use libtorrent::{libtorrent_download, libtorrent_download_encrypted, torrent_announcing_to};
+pub use libtorrent::{Encryption, libtorrent_download, torrent_announcing_to};
 pub use mqtt::Subscription;
 pub use ports::free_port;
 pub use process::{Proc, output, run_within, spawn, spawn_reading_stdout};

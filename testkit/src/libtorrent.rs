@@ -4,6 +4,16 @@ use std::process::Command;
 
 use crate::require_tool;
 
+/// Whether libtorrent may talk plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    /// libtorrent's defaults: either.
+    Any,
+    /// Message stream encryption forced both ways, RC4 the only level allowed: libtorrent
+    /// never exchanges a plaintext byte with any peer.
+    Forced,
+}
+
 /// Runs a libtorrent session bound to `bind_ip` for `secs` on `torrent`, dialling `peer`
 /// (`-`: none) besides whatever its tracker hands out, and returns the payload bytes it
 /// downloaded.
@@ -13,29 +23,7 @@ pub fn libtorrent_download(
     bind_ip: &str,
     peer: &str,
     secs: u32,
-) -> u64 {
-    run(dir, torrent, bind_ip, peer, secs, false)
-}
-
-/// [`libtorrent_download`] with message stream encryption forced both ways and RC4 the only
-/// level allowed: libtorrent then never exchanges a plaintext byte with any peer.
-pub fn libtorrent_download_encrypted(
-    dir: &std::path::Path,
-    torrent: &std::path::Path,
-    bind_ip: &str,
-    peer: &str,
-    secs: u32,
-) -> u64 {
-    run(dir, torrent, bind_ip, peer, secs, true)
-}
-
-fn run(
-    dir: &std::path::Path,
-    torrent: &std::path::Path,
-    bind_ip: &str,
-    peer: &str,
-    secs: u32,
-    encrypted: bool,
+    encryption: Encryption,
 ) -> u64 {
     require_tool("/usr/bin/python3", "python3-libtorrent");
     let script = dir.join("lt_fetch.py");
@@ -75,7 +63,10 @@ print(h.status().total_payload_download, flush=True)
         .arg(torrent)
         .args([bind_ip, peer, &secs.to_string()])
         .arg(&save)
-        .arg(if encrypted { "forced" } else { "any" })
+        .arg(match encryption {
+            Encryption::Any => "any",
+            Encryption::Forced => "forced",
+        })
         .output()
         .expect("running python3 with libtorrent (Debian python3-libtorrent)");
     assert!(
