@@ -15,7 +15,6 @@
 //! agents reconnect (fresh login proof, startup again) as the real agent does, and a failed
 //! `/metrics` read is counted rather than fatal. The crash test (tests/crash.rs) uses this.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,6 +46,7 @@ pub struct Rate {
     #[arg(long, default_value_t = 5000)]
     events_per_sec: u32,
     /// New machines per second that enrol meanwhile, each with a fresh key and its own login.
+    /// A server given with --server must admit them (its `enroll_per_minute`).
     #[arg(long, default_value_t = 100)]
     new_per_sec: u32,
     /// Logins of new machines open at once.
@@ -65,31 +65,8 @@ pub struct Rate {
     /// Prefix of the machines' ids; by default `rt` and this process's id.
     #[arg(long)]
     prefix: Option<String>,
-    /// The `boottorrent` binary to start when no --server is given; by default the one next
-    /// to this program.
-    #[arg(long, value_name = "PATH")]
-    server_binary: Option<PathBuf>,
-    /// Use this running server instead of starting one (then also give --mqtt, --admin-token
-    /// and --enroll-token). It must have `auto_approve` on, admit new machines at
-    /// --new-per-sec, and read files in --work-dir.
-    #[arg(long, requires_all = ["mqtt", "admin_token", "enroll_token"])]
-    server: Option<String>,
-    /// With --server: its MQTT listener, host:port.
-    #[arg(long)]
-    mqtt: Option<String>,
-    /// With --server: the admin token.
-    #[arg(long, env = "BOOTTORRENT_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-    /// With --server: the enrollment token.
-    #[arg(long, env = "BOOTTORRENT_ENROLL_TOKEN", hide_env_values = true)]
-    enroll_token: Option<String>,
-    /// With --server: its process id, for its CPU use.
-    #[arg(long)]
-    server_pid: Option<u32>,
-    /// Directory for the started server's data and log and for the image; by default a new
-    /// one under the system's temp dir, removed afterwards unless the run failed.
-    #[arg(long, value_name = "DIR")]
-    work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    given: Given,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -215,16 +192,7 @@ pub async fn run(args: Rate) -> anyhow::Result<()> {
         .unwrap_or(u32::MAX)
         .saturating_add(args.new_per_sec.saturating_mul(120))
         .max(1000);
-    let given = Given {
-        server: args.server.clone(),
-        admin_token: args.admin_token.clone(),
-        mqtt: args.mqtt.clone(),
-        enroll_token: args.enroll_token.clone(),
-        server_pid: args.server_pid,
-        server_binary: args.server_binary.clone(),
-        work_dir: args.work_dir.clone(),
-    };
-    let run = Run::prepare(given, "boottorrent-rate", per_minute).await?;
+    let run = Run::prepare(args.given.clone(), "boottorrent-rate", per_minute).await?;
     let result = measure(&args, &run.target, &run.work).await;
     run.finish(result, args.json).await
 }

@@ -77,36 +77,13 @@ pub struct Fleet {
     /// this process's id, so that runs against one server do not collide.
     #[arg(long)]
     prefix: Option<String>,
-    /// The `boottorrent` binary to start when no --server is given; by default the one next
-    /// to this program (target/release/boottorrent after `cargo build --release`).
-    #[arg(long, value_name = "PATH")]
-    server_binary: Option<PathBuf>,
     /// New machines the started server admits per minute (`enroll_per_minute`); by default
     /// 60 × agents, so that the rate limit for made-up machines does not set the pace of a
     /// first enrolment. The started server has `auto_approve` on and defaults otherwise.
     #[arg(long)]
     enroll_per_minute: Option<u32>,
-    /// Use this running server's HTTP API instead of starting one (then also give --mqtt,
-    /// --admin-token and --enroll-token). It must have `auto_approve` on and be able to read
-    /// files in --work-dir (the images deployed are made there).
-    #[arg(long, requires_all = ["mqtt", "admin_token", "enroll_token"])]
-    server: Option<String>,
-    /// With --server: its MQTT listener, host:port.
-    #[arg(long)]
-    mqtt: Option<String>,
-    /// With --server: the admin token (`<data-dir>/admin.token`).
-    #[arg(long, env = "BOOTTORRENT_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-    /// With --server: the enrollment token (`<data-dir>/enroll.token`).
-    #[arg(long, env = "BOOTTORRENT_ENROLL_TOKEN", hide_env_values = true)]
-    enroll_token: Option<String>,
-    /// With --server: its process id, to measure its CPU and memory from /proc (same host).
-    #[arg(long)]
-    server_pid: Option<u32>,
-    /// Directory for the started server's data and log and for the images; by default a new
-    /// one under the system's temp dir, removed afterwards unless the run failed.
-    #[arg(long, value_name = "DIR")]
-    work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    given: Given,
     /// With --server started with `--broker`: log the agents in to that external broker as
     /// `boottorrent-agent` does with `broker_login = "certificate"`: each asks the server for
     /// a certificate for its own key, then connects over TLS with it (--mqtt is the broker).
@@ -154,16 +131,7 @@ pub async fn run(args: Fleet) -> anyhow::Result<()> {
             .unwrap_or(u32::MAX)
             .max(1000)
     });
-    let given = Given {
-        server: args.server.clone(),
-        admin_token: args.admin_token.clone(),
-        mqtt: args.mqtt.clone(),
-        enroll_token: args.enroll_token.clone(),
-        server_pid: args.server_pid,
-        server_binary: args.server_binary.clone(),
-        work_dir: args.work_dir.clone(),
-    };
-    let run = Run::prepare(given, "boottorrent-loadgen", per_minute).await?;
+    let run = Run::prepare(args.given.clone(), "boottorrent-loadgen", per_minute).await?;
     let result = measure(&args, &run.target, &run.work).await;
     run.finish(result, args.json).await
 }

@@ -29,14 +29,33 @@ pub struct Target {
 }
 
 /// A running server named on the command line (`--server` and its companions), or how to
-/// start one.
+/// start one: the options every generator that measures a server shares.
+#[derive(clap::Args, Clone, Debug)]
 pub struct Given {
+    /// Use this running server's HTTP API instead of starting one (then also give --mqtt,
+    /// --admin-token and --enroll-token). It must have `auto_approve` on and be able to read
+    /// files in --work-dir (the images deployed are made there).
+    #[arg(long, requires_all = ["mqtt", "admin_token", "enroll_token"])]
     pub server: Option<String>,
-    pub admin_token: Option<String>,
+    /// With --server: its MQTT listener, host:port.
+    #[arg(long)]
     pub mqtt: Option<String>,
+    /// With --server: the admin token (`<data-dir>/admin.token`).
+    #[arg(long, env = "BOOTTORRENT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// With --server: the enrollment token (`<data-dir>/enroll.token`).
+    #[arg(long, env = "BOOTTORRENT_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
+    /// With --server: its process id, to measure its CPU and memory from /proc (same host).
+    #[arg(long)]
     pub server_pid: Option<u32>,
+    /// The `boottorrent` binary to start when no --server is given; by default the one next
+    /// to this program (target/release/boottorrent after `cargo build --release`).
+    #[arg(long, value_name = "PATH")]
     pub server_binary: Option<PathBuf>,
+    /// Directory for the started server's data and log and for the images; by default a new
+    /// one under the system's temp dir, removed afterwards unless the run failed.
+    #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
 }
 
