@@ -130,6 +130,62 @@ pub fn client_limit(config: &rumqttd::Config, origin: &str) -> anyhow::Result<us
     }
 }
 
+/// rumqttd panics on its router thread, shutting out every client, when it makes a filter's
+/// log with segments smaller than this or with no segment at all.
+const MIN_SEGMENT_SIZE: usize = 1024;
+
+/// Most a broker file may let rumqttd keep of each client's own filters together, past which
+/// start-up warns: rumqttd frees a filter's messages only when its log is full, so this much
+/// memory is taken in the end whether anyone reads them or not.
+const CLIENT_LOGS_WARN_BYTES: u128 = 1 << 30;
+
+/// Checks the per-filter logs of a broker file (see broker.toml): refuses limits rumqttd
+/// would crash on, and warns when the clients' own filters may hold more than
+/// [`CLIENT_LOGS_WARN_BYTES`] together.
+fn check_segments(
+    router: &rumqttd::RouterConfig,
+    clients: usize,
+    origin: &str,
+) -> anyhow::Result<()> {
+    let custom = router.custom_segment.iter().flatten();
+    let all = std::iter::once((
+        "[router]".to_owned(),
+        router.max_segment_size,
+        router.max_segment_count,
+    ))
+    .chain(custom.map(|(filter, c)| {
+        (
+            format!("[router.custom_segment.\"{filter}\"]"),
+            c.max_segment_size,
+            c.max_segment_count,
+        )
+    }));
+    for (section, size, count) in all {
+        if size < MIN_SEGMENT_SIZE || count == 0 {
+            bail!(
+                "{origin}: {section} has max_segment_size = {size} and max_segment_count = \
+                 {count}; rumqttd needs at least {MIN_SEGMENT_SIZE} bytes and one segment \
+                 (the embedded broker.toml keeps 4096 and 2)"
+            );
+        }
+    }
+    let per_filter = router.max_segment_size as u128 * router.max_segment_count as u128;
+    let together = per_filter * clients as u128;
+    if together > CLIENT_LOGS_WARN_BYTES {
+        tracing::warn!(
+            origin,
+            per_filter_bytes = per_filter as u64,
+            clients,
+            "the broker file lets rumqttd keep up to {} MiB of each client's commands, read or \
+             not, {} MiB for all clients: the server's memory grows toward that; the embedded \
+             broker.toml keeps 2 x 4 KiB per filter",
+            per_filter >> 20,
+            together >> 20
+        );
+    }
+    Ok(())
+}
+
 /// Open files each client of the front takes: its socket, the front's relay connection to
 /// rumqttd, and rumqttd's end of that connection.
 const FILES_PER_CLIENT: u64 = 3;
@@ -408,6 +464,7 @@ fn broker_config(config: &Config) -> anyhow::Result<(rumqttd::Config, SocketAddr
     let mut broker: rumqttd::Config =
         toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
     let max_clients = client_limit(&broker, &origin)?;
+    check_segments(&broker.router, max_clients, &origin)?;
     let v4 = broker.v4.get_or_insert_with(HashMap::new);
     for (name, listener) in v4.iter() {
         if listener.connections.max_payload_size < MIN_PACKET_LIMIT {
@@ -827,6 +884,51 @@ mod tests {
             auth.decide("pc-01", "pc-01", PROBE, NOW),
             Err(Refusal::WrongEnrollToken)
         );
+    }
+
+    #[test]
+    fn the_embedded_broker_keeps_little_per_filter_and_room_for_the_orchestrator() {
+        let (broker, _, clients) = broker_config(&Config::default()).unwrap();
+        let router = &broker.router;
+        // Every machine's own command filter together: what the broker holds at most for them.
+        let per_filter = router.max_segment_size * router.max_segment_count;
+        assert!(
+            (per_filter * clients) as u128 <= CLIENT_LOGS_WARN_BYTES / 8,
+            "{per_filter} bytes per filter for {clients} clients"
+        );
+        // The orchestrator's filter gets its own, larger log: rumqttd applies an entry to the
+        // filters it matches.
+        let events: Vec<_> = router
+            .custom_segment
+            .iter()
+            .flatten()
+            .filter(|(f, _)| rumqttd::protocol::matches(boottorrent_proto::topic::EVENTS_FILTER, f))
+            .collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let log = events[0].1.max_segment_size * events[0].1.max_segment_count;
+        assert!(log >= 16 << 20, "{log} bytes for every machine's events");
+        // ... and only to that filter, not to a machine's commands.
+        let commands = boottorrent_proto::topic::machine_commands_filter(&"pc-1".parse().unwrap());
+        assert!(!rumqttd::protocol::matches(&commands, events[0].0));
+    }
+
+    #[test]
+    fn a_broker_file_with_segments_rumqttd_would_crash_on_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        for (from, to) in [
+            ("max_segment_size = 4096", "max_segment_size = 512"),
+            ("max_segment_count = 8", "max_segment_count = 0"),
+        ] {
+            assert!(EMBEDDED_CONFIG.contains(from));
+            std::fs::write(&path, EMBEDDED_CONFIG.replace(from, to)).unwrap();
+            let config = Config {
+                broker_config: Some(path.clone()),
+                ..Config::default()
+            };
+            let e = broker_config(&config).unwrap_err().to_string();
+            assert!(e.contains(to) && e.contains("at least 1024"), "{e}");
+        }
     }
 
     #[test]

@@ -79,13 +79,34 @@ pub fn refused_by_us() {
 #[derive(Default)]
 pub struct BrokerLog {
     accept_failures: Mutex<Repeated>,
+    cursor_jumps: Mutex<Repeated>,
 }
 
+/// One kind of failure that can come thousands of times a second, told once per
+/// [`REPORT_EVERY`] with how many there were.
 #[derive(Default)]
 struct Repeated {
     count: u64,
     last_error: String,
     reported_at: Option<Instant>,
+}
+
+impl Repeated {
+    /// Counts one more; when a report is due, returns how many since the last report (this
+    /// one included) and starts counting afresh.
+    fn note(&mut self, error: &str, now: Instant) -> Option<u64> {
+        self.count += 1;
+        self.last_error.clear();
+        self.last_error.push_str(error);
+        if self
+            .reported_at
+            .is_some_and(|at| now.duration_since(at) < REPORT_EVERY)
+        {
+            return None;
+        }
+        self.reported_at = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
 }
 
 impl<S: Subscriber> Layer<S> for BrokerLog {
@@ -128,6 +149,12 @@ impl BrokerLog {
                 tracing::debug!(target: TARGET, "{m}");
             }
             "Unable to accept socket." => self.accept_failed(error),
+            // The router's report of a subscriber moved past messages it had not read; the
+            // commit log's own warning just before it ("... jumping to head") says the same.
+            "" if error.starts_with("Read cursor start jumped") => self.cursor_jumped(error),
+            m if m.ends_with("jumping to head") || m.starts_with("offset specified") => {
+                tracing::trace!(target: TARGET, "{m}");
+            }
             "accept" => {}
             _ => match level {
                 Level::ERROR | Level::WARN => {
@@ -145,26 +172,40 @@ impl BrokerLog {
             .accept_failures
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        repeated.count += 1;
-        repeated.last_error.clear();
-        repeated.last_error.push_str(error);
-        let now = Instant::now();
-        if repeated
-            .reported_at
-            .is_some_and(|at| now.duration_since(at) < REPORT_EVERY)
-        {
-            return;
+        if let Some(failures) = repeated.note(error, Instant::now()) {
+            tracing::error!(
+                target: TARGET,
+                failures,
+                error = %repeated.last_error,
+                "the MQTT listener cannot accept connections (out of file descriptors? raise \
+                 `ulimit -n` or LimitNOFILE); summed up every {} s",
+                REPORT_EVERY.as_secs()
+            );
         }
-        tracing::error!(
-            target: TARGET,
-            failures = repeated.count,
-            error = %repeated.last_error,
-            "the MQTT listener cannot accept connections (out of file descriptors? raise \
-             `ulimit -n` or LimitNOFILE); summed up every {} s",
-            REPORT_EVERY.as_secs()
-        );
-        repeated.count = 0;
-        repeated.reported_at = Some(now);
+    }
+
+    /// rumqttd keeps each subscription filter's messages in a log of bounded size (broker.toml's
+    /// segments); a subscriber that falls further behind than the log holds is moved past what
+    /// it missed, which rumqttd only logs as a warning. Those messages are lost to it: count
+    /// every jump, and say so once per interval.
+    fn cursor_jumped(&self, error: &str) {
+        if let Some(metrics) = METRICS.get() {
+            metrics.mqtt_broker_skipped();
+        }
+        let mut repeated = self.cursor_jumps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(skips) = repeated.note(error, Instant::now()) {
+            tracing::error!(
+                target: TARGET,
+                skips,
+                last = %repeated.last_error,
+                "a subscriber of the embedded broker fell behind by more than the broker keeps \
+                 for its filter, and missed messages (counted in \
+                 boottorrent_mqtt_broker_skips_total); for the orchestrator's boottorrent/evt/# \
+                 raise [router.custom_segment] in the broker config, or find what slows the \
+                 server; summed up every {} s",
+                REPORT_EVERY.as_secs()
+            );
+        }
     }
 }
 
@@ -216,6 +257,45 @@ mod tests {
         // The first failure was reported; the other 9,999 wait for the next report.
         assert_eq!(repeated.count, 9_999);
         assert!(repeated.reported_at.is_some());
+    }
+
+    #[test]
+    fn a_repeated_failure_is_reported_with_the_count_since_the_last_report() {
+        let mut repeated = Repeated::default();
+        let start = Instant::now();
+        assert_eq!(repeated.note("a", start), Some(1));
+        for _ in 0..4 {
+            assert_eq!(repeated.note("b", start + Duration::from_secs(1)), None);
+        }
+        assert_eq!(repeated.note("c", start + REPORT_EVERY), Some(5));
+        assert_eq!(repeated.last_error, "c");
+    }
+
+    #[test]
+    fn a_subscriber_skipped_ahead_by_the_broker_is_counted_once_per_jump() {
+        let log = BrokerLog::default();
+        let warn = |message: &str, error: &str| {
+            log.retell(
+                Level::WARN,
+                &Fields {
+                    message: message.into(),
+                    error: error.into(),
+                    rest: String::new(),
+                },
+            )
+        };
+        for _ in 0..3 {
+            // What rumqttd logs for one jump: the commit log's warning, then the router's.
+            warn("given index 129 less than head 992, jumping to head", "");
+            warn(
+                "",
+                "Read cursor start jumped from (129, 520) to (248, 992) on boottorrent/evt/#",
+            );
+        }
+        let jumps = log.cursor_jumps.lock().unwrap();
+        // The first was reported at once; two more wait for the next report.
+        assert_eq!(jumps.count, 2);
+        assert!(jumps.last_error.ends_with("on boottorrent/evt/#"));
     }
 
     #[test]

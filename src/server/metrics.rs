@@ -107,6 +107,7 @@ pub struct Metrics {
     mqtt_new_ids_over_limit: AtomicU64,
     mqtt_client_limit: AtomicU64,
     mqtt_broker_panics: AtomicU64,
+    mqtt_broker_skips: AtomicU64,
     http_unauthorized: AtomicU64,
 }
 
@@ -125,6 +126,7 @@ pub struct Snapshot {
     pub mqtt_new_ids_over_limit: u64,
     pub mqtt_client_limit: u64,
     pub mqtt_broker_panics: u64,
+    pub mqtt_broker_skips: u64,
     pub http_unauthorized: u64,
 }
 
@@ -181,6 +183,11 @@ impl Metrics {
     pub fn mqtt_broker_panicked(&self) {
         self.mqtt_broker_panics.fetch_add(1, Ordering::Relaxed);
     }
+    /// A subscriber of the embedded broker fell behind the broker's log of its filter, and the
+    /// broker skipped it past messages it had not read.
+    pub fn mqtt_broker_skipped(&self) {
+        self.mqtt_broker_skips.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn http_unauthorized(&self) {
         self.http_unauthorized.fetch_add(1, Ordering::Relaxed);
     }
@@ -208,6 +215,7 @@ impl Metrics {
             mqtt_new_ids_over_limit: get(&self.mqtt_new_ids_over_limit),
             mqtt_client_limit: get(&self.mqtt_client_limit),
             mqtt_broker_panics: get(&self.mqtt_broker_panics),
+            mqtt_broker_skips: get(&self.mqtt_broker_skips),
             http_unauthorized: get(&self.http_unauthorized),
         }
     }
@@ -261,6 +269,11 @@ impl Metrics {
             "boottorrent_mqtt_broker_panics_total",
             "Panics on the embedded broker's threads (rumqttd); see the log.",
             s.mqtt_broker_panics,
+        );
+        counter(
+            "boottorrent_mqtt_broker_skips_total",
+            "Times a subscriber of the embedded broker (the orchestrator, an agent) fell so far behind that the broker dropped messages it had not read and skipped it ahead; see the log.",
+            s.mqtt_broker_skips,
         );
         counter(
             "boottorrent_http_unauthorized_total",
