@@ -1,4 +1,4 @@
-//! The MQTT port at its connection limit, as a lab of real clients meets it (issue #17: at
+//! The MQTT port at its limits, as a lab of real clients meets them (issue #17: at
 //! rumqttd's `max_connections` the next client got no CONNACK, its retry panicked inside the
 //! broker and poisoned its table of last wills, and from then on nobody could connect while
 //! `/healthz` said "ok").
@@ -7,6 +7,8 @@
 //! them for its own links and its health probe, so 16 clients), filled on loopback with
 //! `mosquitto_sub` sessions or MQTT logins over plain sockets; the client over the limit is a
 //! `mosquitto_sub` (plain or TLS) or a real `boottorrent-agent`.
+//! And the limit of what the broker keeps per subscription filter, met by a `mosquitto_sub`
+//! that stops reading while `mosquitto_pub` floods its filter.
 
 mod common;
 
@@ -615,4 +617,89 @@ fn the_open_file_limit_caps_the_clients_and_the_next_is_refused_cleanly() {
     assert_eq!(healthz(&server).0, 200);
     assert_eq!(server.metric("boottorrent_mqtt_client_limit"), fit as u64);
     drop(clients);
+}
+
+/// rumqttd keeps each subscription filter's messages, read or not, until that filter's log is
+/// full; the embedded broker.toml keeps a few KiB per filter so that the server's memory stays
+/// bounded (it used to grow with every message). A client that stops reading therefore falls
+/// behind its filter's log and is moved past what it missed: that loss is counted and
+/// logged, not silent, and the broker carries on serving it.
+#[test]
+fn a_subscriber_that_stops_reading_is_skipped_ahead_counted_and_served_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut log = logs(dir);
+    let server = Server::start(&dir.join("data"), &[]);
+    let topic = "boottorrent/cmd/global/boot";
+    let mut slow = connected(
+        &server,
+        server.mqtt_port,
+        "admin-slow",
+        &["-t", "boottorrent/cmd/global/#", "-F", "%t %l"],
+        &log("slow"),
+    );
+    wait_for("the slow subscriber's SUBACK", || {
+        slow.log_text().contains("Subscribed (").then_some(())
+    });
+    assert_eq!(server.metric("boottorrent_mqtt_broker_skips_total"), 0);
+
+    // Frozen, it reads nothing: 64 MB is more than the socket buffers between rumqttd, the
+    // server's front and the client hold, so the rest waits in the filter's log, and most of
+    // it is dropped from there before the client reads again.
+    assert!(slow.freeze());
+    let mut publisher = Command::new("mosquitto_pub");
+    publisher
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args([
+            "-i",
+            "admin-flood",
+            "-u",
+            "admin",
+            "-P",
+            &server.admin_token(),
+        ])
+        .args(["-q", "1", "-t", topic, "-l"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = publisher.spawn().expect("running mosquitto_pub");
+    let mut stdin = child.stdin.take().unwrap();
+    let line = format!("{}\n", "x".repeat(1023));
+    for _ in 0..65_536 {
+        stdin.write_all(line.as_bytes()).unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(slow.thaw());
+
+    wait_for("the broker to count the subscriber it moved ahead", || {
+        (server.metric("boottorrent_mqtt_broker_skips_total") > 0).then_some(())
+    });
+    wait_for("the server to log the skip", || {
+        server
+            .log_text()
+            .contains("fell behind by more than the broker keeps for its filter")
+            .then_some(())
+    });
+    // Served again: a message published now reaches it, after what it still had queued.
+    let got_before = slow.log_text().matches(" 1023\n").count();
+    assert!(
+        got_before < 65_536,
+        "it got all {got_before}: nothing was dropped"
+    );
+    server.publish_admin(topic, b"after the skip");
+    wait_for(
+        "the subscriber to get a message published after the skip",
+        || {
+            slow.log_text()
+                .contains(&format!("{topic} 14\n"))
+                .then_some(())
+        },
+    );
+    assert_eq!(healthz(&server).0, 200);
 }

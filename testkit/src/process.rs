@@ -207,6 +207,17 @@ impl Proc {
         self.send(libc::SIGTERM)
     }
 
+    /// Stops the process (SIGSTOP) until [`Proc::thaw`]: a client that stops reading, whose
+    /// socket buffers fill; false if it has already exited.
+    pub fn freeze(&mut self) -> bool {
+        self.send(libc::SIGSTOP)
+    }
+
+    /// Lets a frozen process run on (SIGCONT); false if it has already exited.
+    pub fn thaw(&mut self) -> bool {
+        self.send(libc::SIGCONT)
+    }
+
     /// Sends SIGHUP, which daemons take as "reload your configuration"; false if it has
     /// already exited.
     pub fn sighup(&mut self) -> bool {
