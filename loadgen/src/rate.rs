@@ -97,6 +97,8 @@ struct Counters {
     received: u64,
     accepted: u64,
     dropped: u64,
+    /// Times the broker moved a subscriber past messages it had not read.
+    broker_skips: u64,
 }
 
 #[derive(Serialize)]
@@ -117,6 +119,9 @@ pub struct Report {
     applied_per_sec_worst: f64,
     /// Events the server dropped during the window (any reason).
     dropped: u64,
+    /// Times the embedded broker moved a subscriber (the orchestrator, say) past messages it
+    /// had not read, from the start of the window to the end of the drain: lost events.
+    broker_skips: u64,
     /// Acknowledged by the broker but not read by the orchestrator: largest, and at the end
     /// of the window.
     backlog_max: u64,
@@ -177,8 +182,8 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "other:    {} /metrics reads failed, {} reconnects",
-            self.metrics_failures, self.reconnects
+            "other:    {} /metrics reads failed, {} reconnects, {} broker skips",
+            self.metrics_failures, self.reconnects, self.broker_skips
         )
     }
 }
@@ -352,6 +357,11 @@ async fn measure(args: &Rate, target: &Target, work: &std::path::Path) -> anyhow
     {
         eprintln!("warning: some agents had not stopped 15 s after being told to");
     }
+    let broker_skips = read_counters(api, &mut failures)
+        .await
+        .unwrap_or(end)
+        .broker_skips
+        .saturating_sub(before.broker_skips);
 
     let mut sorted = per_second.clone();
     sorted.sort_by(f64::total_cmp);
@@ -368,6 +378,7 @@ async fn measure(args: &Rate, target: &Target, work: &std::path::Path) -> anyhow
         applied_per_sec_median: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
         applied_per_sec_worst: sorted.first().copied().unwrap_or(0.0),
         dropped: end.dropped.saturating_sub(before.dropped),
+        broker_skips,
         backlog_max,
         backlog_end: backlog,
         drain_secs,
@@ -409,6 +420,7 @@ async fn read_counters(api: &Api, failures: &mut u64) -> Option<Counters> {
         received: value("boottorrent_mqtt_events_received_total"),
         accepted: value("boottorrent_mqtt_events_accepted_total"),
         dropped: value("boottorrent_mqtt_events_dropped_total"),
+        broker_skips: value("boottorrent_mqtt_broker_skips_total"),
     })
 }
 
