@@ -181,6 +181,23 @@ fn our_leecher_downloads_from_a_libtorrent_seeder() {
     assert_our_leecher_completes(&swarm, &mut leecher);
 }
 
+/// Our initiator against a real client that requires encryption: libtorrent seeding with
+/// message stream encryption forced (RC4 only) serves our leecher, which dials with MSE.
+#[test]
+fn our_leecher_requiring_encryption_downloads_from_a_libtorrent_seeder_requiring_it() {
+    let swarm = Swarm::new(LEN, PIECE);
+    let _lt = Libtorrent::seed_encrypted(&swarm.torrent, &swarm.seed_dir);
+    swarm.tracker.wait_seeders(&swarm.torrent, 1);
+    let mut leecher = swarm.our_leecher(
+        "ours",
+        PeerOptions {
+            extra: vec!["--require-encryption".into()],
+            ..PeerOptions::default()
+        },
+    );
+    assert_our_leecher_completes(&swarm, &mut leecher);
+}
+
 #[test]
 fn aria2c_leecher_downloads_from_our_seeder() {
     let swarm = Swarm::new(LEN, PIECE);
