@@ -182,12 +182,22 @@ fn our_leecher_downloads_from_a_libtorrent_seeder() {
 }
 
 /// Our initiator against a real client that requires encryption: libtorrent seeding with
-/// message stream encryption forced (RC4 only) serves our leecher, which dials with MSE.
+/// message stream encryption forced (RC4 only) gives our plaintext leecher nothing and serves
+/// our leecher that dials with MSE.
 #[test]
 fn our_leecher_requiring_encryption_downloads_from_a_libtorrent_seeder_requiring_it() {
     let swarm = Swarm::new(LEN, PIECE);
     let _lt = Libtorrent::seed_encrypted(&swarm.torrent, &swarm.seed_dir);
     swarm.tracker.wait_seeders(&swarm.torrent, 1);
+    let mut plain = swarm.our_leecher("plain", PeerOptions::default());
+    std::thread::sleep(Duration::from_secs(8));
+    let stats = plain.next_stats();
+    assert_eq!(
+        field(&stats, "downloaded"),
+        0,
+        "libtorrent forcing encryption served a plaintext leecher: {stats}"
+    );
+    plain.stop();
     let mut leecher = swarm.our_leecher(
         "ours",
         PeerOptions {
