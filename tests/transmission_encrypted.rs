@@ -1,7 +1,7 @@
 //! Transmission dials the server's seeder itself, with message stream encryption (MSE)
 //! required (`"encryption": 2`) and with its default (`1`, encryption preferred), and fetches
 //! an image byte for byte over an RC4-encrypted connection each time; the seeder's log shows
-//! the encrypted connection from Transmission's address.
+//! the encrypted connection from Transmission's address, and its `/metrics` count them.
 //!
 //! Transmission drops every peer address in 127.0.0.0/8 a tracker hands it, so the loopback
 //! test (`tests/standard_clients.rs`) has to dial Transmission instead, and then neither side
@@ -107,6 +107,23 @@ fn transmission_requiring_or_preferring_encryption_fetches_over_rc4_from_the_see
             lines.len()
         );
     }
+    // The seeder's counters agree: RC4 connections, none in plaintext.
+    let metrics = output({
+        let mut c = net.command(SERVER, "curl");
+        c.args(["--silent", "--show-error", "--fail"])
+            .arg(format!("{}/metrics", url()));
+        c
+    });
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let connections = |kind: &str| -> u64 {
+        let name = format!("boottorrent_seeder_connections_total{{encryption=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&name)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}in /metrics:\n{metrics}"))
+    };
+    assert!(connections("rc4") >= 2, "{metrics}");
+    assert_eq!(connections("plaintext") + connections("mse_plaintext"), 0);
 }
 
 /// The real server on host 0, its seeder at 10.99.0.10:6881, logging at info (where the MSE
