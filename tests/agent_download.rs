@@ -76,6 +76,54 @@ fn two_agents_download_an_assigned_image_from_the_seeder_and_each_other() {
     );
 }
 
+/// With encryption required on the server and on the agents, the agents dial the seeder and
+/// each other with message stream encryption (our initiator against our receiver, in the real
+/// processes) and get the image over RC4; the seeder counts no plaintext connection.
+#[test]
+fn agents_requiring_encryption_download_from_a_seeder_requiring_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(&dir.join("server"), &["--bt-require-encryption", "true"]);
+    let (image, vhdx) = catalogue(&server, dir, 8 << 20);
+    let agents: Vec<Proc> = ["enc-a", "enc-b"]
+        .into_iter()
+        .map(|id| {
+            enroll(&server, dir, id);
+            run_agent(dir, &server, id, &["--bt-require-encryption", "true"])
+        })
+        .collect();
+    for id in ["enc-a", "enc-b"] {
+        wait_for("the agents online", || server.online(id).filter(|o| *o));
+    }
+    assign(&server, &image, None);
+    let source = std::fs::read(&vhdx).unwrap();
+    for id in ["enc-a", "enc-b"] {
+        let path = dir
+            .join(id)
+            .join("images")
+            .join(format!("{}.vhdx", image["id"].as_str().unwrap()));
+        wait_for_long("the encrypted download to complete", || {
+            std::fs::read(&path)
+                .ok()
+                .filter(|d| *d == source)
+                .map(|_| ())
+        });
+    }
+    let connections = |kind: &str| {
+        server.metric(&format!(
+            "boottorrent_seeder_connections_total{{encryption=\"{kind}\"}}"
+        ))
+    };
+    assert!(
+        connections("rc4") > 0,
+        "the seeder counted no RC4 connection"
+    );
+    for kind in ["plaintext", "mse_plaintext", "refused"] {
+        assert_eq!(connections(kind), 0, "{kind} connections at the seeder");
+    }
+    drop(agents);
+}
+
 /// `wait_for` with room for a transfer on a busy 2-core machine.
 fn wait_for_long(what: &str, check: impl FnMut() -> Option<()>) {
     boottorrent_testkit::wait_until(what, std::time::Duration::from_secs(120), check);

@@ -10,94 +10,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::testnet::Net;
 use common::*;
 
 const RATE_MBIT: u32 = 100;
 const PATIENCE_NET: Duration = Duration::from_secs(180);
 static ONE_NETWORK_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn testnet_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testnet")
-}
-
-/// A network made by `scripts/testnet`, removed when dropped (and by the script's own watcher
-/// if this process dies first).
-struct Net {
-    name: String,
-}
-
-impl Net {
-    /// `None` (after saying so on stderr) when not root.
-    fn up(hosts: usize) -> Option<Net> {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!(
-                "SKIPPED: the multi-host tests create network namespaces and need root; run them as root (CI does)"
-            );
-            return None;
-        }
-        require_tool("ip", "iproute2");
-        require_tool("tc", "iproute2");
-        let gc = Command::new(testnet_script()).arg("gc").status().unwrap();
-        assert!(gc.success());
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("m{}x{n}", std::process::id() % 1_000_000);
-        let out = Command::new(testnet_script())
-            .args(["up", &name, &hosts.to_string(), &RATE_MBIT.to_string()])
-            .env("TESTNET_OWNER", std::process::id().to_string())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/testnet up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(Net { name })
-    }
-
-    fn ip(host: usize) -> String {
-        format!("10.99.0.{}", 10 + host)
-    }
-
-    /// `program args` inside `host`.
-    fn command(&self, host: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new(testnet_script());
-        c.args(["exec", &self.name, &host.to_string()]).arg(program);
-        c
-    }
-
-    fn link(&self, host: usize, up: bool) {
-        let status = Command::new(testnet_script())
-            .args(["link", &self.name, &host.to_string()])
-            .arg(if up { "up" } else { "down" })
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Bytes host `host` has sent on its link.
-    fn tx_bytes(&self, host: usize) -> u64 {
-        let out = output({
-            let mut c = self.command(host, "cat");
-            c.arg("/sys/class/net/eth0/statistics/tx_bytes");
-            c
-        });
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = Command::new(testnet_script())
-            .args(["down", &self.name])
-            .status();
-    }
-}
 
 /// The server on host 0 and agents on the other hosts, all in `dir`.
 struct Lab<'a> {
@@ -361,7 +283,9 @@ fn a_zone_deployment_reaches_every_host_and_the_server_uploads_under_two_copies(
     let _turn = ONE_NETWORK_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let Some(net) = Net::up(6) else { return };
+    let Some(net) = Net::up(6, RATE_MBIT) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(&net, dir.path(), 5);
     let (image, bytes) = lab.catalogue(64);
@@ -406,7 +330,9 @@ fn an_agent_killed_half_way_resumes_and_finishes() {
     let _turn = ONE_NETWORK_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let Some(net) = Net::up(4) else { return };
+    let Some(net) = Net::up(4, RATE_MBIT) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
@@ -441,7 +367,9 @@ fn a_host_whose_cable_is_pulled_for_20_s_is_shown_offline_and_finishes_after() {
     let _turn = ONE_NETWORK_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let Some(net) = Net::up(4) else { return };
+    let Some(net) = Net::up(4, RATE_MBIT) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
@@ -478,7 +406,9 @@ fn every_host_finishes_when_the_server_is_killed_and_restarted_mid_deployment() 
     let _turn = ONE_NETWORK_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let Some(net) = Net::up(4) else { return };
+    let Some(net) = Net::up(4, RATE_MBIT) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
@@ -504,7 +434,9 @@ fn a_peer_serving_corrupt_data_is_rejected_and_reported() {
     let _turn = ONE_NETWORK_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let Some(net) = Net::up(4) else { return };
+    let Some(net) = Net::up(4, RATE_MBIT) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);

@@ -8,6 +8,9 @@
 //! longer than the (generous) time allowed. How fast each client is, against aria2c, is
 //! measured by `scripts/bench-clients`, not asserted here.
 //!
+//! A second run has the seeder require encryption: a plaintext client is refused, aria2c and
+//! libtorrent forcing encryption are served over RC4.
+//!
 //! Loopback only: each client is bound to 127.0.0.1, with DHT, local peer discovery, peer
 //! exchange, port mapping (UPnP, NAT-PMP) and uTP off. Transmission drops every peer address
 //! in 127.0.0.0/8 a tracker hands it (its "martian" filter), so it would never dial the
@@ -93,6 +96,70 @@ fn transmission_aria2c_and_libtorrent_each_fetch_an_image_alone_from_the_super_s
         );
         eprintln!("{client}: {} MiB in {took:.1?}", LEN >> 20);
     }
+}
+
+/// With `bt_require_encryption` the seeder refuses libtorrent with encryption disabled (a
+/// plaintext client; the refusals are counted in `/metrics`) and serves aria2c, whose default
+/// is to dial with message stream encryption, and libtorrent forcing it, both over RC4.
+#[test]
+fn a_seeder_requiring_encryption_refuses_plaintext_and_serves_aria2c_and_libtorrent_over_rc4() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--bt-require-encryption", "true"],
+    );
+    let len = 8 << 20;
+    let (image, vhdx) = common::catalogue(&server, dir.path(), len);
+    let expected = std::fs::read(&vhdx).unwrap();
+    let torrent = dir.path().join("image.torrent");
+    std::fs::write(&torrent, torrent_bytes(&server, &image)).unwrap();
+    let name = image["name"].as_str().unwrap();
+    let connections = |kind: &str| {
+        server.metric(&format!(
+            "boottorrent_seeder_connections_total{{encryption=\"{kind}\"}}"
+        ))
+    };
+
+    // Plaintext only: every connection refused, nothing downloaded in 8 s.
+    let out = dir.path().join("libtorrent-plaintext");
+    std::fs::create_dir_all(&out).unwrap();
+    let downloaded =
+        common::libtorrent_download(&out, &torrent, "127.0.0.1", "-", 8, Encryption::Disabled);
+    assert_eq!(downloaded, 0, "libtorrent got data in plaintext");
+    assert!(connections("refused") > 0, "no refusal counted");
+    assert_eq!(connections("plaintext") + connections("rc4"), 0);
+
+    let out = dir.path().join("aria2c");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = aria2c(&Job {
+        torrent: &torrent,
+        out: &out,
+        name,
+        seeder: ([127, 0, 0, 1], server.bt_port).into(),
+        info_hash: hex::decode(image["info_hash"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    });
+    assert!(
+        std::fs::read(file).unwrap() == expected,
+        "aria2c's copy differs"
+    );
+    let rc4 = connections("rc4");
+    assert!(rc4 > 0, "aria2c got the image without an RC4 connection");
+
+    let out = dir.path().join("libtorrent-forced");
+    std::fs::create_dir_all(&out).unwrap();
+    let secs = TRANSFER.as_secs() as u32;
+    let downloaded =
+        common::libtorrent_download(&out, &torrent, "127.0.0.1", "-", secs, Encryption::Forced);
+    assert!(
+        downloaded >= len as u64,
+        "libtorrent (encryption forced) downloaded {downloaded} bytes in {secs} s"
+    );
+    assert!(std::fs::read(out.join("lt-127.0.0.1").join(name)).unwrap() == expected);
+    assert!(connections("rc4") > rc4);
+    assert_eq!(connections("plaintext") + connections("mse_plaintext"), 0);
 }
 
 /// What one client is to fetch, and from where.
@@ -194,6 +261,22 @@ fn transmission(job: &Job<'_>) -> PathBuf {
 fn aria2c(job: &Job<'_>) -> PathBuf {
     let (torrent, out, name) = (job.torrent, job.out, job.name);
     require_tool("aria2c", "aria2");
+    let command = aria2c_command(torrent, out);
+    let mut proc = spawn(command, out.join("aria2c.log"));
+    let status = proc
+        .wait_within(TRANSFER)
+        .unwrap_or_else(|| panic!("aria2c still runs after {TRANSFER:?}"));
+    assert!(
+        status.success(),
+        "aria2c failed: {status}\n{}",
+        proc.log_tail(30)
+    );
+    out.join(name)
+}
+
+/// `aria2c` fetching `torrent` into `out` on loopback, without DHT, local peer discovery or
+/// peer exchange, listening on a port of its own.
+fn aria2c_command(torrent: &Path, out: &Path) -> Command {
     let port = free_port().to_string();
     let mut command = Command::new("aria2c");
     command
@@ -208,16 +291,7 @@ fn aria2c(job: &Job<'_>) -> PathBuf {
         .arg(format!("--listen-port={port}"))
         .arg(format!("--dir={}", out.display()))
         .arg(torrent);
-    let mut proc = spawn(command, out.join("aria2c.log"));
-    let status = proc
-        .wait_within(TRANSFER)
-        .unwrap_or_else(|| panic!("aria2c still runs after {TRANSFER:?}"));
-    assert!(
-        status.success(),
-        "aria2c failed: {status}\n{}",
-        proc.log_tail(30)
-    );
-    out.join(name)
+    command
 }
 
 /// libtorrent (python3-libtorrent) bound to 127.0.0.1 without DHT, local service discovery,

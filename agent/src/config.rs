@@ -51,6 +51,10 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Address the BitTorrent peer listens on for other machines.
     pub bt_listen: SocketAddr,
+    /// Peer connections are encrypted (message stream encryption, RC4) both ways: this
+    /// machine dials with it and refuses plaintext. Set it on every agent when the server
+    /// sets its `bt_require_encryption`, whose seeder refuses plaintext.
+    pub bt_require_encryption: bool,
     /// What happens after an image is staged and its action asks to boot it.
     pub boot_backend: BootBackend,
     /// Program the `command` backend runs (it gets `BOOTTORRENT_IMAGE_PATH` and friends in its
@@ -122,6 +126,7 @@ impl Default for Config {
             machine_id: None,
             data_dir: None,
             bt_listen: ([0, 0, 0, 0], 6881).into(),
+            bt_require_encryption: false,
             boot_backend: if cfg!(windows) {
                 BootBackend::Windows
             } else {
@@ -155,6 +160,7 @@ impl fmt::Debug for Config {
             .field("machine_id", &self.machine_id)
             .field("data_dir", &self.data_dir)
             .field("bt_listen", &self.bt_listen)
+            .field("bt_require_encryption", &self.bt_require_encryption)
             .field("boot_backend", &self.boot_backend)
             .field("boot_command", &self.boot_command)
             .field("running_image_file", &self.running_image_file)
@@ -214,6 +220,14 @@ pub struct Overrides {
     /// BitTorrent listen address [default: 0.0.0.0:6881].
     #[arg(long, env = "BOOTTORRENT_AGENT_BT_LISTEN", value_name = "ADDR")]
     pub bt_listen: Option<SocketAddr>,
+    /// Encrypt peer connections (message stream encryption, RC4): dial with it and refuse
+    /// plaintext; needed when the server sets --bt-require-encryption [default: false].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_BT_REQUIRE_ENCRYPTION",
+        value_name = "BOOL"
+    )]
+    pub bt_require_encryption: Option<bool>,
     /// Boot backend run after staging [default: windows on Windows, none elsewhere].
     #[arg(long, env = "BOOTTORRENT_AGENT_BOOT_BACKEND", value_enum)]
     pub boot_backend: Option<BootBackend>,
@@ -307,6 +321,7 @@ impl Config {
             machine_id,
             data_dir,
             bt_listen,
+            bt_require_encryption,
             boot_backend,
             boot_command,
             running_image_file,
@@ -337,6 +352,7 @@ impl Config {
         set_opt(&mut self.machine_id, machine_id);
         set_opt(&mut self.data_dir, data_dir);
         set(&mut self.bt_listen, bt_listen);
+        set(&mut self.bt_require_encryption, bt_require_encryption);
         set(&mut self.boot_backend, boot_backend);
         set_opt(&mut self.boot_command, boot_command);
         set_opt(&mut self.running_image_file, running_image_file);
@@ -459,6 +475,9 @@ broker_login = "password"
 # data_dir = "/var/lib/boottorrent"
 # Address the BitTorrent peer listens on.
 bt_listen = "{bt_listen}"
+# Encrypt peer connections (MSE, RC4): dial with it and refuse plaintext. Needed when the
+# server sets bt_require_encryption, whose seeder then refuses plaintext.
+bt_require_encryption = false
 # After staging, when the action asks to boot: "none", "command" or "windows" (bcdedit).
 boot_backend = "{backend}"
 # Program the "command" backend runs, with BOOTTORRENT_IMAGE_PATH, BOOTTORRENT_IMAGE_ID,

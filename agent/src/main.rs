@@ -297,6 +297,11 @@ fn run_agent(
                 state_dir: Some(data_dir.join("resume")),
                 // Serve only peers the tracker has in the swarm: not any host that dials us.
                 admission: Some(passkey.admission()),
+                encryption: if config.bt_require_encryption {
+                    boottorrent_swarm::session::Encryption::Require
+                } else {
+                    boottorrent_swarm::session::Encryption::Accept
+                },
                 ..boottorrent_swarm::session::SessionConfig::default()
             },
             tasks.token(),

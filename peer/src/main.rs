@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_swarm::session::{
-    AddTorrent, Cidr, Mode, Session, SessionConfig, TorrentState, TorrentStats,
+    AddTorrent, Cidr, Encryption, Mode, Session, SessionConfig, TorrentState, TorrentStats,
 };
 use clap::Parser;
 use serde_json::json;
@@ -62,6 +62,10 @@ struct Args {
     /// Exit once the download is complete instead of seeding.
     #[arg(long)]
     exit_when_done: bool,
+    /// Encrypt every peer connection (message stream encryption, RC4): dial with it and
+    /// refuse plaintext.
+    #[arg(long)]
+    require_encryption: bool,
     /// Milliseconds between `stats` lines.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     stats_ms: u64,
@@ -107,6 +111,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             download_limit_bps: args.download_limit,
             state_dir: args.state_dir,
             zone: args.zone,
+            encryption: if args.require_encryption {
+                Encryption::Require
+            } else {
+                Encryption::Accept
+            },
             ..SessionConfig::default()
         },
         shutdown.clone(),

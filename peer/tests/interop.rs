@@ -181,6 +181,33 @@ fn our_leecher_downloads_from_a_libtorrent_seeder() {
     assert_our_leecher_completes(&swarm, &mut leecher);
 }
 
+/// Our initiator against a real client that requires encryption: libtorrent seeding with
+/// message stream encryption forced (RC4 only) gives our plaintext leecher nothing and serves
+/// our leecher that dials with MSE.
+#[test]
+fn our_leecher_requiring_encryption_downloads_from_a_libtorrent_seeder_requiring_it() {
+    let swarm = Swarm::new(LEN, PIECE);
+    let _lt = Libtorrent::seed_encrypted(&swarm.torrent, &swarm.seed_dir);
+    swarm.tracker.wait_seeders(&swarm.torrent, 1);
+    let mut plain = swarm.our_leecher("plain", PeerOptions::default());
+    std::thread::sleep(Duration::from_secs(8));
+    let stats = plain.next_stats();
+    assert_eq!(
+        field(&stats, "downloaded"),
+        0,
+        "libtorrent forcing encryption served a plaintext leecher: {stats}"
+    );
+    plain.stop();
+    let mut leecher = swarm.our_leecher(
+        "ours",
+        PeerOptions {
+            extra: vec!["--require-encryption".into()],
+            ..PeerOptions::default()
+        },
+    );
+    assert_our_leecher_completes(&swarm, &mut leecher);
+}
+
 #[test]
 fn aria2c_leecher_downloads_from_our_seeder() {
     let swarm = Swarm::new(LEN, PIECE);

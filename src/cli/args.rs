@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// BitTorrent listen address of the server's seeder [default: 0.0.0.0:6881].
     #[arg(long, env = "BOOTTORRENT_BT_LISTEN", value_name = "ADDR:PORT")]
     pub bt_listen: Option<SocketAddr>,
+    /// Accept only encrypted peer connections at the seeder (message stream encryption,
+    /// RC4) and refuse plaintext ones, for networks that throttle BitTorrent; agents must
+    /// require it too or are refused [default: false].
+    #[arg(long, env = "BOOTTORRENT_BT_REQUIRE_ENCRYPTION", value_name = "BOOL")]
+    pub bt_require_encryption: Option<bool>,
     /// URL agents and peers use to reach this server's HTTP listener
     /// [default: http://<hostname>:<http port>].
     #[arg(long, env = "BOOTTORRENT_PUBLIC_URL", value_name = "URL")]

@@ -424,6 +424,11 @@ impl Catalog {
         }
     }
 
+    /// The seeder's incoming connections so far, by how they were encrypted (for `/metrics`).
+    pub fn seeder_connections(&self) -> boottorrent_swarm::session::ConnectionCounts {
+        self.seeder.connection_counts()
+    }
+
     /// Every image except duplicates, ordered by id.
     pub fn list(&self) -> Result<Vec<ImageView>, CatalogError> {
         Ok(self

@@ -29,6 +29,11 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// BitTorrent listener of the server's seeder.
     pub bt_listen: SocketAddr,
+    /// The seeder accepts only encrypted peer connections (message stream encryption with
+    /// RC4) and refuses plaintext ones. For networks that throttle or block recognisable
+    /// BitTorrent; it obfuscates, it does not authenticate. Agents must then require it too
+    /// (the agent's `bt_require_encryption`), or the seeder refuses them.
+    pub bt_require_encryption: bool,
     /// URL agents and peers use to reach the HTTP listener (goes into `.torrent` files and
     /// commands). Default: `http://<http_listen>` with `0.0.0.0` replaced by this host's name.
     pub public_url: Option<String>,
@@ -120,6 +125,7 @@ impl Default for Config {
             https_listen: ([0, 0, 0, 0], 8443).into(),
             http_listen: ([0, 0, 0, 0], 8080).into(),
             bt_listen: ([0, 0, 0, 0], 6881).into(),
+            bt_require_encryption: false,
             public_url: None,
             tls_cert: None,
             tls_key: None,
@@ -162,6 +168,7 @@ impl fmt::Debug for Config {
             .field("https_listen", &self.https_listen)
             .field("http_listen", &self.http_listen)
             .field("bt_listen", &self.bt_listen)
+            .field("bt_require_encryption", &self.bt_require_encryption)
             .field("public_url", &self.public_url)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
@@ -248,6 +255,7 @@ impl Config {
         set(&mut self.https_listen, &args.https_listen);
         set(&mut self.http_listen, &args.http_listen);
         set(&mut self.bt_listen, &args.bt_listen);
+        set(&mut self.bt_require_encryption, &args.bt_require_encryption);
         set_opt(&mut self.public_url, &args.public_url);
         set_opt(&mut self.tls_cert, &args.tls_cert);
         set_opt(&mut self.tls_key, &args.tls_key);
@@ -481,6 +489,9 @@ https_listen = "0.0.0.0:8443"
 http_listen = "0.0.0.0:8080"
 # BitTorrent listener of the server's seeder.
 bt_listen = "0.0.0.0:6881"
+# Accept only encrypted peer connections (MSE, RC4) at the seeder, refusing plaintext ones:
+# for networks that throttle BitTorrent. Agents must set it too, or they are refused.
+bt_require_encryption = false
 # URL agents and peers use to reach HTTP (default: http://<this host>:<http port>).
 # public_url = "http://boottorrent.lab.example:8080"
 # PEM certificate chain and private key for the MQTT TLS listener.

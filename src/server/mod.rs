@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use boottorrent_bt::InfoHash;
-use boottorrent_swarm::session::{Admission, Session, SessionConfig};
+use boottorrent_swarm::session::{Admission, Encryption, Session, SessionConfig};
 use boottorrent_tracker::swarm::{Tracker, TrackerConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -184,6 +184,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             upload_slots: 64,
             max_peers: 1024,
             admission: Some(admitted),
+            encryption: if config.bt_require_encryption {
+                Encryption::Require
+            } else {
+                Encryption::Accept
+            },
             ..SessionConfig::default()
         },
         shutdown.child_token(),

@@ -34,6 +34,36 @@ pub struct SessionConfig {
     pub max_peers: usize,
     /// Decides which peers may connect to us; everyone when `None`.
     pub admission: Option<Admission>,
+    /// Whether peer connections must be encrypted (MSE with RC4).
+    pub encryption: Encryption,
+}
+
+/// Whether peer connections are encrypted with message stream encryption (MSE, RC4). It is
+/// obfuscation against traffic shaping that singles out BitTorrent, not secrecy: nothing
+/// authenticates the exchange (integrity comes from the piece hashes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encryption {
+    /// Incoming connections may be plaintext or MSE (RC4 selected whenever offered);
+    /// outgoing ones are plaintext, which every client accepts unless it requires encryption.
+    #[default]
+    Accept,
+    /// Incoming connections must be MSE with RC4: a plaintext handshake, or an MSE one
+    /// offering plaintext only, is refused (logged and counted). Outgoing connections start
+    /// MSE offering RC4 only, so peers that require encryption can be reached.
+    Require,
+}
+
+/// Incoming connections of a session so far, by how they were encrypted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    /// Plaintext BitTorrent handshakes accepted.
+    pub plaintext: u64,
+    /// MSE handshakes that selected RC4.
+    pub encrypted: u64,
+    /// MSE handshakes that selected plaintext (the peer offered nothing else).
+    pub mse_plaintext: u64,
+    /// Connections refused because [`Encryption::Require`] is set and they were not RC4.
+    pub refused_unencrypted: u64,
 }
 
 /// Which inbound peers a session serves: asked with the torrent and the peer's address after
@@ -66,6 +96,7 @@ impl Default for SessionConfig {
             zone: Vec::new(),
             max_peers: 64,
             admission: None,
+            encryption: Encryption::Accept,
         }
     }
 }

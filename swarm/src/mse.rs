@@ -1,7 +1,9 @@
-//! Message Stream Encryption (MSE, also "protocol encryption"), receiving side only.
+//! Message Stream Encryption (MSE, also "protocol encryption"): the receiving side
+//! ([`accept`]) and the initiating side ([`initiate`]).
 //!
 //! Clients such as Transmission prefer (or require) this obfuscation layer. Without it our
-//! listener reset their first packet and they fell back to plaintext, or gave up. The spec
+//! listener reset their first packet and they fell back to plaintext, or gave up; and a peer
+//! that requires it can only be reached by dialling with it. The spec
 //! (the Vuze wiki page "Message Stream Encryption") defines a Diffie-Hellman exchange over a
 //! fixed 768-bit prime with generator 2, then RC4 keyed from the shared secret and the info
 //! hash. It is obfuscation, not confidentiality: nothing authenticates the exchange, so an
@@ -106,6 +108,17 @@ pub enum MseError {
         "the peer offers crypto methods {0:#x}, none of which (plaintext 0x1, RC4 0x2) we support"
     )]
     NoCommonMethod(u32),
+    #[error(
+        "the peer's encrypted verification constant not found within the 520 bytes after its \
+         key (it does not serve this torrent, or does not speak MSE)"
+    )]
+    NoVc,
+    #[error(
+        "the peer selected crypto method {select:#x}, not exactly one of the {provide:#x} we offered"
+    )]
+    BadSelect { select: u32, provide: u32 },
+    #[error("the peer offers only plaintext (crypto methods {0:#x}) and RC4 is required")]
+    PlaintextRefused(u32),
     #[error("{what} length {len} exceeds the spec's limit {max}")]
     TooLong {
         what: &'static str,
@@ -122,13 +135,14 @@ pub struct Accepted<S> {
 
 /// Runs the receiver (B) side after the peer's first `prefix` bytes (already read while
 /// telling MSE from plaintext) were found not to be a plaintext handshake. `known` are the info
-/// hashes this engine serves. The initial payload (IA) is returned inside the stream, so the
-/// caller reads the BitTorrent handshake from it as from a plaintext connection.
+/// hashes this engine serves. RC4 is selected whenever the peer offers it; plaintext only when
+/// it offers nothing else and `plain_allowed`. The initial payload (IA) is returned inside the
+/// stream, so the caller reads the BitTorrent handshake from it as from a plaintext connection.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
     prefix: &[u8],
     known: &[[u8; 20]],
-    prefer_rc4: bool,
+    plain_allowed: bool,
 ) -> Result<Accepted<S>, MseError> {
     let mut ya = [0u8; KEY_LEN];
     let have = prefix.len().min(KEY_LEN);
@@ -193,9 +207,12 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     io.read_exact(&mut ia).await?;
     dec.apply_keystream(&mut ia);
 
-    let select = if provide & CRYPTO_RC4 != 0 && (prefer_rc4 || provide & CRYPTO_PLAIN == 0) {
+    let select = if provide & CRYPTO_RC4 != 0 {
         CRYPTO_RC4
     } else if provide & CRYPTO_PLAIN != 0 {
+        if !plain_allowed {
+            return Err(MseError::PlaintextRefused(provide));
+        }
         CRYPTO_PLAIN
     } else {
         return Err(MseError::NoCommonMethod(provide));
@@ -222,6 +239,97 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             pending_at: 0,
             wbuf: Vec::new(),
         },
+    })
+}
+
+/// Runs the initiator (A) side over a fresh connection to a peer serving `info_hash`,
+/// offering the crypto methods `provide` (RC4 and/or plaintext bits) and sending `ia` (the
+/// BitTorrent handshake, so that it costs no extra round trip) as the initial payload. Returns
+/// the stream to run the peer wire over, encrypted or not as the peer selected.
+pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    info_hash: &[u8; 20],
+    provide: u32,
+    ia: &[u8],
+) -> Result<MseStream<S>, MseError> {
+    if ia.len() > usize::from(u16::MAX) {
+        return Err(MseError::TooLong {
+            what: "IA",
+            len: ia.len(),
+            max: usize::from(u16::MAX),
+        });
+    }
+    let keys = KeyPair::generate();
+    let mut out = keys.public.to_vec();
+    let pad_len = (rand::rng().next_u32() as usize) % 64;
+    out.resize(KEY_LEN + pad_len, 0);
+    rand::rng().fill_bytes(&mut out[KEY_LEN..]);
+    io.write_all(&out).await?;
+
+    let mut yb = [0u8; KEY_LEN];
+    io.read_exact(&mut yb).await?;
+    let s = keys.secret(&yb);
+    let mut enc = cipher(b"keyA", &s, info_hash);
+    let mut dec = cipher(b"keyB", &s, info_hash);
+
+    let mut msg = hash(&[b"req1", &s]).to_vec();
+    msg.extend_from_slice(&obfuscated_skey(info_hash, &s));
+    let mut tail = vec![0u8; 8];
+    tail.extend_from_slice(&provide.to_be_bytes());
+    // No padC: it only hides lengths, and the pad we sent after our key did that already.
+    tail.extend_from_slice(&0u16.to_be_bytes());
+    tail.extend_from_slice(&(ia.len() as u16).to_be_bytes());
+    tail.extend_from_slice(ia);
+    enc.apply_keystream(&mut tail);
+    msg.extend_from_slice(&tail);
+    io.write_all(&msg).await?;
+
+    // padB (at most 512 bytes) hides where the peer's reply starts: it is its encrypted VC,
+    // 8 zero bytes through keyB, searched for within the 520 bytes after its key.
+    let mut vc = [0u8; 8];
+    dec.apply_keystream(&mut vc);
+    let mut window: Vec<u8> = Vec::with_capacity(MAX_PAD + 8);
+    loop {
+        if window.len() >= 8 && window[window.len() - 8..] == vc {
+            break;
+        }
+        if window.len() >= MAX_PAD + 8 {
+            return Err(MseError::NoVc);
+        }
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await?;
+        window.push(b[0]);
+    }
+    let mut head = [0u8; 6];
+    io.read_exact(&mut head).await?;
+    dec.apply_keystream(&mut head);
+    let select = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    if !(select == CRYPTO_RC4 || select == CRYPTO_PLAIN) || select & provide == 0 {
+        return Err(MseError::BadSelect { select, provide });
+    }
+    let pad_d = usize::from(u16::from_be_bytes([head[4], head[5]]));
+    if pad_d > MAX_PAD {
+        return Err(MseError::TooLong {
+            what: "padD",
+            len: pad_d,
+            max: MAX_PAD,
+        });
+    }
+    let mut pad = vec![0u8; pad_d];
+    io.read_exact(&mut pad).await?;
+    dec.apply_keystream(&mut pad);
+    let (enc, dec) = if select == CRYPTO_RC4 {
+        (Some(enc), Some(dec))
+    } else {
+        (None, None)
+    };
+    Ok(MseStream {
+        io,
+        enc,
+        dec,
+        pending: Vec::new(),
+        pending_at: 0,
+        wbuf: Vec::new(),
     })
 }
 

@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::control::{Mode, TorrentState};
+use crate::control::{Encryption, Mode, TorrentState};
+use crate::mse;
 use crate::picker::{PeerKey, Received};
 use crate::storage::Stored;
 use crate::torrent::{Cmd, State, Torrent};
@@ -63,15 +64,34 @@ enum End {
 /// Connects to `addr`, exchanges handshakes, and runs the connection until it ends; an
 /// error when it never got that far.
 pub(crate) async fn dial(torrent: &Arc<Torrent>, addr: SocketAddr) -> Result<(), String> {
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let ours = Handshake::new(torrent.info_hash(), torrent.shared.peer_id);
+    // With MSE our handshake goes as its initial payload, not again below.
+    let encrypt = torrent.shared.config.encryption == Encryption::Require;
+    let mut stream = match torrent.shared.config.encryption {
+        Encryption::Accept => PeerStream::plain(stream, Vec::new()),
+        Encryption::Require => tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            mse::initiate(
+                stream,
+                &torrent.info_hash().0,
+                mse::CRYPTO_RC4,
+                &ours.encode(),
+            ),
+        )
+        .await
+        .map_err(|_| "encrypted (MSE) handshake timed out".to_owned())?
+        .map_err(|e| format!("encrypted (MSE) handshake: {e}"))?,
+    };
     let mut buf = [0u8; HANDSHAKE_LEN];
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        stream.write_all(&ours.encode()).await?;
+        if !encrypt {
+            stream.write_all(&ours.encode()).await?;
+        }
         stream.read_exact(&mut buf).await
     })
     .await
@@ -86,14 +106,7 @@ pub(crate) async fn dial(torrent: &Arc<Torrent>, addr: SocketAddr) -> Result<(),
         return Err("connected to ourselves".into());
     }
     torrent.dial_connected(addr);
-    run(
-        torrent,
-        PeerStream::plain(stream, Vec::new()),
-        addr,
-        theirs,
-        true,
-    )
-    .await;
+    run(torrent, stream, addr, theirs, true).await;
     Ok(())
 }
 

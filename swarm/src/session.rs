@@ -31,8 +31,8 @@ use tokio_util::task::TaskTracker;
 use crate::announce::TrackerClient;
 use crate::choker::ROTATE_EVERY;
 pub use crate::control::{
-    AddTorrent, Admission, AdmitFn, AdmitFuture, Cidr, Mode, PeerStats, SessionConfig, SwarmError,
-    TorrentState, TorrentStats,
+    AddTorrent, Admission, AdmitFn, AdmitFuture, Cidr, ConnectionCounts, Encryption, Mode,
+    PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
 };
 use crate::metainfo::Metainfo;
 use crate::mse;
@@ -81,6 +81,7 @@ impl Session {
             local_addr,
             tracker: TrackerClient::new(),
             tasks: TaskTracker::new(),
+            inbound: Default::default(),
         });
         let session = Session {
             shared,
@@ -104,6 +105,17 @@ impl Session {
     /// Our peer id.
     pub fn peer_id(&self) -> PeerId {
         self.shared.peer_id
+    }
+
+    /// Incoming connections so far, by how they were encrypted.
+    pub fn connection_counts(&self) -> ConnectionCounts {
+        let c = &self.shared.inbound;
+        ConnectionCounts {
+            plaintext: c.plaintext.load(Ordering::Relaxed),
+            encrypted: c.encrypted.load(Ordering::Relaxed),
+            mse_plaintext: c.mse_plaintext.load(Ordering::Relaxed),
+            refused_unencrypted: c.refused_unencrypted.load(Ordering::Relaxed),
+        }
     }
 
     /// Where the resume record of a torrent's file lives.
@@ -218,7 +230,18 @@ impl Session {
             .await
             .map_err(|_| "no handshake within 10 s".to_owned())?
             .map_err(|e| format!("reading handshake: {e}"))?;
+        let required = self.shared.config.encryption == Encryption::Require;
+        let counts = &self.shared.inbound;
         let mut stream = if &first == mse::PLAIN_PREFIX {
+            if required {
+                counts.refused_unencrypted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    peer = %addr,
+                    "refused a plaintext connection: encryption (MSE with RC4) is required"
+                );
+                return Err("plaintext handshake while encryption is required".into());
+            }
+            counts.plaintext.fetch_add(1, Ordering::Relaxed);
             PeerStream::plain(stream, first.to_vec())
         } else {
             let known: Vec<[u8; 20]> = self
@@ -228,16 +251,32 @@ impl Session {
                 .keys()
                 .map(|h| h.0)
                 .collect();
-            let accepted =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, mse::accept(stream, &first, &known, true))
-                    .await
-                    .map_err(|_| "encrypted (MSE) handshake not finished within 10 s".to_owned())?
-                    .map_err(|e| format!("encrypted (MSE) handshake refused: {e}"))?;
-            tracing::info!(
-                peer = %addr,
-                rc4 = accepted.stream.encrypted(),
-                "accepted an encrypted (MSE) connection"
-            );
+            let accepted = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                mse::accept(stream, &first, &known, !required),
+            )
+            .await
+            .map_err(|_| "encrypted (MSE) handshake not finished within 10 s".to_owned())?;
+            let accepted = match accepted {
+                Ok(accepted) => accepted,
+                Err(e @ mse::MseError::PlaintextRefused(_)) => {
+                    counts.refused_unencrypted.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        peer = %addr,
+                        "refused an MSE connection offering plaintext only: encryption (RC4) \
+                         is required"
+                    );
+                    return Err(e.to_string());
+                }
+                Err(e) => return Err(format!("encrypted (MSE) handshake refused: {e}")),
+            };
+            let rc4 = accepted.stream.encrypted();
+            if rc4 {
+                counts.encrypted.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counts.mse_plaintext.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::info!(peer = %addr, rc4, "accepted an encrypted (MSE) connection");
             accepted.stream
         };
         let mut buf = [0u8; HANDSHAKE_LEN];

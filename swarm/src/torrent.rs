@@ -40,6 +40,15 @@ const REDIAL_AFTER: Duration = Duration::from_secs(2);
 const STOP_ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What every torrent of a session shares; the session makes it.
+/// [`crate::control::ConnectionCounts`] as the listener bumps them.
+#[derive(Default)]
+pub(crate) struct InboundCounters {
+    pub plaintext: AtomicU64,
+    pub encrypted: AtomicU64,
+    pub mse_plaintext: AtomicU64,
+    pub refused_unencrypted: AtomicU64,
+}
+
 pub(crate) struct Shared {
     /// The session's settings.
     pub config: SessionConfig,
@@ -55,6 +64,8 @@ pub(crate) struct Shared {
     pub upload: Option<RateLimiter>,
     /// The session-wide download limit.
     pub download: Option<RateLimiter>,
+    /// Incoming connections by how they were encrypted.
+    pub inbound: InboundCounters,
 }
 
 impl Shared {

@@ -1,13 +1,14 @@
 //! The session API driven in-process: two engines talking over loopback TCP (a real wire,
 //! no tracker), checking what the server and the agent rely on: stats, pause and resume,
-//! removal with the file, and refusing to seed a file that does not match.
+//! removal with the file, refusing to seed a file that does not match, and encryption (MSE,
+//! RC4) required: dialled with and refused without.
 
 use std::path::Path;
 use std::time::Duration;
 
 use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_swarm::session::{
-    AddTorrent, Mode, Session, SessionConfig, TorrentHandle, TorrentState, TorrentStats,
+    AddTorrent, Encryption, Mode, Session, SessionConfig, TorrentHandle, TorrentState, TorrentStats,
 };
 use sha1::{Digest, Sha1};
 use tokio_util::sync::CancellationToken;
@@ -204,4 +205,56 @@ async fn seeding_a_file_that_does_not_match_is_an_error() {
     };
     assert!(message.contains("7 of 8 pieces"), "{message}");
     assert!(message.contains("wrong.img"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_requiring_encryption_talk_rc4_and_a_plaintext_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(2 * 1024 * 1024 + 77);
+    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
+    let source = dir.path().join("source.vhdx");
+    std::fs::write(&source, &data).unwrap();
+    let required = SessionConfig {
+        encryption: Encryption::Require,
+        ..SessionConfig::default()
+    };
+    let (seeder, stop_seeder) = session(required.clone()).await;
+    let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
+    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
+
+    // A leecher that dials in plaintext gets nothing: each attempt is refused and counted.
+    let (plain, stop_plain) = session(SessionConfig::default()).await;
+    let refused_target = dir.path().join("plain/image.vhdx");
+    let refused = add(&plain, &meta, &refused_target, Mode::Download, &[&seeder]);
+    tokio::time::timeout(LIMIT, async {
+        while seeder.connection_counts().refused_unencrypted == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the plaintext connection refused and counted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(refused.stats().borrow().bytes_done, 0);
+    plain.remove(meta.info_hash, true).await.unwrap();
+
+    // A leecher that requires encryption dials with MSE and gets every byte over RC4.
+    let (leecher, stop_leecher) = session(required).await;
+    let target = dir.path().join("out/image.vhdx");
+    let handle = add(&leecher, &meta, &target, Mode::Download, &[&seeder]);
+    wait_stats(&handle, "completion", |s| s.state == TorrentState::Seeding).await;
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    let counts = seeder.connection_counts();
+    assert!(counts.encrypted >= 1, "{counts:?}");
+    assert_eq!(counts.plaintext + counts.mse_plaintext, 0, "{counts:?}");
+
+    for stop in [stop_leecher, stop_plain, stop_seeder] {
+        stop.cancel();
+    }
+    tokio::time::timeout(LIMIT, async {
+        leecher.stopped().await;
+        plain.stopped().await;
+        seeder.stopped().await;
+    })
+    .await
+    .expect("sessions stop");
 }

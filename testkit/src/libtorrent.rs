@@ -9,6 +9,8 @@ use crate::require_tool;
 pub enum Encryption {
     /// libtorrent's defaults: either.
     Any,
+    /// Encryption disabled both ways: libtorrent speaks plaintext BitTorrent only.
+    Disabled,
     /// Message stream encryption forced both ways, RC4 the only level allowed: libtorrent
     /// never exchanges a plaintext byte with any peer.
     Forced,
@@ -41,6 +43,9 @@ if encryption == "forced":
     settings.update({"out_enc_policy": lt.enc_policy.forced,
                      "in_enc_policy": lt.enc_policy.forced,
                      "allowed_enc_level": lt.enc_level.rc4})
+elif encryption == "disabled":
+    settings.update({"out_enc_policy": lt.enc_policy.disabled,
+                     "in_enc_policy": lt.enc_policy.disabled})
 s = lt.session(settings)
 p = lt.add_torrent_params()
 p.ti = lt.torrent_info(torrent)
@@ -65,6 +70,7 @@ print(h.status().total_payload_download, flush=True)
         .arg(&save)
         .arg(match encryption {
             Encryption::Any => "any",
+            Encryption::Disabled => "disabled",
             Encryption::Forced => "forced",
         })
         .output()

@@ -5,6 +5,8 @@
 
 pub use boottorrent_testkit::*;
 
+pub mod testnet;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

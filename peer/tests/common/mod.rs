@@ -482,7 +482,7 @@ def create(data, announce, piece_len, out):
          pieces=ti.num_pieces(), size=ti.total_size())
 
 def run(mode, torrent, save_path, port, peers):
-    s = lt.session({
+    settings = {
         "listen_interfaces": "127.0.0.1:%d" % port,
         "enable_dht": False, "enable_lsd": False,
         "enable_upnp": False, "enable_natpmp": False,
@@ -492,7 +492,14 @@ def run(mode, torrent, save_path, port, peers):
         "alert_mask": lt.alert_category.error | lt.alert_category.status
                       | lt.alert_category.tracker | lt.alert_category.peer
                       | lt.alert_category.storage,
-    })
+    }
+    if mode.endswith("-encrypted"):
+        # Message stream encryption forced both ways, RC4 the only level: no plaintext byte
+        # with any peer, in or out.
+        settings.update({"out_enc_policy": lt.enc_policy.forced,
+                         "in_enc_policy": lt.enc_policy.forced,
+                         "allowed_enc_level": lt.enc_level.rc4})
+    s = lt.session(settings)
     p = lt.add_torrent_params()
     p.ti = lt.torrent_info(torrent)
     p.save_path = save_path
@@ -717,6 +724,14 @@ impl Libtorrent {
     /// Seeds the complete `torrent.name` in `dir` (checked first); returns once it seeds.
     pub fn seed(torrent: &Torrent, dir: &Path) -> Libtorrent {
         let mut lt = Libtorrent::start("seed", torrent, dir, &[]);
+        lt.process.wait_event("complete", PATIENCE);
+        lt
+    }
+
+    /// [`Libtorrent::seed`] with message stream encryption forced both ways (RC4 only): it
+    /// refuses plaintext connections, so only a peer that dials with MSE gets anything.
+    pub fn seed_encrypted(torrent: &Torrent, dir: &Path) -> Libtorrent {
+        let mut lt = Libtorrent::start("seed-encrypted", torrent, dir, &[]);
         lt.process.wait_event("complete", PATIENCE);
         lt
     }

@@ -406,6 +406,22 @@ async fn metrics(
         "image",
         images.iter().map(|i| (i.id.as_str(), i.uploaded)),
     );
+    let connections = state.catalog.seeder_connections();
+    crate::server::metrics::family(
+        &mut body,
+        "boottorrent_seeder_connections_total",
+        "Peer connections the seeder was offered, by encryption: plaintext, rc4 (message \
+         stream encryption), mse_plaintext (MSE that selected plaintext), refused (not RC4 \
+         while bt_require_encryption is set).",
+        "counter",
+        "encryption",
+        [
+            ("plaintext", connections.plaintext),
+            ("rc4", connections.encrypted),
+            ("mse_plaintext", connections.mse_plaintext),
+            ("refused", connections.refused_unencrypted),
+        ],
+    );
     let import_states = [
         ImageStatus::Importing,
         ImageStatus::Ready,

@@ -1,4 +1,5 @@
-//! The receiver against an initiator written here from the spec, over an in-memory duplex.
+//! The receiver against an initiator written here from the spec, and our initiator against our
+//! receiver (and against replies written here), over an in-memory duplex.
 
 use super::*;
 use tokio::io::duplex;
@@ -197,4 +198,134 @@ async fn truncated_input_ends_in_an_io_error() {
     a.write_all(&[1; 40]).await.unwrap();
     drop(a);
     assert!(matches!(receiver.await.unwrap(), Err(MseError::Io(_))));
+}
+
+/// Our initiator against our receiver: what each returns (the receiver reads its first 20
+/// bytes before `accept`, as the listener does).
+async fn both_sides(
+    provide: u32,
+    info_hash: [u8; 20],
+    plain_allowed: bool,
+) -> (
+    Result<MseStream<tokio::io::DuplexStream>, MseError>,
+    Result<Accepted<tokio::io::DuplexStream>, MseError>,
+) {
+    let (a, mut b) = duplex(1 << 16);
+    let receiver = tokio::spawn(async move {
+        let mut first = [0u8; 20];
+        b.read_exact(&mut first).await?;
+        accept(b, &first, &[[1u8; 20], SKEY], plain_allowed).await
+    });
+    let initiated = initiate(a, &info_hash, provide, PLAIN_PREFIX).await;
+    (initiated, receiver.await.unwrap())
+}
+
+#[tokio::test]
+async fn our_initiator_and_receiver_agree_on_rc4_and_carry_data_both_ways() {
+    let (initiated, accepted) = both_sides(CRYPTO_RC4 | CRYPTO_PLAIN, SKEY, true).await;
+    let mut ours = initiated.unwrap();
+    let mut theirs = accepted.unwrap();
+    assert_eq!(theirs.skey, SKEY);
+    assert!(ours.encrypted() && theirs.stream.encrypted());
+    let mut ia = [0u8; 20];
+    theirs.stream.read_exact(&mut ia).await.unwrap();
+    assert_eq!(
+        &ia, PLAIN_PREFIX,
+        "the initial payload reaches the receiver"
+    );
+    ours.write_all(b"hello from A").await.unwrap();
+    ours.flush().await.unwrap();
+    let mut got = [0u8; 12];
+    theirs.stream.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello from A");
+    theirs.stream.write_all(b"hello from B").await.unwrap();
+    theirs.stream.flush().await.unwrap();
+    ours.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello from B");
+}
+
+#[tokio::test]
+async fn an_initiator_offering_only_plaintext_gets_it_where_allowed_and_is_refused_where_not() {
+    let (initiated, accepted) = both_sides(CRYPTO_PLAIN, SKEY, true).await;
+    let mut ours = initiated.unwrap();
+    let mut theirs = accepted.unwrap();
+    assert!(!ours.encrypted() && !theirs.stream.encrypted());
+    let mut ia = [0u8; 20];
+    theirs.stream.read_exact(&mut ia).await.unwrap();
+    assert_eq!(&ia, PLAIN_PREFIX);
+    theirs.stream.write_all(b"plain").await.unwrap();
+    let mut got = [0u8; 5];
+    ours.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"plain");
+
+    let (initiated, accepted) = both_sides(CRYPTO_PLAIN, SKEY, false).await;
+    assert!(
+        matches!(accepted, Err(MseError::PlaintextRefused(CRYPTO_PLAIN))),
+        "{:?}",
+        accepted.err()
+    );
+    assert!(initiated.is_err(), "the initiator saw the connection end");
+}
+
+#[tokio::test]
+async fn our_initiator_for_a_torrent_the_receiver_lacks_gets_an_error() {
+    let (initiated, accepted) = both_sides(CRYPTO_RC4, [9; 20], true).await;
+    assert!(matches!(accepted, Err(MseError::UnknownTorrent)));
+    assert!(
+        matches!(initiated, Err(MseError::Io(_))),
+        "{:?}",
+        initiated.err()
+    );
+}
+
+#[tokio::test]
+async fn our_initiator_finds_no_vc_in_garbage() {
+    let (a, mut b) = duplex(1 << 16);
+    let peer = tokio::spawn(async move {
+        let mut theirs = [0u8; KEY_LEN];
+        b.read_exact(&mut theirs).await.unwrap();
+        // A key, then more garbage than any padB, never a VC.
+        let _ = b.write_all(&[0x5A; KEY_LEN + MAX_PAD + 100]).await;
+        b
+    });
+    let initiated = initiate(a, &SKEY, CRYPTO_RC4, PLAIN_PREFIX).await;
+    assert!(
+        matches!(initiated, Err(MseError::NoVc)),
+        "{:?}",
+        initiated.err()
+    );
+    drop(peer.await.unwrap());
+}
+
+#[tokio::test]
+async fn our_initiator_refuses_a_method_it_did_not_offer() {
+    // A receiver written here that selects plaintext although only RC4 was offered.
+    let (a, b) = duplex(1 << 16);
+    let peer = tokio::spawn(async move {
+        let mut b = b;
+        let mut ya = [0u8; KEY_LEN];
+        b.read_exact(&mut ya).await.unwrap();
+        let keys = KeyPair::generate();
+        b.write_all(&keys.public).await.unwrap();
+        let s = keys.secret(&ya);
+        let mut enc = cipher(b"keyB", &s, &SKEY);
+        let mut reply = [0u8; 14];
+        reply[8..12].copy_from_slice(&CRYPTO_PLAIN.to_be_bytes());
+        enc.apply_keystream(&mut reply);
+        b.write_all(&reply).await.unwrap();
+        b
+    });
+    let initiated = initiate(a, &SKEY, CRYPTO_RC4, PLAIN_PREFIX).await;
+    assert!(
+        matches!(
+            initiated,
+            Err(MseError::BadSelect {
+                select: CRYPTO_PLAIN,
+                provide: CRYPTO_RC4
+            })
+        ),
+        "{:?}",
+        initiated.err()
+    );
+    drop(peer.await.unwrap());
 }
