@@ -49,10 +49,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a single write may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-/// What one read from a peer's socket may take: four blocks' worth, so a fast peer's stream
-/// costs a syscall and a wake-up per 64 KiB rather than per block (the default buffer, 8 KiB,
-/// grows only to the frame being read). Blocks are slices of this buffer, no copies.
-const READ_BUFFER: usize = 4 * (BLOCK_LEN as usize + 13);
 /// Most queued requests of one peer read and sent together (16 blocks: 256 KiB).
 const SERVE_BATCH: usize = 16;
 
@@ -176,7 +172,7 @@ impl Connection {
         run: tokio_util::sync::CancellationToken,
     ) -> End {
         let (read, write) = tokio::io::split(stream);
-        let mut reader = FramedRead::with_capacity(read, MessageCodec::new(), READ_BUFFER);
+        let mut reader = FramedRead::new(read, MessageCodec::new());
         let mut sink = FramedWrite::new(write, MessageCodec::new());
         if let Err(e) = self.introduce(&mut sink).await {
             return e;
