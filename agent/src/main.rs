@@ -390,8 +390,21 @@ fn run_agent(
     })
 }
 
+/// The agent is a background program on someone's PC: one worker thread moves its network
+/// traffic and protocol work at link speed (measured by scripts/bench-agent-cpu: a second
+/// worker only added cross-thread wake-ups, about 10% more CPU per GiB and 10 MiB more memory),
+/// and the hashing and file I/O run on the blocking pool beside it.
+const WORKER_THREADS: usize = 1;
+
+/// Blocking work at once: piece hashing and writes, whole-image SHA-256 checks and resume
+/// checks. A few are enough to keep the worker from waiting on the disk; tokio's default of
+/// 512 would let a burst of completed pieces start as many threads.
+const MAX_BLOCKING_THREADS: usize = 4;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("starting the async runtime")
