@@ -41,6 +41,7 @@ use boottorrent_swarm::picker::{Picker, Received};
 use boottorrent_swarm::superseed::{self, Offers, SuperSeed};
 use boottorrent_tracker::swarm::{Locality, Tracker, TrackerConfig};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// The engine's request pipeline (swarm/src/peer.rs): at least this many blocks in flight
@@ -110,6 +111,9 @@ pub struct Lab {
     /// Whether hosts also configure their zone (`SessionConfig::zone`): the picker leaves
     /// zone-held pieces to zone peers and dialling goes zone first. Agents do not today.
     pub engine_zone: bool,
+    /// What-if, not the engine today: hosts dial the tracker's peers in the order it
+    /// handed them out (zone first) instead of in arbitrary order.
+    pub dial_in_handout_order: bool,
     /// One-way latency of one hop (host to switch, switch to core, core to server), seconds.
     pub hop_latency: f64,
     /// Hosts start at a uniformly random time in `0..start_spread` seconds.
@@ -128,7 +132,7 @@ pub struct Lab {
 
 impl Lab {
     /// A lab of `hosts` on `host_mbit` links (the server too), 40 hosts per switch on
-    /// 10 Gbit/s uplinks, 0.1 ms per hop, everyone starting at once, tracker locality on.
+    /// 10 Gbit/s uplinks, 0.1 ms per hop, hosts starting within 50 ms, tracker locality on.
     pub fn new(hosts: usize, image_len: u64, host_mbit: f64) -> Lab {
         let rate = host_mbit * 1e6 / 8.0;
         Lab {
@@ -142,8 +146,12 @@ impl Lab {
             uplink_rate: 10e9 / 8.0,
             locality: true,
             engine_zone: false,
+            dial_in_handout_order: false,
             hop_latency: 100e-6,
-            start_spread: 0.0,
+            // Deploy commands reach hosts within a few tens of milliseconds of each other;
+            // starting them at one instant would make every host's timers and every
+            // choker's ties fire in lockstep.
+            start_spread: 0.05,
             failing: 0.0,
             calibration: Calibration::default(),
             step: 0.01,
@@ -186,6 +194,8 @@ pub struct Outcome {
     pub host_down_util: f64,
     /// Bytes that crossed access uplinks, both directions, all switches.
     pub uplink_bytes: f64,
+    /// Of the connections between hosts made during the run, the fraction within a switch.
+    pub local_connections: f64,
 }
 
 /// What travels between two nodes (the engine's peer-wire messages and connection set-up).
@@ -249,6 +259,8 @@ impl Ord for Event {
 
 /// One node's view of one connection (the engine's `PeerSlot` and `Connection` together).
 struct Slot {
+    /// The node at the other end.
+    remote: usize,
     conn: u64,
     in_zone: bool,
     /// What the remote announced.
@@ -274,6 +286,8 @@ struct Slot {
 struct Candidate {
     connecting: bool,
     retry_at: f64,
+    /// Its place in the first tracker answer that named it.
+    rank: usize,
 }
 
 struct Node {
@@ -283,7 +297,10 @@ struct Node {
     rate: f64,
     server: bool,
     picker: Picker,
+    /// Connections by the engine's key (a per-node counter), and the key of each remote.
     peers: HashMap<u64, Slot>,
+    key_of: HashMap<usize, u64>,
+    next_key: u64,
     candidates: HashMap<usize, Candidate>,
     seed: Option<SuperSeed>,
     alive: bool,
@@ -329,6 +346,9 @@ struct Sim<'a> {
     info_hash: InfoHash,
     switch_out: Vec<f64>,
     switch_in: Vec<f64>,
+    rng: StdRng,
+    /// Host-to-host connections made: within a switch, and all.
+    connections: (u64, u64),
 }
 
 impl Lab {
@@ -420,6 +440,8 @@ impl<'a> Sim<'a> {
             info_hash,
             switch_out: vec![0.0; switches],
             switch_in: vec![0.0; switches],
+            rng,
+            connections: (0, 0),
         };
         // The server's seeder is up before any deployment: it announces first.
         let server = lab.hosts;
@@ -473,7 +495,7 @@ impl<'a> Sim<'a> {
     }
 
     fn send_at(&mut self, at: f64, from: usize, to: usize, msg: Wire) {
-        let Some(conn) = self.nodes[from].peers.get(&(to as u64)).map(|s| s.conn) else {
+        let Some(conn) = self.nodes[from].slot(to).map(|s| s.conn) else {
             return;
         };
         let at = at + self.latency(from, to);
@@ -523,8 +545,7 @@ impl<'a> Sim<'a> {
             What::Wire(msg) => {
                 let live = self.nodes[to].alive
                     && self.nodes[to]
-                        .peers
-                        .get(&(e.from as u64))
+                        .slot(e.from)
                         .is_some_and(|s| s.conn == e.conn);
                 if live {
                     self.message(to, e.from, msg);
@@ -552,11 +573,12 @@ impl<'a> Sim<'a> {
         node.failed = true;
         // Its links go down: peers see the connections end (a power-off would take them a
         // snub or idle timeout to notice; a killed agent's kernel resets them at once).
-        let peers: Vec<u64> = node.peers.keys().copied().collect();
+        let peers: Vec<usize> = node.peers.values().map(|s| s.remote).collect();
         for p in peers {
-            self.send(n, p as usize, Wire::Close);
+            self.send(n, p, Wire::Close);
         }
         self.nodes[n].peers.clear();
+        self.nodes[n].key_of.clear();
     }
 
     fn announce(&mut self, n: usize, event: AnnounceEvent) {
@@ -585,9 +607,13 @@ impl<'a> Sim<'a> {
             return;
         };
         let node = &mut self.nodes[n];
-        for addr in response.peers {
-            if let Some(&p) = self.by_addr.get(&addr) {
-                node.candidates.entry(p).or_default();
+        let known = node.candidates.len();
+        for (i, addr) in response.peers.iter().enumerate() {
+            if let Some(&p) = self.by_addr.get(addr) {
+                node.candidates.entry(p).or_insert(Candidate {
+                    rank: known + i,
+                    ..Candidate::default()
+                });
             }
         }
         if event != AnnounceEvent::Completed {
@@ -602,16 +628,16 @@ impl<'a> Sim<'a> {
         }
         let now = self.now;
         // Each connection's 1 s tick: its download rate sample, then topping up requests.
-        let keys: Vec<u64> = self.nodes[n].peers.keys().copied().collect();
-        for &k in &keys {
-            if let Some(s) = self.nodes[n].peers.get_mut(&k) {
+        let remotes: Vec<usize> = self.nodes[n].peers.values().map(|s| s.remote).collect();
+        for r in remotes {
+            if let Some(s) = self.nodes[n].slot_mut(r) {
                 let secs = now - s.window.0;
                 if secs >= 1.0 {
                     s.download_rate = 0.5 * s.download_rate + 0.5 * (s.window.1 as f64 / secs);
                     s.window = (now, 0);
                 }
             }
-            self.fill_requests(n, k as usize);
+            self.fill_requests(n, r);
         }
         // The lifecycle task: rotation, super-seeding's tick, dialling.
         if now - self.nodes[n].last_rotate >= choker::ROTATE_EVERY.as_secs_f64() {
@@ -625,7 +651,8 @@ impl<'a> Sim<'a> {
                 instant,
             );
             for k in choked {
-                self.choke(n, k as usize);
+                let r = self.nodes[n].remote(k);
+                self.choke(n, r);
             }
             self.fill_slots(n);
         }
@@ -637,7 +664,8 @@ impl<'a> Sim<'a> {
                 None => Vec::new(),
             };
             for (k, piece) in offered {
-                self.send(n, k as usize, Wire::Have(piece));
+                let r = self.nodes[n].remote(k);
+                self.send(n, r, Wire::Have(piece));
             }
         }
         self.dial(n);
@@ -659,12 +687,19 @@ impl<'a> Sim<'a> {
             .candidates
             .iter()
             .filter(|(p, c)| {
-                !c.connecting && c.retry_at <= self.now && !node.peers.contains_key(&(**p as u64))
+                !c.connecting && c.retry_at <= self.now && !node.key_of.contains_key(*p)
             })
             .map(|(p, _)| *p)
             .collect();
-        // Zone peers first (only when the engine is told its zone); a stable order otherwise.
-        chosen.sort_by_key(|&p| (!(self.lab.engine_zone && self.same_switch(n, p)), p));
+        // The engine keeps candidates in a HashMap, so their order is arbitrary: shuffled
+        // here. Zone peers first (only when the engine is told its zone).
+        chosen.sort_unstable();
+        if self.lab.dial_in_handout_order {
+            chosen.sort_by_key(|p| node.candidates[p].rank);
+        } else {
+            chosen.shuffle(&mut self.rng);
+        }
+        chosen.sort_by_key(|&p| !(self.lab.engine_zone && self.same_switch(n, p)));
         chosen.truncate(room);
         for p in chosen {
             if let Some(c) = self.nodes[n].candidates.get_mut(&p) {
@@ -699,7 +734,7 @@ impl<'a> Sim<'a> {
         }
         let target = &self.nodes[to];
         let refuse = target.peers.len() >= target.max_peers
-            || target.peers.contains_key(&(from as u64))
+            || target.key_of.contains_key(&from)
             || (target.picker.is_complete()
                 && self.nodes[from].picker.is_complete()
                 && !target.server);
@@ -715,6 +750,12 @@ impl<'a> Sim<'a> {
         }
         self.next_conn += 1;
         let conn = self.next_conn;
+        if !self.nodes[to].server && !self.nodes[from].server {
+            self.connections.1 += 1;
+            if self.same_switch(to, from) {
+                self.connections.0 += 1;
+            }
+        }
         self.register(to, from, conn);
         self.schedule(self.now + lat, from, to, conn, What::Accepted);
         self.introduce(to, from);
@@ -724,7 +765,7 @@ impl<'a> Sim<'a> {
         if let Some(c) = self.nodes[n].candidates.get_mut(&remote) {
             c.connecting = false;
         }
-        if !self.nodes[n].alive || self.nodes[n].peers.contains_key(&(remote as u64)) {
+        if !self.nodes[n].alive || self.nodes[n].key_of.contains_key(&remote) {
             // Dead meanwhile, or the other side dialled us too: the remote's slot goes.
             self.schedule(
                 self.now + self.latency(n, remote),
@@ -743,9 +784,16 @@ impl<'a> Sim<'a> {
         let pieces = self.geometry.piece_count();
         let in_zone = self.in_zone(n, remote);
         let instant = self.instant();
-        self.nodes[n].peers.insert(
-            remote as u64,
+        let node = &mut self.nodes[n];
+        // Keys count connections per node, as the engine's do: the choker breaks ties by
+        // them, so they must not rank the same peers first on every host.
+        node.next_key += 1;
+        let key = node.next_key;
+        node.key_of.insert(remote, key);
+        node.peers.insert(
+            key,
             Slot {
+                remote,
                 conn,
                 in_zone,
                 has: Bitfield::new(pieces),
@@ -781,14 +829,19 @@ impl<'a> Sim<'a> {
         let Some(seed) = node.seed.as_mut() else {
             return;
         };
-        let offered = seed.top_up(&mut seed_view(&mut node.peers), remote as u64, instant);
+        let Some(&key) = node.key_of.get(&remote) else {
+            return;
+        };
+        let offered = seed.top_up(&mut seed_view(&mut node.peers), key, instant);
         for piece in offered {
             self.send(n, remote, Wire::Have(piece));
         }
     }
 
     fn message(&mut self, n: usize, from: usize, msg: Wire) {
-        let key = from as u64;
+        let Some(&key) = self.nodes[n].key_of.get(&from) else {
+            return;
+        };
         match msg {
             Wire::Bitfield(bits) => {
                 let node = &mut self.nodes[n];
@@ -810,7 +863,8 @@ impl<'a> Sim<'a> {
                 if let Some(seed) = node.seed.as_mut() {
                     let offered = seed.seen(&mut seed_view(&mut node.peers), key, piece, instant);
                     for (k, p) in offered {
-                        self.send(n, k as usize, Wire::Have(p));
+                        let r = self.nodes[n].remote(k);
+                        self.send(n, r, Wire::Have(p));
                     }
                 }
                 let node = &self.nodes[n];
@@ -874,7 +928,9 @@ impl<'a> Sim<'a> {
     }
 
     fn request(&mut self, n: usize, from: usize, r: BlockRef) {
-        let key = from as u64;
+        let Some(&key) = self.nodes[n].key_of.get(&from) else {
+            return;
+        };
         let size = self.geometry.piece_size(r.piece);
         let instant = self.instant();
         let node = &mut self.nodes[n];
@@ -899,7 +955,9 @@ impl<'a> Sim<'a> {
     }
 
     fn piece(&mut self, n: usize, from: usize, r: BlockRef) {
-        let key = from as u64;
+        let Some(&key) = self.nodes[n].key_of.get(&from) else {
+            return;
+        };
         let node = &mut self.nodes[n];
         let slot = node.peers.get_mut(&key).expect("live connection");
         slot.outstanding.remove(&r);
@@ -915,8 +973,9 @@ impl<'a> Sim<'a> {
                 .get_mut(&other)
                 .is_some_and(|s| s.outstanding.remove(&r));
             if had {
-                self.send(n, other as usize, Wire::Cancel(r));
-                self.fill_requests(n, other as usize);
+                let o = self.nodes[n].remote(other);
+                self.send(n, o, Wire::Cancel(r));
+                self.fill_requests(n, o);
             }
         }
         if done {
@@ -929,19 +988,19 @@ impl<'a> Sim<'a> {
     }
 
     fn piece_verified(&mut self, n: usize, piece: u32) {
-        let keys: Vec<u64> = self.nodes[n].peers.keys().copied().collect();
-        for &k in &keys {
-            self.send(n, k as usize, Wire::Have(piece));
-            self.update_interest(n, k as usize);
-            self.fill_requests(n, k as usize);
+        let remotes: Vec<usize> = self.nodes[n].peers.values().map(|s| s.remote).collect();
+        for &r in &remotes {
+            self.send(n, r, Wire::Have(piece));
+            self.update_interest(n, r);
+            self.fill_requests(n, r);
         }
         if self.nodes[n].picker.is_complete() && self.nodes[n].complete_at.is_none() {
             self.nodes[n].complete_at = Some(self.now);
             self.announce(n, AnnounceEvent::Completed);
-            for k in keys {
-                let full = self.nodes[n].peers.get(&k).is_some_and(|s| s.has.is_full());
+            for r in remotes {
+                let full = self.nodes[n].slot(r).is_some_and(|s| s.has.is_full());
                 if full {
-                    self.close(n, k as usize);
+                    self.close(n, r);
                 }
             }
         }
@@ -949,7 +1008,10 @@ impl<'a> Sim<'a> {
 
     fn update_interest(&mut self, n: usize, remote: usize) {
         let node = &mut self.nodes[n];
-        let Some(slot) = node.peers.get_mut(&(remote as u64)) else {
+        let Some(&key) = node.key_of.get(&remote) else {
+            return;
+        };
+        let Some(slot) = node.peers.get_mut(&key) else {
             return;
         };
         let want = !node.picker.is_complete() && node.picker.wants_from(&slot.has);
@@ -962,7 +1024,10 @@ impl<'a> Sim<'a> {
     /// `fill_requests`: about a second of the peer's rate in flight, topped up at half.
     fn fill_requests(&mut self, n: usize, remote: usize) {
         let node = &mut self.nodes[n];
-        let Some(slot) = node.peers.get_mut(&(remote as u64)) else {
+        let Some(&key) = node.key_of.get(&remote) else {
+            return;
+        };
+        let Some(slot) = node.peers.get_mut(&key) else {
             return;
         };
         if slot.peer_choking || !slot.am_interested {
@@ -974,9 +1039,7 @@ impl<'a> Sim<'a> {
         if out >= depth || (out > depth / 2 && out > 0) {
             return;
         }
-        let picked = node
-            .picker
-            .pick(remote as u64, &slot.has, slot.in_zone, depth - out);
+        let picked = node.picker.pick(key, &slot.has, slot.in_zone, depth - out);
         slot.outstanding.extend(picked.iter().copied());
         for r in picked {
             self.send(n, remote, Wire::Request(r));
@@ -992,14 +1055,15 @@ impl<'a> Sim<'a> {
             instant,
         );
         for k in unchoked {
-            self.send(n, k as usize, Wire::Choke(false));
+            let r = self.nodes[n].remote(k);
+            self.send(n, r, Wire::Choke(false));
         }
     }
 
     /// The connection's side of a choke the choker decided: queued requests are rejected
     /// (all but a block already on the wire).
     fn choke(&mut self, n: usize, remote: usize) {
-        let Some(slot) = self.nodes[n].peers.get_mut(&(remote as u64)) else {
+        let Some(slot) = self.nodes[n].slot_mut(remote) else {
             return;
         };
         let keep = usize::from(slot.head_left.is_some()).min(slot.queue.len());
@@ -1017,9 +1081,11 @@ impl<'a> Sim<'a> {
 
     fn unregister(&mut self, n: usize, remote: usize) {
         let node = &mut self.nodes[n];
-        if let Some(slot) = node.peers.remove(&(remote as u64)) {
-            node.picker
-                .remove_peer(remote as u64, &slot.has, slot.in_zone);
+        let Some(key) = node.key_of.remove(&remote) else {
+            return;
+        };
+        if let Some(slot) = node.peers.remove(&key) {
+            node.picker.remove_peer(key, &slot.has, slot.in_zone);
             if let Some(c) = node.candidates.get_mut(&remote) {
                 c.retry_at = self.now + REDIAL_AFTER;
             }
@@ -1051,7 +1117,7 @@ impl<'a> Sim<'a> {
         if let Some((cores, cost)) = self.lab.calibration.cpu {
             capacity[cpu] = cores / (cost / f64::from(1u32 << 30));
         }
-        let mut flows: Vec<(usize, u64)> = Vec::new();
+        let mut flows: Vec<(usize, u64, usize)> = Vec::new();
         let mut paths: Vec<Vec<usize>> = Vec::new();
         for (i, node) in self.nodes.iter().enumerate() {
             if !node.alive {
@@ -1061,7 +1127,7 @@ impl<'a> Sim<'a> {
                 if slot.queue.is_empty() {
                     continue;
                 }
-                let r = *k as usize;
+                let r = slot.remote;
                 let mut path = vec![up(i), down(r)];
                 let (a, b) = (node.switch, self.nodes[r].switch);
                 if a != b {
@@ -1075,17 +1141,16 @@ impl<'a> Sim<'a> {
                 if self.lab.calibration.cpu.is_some() {
                     path.push(cpu);
                 }
-                flows.push((i, *k));
+                flows.push((i, *k, r));
                 paths.push(path);
             }
         }
         let rates = share::max_min(&capacity, &paths);
         let mut deliveries: Vec<(f64, usize, usize, BlockRef)> = Vec::new();
-        for ((i, k), rate) in flows.into_iter().zip(rates) {
+        for ((i, k, r), rate) in flows.into_iter().zip(rates) {
             if rate <= 0.0 {
                 continue;
             }
-            let r = k as usize;
             let mut budget = rate * step;
             let mut used = 0.0;
             let mut sent = 0.0;
@@ -1175,6 +1240,7 @@ impl<'a> Sim<'a> {
             host_up_util: mean(&mut hosts.iter().map(|n| n.sent / (n.rate * span))),
             host_down_util: mean(&mut hosts.iter().map(|n| n.received / (n.rate * span))),
             uplink_bytes: self.switch_out.iter().chain(&self.switch_in).sum(),
+            local_connections: self.connections.0 as f64 / self.connections.1.max(1) as f64,
         }
     }
 }
@@ -1194,6 +1260,8 @@ impl Node {
             server,
             picker: Picker::new(g, have),
             peers: HashMap::new(),
+            key_of: HashMap::new(),
+            next_key: 0,
             candidates: HashMap::new(),
             seed: server.then(|| SuperSeed::new(g)),
             alive: false,
@@ -1211,6 +1279,21 @@ impl Node {
             sent: 0.0,
             received: 0.0,
         }
+    }
+}
+
+impl Node {
+    fn slot(&self, remote: usize) -> Option<&Slot> {
+        self.key_of.get(&remote).and_then(|k| self.peers.get(k))
+    }
+
+    fn slot_mut(&mut self, remote: usize) -> Option<&mut Slot> {
+        self.key_of.get(&remote).and_then(|k| self.peers.get_mut(k))
+    }
+
+    /// The remote node of connection `key`, which must be live.
+    fn remote(&self, key: u64) -> usize {
+        self.peers[&key].remote
     }
 }
 

@@ -6,7 +6,7 @@ use boottorrent_labsim::Lab;
 
 const USAGE: &str = "usage: boottorrent-labsim [--hosts N] [--image-bytes S] [--piece-kib K] \
 [--host-mbit B] [--server-mbit B] [--slow FRACTION] [--slow-mbit B] [--per-switch H] \
-[--uplink-gbit U] [--no-locality] [--engine-zone] [--hop-us L] [--start-spread SECS] \
+[--uplink-gbit U] [--no-locality] [--engine-zone] [--dial-in-handout-order] [--hop-us L] [--start-spread SECS] \
 [--failing FRACTION] [--startup SECS] [--finish SECS] [--cpu CORES:CPU_S_PER_GIB] [--step SECS] \
 [--seed N] [--limit SECS]";
 
@@ -40,6 +40,7 @@ fn main() {
             "--uplink-gbit" => lab.uplink_rate = value("Gbit/s") * 1e9 / 8.0,
             "--no-locality" => lab.locality = false,
             "--engine-zone" => lab.engine_zone = true,
+            "--dial-in-handout-order" => lab.dial_in_handout_order = true,
             "--hop-us" => lab.hop_latency = value("microseconds") * 1e-6,
             "--start-spread" => lab.start_spread = value("seconds"),
             "--failing" => lab.failing = value("fraction"),
@@ -92,6 +93,7 @@ fn main() {
         "uplink_gbit": lab.uplink_rate * 8.0 / 1e9,
         "locality": lab.locality,
         "engine_zone": lab.engine_zone,
+        "dial_in_handout_order": lab.dial_in_handout_order,
         "hop_us": lab.hop_latency * 1e6,
         "start_spread_s": lab.start_spread,
         "failing_fraction": lab.failing,
@@ -114,6 +116,7 @@ fn main() {
             "host_down_mean": out.host_down_util,
         },
         "uplink_bytes": out.uplink_bytes,
+        "local_connections": out.local_connections,
         "wall_s": started.elapsed().as_secs_f64(),
     });
     println!("{line}");

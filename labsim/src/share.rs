@@ -102,6 +102,16 @@ mod tests {
     }
 
     #[test]
+    fn a_local_flow_takes_what_a_congested_uplink_leaves() {
+        // One host link (10) carries a local flow and five flows through an uplink of 1.
+        let mut paths = vec![vec![0, 1]];
+        paths.extend((0..5).map(|_| vec![0, 2, 3]));
+        let r = max_min(&[10.0, 10.0, 10.0, 1.0], &paths);
+        assert!((r[0] - 9.0).abs() < 1e-9, "{r:?}");
+        assert!(r[1..].iter().all(|x| (x - 0.2).abs() < 1e-9), "{r:?}");
+    }
+
+    #[test]
     fn equal_flows_share_equally() {
         let r = max_min(&[9.0], &[vec![0], vec![0], vec![0]]);
         assert!(r.iter().all(|x| (x - 3.0).abs() < 1e-9), "{r:?}");
