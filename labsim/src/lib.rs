@@ -298,8 +298,8 @@ struct Node {
     server: bool,
     picker: Picker,
     /// Connections by the engine's key (a per-node counter), and the key of each remote.
-    peers: HashMap<u64, Slot>,
-    key_of: HashMap<usize, u64>,
+    peers: HashMap<u64, Slot, Keyed>,
+    key_of: KeyOf,
     next_key: u64,
     candidates: HashMap<usize, Candidate>,
     seed: Option<SuperSeed>,
@@ -1259,8 +1259,8 @@ impl Node {
             rate,
             server,
             picker: Picker::new(g, have),
-            peers: HashMap::new(),
-            key_of: HashMap::new(),
+            peers: HashMap::default(),
+            key_of: KeyOf::default(),
             next_key: 0,
             candidates: HashMap::new(),
             seed: server.then(|| SuperSeed::new(g)),
@@ -1282,6 +1282,62 @@ impl Node {
     }
 }
 
+/// Connection keys by remote node: a vector, since node ids are small and dense (0 = none).
+#[derive(Default)]
+struct KeyOf(Vec<u64>);
+
+impl KeyOf {
+    fn get(&self, remote: &usize) -> Option<&u64> {
+        self.0.get(*remote).filter(|k| **k != 0)
+    }
+
+    fn contains_key(&self, remote: &usize) -> bool {
+        self.get(remote).is_some()
+    }
+
+    fn insert(&mut self, remote: usize, key: u64) {
+        if self.0.len() <= remote {
+            self.0.resize(remote + 1, 0);
+        }
+        self.0[remote] = key;
+    }
+
+    fn remove(&mut self, remote: &usize) -> Option<u64> {
+        let key = self.get(remote).copied();
+        if key.is_some() {
+            self.0[*remote] = 0;
+        }
+        key
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Connection keys are per-node counters, so hashing them is only spreading: a
+/// multiplicative hash does that at a fraction of SipHash's cost (the sim's hottest lookup).
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type Keyed = std::hash::BuildHasherDefault<KeyHasher>;
+
 impl Node {
     fn slot(&self, remote: usize) -> Option<&Slot> {
         self.key_of.get(&remote).and_then(|k| self.peers.get(k))
@@ -1298,7 +1354,7 @@ impl Node {
 }
 
 /// The node's peers as super-seeding sees them (torrent.rs `seed_view`).
-fn seed_view(peers: &mut HashMap<u64, Slot>) -> Vec<superseed::Peer<'_>> {
+fn seed_view(peers: &mut HashMap<u64, Slot, Keyed>) -> Vec<superseed::Peer<'_>> {
     peers
         .iter_mut()
         .map(|(key, s)| superseed::Peer {
