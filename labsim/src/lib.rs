@@ -687,7 +687,7 @@ impl<'a> Sim<'a> {
             .candidates
             .iter()
             .filter(|(p, c)| {
-                !c.connecting && c.retry_at <= self.now && !node.key_of.contains_key(*p)
+                !c.connecting && c.retry_at <= self.now && !node.key_of.contains_key(p)
             })
             .map(|(p, _)| *p)
             .collect();

@@ -416,7 +416,7 @@ mod tests {
         let a = p.pick(1, &all, false, 1);
         // Peer 1 choked us and rejected the request (the fast extension keeps it connected).
         p.release(1, a[0]);
-        let b = p.pick(2, &all, false, 4);
+        let b = p.pick(2, &all, false, 2);
         assert!(
             b.contains(&a[0]),
             "peer 2 must be able to take the piece peer 1 no longer serves: {b:?}"
