@@ -114,6 +114,9 @@ pub struct Lab {
     /// What-if, not the engine today: hosts dial the tracker's peers in the order it
     /// handed them out (zone first) instead of in arbitrary order.
     pub dial_in_handout_order: bool,
+    /// What-if, not the engine today: hosts dial as soon as the tracker answers their first
+    /// announce instead of at the lifecycle task's next tick.
+    pub dial_on_announce: bool,
     /// One-way latency of one hop (host to switch, switch to core, core to server), seconds.
     pub hop_latency: f64,
     /// Hosts start at a uniformly random time in `0..start_spread` seconds.
@@ -147,6 +150,7 @@ impl Lab {
             locality: true,
             engine_zone: false,
             dial_in_handout_order: false,
+            dial_on_announce: false,
             hop_latency: 100e-6,
             // Deploy commands reach hosts within a few tens of milliseconds of each other;
             // starting them at one instant would make every host's timers and every
@@ -218,6 +222,8 @@ enum What {
     Tick,
     Fail,
     Announce(AnnounceEvent),
+    /// What-if: dial as soon as the first announce's answer is in.
+    DialNow,
     /// A dial reached `to` (the handshake is done).
     Dial,
     /// `to`'s dial was accepted; the connection is `conn`.
@@ -534,6 +540,11 @@ impl<'a> Sim<'a> {
             What::Tick => self.tick(to),
             What::Fail => self.fail(to),
             What::Announce(event) => self.announce(to, event),
+            What::DialNow => {
+                if self.nodes[to].alive {
+                    self.dial(to);
+                }
+            }
             What::Dial => self.dial_arrived(e.from, to),
             What::Accepted => self.accepted(to, e.from, e.conn),
             What::DialFailed { reachable } => {
@@ -558,12 +569,12 @@ impl<'a> Sim<'a> {
         self.nodes[n].alive = true;
         self.nodes[n].last_rotate = self.now;
         self.announce(n, AnnounceEvent::Started);
-        if !self.nodes[n].server {
-            // The lifecycle task's 1 s interval; its first tick comes before the first
-            // announce's answer, so the first dial is a second in.
-            self.schedule(self.now + 1.0, n, n, 0, What::Tick);
-        } else {
-            self.schedule(self.now + 1.0, n, n, 0, What::Tick);
+        // The lifecycle task's 1 s interval; its first tick comes before the first announce's
+        // answer, so the engine's first dial is a second in.
+        self.schedule(self.now + 1.0, n, n, 0, What::Tick);
+        if self.lab.dial_on_announce && !self.nodes[n].server {
+            let answer = 2.0 * self.latency(n, self.server());
+            self.schedule(self.now + answer, n, n, 0, What::DialNow);
         }
     }
 

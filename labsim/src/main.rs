@@ -6,7 +6,7 @@ use boottorrent_labsim::Lab;
 
 const USAGE: &str = "usage: boottorrent-labsim [--hosts N] [--image-bytes S] [--piece-kib K] \
 [--host-mbit B] [--server-mbit B] [--slow FRACTION] [--slow-mbit B] [--per-switch H] \
-[--uplink-gbit U] [--no-locality] [--engine-zone] [--dial-in-handout-order] [--hop-us L] [--start-spread SECS] \
+[--uplink-gbit U] [--no-locality] [--engine-zone] [--dial-in-handout-order] [--dial-on-announce] [--hop-us L] [--start-spread SECS] \
 [--failing FRACTION] [--startup SECS] [--finish SECS] [--cpu CORES:CPU_S_PER_GIB] [--step SECS] \
 [--seed N] [--limit SECS]";
 
@@ -41,6 +41,7 @@ fn main() {
             "--no-locality" => lab.locality = false,
             "--engine-zone" => lab.engine_zone = true,
             "--dial-in-handout-order" => lab.dial_in_handout_order = true,
+            "--dial-on-announce" => lab.dial_on_announce = true,
             "--hop-us" => lab.hop_latency = value("microseconds") * 1e-6,
             "--start-spread" => lab.start_spread = value("seconds"),
             "--failing" => lab.failing = value("fraction"),
@@ -94,6 +95,7 @@ fn main() {
         "locality": lab.locality,
         "engine_zone": lab.engine_zone,
         "dial_in_handout_order": lab.dial_in_handout_order,
+        "dial_on_announce": lab.dial_on_announce,
         "hop_us": lab.hop_latency * 1e6,
         "start_spread_s": lab.start_spread,
         "failing_fraction": lab.failing,

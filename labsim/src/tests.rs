@@ -23,6 +23,18 @@ fn one_host_alone_takes_size_over_rate() {
 }
 
 #[test]
+fn one_host_dialling_on_the_announce_takes_size_over_rate_within_2_percent() {
+    let mut l = lab(1);
+    l.dial_on_announce = true;
+    let out = l.run(100.0);
+    let ideal = l.ideal();
+    assert!(
+        out.last_done >= ideal && out.last_done < ideal * 1.02 + l.start_spread,
+        "{out:?} vs {ideal}"
+    );
+}
+
+#[test]
 fn a_swarm_is_never_faster_than_physics_and_beats_unicast() {
     let l = lab(8);
     let out = l.run(100.0);
