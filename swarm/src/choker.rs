@@ -17,11 +17,11 @@ use tokio::time::Instant;
 use crate::picker::PeerKey;
 
 /// Interested peers take turns in the upload slots this often.
-pub(crate) const ROTATE_EVERY: Duration = Duration::from_secs(10);
+pub const ROTATE_EVERY: Duration = Duration::from_secs(10);
 
 /// The choker's view of one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Choke {
+pub struct Choke {
     /// We are choking it (no uploads).
     pub choked: bool,
     /// It wants pieces from us.
@@ -68,7 +68,7 @@ impl Choke {
 
 /// Unchokes waiting peers while slots are free (at least one slot, whatever `slots` says),
 /// longest waiting first. Returns the peers unchoked, in that order.
-pub(crate) fn fill_slots<'a>(
+pub fn fill_slots<'a>(
     peers: impl IntoIterator<Item = (&'a PeerKey, &'a mut Choke)>,
     slots: usize,
     now: Instant,
@@ -86,7 +86,7 @@ pub(crate) fn fill_slots<'a>(
 /// A rotation: while peers wait, chokes the peers served longest (each at least
 /// [`ROTATE_EVERY`]), one per waiting peer, so that [`fill_slots`] hands their slots on.
 /// Returns the peers choked.
-pub(crate) fn rotate<'a>(
+pub fn rotate<'a>(
     peers: impl IntoIterator<Item = (&'a PeerKey, &'a mut Choke)>,
     now: Instant,
 ) -> Vec<PeerKey> {

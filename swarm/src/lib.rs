@@ -29,7 +29,7 @@
 
 pub mod announce;
 mod assembly;
-mod choker;
+pub mod choker;
 mod control;
 pub mod mse;
 mod peer;
@@ -37,7 +37,7 @@ pub mod picker;
 mod rate;
 pub mod session;
 pub mod storage;
-mod superseed;
+pub mod superseed;
 mod torrent;
 mod wire;
 

@@ -43,6 +43,24 @@ struct Partial {
     contributors: Vec<PeerKey>,
 }
 
+impl Partial {
+    /// Whether `peer` may take this piece's blocks outside endgame: it started the piece,
+    /// or nobody holds it. A piece whose owner has no request out for it is held by nobody:
+    /// an owner that choked us (the fast extension keeps its ownership through the rejects)
+    /// or stopped sending would otherwise keep the piece from every other peer until it
+    /// unchokes us, which in a full swarm is the next rotation, 10 s away.
+    fn open_to(&self, peer: PeerKey) -> bool {
+        match self.owner {
+            None => true,
+            Some(owner) if owner == peer => true,
+            Some(owner) => !self
+                .blocks
+                .iter()
+                .any(|b| !b.received && b.requested_by.contains(&owner)),
+        }
+    }
+}
+
 /// What a received block meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
@@ -177,11 +195,7 @@ impl Picker {
         let mut partials: Vec<u32> = self
             .partial
             .iter()
-            .filter(|(i, p)| {
-                has.get(**i)
-                    && !self.verifying[**i as usize]
-                    && (p.owner == Some(peer) || p.owner.is_none())
-            })
+            .filter(|(i, p)| has.get(**i) && !self.verifying[**i as usize] && p.open_to(peer))
             .map(|(i, _)| *i)
             .collect();
         partials.sort_by_key(|i| (self.partial[i].owner != Some(peer), self.rank[*i as usize]));
@@ -238,7 +252,7 @@ impl Picker {
 
     fn take_missing(&mut self, peer: PeerKey, piece: u32, max: usize, out: &mut Vec<BlockRef>) {
         let p = self.partial.get_mut(&piece).expect("partial piece exists");
-        if p.owner.is_none() {
+        if p.open_to(peer) {
             p.owner = Some(peer);
         }
         for (b, state) in p.blocks.iter_mut().enumerate() {
@@ -392,6 +406,24 @@ mod tests {
         p.remove_peer(1, &all, false);
         let c = p.pick(2, &all, false, 4);
         assert!(c.iter().any(|r| r.piece == a[0].piece));
+    }
+
+    #[test]
+    fn a_piece_whose_owner_has_no_request_out_for_it_is_open_to_others() {
+        let g = geometry(2);
+        let mut p = Picker::new(g, Bitfield::new(2));
+        let all = Bitfield::full(2);
+        let a = p.pick(1, &all, false, 1);
+        // Peer 1 choked us and rejected the request (the fast extension keeps it connected).
+        p.release(1, a[0]);
+        let b = p.pick(2, &all, false, 2);
+        assert!(
+            b.contains(&a[0]),
+            "peer 2 must be able to take the piece peer 1 no longer serves: {b:?}"
+        );
+        // Peer 2 owns it now: peer 1, unchoking us again, starts the other piece.
+        let c = p.pick(1, &all, false, 4);
+        assert!(c.iter().all(|r| r.piece != a[0].piece), "{c:?}");
     }
 
     #[test]

@@ -41,25 +41,25 @@ use crate::picker::PeerKey;
 use crate::{Bitfield, Geometry};
 
 /// The fewest offers a peer holds: a slow or new peer's target.
-pub(crate) const FLOOR: usize = 4;
+pub const FLOOR: usize = 4;
 /// A peer's offers cover this long at the rate we upload to it: more than the second a
 /// batched-HAVE client waits between announcements.
-pub(crate) const COVER: Duration = Duration::from_secs(2);
+pub const COVER: Duration = Duration::from_secs(2);
 /// A peer may hold pending offers up to its target, and pending and held ones together up to
 /// this many times its target: a held offer stays a second or two after the peer took it
 /// (its HAVE, then [`RELEASE`], seen at a tick), longer than [`COVER`] if HAVEs are batched.
-pub(crate) const HOLD_FACTOR: usize = 2;
+pub const HOLD_FACTOR: usize = 2;
 /// The most a peer's pending offers may add up to, in bytes (at least [`FLOOR`] pieces).
-pub(crate) const MOST_BYTES: u64 = 128 << 20;
+pub const MOST_BYTES: u64 = 128 << 20;
 /// A held offer the peer announced this long ago is released even if no other peer picked
 /// it up.
-pub(crate) const RELEASE: Duration = Duration::from_millis(1500);
+pub const RELEASE: Duration = Duration::from_millis(1500);
 /// A held offer the peer took (requested in full) this long ago and never announced is
 /// released all the same.
-pub(crate) const RELEASE_UNANNOUNCED: Duration = Duration::from_secs(4);
+pub const RELEASE_UNANNOUNCED: Duration = Duration::from_secs(4);
 /// A pending offer the peer has not requested from for this long, while it could, stops
 /// counting against its target.
-pub(crate) const IGNORED: Duration = Duration::from_secs(3);
+pub const IGNORED: Duration = Duration::from_secs(3);
 /// Rate samples shorter than this are not taken: a tick that comes early would read as a
 /// burst.
 const SAMPLE_AT_LEAST: Duration = Duration::from_millis(500);
@@ -101,7 +101,7 @@ impl Offer {
 
 /// What super-seeding keeps of one peer.
 #[derive(Debug, Default)]
-pub(crate) struct Offers {
+pub struct Offers {
     /// Offers that count against its target: pending or held.
     live: Vec<Offer>,
     /// Every piece ever offered to it.
@@ -177,7 +177,7 @@ impl Offers {
 }
 
 /// One peer as super-seeding sees it.
-pub(crate) struct Peer<'a> {
+pub struct Peer<'a> {
     /// The connection.
     pub key: PeerKey,
     /// The pieces it announced.
@@ -192,7 +192,7 @@ pub(crate) struct Peer<'a> {
 
 /// The torrent's side of super-seeding.
 #[derive(Debug)]
-pub(crate) struct SuperSeed {
+pub struct SuperSeed {
     geometry: Geometry,
     /// How often each piece was offered.
     offer_count: Vec<u32>,
