@@ -111,11 +111,11 @@ pub struct Lab {
     /// Whether hosts also configure their zone (`SessionConfig::zone`): the picker leaves
     /// zone-held pieces to zone peers and dialling goes zone first. Agents do not today.
     pub engine_zone: bool,
-    /// What-if, not the engine today: hosts dial the tracker's peers in the order it
-    /// handed them out (zone first) instead of in arbitrary order.
+    /// Hosts dial the tracker's peers in the order it handed them out (zone first), as the
+    /// engine does; `false` is the engine before, which dialled in arbitrary order.
     pub dial_in_handout_order: bool,
-    /// What-if, not the engine today: hosts dial as soon as the tracker answers their first
-    /// announce instead of at the lifecycle task's next tick.
+    /// Hosts dial as soon as the tracker answers an announce, as the engine does; `false` is
+    /// the engine before, which dialled at its lifecycle task's next 1 s tick.
     pub dial_on_announce: bool,
     /// One-way latency of one hop (host to switch, switch to core, core to server), seconds.
     pub hop_latency: f64,
@@ -149,8 +149,8 @@ impl Lab {
             uplink_rate: 10e9 / 8.0,
             locality: true,
             engine_zone: false,
-            dial_in_handout_order: false,
-            dial_on_announce: false,
+            dial_in_handout_order: true,
+            dial_on_announce: true,
             hop_latency: 100e-6,
             // Deploy commands reach hosts within a few tens of milliseconds of each other;
             // starting them at one instant would make every host's timers and every

@@ -6,7 +6,7 @@ use boottorrent_labsim::Lab;
 
 const USAGE: &str = "usage: boottorrent-labsim [--hosts N] [--image-bytes S] [--piece-kib K] \
 [--host-mbit B] [--server-mbit B] [--slow FRACTION] [--slow-mbit B] [--per-switch H] \
-[--uplink-gbit U] [--no-locality] [--engine-zone] [--dial-in-handout-order] [--dial-on-announce] [--hop-us L] [--start-spread SECS] \
+[--uplink-gbit U] [--no-locality] [--engine-zone] [--dial-in-arbitrary-order] [--dial-at-tick] [--hop-us L] [--start-spread SECS] \
 [--failing FRACTION] [--startup SECS] [--finish SECS] [--cpu CORES:CPU_S_PER_GIB] [--step SECS] \
 [--seed N] [--limit SECS]";
 
@@ -40,8 +40,8 @@ fn main() {
             "--uplink-gbit" => lab.uplink_rate = value("Gbit/s") * 1e9 / 8.0,
             "--no-locality" => lab.locality = false,
             "--engine-zone" => lab.engine_zone = true,
-            "--dial-in-handout-order" => lab.dial_in_handout_order = true,
-            "--dial-on-announce" => lab.dial_on_announce = true,
+            "--dial-in-arbitrary-order" => lab.dial_in_handout_order = false,
+            "--dial-at-tick" => lab.dial_on_announce = false,
             "--hop-us" => lab.hop_latency = value("microseconds") * 1e-6,
             "--start-spread" => lab.start_spread = value("seconds"),
             "--failing" => lab.failing = value("fraction"),

@@ -72,9 +72,9 @@ fn slow_hosts_finish_no_faster_than_their_link() {
 #[test]
 fn tracker_locality_reaches_peer_sets_only_if_hosts_dial_in_its_order() {
     // The tracker hands out 200 peers, zone first. In a swarm larger than that, hosts that
-    // dial in the tracker's order connect mostly within their switch; the engine today dials
-    // its candidates in arbitrary order, which dilutes the zone to about its share of the
-    // 200 handed out.
+    // dial in the tracker's order (the engine) connect mostly within their switch; dialling in
+    // arbitrary order (the engine before) dilutes the zone to about its share of the 200
+    // handed out.
     let mut with = Lab::new(300, 1 << 20, 100.0);
     with.piece_len = Some(64 << 10);
     with.dial_in_handout_order = true;

@@ -4,7 +4,8 @@
 //! - the **listener** accepts connections, reads the handshake and hands the connection to the
 //!   torrent it names;
 //! - per torrent, one **lifecycle** task (resume check, then a 1 s tick: stats, connecting,
-//!   choking, resume saving) and one **announcer** (see `torrent`);
+//!   choking, resume saving; peers just learned are dialled at once) and one **announcer** (see
+//!   `torrent`);
 //! - per peer, one **connection** task that owns the socket (see `peer`), dialled by the
 //!   lifecycle or accepted by the listener.
 //!
@@ -342,6 +343,12 @@ async fn lifecycle(torrent: Arc<Torrent>, use_tracker: bool) {
             _ = torrent.cancel.cancelled() => break,
             _ = torrent.finished.notified() => {
                 torrent.publish_stats(rates.0, rates.1);
+                continue;
+            }
+            _ = torrent.learned.notified() => {
+                if torrent.lock().phase != TorrentState::Paused {
+                    connect_candidates(&torrent);
+                }
                 continue;
             }
             _ = tick.tick() => {}

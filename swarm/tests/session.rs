@@ -142,6 +142,63 @@ async fn leecher_gets_identical_bytes_and_remove_deletes_the_file() {
     .expect("sessions stop");
 }
 
+/// The tracker hands out the peers of a machine's zone first: the engine must dial in that
+/// order, not its map's, or a 300-machine lab sends most bytes across its switches' uplinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_are_dialled_in_the_order_they_were_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(1024 * 1024);
+    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
+    let source = dir.path().join("source.vhdx");
+    std::fs::write(&source, &data).unwrap();
+    let mut seeders = Vec::new();
+    for _ in 0..6 {
+        let (seeder, stop) = session(SessionConfig::default()).await;
+        let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
+        wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
+        seeders.push((seeder, seeding, stop));
+    }
+
+    // Room for one peer: whichever is dialled first serves the whole file.
+    let (leecher, stop_leecher) = session(SessionConfig {
+        max_peers: 1,
+        ..SessionConfig::default()
+    })
+    .await;
+    let order: Vec<&Session> = seeders.iter().map(|(s, _, _)| s).collect();
+    let handle = add(
+        &leecher,
+        &meta,
+        &dir.path().join("out.vhdx"),
+        Mode::Download,
+        &order,
+    );
+    wait_stats(&handle, "completion", |s| s.state == TorrentState::Seeding).await;
+    // Seeders publish their counts about once a second: wait until the whole file shows.
+    let uploads = tokio::time::timeout(LIMIT, async {
+        loop {
+            let uploads: Vec<u64> = seeders
+                .iter()
+                .map(|(_, seeding, _)| seeding.stats().borrow().uploaded)
+                .collect();
+            if uploads.iter().sum::<u64>() >= data.len() as u64 {
+                return uploads;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the seeders count what they sent");
+    assert!(
+        uploads[0] >= data.len() as u64 && uploads[1..].iter().all(|&u| u == 0),
+        "the first address handed out must serve the file, and no other: {uploads:?}"
+    );
+    stop_leecher.cancel();
+    for (_, _, stop) in &seeders {
+        stop.cancel();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_disconnects_and_resume_finishes() {
     let dir = tempfile::tempdir().unwrap();
