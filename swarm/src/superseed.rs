@@ -15,9 +15,12 @@
 //! a fast peer's link fill while a fleet sharing our link (each peer getting a share of it)
 //! still gets a few distinct pieces each.
 //!
-//! Only pieces never offered before are offered by rate: once every piece a peer lacks is
-//! out, a peer that others can serve gets no more than [`FLOOR`] (what it takes now would
-//! leave us a second time, and the others have it or soon will).
+//! A piece is *out* while another connected peer has it or was offered it. A peer that
+//! others can serve is offered only pieces not out: one that is out would leave us a second
+//! time, and the others have it or soon will. Once every piece it lacks is out, it gets
+//! nothing more from us unless it announced nothing for [`IDLE`] (the others are not
+//! serving it): then up to [`FLOOR`] pieces that are out. A piece offered to a peer that
+//! left before passing it on is no longer out, and is offered again.
 //!
 //! Holding is skipped where it cannot help: when nobody else lacks the piece (nobody to pass
 //! it on to), and when nobody else has anything the peer lacks (a lone leecher: it can get
@@ -26,7 +29,7 @@
 //! ([`RELEASE_UNANNOUNCED`] after it took it, for a peer that announces late or never). An
 //! offer the peer leaves unrequested for [`IGNORED`] while it may request (unchoked) stops
 //! counting, so a client that picks its own order, or ignores some offers, is offered more
-//! instead of being stalled.
+//! instead of being stalled (once every piece is out, when it is idle).
 //!
 //! Pure functions over the torrent's peers ([`Peer`]: what each has, what it was offered, what
 //! we sent it, whether it may request) and the time the caller passes in; they return the
@@ -42,6 +45,10 @@ use crate::{Bitfield, Geometry};
 
 /// The fewest offers a peer holds: a slow or new peer's target.
 pub const FLOOR: usize = 4;
+/// A peer others can serve that announced no piece for this long (or since it was first
+/// offered any) is offered pieces that are out: the others are not serving it. Longer than
+/// the second a batched-HAVE client waits between announcements.
+pub const IDLE: Duration = Duration::from_secs(2);
 /// A peer's offers cover this long at the rate we upload to it: more than the second a
 /// batched-HAVE client waits between announcements.
 pub const COVER: Duration = Duration::from_secs(2);
@@ -111,6 +118,9 @@ pub struct Offers {
     rate: f64,
     /// Its upload counter at the last sample, and when.
     sample: Option<(Instant, u64)>,
+    /// When it last announced a piece, or was first topped up: how long it has gone without
+    /// getting anything.
+    active: Option<Instant>,
 }
 
 impl Offers {
@@ -138,6 +148,12 @@ impl Offers {
             return true;
         }
         false
+    }
+
+    /// Whether it announced nothing for [`IDLE`].
+    fn idle(&self, now: Instant) -> bool {
+        self.active
+            .is_some_and(|at| now.saturating_duration_since(at) >= IDLE)
     }
 
     /// For the logs: the rate we upload to it (bytes per second), its pending and its held
@@ -217,13 +233,17 @@ impl SuperSeed {
         (cover as usize).clamp(FLOOR, most)
     }
 
-    /// Tops up `key`'s offers to its target, each time with the piece offered least often
-    /// and held by the fewest peers (ties broken at random). Returns the pieces newly
-    /// offered to it, in order.
+    /// Tops up `key`'s offers to its target, each time with a piece not out before one that
+    /// is, then the piece offered least often and held by the fewest peers (ties broken at
+    /// random). A peer others can serve gets pieces that are out only when idle. Returns the
+    /// pieces newly offered to it, in order.
     pub fn top_up(&mut self, peers: &mut [Peer<'_>], key: PeerKey, now: Instant) -> Vec<u32> {
         let Some(at) = peers.iter().position(|p| p.key == key) else {
             return Vec::new();
         };
+        // Its idle clock starts with its first top-up, not at zero: a peer that just came
+        // has not been left without pieces yet.
+        peers[at].offers.active.get_or_insert(now);
         let peer = &peers[at];
         if peer.has.is_full() {
             return Vec::new();
@@ -238,37 +258,46 @@ impl SuperSeed {
         if room == 0 {
             return Vec::new();
         }
-        // Pieces offered before go out from us a second time if taken: a peer others can
-        // serve gets only its floor of those; its rate buys it pieces not yet out.
-        let second_room = if alone(peers, at) {
+        // A piece that is out would leave us a second time if taken: a peer others can
+        // serve gets those only when they are not serving it.
+        let out_room = if alone(peers, at) {
             room
-        } else {
+        } else if peer.offers.idle(now) {
             room_for(FLOOR)
+        } else {
+            0
         };
-        // Offering a piece raises only its own score, and it is not offered to this peer
-        // twice: the `room` lowest scores now are the pieces one-by-one picking would take.
+        // Offering a piece raises only its own score and makes it out, and it is not
+        // offered to this peer twice: the `room` lowest keys now are the pieces one-by-one
+        // picking would take.
         let mut seen = vec![0u32; self.offer_count.len()];
-        for p in peers.iter() {
-            for i in p.has.iter_set() {
-                if let Some(n) = seen.get_mut(i as usize) {
+        let mut out = vec![false; self.offer_count.len()];
+        for (i, p) in peers.iter().enumerate() {
+            for piece in p.has.iter_set() {
+                if let Some(n) = seen.get_mut(piece as usize) {
                     *n += 1;
+                }
+            }
+            if i != at {
+                for &piece in &p.offers.offered {
+                    if let Some(o) = out.get_mut(piece as usize) {
+                        *o = true;
+                    }
                 }
             }
         }
         let peer = &peers[at];
-        let mut candidates: Vec<(u32, u16, u32)> = (0..self.offer_count.len() as u32)
+        let mut candidates: Vec<(bool, u32, u16, u32)> = (0..self.offer_count.len() as u32)
             .filter(|&i| !peer.has.get(i) && !peer.offers.offered.contains(&i))
             .map(|i| {
+                // Seen with another peer (it lacks the piece, so the one seen is another).
+                let is_out = out[i as usize] || seen[i as usize] > 0;
                 let score = self.offer_count[i as usize] + seen[i as usize];
-                (score, rand::random::<u16>(), i)
+                (is_out, score, rand::random::<u16>(), i)
             })
             .collect();
-        let fresh = candidates
-            .iter()
-            .filter(|c| self.offer_count[c.2 as usize] == 0)
-            .count();
-        // Fresh pieces score lowest (never offered, so nobody has them): they come first.
-        let take = room.min(fresh.max(second_room));
+        let not_out = candidates.iter().filter(|c| !c.0).count();
+        let take = room.min(not_out.max(out_room));
         if take == 0 {
             return Vec::new();
         }
@@ -279,7 +308,7 @@ impl SuperSeed {
         candidates.sort_unstable();
         let offers = &mut peers[at].offers;
         let mut new = Vec::with_capacity(candidates.len());
-        for (_, _, piece) in candidates {
+        for (_, _, _, piece) in candidates {
             self.offer_count[piece as usize] += 1;
             offers.live.push(Offer {
                 piece,
@@ -326,6 +355,7 @@ impl SuperSeed {
         let Some(at) = peers.iter().position(|p| p.key == from) else {
             return Vec::new();
         };
+        peers[at].offers.active = Some(now);
         let hold = worth_holding(peers, at, piece);
         let mut refill = Vec::new();
         for (i, peer) in peers.iter_mut().enumerate() {
@@ -571,17 +601,40 @@ mod tests {
     }
 
     #[test]
-    fn pieces_peers_already_hold_are_offered_last() {
+    fn pieces_others_hold_are_offered_only_to_an_idle_peer() {
         let t0 = Instant::now();
         let mut swarm = Swarm::new(4, 2);
-        // Peer 1 announced pieces 0 and 1 (from another source): they are less rare.
+        // Peer 1 announced pieces 0 and 1 (from another source): peer 0 can get them there.
         swarm.peers[1].1.set(0);
         swarm.peers[1].1.set(1);
         let offered = swarm.top_up(0, t0);
-        assert_eq!(offered.len(), 4);
         assert_eq!(
-            offered[..2].iter().copied().collect::<BTreeSet<_>>(),
+            offered.iter().copied().collect::<BTreeSet<_>>(),
             BTreeSet::from([2, 3])
+        );
+        assert!(swarm.top_up(0, t0 + IDLE / 2).is_empty());
+        // It announced nothing for IDLE: peer 1 is not serving it, so we do, up to its floor.
+        let idle = swarm.top_up(0, t0 + IDLE);
+        assert_eq!(
+            idle.iter().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([0, 1])
+        );
+    }
+
+    #[test]
+    fn a_piece_offered_to_a_peer_that_left_is_offered_again() {
+        let t0 = Instant::now();
+        let mut swarm = Swarm::new(8, 3);
+        let first = swarm.top_up(0, t0);
+        let other = swarm.top_up(1, t0);
+        // Every piece is out, and peer 1 holds one peer 2 lacks: peer 2 gets nothing.
+        swarm.peers[1].1.set(other[0]);
+        assert!(swarm.top_up(2, t0).is_empty());
+        // Peer 0 leaves before taking its offers: nobody else has or was offered them.
+        let again = swarm.seed.top_up(&mut view(&mut swarm.peers[1..]), 2, t0);
+        assert_eq!(
+            again.iter().copied().collect::<BTreeSet<_>>(),
+            first.iter().copied().collect::<BTreeSet<_>>()
         );
     }
 
@@ -598,7 +651,8 @@ mod tests {
     #[test]
     fn an_offer_passed_on_makes_room_for_a_new_one() {
         let t0 = Instant::now();
-        let mut swarm = Swarm::new(12, 2);
+        // Pieces enough that some are still not out when peer 0 has passed one on.
+        let mut swarm = Swarm::new(16, 2);
         let first = swarm.top_up(0, t0);
         let other = swarm.top_up(1, t0);
         // Peer 1 holds a piece peer 0 lacks: peer 0 is no lone leecher, so it is held to
@@ -628,7 +682,7 @@ mod tests {
     #[test]
     fn an_offer_not_passed_on_is_released_after_a_while() {
         let t0 = Instant::now();
-        let mut swarm = Swarm::new(12, 2);
+        let mut swarm = Swarm::new(16, 2);
         let first = swarm.top_up(0, t0);
         let other = swarm.top_up(1, t0);
         swarm.announce(1, other[0], t0);
@@ -798,7 +852,7 @@ mod tests {
     }
 
     #[test]
-    fn once_every_piece_is_out_only_a_lone_peer_is_offered_by_its_rate() {
+    fn once_every_piece_is_out_a_peer_others_can_serve_waits_until_idle() {
         let t0 = Instant::now();
         let mut swarm = Swarm::new(256, 2);
         // Peer 0 is fast (8 pieces a second): its target is well above the floor.
@@ -815,8 +869,10 @@ mod tests {
         }
         swarm.announce(1, 0, t1);
         swarm.peers[0].2.live.clear();
-        let second = swarm.top_up(0, t1);
-        assert_eq!(second.len(), FLOOR, "{second:?}");
+        assert!(swarm.top_up(0, t1).is_empty());
+        // Peer 0 announced nothing since it was first topped up: once idle it gets its floor.
+        let idle = swarm.top_up(0, t0 + IDLE);
+        assert_eq!(idle.len(), FLOOR, "{idle:?}");
         // Alone (nobody has anything it lacks), it is offered by its rate again.
         swarm.peers[1].1 = Bitfield::new(256);
         swarm.peers[0].2.live.clear();
