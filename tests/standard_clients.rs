@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Encryption, Server, free_port, require_tool, spawn, wait_until};
+use common::{Encryption, Server, free_port, require_tool, spawn, transmission};
 use serde_json::Value;
 
 /// The image: 128 MiB, in 1 MiB pieces. A client held to two pieces a second would need 64 s.
@@ -188,72 +188,24 @@ fn torrent_bytes(server: &Server, image: &Value) -> Vec<u8> {
     response.bytes().unwrap().to_vec()
 }
 
-/// `transmission-cli` with a config directory of its own whose `settings.json` keeps it on
-/// loopback; returns the file once Transmission says the torrent is done (its finish script
-/// ran).
+/// `transmission-cli` on loopback; it drops loopback peers from a tracker, so a relay dials
+/// it on the seeder's behalf.
 fn transmission(job: &Job<'_>) -> PathBuf {
-    let (torrent, out, name) = (job.torrent, job.out, job.name);
     require_tool("transmission-cli", "transmission-cli");
-    let config = out.join("config");
-    let downloads = out.join("downloads");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::create_dir_all(&downloads).unwrap();
     let port = free_port();
-    let settings = serde_json::json!({
-        "bind-address-ipv4": "127.0.0.1",
-        "bind-address-ipv6": "::1",
-        "dht-enabled": false,
-        "lpd-enabled": false,
-        "pex-enabled": false,
-        "port-forwarding-enabled": false,
-        "utp-enabled": false,
-        "rpc-enabled": false,
-        "blocklist-enabled": false,
-        "peer-port": port,
-        "peer-port-random-on-start": false,
-        "download-dir": downloads,
-        "incomplete-dir-enabled": false,
-        "ratio-limit-enabled": false,
-        "speed-limit-down-enabled": false,
-        "speed-limit-up-enabled": false,
-    });
-    std::fs::write(
-        config.join("settings.json"),
-        serde_json::to_vec_pretty(&settings).unwrap(),
+    transmission::fetch(
+        transmission::Fetch {
+            command: Command::new("transmission-cli"),
+            bind: "127.0.0.1",
+            port,
+            encryption: 1,
+            torrent: job.torrent,
+            out: job.out,
+            name: job.name,
+            limit: TRANSFER,
+        },
+        || Reverse::start(([127, 0, 0, 1], port).into(), job.seeder, job.info_hash),
     )
-    .unwrap();
-    let done = out.join("done");
-    let script = out.join("finished.sh");
-    std::fs::write(&script, format!("#!/bin/sh\ntouch '{}'\n", done.display())).unwrap();
-    let mut perms = std::fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&script, perms).unwrap();
-    let mut command = Command::new("transmission-cli");
-    command
-        .arg("--config-dir")
-        .arg(&config)
-        .arg("--download-dir")
-        .arg(&downloads)
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--no-portmap")
-        .arg("--finish")
-        .arg(&script)
-        .arg(torrent);
-    let mut proc = spawn(command, out.join("transmission.log"));
-    let _relay = Reverse::start(([127, 0, 0, 1], port).into(), job.seeder, job.info_hash);
-    wait_until("transmission-cli to finish the download", TRANSFER, || {
-        if let Some(status) = proc.exited() {
-            panic!(
-                "transmission-cli exited with {status}:\n{}",
-                proc.log_tail(30)
-            );
-        }
-        done.exists().then_some(())
-    });
-    // It would seed for ever; the file is complete and verified.
-    proc.kill9();
-    downloads.join(name)
 }
 
 /// `aria2c`, without DHT, local peer discovery or peer exchange, listening on a port of its

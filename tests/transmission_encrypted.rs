@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::testnet::Net;
-use common::{BOOTTORRENT, Proc, make_vhdx, output, require_tool, spawn, wait_until};
+use common::{BOOTTORRENT, Proc, make_vhdx, output, require_tool, spawn, transmission, wait_until};
 
 /// The image: 32 MiB, enough for a few hundred encrypted messages each way.
 const LEN: usize = 32 << 20;
@@ -200,64 +200,17 @@ fn transmission(
     out: &Path,
     name: &str,
 ) -> PathBuf {
-    let config = out.join("config");
-    let downloads = out.join("downloads");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::create_dir_all(&downloads).unwrap();
-    let port = 51413;
-    let settings = serde_json::json!({
-        "encryption": encryption,
-        "bind-address-ipv4": Net::ip(host),
-        "bind-address-ipv6": "::1",
-        "dht-enabled": false,
-        "lpd-enabled": false,
-        "pex-enabled": false,
-        "port-forwarding-enabled": false,
-        "utp-enabled": false,
-        "rpc-enabled": false,
-        "blocklist-enabled": false,
-        "peer-port": port,
-        "peer-port-random-on-start": false,
-        "download-dir": downloads,
-        "incomplete-dir-enabled": false,
-        "ratio-limit-enabled": false,
-        "speed-limit-down-enabled": false,
-        "speed-limit-up-enabled": false,
-    });
-    std::fs::write(
-        config.join("settings.json"),
-        serde_json::to_vec_pretty(&settings).unwrap(),
+    transmission::fetch(
+        transmission::Fetch {
+            command: net.command(host, "transmission-cli"),
+            bind: &Net::ip(host),
+            port: 51413,
+            encryption,
+            torrent,
+            out,
+            name,
+            limit: TRANSFER,
+        },
+        || (),
     )
-    .unwrap();
-    let done = out.join("done");
-    let script = out.join("finished.sh");
-    std::fs::write(&script, format!("#!/bin/sh\ntouch '{}'\n", done.display())).unwrap();
-    let mut perms = std::fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&script, perms).unwrap();
-    let mut command = net.command(host, "transmission-cli");
-    command
-        .arg("--config-dir")
-        .arg(&config)
-        .arg("--download-dir")
-        .arg(&downloads)
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--no-portmap")
-        .arg("--finish")
-        .arg(&script)
-        .arg(torrent);
-    let mut proc = spawn(command, out.join("transmission.log"));
-    wait_until("transmission-cli to finish the download", TRANSFER, || {
-        if let Some(status) = proc.exited() {
-            panic!(
-                "transmission-cli exited with {status}:\n{}",
-                proc.log_tail(30)
-            );
-        }
-        done.exists().then_some(())
-    });
-    // It would seed for ever; the file is complete and verified.
-    proc.kill9();
-    downloads.join(name)
 }

@@ -6,6 +6,7 @@
 pub use boottorrent_testkit::*;
 
 pub mod testnet;
+pub mod transmission;
 
 use std::path::Path;
 use std::process::{Command, Output};
