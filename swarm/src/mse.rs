@@ -133,6 +133,22 @@ pub struct Accepted<S> {
     pub stream: MseStream<S>,
 }
 
+/// Reads until the bytes last read are `marker`, which follows the peer's padding (at most
+/// [`MAX_PAD`] bytes): `false` if it has not come by then. Byte by byte, since what follows
+/// the marker belongs to the caller.
+async fn read_past<S: AsyncRead + Unpin>(io: &mut S, marker: &[u8]) -> std::io::Result<bool> {
+    let mut window: Vec<u8> = Vec::with_capacity(MAX_PAD + marker.len());
+    while !window.ends_with(marker) {
+        if window.len() >= MAX_PAD + marker.len() {
+            return Ok(false);
+        }
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await?;
+        window.push(b[0]);
+    }
+    Ok(true)
+}
+
 /// Runs the receiver (B) side after the peer's first `prefix` bytes (already read while
 /// telling MSE from plaintext) were found not to be a plaintext handshake. `known` are the info
 /// hashes this engine serves. RC4 is selected whenever the peer offers it; plaintext only when
@@ -159,17 +175,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 
     // Sync on HASH('req1', S): it follows padA (at most 512 bytes), so search 532 bytes only.
     let req1 = hash(&[b"req1", &s]);
-    let mut window: Vec<u8> = Vec::with_capacity(MAX_PAD + 20);
-    loop {
-        if window.len() >= 20 && window[window.len() - 20..] == req1 {
-            break;
-        }
-        if window.len() >= MAX_PAD + 20 {
-            return Err(MseError::NoSync);
-        }
-        let mut b = [0u8; 1];
-        io.read_exact(&mut b).await?;
-        window.push(b[0]);
+    if !read_past(&mut io, &req1).await? {
+        return Err(MseError::NoSync);
     }
 
     let mut named = [0u8; 20];
@@ -288,17 +295,8 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     // 8 zero bytes through keyB, searched for within the 520 bytes after its key.
     let mut vc = [0u8; 8];
     dec.apply_keystream(&mut vc);
-    let mut window: Vec<u8> = Vec::with_capacity(MAX_PAD + 8);
-    loop {
-        if window.len() >= 8 && window[window.len() - 8..] == vc {
-            break;
-        }
-        if window.len() >= MAX_PAD + 8 {
-            return Err(MseError::NoVc);
-        }
-        let mut b = [0u8; 1];
-        io.read_exact(&mut b).await?;
-        window.push(b[0]);
+    if !read_past(&mut io, &vc).await? {
+        return Err(MseError::NoVc);
     }
     let mut head = [0u8; 6];
     io.read_exact(&mut head).await?;
