@@ -149,3 +149,113 @@ fn the_rate_generator_sees_its_events_applied() {
     assert_eq!(report["metrics_failures"], 0, "{context}");
     assert!(number("server_cpu_percent") > 0.0, "{context}");
 }
+
+/// Ctrl-C on a run that started its own server stops that server too, and keeps the run's
+/// files: an operator interrupting a long benchmark must not be left with a server holding
+/// its ports and thousands of descriptors.
+#[test]
+fn an_interrupted_generator_stops_the_server_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let mut command = Command::new(loadgen_binary());
+    command
+        .args([
+            "fleet",
+            "--agents",
+            "3",
+            "--ramp-secs",
+            "1",
+            "--idle-secs",
+            "600",
+        ])
+        .args(["--server-binary", BOOTTORRENT])
+        .args(["--work-dir", work.to_str().unwrap()]);
+    let mut generator = spawn(command, dir.path().join("generator.log"));
+    // The server is the generator's child; once its admin token exists it is serving.
+    let server = wait_until(
+        "the generator's server to start",
+        Duration::from_secs(60),
+        || {
+            if let Some(status) = generator.exited() {
+                panic!(
+                    "the generator exited with {status}:\n{}",
+                    generator.log_tail(30)
+                );
+            }
+            let token = work.join("data/admin.token").exists();
+            children_of(generator.pid()).into_iter().find(|_| token)
+        },
+    );
+    // Should the generator leave it running (the failure this test is for), it must not
+    // outlive the test.
+    let _reaper = Reaper(server);
+    // Let the agents come online: the interruption lands in the measurement, not the start.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill() with the pid of a child that has not been reaped, and a valid signal.
+    unsafe { libc::kill(generator.pid() as libc::pid_t, libc::SIGINT) };
+    let status = wait_until("the generator to exit", Duration::from_secs(30), || {
+        generator.exited()
+    });
+    assert!(!status.success(), "an interrupted run is not a success");
+    let log = std::fs::read_to_string(dir.path().join("generator.log")).unwrap();
+    assert!(
+        log.contains("interrupted"),
+        "the generator says why it stopped:\n{log}"
+    );
+    wait_until(
+        "the started server to exit",
+        Duration::from_secs(15),
+        || (!alive(server)).then_some(()),
+    );
+    assert!(
+        work.join("server.log").exists(),
+        "an interrupted run keeps its files"
+    );
+}
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may hold spaces, so split after its ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            if let Ok(child) = entry.file_name().to_string_lossy().parse() {
+                children.push(child);
+            }
+        }
+    }
+    children
+}
+
+/// Whether `pid` runs (a zombie, exited but not yet reaped, does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Kills the process `.0` when dropped, if it still runs.
+struct Reaper(u32);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            // SAFETY: kill() with a valid signal; at worst the pid names no process.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}

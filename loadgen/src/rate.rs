@@ -198,7 +198,9 @@ pub async fn run(args: Rate) -> anyhow::Result<()> {
         .saturating_add(args.new_per_sec.saturating_mul(120))
         .max(1000);
     let run = Run::prepare(args.given.clone(), "boottorrent-rate", per_minute).await?;
-    let result = measure(&args, &run.target, &run.work).await;
+    let result = run
+        .until_interrupted(measure(&args, &run.target, &run.work))
+        .await;
     run.finish(result, args.json).await
 }
 

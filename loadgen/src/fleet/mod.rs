@@ -132,7 +132,9 @@ pub async fn run(args: Fleet) -> anyhow::Result<()> {
             .max(1000)
     });
     let run = Run::prepare(args.given.clone(), "boottorrent-loadgen", per_minute).await?;
-    let result = measure(&args, &run.target, &run.work).await;
+    let result = run
+        .until_interrupted(measure(&args, &run.target, &run.work))
+        .await;
     run.finish(result, args.json).await
 }
 

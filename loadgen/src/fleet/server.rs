@@ -119,6 +119,24 @@ impl Run {
         })
     }
 
+    /// Runs the measurement until it ends or the user interrupts it (Ctrl-C, SIGTERM). An
+    /// interrupted run is a failed one, so [`Run::finish`] still stops the server this run
+    /// started and keeps its files: left to the signal's default, the process would end at
+    /// once and leave that server running, its ports and files taken.
+    pub async fn until_interrupted<R>(
+        &self,
+        work: impl std::future::Future<Output = anyhow::Result<R>>,
+    ) -> anyhow::Result<R> {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("listening for SIGTERM")?;
+        tokio::select! {
+            result = work => result,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT, Ctrl-C)"),
+            _ = terminate.recv() => bail!("interrupted (SIGTERM)"),
+        }
+    }
+
     /// Stops the server it started, prints the report (JSON with `json`), and removes a work
     /// dir it made, unless the run failed: then its files stay for a look.
     pub async fn finish<R>(self, result: anyhow::Result<R>, json: bool) -> anyhow::Result<()>
