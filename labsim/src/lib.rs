@@ -109,7 +109,8 @@ pub struct Lab {
     /// first. Without it every host is in a subnet of its own, and handout is random.
     pub locality: bool,
     /// Whether hosts also configure their zone (`SessionConfig::zone`): the picker leaves
-    /// zone-held pieces to zone peers and dialling goes zone first. Agents do not today.
+    /// zone-held pieces to zone peers, dialling goes zone first and the choker unchokes zone
+    /// peers first. Agents do not today.
     pub engine_zone: bool,
     /// Hosts dial the tracker's peers in the order it handed them out (zone first), as the
     /// engine does; `false` is the engine before, which dialled in arbitrary order.
@@ -808,7 +809,10 @@ impl<'a> Sim<'a> {
                 conn,
                 in_zone,
                 has: Bitfield::new(pieces),
-                choke: Choke::new(instant),
+                choke: Choke {
+                    zone: in_zone,
+                    ..Choke::new(instant)
+                },
                 am_interested: false,
                 peer_choking: true,
                 outstanding: HashSet::new(),

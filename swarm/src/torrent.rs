@@ -574,7 +574,10 @@ impl Torrent {
                 tx,
                 has: Bitfield::new(pieces),
                 in_zone: self.shared.in_zone(addr.ip()),
-                choke: Choke::new(Instant::now()),
+                choke: Choke {
+                    zone: self.shared.in_zone(addr.ip()),
+                    ..Choke::new(Instant::now())
+                },
                 downloaded: 0,
                 uploaded: 0,
                 offers: Offers::default(),
