@@ -27,6 +27,8 @@ struct Lab<'a> {
     dir: PathBuf,
     server: Option<Proc>,
     agents: Vec<Option<Proc>>,
+    /// Each host's current agent log.
+    agent_logs: Vec<PathBuf>,
     runs: usize,
 }
 
@@ -37,6 +39,7 @@ impl<'a> Lab<'a> {
             dir: dir.to_owned(),
             server: None,
             agents: (0..=agents).map(|_| None).collect(),
+            agent_logs: vec![PathBuf::new(); agents + 1],
             runs: 0,
         };
         lab.start_server();
@@ -119,8 +122,10 @@ impl<'a> Lab<'a> {
             )
             .env("BOOTTORRENT_AGENT_LOG", "info");
         self.runs += 1;
-        let proc = spawn(c, self.dir.join(format!("{id}-{}.log", self.runs)));
+        let log = self.dir.join(format!("{id}-{}.log", self.runs));
+        let proc = spawn(c, log.clone());
         self.agents[host] = Some(proc);
+        self.agent_logs[host] = log;
     }
 
     fn kill_agent(&mut self, host: usize) {
@@ -438,11 +443,21 @@ fn a_peer_serving_corrupt_data_is_rejected_and_reported() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(&net, dir.path(), 3);
+    let mut lab = Lab::start(&net, dir.path(), 3);
     let (image, bytes) = lab.catalogue(32);
-    // Host 1 gets the image first, then its copy is overwritten with garbage while it seeds.
+    // Host 1 gets the image. The machine restarts, its agent checks the image and seeds it,
+    // and then its disk starts returning garbage. A fresh agent holds no recently verified
+    // pieces in memory, so everything it serves comes from the failing disk. (Corrupted
+    // without the restart, it would serve the pieces still in memory correctly, and the test
+    // would hinge on which pieces the others happened to ask it for.)
     let first = lab.deploy_to(&image, &[1]);
     lab.wait_completed(&first);
+    lab.restart_agent(1, &[]);
+    let log = lab.agent_logs[1].clone();
+    lab.wait("host 1 checked its image and seeds it", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("checked existing data").then_some(())
+    });
     let path = dir.path().join(format!("host-1/images/{image}.vhdx"));
     let garbage: Vec<u8> = bytes.iter().map(|b| b ^ 0x5a).collect();
     std::fs::OpenOptions::new()
@@ -470,8 +485,21 @@ fn a_peer_serving_corrupt_data_is_rejected_and_reported() {
         .filter(|d| d.starts_with("corrupt_peer"))
         .collect();
     assert!(
-        reports.iter().any(|r| r.contains(&Net::ip(1))),
+        reports
+            .iter()
+            .any(|r| r.contains(&format!("peer {} ", Net::ip(1)))),
         "no corrupt_peer report naming {}: {log:#}",
         Net::ip(1)
     );
+    // Pieces mixing host 1's blocks with an honest peer's fail too; only the peer whose
+    // blocks were wrong is named, or an operator would replace a healthy machine's disk.
+    for honest in [0, 2, 3] {
+        assert!(
+            !reports
+                .iter()
+                .any(|r| r.contains(&format!("peer {} ", Net::ip(honest)))),
+            "an honest peer, {}, was reported as corrupt: {reports:#?}",
+            Net::ip(honest)
+        );
+    }
 }
