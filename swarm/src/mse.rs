@@ -231,21 +231,9 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     enc.apply_keystream(&mut reply);
     io.write_all(&reply).await?;
 
-    let (enc, dec) = if select == CRYPTO_RC4 {
-        (Some(enc), Some(dec))
-    } else {
-        (None, None)
-    };
     Ok(Accepted {
         skey,
-        stream: MseStream {
-            io,
-            enc,
-            dec,
-            pending: ia,
-            pending_at: 0,
-            wbuf: Vec::new(),
-        },
+        stream: MseStream::negotiated(io, select, enc, dec, ia),
     })
 }
 
@@ -316,19 +304,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pad = vec![0u8; pad_d];
     io.read_exact(&mut pad).await?;
     dec.apply_keystream(&mut pad);
-    let (enc, dec) = if select == CRYPTO_RC4 {
-        (Some(enc), Some(dec))
-    } else {
-        (None, None)
-    };
-    Ok(MseStream {
-        io,
-        enc,
-        dec,
-        pending: Vec::new(),
-        pending_at: 0,
-        wbuf: Vec::new(),
-    })
+    Ok(MseStream::negotiated(io, select, enc, dec, Vec::new()))
 }
 
 /// A stream that serves already-decrypted bytes first, then RC4-decrypts what it reads and
@@ -352,6 +328,21 @@ impl<S> MseStream<S> {
             io,
             enc: None,
             dec: None,
+            pending,
+            pending_at: 0,
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// The stream after a handshake that chose `select`: RC4 keeps the ciphers, plaintext
+    /// drops them (the handshake itself was encrypted either way). `pending` is the payload
+    /// that came with the handshake, already decrypted.
+    fn negotiated(io: S, select: u32, enc: Rc4<U20>, dec: Rc4<U20>, pending: Vec<u8>) -> Self {
+        let rc4 = select == CRYPTO_RC4;
+        MseStream {
+            io,
+            enc: rc4.then_some(enc),
+            dec: rc4.then_some(dec),
             pending,
             pending_at: 0,
             wbuf: Vec::new(),
