@@ -307,6 +307,13 @@ fn a_zone_deployment_reaches_every_host_and_the_server_uploads_under_two_copies(
     );
     let d = lab.wait_completed(&id);
     assert_eq!(d["counts"]["booted"], 5, "{d:#}");
+    // Each agent took the network it reaches the server through as its zone (bt_zone = auto).
+    for host in 1..=5 {
+        lab.wait("the agent's zone in its log", || {
+            let log = std::fs::read_to_string(&lab.agent_logs[host]).unwrap_or_default();
+            log.contains("zone=10.99.0.0/24").then_some(())
+        });
+    }
     for host in 1..=5 {
         assert!(
             lab.image_on(host) == bytes,

@@ -11,6 +11,8 @@ use anyhow::{Context, bail};
 use boottorrent_proto::{MachineId, PublicKeyBytes, verifying_key_from_bytes};
 use serde::{Deserialize, Serialize};
 
+pub use crate::zone::ZoneSetting;
+
 /// Name of the machine's private key file in the data directory.
 pub const KEY_FILE: &str = "agent.key";
 /// Name of the pinned server public key file in the data directory (written by `enroll`).
@@ -55,6 +57,10 @@ pub struct Config {
     /// machine dials with it and refuses plaintext. Set it on every agent when the server
     /// sets its `bt_require_encryption`, whose seeder refuses plaintext.
     pub bt_require_encryption: bool,
+    /// Which peers are this machine's zone, preferred for downloads and upload slots so that
+    /// a lab's traffic stays on its switch: `auto` (the network of the interface the server
+    /// is reached through), `off`, or networks, `10.1.2.0/24,10.1.3.0/24`.
+    pub bt_zone: ZoneSetting,
     /// What happens after an image is staged and its action asks to boot it.
     pub boot_backend: BootBackend,
     /// Program the `command` backend runs (it gets `BOOTTORRENT_IMAGE_PATH` and friends in its
@@ -127,6 +133,7 @@ impl Default for Config {
             data_dir: None,
             bt_listen: ([0, 0, 0, 0], 6881).into(),
             bt_require_encryption: false,
+            bt_zone: ZoneSetting::Auto,
             boot_backend: if cfg!(windows) {
                 BootBackend::Windows
             } else {
@@ -161,6 +168,7 @@ impl fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("bt_listen", &self.bt_listen)
             .field("bt_require_encryption", &self.bt_require_encryption)
+            .field("bt_zone", &self.bt_zone)
             .field("boot_backend", &self.boot_backend)
             .field("boot_command", &self.boot_command)
             .field("running_image_file", &self.running_image_file)
@@ -228,6 +236,14 @@ pub struct Overrides {
         value_name = "BOOL"
     )]
     pub bt_require_encryption: Option<bool>,
+    /// This machine's zone, whose peers are preferred: auto (the network of the interface
+    /// toward the server), off, or networks such as 10.1.2.0/24,10.1.3.0/24 [default: auto].
+    #[arg(
+        long,
+        env = "BOOTTORRENT_AGENT_BT_ZONE",
+        value_name = "auto|off|CIDR,..."
+    )]
+    pub bt_zone: Option<ZoneSetting>,
     /// Boot backend run after staging [default: windows on Windows, none elsewhere].
     #[arg(long, env = "BOOTTORRENT_AGENT_BOOT_BACKEND", value_enum)]
     pub boot_backend: Option<BootBackend>,
@@ -322,6 +338,7 @@ impl Config {
             data_dir,
             bt_listen,
             bt_require_encryption,
+            bt_zone,
             boot_backend,
             boot_command,
             running_image_file,
@@ -353,6 +370,7 @@ impl Config {
         set_opt(&mut self.data_dir, data_dir);
         set(&mut self.bt_listen, bt_listen);
         set(&mut self.bt_require_encryption, bt_require_encryption);
+        set(&mut self.bt_zone, bt_zone);
         set(&mut self.boot_backend, boot_backend);
         set_opt(&mut self.boot_command, boot_command);
         set_opt(&mut self.running_image_file, running_image_file);
@@ -478,6 +496,12 @@ bt_listen = "{bt_listen}"
 # Encrypt peer connections (MSE, RC4): dial with it and refuse plaintext. Needed when the
 # server sets bt_require_encryption, whose seeder then refuses plaintext.
 bt_require_encryption = false
+# Which peers are this machine's zone: they are dialled first, left the pieces they can serve
+# and given free upload slots first, so that a lab's traffic stays on its switch instead of
+# its uplink. "auto": the network of the interface the server is reached through (a lab room
+# is usually one subnet); "off": every peer alike; or the networks of this machine's switch,
+# "10.1.2.0/24,10.1.3.0/24", where a room spans subnets or shares one with other rooms.
+bt_zone = "auto"
 # After staging, when the action asks to boot: "none", "command" or "windows" (bcdedit).
 boot_backend = "{backend}"
 # Program the "command" backend runs, with BOOTTORRENT_IMAGE_PATH, BOOTTORRENT_IMAGE_ID,

@@ -38,6 +38,7 @@ mod running;
 mod service;
 mod store;
 mod tasks;
+mod zone;
 
 use config::{Config, Overrides};
 
@@ -313,6 +314,15 @@ fn run_agent(
             let swarm = swarm.clone();
             async move {
                 swarm.stopped().await;
+                Ok(())
+            }
+        });
+        // In the background: at boot the network may not be up yet.
+        tasks.spawn("zone", {
+            let (setting, swarm, stop) = (config.bt_zone.clone(), swarm.clone(), tasks.token());
+            let server = (config.server()?.to_owned(), config.mqtt_port());
+            async move {
+                zone::apply(setting, swarm, server, stop).await;
                 Ok(())
             }
         });

@@ -109,6 +109,23 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The network of `prefix` bits that holds `addr` (an interface's address and prefix
+    /// length give its network); `None` when `prefix` is longer than the address.
+    pub fn network(addr: IpAddr, prefix: u8) -> Option<Cidr> {
+        let addr = match addr {
+            IpAddr::V4(a) if prefix <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) if prefix <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+            _ => return None,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
     /// Whether `ip` is inside this network.
     pub fn contains(&self, ip: IpAddr) -> bool {
         fn masked(bits: u128, prefix: u8, width: u8) -> u128 {
@@ -129,6 +146,12 @@ impl Cidr {
             }
             _ => false,
         }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -306,5 +329,19 @@ mod tests {
         assert!(v6.contains("fd12::1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("10.0.0.0".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn an_interface_address_gives_its_network() {
+        let net = |a: &str, p| Cidr::network(a.parse().unwrap(), p).map(|c| c.to_string());
+        assert_eq!(net("10.1.2.77", 24).as_deref(), Some("10.1.2.0/24"));
+        assert_eq!(net("10.1.2.77", 32).as_deref(), Some("10.1.2.77/32"));
+        assert_eq!(net("10.1.2.77", 0).as_deref(), Some("0.0.0.0/0"));
+        assert_eq!(net("fd12:3456::9", 64).as_deref(), Some("fd12:3456::/64"));
+        assert_eq!(net("10.1.2.77", 33), None);
+        let lab = Cidr::network("10.1.2.77".parse().unwrap(), 23).unwrap();
+        assert!(lab.contains("10.1.3.200".parse().unwrap()));
+        assert!(!lab.contains("10.1.4.1".parse().unwrap()));
+        assert_eq!(lab.to_string().parse::<Cidr>(), Ok(lab));
     }
 }

@@ -75,6 +75,7 @@ impl Session {
             source,
         })?;
         let shared = Arc::new(Shared {
+            zone: std::sync::RwLock::new(config.zone.clone()),
             upload: config.upload_limit_bps.map(RateLimiter::new),
             download: config.download_limit_bps.map(RateLimiter::new),
             config,
@@ -101,6 +102,12 @@ impl Session {
     /// The address peers reach us on (the bound port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
+    }
+
+    /// Replaces the networks of our zone ([`SessionConfig::zone`]). Connections made from
+    /// now on are judged by them; those already open keep what they were judged at.
+    pub fn set_zone(&self, zone: Vec<Cidr>) {
+        *self.shared.zone.write().unwrap_or_else(|e| e.into_inner()) = zone;
     }
 
     /// Our peer id.

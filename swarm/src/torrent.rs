@@ -20,7 +20,7 @@ use crate::announce::{AnnounceRequest, Event, TrackerClient};
 use crate::assembly::{self, Assembly};
 use crate::choker::{self, Choke};
 use crate::control::{
-    AddTorrent, Mode, PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
+    AddTorrent, Cidr, Mode, PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
 };
 use crate::metainfo::Metainfo;
 use crate::picker::{PeerKey, Picker};
@@ -66,12 +66,19 @@ pub(crate) struct Shared {
     pub download: Option<RateLimiter>,
     /// Incoming connections by how they were encrypted.
     pub inbound: InboundCounters,
+    /// Networks of our zone: [`SessionConfig::zone`] at first, replaced by
+    /// [`crate::session::Session::set_zone`] (an agent learns its network once it has one).
+    pub zone: std::sync::RwLock<Vec<Cidr>>,
 }
 
 impl Shared {
     /// Whether `ip` is in our zone.
     pub fn in_zone(&self, ip: IpAddr) -> bool {
-        self.config.zone.iter().any(|c| c.contains(ip))
+        self.zone
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|c| c.contains(ip))
     }
 }
 

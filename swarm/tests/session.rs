@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use boottorrent_bt::metainfo::Metainfo;
 use boottorrent_swarm::session::{
-    AddTorrent, Encryption, Mode, Session, SessionConfig, TorrentHandle, TorrentState, TorrentStats,
+    AddTorrent, Cidr, Encryption, Mode, Session, SessionConfig, TorrentHandle, TorrentState,
+    TorrentStats,
 };
 use sha1::{Digest, Sha1};
 use tokio_util::sync::CancellationToken;
@@ -146,14 +147,45 @@ async fn leecher_gets_identical_bytes_and_remove_deletes_the_file() {
 /// order, not its map's, or a 300-machine lab sends most bytes across its switches' uplinks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_are_dialled_in_the_order_they_were_handed_out() {
+    let uploads = who_serves_a_leecher_with_room_for_one(&["127.0.0.1"; 6], None).await;
+    assert!(
+        uploads[0] > 0 && uploads[1..].iter().all(|&u| u == 0),
+        "the first address handed out must serve the file, and no other: {uploads:?}"
+    );
+}
+
+/// An agent learns its zone (its network toward the server) after its engine started: from
+/// then on a peer of that network is dialled before the ones handed out ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_set_after_start_puts_its_peers_first() {
+    let mut ips = ["127.0.0.1"; 6];
+    ips[4] = "127.0.0.2";
+    let zone = "127.0.0.2/32".parse().unwrap();
+    let uploads = who_serves_a_leecher_with_room_for_one(&ips, Some(zone)).await;
+    assert!(
+        uploads[4] > 0 && uploads.iter().enumerate().all(|(i, &u)| i == 4 || u == 0),
+        "the one seeder in the zone must serve the file, and no other: {uploads:?}"
+    );
+}
+
+/// Seeders listening on `ips`, handed out in that order to a leecher with room for one peer
+/// and, when given, `zone` set after it started: what each seeder uploaded once the leecher
+/// has the whole file.
+async fn who_serves_a_leecher_with_room_for_one(ips: &[&str], zone: Option<Cidr>) -> Vec<u64> {
     let dir = tempfile::tempdir().unwrap();
     let data = random_bytes(1024 * 1024);
     let meta = torrent_for("image.vhdx", &data, 256 * 1024);
     let source = dir.path().join("source.vhdx");
     std::fs::write(&source, &data).unwrap();
     let mut seeders = Vec::new();
-    for _ in 0..6 {
-        let (seeder, stop) = session(SessionConfig::default()).await;
+    for ip in ips {
+        let stop = CancellationToken::new();
+        let listen = format!("{ip}:0").parse().unwrap();
+        let config = SessionConfig {
+            listen,
+            ..SessionConfig::default()
+        };
+        let seeder = Session::start(config, stop.clone()).await.unwrap();
         let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
         wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
         seeders.push((seeder, seeding, stop));
@@ -165,6 +197,9 @@ async fn peers_are_dialled_in_the_order_they_were_handed_out() {
         ..SessionConfig::default()
     })
     .await;
+    if let Some(zone) = zone {
+        leecher.set_zone(vec![zone]);
+    }
     let order: Vec<&Session> = seeders.iter().map(|(s, _, _)| s).collect();
     let handle = add(
         &leecher,
@@ -189,14 +224,11 @@ async fn peers_are_dialled_in_the_order_they_were_handed_out() {
     })
     .await
     .expect("the seeders count what they sent");
-    assert!(
-        uploads[0] >= data.len() as u64 && uploads[1..].iter().all(|&u| u == 0),
-        "the first address handed out must serve the file, and no other: {uploads:?}"
-    );
     stop_leecher.cancel();
     for (_, _, stop) in &seeders {
         stop.cancel();
     }
+    uploads
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
