@@ -108,9 +108,10 @@ pub struct Lab {
     /// Whether the tracker knows each host's zone (its switch) and hands out zone peers
     /// first. Without it every host is in a subnet of its own, and handout is random.
     pub locality: bool,
-    /// Whether hosts also configure their zone (`SessionConfig::zone`): the picker leaves
-    /// zone-held pieces to zone peers, dialling goes zone first and the choker unchokes zone
-    /// peers first. Agents do not today.
+    /// Whether hosts also know their zone (`SessionConfig::zone`, which agents take from
+    /// the network of their interface toward the server, here their switch): the picker
+    /// leaves zone-held pieces to zone peers, dialling goes zone first and the choker
+    /// unchokes zone peers first. `false` is the engine before agents knew it.
     pub engine_zone: bool,
     /// Hosts dial the tracker's peers in the order it handed them out (zone first), as the
     /// engine does; `false` is the engine before, which dialled in arbitrary order.
@@ -136,7 +137,8 @@ pub struct Lab {
 
 impl Lab {
     /// A lab of `hosts` on `host_mbit` links (the server too), 40 hosts per switch on
-    /// 10 Gbit/s uplinks, 0.1 ms per hop, hosts starting within 50 ms, tracker locality on.
+    /// 10 Gbit/s uplinks, 0.1 ms per hop, hosts starting within 50 ms, tracker locality on
+    /// and hosts knowing their zone.
     pub fn new(hosts: usize, image_len: u64, host_mbit: f64) -> Lab {
         let rate = host_mbit * 1e6 / 8.0;
         Lab {
@@ -149,7 +151,7 @@ impl Lab {
             per_switch: 40,
             uplink_rate: 10e9 / 8.0,
             locality: true,
-            engine_zone: false,
+            engine_zone: true,
             dial_in_handout_order: true,
             dial_on_announce: true,
             hop_latency: 100e-6,

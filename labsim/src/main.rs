@@ -6,7 +6,7 @@ use boottorrent_labsim::Lab;
 
 const USAGE: &str = "usage: boottorrent-labsim [--hosts N] [--image-bytes S] [--piece-kib K] \
 [--host-mbit B] [--server-mbit B] [--slow FRACTION] [--slow-mbit B] [--per-switch H] \
-[--uplink-gbit U] [--no-locality] [--engine-zone] [--dial-in-arbitrary-order] [--dial-at-tick] [--hop-us L] [--start-spread SECS] \
+[--uplink-gbit U] [--no-locality] [--no-engine-zone] [--dial-in-arbitrary-order] [--dial-at-tick] [--hop-us L] [--start-spread SECS] \
 [--failing FRACTION] [--startup SECS] [--finish SECS] [--cpu CORES:CPU_S_PER_GIB] [--step SECS] \
 [--seed N] [--limit SECS]";
 
@@ -39,7 +39,7 @@ fn main() {
             "--per-switch" => lab.per_switch = value("hosts") as usize,
             "--uplink-gbit" => lab.uplink_rate = value("Gbit/s") * 1e9 / 8.0,
             "--no-locality" => lab.locality = false,
-            "--engine-zone" => lab.engine_zone = true,
+            "--no-engine-zone" => lab.engine_zone = false,
             "--dial-in-arbitrary-order" => lab.dial_in_handout_order = false,
             "--dial-at-tick" => lab.dial_on_announce = false,
             "--hop-us" => lab.hop_latency = value("microseconds") * 1e-6,
