@@ -113,6 +113,9 @@ pub struct Lab {
     /// leaves zone-held pieces to zone peers, dialling goes zone first and the choker
     /// unchokes zone peers first. `false` is the engine before agents knew it.
     pub engine_zone: bool,
+    /// Most pieces a host has in flight from outside its zone while its zone holds pieces;
+    /// `None` is the engine's `picker::OUTSIDE_PIECES`.
+    pub outside_pieces: Option<usize>,
     /// Hosts dial the tracker's peers in the order it handed them out (zone first), as the
     /// engine does; `false` is the engine before, which dialled in arbitrary order.
     pub dial_in_handout_order: bool,
@@ -152,6 +155,7 @@ impl Lab {
             uplink_rate: 10e9 / 8.0,
             locality: true,
             engine_zone: true,
+            outside_pieces: None,
             dial_in_handout_order: true,
             dial_on_announce: true,
             hop_latency: 100e-6,
@@ -414,6 +418,9 @@ impl<'a> Sim<'a> {
                 geometry,
             );
             node.start = start;
+            if let Some(k) = lab.outside_pieces {
+                node.picker.limit_outside(k);
+            }
             if fails {
                 node.failed = false;
                 node.complete_at = None;
