@@ -697,13 +697,23 @@ impl Connection {
             let mut blocks = self.torrent.lock().assembly.take(piece);
             let storage = self.torrent.storage.clone();
             let expected = self.torrent.meta.piece_hashes[piece as usize];
+            let suspected = self.torrent.suspected(piece);
             let stored = tokio::task::spawn_blocking(move || {
                 storage
                     .store_piece(piece, &mut blocks, &expected)
-                    .map(|ok| (ok, blocks))
+                    .map(|stored| {
+                        // Which peer sent a wrong block is told by comparing the blocks of a
+                        // failed piece with the same piece once it passes (Torrent::blame).
+                        let digests = if stored == Stored::Mismatch || suspected {
+                            block_digests(&blocks)
+                        } else {
+                            Vec::new()
+                        };
+                        (stored, blocks, digests)
+                    })
             })
             .await;
-            let (stored, blocks) = match stored {
+            let (stored, blocks, digests) = match stored {
                 Ok(Ok(stored)) => stored,
                 Ok(Err(e)) => return Err(self.storage_failed(e.to_string())),
                 Err(e) => return Err(self.storage_failed(e.to_string())),
@@ -712,17 +722,26 @@ impl Connection {
             let mut st = self.torrent.lock();
             let senders = st.picker.verified(piece, ok);
             if ok {
+                self.torrent.convict(&mut st, piece, &digests);
                 if stored == Stored::Whole {
                     st.assembly.keep_verified(piece, blocks);
                 }
                 self.torrent.piece_verified(&mut st, piece);
             } else {
                 tracing::warn!(torrent = %self.torrent.info_hash(), piece, "piece failed its hash; fetching it again");
-                self.torrent.blame(&mut st, &senders);
+                self.torrent.blame(&mut st, piece, &senders, &digests);
             }
         }
         self.fill_requests(sink).await
     }
+}
+
+/// SHA-1 of each held block of a piece, by offset.
+fn block_digests(blocks: &[(u32, bytes::Bytes)]) -> Vec<(u32, [u8; 20])> {
+    blocks
+        .iter()
+        .map(|(offset, data)| (*offset, crate::storage::piece_hash(data)))
+        .collect()
 }
 
 /// Writes `msgs` with one flush at the end.

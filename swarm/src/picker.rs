@@ -6,7 +6,7 @@
 //!   fixed per torrent (different on every host, so hosts diverge);
 //! - the **first piece is random**, to have something to trade as soon as possible;
 //! - **partial pieces are finished first**, and a piece belongs to the peer that started it
-//!   (piece affinity), so a piece that fails its hash has one sender to blame;
+//!   (piece affinity), so a piece that fails its hash mostly has one sender to blame;
 //! - pieces that peers of our own zone can serve are left to them when another piece would do
 //!   for a peer outside the zone, and once the zone holds pieces, peers outside it have at
 //!   most [`OUTSIDE_PIECES`] pieces in flight: what crosses an uplink comes a few pieces at a
@@ -36,6 +36,8 @@ pub const OUTSIDE_PIECES: usize = 2;
 #[derive(Debug, Clone, Default)]
 struct BlockState {
     received: bool,
+    /// Who sent it, to blame when the piece fails its hash.
+    from: Option<PeerKey>,
     /// Peers with an outstanding request for this block.
     requested_by: Vec<PeerKey>,
 }
@@ -47,8 +49,6 @@ struct Partial {
     owner: Option<PeerKey>,
     blocks: Vec<BlockState>,
     received: u32,
-    /// Everyone who sent a block of this piece, to blame when its hash fails.
-    contributors: Vec<PeerKey>,
     /// Started by a peer outside our zone.
     outside: bool,
 }
@@ -244,7 +244,6 @@ impl Picker {
                     owner: Some(peer),
                     blocks,
                     received: 0,
-                    contributors: Vec::new(),
                     outside: !in_zone,
                 },
             );
@@ -340,15 +339,13 @@ impl Picker {
             return Received::Unexpected;
         }
         state.received = true;
+        state.from = Some(peer);
         let cancel: Vec<PeerKey> = state
             .requested_by
             .drain(..)
             .filter(|&k| k != peer)
             .collect();
         p.received += 1;
-        if !p.contributors.contains(&peer) {
-            p.contributors.push(peer);
-        }
         if p.received as usize == p.blocks.len() {
             self.verifying[block.piece as usize] = true;
             Received::PieceDone { cancel }
@@ -358,20 +355,23 @@ impl Picker {
     }
 
     /// The verdict on a piece that was [`Received::PieceDone`]: on success it is ours; on
-    /// failure it starts over and the returned peers sent its blocks.
-    pub fn verified(&mut self, piece: u32, ok: bool) -> Vec<PeerKey> {
+    /// failure it starts over, and the returned (block offset, peer) say who sent each block.
+    pub fn verified(&mut self, piece: u32, ok: bool) -> Vec<(u32, PeerKey)> {
         self.verifying[piece as usize] = false;
-        let contributors = self
-            .partial
-            .remove(&piece)
-            .map(|p| p.contributors)
-            .unwrap_or_default();
+        let partial = self.partial.remove(&piece);
         if ok {
             self.have.set(piece);
-            Vec::new()
-        } else {
-            contributors
+            return Vec::new();
         }
+        let Some(partial) = partial else {
+            return Vec::new();
+        };
+        partial
+            .blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(b, state)| Some((b as u32 * BLOCK_LEN, state.from?)))
+            .collect()
     }
 
     /// Whether `peer` has anything we still need.
@@ -472,7 +472,7 @@ mod tests {
             p.pick(7, &all, false, 10).is_empty(),
             "verifying: nothing to pick"
         );
-        assert_eq!(p.verified(0, false), vec![7]);
+        assert_eq!(p.verified(0, false), vec![(0, 7), (BLOCK_LEN, 7)]);
         // It starts over.
         let again = p.pick(8, &all, false, 10);
         assert_eq!(again.len(), 2);

@@ -32,6 +32,9 @@ use crate::{Bitfield, InfoHash, PeerId};
 
 /// Hash failures a peer may cause before it is banned.
 const STRIKES_TO_BAN: u32 = 2;
+/// Suspect blocks kept per piece (a few failures' worth): what a run of hostile peers can
+/// make us hold is bounded.
+const SUSPECTS_PER_PIECE: usize = 256;
 /// How long a failed address waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(15);
 /// How long an address whose connection ended waits before it is dialled again.
@@ -113,6 +116,33 @@ pub(crate) struct PeerSlot {
     pub offers: Offers,
 }
 
+/// A peer to strike for a bad block: who it is, even after it disconnected.
+#[derive(Debug, Clone, Copy)]
+struct Offender {
+    id: PeerId,
+    addr: SocketAddr,
+    outbound: bool,
+}
+
+impl Offender {
+    fn of_slot(slot: Option<&PeerSlot>) -> Option<Offender> {
+        slot.map(|s| Offender {
+            id: s.peer_id,
+            addr: s.addr,
+            outbound: s.outbound,
+        })
+    }
+}
+
+/// One block of a piece that failed its hash with blocks from several peers.
+#[derive(Debug)]
+struct Suspect {
+    offset: u32,
+    offender: Offender,
+    /// SHA-1 of the block as that peer sent it.
+    digest: [u8; 20],
+}
+
 /// Where we know a peer address from, and how connecting to it went.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
@@ -138,6 +168,9 @@ pub(crate) struct State {
     /// Every banned peer's address, for the stats.
     banned_log: Vec<SocketAddr>,
     strikes: HashMap<PeerId, u32>,
+    /// Blocks of pieces that failed their hash while several peers had sent parts of them,
+    /// until the piece passes and shows which block was wrong (see [`Torrent::blame`]).
+    suspects: HashMap<u32, Vec<Suspect>>,
     pub phase: TorrentState,
     /// Super-seeding's torrent-wide bookkeeping.
     superseed: SuperSeed,
@@ -241,6 +274,7 @@ impl Torrent {
                 banned_addrs: HashSet::new(),
                 banned_log: Vec::new(),
                 strikes: HashMap::new(),
+                suspects: HashMap::new(),
                 phase: TorrentState::Checking { pieces_checked: 0 },
                 superseed: SuperSeed::new(geometry),
                 dirty: false,
@@ -604,28 +638,93 @@ impl Torrent {
         }
     }
 
-    /// Records a hash failure against every sender of the piece; bans repeat offenders.
-    pub fn blame(&self, st: &mut State, senders: &[PeerKey]) {
+    /// Records a hash failure of `piece`, whose blocks came from `senders` (block offset,
+    /// peer) and hashed to `digests` (block offset, SHA-1, for the blocks held in memory).
+    ///
+    /// A piece from one peer is that peer's fault. A piece from several is not yet anyone's:
+    /// blaming all of them would let a hostile peer that sends half a piece of garbage and
+    /// then chokes us get the honest peer that finished it banned, and reported to the
+    /// operator as a corrupt machine. Their blocks' digests are kept instead, and when the
+    /// piece passes, [`Torrent::convict`] strikes exactly the peers whose blocks differ.
+    pub fn blame(
+        &self,
+        st: &mut State,
+        piece: u32,
+        senders: &[(u32, PeerKey)],
+        digests: &[(u32, [u8; 20])],
+    ) {
         self.hash_failures.fetch_add(1, Ordering::Relaxed);
-        for key in senders {
-            let Some(slot) = st.peers.get(key) else {
+        let mut keys: Vec<PeerKey> = senders.iter().map(|&(_, key)| key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if let [only] = keys[..] {
+            if let Some(offender) = Offender::of_slot(st.peers.get(&only)) {
+                self.strike(st, offender);
+            }
+            return;
+        }
+        tracing::info!(torrent = %self.info_hash(), piece, peers = keys.len(), "a piece from several peers failed its hash; whoever sent the wrong blocks is struck once it passes");
+        let suspects = st.suspects.entry(piece).or_default();
+        for &(offset, key) in senders {
+            let Some(offender) = Offender::of_slot(st.peers.get(&key)) else {
                 continue;
             };
-            let (id, addr) = (slot.peer_id, slot.addr);
-            let strikes = st.strikes.entry(id).or_insert(0);
-            *strikes += 1;
-            tracing::warn!(peer = %addr, strikes = *strikes, "peer sent a piece that failed its hash");
-            if *strikes >= STRIKES_TO_BAN {
-                st.banned_ids.insert(id);
-                if slot.outbound {
-                    st.banned_addrs.insert(addr);
-                }
-                let _ = slot.tx.send(Cmd::Close("banned: sent corrupt data"));
-                st.banned_log.push(addr);
-                self.banned.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %addr, "banned peer for sending corrupt data");
+            let Some(&(_, digest)) = digests.iter().find(|(o, _)| *o == offset) else {
+                continue; // written to the file under memory pressure: cannot be compared
+            };
+            if suspects.len() < SUSPECTS_PER_PIECE {
+                suspects.push(Suspect {
+                    offset,
+                    offender,
+                    digest,
+                });
             }
         }
+    }
+
+    /// Whether `piece` failed before with blocks from several peers, so that its good blocks
+    /// must be compared when it passes.
+    pub fn suspected(&self, piece: u32) -> bool {
+        self.lock().suspects.contains_key(&piece)
+    }
+
+    /// `piece` passed with blocks hashing to `good` (block offset, SHA-1): strikes each peer
+    /// that had sent a block of it that differs.
+    pub fn convict(&self, st: &mut State, piece: u32, good: &[(u32, [u8; 20])]) {
+        let Some(suspects) = st.suspects.remove(&piece) else {
+            return;
+        };
+        let mut wrong: Vec<Offender> = suspects
+            .iter()
+            .filter(|s| good.iter().any(|&(o, d)| o == s.offset && d != s.digest))
+            .map(|s| s.offender)
+            .collect();
+        // One strike per peer and piece, however many of its blocks were wrong, as for a
+        // piece it sent alone.
+        wrong.sort_unstable_by_key(|o| o.id.0);
+        wrong.dedup_by_key(|o| o.id);
+        for offender in wrong {
+            self.strike(st, offender);
+        }
+    }
+
+    /// One more hash failure against a peer; the second bans it.
+    fn strike(&self, st: &mut State, offender: Offender) {
+        let strikes = st.strikes.entry(offender.id).or_insert(0);
+        *strikes += 1;
+        tracing::warn!(peer = %offender.addr, strikes = *strikes, "peer sent a piece that failed its hash");
+        if *strikes < STRIKES_TO_BAN || !st.banned_ids.insert(offender.id) {
+            return;
+        }
+        if offender.outbound {
+            st.banned_addrs.insert(offender.addr);
+        }
+        for slot in st.peers.values().filter(|s| s.peer_id == offender.id) {
+            let _ = slot.tx.send(Cmd::Close("banned: sent corrupt data"));
+        }
+        st.banned_log.push(offender.addr);
+        self.banned.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %offender.addr, "banned peer for sending corrupt data");
     }
 
     /// A piece passed its hash: tell every peer, and note completion.

@@ -1,7 +1,8 @@
 //! The session API driven in-process: two engines talking over loopback TCP (a real wire,
 //! no tracker), checking what the server and the agent rely on: stats, pause and resume,
-//! removal with the file, refusing to seed a file that does not match, and encryption (MSE,
-//! RC4) required: dialled with and refused without.
+//! removal with the file, refusing to seed a file that does not match, encryption (MSE, RC4)
+//! required: dialled with and refused without, the zone and the dialling order, and a hostile
+//! peer that tries to get an honest one banned.
 
 use std::path::Path;
 use std::time::Duration;
@@ -346,4 +347,139 @@ async fn engines_requiring_encryption_talk_rc4_and_a_plaintext_one_is_refused() 
     })
     .await
     .expect("sessions stop");
+}
+
+/// A hostile peer frames an honest one: it sends the first half of each piece it is asked
+/// for as garbage and then chokes (which discards our other requests), so the honest seeder
+/// finishes those pieces and they fail their hash with blocks from both. Only the peer whose
+/// blocks were wrong may be struck: blaming every sender banned the honest seeder as well (and
+/// an agent reports banned peers to the operator as corrupt machines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_half_pieces_of_garbage_cannot_get_the_honest_one_banned() {
+    const PIECE: usize = 256 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(16 * PIECE);
+    let meta = torrent_for("image.vhdx", &data, PIECE);
+    let source = dir.path().join("source.vhdx");
+    std::fs::write(&source, &data).unwrap();
+    // Slow enough that the leecher asks the hostile peer too.
+    let (honest, stop_honest) = session(SessionConfig {
+        upload_limit_bps: Some(1024 * 1024),
+        ..SessionConfig::default()
+    })
+    .await;
+    let seeding = add(&honest, &meta, &source, Mode::Seed, &[]);
+    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
+    let hostile = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let hostile_addr = hostile.local_addr().unwrap();
+    tokio::spawn(framing_peer(hostile, meta.info_hash.0, 16, PIECE as u32));
+
+    let (leecher, stop_leecher) = session(SessionConfig::default()).await;
+    let handle = leecher
+        .add(AddTorrent {
+            metainfo: meta.clone(),
+            path: dir.path().join("out.vhdx"),
+            mode: Mode::Download,
+            peers: vec![hostile_addr, honest.local_addr()],
+            use_tracker: false,
+        })
+        .unwrap();
+    let done = wait_stats(&handle, "completion", |s| s.state == TorrentState::Seeding).await;
+    assert_eq!(std::fs::read(dir.path().join("out.vhdx")).unwrap(), data);
+    assert!(
+        done.hash_failures >= 1,
+        "the hostile peer was never asked: {done:?}"
+    );
+    assert!(
+        !done.banned_peers.contains(&honest.local_addr()),
+        "the honest seeder was banned: {:?}",
+        done.banned_peers
+    );
+    let banned = wait_stats(&handle, "the hostile peer banned", |s| {
+        s.banned_peers.contains(&hostile_addr)
+    })
+    .await;
+    assert!(!banned.banned_peers.contains(&honest.local_addr()));
+    stop_leecher.cancel();
+    stop_honest.cancel();
+}
+
+/// The hostile peer of the test above, speaking BEP 3 on a real socket: a seed of `pieces`
+/// pieces that answers requests in the first half of a piece with garbage and a request past
+/// it with a choke. Requests that crossed the choke are dropped, as the other side drops them
+/// on reading it; then it unchokes and starts over.
+async fn framing_peer(
+    listener: tokio::net::TcpListener,
+    info_hash: [u8; 20],
+    pieces: u32,
+    piece_len: u32,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The next message's body; `read_buf` keeps it safe to give up on while waiting.
+    async fn message(
+        conn: &mut tokio::net::TcpStream,
+        buf: &mut bytes::BytesMut,
+    ) -> std::io::Result<Vec<u8>> {
+        loop {
+            if buf.len() >= 4 {
+                let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+                if buf.len() >= 4 + len {
+                    let frame = buf.split_to(4 + len);
+                    return Ok(frame[4..].to_vec());
+                }
+            }
+            if conn.read_buf(buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+    while let Ok((mut conn, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut theirs = [0u8; 68];
+            conn.read_exact(&mut theirs).await?;
+            let mut hello = vec![19u8];
+            hello.extend_from_slice(b"BitTorrent protocol");
+            hello.extend_from_slice(&[0u8; 8]);
+            hello.extend_from_slice(&info_hash);
+            hello.extend_from_slice(b"-XX0001-framingpeer!");
+            conn.write_all(&hello).await?;
+            let mut bitfield = vec![0u8; pieces.div_ceil(8) as usize];
+            for i in 0..pieces {
+                bitfield[(i / 8) as usize] |= 0x80 >> (i % 8);
+            }
+            let mut msg = ((bitfield.len() + 1) as u32).to_be_bytes().to_vec();
+            msg.push(5);
+            msg.extend_from_slice(&bitfield);
+            msg.extend_from_slice(&[0, 0, 0, 1, 1]); // unchoke
+            conn.write_all(&msg).await?;
+            let mut buf = bytes::BytesMut::new();
+            loop {
+                let body = message(&mut conn, &mut buf).await?;
+                if body.first() != Some(&6) || body.len() != 13 {
+                    continue; // keep-alive, interested, have, cancel...
+                }
+                let field = |i: usize| u32::from_be_bytes(body[i..i + 4].try_into().unwrap());
+                let (index, begin, length) = (field(1), field(5), field(9));
+                if begin < piece_len / 2 {
+                    let mut piece = (9 + length).to_be_bytes().to_vec();
+                    piece.push(7);
+                    piece.extend_from_slice(&index.to_be_bytes());
+                    piece.extend_from_slice(&begin.to_be_bytes());
+                    piece.extend(std::iter::repeat_n(0xa5u8, length as usize));
+                    conn.write_all(&piece).await?;
+                    continue;
+                }
+                conn.write_all(&[0, 0, 0, 1, 0]).await?; // choke
+                while let Ok(crossed) =
+                    tokio::time::timeout(Duration::from_millis(100), message(&mut conn, &mut buf))
+                        .await
+                {
+                    crossed?;
+                }
+                conn.write_all(&[0, 0, 0, 1, 1]).await?; // unchoke
+            }
+            #[allow(unreachable_code)]
+            Ok::<_, std::io::Error>(())
+        });
+    }
 }
