@@ -694,10 +694,12 @@ impl Connection {
             }
         }
         if done {
-            let mut blocks = self.torrent.lock().assembly.take(piece);
+            let (mut blocks, suspected) = {
+                let mut st = self.torrent.lock();
+                (st.assembly.take(piece), st.suspected(piece))
+            };
             let storage = self.torrent.storage.clone();
             let expected = self.torrent.meta.piece_hashes[piece as usize];
-            let suspected = self.torrent.suspected(piece);
             let stored = tokio::task::spawn_blocking(move || {
                 storage
                     .store_piece(piece, &mut blocks, &expected)

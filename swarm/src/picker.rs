@@ -92,6 +92,9 @@ pub struct Picker {
     availability: Vec<u16>,
     /// Connected peers of our zone having each piece.
     zone_availability: Vec<u16>,
+    /// Pieces that some connected peer of our zone has: kept as pieces come and go, since
+    /// [`Picker::pick`] asks on every request it makes to a peer outside the zone.
+    zone_held: u32,
     /// Random tie-break rank of each piece.
     rank: Vec<u32>,
     partial: HashMap<u32, Partial>,
@@ -114,6 +117,7 @@ impl Picker {
             have,
             availability: vec![0; n as usize],
             zone_availability: vec![0; n as usize],
+            zone_held: 0,
             rank,
             partial: HashMap::new(),
             verifying: vec![false; n as usize],
@@ -129,7 +133,7 @@ impl Picker {
     /// Whether a peer outside the zone may start another piece: always while no peer of
     /// the zone holds a piece (no zone configured, or nothing to trade in it yet).
     fn outside_may_start(&self) -> bool {
-        !self.zone_availability.iter().any(|&z| z > 0)
+        self.zone_held == 0
             || self.partial.values().filter(|p| p.outside).count() < self.outside_limit
     }
 
@@ -166,7 +170,11 @@ impl Picker {
         if let Some(a) = self.availability.get_mut(piece as usize) {
             *a = a.saturating_add(1);
             if in_zone {
-                self.zone_availability[piece as usize] += 1;
+                let z = &mut self.zone_availability[piece as usize];
+                *z += 1;
+                if *z == 1 {
+                    self.zone_held += 1;
+                }
             }
         }
     }
@@ -178,6 +186,9 @@ impl Picker {
             *a = a.saturating_sub(1);
             if in_zone {
                 let z = &mut self.zone_availability[i as usize];
+                if *z == 1 {
+                    self.zone_held -= 1;
+                }
                 *z = z.saturating_sub(1);
             }
         }
@@ -564,9 +575,13 @@ mod tests {
             p.pick(2, &all, false, 40).is_empty(),
             "a second peer outside the zone shares the same allowance"
         );
+        // The zone's only piece leaves with its peer: no limit again.
+        p.remove_peer(99, &zone_has, true);
+        assert_eq!(pieces(&p.pick(2, &all, false, 4)), 2);
+        p.add_availability(&zone_has, true);
         // A zone peer takes as much as it likes.
         let inside = p.pick(3, &all, true, 40);
-        assert_eq!(pieces(&inside), 20 - OUTSIDE_PIECES, "{inside:?}");
+        assert_eq!(pieces(&inside), 20 - OUTSIDE_PIECES - 2, "{inside:?}");
         // Pieces from outside done and verified, the next ones may start.
         let mut q = Picker::new(g, Bitfield::new(20));
         q.add_availability(&zone_has, true);

@@ -125,12 +125,12 @@ struct Offender {
 }
 
 impl Offender {
-    fn of_slot(slot: Option<&PeerSlot>) -> Option<Offender> {
-        slot.map(|s| Offender {
-            id: s.peer_id,
-            addr: s.addr,
-            outbound: s.outbound,
-        })
+    fn of(slot: &PeerSlot) -> Offender {
+        Offender {
+            id: slot.peer_id,
+            addr: slot.addr,
+            outbound: slot.outbound,
+        }
     }
 }
 
@@ -175,6 +175,14 @@ pub(crate) struct State {
     /// Super-seeding's torrent-wide bookkeeping.
     superseed: SuperSeed,
     dirty: bool,
+}
+
+impl State {
+    /// Whether `piece` failed before with blocks from several peers, so that its good blocks
+    /// must be compared when it passes.
+    pub fn suspected(&self, piece: u32) -> bool {
+        self.suspects.contains_key(&piece)
+    }
 }
 
 pub(crate) struct Torrent {
@@ -658,7 +666,7 @@ impl Torrent {
         keys.sort_unstable();
         keys.dedup();
         if let [only] = keys[..] {
-            if let Some(offender) = Offender::of_slot(st.peers.get(&only)) {
+            if let Some(offender) = st.peers.get(&only).map(Offender::of) {
                 self.strike(st, offender);
             }
             return;
@@ -666,7 +674,7 @@ impl Torrent {
         tracing::info!(torrent = %self.info_hash(), piece, peers = keys.len(), "a piece from several peers failed its hash; whoever sent the wrong blocks is struck once it passes");
         let suspects = st.suspects.entry(piece).or_default();
         for &(offset, key) in senders {
-            let Some(offender) = Offender::of_slot(st.peers.get(&key)) else {
+            let Some(offender) = st.peers.get(&key).map(Offender::of) else {
                 continue;
             };
             let Some(&(_, digest)) = digests.iter().find(|(o, _)| *o == offset) else {
@@ -680,12 +688,6 @@ impl Torrent {
                 });
             }
         }
-    }
-
-    /// Whether `piece` failed before with blocks from several peers, so that its good blocks
-    /// must be compared when it passes.
-    pub fn suspected(&self, piece: u32) -> bool {
-        self.lock().suspects.contains_key(&piece)
     }
 
     /// `piece` passed with blocks hashing to `good` (block offset, SHA-1): strikes each peer
