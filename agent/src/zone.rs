@@ -8,6 +8,11 @@
 //! default the network of the interface it reaches the server through, since a lab room is
 //! usually one subnet behind one switch. `bt_zone` names the networks instead where that is
 //! not so, or turns the preference off.
+//!
+//! The server's own address joins the zone. Its seeder offers each piece to one machine (it
+//! super-seeds), so what it sends crosses the uplink once by design; rationed like pieces
+//! pulled from another switch (the picker's few at a time), the server's link sat half idle
+//! while the offered pieces waited, and the whole lab with it (docs/benchmarks.md).
 
 use std::fmt;
 use std::io;
@@ -126,15 +131,22 @@ pub async fn apply(
         }
         ZoneSetting::Networks(networks) => {
             tracing::info!(zone = %ZoneSetting::Networks(networks.clone()), "peers in these networks (bt_zone) are this machine's zone: preferred for downloads and upload slots");
-            session.set_zone(networks);
+            let server_ips = match tokio::net::lookup_host((server.0.as_str(), server.1)).await {
+                Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+                Err(e) => {
+                    tracing::warn!(server = %server.0, "cannot resolve the server ({e}): its seeder is treated as outside the zone");
+                    Vec::new()
+                }
+            };
+            session.set_zone(with_server(networks, &server_ips));
         }
         ZoneSetting::Auto => {
             let mut warned = false;
             loop {
                 match find(&server).await {
-                    Ok(network) => {
+                    Ok((network, server_ip)) => {
                         tracing::info!(zone = %network, "peers in this machine's network toward the server are its zone: preferred for downloads and upload slots (bt_zone names others)");
-                        session.set_zone(vec![network]);
+                        session.set_zone(with_server(vec![network], &[server_ip]));
                         return;
                     }
                     Err(e) if !warned => {
@@ -152,15 +164,32 @@ pub async fn apply(
     }
 }
 
-async fn find((host, port): &(String, u16)) -> io::Result<Cidr> {
+/// The network toward the server, and the server's address it was found for.
+async fn find((host, port): &(String, u16)) -> io::Result<(Cidr, IpAddr)> {
     let mut last = io::Error::other(format!("{host} resolves to no address"));
     for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
         match network_toward(addr) {
-            Ok(network) => return Ok(network),
+            Ok(network) => return Ok((network, addr.ip())),
             Err(e) => last = e,
         }
     }
     Err(last)
+}
+
+/// `networks` and each of the server's addresses as a network of one.
+fn with_server(mut networks: Vec<Cidr>, server: &[IpAddr]) -> Vec<Cidr> {
+    for &ip in server {
+        let host = match ip {
+            IpAddr::V4(_) => Cidr::network(ip, 32),
+            IpAddr::V6(_) => Cidr::network(ip, 128),
+        };
+        if let Some(host) = host
+            && !networks.iter().any(|n| n.contains(ip))
+        {
+            networks.push(host);
+        }
+    }
+    networks
 }
 
 #[cfg(test)]
@@ -183,6 +212,21 @@ mod tests {
         let bad = "10.1.2.0".parse::<ZoneSetting>().unwrap_err();
         assert!(bad.contains("\"auto\", \"off\""), "{bad}");
         assert!("".parse::<ZoneSetting>().is_err());
+    }
+
+    #[test]
+    fn the_server_joins_the_zone_unless_a_network_of_it_holds_it() {
+        let lab: Cidr = "10.1.2.0/24".parse().unwrap();
+        let server: IpAddr = "10.0.0.5".parse().unwrap();
+        let zone = with_server(vec![lab], &[server]);
+        assert!(zone.iter().any(|n| n.contains(server)), "{zone:?}");
+        assert!(!zone.iter().any(|n| n.contains("10.0.0.6".parse().unwrap())));
+        assert_eq!(zone.len(), 2);
+        // On the lab's own network already: nothing to add.
+        let near: IpAddr = "10.1.2.1".parse().unwrap();
+        assert_eq!(with_server(vec![lab], &[near]), vec![lab]);
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert!(with_server(Vec::new(), &[v6])[0].contains(v6));
     }
 
     /// The real interfaces of this machine: loopback is 127.0.0.0/8 on every Linux.

@@ -38,6 +38,7 @@ use boottorrent_bt::wire::BlockRef;
 use boottorrent_bt::{BLOCK_LEN, Bitfield, Geometry, InfoHash, PeerId};
 use boottorrent_swarm::choker::{self, Choke};
 use boottorrent_swarm::picker::{Picker, Received};
+use boottorrent_swarm::session;
 use boottorrent_swarm::superseed::{self, Offers, SuperSeed};
 use boottorrent_tracker::swarm::{Locality, Tracker, TrackerConfig};
 use rand::rngs::StdRng;
@@ -116,6 +117,14 @@ pub struct Lab {
     /// Most pieces a host has in flight from outside its zone while its zone holds pieces;
     /// `None` is the engine's `picker::OUTSIDE_PIECES`.
     pub outside_pieces: Option<usize>,
+    /// Whether a host's zone also holds the server, as an agent's does: what the
+    /// super-seeder offers is not rationed like pieces from another switch. `false` is the
+    /// engine before.
+    pub server_in_zone: bool,
+    /// Whether peers outside a host's zone hold at most
+    /// `session::outside_peer_limit` of its connections, as in the engine. `false` is the
+    /// engine before.
+    pub outside_peer_limit: bool,
     /// Hosts dial the tracker's peers in the order it handed them out (zone first), as the
     /// engine does; `false` is the engine before, which dialled in arbitrary order.
     pub dial_in_handout_order: bool,
@@ -156,6 +165,8 @@ impl Lab {
             locality: true,
             engine_zone: true,
             outside_pieces: None,
+            server_in_zone: true,
+            outside_peer_limit: true,
             dial_in_handout_order: true,
             dial_on_announce: true,
             hop_latency: 100e-6,
@@ -720,7 +731,15 @@ impl<'a> Sim<'a> {
         } else {
             chosen.shuffle(&mut self.rng);
         }
-        chosen.sort_by_key(|&p| !(self.lab.engine_zone && self.same_switch(n, p)));
+        chosen.sort_by_key(|&p| !self.in_zone(n, p));
+        let mut outside_room = self.outside_room(n, true);
+        chosen.retain(|&p| {
+            let take = self.in_zone(n, p) || outside_room > 0;
+            if take && !self.in_zone(n, p) {
+                outside_room -= 1;
+            }
+            take
+        });
         chosen.truncate(room);
         for p in chosen {
             if let Some(c) = self.nodes[n].candidates.get_mut(&p) {
@@ -736,8 +755,33 @@ impl<'a> Sim<'a> {
         self.nodes[a].switch.is_some() && self.nodes[a].switch == self.nodes[b].switch
     }
 
+    /// Whether `b` is in `a`'s zone as `a`'s engine sees it: the server's engine has no
+    /// zone; a host's holds its switch and, as an agent's does, the server.
     fn in_zone(&self, a: usize, b: usize) -> bool {
-        self.lab.engine_zone && self.same_switch(a, b)
+        self.has_zone(a)
+            && (self.same_switch(a, b) || (self.lab.server_in_zone && self.nodes[b].server))
+    }
+
+    fn has_zone(&self, n: usize) -> bool {
+        self.lab.engine_zone && !self.nodes[n].server
+    }
+
+    /// How many more peers outside its zone `n` may take: counting those it is dialling
+    /// (`dial_targets`) or not (`register`).
+    fn outside_room(&self, n: usize, dialling: bool) -> usize {
+        if !self.lab.outside_peer_limit || !self.has_zone(n) {
+            return usize::MAX;
+        }
+        let node = &self.nodes[n];
+        let mut outside = node.peers.values().filter(|s| !s.in_zone).count();
+        if dialling {
+            outside += node
+                .candidates
+                .iter()
+                .filter(|(p, c)| c.connecting && !self.in_zone(n, **p))
+                .count();
+        }
+        session::outside_peer_limit(node.max_peers).saturating_sub(outside)
     }
 
     /// `from`'s handshake reached `to`: `register`, then both introduce themselves.
@@ -756,6 +800,7 @@ impl<'a> Sim<'a> {
         let target = &self.nodes[to];
         let refuse = target.peers.len() >= target.max_peers
             || target.key_of.contains_key(&from)
+            || (!self.in_zone(to, from) && self.outside_room(to, false) == 0)
             || (target.picker.is_complete()
                 && self.nodes[from].picker.is_complete()
                 && !target.server);

@@ -6,7 +6,7 @@ use boottorrent_labsim::Lab;
 
 const USAGE: &str = "usage: boottorrent-labsim [--hosts N] [--image-bytes S] [--piece-kib K] \
 [--host-mbit B] [--server-mbit B] [--slow FRACTION] [--slow-mbit B] [--per-switch H] \
-[--uplink-gbit U] [--no-locality] [--no-engine-zone] [--outside-pieces K] [--dial-in-arbitrary-order] [--dial-at-tick] [--hop-us L] [--start-spread SECS] \
+[--uplink-gbit U] [--no-locality] [--no-engine-zone] [--outside-pieces K] [--no-server-in-zone] [--no-outside-peer-limit] [--dial-in-arbitrary-order] [--dial-at-tick] [--hop-us L] [--start-spread SECS] \
 [--failing FRACTION] [--startup SECS] [--finish SECS] [--cpu CORES:CPU_S_PER_GIB] [--step SECS] \
 [--seed N] [--limit SECS]";
 
@@ -41,6 +41,8 @@ fn main() {
             "--no-locality" => lab.locality = false,
             "--no-engine-zone" => lab.engine_zone = false,
             "--outside-pieces" => lab.outside_pieces = Some(value("pieces") as usize),
+            "--no-server-in-zone" => lab.server_in_zone = false,
+            "--no-outside-peer-limit" => lab.outside_peer_limit = false,
             "--dial-in-arbitrary-order" => lab.dial_in_handout_order = false,
             "--dial-at-tick" => lab.dial_on_announce = false,
             "--hop-us" => lab.hop_latency = value("microseconds") * 1e-6,
@@ -96,6 +98,8 @@ fn main() {
         "locality": lab.locality,
         "engine_zone": lab.engine_zone,
         "outside_pieces": lab.outside_pieces,
+        "server_in_zone": lab.server_in_zone,
+        "outside_peer_limit": lab.outside_peer_limit,
         "dial_in_handout_order": lab.dial_in_handout_order,
         "dial_on_announce": lab.dial_on_announce,
         "hop_us": lab.hop_latency * 1e6,

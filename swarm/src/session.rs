@@ -33,7 +33,7 @@ use crate::announce::TrackerClient;
 use crate::choker::ROTATE_EVERY;
 pub use crate::control::{
     AddTorrent, Admission, AdmitFn, AdmitFuture, Cidr, ConnectionCounts, Encryption, Mode,
-    PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
+    PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats, outside_peer_limit,
 };
 use crate::metainfo::Metainfo;
 use crate::mse;

@@ -21,6 +21,7 @@ use crate::assembly::{self, Assembly};
 use crate::choker::{self, Choke};
 use crate::control::{
     AddTorrent, Cidr, Mode, PeerStats, SessionConfig, SwarmError, TorrentState, TorrentStats,
+    outside_peer_limit,
 };
 use crate::metainfo::Metainfo;
 use crate::picker::{PeerKey, Picker};
@@ -82,6 +83,15 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .any(|c| c.contains(ip))
+    }
+
+    /// Whether we know our zone at all (peers outside it are then rationed).
+    pub fn has_zone(&self) -> bool {
+        !self
+            .zone
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 }
 
@@ -537,6 +547,22 @@ impl Torrent {
         // its zone first): the simulated 300-machine lab in docs/benchmarks.md keeps twice as
         // many connections within a switch that way than in the map's arbitrary order.
         chosen.sort_by_key(|(a, learned)| (!self.shared.in_zone(a.ip()), *learned));
+        if self.shared.has_zone() {
+            let outside = st.peers.values().filter(|p| !p.in_zone).count()
+                + st.candidates
+                    .iter()
+                    .filter(|(a, c)| c.connecting && !self.shared.in_zone(a.ip()))
+                    .count();
+            let mut outside_room =
+                outside_peer_limit(self.shared.config.max_peers).saturating_sub(outside);
+            chosen.retain(|(a, _)| {
+                let take = self.shared.in_zone(a.ip()) || outside_room > 0;
+                if take && !self.shared.in_zone(a.ip()) {
+                    outside_room -= 1;
+                }
+                take
+            });
+        }
         chosen.truncate(room);
         let chosen: Vec<SocketAddr> = chosen.into_iter().map(|(a, _)| a).collect();
         for addr in &chosen {
@@ -592,6 +618,15 @@ impl Torrent {
         if st.peers.len() >= self.shared.config.max_peers {
             return None;
         }
+        let in_zone = self.shared.in_zone(addr.ip());
+        if !in_zone
+            && self.shared.has_zone()
+            && st.peers.values().filter(|p| !p.in_zone).count()
+                >= outside_peer_limit(self.shared.config.max_peers)
+        {
+            tracing::trace!(peer = %addr, "refused: peers outside our zone hold their share of connections");
+            return None;
+        }
         // Two of our peers often dial each other at once. Keep the connection opened by the
         // side with the smaller peer id; both sides reach the same verdict.
         let ours = self.shared.peer_id;
@@ -622,9 +657,9 @@ impl Torrent {
                 outbound,
                 tx,
                 has: Bitfield::new(pieces),
-                in_zone: self.shared.in_zone(addr.ip()),
+                in_zone,
                 choke: Choke {
-                    zone: self.shared.in_zone(addr.ip()),
+                    zone: in_zone,
                     ..Choke::new(Instant::now())
                 },
                 downloaded: 0,

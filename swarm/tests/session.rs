@@ -169,6 +169,78 @@ async fn a_zone_set_after_start_puts_its_peers_first() {
     );
 }
 
+/// While its zone is known, a machine keeps half its connections for peers of the zone:
+/// outside peers it could dial, and outside peers dialling it, get the other half, and a
+/// peer of the zone still gets in. Without that, machines of other switches fill a machine
+/// up before it reaches its own switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_outside_the_zone_hold_at_most_half_the_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(1024 * 1024);
+    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
+    let (machine, stop_machine) = session(SessionConfig {
+        max_peers: 4,
+        zone: vec!["127.0.0.2/32".parse().unwrap()],
+        ..SessionConfig::default()
+    })
+    .await;
+    // Nobody has any of the file, so connections stay open and nothing finishes.
+    let mut others = Vec::new();
+    for ip in [
+        "127.0.0.1",
+        "127.0.0.1",
+        "127.0.0.1",
+        "127.0.0.1",
+        "127.0.0.2",
+    ] {
+        let stop = CancellationToken::new();
+        let config = SessionConfig {
+            listen: format!("{ip}:0").parse().unwrap(),
+            ..SessionConfig::default()
+        };
+        others.push((Session::start(config, stop.clone()).await.unwrap(), stop));
+    }
+    // The machine is handed all five, outside peers first; two outside peers also dial it.
+    let order: Vec<&Session> = others.iter().map(|(s, _)| s).collect();
+    let handle = add(
+        &machine,
+        &meta,
+        &dir.path().join("machine.vhdx"),
+        Mode::Download,
+        &order,
+    );
+    let mut handles = Vec::new();
+    for (i, (other, _)) in others.iter().enumerate() {
+        let dial_back: &[&Session] = if (2..4).contains(&i) {
+            &[&machine]
+        } else {
+            &[]
+        };
+        handles.push(add(
+            other,
+            &meta,
+            &dir.path().join(format!("peer{i}.vhdx")),
+            Mode::Download,
+            dial_back,
+        ));
+    }
+    wait_stats(&handle, "three connections", |s| s.peers.len() >= 3).await;
+    // Refused dials come back after a couple of seconds: give them time to be refused again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stats = handle.stats().borrow().clone();
+    let zone = stats.peers.iter().filter(|p| p.in_zone).count();
+    assert_eq!(
+        (stats.peers.len(), zone),
+        (3, 1),
+        "two peers from outside the zone and the zone's one, not four: {:?}",
+        stats.peers
+    );
+    stop_machine.cancel();
+    for (_, stop) in &others {
+        stop.cancel();
+    }
+}
+
 /// Seeders listening on `ips`, handed out in that order to a leecher with room for one peer
 /// and, when given, `zone` set after it started: what each seeder uploaded once the leecher
 /// has the whole file.
