@@ -949,9 +949,7 @@ impl<'a> Sim<'a> {
             Wire::Interested(interested) => {
                 let instant = self.instant();
                 let slot = self.nodes[n].peers.get_mut(&key).expect("live connection");
-                if slot.choke.set_interest(interested, instant) {
-                    self.choke(n, from);
-                }
+                slot.choke.set_interest(interested, instant);
                 self.fill_slots(n);
             }
             Wire::Choke(true) => {

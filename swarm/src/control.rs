@@ -19,7 +19,9 @@ use crate::metainfo::Metainfo;
 pub struct SessionConfig {
     /// Where to accept peer connections; port 0 picks a free one.
     pub listen: SocketAddr,
-    /// Peers served at once per torrent; more interested peers take turns every 10 s.
+    /// Peers served at once per torrent; more interested peers take turns every 10 s. A peer
+    /// that stopped wanting and wants again is served at once, beyond them if need be, until
+    /// the next turn.
     pub upload_slots: usize,
     /// Upload limit for the whole session, bytes per second.
     pub upload_limit_bps: Option<u64>,

@@ -789,9 +789,7 @@ impl Torrent {
         let Some(slot) = st.peers.get_mut(&key) else {
             return;
         };
-        if slot.choke.set_interest(interested, Instant::now()) {
-            let _ = slot.tx.send(Cmd::Choke);
-        }
+        slot.choke.set_interest(interested, Instant::now());
         self.fill_slots(st);
     }
 
