@@ -241,6 +241,103 @@ async fn peers_outside_the_zone_hold_at_most_half_the_connections() {
     }
 }
 
+/// A leecher that stops wanting for a moment keeps its unchoke: when it wants more it is
+/// served at once, not sent behind the peers that took the seeder's only slot meanwhile
+/// (which, choked, would wait for the 10 s rotation). Two hand-written BEP 3 leechers
+/// against a real seeder with one upload slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_another() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const UNCHOKE: u8 = 1;
+    const CHOKE: u8 = 0;
+    const PIECE: u8 = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(1024 * 1024);
+    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
+    let source = dir.path().join("source.vhdx");
+    std::fs::write(&source, &data).unwrap();
+    let (seeder, stop) = session(SessionConfig {
+        upload_slots: 1,
+        ..SessionConfig::default()
+    })
+    .await;
+    let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
+    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
+
+    let connect = |id: u8| {
+        let addr = seeder.local_addr();
+        let info_hash = meta.info_hash.0;
+        async move {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut hello = vec![19u8];
+            hello.extend_from_slice(b"BitTorrent protocol");
+            hello.extend_from_slice(&[0u8; 8]); // no extensions: a choke drops requests
+            hello.extend_from_slice(&info_hash);
+            hello.extend_from_slice(b"-XX0001-");
+            hello.extend_from_slice(&[id; 12]);
+            conn.write_all(&hello).await.unwrap();
+            let mut theirs = [0u8; 68];
+            conn.read_exact(&mut theirs).await.unwrap();
+            conn
+        }
+    };
+    /// The first message of one of `kinds` within `within`, or `None`.
+    async fn next_of(
+        conn: &mut tokio::net::TcpStream,
+        buf: &mut bytes::BytesMut,
+        kinds: &[u8],
+        within: Duration,
+    ) -> Option<u8> {
+        tokio::time::timeout(within, async {
+            loop {
+                let body = message(conn, buf).await.unwrap();
+                if let Some(&kind) = body.first()
+                    && kinds.contains(&kind)
+                {
+                    return kind;
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+    let interested = |yes: bool| [0, 0, 0, 1, if yes { 2 } else { 3 }];
+    let request = {
+        let mut r = 13u32.to_be_bytes().to_vec();
+        r.push(6);
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&(16 * 1024u32).to_be_bytes());
+        r
+    };
+    let wait = Duration::from_secs(5);
+
+    let (mut a, mut a_buf) = (connect(1).await, bytes::BytesMut::new());
+    let (mut b, mut b_buf) = (connect(2).await, bytes::BytesMut::new());
+    a.write_all(&interested(true)).await.unwrap();
+    assert_eq!(
+        next_of(&mut a, &mut a_buf, &[UNCHOKE], wait).await,
+        Some(UNCHOKE)
+    );
+    b.write_all(&interested(true)).await.unwrap();
+    // A stops wanting: the only slot goes to B, and A is not choked.
+    a.write_all(&interested(false)).await.unwrap();
+    assert_eq!(
+        next_of(&mut b, &mut b_buf, &[UNCHOKE], wait).await,
+        Some(UNCHOKE),
+        "the slot A gave up goes to the next in line"
+    );
+    // A wants again and asks for a block: it is served, well before any rotation.
+    a.write_all(&interested(true)).await.unwrap();
+    a.write_all(&request).await.unwrap();
+    assert_eq!(
+        next_of(&mut a, &mut a_buf, &[CHOKE, PIECE], wait).await,
+        Some(PIECE),
+        "a peer that wants again is served at once, not choked behind the one that took its slot"
+    );
+    stop.cancel();
+}
+
 /// Seeders listening on `ips`, handed out in that order to a leecher with room for one peer
 /// and, when given, `zone` set after it started: what each seeder uploaded once the leecher
 /// has the whole file.
@@ -480,6 +577,27 @@ async fn a_peer_sending_half_pieces_of_garbage_cannot_get_the_honest_one_banned(
 /// pieces that answers requests in the first half of a piece with garbage and a request past
 /// it with a choke. Requests that crossed the choke are dropped, as the other side drops them
 /// on reading it; then it unchokes and starts over.
+/// The next BEP 3 message's body (empty for a keep-alive) from `conn`; `read_buf` keeps it
+/// safe to give up on while waiting.
+async fn message(
+    conn: &mut tokio::net::TcpStream,
+    buf: &mut bytes::BytesMut,
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if buf.len() >= 4 {
+            let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+            if buf.len() >= 4 + len {
+                let frame = buf.split_to(4 + len);
+                return Ok(frame[4..].to_vec());
+            }
+        }
+        if conn.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
 async fn framing_peer(
     listener: tokio::net::TcpListener,
     info_hash: [u8; 20],
@@ -487,24 +605,6 @@ async fn framing_peer(
     piece_len: u32,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    /// The next message's body; `read_buf` keeps it safe to give up on while waiting.
-    async fn message(
-        conn: &mut tokio::net::TcpStream,
-        buf: &mut bytes::BytesMut,
-    ) -> std::io::Result<Vec<u8>> {
-        loop {
-            if buf.len() >= 4 {
-                let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-                if buf.len() >= 4 + len {
-                    let frame = buf.split_to(4 + len);
-                    return Ok(frame[4..].to_vec());
-                }
-            }
-            if conn.read_buf(buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-    }
     while let Ok((mut conn, _)) = listener.accept().await {
         tokio::spawn(async move {
             let mut theirs = [0u8; 68];
