@@ -556,10 +556,11 @@ impl Torrent {
             let mut outside_room =
                 outside_peer_limit(self.shared.config.max_peers).saturating_sub(outside);
             chosen.retain(|(a, _)| {
-                let take = self.shared.in_zone(a.ip()) || outside_room > 0;
-                if take && !self.shared.in_zone(a.ip()) {
-                    outside_room -= 1;
+                if self.shared.in_zone(a.ip()) {
+                    return true;
                 }
+                let take = outside_room > 0;
+                outside_room = outside_room.saturating_sub(1);
                 take
             });
         }
