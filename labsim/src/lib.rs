@@ -1116,6 +1116,18 @@ impl<'a> Sim<'a> {
     fn fill_slots(&mut self, n: usize) {
         let instant = self.instant();
         let node = &mut self.nodes[n];
+        let swaps = choker::make_room_for_zone(
+            node.peers.iter_mut().map(|(k, s)| (k, &mut s.choke)),
+            node.slots,
+            instant,
+        );
+        for (choked, unchoked) in swaps {
+            let r = self.nodes[n].remote(choked);
+            self.choke(n, r);
+            let r = self.nodes[n].remote(unchoked);
+            self.send(n, r, Wire::Choke(false));
+        }
+        let node = &mut self.nodes[n];
         let unchoked = choker::fill_slots(
             node.peers.iter_mut().map(|(k, s)| (k, &mut s.choke)),
             node.slots,

@@ -20,6 +20,14 @@
 //! others had sixteen; keeping the unchoke also took a third off the bytes crossing the
 //! uplinks (docs/benchmarks.md).
 //!
+//! While peers of our zone wait, peers outside it keep at most half the slots: each waiting
+//! zone peer takes the slot of the outside peer served longest ([`make_room_for_zone`]).
+//! Interest does not come in zone order. When a host gets its first pieces, peers of other
+//! switches that dialled it early often ask before its own switch does, take every slot,
+//! and keep them until a rotation; in the simulated 300-machine lab the hosts of the one
+//! small switch were served by a few of their 19 neighbours while those served 16 hosts of
+//! other switches each, and finished last (docs/benchmarks.md).
+//!
 //! Pure functions over each peer's [`Choke`]; the torrent sends the choke and unchoke
 //! messages they decide.
 
@@ -94,6 +102,38 @@ pub fn fill_slots<'a>(
     }
     peers.retain(|(_, c)| c.waiting());
     take_turns(peers, free, false, now)
+}
+
+/// While peers of our zone wait and peers outside it hold more than half the slots, each
+/// waiting zone peer, longest waiting first, takes the slot of the outside peer served
+/// longest, until outside peers hold half. Returns the (choked, unchoked) pairs.
+pub fn make_room_for_zone<'a>(
+    peers: impl IntoIterator<Item = (&'a PeerKey, &'a mut Choke)>,
+    slots: usize,
+    now: Instant,
+) -> Vec<(PeerKey, PeerKey)> {
+    let (mut zone_waiting, mut outside_served): (Vec<_>, Vec<_>) = peers
+        .into_iter()
+        .filter(|(_, c)| if c.zone { c.waiting() } else { c.served() })
+        .partition(|(_, c)| c.zone);
+    let excess = outside_served.len().saturating_sub(slots.max(1) / 2);
+    if excess == 0 || zone_waiting.is_empty() {
+        return Vec::new();
+    }
+    zone_waiting.sort_by_key(|(key, c)| (c.since, **key));
+    outside_served.sort_by_key(|(key, c)| (c.since, **key));
+    zone_waiting
+        .into_iter()
+        .zip(outside_served)
+        .take(excess)
+        .map(|((zone_key, zone), (outside_key, outside))| {
+            outside.choked = true;
+            outside.since = now;
+            zone.choked = false;
+            zone.since = now;
+            (*outside_key, *zone_key)
+        })
+        .collect()
 }
 
 /// A rotation: while peers wait, chokes the peers served longest (each at least
@@ -186,6 +226,36 @@ mod tests {
         let later = now + ROTATE_EVERY;
         assert_eq!(rotate(&mut peers, later), vec![0]);
         assert_eq!(fill_slots(&mut peers, 2, later), vec![1]);
+    }
+
+    #[test]
+    fn waiting_zone_peers_take_slots_from_outside_peers_holding_more_than_half() {
+        let t0 = Instant::now();
+        // Peers 0-3, outside our zone, asked first and took all four slots.
+        let mut peers = interested(7, t0);
+        let now = t0 + Duration::from_secs(10);
+        let early = t0 + Duration::from_secs(3);
+        assert_eq!(
+            fill_slots(peers.iter_mut().filter(|(k, _)| **k < 4), 4, early),
+            vec![0, 1, 2, 3]
+        );
+        for key in 4..7 {
+            peers.get_mut(&key).unwrap().zone = true;
+        }
+        // Three zone peers wait: two of them take the slots of the outside peers served
+        // longest, and the outside keeps half.
+        let swaps = make_room_for_zone(&mut peers, 4, now);
+        assert_eq!(swaps, vec![(0, 4), (1, 5)]);
+        assert_eq!(served(&peers), BTreeSet::from([2, 3, 4, 5]));
+        assert!(peers[&0].waiting() && peers[&1].waiting());
+        // No slot is free for the third; the outside's half stays until a rotation.
+        assert!(fill_slots(&mut peers, 4, now).is_empty());
+        assert!(make_room_for_zone(&mut peers, 4, now).is_empty());
+        // Outside peers waiting while zone peers hold the slots is the rotation's business.
+        let mut peers = interested(4, t0);
+        peers.get_mut(&0).unwrap().zone = true;
+        assert_eq!(fill_slots(&mut peers, 1, now), vec![0]);
+        assert!(make_room_for_zone(&mut peers, 1, now).is_empty());
     }
 
     #[test]

@@ -794,8 +794,21 @@ impl Torrent {
         self.fill_slots(st);
     }
 
-    /// Unchokes waiting peers while upload slots are free.
+    /// Gives waiting zone peers the slots outside peers hold beyond half, then unchokes
+    /// waiting peers while upload slots are free.
     fn fill_slots(&self, st: &mut State) {
+        let swaps = choker::make_room_for_zone(
+            st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
+            self.shared.config.upload_slots,
+            Instant::now(),
+        );
+        for (choked, unchoked) in swaps {
+            for (key, cmd) in [(choked, Cmd::Choke), (unchoked, Cmd::Unchoke)] {
+                if let Some(p) = st.peers.get(&key) {
+                    let _ = p.tx.send(cmd);
+                }
+            }
+        }
         let unchoked = choker::fill_slots(
             st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
             self.shared.config.upload_slots,

@@ -247,7 +247,7 @@ async fn peers_outside_the_zone_hold_at_most_half_the_connections() {
 /// against a real seeder with one upload slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_another() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const UNCHOKE: u8 = 1;
     const CHOKE: u8 = 0;
     const PIECE: u8 = 7;
@@ -264,44 +264,7 @@ async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_anoth
     let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
     wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
 
-    let connect = |id: u8| {
-        let addr = seeder.local_addr();
-        let info_hash = meta.info_hash.0;
-        async move {
-            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let mut hello = vec![19u8];
-            hello.extend_from_slice(b"BitTorrent protocol");
-            hello.extend_from_slice(&[0u8; 8]); // no extensions: a choke drops requests
-            hello.extend_from_slice(&info_hash);
-            hello.extend_from_slice(b"-XX0001-");
-            hello.extend_from_slice(&[id; 12]);
-            conn.write_all(&hello).await.unwrap();
-            let mut theirs = [0u8; 68];
-            conn.read_exact(&mut theirs).await.unwrap();
-            conn
-        }
-    };
-    /// The first message of one of `kinds` within `within`, or `None`.
-    async fn next_of(
-        conn: &mut tokio::net::TcpStream,
-        buf: &mut bytes::BytesMut,
-        kinds: &[u8],
-        within: Duration,
-    ) -> Option<u8> {
-        tokio::time::timeout(within, async {
-            loop {
-                let body = message(conn, buf).await.unwrap();
-                if let Some(&kind) = body.first()
-                    && kinds.contains(&kind)
-                {
-                    return kind;
-                }
-            }
-        })
-        .await
-        .ok()
-    }
-    let interested = |yes: bool| [0, 0, 0, 1, if yes { 2 } else { 3 }];
+    let connect = |id: u8| leecher(seeder.local_addr(), meta.info_hash.0, "127.0.0.1", id);
     let request = {
         let mut r = 13u32.to_be_bytes().to_vec();
         r.push(6);
@@ -314,21 +277,21 @@ async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_anoth
 
     let (mut a, mut a_buf) = (connect(1).await, bytes::BytesMut::new());
     let (mut b, mut b_buf) = (connect(2).await, bytes::BytesMut::new());
-    a.write_all(&interested(true)).await.unwrap();
+    a.write_all(&interested_message(true)).await.unwrap();
     assert_eq!(
         next_of(&mut a, &mut a_buf, &[UNCHOKE], wait).await,
         Some(UNCHOKE)
     );
-    b.write_all(&interested(true)).await.unwrap();
+    b.write_all(&interested_message(true)).await.unwrap();
     // A stops wanting: the only slot goes to B, and A is not choked.
-    a.write_all(&interested(false)).await.unwrap();
+    a.write_all(&interested_message(false)).await.unwrap();
     assert_eq!(
         next_of(&mut b, &mut b_buf, &[UNCHOKE], wait).await,
         Some(UNCHOKE),
         "the slot A gave up goes to the next in line"
     );
     // A wants again and asks for a block: it is served, well before any rotation.
-    a.write_all(&interested(true)).await.unwrap();
+    a.write_all(&interested_message(true)).await.unwrap();
     a.write_all(&request).await.unwrap();
     assert_eq!(
         next_of(&mut a, &mut a_buf, &[CHOKE, PIECE], wait).await,
@@ -336,6 +299,115 @@ async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_anoth
         "a peer that wants again is served at once, not choked behind the one that took its slot"
     );
     stop.cancel();
+}
+
+/// Peers of our zone that want to download take upload slots from peers outside it that
+/// asked first, down to half the slots, at once rather than at the next rotation (10 s on).
+/// Hand-written BEP 3 leechers against a real seeder with two upload slots whose zone is
+/// 127.0.0.2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_peer_takes_a_slot_from_outside_peers_that_hold_them_all() {
+    use tokio::io::AsyncWriteExt;
+    const UNCHOKE: u8 = 1;
+    const CHOKE: u8 = 0;
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(1024 * 1024);
+    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
+    let source = dir.path().join("source.vhdx");
+    std::fs::write(&source, &data).unwrap();
+    let (seeder, stop) = session(SessionConfig {
+        upload_slots: 2,
+        zone: vec!["127.0.0.2/32".parse().unwrap()],
+        ..SessionConfig::default()
+    })
+    .await;
+    let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
+    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
+    let connect = |ip, id| leecher(seeder.local_addr(), meta.info_hash.0, ip, id);
+    let wait = Duration::from_secs(5);
+
+    // Two peers outside the zone ask first and take both slots.
+    let mut outside = Vec::new();
+    for id in [1, 2] {
+        let (mut conn, mut buf) = (connect("127.0.0.1", id).await, bytes::BytesMut::new());
+        conn.write_all(&interested_message(true)).await.unwrap();
+        assert_eq!(
+            next_of(&mut conn, &mut buf, &[UNCHOKE], wait).await,
+            Some(UNCHOKE)
+        );
+        outside.push((conn, buf));
+    }
+    // A zone peer asks: it is unchoked, and the outside peer served longest is choked.
+    let (mut zone, mut zone_buf) = (connect("127.0.0.2", 3).await, bytes::BytesMut::new());
+    zone.write_all(&interested_message(true)).await.unwrap();
+    assert_eq!(
+        next_of(&mut zone, &mut zone_buf, &[UNCHOKE], wait).await,
+        Some(UNCHOKE),
+        "the zone peer takes a slot at once, not at the next rotation"
+    );
+    let (first, first_buf) = &mut outside[0];
+    assert_eq!(
+        next_of(first, first_buf, &[CHOKE], wait).await,
+        Some(CHOKE),
+        "the outside peer served longest gives its slot up"
+    );
+    // The other keeps its slot: the outside keeps half.
+    let (second, second_buf) = &mut outside[1];
+    assert_eq!(
+        next_of(second, second_buf, &[CHOKE], Duration::from_secs(1)).await,
+        None
+    );
+    stop.cancel();
+}
+
+/// A hand-written BEP 3 peer connected from `ip` to `seeder`, handshaken (peer id of `id`
+/// bytes, no extensions, so a choke drops its requests).
+async fn leecher(
+    seeder: std::net::SocketAddr,
+    info_hash: [u8; 20],
+    ip: &str,
+    id: u8,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(seeder).await.unwrap();
+    let mut hello = vec![19u8];
+    hello.extend_from_slice(b"BitTorrent protocol");
+    hello.extend_from_slice(&[0u8; 8]);
+    hello.extend_from_slice(&info_hash);
+    hello.extend_from_slice(b"-XX0001-");
+    hello.extend_from_slice(&[id; 12]);
+    conn.write_all(&hello).await.unwrap();
+    let mut theirs = [0u8; 68];
+    conn.read_exact(&mut theirs).await.unwrap();
+    conn
+}
+
+/// BEP 3's interested (or not interested) message.
+fn interested_message(yes: bool) -> [u8; 5] {
+    [0, 0, 0, 1, if yes { 2 } else { 3 }]
+}
+
+/// The kind of the first message of one of `kinds` on `conn` within `within`, or `None`.
+async fn next_of(
+    conn: &mut tokio::net::TcpStream,
+    buf: &mut bytes::BytesMut,
+    kinds: &[u8],
+    within: Duration,
+) -> Option<u8> {
+    tokio::time::timeout(within, async {
+        loop {
+            let body = message(conn, buf).await.unwrap();
+            if let Some(&kind) = body.first()
+                && kinds.contains(&kind)
+            {
+                return kind;
+            }
+        }
+    })
+    .await
+    .ok()
 }
 
 /// Seeders listening on `ips`, handed out in that order to a leecher with room for one peer
