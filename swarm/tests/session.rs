@@ -248,22 +248,11 @@ async fn peers_outside_the_zone_hold_at_most_half_the_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_another() {
     use tokio::io::AsyncWriteExt;
-    const UNCHOKE: u8 = 1;
-    const CHOKE: u8 = 0;
-    const PIECE: u8 = 7;
-    let dir = tempfile::tempdir().unwrap();
-    let data = random_bytes(1024 * 1024);
-    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
-    let source = dir.path().join("source.vhdx");
-    std::fs::write(&source, &data).unwrap();
-    let (seeder, stop) = session(SessionConfig {
+    let (seeder, stop, meta, _dir) = seeder(SessionConfig {
         upload_slots: 1,
         ..SessionConfig::default()
     })
     .await;
-    let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
-    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
-
     let connect = |id: u8| leecher(seeder.local_addr(), meta.info_hash.0, "127.0.0.1", id);
     let request = {
         let mut r = 13u32.to_be_bytes().to_vec();
@@ -308,21 +297,12 @@ async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_anoth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_peer_takes_a_slot_from_outside_peers_that_hold_them_all() {
     use tokio::io::AsyncWriteExt;
-    const UNCHOKE: u8 = 1;
-    const CHOKE: u8 = 0;
-    let dir = tempfile::tempdir().unwrap();
-    let data = random_bytes(1024 * 1024);
-    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
-    let source = dir.path().join("source.vhdx");
-    std::fs::write(&source, &data).unwrap();
-    let (seeder, stop) = session(SessionConfig {
+    let (seeder, stop, meta, _dir) = seeder(SessionConfig {
         upload_slots: 2,
         zone: vec!["127.0.0.2/32".parse().unwrap()],
         ..SessionConfig::default()
     })
     .await;
-    let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
-    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
     let connect = |ip, id| leecher(seeder.local_addr(), meta.info_hash.0, ip, id);
     let wait = Duration::from_secs(5);
 
@@ -358,6 +338,27 @@ async fn a_zone_peer_takes_a_slot_from_outside_peers_that_hold_them_all() {
         None
     );
     stop.cancel();
+}
+
+/// BEP 3 message kinds the hand-written peers wait for.
+const CHOKE: u8 = 0;
+const UNCHOKE: u8 = 1;
+const PIECE: u8 = 7;
+
+/// A session with `config` seeding a 1 MiB image of 256 KiB pieces, once it is seeding; the
+/// directory holds the image.
+async fn seeder(
+    config: SessionConfig,
+) -> (Session, CancellationToken, Metainfo, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(1024 * 1024);
+    let meta = torrent_for("image.vhdx", &data, 256 * 1024);
+    let source = dir.path().join("source.vhdx");
+    std::fs::write(&source, &data).unwrap();
+    let (seeder, stop) = session(config).await;
+    let seeding = add(&seeder, &meta, &source, Mode::Seed, &[]);
+    wait_stats(&seeding, "seeding", |s| s.state == TorrentState::Seeding).await;
+    (seeder, stop, meta, dir)
 }
 
 /// A hand-written BEP 3 peer connected from `ip` to `seeder`, handshaken (peer id of `id`
