@@ -35,9 +35,9 @@ use boottorrent_bt::announce::{
     AnnounceRequest, Event as AnnounceEvent, announce_url, parse_response,
 };
 use boottorrent_bt::wire::BlockRef;
-use boottorrent_bt::{BLOCK_LEN, Bitfield, Geometry, InfoHash, PeerId};
+use boottorrent_bt::{Bitfield, Geometry, InfoHash, PeerId};
 use boottorrent_swarm::choker::{self, Choke};
-use boottorrent_swarm::picker::{Picker, Received};
+use boottorrent_swarm::picker::{self, Picker, Received};
 use boottorrent_swarm::session;
 use boottorrent_swarm::superseed::{self, Offers, SuperSeed};
 use boottorrent_tracker::swarm::{Locality, Tracker, TrackerConfig};
@@ -45,11 +45,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-/// The engine's request pipeline (swarm/src/peer.rs): at least this many blocks in flight
-/// per peer...
-const MIN_PIPELINE: usize = 16;
-/// ...and at most this many.
-const MAX_PIPELINE: usize = 512;
 /// Requests a connection queues for serving before it rejects more (peer.rs).
 const MAX_QUEUED_REQUESTS: usize = 16384;
 /// What a host asks the tracker for (torrent.rs announces with `numwant=200`).
@@ -1100,8 +1095,7 @@ impl<'a> Sim<'a> {
         if slot.peer_choking || !slot.am_interested {
             return;
         }
-        let depth = ((slot.download_rate / f64::from(BLOCK_LEN)) as usize)
-            .clamp(MIN_PIPELINE, MAX_PIPELINE);
+        let depth = picker::pipeline_depth(slot.download_rate);
         let out = slot.outstanding.len();
         if out >= depth || (out > depth / 2 && out > 0) {
             return;

@@ -19,25 +19,21 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::Bitfield;
 use crate::control::{Encryption, Mode, TorrentState};
 use crate::mse;
-use crate::picker::{PeerKey, Received};
+use crate::picker::{PeerKey, Received, pipeline_depth};
 use crate::storage::Stored;
 use crate::torrent::{Cmd, State, Torrent};
 use crate::wire::{
     BlockRef, HANDSHAKE_LEN, Handshake, MAX_BLOCK_LEN, Message, MessageCodec, WireError,
 };
-use crate::{BLOCK_LEN, Bitfield};
 
 /// Requests a peer may queue with us (256 MiB of blocks, 192 KiB of memory); more are
 /// refused, not queued. Transmission asks for ten seconds' worth at the rate it sees, about
 /// 16,000 blocks at 25 MB/s, and does not stop at a count it is not told (it would be, by the
 /// BEP 10 `reqq`, which we do not send): a peer that asks too far ahead is not hostile.
 const MAX_QUEUED_REQUESTS: usize = 16384;
-/// Our request pipeline: at least this many blocks in flight per peer...
-const MIN_PIPELINE: usize = 16;
-/// ...and at most this many (8 MiB), enough for 1 Gbit/s at 60 ms round trip.
-const MAX_PIPELINE: usize = 512;
 /// A peer silent this long is gone.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 /// We send a keep-alive after this much silence of ours.
@@ -462,9 +458,7 @@ impl Connection {
         if self.peer_choking || !self.am_interested {
             return Ok(());
         }
-        // Enough requests to cover about a second of this peer's rate.
-        let depth = ((self.download_rate / f64::from(BLOCK_LEN)) as usize)
-            .clamp(MIN_PIPELINE, MAX_PIPELINE);
+        let depth = pipeline_depth(self.download_rate);
         if self.outstanding.len() >= depth {
             return Ok(());
         }
