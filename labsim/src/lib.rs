@@ -9,9 +9,10 @@
 //! - each host dials up to 64 of them once a second and accepts inbound connections up to
 //!   64; the server (super-seeding, 64 upload slots, 1,024 peers) only accepts;
 //! - blocks are chosen by [`boottorrent_swarm::picker::Picker`] with the engine's request
-//!   pipeline (16 to 512 blocks, about a second of the peer's rate, topped up at half);
+//!   pipeline (16 to 512 blocks, a quarter second of the peer's rate,
+//!   `picker::pipeline_depth`, topped up at half);
 //! - who is served is decided by [`boottorrent_swarm::choker`] (16 slots on hosts, rotation
-//!   every 10 s);
+//!   every 10 s, waiting zone peers taking the slots outside peers hold beyond half);
 //! - what the server offers whom by [`boottorrent_swarm::superseed`] (`top_up`, `taken`,
 //!   `seen`, `tick` once a second), and a host may request from the server only what it was
 //!   offered;
@@ -1083,7 +1084,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// `fill_requests`: about a second of the peer's rate in flight, topped up at half.
+    /// `fill_requests`: `picker::pipeline_depth` in flight, topped up at half.
     fn fill_requests(&mut self, n: usize, remote: usize) {
         let node = &mut self.nodes[n];
         let Some(&key) = node.key_of.get(&remote) else {
