@@ -43,8 +43,8 @@ const MAX_PIPELINE: usize = 512;
 /// flight is one that a faster peer cannot take. With a second's worth, hosts of the
 /// simulated 300-machine lab had asked for every piece they could get as soon as they could,
 /// and received at 83-90 % of their links while peers with pieces to give sat idle; with a
-/// quarter of a second the first host is done 0.3 s sooner (docs/benchmarks.md). A quarter
-/// second still covers a round trip of 100 ms four times over at any rate.
+/// quarter of a second the first host is done 0.3 s sooner (docs/benchmarks.md). Below the
+/// cap, a quarter second covers a 60 ms round trip four times over.
 const PIPELINE_SECS: f64 = 0.25;
 
 /// How many block requests to keep in flight to a peer that sends `download_rate` bytes
