@@ -7,12 +7,14 @@
 //!   to with real query strings, its bencoded answers parsed by the client's parser): 200
 //!   peers asked, zone-local first when the tracker knows zones, the server's seeder last;
 //! - each host dials up to 64 of them once a second and accepts inbound connections up to
-//!   64; the server (super-seeding, 64 upload slots, 1,024 peers) only accepts;
+//!   64; the server (super-seeding, 16 of 64 upload slots open at first, 1,024 peers) only
+//!   accepts;
 //! - blocks are chosen by [`boottorrent_swarm::picker::Picker`] with the engine's request
 //!   pipeline (16 to 512 blocks, a quarter second of the peer's rate,
 //!   `picker::pipeline_depth`, topped up at half);
 //! - who is served is decided by [`boottorrent_swarm::choker`] (16 slots on hosts, rotation
-//!   every 10 s, waiting zone peers taking the slots outside peers hold beyond half);
+//!   every 10 s, waiting zone peers taking the slots outside peers hold beyond half, the
+//!   server's slots opening as its upload falls behind, `choker::Slots`);
 //! - what the server offers whom by [`boottorrent_swarm::superseed`] (`top_up`, `taken`,
 //!   `seen`, `tick` once a second), and a host may request from the server only what it was
 //!   offered;
@@ -37,7 +39,7 @@ use boottorrent_bt::announce::{
 };
 use boottorrent_bt::wire::BlockRef;
 use boottorrent_bt::{Bitfield, Geometry, InfoHash, PeerId};
-use boottorrent_swarm::choker::{self, Choke};
+use boottorrent_swarm::choker::{self, Choke, Slots};
 use boottorrent_swarm::picker::{self, Picker, Received};
 use boottorrent_swarm::session;
 use boottorrent_swarm::superseed::{self, Offers, SuperSeed};
@@ -54,8 +56,10 @@ const NUMWANT: u32 = 200;
 const HOST_MAX_PEERS: usize = 64;
 /// Upload slots on a host (`SessionConfig::default().upload_slots`).
 const HOST_SLOTS: usize = 16;
-/// The server's seeder: `upload_slots: 64, max_peers: 1024` (src/server/mod.rs).
+/// The server's seeder: `upload_slots: 64, first_upload_slots: Some(16), max_peers: 1024`
+/// (src/server/mod.rs).
 const SERVER_SLOTS: usize = 64;
+const SERVER_FIRST_SLOTS: usize = 16;
 const SERVER_MAX_PEERS: usize = 1024;
 /// An address whose connection ended is dialled again after this (torrent.rs).
 const REDIAL_AFTER: f64 = 2.0;
@@ -328,10 +332,12 @@ struct Node {
     start: f64,
     last_rotate: f64,
     complete_at: Option<f64>,
-    slots: usize,
+    slots: Slots,
     max_peers: usize,
     peer_id: PeerId,
     sent: f64,
+    /// `sent` at the last tick: the lifecycle's upload rate over the second gone.
+    sent_at_tick: f64,
     received: f64,
 }
 
@@ -667,7 +673,16 @@ impl<'a> Sim<'a> {
             }
             self.fill_requests(n, r);
         }
-        // The lifecycle task: rotation, super-seeding's tick, dialling.
+        // The lifecycle task: the second's upload (slots may open), rotation, super-seeding's
+        // tick, dialling.
+        let node = &mut self.nodes[n];
+        let rate = (node.sent - node.sent_at_tick).max(0.0) as u64;
+        node.sent_at_tick = node.sent;
+        let served = node.peers.values().filter(|s| s.choke.served()).count();
+        let interested = node.peers.values().filter(|s| s.choke.interested).count();
+        if node.slots.second(rate, served, interested) {
+            self.fill_slots(n);
+        }
         if now - self.nodes[n].last_rotate >= choker::ROTATE_EVERY.as_secs_f64() {
             self.nodes[n].last_rotate = now;
             let instant = self.instant();
@@ -1113,7 +1128,7 @@ impl<'a> Sim<'a> {
         let node = &mut self.nodes[n];
         let swaps = choker::make_room_for_zone(
             node.peers.iter_mut().map(|(k, s)| (k, &mut s.choke)),
-            node.slots,
+            node.slots.open(),
             instant,
         );
         for (choked, unchoked) in swaps {
@@ -1125,7 +1140,7 @@ impl<'a> Sim<'a> {
         let node = &mut self.nodes[n];
         let unchoked = choker::fill_slots(
             node.peers.iter_mut().map(|(k, s)| (k, &mut s.choke)),
-            node.slots,
+            node.slots.open(),
             instant,
         );
         for k in unchoked {
@@ -1343,7 +1358,11 @@ impl Node {
             start: 0.0,
             last_rotate: 0.0,
             complete_at: None,
-            slots: if server { SERVER_SLOTS } else { HOST_SLOTS },
+            slots: if server {
+                Slots::new(SERVER_FIRST_SLOTS, SERVER_SLOTS)
+            } else {
+                Slots::all(HOST_SLOTS)
+            },
             max_peers: if server {
                 SERVER_MAX_PEERS
             } else {
@@ -1351,6 +1370,7 @@ impl Node {
             },
             peer_id: PeerId::generate(),
             sent: 0.0,
+            sent_at_tick: 0.0,
             received: 0.0,
         }
     }

@@ -180,8 +180,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         SessionConfig {
             listen: config.bt_listen,
             state_dir: Some(config.data_dir.join("resume")),
-            // The server serves a whole lab: every interested machine gets a slot.
+            // A few slots at first, so the first pieces leave soon; more (up to 64) while the
+            // upload falls behind, as it does when crowded uplinks share it out per flow.
             upload_slots: 64,
+            first_upload_slots: Some(16),
             max_peers: 1024,
             admission: Some(admitted),
             encryption: if config.bt_require_encryption {

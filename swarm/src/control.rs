@@ -23,6 +23,12 @@ pub struct SessionConfig {
     /// that stopped wanting and wants again is served at once, beyond them if need be, until
     /// the next turn.
     pub upload_slots: usize,
+    /// Upload slots open at first, if fewer than `upload_slots`: more open, twice as many at
+    /// a time up to `upload_slots`, while every open slot is taken and a second's upload falls
+    /// below nine tenths of the best second so far. The fewer flows share our link, the
+    /// sooner each piece has left it and can be traded; the more there are, the larger our
+    /// share of crowded paths. `None`: all open from the start.
+    pub first_upload_slots: Option<usize>,
     /// Upload limit for the whole session, bytes per second.
     pub upload_limit_bps: Option<u64>,
     /// Download limit for the whole session, bytes per second.
@@ -93,6 +99,7 @@ impl Default for SessionConfig {
         SessionConfig {
             listen: ([0, 0, 0, 0], 6881).into(),
             upload_slots: 16,
+            first_upload_slots: None,
             upload_limit_bps: None,
             download_limit_bps: None,
             state_dir: None,

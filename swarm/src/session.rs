@@ -374,6 +374,7 @@ async fn lifecycle(torrent: Arc<Torrent>, use_tracker: bool) {
         if torrent.lock().phase == TorrentState::Paused {
             continue;
         }
+        torrent.upload_second(rates.1);
         if last_rotate.elapsed() >= ROTATE_EVERY {
             last_rotate = Instant::now();
             torrent.rotate_slots();

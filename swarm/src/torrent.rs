@@ -184,6 +184,8 @@ pub(crate) struct State {
     pub phase: TorrentState,
     /// Super-seeding's torrent-wide bookkeeping.
     superseed: SuperSeed,
+    /// Upload slots open now.
+    slots: choker::Slots,
     dirty: bool,
 }
 
@@ -295,6 +297,10 @@ impl Torrent {
                 suspects: HashMap::new(),
                 phase: TorrentState::Checking { pieces_checked: 0 },
                 superseed: SuperSeed::new(geometry),
+                slots: match shared.config.first_upload_slots {
+                    Some(first) => choker::Slots::new(first, shared.config.upload_slots),
+                    None => choker::Slots::all(shared.config.upload_slots),
+                },
                 dirty: false,
             }),
             stats_tx: watch::channel(stats).0,
@@ -797,9 +803,10 @@ impl Torrent {
     /// Gives waiting zone peers the slots outside peers hold beyond half, then unchokes
     /// waiting peers while upload slots are free.
     fn fill_slots(&self, st: &mut State) {
+        let slots = st.slots.open();
         let swaps = choker::make_room_for_zone(
             st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
-            self.shared.config.upload_slots,
+            slots,
             Instant::now(),
         );
         for (choked, unchoked) in swaps {
@@ -811,13 +818,30 @@ impl Torrent {
         }
         let unchoked = choker::fill_slots(
             st.peers.iter_mut().map(|(k, p)| (k, &mut p.choke)),
-            self.shared.config.upload_slots,
+            slots,
             Instant::now(),
         );
         for key in unchoked {
             if let Some(p) = st.peers.get(&key) {
                 let _ = p.tx.send(Cmd::Unchoke);
             }
+        }
+    }
+
+    /// Every second, the upload `rate` (bytes per second) of the second gone: when it falls
+    /// behind, more slots may open (see [`choker::Slots`]).
+    pub fn upload_second(&self, rate: u64) {
+        let mut st = self.lock();
+        let served = st.peers.values().filter(|p| p.choke.served()).count();
+        let interested = st.peers.values().filter(|p| p.choke.interested).count();
+        if st.slots.second(rate, served, interested) {
+            tracing::debug!(
+                torrent = %self.info_hash(),
+                rate,
+                slots = st.slots.open(),
+                "upload fell behind its best second with every slot taken: more slots open"
+            );
+            self.fill_slots(&mut st);
         }
     }
 

@@ -340,6 +340,56 @@ async fn a_zone_peer_takes_a_slot_from_outside_peers_that_hold_them_all() {
     stop.cancel();
 }
 
+/// A seeder that opens its slots a few at a time serves the first peer alone while it keeps
+/// the upload busy (nothing to measure yet counts as busy), and opens another slot for the
+/// next peer once a second's upload falls behind the best second: here the first peer stops
+/// asking. Well before the 10 s rotation, and the first peer keeps its slot. Hand-written
+/// BEP 3 leechers against a real seeder with one of two slots open at first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_opens_another_slot_when_its_upload_falls_behind() {
+    use tokio::io::AsyncWriteExt;
+    let (seeder, stop, meta, _dir) = seeder(SessionConfig {
+        upload_slots: 2,
+        first_upload_slots: Some(1),
+        ..SessionConfig::default()
+    })
+    .await;
+    let connect = |id: u8| leecher(seeder.local_addr(), meta.info_hash.0, "127.0.0.1", id);
+    let (mut a, mut a_buf) = (connect(1).await, bytes::BytesMut::new());
+    let (mut b, mut b_buf) = (connect(2).await, bytes::BytesMut::new());
+    a.write_all(&interested_message(true)).await.unwrap();
+    assert_eq!(
+        next_of(&mut a, &mut a_buf, &[UNCHOKE], Duration::from_secs(5)).await,
+        Some(UNCHOKE)
+    );
+    b.write_all(&interested_message(true)).await.unwrap();
+    assert_eq!(
+        next_of(&mut b, &mut b_buf, &[UNCHOKE], Duration::from_millis(2500)).await,
+        None,
+        "one slot is open at first, and it is A's"
+    );
+    // A takes a piece, then asks for nothing more: the upload falls behind that second.
+    for block in 0..16u32 {
+        let mut r = 13u32.to_be_bytes().to_vec();
+        r.push(6);
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&(block * 16 * 1024).to_be_bytes());
+        r.extend_from_slice(&(16 * 1024u32).to_be_bytes());
+        a.write_all(&r).await.unwrap();
+    }
+    assert_eq!(
+        next_of(&mut b, &mut b_buf, &[UNCHOKE], Duration::from_secs(5)).await,
+        Some(UNCHOKE),
+        "a second slot opens for B once the upload falls behind"
+    );
+    assert_eq!(
+        next_of(&mut a, &mut a_buf, &[CHOKE], Duration::from_millis(500)).await,
+        None,
+        "A keeps its slot: B got a new one, not A's"
+    );
+    stop.cancel();
+}
+
 /// BEP 3 message kinds the hand-written peers wait for.
 const CHOKE: u8 = 0;
 const UNCHOKE: u8 = 1;
