@@ -254,14 +254,6 @@ async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_anoth
     })
     .await;
     let connect = |id: u8| leecher(seeder.local_addr(), meta.info_hash.0, "127.0.0.1", id);
-    let request = {
-        let mut r = 13u32.to_be_bytes().to_vec();
-        r.push(6);
-        r.extend_from_slice(&0u32.to_be_bytes());
-        r.extend_from_slice(&0u32.to_be_bytes());
-        r.extend_from_slice(&(16 * 1024u32).to_be_bytes());
-        r
-    };
     let wait = Duration::from_secs(5);
 
     let (mut a, mut a_buf) = (connect(1).await, bytes::BytesMut::new());
@@ -281,7 +273,7 @@ async fn a_peer_that_wants_again_is_served_at_once_though_its_slot_went_to_anoth
     );
     // A wants again and asks for a block: it is served, well before any rotation.
     a.write_all(&interested_message(true)).await.unwrap();
-    a.write_all(&request).await.unwrap();
+    a.write_all(&request_message(0)).await.unwrap();
     assert_eq!(
         next_of(&mut a, &mut a_buf, &[CHOKE, PIECE], wait).await,
         Some(PIECE),
@@ -340,10 +332,11 @@ async fn a_zone_peer_takes_a_slot_from_outside_peers_that_hold_them_all() {
     stop.cancel();
 }
 
-/// A seeder that opens its slots a few at a time serves the first peer alone while it keeps
-/// the upload busy (nothing to measure yet counts as busy), and opens another slot for the
-/// next peer once a second's upload falls behind the best second: here the first peer stops
-/// asking. Well before the 10 s rotation, and the first peer keeps its slot. Hand-written
+/// A seeder that opens its slots a few at a time serves the first peer alone while its
+/// upload has not fallen behind (an upload that has not started has not fallen behind), and
+/// opens another slot for the next peer once a second's upload falls behind the best second:
+/// here the first peer stops asking. That comes well before the 10 s rotation, and the first
+/// peer keeps its slot. Hand-written
 /// BEP 3 leechers against a real seeder with one of two slots open at first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeder_opens_another_slot_when_its_upload_falls_behind() {
@@ -370,12 +363,7 @@ async fn a_seeder_opens_another_slot_when_its_upload_falls_behind() {
     );
     // A takes a piece, then asks for nothing more: the upload falls behind that second.
     for block in 0..16u32 {
-        let mut r = 13u32.to_be_bytes().to_vec();
-        r.push(6);
-        r.extend_from_slice(&0u32.to_be_bytes());
-        r.extend_from_slice(&(block * 16 * 1024).to_be_bytes());
-        r.extend_from_slice(&(16 * 1024u32).to_be_bytes());
-        a.write_all(&r).await.unwrap();
+        a.write_all(&request_message(block)).await.unwrap();
     }
     assert_eq!(
         next_of(&mut b, &mut b_buf, &[UNCHOKE], Duration::from_secs(5)).await,
@@ -438,6 +426,16 @@ async fn leecher(
 /// BEP 3's interested (or not interested) message.
 fn interested_message(yes: bool) -> [u8; 5] {
     [0, 0, 0, 1, if yes { 2 } else { 3 }]
+}
+
+/// BEP 3's request for the 16 KiB block `block` of piece 0.
+fn request_message(block: u32) -> Vec<u8> {
+    let mut r = 13u32.to_be_bytes().to_vec();
+    r.push(6);
+    r.extend_from_slice(&0u32.to_be_bytes());
+    r.extend_from_slice(&(block * 16 * 1024).to_be_bytes());
+    r.extend_from_slice(&(16 * 1024u32).to_be_bytes());
+    r
 }
 
 /// The kind of the first message of one of `kinds` on `conn` within `within`, or `None`.
