@@ -129,6 +129,18 @@ fn wait_for_long(what: &str, check: impl FnMut() -> Option<()>) {
     boottorrent_testkit::wait_until(what, std::time::Duration::from_secs(120), check);
 }
 
+/// Waits until a restarted agent has staged its image again. Not by its `progress` event: the
+/// agent may stage before it reaches the broker, and progress travels at QoS 0, dropped while
+/// disconnected (its `startup` tells the server what it holds then). Its log says it.
+fn wait_for_staged_at_start(agent: &Proc) {
+    wait_for_long("the image staged again after the restart", || {
+        agent
+            .log_text()
+            .contains("image staged; seeding it to peers")
+            .then_some(())
+    });
+}
+
 /// `mosquitto_sub` on the agents' events of one kind; lines of (topic, decoded envelope body).
 struct Events {
     /// Stopped when the watch is dropped.
@@ -408,7 +420,7 @@ fn a_staged_image_is_read_only_and_one_changed_on_disk_is_repaired_at_the_next_s
     }
     assert_ne!(std::fs::read(&path).unwrap(), source);
     let second = run_agent(dir, &server, "lab-g", &[]);
-    staged();
+    wait_for_staged_at_start(&second);
     assert_eq!(
         std::fs::read(&path).unwrap(),
         source,
@@ -472,7 +484,7 @@ fn an_image_kept_by_name_in_an_older_store_is_moved_to_its_file_by_id() {
     std::fs::write(&list_file, serde_json::to_vec(&list).unwrap()).unwrap();
 
     let second = run_agent(dir, &server, "lab-m", &[]);
-    staged();
+    wait_for_staged_at_start(&second);
     assert!(!by_name.exists(), "{}", second.log_tail(30));
     assert_eq!(
         std::fs::read(&by_id).unwrap(),
