@@ -156,6 +156,7 @@ struct Suspect {
 /// Where we know a peer address from, and how connecting to it went.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
+    /// Our dial got through its handshake; `connecting` stays set until the connection ends.
     connected: bool,
     connecting: bool,
     retry_at: Option<Instant>,
@@ -532,8 +533,10 @@ impl Torrent {
         if st.picker.is_complete() {
             return Vec::new();
         }
+        // A dial that got through is one of `peers` already: counted twice, a machine that
+        // dialled half its limit had no room left to dial.
         let room = self.shared.config.max_peers.saturating_sub(
-            st.peers.len() + st.candidates.values().filter(|c| c.connecting).count(),
+            st.peers.len() + st.candidates.values().filter(|c| c.dialling()).count(),
         );
         let now = Instant::now();
         let own = self.shared.local_addr;
@@ -557,7 +560,7 @@ impl Torrent {
             let outside = st.peers.values().filter(|p| !p.in_zone).count()
                 + st.candidates
                     .iter()
-                    .filter(|(a, c)| c.connecting && !self.shared.in_zone(a.ip()))
+                    .filter(|(a, c)| c.dialling() && !self.shared.in_zone(a.ip()))
                     .count();
             let mut outside_room =
                 outside_peer_limit(self.shared.config.max_peers).saturating_sub(outside);
@@ -1007,6 +1010,11 @@ impl Candidate {
             retry_at: None,
             learned,
         }
+    }
+
+    /// Dialled and not through the handshake yet: not one of the torrent's peers.
+    fn dialling(&self) -> bool {
+        self.connecting && !self.connected
     }
 }
 

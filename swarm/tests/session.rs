@@ -241,6 +241,40 @@ async fn peers_outside_the_zone_hold_at_most_half_the_connections() {
     }
 }
 
+/// A machine dials until it holds `max_peers` connections: a connection it dialled counts
+/// once toward the limit, not twice (as a peer and as a dial still under way). Counted twice,
+/// a machine of `max_peers` 2 connected to one peer had no room for the one it learned next,
+/// and the zone test above failed whenever its zone peer lost the race to its first dial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_dials_up_to_its_peer_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = torrent_for("image.vhdx", &random_bytes(1024 * 1024), 256 * 1024);
+    let (machine, stop_machine) = session(SessionConfig {
+        max_peers: 2,
+        ..SessionConfig::default()
+    })
+    .await;
+    // Nobody has any of the file, so connections stay open and nothing finishes.
+    let (a, stop_a) = session(SessionConfig::default()).await;
+    let (b, stop_b) = session(SessionConfig::default()).await;
+    let path = |name: &str| dir.path().join(name);
+    let _a = add(&a, &meta, &path("a.vhdx"), Mode::Download, &[]);
+    let _b = add(&b, &meta, &path("b.vhdx"), Mode::Download, &[]);
+    let handle = add(
+        &machine,
+        &meta,
+        &path("machine.vhdx"),
+        Mode::Download,
+        &[&a],
+    );
+    wait_stats(&handle, "the first connection", |s| s.peers.len() == 1).await;
+    handle.add_peers(&[b.local_addr()]);
+    wait_stats(&handle, "the second connection", |s| s.peers.len() == 2).await;
+    for stop in [stop_machine, stop_a, stop_b] {
+        stop.cancel();
+    }
+}
+
 /// A leecher that stops wanting for a moment keeps its unchoke: when it wants more it is
 /// served at once, not sent behind the peers that took the seeder's only slot meanwhile
 /// (which, choked, would wait for the 10 s rotation). Two hand-written BEP 3 leechers
