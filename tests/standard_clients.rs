@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use common::{Encryption, Server, free_port, require_tool, spawn, transmission};
 use serde_json::Value;
 
-/// The image: 128 MiB, in 1 MiB pieces. A client held to two pieces a second would need 64 s.
+/// The image: 128 MiB, in 512 KiB pieces. A client held to two pieces a second would need 128 s.
 const LEN: usize = 128 << 20;
 /// Longest one client's download may take: generous for a debug-build server on a busy
 /// machine, short of what a client capped by its HAVE batches would need. Transmission alone

@@ -125,8 +125,8 @@ fn standard_tools_agree_with_our_torrents() {
         let summary = create_ok(&args, |_| {});
         let case = format!("piece size {piece_size:?}, private {private}");
 
-        // Default piece size: 1 MiB is the floor, and this file is small.
-        let piece_len = piece_size.unwrap_or(1024 * 1024);
+        // Default piece size: 512 KiB is the floor, and this file is small.
+        let piece_len = piece_size.unwrap_or(512 * 1024);
         let pieces = len.div_ceil(piece_len as usize);
         let ours = Metainfo::from_bytes(&std::fs::read(&torrent).unwrap()).unwrap();
         assert_eq!(ours.geometry.total_len, len as u64, "{case}");
@@ -255,7 +255,7 @@ fn help_states_what_it_does_and_the_defaults() {
         "FILE.torrent",
         "http://127.0.0.1:8080/announce",
         "BOOTTORRENT_PUBLIC_URL",
-        "1 MiB and 16 MiB",
+        "512 KiB and 16 MiB",
         "--private",
         "--threads",
     ] {

@@ -610,7 +610,7 @@ pub enum TorrentCommand {
     /// Hash one file into a single-file .torrent.
     ///
     /// Reads the file once, hashing its pieces with SHA-1 on every core (or --threads). Unless
-    /// --piece-size is given, the piece size is the power of two between 1 MiB and 16 MiB that
+    /// --piece-size is given, the piece size is the power of two between 512 KiB and 16 MiB that
     /// gives about 1,000 to 2,000 pieces. The torrent's info dictionary holds only length, name,
     /// piece length, pieces and (with --private) private, so its info hash is the one any
     /// standard creator computes for the same file, name, piece size and private flag.
