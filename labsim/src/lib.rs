@@ -26,6 +26,10 @@
 //! over across blocks, so the step only limits when events are seen, not throughput. Not
 //! modelled: TCP dynamics (slow start, loss, buffer bloat), CPU and disk (except the
 //! calibration-only [`Calibration`] parameters), snubbing and hash failures.
+//!
+//! Besides when each host had the image, a run says where the hosts' link time went
+//! ([`LinkUse`], each half second): busy, or why idle. Times alone say that a lab is slow;
+//! this says which decision to look at.
 
 pub mod share;
 
@@ -218,6 +222,45 @@ pub struct Outcome {
     pub uplink_bytes: f64,
     /// Of the connections between hosts made during the run, the fraction within a switch.
     pub local_connections: f64,
+    /// Where the hosts' link time went, per [`LinkUse::SPAN`] seconds of the run.
+    pub link_use: Vec<LinkUse>,
+}
+
+/// Where the hosts' link time went over a span of the run, as shares of it: a link is busy,
+/// or idle for the first of these reasons that holds. It tells which decision a faster lab
+/// needs: idle links with nothing to offer call for pieces sooner, links held back by others
+/// for different pairings, waiting behind chokes for other choking.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LinkUse {
+    /// Upload, over every started host's link time: sending; sending, but held to less by
+    /// the receivers' links or the uplinks; peers it serves have asked for nothing;
+    /// peers that want from it are all choked; no peer wants anything it has.
+    pub up: [f64; 5],
+    /// Download, over the link time of started hosts without the image: receiving;
+    /// receiving, but held to less by the senders' links or the uplinks; requests out,
+    /// nothing arriving yet; peers that unchoke it have pieces it lacks but it asked for
+    /// none; every peer with a piece it lacks chokes it; no peer has a piece it lacks.
+    pub down: [f64; 6],
+    /// Host-seconds behind `up` and `down`, to weigh spans.
+    pub up_host_s: f64,
+    /// See `up_host_s`.
+    pub down_host_s: f64,
+}
+
+impl LinkUse {
+    /// Seconds each entry covers.
+    pub const SPAN: f64 = 0.5;
+    /// Names of `up`'s entries, in order.
+    pub const UP: [&'static str; 5] = ["busy", "held_by_others", "unasked", "choked", "unwanted"];
+    /// Names of `down`'s entries, in order.
+    pub const DOWN: [&'static str; 6] = [
+        "busy",
+        "held_by_others",
+        "in_flight",
+        "unasked",
+        "choked",
+        "nothing_to_get",
+    ];
 }
 
 /// What travels between two nodes (the engine's peer-wire messages and connection set-up).
@@ -357,6 +400,8 @@ impl Locality for Zones {
 }
 
 struct Sim<'a> {
+    /// Link time summed per [`LinkUse::SPAN`], host-seconds (shares once the run ends).
+    link_use: Vec<LinkUse>,
     lab: &'a Lab,
     geometry: Geometry,
     nodes: Vec<Node>,
@@ -447,6 +492,7 @@ impl<'a> Sim<'a> {
         let info_hash = InfoHash([7; 20]);
         tracker.allow(info_hash.0);
         let mut sim = Sim {
+            link_use: Vec::new(),
             lab,
             geometry,
             by_addr: nodes
@@ -1235,6 +1281,7 @@ impl<'a> Sim<'a> {
             }
         }
         let rates = share::max_min(&capacity, &paths);
+        self.account(t, step, &flows, &rates);
         let mut deliveries: Vec<(f64, usize, usize, BlockRef)> = Vec::new();
         for ((i, k, r), rate) in flows.into_iter().zip(rates) {
             if rate <= 0.0 {
@@ -1275,6 +1322,61 @@ impl<'a> Sim<'a> {
         }
         for (at, i, r, block) in deliveries {
             self.send_at(at, i, r, Wire::Piece(block));
+        }
+    }
+
+    /// Adds a step's link time to [`LinkUse`]: each host's links, busy or why idle.
+    fn account(&mut self, t: f64, step: f64, flows: &[(usize, u64, usize)], rates: &[f64]) {
+        let n = self.nodes.len();
+        let mut up = vec![(0.0, 0usize); n];
+        let mut down = vec![(0.0, 0usize); n];
+        for ((i, _, r), rate) in flows.iter().zip(rates) {
+            up[*i].0 += rate;
+            up[*i].1 += 1;
+            down[*r].0 += rate;
+            down[*r].1 += 1;
+        }
+        let span = (t / LinkUse::SPAN) as usize;
+        if self.link_use.len() <= span {
+            self.link_use.resize(span + 1, LinkUse::default());
+        }
+        let acc = &mut self.link_use[span];
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.server || !node.alive || node.start > t {
+                continue;
+            }
+            let busy = (up[i].0 / node.rate).min(1.0);
+            let why = if up[i].1 > 0 {
+                1
+            } else if node.peers.values().any(|s| s.choke.served()) {
+                2
+            } else if node.peers.values().any(|s| s.choke.interested) {
+                3
+            } else {
+                4
+            };
+            acc.up[0] += busy * step;
+            acc.up[why] += (1.0 - busy) * step;
+            acc.up_host_s += step;
+            if node.complete_at.is_some() {
+                continue;
+            }
+            let busy = (down[i].0 / node.rate).min(1.0);
+            let wants = |s: &Slot| node.picker.wants_from(&s.has);
+            let why = if down[i].1 > 0 {
+                1
+            } else if node.peers.values().any(|s| !s.outstanding.is_empty()) {
+                2
+            } else if node.peers.values().any(|s| !s.peer_choking && wants(s)) {
+                3
+            } else if node.peers.values().any(wants) {
+                4
+            } else {
+                5
+            };
+            acc.down[0] += busy * step;
+            acc.down[why] += (1.0 - busy) * step;
+            acc.down_host_s += step;
         }
     }
 
@@ -1330,6 +1432,17 @@ impl<'a> Sim<'a> {
             host_down_util: mean(&mut hosts.iter().map(|n| n.received / (n.rate * span))),
             uplink_bytes: self.switch_out.iter().chain(&self.switch_in).sum(),
             local_connections: self.connections.0 as f64 / self.connections.1.max(1) as f64,
+            link_use: self
+                .link_use
+                .iter()
+                .map(|u| {
+                    let mut u = u.clone();
+                    let (up, down) = (u.up_host_s.max(1e-12), u.down_host_s.max(1e-12));
+                    u.up.iter_mut().for_each(|x| *x /= up);
+                    u.down.iter_mut().for_each(|x| *x /= down);
+                    u
+                })
+                .collect(),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! `boottorrent-labsim [--flag value]...`: runs one simulated lab and prints one JSON line:
 //! the parameters, the time until the first and the last host had the image, its ratio to
-//! S/B, the copies the server sent and link utilisation. `--help` lists the flags.
+//! S/B, the copies the server sent, link utilisation, and where the hosts' link time went
+//! each half second (`link_use`: busy, or why idle). `--help` lists the flags.
 
-use boottorrent_labsim::Lab;
+use boottorrent_labsim::{Lab, LinkUse};
 
 const USAGE: &str = "usage: boottorrent-labsim [--hosts N] [--image-bytes S] [--piece-kib K] \
 [--host-mbit B] [--server-mbit B] [--slow FRACTION] [--slow-mbit B] [--per-switch H] \
@@ -125,6 +126,20 @@ fn main() {
         },
         "uplink_bytes": out.uplink_bytes,
         "local_connections": out.local_connections,
+        "link_use": out.link_use.iter().enumerate().map(|(i, u)| {
+            let named = |names: &[&str], shares: &[f64]| -> serde_json::Map<String, serde_json::Value> {
+                names
+                    .iter()
+                    .zip(shares)
+                    .map(|(n, x)| (n.to_string(), serde_json::json!((x * 1000.0).round() / 1000.0)))
+                    .collect()
+            };
+            serde_json::json!({
+                "from_s": i as f64 * LinkUse::SPAN,
+                "up": named(&LinkUse::UP, &u.up),
+                "down": named(&LinkUse::DOWN, &u.down),
+            })
+        }).collect::<Vec<_>>(),
         "wall_s": started.elapsed().as_secs_f64(),
     });
     println!("{line}");

@@ -94,3 +94,27 @@ fn tracker_locality_reaches_peer_sets_only_if_hosts_dial_in_its_order() {
          arbitrary order, {none} without locality"
     );
 }
+
+#[test]
+fn link_time_is_accounted_whole_and_a_lone_host_receives_at_link_rate() {
+    let l = lab(1);
+    let out = l.run(100.0);
+    assert!(out.link_use.len() >= 2, "{out:?}");
+    for u in &out.link_use {
+        let up: f64 = u.up.iter().sum();
+        assert!((up - 1.0).abs() < 1e-9, "{u:?}");
+        if u.down_host_s > 0.0 {
+            let down: f64 = u.down.iter().sum();
+            assert!((down - 1.0).abs() < 1e-9, "{u:?}");
+        }
+    }
+    // Served alone by the seeder, a host's download is busy once it has started, except in
+    // the span it started and the one it finished in.
+    let whole = &out.link_use[1..out.link_use.len() - 1];
+    assert!(!whole.is_empty(), "{out:?}");
+    for u in whole {
+        assert!(u.down[0] > 0.95, "{u:?}");
+        // It has nothing anyone else wants: no other host.
+        assert!(u.up[4] > 0.95, "{u:?}");
+    }
+}
